@@ -1,0 +1,515 @@
+//! The node's configuration: one documented struct, loaded with the `config` crate from a TOML file
+//! layered with `DICOMCHAIN__SECTION__KEY` environment variables, then validated.
+//!
+//! Unknown keys are refused (serde `deny_unknown_fields`), so a typo stops startup with the key's
+//! name instead of silently falling back to a default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors while loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path}: {source}")]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: config::ConfigError,
+    },
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("configuration key `{key}`: cannot read {path}: {source}")]
+    SecretFile {
+        key: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Known application entities, by a local name: C-MOVE destinations, later access control.
+    #[serde(default)]
+    pub peers: BTreeMap<String, PeerConfig>,
+}
+
+/// `[node]`: the DICOM listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Our AE title; the called AE title of every association must equal it (see `check_called_ae`).
+    #[serde(default = "default_ae_title")]
+    pub ae_title: String,
+    /// Address and port to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Most associations served at once; further connections wait in the kernel's backlog.
+    #[serde(default = "default_max_associations")]
+    pub max_associations: usize,
+    /// The maximum PDU length we announce. Strict: a larger PDU from a peer aborts the association.
+    #[serde(default = "default_max_pdu_length")]
+    pub max_pdu_length: u32,
+    /// Refuse associations whose called AE title is not `ae_title`.
+    #[serde(default = "default_true")]
+    pub check_called_ae: bool,
+    /// Seconds to wait for the next PDU before aborting an idle association.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// Seconds a single PDU read or write may take before the association is aborted.
+    #[serde(default = "default_io_timeout")]
+    pub io_timeout_secs: u64,
+    /// On SIGINT/SIGTERM, seconds to let in-flight operations finish before aborting them.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_secs: u64,
+}
+
+/// `[ledger]`: the RocksDB ledger.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// RocksDB directory.
+    #[serde(default = "default_ledger_path")]
+    pub path: PathBuf,
+}
+
+/// Which object store backend holds the pixel data.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// Embedded default: a local directory.
+    Fs,
+    /// MinIO or any S3-compatible server.
+    S3,
+}
+
+/// `[store]`: the object store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default = "default_backend")]
+    pub backend: StoreBackend,
+    /// Seconds any single object store operation may take before the C-STORE fails with A700.
+    #[serde(default = "default_store_timeout")]
+    pub timeout_secs: u64,
+    #[serde(default)]
+    pub fs: FsStoreConfig,
+    #[serde(default)]
+    pub s3: S3StoreConfig,
+}
+
+/// `[store.fs]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsStoreConfig {
+    /// Directory that holds the pixel objects.
+    #[serde(default = "default_fs_root")]
+    pub root: PathBuf,
+}
+
+/// `[store.s3]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3StoreConfig {
+    /// Base URL of the S3 server, `http://` or `https://`.
+    #[serde(default = "default_s3_endpoint")]
+    pub endpoint: String,
+    #[serde(default = "default_s3_bucket")]
+    pub bucket: String,
+    #[serde(default = "default_s3_region")]
+    pub region: String,
+    /// Access key; or give `access_key_file`.
+    #[serde(default)]
+    pub access_key: String,
+    #[serde(default)]
+    pub access_key_file: Option<PathBuf>,
+    /// Secret key; or give `secret_key_file`.
+    #[serde(default)]
+    pub secret_key: String,
+    #[serde(default)]
+    pub secret_key_file: Option<PathBuf>,
+    /// Values at or above this size go up as S3 multipart uploads of this part size (≥ 5 MiB).
+    #[serde(default = "default_part_size")]
+    pub part_size: u64,
+}
+
+/// `[peers.NAME]`: a known application entity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub ae_title: String,
+    pub host: String,
+    pub port: u16,
+}
+
+fn default_ae_title() -> String {
+    "DICOMCHAIN".into()
+}
+fn default_listen() -> String {
+    "0.0.0.0:11112".into()
+}
+fn default_max_associations() -> usize {
+    64
+}
+fn default_max_pdu_length() -> u32 {
+    65536
+}
+fn default_true() -> bool {
+    true
+}
+fn default_idle_timeout() -> u64 {
+    300
+}
+fn default_io_timeout() -> u64 {
+    60
+}
+fn default_drain_timeout() -> u64 {
+    30
+}
+fn default_ledger_path() -> PathBuf {
+    "var/ledger".into()
+}
+fn default_backend() -> StoreBackend {
+    StoreBackend::Fs
+}
+fn default_store_timeout() -> u64 {
+    30
+}
+fn default_fs_root() -> PathBuf {
+    "var/objects".into()
+}
+fn default_s3_endpoint() -> String {
+    "http://127.0.0.1:9000".into()
+}
+fn default_s3_bucket() -> String {
+    "dicomchain".into()
+}
+fn default_s3_region() -> String {
+    "us-east-1".into()
+}
+fn default_part_size() -> u64 {
+    16 * 1024 * 1024
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            ae_title: default_ae_title(),
+            listen: default_listen(),
+            max_associations: default_max_associations(),
+            max_pdu_length: default_max_pdu_length(),
+            check_called_ae: true,
+            idle_timeout_secs: default_idle_timeout(),
+            io_timeout_secs: default_io_timeout(),
+            drain_timeout_secs: default_drain_timeout(),
+        }
+    }
+}
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            path: default_ledger_path(),
+        }
+    }
+}
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: default_backend(),
+            timeout_secs: default_store_timeout(),
+            fs: FsStoreConfig::default(),
+            s3: S3StoreConfig::default(),
+        }
+    }
+}
+impl Default for FsStoreConfig {
+    fn default() -> Self {
+        FsStoreConfig {
+            root: default_fs_root(),
+        }
+    }
+}
+impl Default for S3StoreConfig {
+    fn default() -> Self {
+        S3StoreConfig {
+            endpoint: default_s3_endpoint(),
+            bucket: default_s3_bucket(),
+            region: default_s3_region(),
+            access_key: String::new(),
+            access_key_file: None,
+            secret_key: String::new(),
+            secret_key_file: None,
+            part_size: default_part_size(),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Bound on any single object store operation.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+impl NodeConfig {
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen
+            .parse()
+            .map_err(|e| invalid("node.listen", format!("`{}` is not an address:port ({e})", self.listen)))
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    pub fn io_timeout(&self) -> Duration {
+        Duration::from_secs(self.io_timeout_secs)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+}
+
+impl S3StoreConfig {
+    /// The access key, from the value or from `access_key_file` (trailing newline trimmed).
+    pub fn resolved_access_key(&self) -> Result<String, ConfigError> {
+        resolve_secret("store.s3.access_key", &self.access_key, self.access_key_file.as_deref())
+    }
+    /// The secret key, from the value or from `secret_key_file` (trailing newline trimmed).
+    pub fn resolved_secret_key(&self) -> Result<String, ConfigError> {
+        resolve_secret("store.s3.secret_key", &self.secret_key, self.secret_key_file.as_deref())
+    }
+}
+
+fn resolve_secret(key: &str, value: &str, file: Option<&Path>) -> Result<String, ConfigError> {
+    match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+            .map_err(|source| ConfigError::SecretFile {
+                key: format!("{key}_file"),
+                path: path.to_path_buf(),
+                source,
+            }),
+        None => Ok(value.to_string()),
+    }
+}
+
+/// Is this a valid AE title (PS3.5 §6.2: 1–16 characters of the default repertoire, no backslash or
+/// control characters, not all spaces)?
+pub fn valid_ae_title(ae: &str) -> bool {
+    let trimmed = ae.trim();
+    !trimmed.is_empty()
+        && ae.len() <= 16
+        && ae.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+}
+
+impl Config {
+    /// Loads `path` (which must exist), layers `DICOMCHAIN__*` environment variables over it and
+    /// validates the result.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, config::Environment::with_prefix("DICOMCHAIN").separator("__").prefix_separator("__"))
+    }
+
+    fn load_with_env(path: &Path, env: config::Environment) -> Result<Config, ConfigError> {
+        let load_err = |source| ConfigError::Load {
+            path: path.to_path_buf(),
+            source,
+        };
+        if !path.exists() {
+            return Err(ConfigError::Invalid {
+                key: "--config".into(),
+                reason: format!("{} does not exist", path.display()),
+            });
+        }
+        let raw = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(env.try_parsing(true))
+            .build()
+            .map_err(load_err)?;
+        let cfg: Config = raw.try_deserialize().map_err(load_err)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the values that serde cannot: ranges, addresses, AE titles.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !valid_ae_title(&self.node.ae_title) {
+            return Err(invalid("node.ae_title", "must be 1-16 printable ASCII characters, no backslash"));
+        }
+        self.node.listen_addr()?;
+        if self.node.max_associations == 0 {
+            return Err(invalid("node.max_associations", "must be at least 1"));
+        }
+        // PS3.8 §9.3.1: the receive length is at least one fragment header plus data; dicom-ul
+        // refuses anything under 4096 bytes and over 16 MiB in practice.
+        if !(4096..=16 * 1024 * 1024).contains(&self.node.max_pdu_length) {
+            return Err(invalid("node.max_pdu_length", "must be between 4096 and 16777216"));
+        }
+        if self.node.io_timeout_secs == 0 || self.node.idle_timeout_secs == 0 {
+            return Err(invalid("node.io_timeout_secs", "timeouts must be at least 1 second"));
+        }
+        if self.store.timeout_secs == 0 {
+            return Err(invalid("store.timeout_secs", "must be at least 1 second"));
+        }
+        if self.store.backend == StoreBackend::S3 {
+            let s3 = &self.store.s3;
+            if !(s3.endpoint.starts_with("http://") || s3.endpoint.starts_with("https://")) {
+                return Err(invalid("store.s3.endpoint", "must start with http:// or https://"));
+            }
+            if s3.bucket.is_empty() {
+                return Err(invalid("store.s3.bucket", "must not be empty"));
+            }
+            if s3.part_size < 5 * 1024 * 1024 {
+                return Err(invalid("store.s3.part_size", "must be at least 5 MiB (5242880), the S3 minimum"));
+            }
+            if !s3.access_key.is_empty() && s3.access_key_file.is_some() {
+                return Err(invalid("store.s3.access_key", "give access_key or access_key_file, not both"));
+            }
+            if !s3.secret_key.is_empty() && s3.secret_key_file.is_some() {
+                return Err(invalid("store.s3.secret_key", "give secret_key or secret_key_file, not both"));
+            }
+            s3.resolved_access_key()?;
+            s3.resolved_secret_key()?;
+        }
+        for (name, peer) in &self.peers {
+            if !valid_ae_title(&peer.ae_title) {
+                return Err(invalid(&format!("peers.{name}.ae_title"), "must be 1-16 printable ASCII characters"));
+            }
+            if peer.host.is_empty() {
+                return Err(invalid(&format!("peers.{name}.host"), "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML-like text, with secrets masked, for `check-config`.
+    pub fn render_masked(&self) -> String {
+        let mask = |s: &str| if s.is_empty() { "\"\"".to_string() } else { "\"********\"".to_string() };
+        let mut out = String::new();
+        let n = &self.node;
+        out += &format!(
+            "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\ndrain_timeout_secs = {}\n\n",
+            n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.drain_timeout_secs
+        );
+        out += &format!("[ledger]\npath = {:?}\n\n", self.ledger.path.display().to_string());
+        let st = &self.store;
+        let backend = match st.backend {
+            StoreBackend::Fs => "fs",
+            StoreBackend::S3 => "s3",
+        };
+        out += &format!("[store]\nbackend = {backend:?}\ntimeout_secs = {}\n\n", st.timeout_secs);
+        out += &format!("[store.fs]\nroot = {:?}\n\n", st.fs.root.display().to_string());
+        let s3 = &st.s3;
+        out += &format!(
+            "[store.s3]\nendpoint = {:?}\nbucket = {:?}\nregion = {:?}\naccess_key = {}\nsecret_key = {}\npart_size = {}\n",
+            s3.endpoint, s3.bucket, s3.region, mask(&s3.access_key), mask(&s3.secret_key), s3.part_size
+        );
+        if let Some(p) = &s3.access_key_file {
+            out += &format!("access_key_file = {:?}\n", p.display().to_string());
+        }
+        if let Some(p) = &s3.secret_key_file {
+            out += &format!("secret_key_file = {:?}\n", p.display().to_string());
+        }
+        for (name, p) in &self.peers {
+            out += &format!("\n[peers.{name}]\nae_title = {:?}\nhost = {:?}\nport = {}\n", p.ae_title, p.host, p.port);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let vars: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env = config::Environment::with_prefix("DICOMCHAIN")
+            .separator("__")
+            .prefix_separator("__")
+            .source(Some(vars));
+        Config::load_with_env(&path, env)
+    }
+
+    #[test]
+    fn defaults_apply_to_an_empty_file() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.node.ae_title, "DICOMCHAIN");
+        assert_eq!(c.node.listen, "0.0.0.0:11112");
+        assert_eq!(c.node.max_pdu_length, 65536);
+        assert_eq!(c.store.backend, StoreBackend::Fs);
+        assert_eq!(c.ledger.path, PathBuf::from("var/ledger"));
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let c = load("[node]\nlisten = \"0.0.0.0:1\"\n", &[("DICOMCHAIN__NODE__LISTEN", "127.0.0.1:4242")]).unwrap();
+        assert_eq!(c.node.listen, "127.0.0.1:4242");
+        let c = load("", &[("DICOMCHAIN__NODE__MAX_ASSOCIATIONS", "3")]).unwrap();
+        assert_eq!(c.node.max_associations, 3);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = load("[node]\nae_tittle = \"X\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("ae_tittle"), "{e}");
+        let e = load("[nodes]\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("nodes"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let e = load("[node]\nmax_pdu_length = 10\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("node.max_pdu_length"), "{e}");
+        let e = load("[node]\nlisten = \"nowhere\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("node.listen"), "{e}");
+        let e = load("[store]\nbackend = \"ftp\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("ftp"), "{e}");
+        let e = load("[node]\nae_title = \"WAY_TOO_LONG_AE_TITLE\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("node.ae_title"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_masked_and_read_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("secret");
+        std::fs::write(&f, "s3cr3t\n").unwrap();
+        let text = format!(
+            "[store]\nbackend = \"s3\"\n[store.s3]\naccess_key = \"AKIA\"\nsecret_key_file = {:?}\n",
+            f.display().to_string()
+        );
+        let c = load(&text, &[]).unwrap();
+        assert_eq!(c.store.s3.resolved_secret_key().unwrap(), "s3cr3t");
+        let shown = c.render_masked();
+        assert!(!shown.contains("AKIA") && !shown.contains("s3cr3t"), "{shown}");
+        let e = load("[store]\nbackend = \"s3\"\n[store.s3]\nsecret_key_file = \"/nonexistent/x\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/x"));
+    }
+
+    #[test]
+    fn the_shipped_config_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/dicomchain.toml");
+        let env = config::Environment::with_prefix("DICOMCHAIN").source(Some(HashMap::new()));
+        Config::load_with_env(&path, env).unwrap();
+    }
+}

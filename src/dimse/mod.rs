@@ -1,0 +1,15 @@
+//! The DICOM network side: listener, associations, DIMSE messages and services.
+//!
+//! - [`listener`]: the accept loop (connection limit, TCP_NODELAY, graceful shutdown);
+//! - [`connection`]: PDU I/O on one socket with dicom-ul's PDU codec, strict size limit, timeouts;
+//! - [`negotiate`]: which associations and presentation contexts we accept (pure);
+//! - [`command`]: the DIMSE command set codec (pure);
+//! - [`service`]: one association's message loop: C-ECHO and C-STORE (feeding `ingest`);
+//! - [`status`]: every DIMSE status we send, and the one mapping from errors to statuses.
+
+pub mod command;
+pub mod connection;
+pub mod listener;
+pub mod negotiate;
+pub mod service;
+pub mod status;

@@ -1,0 +1,279 @@
+//! Association negotiation policy (PS3.8 §9.3.2–9.3.3, PS3.7 Annex D.3.3): which presentation
+//! contexts we accept, and whether we accept the association at all. Pure: A-ASSOCIATE-RQ in,
+//! A-ASSOCIATE-AC or -RJ out.
+//!
+//! Abstract syntaxes: Verification and every Storage SOP Class of the standard, looked up in
+//! dicom-dictionary-std (so a new edition of the dictionary widens what we accept without code
+//! changes). Transfer syntaxes: every one the transfer syntax registry can at least parse —
+//! native, deflated and all encapsulated ones (JPEG family, JPEG-LS, JPEG 2000, HTJ2K, RLE,
+//! MPEG/HEVC). We never decode pixel data, so a codec is not needed to accept a syntax.
+
+use dicom_core::dictionary::{UidDictionary, UidDictionaryEntry, UidType};
+use dicom_dictionary_std::StandardSopClassDictionary;
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use dicom_ul::pdu::{
+    AssociationAC, AssociationRJ, AssociationRJResult, AssociationRJServiceUserReason, AssociationRJSource,
+    AssociationRQ, PresentationContextResult, PresentationContextResultReason, UserVariableItem,
+};
+
+/// PS3.7 Annex A: the only application context name.
+pub const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
+pub const VERIFICATION: &str = "1.2.840.10008.1.1";
+/// Our implementation class UID and version name (PS3.7 §D.3.3.2).
+pub const IMPLEMENTATION_CLASS_UID: &str = "1.2.826.0.1.3680043.10.1474.1";
+pub const IMPLEMENTATION_VERSION_NAME: &str = "DICOMCHAIN_01";
+/// PS3.8 §9.3.1: a requestor that sends no maximum length (or 0) has no limit; we cap our writes.
+pub const PEER_UNLIMITED_CAP: u32 = 1024 * 1024;
+
+fn trim(uid: &str) -> &str {
+    uid.trim_end_matches(['\0', ' '])
+}
+
+/// Is `uid` a Storage SOP Class of the standard (PS3.4 Annex B), retired ones included?
+pub fn is_storage_sop_class(uid: &str) -> bool {
+    match StandardSopClassDictionary.by_uid(trim(uid)) {
+        Some(entry) => {
+            entry.r#type == UidType::SopClass
+                && entry.alias().contains("Storage")
+                && !entry.alias().starts_with("StorageCommitment")
+                && entry.alias() != "MediaStorageDirectoryStorage"
+        }
+        None => false,
+    }
+}
+
+/// Can we receive data sets in this transfer syntax? Any syntax whose data set encoding the
+/// registry knows; pixel data is never decoded, so encapsulated syntaxes without a codec qualify.
+pub fn is_accepted_transfer_syntax(uid: &str) -> bool {
+    TransferSyntaxRegistry
+        .get(trim(uid))
+        .map(|ts| !ts.is_unsupported())
+        .unwrap_or(false)
+}
+
+/// What an accepted association agreed on.
+#[derive(Debug, Clone)]
+pub struct Negotiated {
+    pub calling_ae: String,
+    pub called_ae: String,
+    /// Accepted presentation contexts: (id, abstract syntax, transfer syntax).
+    pub contexts: Vec<AcceptedContext>,
+    /// Largest PDU the peer accepts from us.
+    pub peer_max_pdu: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedContext {
+    pub id: u8,
+    pub abstract_syntax: String,
+    pub transfer_syntax: String,
+}
+
+impl Negotiated {
+    pub fn context(&self, id: u8) -> Option<&AcceptedContext> {
+        self.contexts.iter().find(|c| c.id == id)
+    }
+}
+
+/// The node's side of the negotiation.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub ae_title: String,
+    pub check_called_ae: bool,
+    pub max_pdu_length: u32,
+}
+
+fn reject(reason: AssociationRJServiceUserReason) -> AssociationRJ {
+    AssociationRJ {
+        result: AssociationRJResult::Permanent,
+        source: AssociationRJSource::ServiceUser(reason),
+    }
+}
+
+/// Decides on an A-ASSOCIATE-RQ.
+pub fn negotiate(policy: &Policy, rq: &AssociationRQ) -> Result<(AssociationAC, Negotiated), AssociationRJ> {
+    if rq.protocol_version & 1 == 0 {
+        // PS3.8 §9.3.2: bit 0 must be set (version 1).
+        return Err(AssociationRJ {
+            result: AssociationRJResult::Permanent,
+            source: AssociationRJSource::ServiceProviderASCE(
+                dicom_ul::pdu::AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
+            ),
+        });
+    }
+    if trim(&rq.application_context_name) != APPLICATION_CONTEXT {
+        return Err(reject(AssociationRJServiceUserReason::ApplicationContextNameNotSupported));
+    }
+    if policy.check_called_ae && rq.called_ae_title.trim() != policy.ae_title.trim() {
+        return Err(reject(AssociationRJServiceUserReason::CalledAETitleNotRecognized));
+    }
+    let mut peer_max_pdu = PEER_UNLIMITED_CAP;
+    for item in &rq.user_variables {
+        if let UserVariableItem::MaxLength(len) = item {
+            peer_max_pdu = if *len == 0 { PEER_UNLIMITED_CAP } else { (*len).min(PEER_UNLIMITED_CAP) };
+        }
+    }
+    let mut results = Vec::with_capacity(rq.presentation_contexts.len());
+    let mut contexts = Vec::new();
+    for pc in &rq.presentation_contexts {
+        let abstract_syntax = trim(&pc.abstract_syntax);
+        let known = abstract_syntax == VERIFICATION || is_storage_sop_class(abstract_syntax);
+        // PS3.8 §9.3.3.2: the acceptor picks one of the proposed syntaxes; we honour the
+        // requestor's order, so a modality that prefers its compressed syntax keeps it.
+        let chosen = pc
+            .transfer_syntaxes
+            .iter()
+            .map(|ts| trim(ts))
+            .find(|ts| is_accepted_transfer_syntax(ts));
+        let (reason, ts) = match (known, chosen) {
+            (false, _) => (PresentationContextResultReason::AbstractSyntaxNotSupported, "1.2.840.10008.1.2"),
+            (true, None) => (PresentationContextResultReason::TransferSyntaxesNotSupported, "1.2.840.10008.1.2"),
+            (true, Some(ts)) => {
+                contexts.push(AcceptedContext {
+                    id: pc.id,
+                    abstract_syntax: abstract_syntax.to_string(),
+                    transfer_syntax: ts.to_string(),
+                });
+                (PresentationContextResultReason::Acceptance, ts)
+            }
+        };
+        results.push(PresentationContextResult {
+            id: pc.id,
+            reason,
+            transfer_syntax: ts.to_string(),
+        });
+    }
+    let ac = AssociationAC {
+        protocol_version: 1,
+        application_context_name: APPLICATION_CONTEXT.to_string(),
+        calling_ae_title: rq.calling_ae_title.clone(),
+        called_ae_title: rq.called_ae_title.clone(),
+        presentation_contexts: results,
+        user_variables: vec![
+            UserVariableItem::MaxLength(policy.max_pdu_length),
+            UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_string()),
+            UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_string()),
+        ],
+    };
+    Ok((
+        ac,
+        Negotiated {
+            calling_ae: rq.calling_ae_title.trim().to_string(),
+            called_ae: rq.called_ae_title.trim().to_string(),
+            contexts,
+            peer_max_pdu,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dicom_ul::pdu::PresentationContextProposed;
+
+    fn policy() -> Policy {
+        Policy {
+            ae_title: "DICOMCHAIN".into(),
+            check_called_ae: true,
+            max_pdu_length: 65536,
+        }
+    }
+
+    fn rq(called: &str, pcs: Vec<(u8, &str, Vec<&str>)>) -> AssociationRQ {
+        AssociationRQ {
+            protocol_version: 1,
+            calling_ae_title: "STORESCU".into(),
+            called_ae_title: called.into(),
+            application_context_name: APPLICATION_CONTEXT.into(),
+            presentation_contexts: pcs
+                .into_iter()
+                .map(|(id, a, ts)| PresentationContextProposed {
+                    id,
+                    abstract_syntax: a.into(),
+                    transfer_syntaxes: ts.into_iter().map(String::from).collect(),
+                })
+                .collect(),
+            user_variables: vec![UserVariableItem::MaxLength(16384)],
+        }
+    }
+
+    #[test]
+    fn storage_classes_come_from_the_dictionary() {
+        assert!(is_storage_sop_class("1.2.840.10008.5.1.4.1.1.2")); // CT
+        assert!(is_storage_sop_class("1.2.840.10008.5.1.4.1.1.4\0")); // MR, padded
+        assert!(is_storage_sop_class("1.2.840.10008.5.1.4.1.1.88.11")); // Basic Text SR
+        assert!(is_storage_sop_class("1.2.840.10008.5.1.4.1.1.104.1")); // Encapsulated PDF
+        assert!(is_storage_sop_class("1.2.840.10008.5.1.4.1.1.6")); // retired US
+        assert!(!is_storage_sop_class("1.2.840.10008.1.20.1")); // Storage Commitment
+        assert!(!is_storage_sop_class("1.2.840.10008.1.3.10")); // DICOMDIR
+        assert!(!is_storage_sop_class("1.2.840.10008.5.1.4.1.2.2.1")); // Study Root FIND
+        assert!(!is_storage_sop_class("1.2.3.4"));
+    }
+
+    #[test]
+    fn transfer_syntaxes_include_every_encapsulated_one() {
+        for ts in [
+            "1.2.840.10008.1.2",
+            "1.2.840.10008.1.2.1",
+            "1.2.840.10008.1.2.2",
+            "1.2.840.10008.1.2.1.99",
+            "1.2.840.10008.1.2.4.50",
+            "1.2.840.10008.1.2.4.57",
+            "1.2.840.10008.1.2.4.70",
+            "1.2.840.10008.1.2.4.80",
+            "1.2.840.10008.1.2.4.81",
+            "1.2.840.10008.1.2.4.90",
+            "1.2.840.10008.1.2.4.91",
+            "1.2.840.10008.1.2.4.201",
+            "1.2.840.10008.1.2.4.203",
+            "1.2.840.10008.1.2.5",
+            "1.2.840.10008.1.2.4.100",
+            "1.2.840.10008.1.2.4.102",
+            "1.2.840.10008.1.2.4.107",
+        ] {
+            assert!(is_accepted_transfer_syntax(ts), "{ts}");
+        }
+        assert!(!is_accepted_transfer_syntax("1.2.3.4.5"));
+    }
+
+    #[test]
+    fn accepts_known_contexts_and_refuses_others() {
+        let (ac, neg) = negotiate(
+            &policy(),
+            &rq(
+                "DICOMCHAIN",
+                vec![
+                    (1, VERIFICATION, vec!["1.2.840.10008.1.2"]),
+                    (3, "1.2.840.10008.5.1.4.1.1.2", vec!["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1"]),
+                    (5, "1.2.840.10008.5.1.4.1.2.2.1", vec!["1.2.840.10008.1.2"]),
+                    (7, "1.2.840.10008.5.1.4.1.1.4", vec!["9.9.9"]),
+                ],
+            ),
+        )
+        .unwrap();
+        assert_eq!(neg.peer_max_pdu, 16384);
+        assert_eq!(neg.context(3).unwrap().transfer_syntax, "1.2.840.10008.1.2.4.70");
+        assert!(neg.context(5).is_none() && neg.context(7).is_none());
+        let reasons: Vec<_> = ac.presentation_contexts.iter().map(|p| p.reason.clone()).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                PresentationContextResultReason::Acceptance,
+                PresentationContextResultReason::Acceptance,
+                PresentationContextResultReason::AbstractSyntaxNotSupported,
+                PresentationContextResultReason::TransferSyntaxesNotSupported,
+            ]
+        );
+    }
+
+    #[test]
+    fn wrong_called_ae_is_rejected_unless_the_check_is_off() {
+        let r = rq("OTHER", vec![(1, VERIFICATION, vec!["1.2.840.10008.1.2"])]);
+        let rj = negotiate(&policy(), &r).unwrap_err();
+        assert_eq!(rj.source, AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::CalledAETitleNotRecognized));
+        let mut p = policy();
+        p.check_called_ae = false;
+        assert!(negotiate(&p, &r).is_ok());
+    }
+}

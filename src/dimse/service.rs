@@ -1,0 +1,437 @@
+//! One association from A-ASSOCIATE to release: negotiation, then the DIMSE message loop.
+//!
+//! Messages are assembled from P-DATA PDVs (PS3.8 §9.3.5, PS3.7 §8.2): command fragments are
+//! collected (they are small and bounded), data set fragments are streamed straight into the
+//! ingest pipeline as they arrive — never buffered whole. A failed C-STORE keeps reading its data
+//! set to the last fragment and then answers with a failure status, so the association stays
+//! usable. Protocol violations (PDV on an unknown context, data without command, oversized PDU)
+//! end the association with an A-ABORT.
+
+use std::sync::Arc;
+
+use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValue, PDataValueType, Pdu};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{debug, info, warn, Instrument};
+
+use super::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
+use super::connection::{ConnError, Connection};
+use super::negotiate::{self, Negotiated, Policy, VERIFICATION};
+use super::status::{self, Failure};
+use crate::config::NodeConfig;
+use crate::ingest::{Incoming, Pipeline, StoreContext};
+use crate::ledger::StoreOutcome;
+
+/// Most bytes of command fragments we collect for one command set.
+const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
+/// What every association task shares.
+pub struct NodeContext {
+    pub pipeline: Pipeline,
+    pub policy: Policy,
+    pub node: NodeConfig,
+}
+
+/// Serves one accepted TCP connection to the end. `shutdown` turns true when the node stops:
+/// the association then finishes the message in progress and is aborted.
+pub async fn serve(socket: TcpStream, ctx: Arc<NodeContext>, shutdown: watch::Receiver<bool>) {
+    let peer = socket
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let span = tracing::info_span!("association", peer = %peer, calling = tracing::field::Empty, called = tracing::field::Empty);
+    async move {
+        let mut conn = Connection::new(socket, ctx.node.max_pdu_length, ctx.node.io_timeout());
+        let negotiated = match accept(&mut conn, &ctx).await {
+            Some(n) => n,
+            None => {
+                conn.close().await;
+                return;
+            }
+        };
+        tracing::Span::current().record("calling", negotiated.calling_ae.as_str());
+        tracing::Span::current().record("called", negotiated.called_ae.as_str());
+        info!(contexts = negotiated.contexts.len(), "association accepted");
+        let assoc = Association {
+            conn,
+            ctx,
+            negotiated,
+            state: State::Idle,
+            stored: 0,
+            failed: 0,
+        };
+        assoc.run(shutdown).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Reads the A-ASSOCIATE-RQ and answers it. `None` when no association results.
+async fn accept(conn: &mut Connection, ctx: &NodeContext) -> Option<Negotiated> {
+    let rq = match conn.receive(ctx.node.io_timeout()).await {
+        Ok(Pdu::AssociationRQ(rq)) => rq,
+        Ok(other) => {
+            warn!(pdu = pdu_name(&other), "expected A-ASSOCIATE-RQ");
+            let _ = conn
+                .send(&Pdu::AbortRQ {
+                    source: dicom_ul::pdu::AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::UnexpectedPdu),
+                })
+                .await;
+            return None;
+        }
+        Err(e) => {
+            debug!(error = %e, "no association request");
+            return None;
+        }
+    };
+    match negotiate::negotiate(&ctx.policy, &rq) {
+        Ok((ac, negotiated)) => {
+            if let Err(e) = conn.send(&Pdu::AssociationAC(ac)).await {
+                warn!(error = %e, "cannot send A-ASSOCIATE-AC");
+                return None;
+            }
+            Some(negotiated)
+        }
+        Err(rj) => {
+            info!(calling = %rq.calling_ae_title.trim(), called = %rq.called_ae_title.trim(), reason = ?rj.source, "association rejected");
+            let _ = conn.send(&Pdu::AssociationRJ(rj)).await;
+            None
+        }
+    }
+}
+
+enum State {
+    /// Between messages.
+    Idle,
+    /// Collecting command fragments.
+    Command { context_id: u8, bytes: Vec<u8> },
+    /// Receiving the data set of a C-STORE.
+    Store(Box<StoreInProgress>),
+    /// Reading and dropping a data set we will answer with a failure.
+    Discard { context_id: u8, reply: Reply },
+}
+
+struct StoreInProgress {
+    context_id: u8,
+    message_id: u16,
+    context: StoreContext,
+    incoming: Option<Incoming>,
+    failure: Option<Failure>,
+}
+
+/// A response to send once a discarded data set has been read.
+struct Reply {
+    command_field: u16,
+    message_id: u16,
+    sop_class_uid: String,
+    sop_instance_uid: String,
+    failure: Failure,
+}
+
+/// Ends the association with an A-ABORT.
+struct Abort(AbortRQServiceProviderReason, String);
+
+struct Association {
+    conn: Connection,
+    ctx: Arc<NodeContext>,
+    negotiated: Negotiated,
+    state: State,
+    stored: u64,
+    failed: u64,
+}
+
+impl Association {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let idle = self.ctx.node.idle_timeout();
+        let end = loop {
+            let stopping = *shutdown.borrow();
+            if stopping && matches!(self.state, State::Idle) {
+                break Some(Abort(AbortRQServiceProviderReason::ReasonNotSpecified, "node is shutting down".into()));
+            }
+            let wait = if matches!(self.state, State::Idle) { idle } else { self.ctx.node.io_timeout() };
+            let pdu = tokio::select! {
+                pdu = self.conn.receive(wait) => pdu,
+                _ = shutdown.changed(), if !stopping && matches!(self.state, State::Idle) => continue,
+            };
+            match pdu {
+                Ok(Pdu::PData { data }) => {
+                    if let Err(abort) = self.on_pdata(data).await {
+                        break Some(abort);
+                    }
+                }
+                Ok(Pdu::ReleaseRQ) => {
+                    if !matches!(self.state, State::Idle) {
+                        break Some(Abort(AbortRQServiceProviderReason::UnexpectedPdu, "release during a message".into()));
+                    }
+                    let _ = self.conn.send(&Pdu::ReleaseRP).await;
+                    info!(stored = self.stored, failed = self.failed, "association released");
+                    break None;
+                }
+                Ok(Pdu::AbortRQ { source }) => {
+                    info!(?source, stored = self.stored, failed = self.failed, "association aborted by peer");
+                    break None;
+                }
+                Ok(other) => {
+                    break Some(Abort(AbortRQServiceProviderReason::UnexpectedPdu, format!("unexpected {}", pdu_name(&other))));
+                }
+                Err(ConnError::TooLarge { length, max }) => {
+                    break Some(Abort(
+                        AbortRQServiceProviderReason::InvalidPduParameter,
+                        format!("PDU of {length} bytes exceeds the maximum of {max}"),
+                    ));
+                }
+                Err(ConnError::Malformed(m)) => {
+                    break Some(Abort(AbortRQServiceProviderReason::UnrecognizedPdu, m));
+                }
+                Err(ConnError::Timeout(t)) => {
+                    break Some(Abort(AbortRQServiceProviderReason::ReasonNotSpecified, format!("no data for {t:?}")));
+                }
+                Err(e) => {
+                    info!(error = %e, stored = self.stored, failed = self.failed, "association ended");
+                    break None;
+                }
+            }
+        };
+        // A data set cut off mid-way is discarded: nothing was acknowledged for it.
+        if let State::Store(op) = std::mem::replace(&mut self.state, State::Idle) {
+            if let Some(incoming) = op.incoming {
+                incoming.abort().await;
+            }
+        }
+        match end {
+            Some(Abort(reason, why)) => {
+                warn!(reason = %why, stored = self.stored, failed = self.failed, "aborting association");
+                self.conn.abort(reason).await;
+            }
+            None => self.conn.close().await,
+        }
+    }
+
+    async fn on_pdata(&mut self, pdvs: Vec<PDataValue>) -> Result<(), Abort> {
+        for pdv in pdvs {
+            if self.negotiated.context(pdv.presentation_context_id).is_none() {
+                return Err(Abort(
+                    AbortRQServiceProviderReason::UnexpectedPduParameter,
+                    format!("PDV on presentation context {} which was not accepted", pdv.presentation_context_id),
+                ));
+            }
+            match pdv.value_type {
+                PDataValueType::Command => self.on_command_fragment(pdv).await?,
+                PDataValueType::Data => self.on_data_fragment(pdv).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_command_fragment(&mut self, pdv: PDataValue) -> Result<(), Abort> {
+        let bytes = match std::mem::replace(&mut self.state, State::Idle) {
+            State::Idle => pdv.data,
+            State::Command { context_id, mut bytes } if context_id == pdv.presentation_context_id => {
+                bytes.extend_from_slice(&pdv.data);
+                bytes
+            }
+            _ => {
+                return Err(Abort(AbortRQServiceProviderReason::UnexpectedPduParameter, "command fragment out of sequence".into()));
+            }
+        };
+        if bytes.len() > MAX_COMMAND_BYTES {
+            return Err(Abort(AbortRQServiceProviderReason::InvalidPduParameter, "command set too large".into()));
+        }
+        if !pdv.is_last {
+            self.state = State::Command {
+                context_id: pdv.presentation_context_id,
+                bytes,
+            };
+            return Ok(());
+        }
+        let command = Command::decode(&bytes)
+            .map_err(|e| Abort(AbortRQServiceProviderReason::InvalidPduParameter, format!("bad command set: {e}")))?;
+        self.dispatch(pdv.presentation_context_id, command).await
+    }
+
+    async fn dispatch(&mut self, context_id: u8, cmd: Command) -> Result<(), Abort> {
+        let bad = |e: super::command::CommandError| Abort(AbortRQServiceProviderReason::InvalidPduParameter, e.to_string());
+        let command_field = cmd.command_field().map_err(bad)?;
+        if command_field == field::C_CANCEL_RQ {
+            // Nothing of ours is cancellable yet (C-STORE is not).
+            return Ok(());
+        }
+        let message_id = cmd.message_id().map_err(bad)?;
+        let has_data = cmd.has_data_set().map_err(bad)?;
+        let sop_class_uid = cmd.string(tag::AFFECTED_SOP_CLASS_UID).unwrap_or_default();
+        let sop_instance_uid = cmd.string(tag::AFFECTED_SOP_INSTANCE_UID).unwrap_or_default();
+        let pc = self
+            .negotiated
+            .context(context_id)
+            .cloned()
+            .ok_or_else(|| Abort(AbortRQServiceProviderReason::UnexpectedPduParameter, "unknown context".into()))?;
+        let reply_failure = |failure: Failure| Reply {
+            command_field: command_field | 0x8000,
+            message_id,
+            sop_class_uid: sop_class_uid.clone(),
+            sop_instance_uid: sop_instance_uid.clone(),
+            failure,
+        };
+        match command_field {
+            field::C_ECHO_RQ if !has_data => {
+                let rsp = CommandBuilder::new()
+                    .uid(tag::AFFECTED_SOP_CLASS_UID, VERIFICATION)
+                    .u16(tag::COMMAND_FIELD, field::C_ECHO_RSP)
+                    .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, message_id)
+                    .u16(tag::COMMAND_DATA_SET_TYPE, NO_DATA_SET)
+                    .u16(tag::STATUS, status::SUCCESS)
+                    .encode();
+                self.send_command(context_id, rsp).await
+            }
+            field::C_STORE_RQ if has_data => {
+                let failure = if pc.abstract_syntax != sop_class_uid {
+                    Some(Failure::new(
+                        status::SOP_CLASS_NOT_SUPPORTED,
+                        "SOP Class differs from the presentation context",
+                    ))
+                } else if sop_instance_uid.is_empty() {
+                    Some(Failure::new(status::CANNOT_UNDERSTAND, "command lacks Affected SOP Instance UID"))
+                } else {
+                    None
+                };
+                let incoming = failure.is_none().then(|| self.ctx.pipeline.begin(&pc.transfer_syntax));
+                self.state = State::Store(Box::new(StoreInProgress {
+                    context_id,
+                    message_id,
+                    context: StoreContext {
+                        calling_ae: self.negotiated.calling_ae.clone(),
+                        sop_class_uid,
+                        sop_instance_uid,
+                    },
+                    incoming,
+                    failure,
+                }));
+                Ok(())
+            }
+            _ => {
+                let reply = reply_failure(Failure::new(status::UNRECOGNIZED_OPERATION, "operation not supported"));
+                if has_data {
+                    self.state = State::Discard { context_id, reply };
+                    Ok(())
+                } else {
+                    self.send_reply(context_id, reply).await
+                }
+            }
+        }
+    }
+
+    async fn on_data_fragment(&mut self, pdv: PDataValue) -> Result<(), Abort> {
+        let out_of_sequence = || Abort(AbortRQServiceProviderReason::UnexpectedPduParameter, "data fragment without a command".into());
+        match &mut self.state {
+            State::Store(op) if op.context_id == pdv.presentation_context_id => {
+                if let Some(incoming) = op.incoming.as_mut() {
+                    if let Err(e) = incoming.feed(&pdv.data).await {
+                        warn!(error = %e, "C-STORE failed while receiving");
+                        op.failure = Some(status::store_failure(&e));
+                        if let Some(i) = op.incoming.take() {
+                            i.abort().await;
+                        }
+                    }
+                }
+                if pdv.is_last {
+                    if let State::Store(op) = std::mem::replace(&mut self.state, State::Idle) {
+                        self.finish_store(*op).await?;
+                    }
+                }
+                Ok(())
+            }
+            State::Discard { context_id, .. } if *context_id == pdv.presentation_context_id => {
+                if pdv.is_last {
+                    if let State::Discard { context_id, reply } = std::mem::replace(&mut self.state, State::Idle) {
+                        self.send_reply(context_id, reply).await?;
+                    }
+                }
+                Ok(())
+            }
+            _ => Err(out_of_sequence()),
+        }
+    }
+
+    async fn finish_store(&mut self, op: StoreInProgress) -> Result<(), Abort> {
+        let result = match (op.failure, op.incoming) {
+            (Some(f), incoming) => {
+                if let Some(i) = incoming {
+                    i.abort().await;
+                }
+                Err(f)
+            }
+            (None, Some(incoming)) => match incoming.finish(&op.context).await {
+                Ok(stored) => {
+                    match stored.outcome {
+                        StoreOutcome::Stored { seq, version } => {
+                            info!(seq, version, bytes = stored.dataset_length, "instance stored")
+                        }
+                        StoreOutcome::Duplicate { seq } => info!(seq, "identical instance received again"),
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    warn!(error = %e, "C-STORE failed");
+                    Err(status::store_failure(&e))
+                }
+            },
+            (None, None) => Err(Failure::new(status::OUT_OF_RESOURCES, "internal error")),
+        };
+        let mut rsp = CommandBuilder::new()
+            .uid(tag::AFFECTED_SOP_CLASS_UID, &op.context.sop_class_uid)
+            .u16(tag::COMMAND_FIELD, field::C_STORE_RSP)
+            .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, op.message_id)
+            .u16(tag::COMMAND_DATA_SET_TYPE, NO_DATA_SET)
+            .uid(tag::AFFECTED_SOP_INSTANCE_UID, &op.context.sop_instance_uid);
+        match result {
+            Ok(()) => {
+                self.stored += 1;
+                rsp = rsp.u16(tag::STATUS, status::SUCCESS);
+            }
+            Err(f) => {
+                self.failed += 1;
+                rsp = rsp
+                    .u16(tag::STATUS, f.status)
+                    .text(tag::ERROR_COMMENT, &f.comment, status::ERROR_COMMENT_MAX);
+            }
+        }
+        self.send_command(op.context_id, rsp.encode()).await
+    }
+
+    async fn send_reply(&mut self, context_id: u8, reply: Reply) -> Result<(), Abort> {
+        self.failed += 1;
+        let mut b = CommandBuilder::new()
+            .u16(tag::COMMAND_FIELD, reply.command_field)
+            .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, reply.message_id)
+            .u16(tag::COMMAND_DATA_SET_TYPE, NO_DATA_SET)
+            .u16(tag::STATUS, reply.failure.status)
+            .text(tag::ERROR_COMMENT, &reply.failure.comment, status::ERROR_COMMENT_MAX);
+        if !reply.sop_class_uid.is_empty() {
+            b = b.uid(tag::AFFECTED_SOP_CLASS_UID, &reply.sop_class_uid);
+        }
+        if !reply.sop_instance_uid.is_empty() {
+            b = b.uid(tag::AFFECTED_SOP_INSTANCE_UID, &reply.sop_instance_uid);
+        }
+        self.send_command(context_id, b.encode()).await
+    }
+
+    async fn send_command(&mut self, context_id: u8, bytes: Vec<u8>) -> Result<(), Abort> {
+        self.conn
+            .send_command(context_id, bytes)
+            .await
+            .map_err(|e| Abort(AbortRQServiceProviderReason::ReasonNotSpecified, format!("cannot send response: {e}")))
+    }
+}
+
+fn pdu_name(pdu: &Pdu) -> &'static str {
+    match pdu {
+        Pdu::Unknown { .. } => "unknown PDU",
+        Pdu::AssociationRQ(_) => "A-ASSOCIATE-RQ",
+        Pdu::AssociationAC(_) => "A-ASSOCIATE-AC",
+        Pdu::AssociationRJ(_) => "A-ASSOCIATE-RJ",
+        Pdu::PData { .. } => "P-DATA-TF",
+        Pdu::ReleaseRQ => "A-RELEASE-RQ",
+        Pdu::ReleaseRP => "A-RELEASE-RP",
+        Pdu::AbortRQ { .. } => "A-ABORT",
+    }
+}

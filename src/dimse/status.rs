@@ -1,0 +1,79 @@
+//! DIMSE status codes (PS3.7 Annex C, PS3.4 §B.2.3) and the single place where errors become
+//! statuses.
+
+use crate::ingest::IngestError;
+use crate::ledger::LedgerError;
+
+pub const SUCCESS: u16 = 0x0000;
+/// PS3.7 §C.5.12: the SOP class in the command is not the one of the presentation context.
+pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+/// PS3.7 §C.5.14.
+pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
+/// PS3.4 §B.2.3: Refused: Out of Resources.
+pub const OUT_OF_RESOURCES: u16 = 0xA700;
+/// PS3.4 §B.2.3: Error: Data Set does not match SOP Class.
+pub const DATA_SET_DOES_NOT_MATCH_SOP_CLASS: u16 = 0xA900;
+/// PS3.4 §B.2.3: Error: Cannot understand (C000–CFFF).
+pub const CANNOT_UNDERSTAND: u16 = 0xC000;
+/// Cannot understand: the data set's SOP Instance UID is not the command's.
+pub const SOP_INSTANCE_MISMATCH: u16 = 0xC001;
+
+/// PS3.7 §C.4: Error Comment is LO, at most 64 characters.
+pub const ERROR_COMMENT_MAX: usize = 64;
+
+/// A failure status with its Error Comment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub status: u16,
+    pub comment: String,
+}
+
+impl Failure {
+    pub fn new(status: u16, comment: impl Into<String>) -> Failure {
+        Failure {
+            status,
+            comment: comment.into(),
+        }
+    }
+}
+
+/// The C-STORE status for an ingest error.
+pub fn store_failure(e: &IngestError) -> Failure {
+    let status = match e {
+        IngestError::Split(_) | IngestError::Parse(_) | IngestError::Deflate(_) => CANNOT_UNDERSTAND,
+        IngestError::SopClassMismatch { .. } => DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+        IngestError::SopInstanceMismatch => SOP_INSTANCE_MISMATCH,
+        IngestError::Store(_) => OUT_OF_RESOURCES,
+        IngestError::Ledger(LedgerError::ReadOnly) => OUT_OF_RESOURCES,
+        IngestError::Ledger(_) => OUT_OF_RESOURCES,
+    };
+    let comment = match e {
+        IngestError::Store(_) => "object store unavailable".to_string(),
+        IngestError::Ledger(_) => "ledger unavailable".to_string(),
+        other => other.to_string(),
+    };
+    Failure::new(status, comment)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    #[test]
+    fn resource_failures_are_a700_and_bad_data_is_c000() {
+        let e = IngestError::Store(StoreError::NotFound { name: "x".into() });
+        assert_eq!(store_failure(&e).status, OUT_OF_RESOURCES);
+        let e = IngestError::Ledger(LedgerError::Closed);
+        assert_eq!(store_failure(&e).status, OUT_OF_RESOURCES);
+        let e = IngestError::SopClassMismatch {
+            command: "1".into(),
+            dataset: "2".into(),
+        };
+        assert_eq!(store_failure(&e).status, DATA_SET_DOES_NOT_MATCH_SOP_CLASS);
+        let e = IngestError::Parse(crate::instance::ParseError::Missing("SOP Class UID"));
+        let f = store_failure(&e);
+        assert_eq!(f.status, CANNOT_UNDERSTAND);
+        assert!(f.comment.contains("SOP Class UID"));
+    }
+}

@@ -1,0 +1,291 @@
+//! The ingest pipeline: one received data set in, two durable halves out.
+//!
+//! `network → dimse → ingest → {store, ledger}`. The DIMSE layer hands over the data set bytes as
+//! they arrive ([`Incoming::feed`]); they are split on the fly, the bulk pixel bytes stream into a
+//! staged object-store upload, everything is hashed on the way, and only the metadata is kept in
+//! memory. [`Incoming::finish`] then parses the metadata for the index, derives the instance key,
+//! commits the pixel object under its opaque name and records the instance on the ledger. It
+//! returns success only when both halves are durable; any failure leaves no ledger entry.
+
+use std::io::Read;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::instance::{self, IndexAttrs, Layout, MetadataRecord, ParseError};
+use crate::ledger::{Ledger, LedgerError, RecordSummary, StoreOutcome, StoreRequest};
+use crate::split::{Encoding, Piece, SplitError, Splitter};
+use crate::store::{Store, StoreError, Upload};
+
+/// Deflated Explicit VR Little Endian (PS3.5 §A.5).
+pub const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
+/// Most bytes a deflated data set may inflate to for indexing (a guard against deflate bombs).
+const MAX_INFLATED: u64 = 512 * 1024 * 1024;
+
+/// Why an instance was not stored. Mapped to DIMSE statuses in `dimse::status`, nowhere else.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0}")]
+    Split(#[from] SplitError),
+    #[error("{0}")]
+    Parse(#[from] ParseError),
+    #[error("deflated data set cannot be inflated: {0}")]
+    Deflate(String),
+    #[error("SOP Class UID {dataset} in the data set differs from {command} in the command")]
+    SopClassMismatch { command: String, dataset: String },
+    #[error("SOP Instance UID in the data set differs from the command's")]
+    SopInstanceMismatch,
+    #[error("object store: {0}")]
+    Store(#[from] StoreError),
+    #[error("ledger: {0}")]
+    Ledger(#[from] LedgerError),
+}
+
+/// Who sent the instance and what the command said it is.
+#[derive(Debug, Clone)]
+pub struct StoreContext {
+    pub calling_ae: String,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+}
+
+/// The result of a successful ingest.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub outcome: StoreOutcome,
+    pub instance_key: instance::Digest32,
+    pub attrs: IndexAttrs,
+    pub dataset_length: u64,
+}
+
+/// The shared pipeline: a cheap handle.
+#[derive(Clone)]
+pub struct Pipeline {
+    ledger: Ledger,
+    store: Store,
+    store_timeout: Duration,
+}
+
+impl Pipeline {
+    pub fn new(ledger: Ledger, store: Store, store_timeout: Duration) -> Pipeline {
+        Pipeline {
+            ledger,
+            store,
+            store_timeout,
+        }
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Starts receiving one data set encoded in `transfer_syntax`.
+    pub fn begin(&self, transfer_syntax: &str) -> Incoming {
+        let ts = transfer_syntax.trim_end_matches(['\0', ' ']).to_string();
+        let mode = match Encoding::from_transfer_syntax(&ts) {
+            Some(enc) => Mode::Split(Box::new(Splitter::new(enc))),
+            None => Mode::Whole,
+        };
+        Incoming {
+            pipeline: self.clone(),
+            transfer_syntax: ts,
+            mode,
+            meta: Vec::new(),
+            bulk: Vec::new(),
+            upload: None,
+            pixel_hash: Sha256::new(),
+            pixel_length: 0,
+            dataset_hash: Sha256::new(),
+            dataset_length: 0,
+        }
+    }
+
+    async fn timed<T>(&self, what: &str, fut: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.store_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout {
+                what: what.to_string(),
+                after: self.store_timeout,
+            }),
+        }
+    }
+}
+
+enum Mode {
+    Split(Box<Splitter>),
+    /// Kept whole: see [`Layout::Whole`].
+    Whole,
+}
+
+/// One data set being received.
+pub struct Incoming {
+    pipeline: Pipeline,
+    transfer_syntax: String,
+    mode: Mode,
+    meta: Vec<u8>,
+    /// Bulk bytes of the current chunk, reused between chunks.
+    bulk: Vec<u8>,
+    upload: Option<Upload>,
+    pixel_hash: Sha256,
+    pixel_length: u64,
+    dataset_hash: Sha256,
+    dataset_length: u64,
+}
+
+impl Incoming {
+    /// Takes the next chunk of the data set. On error the caller must [`Incoming::abort`].
+    pub async fn feed(&mut self, data: &[u8]) -> Result<(), IngestError> {
+        self.dataset_hash.update(data);
+        self.dataset_length += data.len() as u64;
+        let splitter = match &mut self.mode {
+            Mode::Whole => {
+                self.meta.extend_from_slice(data);
+                return Ok(());
+            }
+            Mode::Split(s) => s,
+        };
+        self.bulk.clear();
+        let (meta, bulk) = (&mut self.meta, &mut self.bulk);
+        splitter.feed(data, |piece| match piece {
+            Piece::Meta(b) => meta.extend_from_slice(b),
+            Piece::Bulk(b) => bulk.extend_from_slice(b),
+        })?;
+        if self.bulk.is_empty() {
+            return Ok(());
+        }
+        self.pixel_hash.update(&self.bulk);
+        self.pixel_length += self.bulk.len() as u64;
+        if self.upload.is_none() {
+            let store = self.pipeline.store.clone();
+            self.upload = Some(self.pipeline.timed("begin upload", store.begin()).await?);
+        }
+        if let Some(upload) = self.upload.as_mut() {
+            let pipeline = &self.pipeline;
+            pipeline.timed("write object", upload.write(&self.bulk)).await?;
+        }
+        Ok(())
+    }
+
+    /// Discards a data set that will not be stored.
+    pub async fn abort(mut self) {
+        if let Some(u) = self.upload.take() {
+            u.abort().await;
+        }
+    }
+
+    /// Completes the data set: index, key, object commit, ledger entry.
+    pub async fn finish(mut self, ctx: &StoreContext) -> Result<Stored, IngestError> {
+        let upload = self.upload.take();
+        match self.finish_inner(ctx, upload).await {
+            Ok(s) => Ok(s),
+            Err((e, Some(upload))) => {
+                upload.abort().await;
+                Err(e)
+            }
+            Err((e, None)) => Err(e),
+        }
+    }
+
+    async fn finish_inner(
+        self,
+        ctx: &StoreContext,
+        upload: Option<Upload>,
+    ) -> Result<Stored, (IngestError, Option<Upload>)> {
+        let (layout, splices) = match self.mode {
+            Mode::Split(s) => match s.finish() {
+                Ok(splices) => (Layout::Split, splices),
+                Err(e) => return Err((e.into(), upload)),
+            },
+            Mode::Whole => (Layout::Whole, Vec::new()),
+        };
+        let mut record = MetadataRecord {
+            layout,
+            transfer_syntax: self.transfer_syntax,
+            sop_class_uid: String::new(),
+            sop_instance_uid: String::new(),
+            splices,
+            pixel_length: self.pixel_length,
+            pixel_sha256: self.pixel_hash.finalize().into(),
+            dataset_length: self.dataset_length,
+            dataset_sha256: self.dataset_hash.finalize().into(),
+            meta: self.meta,
+        };
+        let attrs = match index_record(&record) {
+            Ok(a) => a,
+            Err(e) => return Err((e, upload)),
+        };
+        if attrs.sop_class_uid != ctx.sop_class_uid {
+            let e = IngestError::SopClassMismatch {
+                command: ctx.sop_class_uid.clone(),
+                dataset: attrs.sop_class_uid.clone(),
+            };
+            return Err((e, upload));
+        }
+        if attrs.sop_instance_uid != ctx.sop_instance_uid {
+            return Err((IngestError::SopInstanceMismatch, upload));
+        }
+        record.sop_class_uid = attrs.sop_class_uid.clone();
+        record.sop_instance_uid = attrs.sop_instance_uid.clone();
+        let encoded = record.encode();
+        let key = instance::instance_key(&encoded);
+        let object_name = match upload {
+            Some(upload) => {
+                let name = instance::object_name(&key);
+                let p = &self.pipeline;
+                p.timed("commit object", upload.commit(&name))
+                    .await
+                    .map_err(|e| (IngestError::from(e), None))?;
+                Some(name)
+            }
+            None => None,
+        };
+        let req = StoreRequest {
+            calling_ae: ctx.calling_ae.clone(),
+            instance_key: key,
+            summary: RecordSummary::of(&record),
+            record: encoded,
+            object_name,
+            attrs: attrs.clone(),
+        };
+        let outcome = self
+            .pipeline
+            .ledger
+            .store(req)
+            .await
+            .map_err(|e| (IngestError::from(e), None))?;
+        Ok(Stored {
+            outcome,
+            instance_key: key,
+            attrs,
+            dataset_length: record.dataset_length,
+        })
+    }
+}
+
+/// Reads the index attributes of a record (inflating a deflated data set first).
+pub fn index_record(record: &MetadataRecord) -> Result<IndexAttrs, IngestError> {
+    match record.layout {
+        Layout::Split => Ok(instance::index_attrs(record.indexable_prefix(), &record.transfer_syntax)?),
+        Layout::Whole => {
+            let inflated = inflate(&record.meta)?;
+            // The inflated form is Explicit VR Little Endian (PS3.5 §A.5).
+            Ok(instance::index_attrs(&inflated, "1.2.840.10008.1.2.1")?)
+        }
+    }
+}
+
+fn inflate(deflated: &[u8]) -> Result<Vec<u8>, IngestError> {
+    let mut out = Vec::new();
+    flate2::read::DeflateDecoder::new(deflated)
+        .take(MAX_INFLATED + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| IngestError::Deflate(e.to_string()))?;
+    if out.len() as u64 > MAX_INFLATED {
+        return Err(IngestError::Deflate(format!("inflates to more than {MAX_INFLATED} bytes")));
+    }
+    Ok(out)
+}

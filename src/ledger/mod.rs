@@ -1,0 +1,667 @@
+//! The ledger: a hash chain of [`Entry`]s in RocksDB, the metadata records they commit to, and the
+//! index that finds instances.
+//!
+//! Column families:
+//! - `entries`: u64 BE sequence number → encoded [`Entry`] (the chain);
+//! - `meta`: instance key → encoded [`MetadataRecord`] (separate, so a record can later be erased
+//!   without breaking the chain, which only holds its hash);
+//! - `index`: `sop\0UID` → latest (seq, version); `ver\0UID\0seq` → (); `study\0S\0SE\0UID`,
+//!   `series\0SE\0UID`, `patient\0PID\0S` → (); `loc\0UID` → the hierarchy keys of the latest
+//!   version (to move an instance when a new version changes its study or series).
+//!
+//! **One writer, group commits.** All writes go through a single committer thread: associations
+//! send requests over a channel and wait for a reply. The committer takes every request waiting,
+//! assigns sequence numbers and chain hashes in order, writes them as one `WriteBatch` with a
+//! synced WAL (one fsync for the whole group) and only then replies. So a C-STORE-RSP success
+//! always follows a durable ledger write, and concurrent associations share fsyncs instead of
+//! queueing behind each other's. Being the only writer also makes duplicate detection race-free.
+
+pub mod entry;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use tokio::sync::oneshot;
+
+pub use entry::{Entry, Event};
+
+use crate::instance::{Digest32, IndexAttrs, MetadataRecord};
+
+const CF_ENTRIES: &str = "entries";
+const CF_META: &str = "meta";
+const CF_INDEX: &str = "index";
+/// Most requests folded into one group commit.
+const MAX_GROUP: usize = 512;
+
+/// Ledger failures. Writes that fail leave the ledger as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("cannot open ledger at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("ledger write failed: {0}")]
+    Write(#[source] rocksdb::Error),
+    #[error("ledger read failed: {0}")]
+    Read(#[source] rocksdb::Error),
+    #[error("ledger is corrupt: {0}")]
+    Corrupt(String),
+    #[error("ledger is closed")]
+    Closed,
+    #[error("ledger is open read-only")]
+    ReadOnly,
+}
+
+/// A request to record one stored instance.
+#[derive(Debug, Clone)]
+pub struct StoreRequest {
+    pub calling_ae: String,
+    pub instance_key: Digest32,
+    pub record: Vec<u8>,
+    pub summary: RecordSummary,
+    pub object_name: Option<String>,
+    pub attrs: IndexAttrs,
+}
+
+/// The fields of a record the entry commits to (taken from the record, not re-parsed).
+#[derive(Debug, Clone)]
+pub struct RecordSummary {
+    pub sop_class_uid: String,
+    pub transfer_syntax: String,
+    pub pixel_sha256: Digest32,
+    pub pixel_length: u64,
+    pub dataset_sha256: Digest32,
+    pub dataset_length: u64,
+}
+
+impl RecordSummary {
+    pub fn of(r: &MetadataRecord) -> RecordSummary {
+        RecordSummary {
+            sop_class_uid: r.sop_class_uid.clone(),
+            transfer_syntax: r.transfer_syntax.clone(),
+            pixel_sha256: r.pixel_sha256,
+            pixel_length: r.pixel_length,
+            dataset_sha256: r.dataset_sha256,
+            dataset_length: r.dataset_length,
+        }
+    }
+}
+
+/// What the ledger did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// A new entry: the first version of the instance, or a new version of it.
+    Stored { seq: u64, version: u32 },
+    /// The latest version already has exactly this content; nothing was written.
+    Duplicate { seq: u64 },
+}
+
+struct Job {
+    req: StoreRequest,
+    reply: oneshot::Sender<Result<StoreOutcome, LedgerError>>,
+}
+
+/// A cheap, cloneable handle on the ledger.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<DB>,
+    path: PathBuf,
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    secondary: bool,
+}
+
+fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
+    [CF_ENTRIES, CF_META, CF_INDEX]
+        .into_iter()
+        .map(|name| {
+            let mut o = Options::default();
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(name, o)
+        })
+        .collect()
+}
+
+fn db_options() -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o.create_missing_column_families(true);
+    // Ledger writes are synced per group; keep the WAL fsync honest and bounded in size.
+    o.set_max_total_wal_size(256 * 1024 * 1024);
+    o.increase_parallelism(2);
+    o
+}
+
+impl Ledger {
+    /// Opens (creating if needed) the ledger as its single writer and starts the committer.
+    pub fn open(path: &Path) -> Result<Ledger, LedgerError> {
+        if let Some(parent) = path.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let db = DB::open_cf_descriptors(&db_options(), path, cf_descriptors()).map_err(|source| {
+            LedgerError::Open {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        let db = Arc::new(db);
+        let head = read_head(&db)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let committer = {
+            let db = db.clone();
+            std::thread::Builder::new()
+                .name("ledger-committer".into())
+                .spawn(move || Committer { db, head }.run(rx))
+                .map_err(|e| LedgerError::Corrupt(format!("cannot start committer thread: {e}")))?
+        };
+        Ok(Ledger {
+            inner: Arc::new(Inner {
+                db,
+                path: path.to_path_buf(),
+                tx: Mutex::new(Some(tx)),
+                committer: Mutex::new(Some(committer)),
+                secondary: false,
+            }),
+        })
+    }
+
+    /// Opens a read-only view that follows a ledger another process (the running node) may be
+    /// writing: a RocksDB secondary instance whose own files live in `scratch`.
+    pub fn open_secondary(path: &Path, scratch: &Path) -> Result<Ledger, LedgerError> {
+        let open_err = |source| LedgerError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        if !path.join("CURRENT").exists() {
+            return Err(LedgerError::Corrupt(format!("no ledger at {}", path.display())));
+        }
+        let mut o = db_options();
+        o.create_if_missing(false);
+        o.set_max_open_files(-1);
+        let db = DB::open_cf_descriptors_as_secondary(&o, path, scratch, cf_descriptors()).map_err(open_err)?;
+        db.try_catch_up_with_primary().map_err(open_err)?;
+        Ok(Ledger {
+            inner: Arc::new(Inner {
+                db: Arc::new(db),
+                path: path.to_path_buf(),
+                tx: Mutex::new(None),
+                committer: Mutex::new(None),
+                secondary: true,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Records a stored instance; returns once the entry is durable (or was a duplicate).
+    pub async fn store(&self, req: StoreRequest) -> Result<StoreOutcome, LedgerError> {
+        if self.inner.secondary {
+            return Err(LedgerError::ReadOnly);
+        }
+        let (reply, rx) = oneshot::channel();
+        {
+            let tx = self.inner.tx.lock().map_err(|_| LedgerError::Closed)?;
+            tx.as_ref()
+                .ok_or(LedgerError::Closed)?
+                .send(Job { req, reply })
+                .map_err(|_| LedgerError::Closed)?;
+        }
+        rx.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// Stops the committer after it has finished the requests already queued, and flushes.
+    pub fn close(&self) {
+        if let Ok(mut tx) = self.inner.tx.lock() {
+            tx.take();
+        }
+        if let Some(handle) = self.inner.committer.lock().ok().and_then(|mut c| c.take()) {
+            let _ = handle.join();
+        }
+        if !self.inner.secondary {
+            let _ = self.inner.db.flush_wal(true);
+        }
+    }
+
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, LedgerError> {
+        self.inner
+            .db
+            .cf_handle(name)
+            .ok_or_else(|| LedgerError::Corrupt(format!("missing column family {name}")))
+    }
+
+    /// The last entry's sequence number and hash, if any.
+    pub fn head(&self) -> Result<Option<(u64, Digest32)>, LedgerError> {
+        read_head(&self.inner.db)
+    }
+
+    pub fn entry(&self, seq: u64) -> Result<Option<Entry>, LedgerError> {
+        let raw = self
+            .inner
+            .db
+            .get_cf(self.cf(CF_ENTRIES)?, seq.to_be_bytes())
+            .map_err(LedgerError::Read)?;
+        raw.map(|b| Entry::decode(&b).map_err(|e| LedgerError::Corrupt(format!("entry {seq}: {e}"))))
+            .transpose()
+    }
+
+    pub fn record(&self, key: &Digest32) -> Result<Option<Vec<u8>>, LedgerError> {
+        self.inner
+            .db
+            .get_cf(self.cf(CF_META)?, key)
+            .map_err(LedgerError::Read)
+    }
+
+    /// The latest entry of a SOP Instance.
+    pub fn latest(&self, sop_instance_uid: &str) -> Result<Option<Entry>, LedgerError> {
+        match latest_of(&self.inner.db, sop_instance_uid)? {
+            Some((seq, _)) => self.entry(seq),
+            None => Ok(None),
+        }
+    }
+
+    /// Sequence numbers of every version of a SOP Instance, oldest first.
+    pub fn versions(&self, sop_instance_uid: &str) -> Result<Vec<u64>, LedgerError> {
+        let prefix = key2("ver", sop_instance_uid, "");
+        Ok(self
+            .scan_index(&prefix)?
+            .into_iter()
+            .filter_map(|rest| rest.try_into().ok().map(u64::from_be_bytes))
+            .collect())
+    }
+
+    /// SOP Instance UIDs of a study (latest versions only).
+    pub fn instances_in_study(&self, study_uid: &str) -> Result<Vec<String>, LedgerError> {
+        let prefix = key2("study", study_uid, "");
+        Ok(self
+            .scan_index(&prefix)?
+            .into_iter()
+            .filter_map(|rest| {
+                let s = String::from_utf8(rest).ok()?;
+                s.split_once('\0').map(|(_, sop)| sop.to_string())
+            })
+            .collect())
+    }
+
+    /// SOP Instance UIDs of a series (latest versions only).
+    pub fn instances_in_series(&self, series_uid: &str) -> Result<Vec<String>, LedgerError> {
+        let prefix = key2("series", series_uid, "");
+        Ok(self
+            .scan_index(&prefix)?
+            .into_iter()
+            .filter_map(|rest| String::from_utf8(rest).ok())
+            .collect())
+    }
+
+    /// Number of entries in the chain.
+    pub fn len(&self) -> Result<u64, LedgerError> {
+        Ok(self.head()?.map(|(seq, _)| seq).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> Result<bool, LedgerError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Keys under `prefix` in the index, with the prefix removed.
+    fn scan_index(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, LedgerError> {
+        let cf = self.cf(CF_INDEX)?;
+        let mut out = Vec::new();
+        for item in self.inner.db.iterator_cf(cf, IteratorMode::From(prefix, Direction::Forward)) {
+            let (k, _) = item.map_err(LedgerError::Read)?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push(k[prefix.len()..].to_vec());
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Some(handle) = self.committer.lock().ok().and_then(|mut c| c.take()) {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// `a\0b\0c` index keys. UIDs and IDs never contain NUL (trailing padding is trimmed on parse).
+fn key2(kind: &str, a: &str, b: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(kind.len() + a.len() + b.len() + 2);
+    k.extend_from_slice(kind.as_bytes());
+    k.push(0);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+fn sop_key(uid: &str) -> Vec<u8> {
+    let mut k = b"sop\0".to_vec();
+    k.extend_from_slice(uid.as_bytes());
+    k
+}
+
+fn loc_key(uid: &str) -> Vec<u8> {
+    let mut k = b"loc\0".to_vec();
+    k.extend_from_slice(uid.as_bytes());
+    k
+}
+
+/// The hierarchy keys of an instance.
+fn hierarchy_keys(a: &IndexAttrs) -> Vec<Vec<u8>> {
+    let mut study = key2("study", &a.study_instance_uid, &a.series_instance_uid);
+    study.push(0);
+    study.extend_from_slice(a.sop_instance_uid.as_bytes());
+    vec![
+        study,
+        key2("series", &a.series_instance_uid, &a.sop_instance_uid),
+        key2("patient", &a.patient_id, &a.study_instance_uid),
+    ]
+}
+
+fn encode_keys(keys: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for k in keys {
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k);
+    }
+    out
+}
+
+fn decode_keys(mut b: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let n = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let Some(k) = b.get(4..4 + n) else { break };
+        out.push(k.to_vec());
+        b = &b[4 + n..];
+    }
+    out
+}
+
+fn latest_of(db: &DB, uid: &str) -> Result<Option<(u64, u32)>, LedgerError> {
+    let cf = db
+        .cf_handle(CF_INDEX)
+        .ok_or_else(|| LedgerError::Corrupt("missing index".into()))?;
+    match db.get_cf(cf, sop_key(uid)).map_err(LedgerError::Read)? {
+        Some(v) if v.len() == 12 => {
+            let seq = u64::from_be_bytes(v[..8].try_into().map_err(|_| LedgerError::Corrupt("index".into()))?);
+            let ver = u32::from_be_bytes(v[8..].try_into().map_err(|_| LedgerError::Corrupt("index".into()))?);
+            Ok(Some((seq, ver)))
+        }
+        Some(_) => Err(LedgerError::Corrupt(format!("index value for {uid}"))),
+        None => Ok(None),
+    }
+}
+
+fn read_head(db: &DB) -> Result<Option<(u64, Digest32)>, LedgerError> {
+    let cf = db
+        .cf_handle(CF_ENTRIES)
+        .ok_or_else(|| LedgerError::Corrupt("missing entries".into()))?;
+    match db.iterator_cf(cf, IteratorMode::End).next() {
+        None => Ok(None),
+        Some(item) => {
+            let (_, v) = item.map_err(LedgerError::Read)?;
+            let e = Entry::decode(&v).map_err(|e| LedgerError::Corrupt(format!("last entry: {e}")))?;
+            Ok(Some((e.seq, e.hash())))
+        }
+    }
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// The single writer.
+struct Committer {
+    db: Arc<DB>,
+    head: Option<(u64, Digest32)>,
+}
+
+impl Committer {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+            let results = self.commit_group(&jobs);
+            for (job, result) in jobs.into_iter().zip(results) {
+                let _ = job.reply.send(result);
+            }
+        }
+    }
+
+    /// Writes a group as one synced batch. On failure every request of the group gets the error
+    /// and the in-memory head stays where it was.
+    fn commit_group(&mut self, jobs: &[Job]) -> Vec<Result<StoreOutcome, LedgerError>> {
+        match self.build_group(jobs) {
+            Ok((batch, outcomes, head)) => {
+                let mut wo = WriteOptions::default();
+                wo.set_sync(true);
+                match self.db.write_opt(batch, &wo) {
+                    Ok(()) => {
+                        self.head = head;
+                        outcomes.into_iter().map(Ok).collect()
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, requests = jobs.len(), "ledger group commit failed");
+                        jobs.iter().map(|_| Err(LedgerError::Write(e.clone()))).collect()
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                jobs.iter().map(|_| Err(LedgerError::Corrupt(msg.clone()))).collect()
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn build_group(
+        &self,
+        jobs: &[Job],
+    ) -> Result<(WriteBatch, Vec<StoreOutcome>, Option<(u64, Digest32)>), LedgerError> {
+        let cf = |n| {
+            self.db
+                .cf_handle(n)
+                .ok_or_else(|| LedgerError::Corrupt(format!("missing column family {n}")))
+        };
+        let (cf_entries, cf_meta, cf_index) = (cf(CF_ENTRIES)?, cf(CF_META)?, cf(CF_INDEX)?);
+        let mut batch = WriteBatch::default();
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        let mut head = self.head;
+        // Latest (seq, version, key, hierarchy) per SOP Instance within this group.
+        let mut pending: HashMap<&str, (u64, u32, Digest32, Vec<Vec<u8>>)> = HashMap::new();
+        let time_micros = now_micros();
+        for job in jobs {
+            let req = &job.req;
+            let uid = req.attrs.sop_instance_uid.as_str();
+            let previous = match pending.get(uid) {
+                Some((seq, ver, key, loc)) => Some((*seq, *ver, *key, loc.clone())),
+                None => match latest_of(&self.db, uid)? {
+                    Some((seq, ver)) => {
+                        let raw = self
+                            .db
+                            .get_cf(cf_entries, seq.to_be_bytes())
+                            .map_err(LedgerError::Read)?
+                            .ok_or_else(|| LedgerError::Corrupt(format!("index names missing entry {seq}")))?;
+                        let e = Entry::decode(&raw).map_err(|e| LedgerError::Corrupt(e.to_string()))?;
+                        let loc = self
+                            .db
+                            .get_cf(cf_index, loc_key(uid))
+                            .map_err(LedgerError::Read)?
+                            .map(|b| decode_keys(&b))
+                            .unwrap_or_default();
+                        Some((seq, ver, e.instance_key, loc))
+                    }
+                    None => None,
+                },
+            };
+            if let Some((seq, _, key, _)) = &previous {
+                if *key == req.instance_key {
+                    outcomes.push(StoreOutcome::Duplicate { seq: *seq });
+                    continue;
+                }
+            }
+            let (seq, prev_hash) = match head {
+                Some((s, h)) => (s + 1, h),
+                None => (1, [0u8; 32]),
+            };
+            let version = previous.as_ref().map(|p| p.1 + 1).unwrap_or(1);
+            let s = &req.summary;
+            let entry = Entry {
+                seq,
+                prev_hash,
+                time_micros,
+                event: Event::Store,
+                calling_ae: req.calling_ae.clone(),
+                sop_class_uid: s.sop_class_uid.clone(),
+                transfer_syntax: s.transfer_syntax.clone(),
+                instance_key: req.instance_key,
+                pixel_sha256: s.pixel_sha256,
+                pixel_length: s.pixel_length,
+                dataset_sha256: s.dataset_sha256,
+                dataset_length: s.dataset_length,
+                object_name: req.object_name.clone().unwrap_or_default(),
+                version,
+            };
+            batch.put_cf(cf_entries, seq.to_be_bytes(), entry.encode());
+            batch.put_cf(cf_meta, req.instance_key, &req.record);
+            let mut latest = seq.to_be_bytes().to_vec();
+            latest.extend_from_slice(&version.to_be_bytes());
+            batch.put_cf(cf_index, sop_key(uid), latest);
+            let mut ver_key = key2("ver", uid, "");
+            ver_key.extend_from_slice(&seq.to_be_bytes());
+            batch.put_cf(cf_index, ver_key, []);
+            let keys = hierarchy_keys(&req.attrs);
+            if let Some((_, _, _, old)) = &previous {
+                for k in old.iter().filter(|k| !keys.contains(k)) {
+                    batch.delete_cf(cf_index, k);
+                }
+            }
+            for k in &keys {
+                batch.put_cf(cf_index, k, []);
+            }
+            batch.put_cf(cf_index, loc_key(uid), encode_keys(&keys));
+            head = Some((seq, entry.hash()));
+            pending.insert(uid, (seq, version, req.instance_key, keys));
+            outcomes.push(StoreOutcome::Stored { seq, version });
+        }
+        Ok((batch, outcomes, head))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(sop: &str, study: &str, key: u8) -> StoreRequest {
+        StoreRequest {
+            calling_ae: "TEST".into(),
+            instance_key: [key; 32],
+            record: vec![key; 10],
+            summary: RecordSummary {
+                sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+                transfer_syntax: "1.2.840.10008.1.2".into(),
+                pixel_sha256: [0; 32],
+                pixel_length: 0,
+                dataset_sha256: [key; 32],
+                dataset_length: 10,
+            },
+            object_name: None,
+            attrs: IndexAttrs {
+                sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+                sop_instance_uid: sop.into(),
+                study_instance_uid: study.into(),
+                series_instance_uid: format!("{study}.1"),
+                patient_id: "P".into(),
+            },
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn chain_versions_duplicates_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(ledger.store(request("1.1", "9", 1)).await.unwrap(), StoreOutcome::Stored { seq: 1, version: 1 });
+        assert_eq!(ledger.store(request("1.2", "9", 2)).await.unwrap(), StoreOutcome::Stored { seq: 2, version: 1 });
+        assert_eq!(ledger.store(request("1.1", "9", 1)).await.unwrap(), StoreOutcome::Duplicate { seq: 1 });
+        // New content, moved to another study: a new version, and the study index follows it.
+        assert_eq!(ledger.store(request("1.1", "8", 3)).await.unwrap(), StoreOutcome::Stored { seq: 3, version: 2 });
+        assert_eq!(ledger.instances_in_study("9").unwrap(), vec!["1.2".to_string()]);
+        assert_eq!(ledger.instances_in_study("8").unwrap(), vec!["1.1".to_string()]);
+        assert_eq!(ledger.versions("1.1").unwrap(), vec![1, 3]);
+        let e1 = ledger.entry(1).unwrap().unwrap();
+        let e2 = ledger.entry(2).unwrap().unwrap();
+        assert_eq!(e1.prev_hash, [0; 32]);
+        assert_eq!(e2.prev_hash, e1.hash());
+        let head = ledger.head().unwrap().unwrap();
+        ledger.close();
+        drop(ledger);
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(ledger.head().unwrap().unwrap(), head);
+        assert_eq!(ledger.store(request("1.3", "9", 4)).await.unwrap(), StoreOutcome::Stored { seq: 4, version: 1 });
+        assert_eq!(ledger.entry(4).unwrap().unwrap().prev_hash, head.1);
+        assert_eq!(ledger.latest("1.1").unwrap().unwrap().seq, 3);
+        assert_eq!(ledger.record(&[3; 32]).unwrap().unwrap(), vec![3; 10]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_writers_share_commits_and_keep_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200u32 {
+            let l = ledger.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut r = request(&format!("2.{i}"), "7", (i % 250) as u8);
+                r.instance_key = Sha256::digest(i.to_be_bytes()).into();
+                l.store(r).await.unwrap()
+            }));
+        }
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), StoreOutcome::Stored { .. }));
+        }
+        let mut prev = [0u8; 32];
+        for seq in 1..=200 {
+            let e = ledger.entry(seq).unwrap().unwrap();
+            assert_eq!(e.prev_hash, prev, "chain broken at {seq}");
+            prev = e.hash();
+        }
+        assert_eq!(ledger.instances_in_study("7").unwrap().len(), 200);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn secondary_follows_the_primary() {
+        let dir = tempfile::tempdir().unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger.store(request("3.1", "6", 5)).await.unwrap();
+        let ro = Ledger::open_secondary(dir.path(), scratch.path()).unwrap();
+        assert_eq!(ro.latest("3.1").unwrap().unwrap().seq, 1);
+        assert!(matches!(ro.store(request("3.2", "6", 6)).await, Err(LedgerError::ReadOnly)));
+    }
+
+    use sha2::{Digest, Sha256};
+}

@@ -1,0 +1,31 @@
+//! dicomchain: a DICOM node that splits every received instance between a tamper-evident ledger
+//! (RocksDB) and an object store (a local directory or S3/MinIO), and rebuilds it byte for byte.
+//!
+//! Data flows one way, each step owned by one module:
+//!
+//! ```text
+//! network ─▶ dimse (listener, association, negotiate, command, service)
+//!               │ data set bytes as they arrive
+//!               ▼
+//!           ingest ─▶ split (metadata | pixel bulk, pure)
+//!               │         ├─▶ store   (pixel object under an opaque name; fs or s3)
+//!               │         └─▶ ledger  (hash-chained entry + metadata record + index; RocksDB)
+//!               ▼
+//!           C-STORE-RSP only after both halves are durable
+//! ```
+//!
+//! Retrieval is the mirror image: [`retrieve`] rebuilds a data set from the ledger's metadata
+//! record and the store's pixel object, checking every digest. [`instance`] defines the metadata
+//! record and the instance key that ties the halves together; [`config`] the configuration;
+//! [`node`] starts and stops it all.
+
+pub mod config;
+pub mod dimse;
+pub mod export;
+pub mod ingest;
+pub mod instance;
+pub mod ledger;
+pub mod node;
+pub mod retrieve;
+pub mod split;
+pub mod store;

@@ -1,0 +1,162 @@
+//! The `dicomchain` command: parse arguments, load the configuration, run. Errors become messages
+//! on stderr and exit codes here, and nowhere else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgGroup, Parser, Subcommand};
+use dicomchain::config::Config;
+use dicomchain::export::{self, Selection};
+
+#[derive(Parser)]
+#[command(name = "dicomchain", version, about = "A DICOM node with a verifiable ledger")]
+struct Cli {
+    /// Configuration file (TOML); DICOMCHAIN__SECTION__KEY environment variables override it.
+    #[arg(long, global = true, default_value = "conf/dicomchain.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node.
+    Serve,
+    /// Validate the configuration and print the effective values (secrets masked).
+    CheckConfig,
+    /// Rebuild stored instances as Part 10 files, checked against the ledger.
+    #[command(group(ArgGroup::new("what").required(true).args(["study", "series", "instance"])))]
+    Export {
+        #[arg(long)]
+        study: Option<String>,
+        #[arg(long)]
+        series: Option<String>,
+        #[arg(long)]
+        instance: Option<String>,
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dicomchain: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::CheckConfig => {
+            println!("# effective configuration from {}", cli.config.display());
+            print!("{}", cfg.render_masked());
+            ExitCode::SUCCESS
+        }
+        Command::Serve => serve(cfg),
+        Command::Export {
+            study,
+            series,
+            instance,
+            out,
+        } => {
+            let selection = match (study, series, instance) {
+                (Some(s), _, _) => Selection::Study(s),
+                (_, Some(s), _) => Selection::Series(s),
+                (_, _, Some(s)) => Selection::Instance(s),
+                _ => unreachable!("clap requires one of --study, --series, --instance"),
+            };
+            run_export(cfg, selection, out)
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+fn serve(cfg: Config) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // A panicking task must not leave a half-alive node behind (as Garage does): abort, and let
+    // systemd restart us. Acknowledged data is already durable.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dicomchain: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dicomchain::node::run(cfg, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("dicomchain: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested");
+}
+
+fn run_export(cfg: Config, selection: Selection, out: PathBuf) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dicomchain: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(export::run(&cfg, &selection, &out)) {
+        Ok(report) => {
+            for (uid, why) in &report.failed {
+                eprintln!("dicomchain: instance {uid} NOT exported: {why}");
+            }
+            println!(
+                "exported {} instance(s) to {}{}",
+                report.written.len(),
+                out.display(),
+                if report.failed.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} failed the ledger check", report.failed.len())
+                }
+            );
+            if report.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("dicomchain: export failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! Starting and stopping the node: open the ledger, open the object store, bind, serve, drain,
+//! close — one log line per step, in that order (and the reverse on the way down).
+
+use std::sync::Arc;
+
+use tracing::info;
+
+use crate::config::Config;
+use crate::dimse::negotiate::Policy;
+use crate::dimse::service::NodeContext;
+use crate::ingest::Pipeline;
+use crate::ledger::{Ledger, LedgerError};
+use crate::store::{Store, StoreError};
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Ledger(#[from] LedgerError),
+    #[error("object store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the node until `shutdown` completes, then drains and closes the ledger.
+pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), StartError> {
+    let addr = cfg.node.listen_addr()?;
+    let ledger = Ledger::open(&cfg.ledger.path)?;
+    let head = ledger.head()?;
+    info!(path = %cfg.ledger.path.display(), entries = head.map(|h| h.0).unwrap_or(0), "ledger open");
+    let store = Store::open(&cfg.store).await?;
+    info!(backend = ?cfg.store.backend, "object store open");
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+        addr: addr.to_string(),
+        source,
+    })?;
+    let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let ctx = Arc::new(NodeContext {
+        pipeline: Pipeline::new(ledger.clone(), store, cfg.store.timeout()),
+        policy: Policy {
+            ae_title: cfg.node.ae_title.clone(),
+            check_called_ae: cfg.node.check_called_ae,
+            max_pdu_length: cfg.node.max_pdu_length,
+        },
+        node: cfg.node.clone(),
+    });
+    info!(ae_title = %cfg.node.ae_title, listen = %local, "listening");
+    crate::dimse::listener::run(listener, ctx, shutdown).await;
+    ledger.close();
+    info!("ledger closed; node stopped");
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! Transfer syntax → byte-level encoding of the data set (PS3.5 §10, Annex A).
+//!
+//! The splitter only needs to know two things about a transfer syntax: whether VRs are explicit
+//! (PS3.5 §7.1.2) or implicit (§7.1.3), and the byte order (§7.3). Encapsulated (compressed)
+//! transfer syntaxes all encode the data set itself as Explicit VR Little Endian (PS3.5 A.4), so
+//! they map to [`Encoding::ExplicitLittle`].
+
+/// How the elements of a data set are encoded on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// Implicit VR Little Endian (PS3.5 A.1): tag + 4-byte length, no VR.
+    ImplicitLittle,
+    /// Explicit VR Little Endian (PS3.5 A.2) and every encapsulated transfer syntax (A.4).
+    ExplicitLittle,
+    /// Explicit VR Big Endian (PS3.5 A.3, retired but still received).
+    ExplicitBig,
+}
+
+/// Transfer syntaxes whose data set after the file meta information is deflated
+/// (PS3.5 A.5 Deflated Explicit VR Little Endian, A.7 JPIP Referenced Deflate,
+/// A.12 JPIP HTJ2K Referenced Deflate). The splitter works on the inflated stream.
+const DEFLATED: [&str; 3] = [
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.4.95",
+    "1.2.840.10008.1.2.4.205",
+];
+
+/// UIDs are padded to even length with a trailing NUL (PS3.5 §9.1); some senders pad with a space.
+fn trim_uid(uid: &str) -> &str {
+    uid.trim_end_matches(['\0', ' '])
+}
+
+/// True if the data set of this transfer syntax is deflated (see [`Encoding::from_transfer_syntax`],
+/// which returns `None` for exactly these). After inflating, such a data set is Explicit VR Little
+/// Endian.
+pub fn is_deflated_transfer_syntax(uid: &str) -> bool {
+    DEFLATED.contains(&trim_uid(uid))
+}
+
+impl Encoding {
+    /// Encoding of the data set for a transfer syntax UID (trailing NUL/space padding ignored).
+    ///
+    /// `1.2.840.10008.1.2` is Implicit VR Little Endian, `1.2.840.10008.1.2.2` Explicit VR Big
+    /// Endian, and every other transfer syntax (native Explicit VR Little Endian and all
+    /// encapsulated ones, PS3.5 A.4) Explicit VR Little Endian. Deflated transfer syntaxes
+    /// ([`is_deflated_transfer_syntax`]) give `None`: the caller inflates first and then splits
+    /// with [`Encoding::ExplicitLittle`].
+    pub fn from_transfer_syntax(uid: &str) -> Option<Encoding> {
+        match trim_uid(uid) {
+            "1.2.840.10008.1.2" => Some(Encoding::ImplicitLittle),
+            "1.2.840.10008.1.2.2" => Some(Encoding::ExplicitBig),
+            u if DEFLATED.contains(&u) => None,
+            _ => Some(Encoding::ExplicitLittle),
+        }
+    }
+
+    /// True for the explicit VR encodings (PS3.5 §7.1.2).
+    pub fn is_explicit(self) -> bool {
+        !matches!(self, Encoding::ImplicitLittle)
+    }
+
+    /// True for Explicit VR Big Endian (PS3.5 §7.3).
+    pub fn is_big_endian(self) -> bool {
+        matches!(self, Encoding::ExplicitBig)
+    }
+
+    pub(crate) fn u16(self, b: [u8; 2]) -> u16 {
+        if self.is_big_endian() {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
+    }
+
+    pub(crate) fn u32(self, b: [u8; 4]) -> u32 {
+        if self.is_big_endian() {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    }
+}

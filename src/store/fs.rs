@@ -1,0 +1,275 @@
+//! The embedded default backend: pixel objects as files under one root directory.
+//!
+//! Durability follows the classic recipe (as Garage's block manager does): write to a temp file in
+//! `root/tmp`, `fsync` it, `rename` it to its final name, `fsync` the directory. A crash leaves
+//! either nothing or the whole object under its final name; stray temp files are removed at open.
+//! Objects are sharded by the first two hex digits of their name (`root/ab/ab…`) to keep
+//! directories small.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::StoreError;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let what = what.into();
+    move |source| StoreError::Io { what, source }
+}
+
+/// Handle on a local object directory.
+#[derive(Clone, Debug)]
+pub struct FsStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    tmp: PathBuf,
+    counter: AtomicU64,
+}
+
+/// A staged object: a temp file being written.
+pub struct FsUpload {
+    store: FsStore,
+    path: PathBuf,
+    file: tokio::io::BufWriter<tokio::fs::File>,
+}
+
+/// A streaming read of one object file.
+pub struct FsReader {
+    file: tokio::fs::File,
+    buf_size: usize,
+}
+
+/// Accepts only the names this crate makes: lowercase hex, so a name can never escape the root.
+fn check_name(name: &str) -> Result<(), StoreError> {
+    if name.len() >= 4 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(StoreError::Config(format!("invalid object name {name:?}")))
+    }
+}
+
+impl FsStore {
+    /// Opens (creating if needed) the object directory and clears leftover temp files of a crash.
+    pub async fn open(root: &Path) -> Result<FsStore, StoreError> {
+        let tmp = root.join("tmp");
+        tokio::fs::create_dir_all(&tmp)
+            .await
+            .map_err(io(format!("creating {}", tmp.display())))?;
+        let mut leftovers = tokio::fs::read_dir(&tmp)
+            .await
+            .map_err(io(format!("listing {}", tmp.display())))?;
+        while let Some(entry) = leftovers
+            .next_entry()
+            .await
+            .map_err(io(format!("listing {}", tmp.display())))?
+        {
+            let _ = tokio::fs::remove_file(entry.path()).await;
+        }
+        Ok(FsStore {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                tmp,
+                counter: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Opens an existing object directory for reading only: no directory is created and no temp
+    /// file is touched, so it is safe beside a running node (for `export`).
+    pub async fn open_read_only(root: &Path) -> Result<FsStore, StoreError> {
+        let meta = tokio::fs::metadata(root)
+            .await
+            .map_err(io(format!("opening object directory {}", root.display())))?;
+        if !meta.is_dir() {
+            return Err(StoreError::Config(format!("{} is not a directory", root.display())));
+        }
+        Ok(FsStore {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                tmp: root.join("tmp"),
+                counter: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Where an object of this name lives.
+    pub fn path_of(&self, name: &str) -> PathBuf {
+        self.inner.root.join(&name[..2]).join(name)
+    }
+
+    pub async fn begin(&self) -> Result<FsUpload, StoreError> {
+        let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
+        let path = self.inner.tmp.join(format!("{}-{n}.part", std::process::id()));
+        let file = tokio::fs::File::create(&path)
+            .await
+            .map_err(io(format!("creating {}", path.display())))?;
+        Ok(FsUpload {
+            store: self.clone(),
+            path,
+            file: tokio::io::BufWriter::with_capacity(256 * 1024, file),
+        })
+    }
+
+    pub async fn open_read(&self, name: &str) -> Result<FsReader, StoreError> {
+        check_name(name)?;
+        let path = self.path_of(name);
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => Ok(FsReader {
+                file,
+                buf_size: 1024 * 1024,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NotFound { name: name.into() }),
+            Err(e) => Err(io(format!("opening {}", path.display()))(e)),
+        }
+    }
+
+    pub async fn exists(&self, name: &str) -> Result<bool, StoreError> {
+        check_name(name)?;
+        tokio::fs::try_exists(self.path_of(name))
+            .await
+            .map_err(io(format!("checking {name}")))
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), StoreError> {
+        check_name(name)?;
+        match tokio::fs::remove_file(self.path_of(name)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(format!("deleting {name}"))(e)),
+        }
+    }
+}
+
+impl FsUpload {
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        self.file
+            .write_all(data)
+            .await
+            .map_err(io(format!("writing {}", self.path.display())))
+    }
+
+    pub async fn commit(mut self, name: &str) -> Result<(), StoreError> {
+        check_name(name)?;
+        let what = format!("writing {}", self.path.display());
+        self.file.flush().await.map_err(io(&what))?;
+        self.file.get_ref().sync_all().await.map_err(io(&what))?;
+        let dest = self.store.path_of(name);
+        let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
+        if let Err(e) = tokio::fs::rename(&self.path, &dest).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(io(format!("renaming to {}", dest.display()))(e));
+            }
+            // The shard directory does not exist yet.
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(io(format!("creating {}", dir.display())))?;
+            sync_dir(&self.store.inner.root).await?;
+            tokio::fs::rename(&self.path, &dest)
+                .await
+                .map_err(io(format!("renaming to {}", dest.display())))?;
+        }
+        sync_dir(&dir).await
+    }
+
+    pub async fn abort(self) {
+        drop(self.file);
+        if let Err(e) = tokio::fs::remove_file(&self.path).await {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove staged object");
+        }
+    }
+}
+
+async fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    let d = tokio::fs::File::open(dir)
+        .await
+        .map_err(io(format!("opening directory {}", dir.display())))?;
+    d.sync_all()
+        .await
+        .map_err(io(format!("syncing directory {}", dir.display())))
+}
+
+impl FsReader {
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoreError> {
+        let mut buf = vec![0u8; self.buf_size];
+        let mut filled = 0;
+        // Fill the buffer as far as the file allows so callers see few, large chunks.
+        while filled < buf.len() {
+            let n = self
+                .file
+                .read(&mut buf[filled..])
+                .await
+                .map_err(io("reading object"))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            return Ok(None);
+        }
+        buf.truncate(filled);
+        Ok(Some(Bytes::from(buf)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn read_all(store: &FsStore, name: &str) -> Vec<u8> {
+        let mut r = store.open_read(name).await.unwrap();
+        let mut out = Vec::new();
+        while let Some(c) = r.next_chunk().await.unwrap() {
+            out.extend_from_slice(&c);
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn staged_write_becomes_visible_only_at_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).await.unwrap();
+        let name = "ab".repeat(32);
+        let mut up = store.begin().await.unwrap();
+        up.write(b"hello ").await.unwrap();
+        up.write(b"world").await.unwrap();
+        assert!(!store.exists(&name).await.unwrap());
+        up.commit(&name).await.unwrap();
+        assert_eq!(read_all(&store, &name).await, b"hello world");
+        // The same bytes again under the same name: still one object.
+        let mut up = store.begin().await.unwrap();
+        up.write(b"hello world").await.unwrap();
+        up.commit(&name).await.unwrap();
+        assert_eq!(read_all(&store, &name).await, b"hello world");
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn abort_and_restart_leave_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).await.unwrap();
+        let mut up = store.begin().await.unwrap();
+        up.write(b"x").await.unwrap();
+        up.abort().await;
+        let up = store.begin().await.unwrap();
+        drop(up); // a crash mid-write
+        let _ = FsStore::open(dir.path()).await.unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn missing_and_invalid_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).await.unwrap();
+        assert!(matches!(store.open_read(&"cd".repeat(32)).await, Err(StoreError::NotFound { .. })));
+        assert!(store.open_read("../../etc/passwd").await.is_err());
+        store.delete(&"cd".repeat(32)).await.unwrap();
+    }
+}

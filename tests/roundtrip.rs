@@ -1,0 +1,185 @@
+//! Store, restart, export: the exact bytes come back. Real clients, the real binary.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::cli::dicom_study_uid;
+use crate::support::{self, assert_ok, Node, Part10};
+
+/// Exports one instance and returns its data set bytes and transfer syntax.
+fn export_instance(node: &Node, uid: &str) -> Part10 {
+    let out = tempfile::tempdir().unwrap();
+    let o = node.export(&["--instance", uid], out.path());
+    assert_ok(&o, &format!("export --instance {uid}"));
+    let files = support::files_under(out.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    support::read_part10(&files[0]).expect("export writes a Part 10 file")
+}
+
+/// Every storage instance of pydicom's corpus, sent exactly as stored, one file after the other
+/// (variants of one SOP Instance become versions), exported right after it was stored, and again
+/// after a restart for the latest versions.
+#[test]
+fn pydicom_corpus_round_trips_byte_for_byte() {
+    let corpus = support::pydicom_corpus();
+    assert!(corpus.len() >= 50, "pydicom's corpus is missing or small ({} files); CI installs pydicom", corpus.len());
+    let mut node = Node::start();
+    let mut latest: HashMap<String, Part10> = HashMap::new();
+    let mut failures = Vec::new();
+    for file in &corpus {
+        let res = node.send_exact(std::slice::from_ref(&file.path));
+        match res.first() {
+            Some((Some(0), _)) => {}
+            other => {
+                failures.push(format!("{}: {:?}", file.path.display(), other));
+                continue;
+            }
+        }
+        let got = export_instance(&node, &file.sop_instance_uid);
+        assert_eq!(got.transfer_syntax, file.transfer_syntax, "{}", file.path.display());
+        assert!(got.dataset == file.dataset, "{}: exported data set differs from what was sent", file.path.display());
+        latest.insert(file.sop_instance_uid.clone(), file.clone());
+    }
+    assert!(failures.is_empty(), "instances not accepted:\n{}\n{}", failures.join("\n"), node.log());
+    node.restart();
+    for (uid, file) in &latest {
+        let got = export_instance(&node, uid);
+        assert!(got.dataset == file.dataset, "{} after restart", file.path.display());
+    }
+    eprintln!("pydicom corpus: {} files, {} distinct instances, all byte-identical", corpus.len(), latest.len());
+}
+
+/// DCMTK's storescu sends each corpus file it can read; whatever it sent in the file's own
+/// transfer syntax must come back byte for byte.
+#[test]
+fn pydicom_corpus_through_dcmtk_storescu() {
+    let corpus = support::pydicom_corpus();
+    assert!(corpus.len() >= 50, "pydicom's corpus is missing ({} files)", corpus.len());
+    let node = Node::start();
+    let (mut same, mut converted, mut refused_by_dcmtk) = (0, 0, Vec::new());
+    for file in &corpus {
+        // -R: propose only what the file needs, so storescu sends the file's own syntax.
+        let out = node.storescu(&["-R"], std::slice::from_ref(&file.path));
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            // storescu could not read or encode the file: it never reached us.
+            assert!(!text.contains("Status: 0x"), "{}: {text}", file.path.display());
+            refused_by_dcmtk.push(file.path.display().to_string());
+            continue;
+        }
+        let got = export_instance(&node, &file.sop_instance_uid);
+        if got.transfer_syntax == file.transfer_syntax && got.dataset == file.dataset {
+            same += 1;
+        } else {
+            converted += 1;
+            assert_ne!(
+                got.transfer_syntax, file.transfer_syntax,
+                "{}: same syntax but different bytes — what DCMTK sent must come back unchanged",
+                file.path.display()
+            );
+        }
+    }
+    eprintln!(
+        "storescu: {same} byte-identical, {converted} converted by DCMTK to another syntax, {} not sent by DCMTK: {refused_by_dcmtk:?}",
+        refused_by_dcmtk.len()
+    );
+    assert!(same >= 40, "only {same} files came back identical");
+}
+
+fn assert_series_round_trip(node: &Node, files: &[PathBuf], study_uid: &str) {
+    let out = tempfile::tempdir().unwrap();
+    let o = node.export(&["--study", study_uid], out.path());
+    assert_ok(&o, "export --study");
+    let exported: HashMap<String, Part10> = support::files_under(out.path())
+        .iter()
+        .map(|p| support::read_part10(p).unwrap())
+        .map(|p| (p.sop_instance_uid.clone(), p))
+        .collect();
+    assert_eq!(exported.len(), files.len());
+    for f in files {
+        let sent = support::read_part10(f).unwrap();
+        let got = &exported[&sent.sop_instance_uid];
+        assert_eq!(got.transfer_syntax, sent.transfer_syntax);
+        assert!(got.dataset == sent.dataset, "{} differs", f.display());
+    }
+}
+
+/// Runs the CT + MR series round trip against a node: 1000 CT 512×512 over one association,
+/// an MR series in implicit VR, restart, export each study.
+pub fn ct_and_mr_series_round_trip(node: &mut Node) {
+    let src = tempfile::tempdir().unwrap();
+    let ct = support::make_series(&src.path().join("ct"), "CT", 1000, 512, &[]);
+    let mr = support::make_series(&src.path().join("mr"), "MR", 50, 256, &["--syntax", "implicit"]);
+    assert_ok(&node.storescu(&["+sd", "+r"], &[src.path().join("ct")]), "storescu CT");
+    // -xi: implicit VR only, so storescu sends the MR files in their own syntax.
+    assert_ok(&node.storescu(&["-xi"], &mr), "storescu MR");
+    node.restart();
+    assert_series_round_trip(node, &ct, &dicom_study_uid(&ct[0]));
+    assert_series_round_trip(node, &mr, &dicom_study_uid(&mr[0]));
+}
+
+#[test]
+fn ct_and_mr_series_round_trip_on_the_fs_backend() {
+    let mut node = Node::start();
+    ct_and_mr_series_round_trip(&mut node);
+    let log = node.log();
+    assert!(!log.contains("DOE^JOHN") && !log.contains("PID0001"), "patient data in the log");
+}
+
+#[test]
+fn resends_and_new_versions() {
+    let node = Node::start();
+    let src = tempfile::tempdir().unwrap();
+    let files = support::make_series(src.path(), "CT", 1, 32, &[]);
+    let original = support::read_part10(&files[0]).unwrap();
+    assert_eq!(node.send_exact(&files)[0].0, Some(0));
+    assert_eq!(node.send_exact(&files)[0].0, Some(0), "identical re-send is a success");
+    let objects = |n: &Node| {
+        support::files_under(&n.dir.join("objects"))
+            .into_iter()
+            .filter(|p| !p.starts_with(n.dir.join("objects/tmp")))
+            .count()
+    };
+    assert_eq!(objects(&node), 1, "an identical re-send stores no second object");
+    // Same SOP Instance UID, different pixels: a new version, and export returns it.
+    let mut changed = std::fs::read(&files[0]).unwrap();
+    let n = changed.len();
+    changed[n - 1] ^= 0x55;
+    let changed_path = src.path().join("changed.dcm");
+    std::fs::write(&changed_path, &changed).unwrap();
+    assert_eq!(node.send_exact(std::slice::from_ref(&changed_path))[0].0, Some(0));
+    assert_eq!(objects(&node), 2, "the first version's pixels stay (history)");
+    let got = export_instance(&node, &original.sop_instance_uid);
+    assert_eq!(got.dataset, support::read_part10(&changed_path).unwrap().dataset);
+}
+
+#[test]
+fn no_patient_identifiers_reach_the_object_store() {
+    let node = Node::start();
+    let src = tempfile::tempdir().unwrap();
+    let files = support::make_series(
+        src.path(),
+        "MR",
+        5,
+        64,
+        &["--patient-name", "SECRETARY^WILHELMINA", "--patient-id", "PID-7734-XQ"],
+    );
+    assert_ok(&node.storescu(&[], &files), "storescu");
+    let sent = support::read_part10(&files[0]).unwrap();
+    let study_uid = dicom_study_uid(&files[0]);
+    assert_no_identifiers(&node.dir.join("objects"), &[b"SECRETARY", b"WILHELMINA", b"PID-7734-XQ", study_uid.as_bytes(), sent.sop_instance_uid.as_bytes()]);
+}
+
+/// No object name or body under `root` contains any of `needles`.
+pub fn assert_no_identifiers(root: &Path, needles: &[&[u8]]) {
+    let objects = support::files_under(root);
+    assert!(!objects.is_empty());
+    for p in &objects {
+        let name = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        let body = std::fs::read(p).unwrap();
+        for n in needles {
+            assert!(!name.as_bytes().windows(n.len()).any(|w| w == *n), "identifier in object name {name}");
+            assert!(!body.windows(n.len()).any(|w| w == *n), "identifier {:?} in object {name}", String::from_utf8_lossy(n));
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The S3 backend against a real S3 server over HTTP (s3s-fs, in-process on an ephemeral port).
+
+use std::time::{Duration, Instant};
+
+use crate::roundtrip::{assert_no_identifiers, ct_and_mr_series_round_trip};
+use crate::support::{self, assert_ok, s3server::S3Server, Node};
+
+fn s3_node(server: &S3Server, timeout_secs: &str) -> Node {
+    Node::start_with_env(&[
+        ("DICOMCHAIN__STORE__BACKEND", "s3"),
+        ("DICOMCHAIN__STORE__S3__ENDPOINT", &server.endpoint),
+        ("DICOMCHAIN__STORE__S3__BUCKET", &server.bucket),
+        ("DICOMCHAIN__STORE__S3__ACCESS_KEY", &server.access_key),
+        ("DICOMCHAIN__STORE__S3__SECRET_KEY", &server.secret_key),
+        ("DICOMCHAIN__STORE__TIMEOUT_SECS", timeout_secs),
+    ])
+}
+
+#[test]
+fn ct_and_mr_series_round_trip_on_the_s3_backend() {
+    let root = tempfile::tempdir().unwrap();
+    let server = S3Server::start(root.path());
+    let mut node = s3_node(&server, "30");
+    ct_and_mr_series_round_trip(&mut node);
+    assert_eq!(server.object_names().len(), 1050, "one object per instance");
+    // Nothing went to the local object directory.
+    assert!(support::files_under(&node.dir.join("objects")).is_empty());
+}
+
+#[test]
+fn s3_objects_carry_no_patient_identifiers() {
+    let root = tempfile::tempdir().unwrap();
+    let server = S3Server::start(root.path());
+    let node = s3_node(&server, "30");
+    let src = tempfile::tempdir().unwrap();
+    let files = support::make_series(src.path(), "CT", 4, 64, &["--patient-name", "QUIXOTE^ALONSO", "--patient-id", "PID-99-ZZ"]);
+    assert_ok(&node.storescu(&[], &files), "storescu");
+    let names = server.object_names();
+    assert_eq!(names.len(), 4);
+    assert_no_identifiers(server.root(), &[b"QUIXOTE", b"ALONSO", b"PID-99-ZZ"]);
+}
+
+#[test]
+fn an_unreachable_object_store_fails_with_a700_promptly_and_the_node_recovers() {
+    let root = tempfile::tempdir().unwrap();
+    let mut server = S3Server::start(root.path());
+    let node = s3_node(&server, "3");
+    let src = tempfile::tempdir().unwrap();
+    let files = support::make_series(src.path(), "CT", 3, 64, &[]);
+    server.stop();
+    let started = Instant::now();
+    let res = node.send_exact(&files[..1]);
+    let took = started.elapsed();
+    assert_eq!(res[0].0, Some(0xA700), "{res:?}\n{}", node.log());
+    assert!(took < Duration::from_secs(20), "A700 took {took:?}");
+    assert_ok(&node.echoscu(), "echoscu while the store is down");
+    server.restart();
+    let res = node.send_exact(&files);
+    assert!(res.iter().all(|(s, _)| *s == Some(0)), "{res:?}\n{}", node.log());
+    let out = tempfile::tempdir().unwrap();
+    let uid = support::read_part10(&files[0]).unwrap().sop_instance_uid;
+    assert_ok(&node.export(&["--instance", &uid], out.path()), "export after recovery");
+}

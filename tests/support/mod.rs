@@ -1,0 +1,315 @@
+//! The shared test harness: runs the real `dicomchain` binary on a free port in a temp
+//! directory, and drives it with real DICOM clients (DCMTK, pynetdicom) and the real CLI.
+
+#![allow(dead_code)]
+
+pub mod s3server;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const AE: &str = "DICOMCHAIN";
+
+/// A running node (the real binary) with its own state directory.
+pub struct Node {
+    pub port: u16,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    starts: u32,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Node {
+    /// Starts a node on the embedded default backend.
+    pub fn start() -> Node {
+        Node::start_with_env(&[])
+    }
+
+    /// Starts a node with `DICOMCHAIN__…` overrides in its environment.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Node {
+        let tmp = tempfile::Builder::new().prefix("dicomchain-test-").tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let port = free_port();
+        std::fs::write(
+            dir.join("dicomchain.toml"),
+            format!(
+                "[node]\nlisten = \"127.0.0.1:{port}\"\ndrain_timeout_secs = 10\n[ledger]\npath = \"{}\"\n[store.fs]\nroot = \"{}\"\n",
+                dir.join("ledger").display(),
+                dir.join("objects").display()
+            ),
+        )
+        .unwrap();
+        let mut node = Node {
+            port,
+            dir,
+            _tmp: Some(tmp),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            child: None,
+            starts: 0,
+        };
+        node.spawn();
+        node
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("dicomchain.toml")
+    }
+
+    fn log_path(&self, n: u32) -> PathBuf {
+        self.dir.join(format!("node-{n}.log"))
+    }
+
+    /// Everything the node has logged, across restarts.
+    pub fn log(&self) -> String {
+        (1..=self.starts)
+            .map(|n| std::fs::read_to_string(self.log_path(n)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_dicomchain"));
+        c.arg("--config").arg(self.config_path()).current_dir(&self.dir);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path(self.starts)).unwrap();
+        let child = self
+            .command()
+            .arg("serve")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dicomchain");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default();
+            if text.contains("listening") {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("node exited at start ({status}):\n{text}");
+            }
+            assert!(Instant::now() < deadline, "node did not start:\n{text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert!(status.success(), "node exited with {status}:\n{}", self.log());
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("node did not stop within 60 s:\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Runs `dicomchain export <args> --out <out>`.
+    pub fn export(&self, args: &[&str], out: &Path) -> Output {
+        self.command().arg("export").args(args).arg("--out").arg(out).output().unwrap()
+    }
+
+    pub fn echoscu(&self) -> Output {
+        Command::new("/usr/bin/echoscu")
+            .args(["-aec", AE, "127.0.0.1", &self.port.to_string()])
+            .output()
+            .expect("run /usr/bin/echoscu (apt-get install dcmtk)")
+    }
+
+    /// DCMTK storescu over one association; `extra` are storescu options.
+    pub fn storescu(&self, extra: &[&str], files: &[PathBuf]) -> Output {
+        Command::new("/usr/bin/storescu")
+            .args(["-aec", AE, "-aet", "STORESCU"])
+            .args(extra)
+            .arg("127.0.0.1")
+            .arg(self.port.to_string())
+            .args(files)
+            .output()
+            .expect("run /usr/bin/storescu (apt-get install dcmtk)")
+    }
+
+    /// pynetdicom, sending each file's data set exactly as stored. Returns (status, path) pairs.
+    pub fn send_exact(&self, files: &[PathBuf]) -> Vec<(Option<u16>, PathBuf)> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/send_exact.py");
+        let out = Command::new("python3")
+            .arg(script)
+            .args(["127.0.0.1", &self.port.to_string(), AE])
+            .args(files)
+            .output()
+            .expect("run python3");
+        assert!(out.status.success(), "send_exact.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (code, rest) = l.split_once(' ')?;
+                let path = rest.split(' ').next()?;
+                Some((u16::from_str_radix(code, 16).ok(), PathBuf::from(path)))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Part 10 file, split into what matters for comparisons.
+#[derive(Debug, Clone)]
+pub struct Part10 {
+    pub path: PathBuf,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub transfer_syntax: String,
+    /// The data set bytes after the File Meta Information group.
+    pub dataset: Vec<u8>,
+}
+
+fn trim(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).trim_end_matches(['\0', ' ']).to_string()
+}
+
+/// Reads a Part 10 file (PS3.10 §7.1): preamble, "DICM", group 0002 in Explicit VR LE.
+pub fn read_part10(path: &Path) -> Option<Part10> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path).ok()?.read_to_end(&mut bytes).ok()?;
+    if bytes.len() < 132 || &bytes[128..132] != b"DICM" {
+        return None;
+    }
+    let mut pos = 132;
+    let (mut sop_class_uid, mut sop_instance_uid, mut transfer_syntax) = (None, None, None);
+    while pos + 8 <= bytes.len() && u16::from_le_bytes([bytes[pos], bytes[pos + 1]]) == 2 {
+        let elem = u16::from_le_bytes([bytes[pos + 2], bytes[pos + 3]]);
+        let vr = &bytes[pos + 4..pos + 6];
+        let (len, header) = if matches!(vr, b"OB" | b"OW" | b"UN" | b"SQ" | b"UT" | b"UC" | b"UR") {
+            (u32::from_le_bytes(bytes.get(pos + 8..pos + 12)?.try_into().ok()?) as usize, 12)
+        } else {
+            (u16::from_le_bytes([bytes[pos + 6], bytes[pos + 7]]) as usize, 8)
+        };
+        let value = bytes.get(pos + header..pos + header + len)?;
+        match elem {
+            0x0002 => sop_class_uid = Some(trim(value)),
+            0x0003 => sop_instance_uid = Some(trim(value)),
+            0x0010 => transfer_syntax = Some(trim(value)),
+            _ => {}
+        }
+        pos += header + len;
+    }
+    Some(Part10 {
+        path: path.to_path_buf(),
+        sop_class_uid: sop_class_uid?,
+        sop_instance_uid: sop_instance_uid?,
+        transfer_syntax: transfer_syntax?,
+        dataset: bytes[pos..].to_vec(),
+    })
+}
+
+/// pydicom's test corpus: every Part 10 file of a Storage SOP Class under `test_files` and
+/// `charset_files`. Empty when pydicom is not installed (CI installs it).
+pub fn pydicom_corpus() -> Vec<Part10> {
+    let out = Command::new("python3")
+        .args(["-c", "import pydicom, os; print(os.path.dirname(pydicom.__file__))"])
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    if !out.status.success() {
+        return Vec::new();
+    }
+    let root = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("data");
+    let mut files = Vec::new();
+    for sub in ["test_files", "charset_files"] {
+        walk(&root.join(sub), &mut files);
+    }
+    files.sort();
+    files
+        .iter()
+        .filter_map(|p| read_part10(p))
+        .filter(|p| dicomchain::dimse::negotiate::is_storage_sop_class(&p.sop_class_uid))
+        .collect()
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            walk(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+/// Generates a synthetic series with tests/support/make_series.py.
+pub fn make_series(out: &Path, modality: &str, count: usize, size: usize, extra: &[&str]) -> Vec<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/make_series.py");
+    let st = Command::new("python3")
+        .arg(script)
+        .arg(out)
+        .args(["--modality", modality, "--count", &count.to_string()])
+        .args(["--rows", &size.to_string(), "--cols", &size.to_string()])
+        .args(extra)
+        .status()
+        .expect("python3");
+    assert!(st.success(), "make_series.py failed");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(out).unwrap().flatten().map(|e| e.path()).collect();
+    files.sort();
+    files
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    walk(dir, &mut v);
+    v.sort();
+    v
+}
+
+/// Asserts a process succeeded, showing its output otherwise.
+pub fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,9 @@
+//! dicomchain's integration tests: one binary, real sockets, real DICOM clients (DCMTK's
+//! echoscu/storescu, pynetdicom), the real `dicomchain` binary and a real S3 server over HTTP.
+
+mod support;
+
+mod cli;
+mod network;
+mod roundtrip;
+mod s3;
