@@ -33,8 +33,6 @@ pub enum IngestError {
     Deflate(String),
     #[error("SOP Class UID {dataset} in the data set differs from {command} in the command")]
     SopClassMismatch { command: String, dataset: String },
-    #[error("SOP Instance UID in the data set differs from the command's")]
-    SopInstanceMismatch,
     #[error("object store: {0}")]
     Store(#[from] StoreError),
     #[error("ledger: {0}")]
@@ -214,7 +212,7 @@ impl Incoming {
             dataset_sha256: self.dataset_hash.finalize().into(),
             meta: self.meta,
         };
-        let attrs = match index_record(&record) {
+        let attrs = match index_record(&record, (&ctx.sop_class_uid, &ctx.sop_instance_uid)) {
             Ok(a) => a,
             Err(e) => return Err((e, upload)),
         };
@@ -226,7 +224,9 @@ impl Incoming {
             return Err((e, upload));
         }
         if attrs.sop_instance_uid != ctx.sop_instance_uid {
-            return Err((IngestError::SopInstanceMismatch, upload));
+            // Real files carry a File Meta SOP Instance UID that differs from the data set's, and
+            // senders put the former in the command. The data set is what is stored and indexed.
+            tracing::warn!("SOP Instance UID of the data set differs from the command's; indexing the data set's");
         }
         record.sop_class_uid = attrs.sop_class_uid.clone();
         record.sop_instance_uid = attrs.sop_instance_uid.clone();
@@ -266,14 +266,15 @@ impl Incoming {
     }
 }
 
-/// Reads the index attributes of a record (inflating a deflated data set first).
-pub fn index_record(record: &MetadataRecord) -> Result<IndexAttrs, IngestError> {
-    match record.layout {
-        Layout::Split => Ok(instance::index_attrs(record.indexable_prefix(), &record.transfer_syntax)?),
-        Layout::Whole => {
+/// Reads the index attributes of a record (inflating a deflated data set first). `fallback` is
+/// the command's (SOP Class UID, SOP Instance UID), used where the data set lacks them.
+pub fn index_record(record: &MetadataRecord, fallback: (&str, &str)) -> Result<IndexAttrs, IngestError> {
+    match Encoding::from_transfer_syntax(&record.transfer_syntax) {
+        Some(enc) => Ok(instance::index_attrs(record.indexable_prefix(), enc, fallback)?),
+        None => {
             let inflated = inflate(&record.meta)?;
             // The inflated form is Explicit VR Little Endian (PS3.5 §A.5).
-            Ok(instance::index_attrs(&inflated, "1.2.840.10008.1.2.1")?)
+            Ok(instance::index_attrs(&inflated, Encoding::ExplicitLittle, fallback)?)
         }
     }
 }

@@ -201,30 +201,176 @@ pub enum ParseError {
     Missing(&'static str),
 }
 
-/// Parses the indexable prefix of a data set in the given transfer syntax.
-pub fn index_attrs(prefix: &[u8], transfer_syntax: &str) -> Result<IndexAttrs, ParseError> {
-    use dicom_dictionary_std::tags;
-    use dicom_encoding::TransferSyntaxIndex;
-    use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+/// Tags read for the index, as (group << 16 | element), ascending.
+const SOP_CLASS_UID: u32 = 0x0008_0016;
+const SOP_INSTANCE_UID: u32 = 0x0008_0018;
+const PATIENT_ID: u32 = 0x0010_0020;
+const STUDY_INSTANCE_UID: u32 = 0x0020_000D;
+const SERIES_INSTANCE_UID: u32 = 0x0020_000E;
+/// Deepest sequence nesting we follow; deeper is refused rather than risking the stack.
+const MAX_DEPTH: usize = 64;
 
-    let ts = TransferSyntaxRegistry
-        .get(transfer_syntax)
-        .ok_or_else(|| ParseError::Parse(format!("unknown transfer syntax {transfer_syntax}")))?;
-    let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(prefix, ts)
-        .map_err(|e| ParseError::Parse(e.to_string()))?;
-    let text = |tag| -> Option<String> {
-        obj.get(tag)
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim_end_matches(['\0', ' ']).trim_start().to_string())
+/// Reads the index attributes from the indexable prefix of a data set.
+///
+/// A small top-level scanner over the received bytes rather than a full parse: it reads only up
+/// to the last attribute it needs, skips sequences structurally, and copes with whatever a real
+/// sender puts before them (UN-encoded sequences, private sequences) — a general-purpose parser
+/// would be slower and would refuse instances the splitter has already proven well-formed.
+/// SOP Class and SOP Instance UID missing from the data set are taken from the command.
+pub fn index_attrs(prefix: &[u8], encoding: crate::split::Encoding, fallback: (&str, &str)) -> Result<IndexAttrs, ParseError> {
+    let wanted = [SOP_CLASS_UID, SOP_INSTANCE_UID, PATIENT_ID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID];
+    let mut found: Vec<(u32, &[u8])> = Vec::new();
+    let scanner = Scanner { b: prefix, big: encoding == crate::split::Encoding::ExplicitBig };
+    let explicit = encoding != crate::split::Encoding::ImplicitLittle;
+    let mut pos = 0;
+    while pos < prefix.len() {
+        let h = scanner.header(pos, explicit)?;
+        if h.tag > SERIES_INSTANCE_UID {
+            break;
+        }
+        pos = match h.length {
+            None => scanner.skip_sequence(h.value_start, !h.un && explicit, 1)?,
+            Some(len) => {
+                let end = h.value_start.checked_add(len).filter(|e| *e <= prefix.len()).ok_or_else(|| {
+                    ParseError::Parse(format!("element ({:04X},{:04X}) runs past the data set", h.tag >> 16, h.tag & 0xFFFF))
+                })?;
+                if wanted.contains(&h.tag) {
+                    found.push((h.tag, &prefix[h.value_start..end]));
+                }
+                end
+            }
+        };
+    }
+    let text = |tag: u32| -> String {
+        found
+            .iter()
+            .find(|(t, _)| *t == tag)
+            .map(|(_, v)| String::from_utf8_lossy(v).trim_end_matches(['\0', ' ']).trim_start().to_string())
+            .unwrap_or_default()
     };
-    let required = |tag, what| text(tag).filter(|s| !s.is_empty()).ok_or(ParseError::Missing(what));
-    Ok(IndexAttrs {
-        sop_class_uid: required(tags::SOP_CLASS_UID, "SOP Class UID (0008,0016)")?,
-        sop_instance_uid: required(tags::SOP_INSTANCE_UID, "SOP Instance UID (0008,0018)")?,
-        study_instance_uid: text(tags::STUDY_INSTANCE_UID).unwrap_or_default(),
-        series_instance_uid: text(tags::SERIES_INSTANCE_UID).unwrap_or_default(),
-        patient_id: text(tags::PATIENT_ID).unwrap_or_default(),
-    })
+    let or = |v: String, f: &str| if v.is_empty() { f.to_string() } else { v };
+    let attrs = IndexAttrs {
+        sop_class_uid: or(text(SOP_CLASS_UID), fallback.0),
+        sop_instance_uid: or(text(SOP_INSTANCE_UID), fallback.1),
+        study_instance_uid: text(STUDY_INSTANCE_UID),
+        series_instance_uid: text(SERIES_INSTANCE_UID),
+        patient_id: text(PATIENT_ID),
+    };
+    if attrs.sop_class_uid.is_empty() {
+        return Err(ParseError::Missing("SOP Class UID (0008,0016)"));
+    }
+    if attrs.sop_instance_uid.is_empty() {
+        return Err(ParseError::Missing("SOP Instance UID (0008,0018)"));
+    }
+    Ok(attrs)
+}
+
+struct Header {
+    tag: u32,
+    /// `None` for undefined length.
+    length: Option<usize>,
+    value_start: usize,
+    /// Explicit VR UN: an undefined-length value is Implicit VR LE inside (PS3.5 §6.2.2).
+    un: bool,
+}
+
+struct Scanner<'a> {
+    b: &'a [u8],
+    big: bool,
+}
+
+impl Scanner<'_> {
+    fn bytes<const N: usize>(&self, pos: usize) -> Result<[u8; N], ParseError> {
+        self.b
+            .get(pos..pos + N)
+            .and_then(|s| s.try_into().ok())
+            .ok_or_else(|| ParseError::Parse(format!("data set truncated at byte {pos}")))
+    }
+
+    fn u16(&self, pos: usize, big: bool) -> Result<u16, ParseError> {
+        let b = self.bytes::<2>(pos)?;
+        Ok(if big { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) })
+    }
+
+    fn u32(&self, pos: usize, big: bool) -> Result<u32, ParseError> {
+        let b = self.bytes::<4>(pos)?;
+        Ok(if big { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) })
+    }
+
+    fn tag(&self, pos: usize, big: bool) -> Result<u32, ParseError> {
+        Ok((u32::from(self.u16(pos, big)?) << 16) | u32::from(self.u16(pos + 2, big)?))
+    }
+
+    /// An element header (PS3.5 §7.1). `explicit` and the byte order are those of the current
+    /// nesting level (inside an explicit UN sequence it is Implicit VR LE).
+    fn header(&self, pos: usize, explicit: bool) -> Result<Header, ParseError> {
+        self.header_in(pos, explicit, self.big && explicit)
+    }
+
+    fn header_in(&self, pos: usize, explicit: bool, big: bool) -> Result<Header, ParseError> {
+        let tag = self.tag(pos, big)?;
+        if tag >> 16 == 0xFFFE {
+            return Err(ParseError::Parse(format!("unexpected item tag at byte {pos}")));
+        }
+        let (len, value_start, un) = if explicit {
+            let vr = self.bytes::<2>(pos + 4)?;
+            let long = matches!(&vr, b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV");
+            if long {
+                (self.u32(pos + 8, big)?, pos + 12, &vr == b"UN")
+            } else {
+                (u32::from(self.u16(pos + 6, big)?), pos + 8, false)
+            }
+        } else {
+            (self.u32(pos + 4, big)?, pos + 8, false)
+        };
+        Ok(Header {
+            tag,
+            length: (len != u32::MAX).then_some(len as usize),
+            value_start,
+            un,
+        })
+    }
+
+    /// Skips the items of an undefined-length sequence starting at `pos`; returns the position
+    /// after its sequence delimitation item.
+    fn skip_sequence(&self, mut pos: usize, explicit: bool, depth: usize) -> Result<usize, ParseError> {
+        if depth > MAX_DEPTH {
+            return Err(ParseError::Parse("sequences nested too deeply".into()));
+        }
+        // Implicit content (UN) is always little endian.
+        let big = self.big && explicit;
+        loop {
+            let tag = self.tag(pos, big)?;
+            let len = self.u32(pos + 4, big)?;
+            match tag {
+                0xFFFE_E0DD => return Ok(pos + 8),
+                0xFFFE_E000 if len == u32::MAX => pos = self.skip_item(pos + 8, explicit, depth)?,
+                0xFFFE_E000 => pos = pos + 8 + len as usize,
+                _ => return Err(ParseError::Parse(format!("expected an item at byte {pos}"))),
+            }
+            if pos > self.b.len() {
+                return Err(ParseError::Parse("item runs past the data set".into()));
+            }
+        }
+    }
+
+    /// Skips the elements of an undefined-length item up to and including its delimiter.
+    fn skip_item(&self, mut pos: usize, explicit: bool, depth: usize) -> Result<usize, ParseError> {
+        let big = self.big && explicit;
+        loop {
+            if self.tag(pos, big)? == 0xFFFE_E00D {
+                return Ok(pos + 8);
+            }
+            let h = self.header_in(pos, explicit, big)?;
+            pos = match h.length {
+                None => self.skip_sequence(h.value_start, !h.un && explicit, depth + 1)?,
+                Some(len) => h.value_start + len,
+            };
+            if pos > self.b.len() {
+                return Err(ParseError::Parse("element runs past the data set".into()));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -274,6 +420,98 @@ mod tests {
         assert_ne!(object_name(&ka), object_name(&kb));
         assert_eq!(object_name(&ka).len(), 64);
         assert_ne!(object_name(&ka), hex::encode(ka));
+    }
+
+    use crate::split::Encoding;
+
+    /// An element in little or big endian, explicit or implicit VR.
+    fn el(tag: u32, vr: &[u8; 2], value: &[u8], enc: Encoding) -> Vec<u8> {
+        let big = enc == Encoding::ExplicitBig;
+        let u16b = |v: u16| if big { v.to_be_bytes() } else { v.to_le_bytes() };
+        let u32b = |v: u32| if big { v.to_be_bytes() } else { v.to_le_bytes() };
+        let mut out = Vec::new();
+        out.extend_from_slice(&u16b((tag >> 16) as u16));
+        out.extend_from_slice(&u16b(tag as u16));
+        match enc {
+            Encoding::ImplicitLittle => out.extend_from_slice(&u32b(value.len() as u32)),
+            _ if matches!(vr, b"SQ" | b"UN" | b"OB") => {
+                out.extend_from_slice(vr);
+                out.extend_from_slice(&[0, 0]);
+                out.extend_from_slice(&u32b(value.len() as u32));
+            }
+            _ => {
+                out.extend_from_slice(vr);
+                out.extend_from_slice(&u16b(value.len() as u16));
+            }
+        }
+        out.extend_from_slice(value);
+        out
+    }
+
+    fn undefined_sequence(tag: u32, vr: &[u8; 2], items: &[u8], enc: Encoding) -> Vec<u8> {
+        let mut s = el(tag, vr, &[], enc);
+        let n = s.len();
+        s[n - 4..].copy_from_slice(&[0xFF; 4]);
+        // one undefined-length item with the given (little endian) content, then delimiters
+        s.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        s.extend_from_slice(items);
+        s.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        s.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        s
+    }
+
+    fn sample(enc: Encoding) -> Vec<u8> {
+        [
+            el(0x0008_0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2\0", enc),
+            el(0x0008_0018, b"UI", b"1.2.3.4", enc),
+            el(0x0010_0020, b"LO", b"PID ", enc),
+            el(0x0020_000D, b"UI", b"1.2.3.5\0", enc),
+            el(0x0020_000E, b"UI", b"1.2.3.6\0", enc),
+            el(0x0028_0010, b"US", &[0, 2], enc),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn index_attributes_in_every_encoding() {
+        for enc in [Encoding::ImplicitLittle, Encoding::ExplicitLittle, Encoding::ExplicitBig] {
+            let a = index_attrs(&sample(enc), enc, ("", "")).unwrap();
+            assert_eq!(a.sop_class_uid, "1.2.840.10008.5.1.4.1.1.2", "{enc:?}");
+            assert_eq!(a.sop_instance_uid, "1.2.3.4");
+            assert_eq!(a.patient_id, "PID");
+            assert_eq!(a.study_instance_uid, "1.2.3.5");
+            assert_eq!(a.series_instance_uid, "1.2.3.6");
+        }
+    }
+
+    #[test]
+    fn sequences_before_the_attributes_are_skipped() {
+        // An explicit UN sequence of undefined length holds Implicit VR LE items, even in a
+        // big endian data set (PS3.5 §6.2.2); a nested SQ holds explicit ones.
+        let implicit_item = el(0x0008_1150, b"UI", b"9.9\0", Encoding::ImplicitLittle);
+        for enc in [Encoding::ExplicitLittle, Encoding::ExplicitBig] {
+            let mut ds = el(0x0008_0016, b"UI", b"1.2\0", enc);
+            ds.extend(undefined_sequence(0x0008_0017, b"UN", &implicit_item, enc));
+            ds.extend(el(0x0008_0018, b"UI", b"7.7\0", enc));
+            let a = index_attrs(&ds, enc, ("", "")).unwrap();
+            assert_eq!(a.sop_instance_uid, "7.7", "{enc:?}");
+        }
+        let mut ds = el(0x0008_0016, b"UI", b"1.2\0", Encoding::ExplicitLittle);
+        let inner = el(0x0008_1150, b"UI", b"9.9\0", Encoding::ExplicitLittle);
+        ds.extend(undefined_sequence(0x0008_1140, b"SQ", &inner, Encoding::ExplicitLittle));
+        ds.extend(el(0x0008_0018, b"UI", b"7.7\0", Encoding::ExplicitLittle));
+        assert_eq!(index_attrs(&ds, Encoding::ExplicitLittle, ("", "")).unwrap().sop_instance_uid, "7.7");
+    }
+
+    #[test]
+    fn missing_uids_come_from_the_command_or_fail() {
+        let enc = Encoding::ExplicitLittle;
+        let ds = el(0x0010_0020, b"LO", b"PID ", enc);
+        let a = index_attrs(&ds, enc, ("1.2.840.10008.5.1.4.1.1.7", "5.6")).unwrap();
+        assert_eq!((a.sop_class_uid.as_str(), a.sop_instance_uid.as_str()), ("1.2.840.10008.5.1.4.1.1.7", "5.6"));
+        assert!(matches!(index_attrs(&ds, enc, ("", "")), Err(ParseError::Missing(_))));
+        let truncated = &sample(enc)[..20];
+        assert!(matches!(index_attrs(truncated, enc, ("1", "2")), Err(ParseError::Parse(_))));
     }
 
     #[test]

@@ -161,8 +161,10 @@ fn bad_data_sets_get_failure_statuses_and_the_association_stays_usable() {
     write_part10(&p("a.dcm"), CT, "1.2.3.4.1", &truncated);
     // 2. Command says CT, data set says MR: A900.
     write_part10(&p("b.dcm"), CT, "1.2.3.4.2", &dataset(MR, "1.2.3.4.2"));
-    // 3. A data set without a SOP Instance UID: C000-range.
-    write_part10(&p("c.dcm"), CT, "1.2.3.4.3", &ex(0x0008, 0x0016, b"UI", CT.as_bytes()));
+    // 3. An element with an invalid VR: C000-range.
+    let mut bad_vr = dataset(CT, "1.2.3.4.3");
+    bad_vr.extend_from_slice(&[0x28, 0x00, 0x10, 0x00, b'Z', b'Z', 0x02, 0x00, 0x00, 0x02]);
+    write_part10(&p("c.dcm"), CT, "1.2.3.4.3", &bad_vr);
     // 4. A good one, on the same association, afterwards.
     write_part10(&p("d.dcm"), CT, "1.2.3.4.4", &dataset(CT, "1.2.3.4.4"));
     let files = vec![p("a.dcm"), p("b.dcm"), p("c.dcm"), p("d.dcm")];

@@ -15,8 +15,6 @@ pub const OUT_OF_RESOURCES: u16 = 0xA700;
 pub const DATA_SET_DOES_NOT_MATCH_SOP_CLASS: u16 = 0xA900;
 /// PS3.4 §B.2.3: Error: Cannot understand (C000–CFFF).
 pub const CANNOT_UNDERSTAND: u16 = 0xC000;
-/// Cannot understand: the data set's SOP Instance UID is not the command's.
-pub const SOP_INSTANCE_MISMATCH: u16 = 0xC001;
 
 /// PS3.7 §C.4: Error Comment is LO, at most 64 characters.
 pub const ERROR_COMMENT_MAX: usize = 64;
@@ -42,7 +40,6 @@ pub fn store_failure(e: &IngestError) -> Failure {
     let status = match e {
         IngestError::Split(_) | IngestError::Parse(_) | IngestError::Deflate(_) => CANNOT_UNDERSTAND,
         IngestError::SopClassMismatch { .. } => DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-        IngestError::SopInstanceMismatch => SOP_INSTANCE_MISMATCH,
         IngestError::Store(_) => OUT_OF_RESOURCES,
         IngestError::Ledger(LedgerError::ReadOnly) => OUT_OF_RESOURCES,
         IngestError::Ledger(_) => OUT_OF_RESOURCES,
