@@ -24,14 +24,17 @@ const DELIBERATELY_BROKEN: &[(&str, &str)] = &[
     ("SC_rgb_jpeg.dcm", "declares JPEG Baseline (explicit VR) but its data set is implicit VR"),
 ];
 
-/// The SOP Instance UID in the data set (the File Meta's may differ), read by pydicom.
+/// The SOP Instance UID the node indexes: the data set's (the File Meta's may differ), read by
+/// pydicom.
 fn dataset_uid(file: &Part10) -> String {
     let out = std::process::Command::new("python3")
-        .args(["-c", "import sys, pydicom; print(pydicom.dcmread(sys.argv[1], stop_before_pixels=True, force=True).SOPInstanceUID)"])
+        .args(["-c", "import sys, pydicom; print(getattr(pydicom.dcmread(sys.argv[1], stop_before_pixels=True, force=True), 'SOPInstanceUID', ''))"])
         .arg(&file.path)
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    let uid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // A data set without its own UID is stored under the command's, i.e. the File Meta's.
+    if uid.is_empty() { file.sop_instance_uid.clone() } else { uid }
 }
 
 /// Every storage instance of pydicom's corpus, sent exactly as stored, one file after the other
