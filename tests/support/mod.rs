@@ -193,6 +193,59 @@ impl Drop for Node {
     }
 }
 
+/// DCMTK's storescp in bit-preserving mode, as a reference receiver: it records the data set
+/// bytes exactly as they came off the wire.
+pub struct Storescp {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Storescp {
+    pub fn start() -> Storescp {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new("/usr/bin/storescp")
+            .args(["-aet", "STORESCP", "+B", "+xa", "-od"])
+            .arg(dir.path())
+            .arg(port.to_string())
+            .env("TCP_NODELAY", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run /usr/bin/storescp (apt-get install dcmtk)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "storescp did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Storescp { port, dir, child }
+    }
+
+    /// Sends one file with storescu and returns what storescp recorded, if anything.
+    pub fn receive(&self, file: &Path, storescu_options: &[&str]) -> Option<Part10> {
+        for f in files_under(self.dir.path()) {
+            std::fs::remove_file(f).unwrap();
+        }
+        let _ = Command::new("/usr/bin/storescu")
+            .args(["-aec", "STORESCP"])
+            .args(storescu_options)
+            .args(["127.0.0.1", &self.port.to_string()])
+            .arg(file)
+            .output()
+            .unwrap();
+        let got = files_under(self.dir.path());
+        got.first().and_then(|p| read_part10(p))
+    }
+}
+
+impl Drop for Storescp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A Part 10 file, split into what matters for comparisons.
 #[derive(Debug, Clone)]
 pub struct Part10 {
