@@ -147,7 +147,7 @@ pub struct S3StoreConfig {
     pub secret_key: String,
     #[serde(default)]
     pub secret_key_file: Option<PathBuf>,
-    /// Values at or above this size go up as S3 multipart uploads of this part size (≥ 5 MiB).
+    /// Values larger than this go up as S3 multipart uploads of this part size (≥ 5 MiB).
     #[serde(default = "default_part_size")]
     pub part_size: u64,
 }
@@ -272,9 +272,12 @@ impl StoreConfig {
 
 impl NodeConfig {
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.listen
-            .parse()
-            .map_err(|e| invalid("node.listen", format!("`{}` is not an address:port ({e})", self.listen)))
+        self.listen.parse().map_err(|e| {
+            invalid(
+                "node.listen",
+                format!("`{}` is not an address:port ({e})", self.listen),
+            )
+        })
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
@@ -290,11 +293,19 @@ impl NodeConfig {
 impl S3StoreConfig {
     /// The access key, from the value or from `access_key_file` (trailing newline trimmed).
     pub fn resolved_access_key(&self) -> Result<String, ConfigError> {
-        resolve_secret("store.s3.access_key", &self.access_key, self.access_key_file.as_deref())
+        resolve_secret(
+            "store.s3.access_key",
+            &self.access_key,
+            self.access_key_file.as_deref(),
+        )
     }
     /// The secret key, from the value or from `secret_key_file` (trailing newline trimmed).
     pub fn resolved_secret_key(&self) -> Result<String, ConfigError> {
-        resolve_secret("store.s3.secret_key", &self.secret_key, self.secret_key_file.as_deref())
+        resolve_secret(
+            "store.s3.secret_key",
+            &self.secret_key,
+            self.secret_key_file.as_deref(),
+        )
     }
 }
 
@@ -324,7 +335,12 @@ impl Config {
     /// Loads `path` (which must exist), layers `DICOMCHAIN__*` environment variables over it and
     /// validates the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        Self::load_with_env(path, config::Environment::with_prefix("DICOMCHAIN").separator("__").prefix_separator("__"))
+        Self::load_with_env(
+            path,
+            config::Environment::with_prefix("DICOMCHAIN")
+                .separator("__")
+                .prefix_separator("__"),
+        )
     }
 
     fn load_with_env(path: &Path, env: config::Environment) -> Result<Config, ConfigError> {
@@ -351,7 +367,10 @@ impl Config {
     /// Checks the values that serde cannot: ranges, addresses, AE titles.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !valid_ae_title(&self.node.ae_title) {
-            return Err(invalid("node.ae_title", "must be 1-16 printable ASCII characters, no backslash"));
+            return Err(invalid(
+                "node.ae_title",
+                "must be 1-16 printable ASCII characters, no backslash",
+            ));
         }
         self.node.listen_addr()?;
         if self.node.max_associations == 0 {
@@ -360,10 +379,16 @@ impl Config {
         // PS3.8 §9.3.1: the receive length is at least one fragment header plus data; dicom-ul
         // refuses anything under 4096 bytes and over 16 MiB in practice.
         if !(4096..=16 * 1024 * 1024).contains(&self.node.max_pdu_length) {
-            return Err(invalid("node.max_pdu_length", "must be between 4096 and 16777216"));
+            return Err(invalid(
+                "node.max_pdu_length",
+                "must be between 4096 and 16777216",
+            ));
         }
         if self.node.io_timeout_secs == 0 || self.node.idle_timeout_secs == 0 {
-            return Err(invalid("node.io_timeout_secs", "timeouts must be at least 1 second"));
+            return Err(invalid(
+                "node.io_timeout_secs",
+                "timeouts must be at least 1 second",
+            ));
         }
         if self.store.timeout_secs == 0 {
             return Err(invalid("store.timeout_secs", "must be at least 1 second"));
@@ -371,26 +396,41 @@ impl Config {
         if self.store.backend == StoreBackend::S3 {
             let s3 = &self.store.s3;
             if !(s3.endpoint.starts_with("http://") || s3.endpoint.starts_with("https://")) {
-                return Err(invalid("store.s3.endpoint", "must start with http:// or https://"));
+                return Err(invalid(
+                    "store.s3.endpoint",
+                    "must start with http:// or https://",
+                ));
             }
             if s3.bucket.is_empty() {
                 return Err(invalid("store.s3.bucket", "must not be empty"));
             }
             if s3.part_size < 5 * 1024 * 1024 {
-                return Err(invalid("store.s3.part_size", "must be at least 5 MiB (5242880), the S3 minimum"));
+                return Err(invalid(
+                    "store.s3.part_size",
+                    "must be at least 5 MiB (5242880), the S3 minimum",
+                ));
             }
             if !s3.access_key.is_empty() && s3.access_key_file.is_some() {
-                return Err(invalid("store.s3.access_key", "give access_key or access_key_file, not both"));
+                return Err(invalid(
+                    "store.s3.access_key",
+                    "give access_key or access_key_file, not both",
+                ));
             }
             if !s3.secret_key.is_empty() && s3.secret_key_file.is_some() {
-                return Err(invalid("store.s3.secret_key", "give secret_key or secret_key_file, not both"));
+                return Err(invalid(
+                    "store.s3.secret_key",
+                    "give secret_key or secret_key_file, not both",
+                ));
             }
             s3.resolved_access_key()?;
             s3.resolved_secret_key()?;
         }
         for (name, peer) in &self.peers {
             if !valid_ae_title(&peer.ae_title) {
-                return Err(invalid(&format!("peers.{name}.ae_title"), "must be 1-16 printable ASCII characters"));
+                return Err(invalid(
+                    &format!("peers.{name}.ae_title"),
+                    "must be 1-16 printable ASCII characters",
+                ));
             }
             if peer.host.is_empty() {
                 return Err(invalid(&format!("peers.{name}.host"), "must not be empty"));
@@ -401,21 +441,36 @@ impl Config {
 
     /// The effective configuration as TOML-like text, with secrets masked, for `check-config`.
     pub fn render_masked(&self) -> String {
-        let mask = |s: &str| if s.is_empty() { "\"\"".to_string() } else { "\"********\"".to_string() };
+        let mask = |s: &str| {
+            if s.is_empty() {
+                "\"\"".to_string()
+            } else {
+                "\"********\"".to_string()
+            }
+        };
         let mut out = String::new();
         let n = &self.node;
         out += &format!(
             "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\ndrain_timeout_secs = {}\n\n",
             n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.drain_timeout_secs
         );
-        out += &format!("[ledger]\npath = {:?}\n\n", self.ledger.path.display().to_string());
+        out += &format!(
+            "[ledger]\npath = {:?}\n\n",
+            self.ledger.path.display().to_string()
+        );
         let st = &self.store;
         let backend = match st.backend {
             StoreBackend::Fs => "fs",
             StoreBackend::S3 => "s3",
         };
-        out += &format!("[store]\nbackend = {backend:?}\ntimeout_secs = {}\n\n", st.timeout_secs);
-        out += &format!("[store.fs]\nroot = {:?}\n\n", st.fs.root.display().to_string());
+        out += &format!(
+            "[store]\nbackend = {backend:?}\ntimeout_secs = {}\n\n",
+            st.timeout_secs
+        );
+        out += &format!(
+            "[store.fs]\nroot = {:?}\n\n",
+            st.fs.root.display().to_string()
+        );
         let s3 = &st.s3;
         out += &format!(
             "[store.s3]\nendpoint = {:?}\nbucket = {:?}\nregion = {:?}\naccess_key = {}\nsecret_key = {}\npart_size = {}\n",
@@ -428,7 +483,10 @@ impl Config {
             out += &format!("secret_key_file = {:?}\n", p.display().to_string());
         }
         for (name, p) in &self.peers {
-            out += &format!("\n[peers.{name}]\nae_title = {:?}\nhost = {:?}\nport = {}\n", p.ae_title, p.host, p.port);
+            out += &format!(
+                "\n[peers.{name}]\nae_title = {:?}\nhost = {:?}\nport = {}\n",
+                p.ae_title, p.host, p.port
+            );
         }
         out
     }
@@ -443,7 +501,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, text).unwrap();
-        let vars: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let vars: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let env = config::Environment::with_prefix("DICOMCHAIN")
             .separator("__")
             .prefix_separator("__")
@@ -463,7 +524,11 @@ mod tests {
 
     #[test]
     fn environment_overrides_file() {
-        let c = load("[node]\nlisten = \"0.0.0.0:1\"\n", &[("DICOMCHAIN__NODE__LISTEN", "127.0.0.1:4242")]).unwrap();
+        let c = load(
+            "[node]\nlisten = \"0.0.0.0:1\"\n",
+            &[("DICOMCHAIN__NODE__LISTEN", "127.0.0.1:4242")],
+        )
+        .unwrap();
         assert_eq!(c.node.listen, "127.0.0.1:4242");
         let c = load("", &[("DICOMCHAIN__NODE__MAX_ASSOCIATIONS", "3")]).unwrap();
         assert_eq!(c.node.max_associations, 3);
@@ -471,7 +536,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = load("[node]\nae_tittle = \"X\"\n", &[]).unwrap_err().to_string();
+        let e = load("[node]\nae_tittle = \"X\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ae_tittle"), "{e}");
         let e = load("[nodes]\n", &[]).unwrap_err().to_string();
         assert!(e.contains("nodes"), "{e}");
@@ -479,13 +546,21 @@ mod tests {
 
     #[test]
     fn invalid_values_are_named() {
-        let e = load("[node]\nmax_pdu_length = 10\n", &[]).unwrap_err().to_string();
+        let e = load("[node]\nmax_pdu_length = 10\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("node.max_pdu_length"), "{e}");
-        let e = load("[node]\nlisten = \"nowhere\"\n", &[]).unwrap_err().to_string();
+        let e = load("[node]\nlisten = \"nowhere\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("node.listen"), "{e}");
-        let e = load("[store]\nbackend = \"ftp\"\n", &[]).unwrap_err().to_string();
+        let e = load("[store]\nbackend = \"ftp\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ftp"), "{e}");
-        let e = load("[node]\nae_title = \"WAY_TOO_LONG_AE_TITLE\"\n", &[]).unwrap_err().to_string();
+        let e = load("[node]\nae_title = \"WAY_TOO_LONG_AE_TITLE\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("node.ae_title"), "{e}");
     }
 
@@ -501,8 +576,15 @@ mod tests {
         let c = load(&text, &[]).unwrap();
         assert_eq!(c.store.s3.resolved_secret_key().unwrap(), "s3cr3t");
         let shown = c.render_masked();
-        assert!(!shown.contains("AKIA") && !shown.contains("s3cr3t"), "{shown}");
-        let e = load("[store]\nbackend = \"s3\"\n[store.s3]\nsecret_key_file = \"/nonexistent/x\"\n", &[]).unwrap_err();
+        assert!(
+            !shown.contains("AKIA") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
+        let e = load(
+            "[store]\nbackend = \"s3\"\n[store.s3]\nsecret_key_file = \"/nonexistent/x\"\n",
+            &[],
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/x"));
     }
 

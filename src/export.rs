@@ -91,7 +91,9 @@ async fn export_one(
 ) -> Result<(), RetrieveError> {
     let record = retrieve::load_record(ledger, entry)?;
     let dir = dest.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(".export-").tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".export-")
+        .tempfile_in(dir)?;
     {
         let mut w = std::io::BufWriter::with_capacity(1024 * 1024, tmp.as_file_mut());
         w.write_all(&retrieve::part10_header(&record, &entry.calling_ae))?;
@@ -107,7 +109,13 @@ async fn export_one(
 /// UIDs are digits and dots; anything else is replaced so a hostile UID cannot escape `out`.
 fn safe_file_name(uid: &str) -> String {
     uid.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect::<String>()
         .trim_start_matches('.')
         .to_string()

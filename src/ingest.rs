@@ -102,7 +102,11 @@ impl Pipeline {
         }
     }
 
-    async fn timed<T>(&self, what: &str, fut: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    async fn timed<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.store_timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout {
@@ -163,7 +167,9 @@ impl Incoming {
         }
         if let Some(upload) = self.upload.as_mut() {
             let pipeline = &self.pipeline;
-            pipeline.timed("write object", upload.write(&self.bulk)).await?;
+            pipeline
+                .timed("write object", upload.write(&self.bulk))
+                .await?;
         }
         Ok(())
     }
@@ -268,13 +274,24 @@ impl Incoming {
 
 /// Reads the index attributes of a record (inflating a deflated data set first). `fallback` is
 /// the command's (SOP Class UID, SOP Instance UID), used where the data set lacks them.
-pub fn index_record(record: &MetadataRecord, fallback: (&str, &str)) -> Result<IndexAttrs, IngestError> {
+pub fn index_record(
+    record: &MetadataRecord,
+    fallback: (&str, &str),
+) -> Result<IndexAttrs, IngestError> {
     match Encoding::from_transfer_syntax(&record.transfer_syntax) {
-        Some(enc) => Ok(instance::index_attrs(record.indexable_prefix(), enc, fallback)?),
+        Some(enc) => Ok(instance::index_attrs(
+            record.indexable_prefix(),
+            enc,
+            fallback,
+        )?),
         None => {
             let inflated = inflate(&record.meta)?;
             // The inflated form is Explicit VR Little Endian (PS3.5 §A.5).
-            Ok(instance::index_attrs(&inflated, Encoding::ExplicitLittle, fallback)?)
+            Ok(instance::index_attrs(
+                &inflated,
+                Encoding::ExplicitLittle,
+                fallback,
+            )?)
         }
     }
 }
@@ -286,7 +303,9 @@ fn inflate(deflated: &[u8]) -> Result<Vec<u8>, IngestError> {
         .read_to_end(&mut out)
         .map_err(|e| IngestError::Deflate(e.to_string()))?;
     if out.len() as u64 > MAX_INFLATED {
-        return Err(IngestError::Deflate(format!("inflates to more than {MAX_INFLATED} bytes")));
+        return Err(IngestError::Deflate(format!(
+            "inflates to more than {MAX_INFLATED} bytes"
+        )));
     }
     Ok(out)
 }

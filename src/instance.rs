@@ -158,19 +158,35 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
-        let end = self.pos.checked_add(n).ok_or(RecordError("length overflow"))?;
-        let s = self.bytes.get(self.pos..end).ok_or(RecordError("truncated"))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(RecordError("length overflow"))?;
+        let s = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or(RecordError("truncated"))?;
         self.pos = end;
         Ok(s)
     }
     fn u32(&mut self) -> Result<u32, RecordError> {
-        Ok(u32::from_be_bytes(self.take(4)?.try_into().map_err(|_| RecordError("truncated"))?))
+        Ok(u32::from_be_bytes(
+            self.take(4)?
+                .try_into()
+                .map_err(|_| RecordError("truncated"))?,
+        ))
     }
     fn u64(&mut self) -> Result<u64, RecordError> {
-        Ok(u64::from_be_bytes(self.take(8)?.try_into().map_err(|_| RecordError("truncated"))?))
+        Ok(u64::from_be_bytes(
+            self.take(8)?
+                .try_into()
+                .map_err(|_| RecordError("truncated"))?,
+        ))
     }
     fn digest(&mut self) -> Result<Digest32, RecordError> {
-        self.take(32)?.try_into().map_err(|_| RecordError("truncated"))
+        self.take(32)?
+            .try_into()
+            .map_err(|_| RecordError("truncated"))
     }
     fn bytes(&mut self) -> Result<&'a [u8], RecordError> {
         let n = self.u32()? as usize;
@@ -217,10 +233,23 @@ const MAX_DEPTH: usize = 64;
 /// sender puts before them (UN-encoded sequences, private sequences) — a general-purpose parser
 /// would be slower and would refuse instances the splitter has already proven well-formed.
 /// SOP Class and SOP Instance UID missing from the data set are taken from the command.
-pub fn index_attrs(prefix: &[u8], encoding: crate::split::Encoding, fallback: (&str, &str)) -> Result<IndexAttrs, ParseError> {
-    let wanted = [SOP_CLASS_UID, SOP_INSTANCE_UID, PATIENT_ID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID];
+pub fn index_attrs(
+    prefix: &[u8],
+    encoding: crate::split::Encoding,
+    fallback: (&str, &str),
+) -> Result<IndexAttrs, ParseError> {
+    let wanted = [
+        SOP_CLASS_UID,
+        SOP_INSTANCE_UID,
+        PATIENT_ID,
+        STUDY_INSTANCE_UID,
+        SERIES_INSTANCE_UID,
+    ];
     let mut found: Vec<(u32, &[u8])> = Vec::new();
-    let scanner = Scanner { b: prefix, big: encoding == crate::split::Encoding::ExplicitBig };
+    let scanner = Scanner {
+        b: prefix,
+        big: encoding == crate::split::Encoding::ExplicitBig,
+    };
     let explicit = encoding != crate::split::Encoding::ImplicitLittle;
     let mut pos = 0;
     while pos < prefix.len() {
@@ -231,9 +260,17 @@ pub fn index_attrs(prefix: &[u8], encoding: crate::split::Encoding, fallback: (&
         pos = match h.length {
             None => scanner.skip_sequence(h.value_start, !h.un && explicit, 1)?,
             Some(len) => {
-                let end = h.value_start.checked_add(len).filter(|e| *e <= prefix.len()).ok_or_else(|| {
-                    ParseError::Parse(format!("element ({:04X},{:04X}) runs past the data set", h.tag >> 16, h.tag & 0xFFFF))
-                })?;
+                let end = h
+                    .value_start
+                    .checked_add(len)
+                    .filter(|e| *e <= prefix.len())
+                    .ok_or_else(|| {
+                        ParseError::Parse(format!(
+                            "element ({:04X},{:04X}) runs past the data set",
+                            h.tag >> 16,
+                            h.tag & 0xFFFF
+                        ))
+                    })?;
                 if wanted.contains(&h.tag) {
                     found.push((h.tag, &prefix[h.value_start..end]));
                 }
@@ -245,7 +282,12 @@ pub fn index_attrs(prefix: &[u8], encoding: crate::split::Encoding, fallback: (&
         found
             .iter()
             .find(|(t, _)| *t == tag)
-            .map(|(_, v)| String::from_utf8_lossy(v).trim_end_matches(['\0', ' ']).trim_start().to_string())
+            .map(|(_, v)| {
+                String::from_utf8_lossy(v)
+                    .trim_end_matches(['\0', ' '])
+                    .trim_start()
+                    .to_string()
+            })
             .unwrap_or_default()
     };
     let or = |v: String, f: &str| if v.is_empty() { f.to_string() } else { v };
@@ -289,12 +331,20 @@ impl Scanner<'_> {
 
     fn u16(&self, pos: usize, big: bool) -> Result<u16, ParseError> {
         let b = self.bytes::<2>(pos)?;
-        Ok(if big { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) })
+        Ok(if big {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        })
     }
 
     fn u32(&self, pos: usize, big: bool) -> Result<u32, ParseError> {
         let b = self.bytes::<4>(pos)?;
-        Ok(if big { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) })
+        Ok(if big {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
     }
 
     fn tag(&self, pos: usize, big: bool) -> Result<u32, ParseError> {
@@ -310,11 +360,28 @@ impl Scanner<'_> {
     fn header_in(&self, pos: usize, explicit: bool, big: bool) -> Result<Header, ParseError> {
         let tag = self.tag(pos, big)?;
         if tag >> 16 == 0xFFFE {
-            return Err(ParseError::Parse(format!("unexpected item tag at byte {pos}")));
+            return Err(ParseError::Parse(format!(
+                "unexpected item tag at byte {pos}"
+            )));
         }
         let (len, value_start, un) = if explicit {
             let vr = self.bytes::<2>(pos + 4)?;
-            let long = matches!(&vr, b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV");
+            let long = matches!(
+                &vr,
+                b"OB"
+                    | b"OD"
+                    | b"OF"
+                    | b"OL"
+                    | b"OV"
+                    | b"OW"
+                    | b"SQ"
+                    | b"SV"
+                    | b"UC"
+                    | b"UN"
+                    | b"UR"
+                    | b"UT"
+                    | b"UV"
+            );
             if long {
                 (self.u32(pos + 8, big)?, pos + 12, &vr == b"UN")
             } else {
@@ -333,7 +400,12 @@ impl Scanner<'_> {
 
     /// Skips the items of an undefined-length sequence starting at `pos`; returns the position
     /// after its sequence delimitation item.
-    fn skip_sequence(&self, mut pos: usize, explicit: bool, depth: usize) -> Result<usize, ParseError> {
+    fn skip_sequence(
+        &self,
+        mut pos: usize,
+        explicit: bool,
+        depth: usize,
+    ) -> Result<usize, ParseError> {
         if depth > MAX_DEPTH {
             return Err(ParseError::Parse("sequences nested too deeply".into()));
         }
@@ -427,8 +499,20 @@ mod tests {
     /// An element in little or big endian, explicit or implicit VR.
     fn el(tag: u32, vr: &[u8; 2], value: &[u8], enc: Encoding) -> Vec<u8> {
         let big = enc == Encoding::ExplicitBig;
-        let u16b = |v: u16| if big { v.to_be_bytes() } else { v.to_le_bytes() };
-        let u32b = |v: u32| if big { v.to_be_bytes() } else { v.to_le_bytes() };
+        let u16b = |v: u16| {
+            if big {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        };
+        let u32b = |v: u32| {
+            if big {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        };
         let mut out = Vec::new();
         out.extend_from_slice(&u16b((tag >> 16) as u16));
         out.extend_from_slice(&u16b(tag as u16));
@@ -474,7 +558,11 @@ mod tests {
 
     #[test]
     fn index_attributes_in_every_encoding() {
-        for enc in [Encoding::ImplicitLittle, Encoding::ExplicitLittle, Encoding::ExplicitBig] {
+        for enc in [
+            Encoding::ImplicitLittle,
+            Encoding::ExplicitLittle,
+            Encoding::ExplicitBig,
+        ] {
             let a = index_attrs(&sample(enc), enc, ("", "")).unwrap();
             assert_eq!(a.sop_class_uid, "1.2.840.10008.5.1.4.1.1.2", "{enc:?}");
             assert_eq!(a.sop_instance_uid, "1.2.3.4");
@@ -498,9 +586,19 @@ mod tests {
         }
         let mut ds = el(0x0008_0016, b"UI", b"1.2\0", Encoding::ExplicitLittle);
         let inner = el(0x0008_1150, b"UI", b"9.9\0", Encoding::ExplicitLittle);
-        ds.extend(undefined_sequence(0x0008_1140, b"SQ", &inner, Encoding::ExplicitLittle));
+        ds.extend(undefined_sequence(
+            0x0008_1140,
+            b"SQ",
+            &inner,
+            Encoding::ExplicitLittle,
+        ));
         ds.extend(el(0x0008_0018, b"UI", b"7.7\0", Encoding::ExplicitLittle));
-        assert_eq!(index_attrs(&ds, Encoding::ExplicitLittle, ("", "")).unwrap().sop_instance_uid, "7.7");
+        assert_eq!(
+            index_attrs(&ds, Encoding::ExplicitLittle, ("", ""))
+                .unwrap()
+                .sop_instance_uid,
+            "7.7"
+        );
     }
 
     #[test]
@@ -508,10 +606,19 @@ mod tests {
         let enc = Encoding::ExplicitLittle;
         let ds = el(0x0010_0020, b"LO", b"PID ", enc);
         let a = index_attrs(&ds, enc, ("1.2.840.10008.5.1.4.1.1.7", "5.6")).unwrap();
-        assert_eq!((a.sop_class_uid.as_str(), a.sop_instance_uid.as_str()), ("1.2.840.10008.5.1.4.1.1.7", "5.6"));
-        assert!(matches!(index_attrs(&ds, enc, ("", "")), Err(ParseError::Missing(_))));
+        assert_eq!(
+            (a.sop_class_uid.as_str(), a.sop_instance_uid.as_str()),
+            ("1.2.840.10008.5.1.4.1.1.7", "5.6")
+        );
+        assert!(matches!(
+            index_attrs(&ds, enc, ("", "")),
+            Err(ParseError::Missing(_))
+        ));
         let truncated = &sample(enc)[..20];
-        assert!(matches!(index_attrs(truncated, enc, ("1", "2")), Err(ParseError::Parse(_))));
+        assert!(matches!(
+            index_attrs(truncated, enc, ("1", "2")),
+            Err(ParseError::Parse(_))
+        ));
     }
 
     #[test]

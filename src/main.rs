@@ -9,7 +9,11 @@ use dicomchain::config::Config;
 use dicomchain::export::{self, Selection};
 
 #[derive(Parser)]
-#[command(name = "dicomchain", version, about = "A DICOM node with a verifiable ledger")]
+#[command(
+    name = "dicomchain",
+    version,
+    about = "A DICOM node with a verifiable ledger"
+)]
 struct Cli {
     /// Configuration file (TOML); DICOMCHAIN__SECTION__KEY environment variables override it.
     #[arg(long, global = true, default_value = "conf/dicomchain.toml")]
@@ -73,7 +77,9 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn serve(cfg: Config) -> ExitCode {

@@ -30,18 +30,26 @@ pub enum StartError {
 }
 
 /// Runs the node until `shutdown` completes, then drains and closes the ledger.
-pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), StartError> {
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
     let addr = cfg.node.listen_addr()?;
     let ledger = Ledger::open(&cfg.ledger.path)?;
     let head = ledger.head()?;
     info!(path = %cfg.ledger.path.display(), entries = head.map(|h| h.0).unwrap_or(0), "ledger open");
     let store = Store::open(&cfg.store).await?;
     info!(backend = ?cfg.store.backend, "object store open");
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
-        addr: addr.to_string(),
-        source,
-    })?;
-    let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let ctx = Arc::new(NodeContext {
         pipeline: Pipeline::new(ledger.clone(), store, cfg.store.timeout()),
         policy: Policy {

@@ -35,11 +35,17 @@ pub fn load_record(ledger: &Ledger, entry: &Entry) -> Result<MetadataRecord, Ret
         .record(&entry.instance_key)?
         .ok_or_else(|| integrity(format!("metadata of ledger entry {} is missing", entry.seq)))?;
     if instance::instance_key(&raw) != entry.instance_key {
-        return Err(integrity(format!("metadata of ledger entry {} does not match its instance key", entry.seq)));
+        return Err(integrity(format!(
+            "metadata of ledger entry {} does not match its instance key",
+            entry.seq
+        )));
     }
     let record = MetadataRecord::decode(&raw).map_err(|e| integrity(e.to_string()))?;
     if record.pixel_sha256 != entry.pixel_sha256 || record.dataset_sha256 != entry.dataset_sha256 {
-        return Err(integrity(format!("ledger entry {} disagrees with its metadata", entry.seq)));
+        return Err(integrity(format!(
+            "ledger entry {} disagrees with its metadata",
+            entry.seq
+        )));
     }
     Ok(record)
 }
@@ -70,7 +76,9 @@ pub async fn rebuild<W: std::io::Write>(
                 out.write_all(b)?;
             }
             Segment::Bulk { start, end } => {
-                let reader = reader.as_mut().ok_or_else(|| integrity("bulk segment without object"))?;
+                let reader = reader
+                    .as_mut()
+                    .ok_or_else(|| integrity("bulk segment without object"))?;
                 let mut left = end - start;
                 while left > 0 {
                     let chunk = reader.take(left).await?;
@@ -89,11 +97,15 @@ pub async fn rebuild<W: std::io::Write>(
     }
     let pixel: Digest32 = pixel_hash.finalize().into();
     if record.pixel_length > 0 && pixel != record.pixel_sha256 {
-        return Err(integrity("pixel data does not match the ledger (SHA-256 differs)"));
+        return Err(integrity(
+            "pixel data does not match the ledger (SHA-256 differs)",
+        ));
     }
     let dataset: Digest32 = dataset_hash.finalize().into();
     if dataset != record.dataset_sha256 {
-        return Err(integrity("rebuilt data set does not match the ledger (SHA-256 differs)"));
+        return Err(integrity(
+            "rebuilt data set does not match the ledger (SHA-256 differs)",
+        ));
     }
     Ok(record)
 }
@@ -160,10 +172,30 @@ pub fn part10_header(record: &MetadataRecord, source_ae: &str) -> Vec<u8> {
     let mut group = Vec::new();
     element(&mut group, 0x0001, b"OB", &[0, 1]);
     element(&mut group, 0x0002, b"UI", &padded(&record.sop_class_uid, 0));
-    element(&mut group, 0x0003, b"UI", &padded(&record.sop_instance_uid, 0));
-    element(&mut group, 0x0010, b"UI", &padded(&record.transfer_syntax, 0));
-    element(&mut group, 0x0012, b"UI", &padded(crate::dimse::negotiate::IMPLEMENTATION_CLASS_UID, 0));
-    element(&mut group, 0x0013, b"SH", &padded(crate::dimse::negotiate::IMPLEMENTATION_VERSION_NAME, b' '));
+    element(
+        &mut group,
+        0x0003,
+        b"UI",
+        &padded(&record.sop_instance_uid, 0),
+    );
+    element(
+        &mut group,
+        0x0010,
+        b"UI",
+        &padded(&record.transfer_syntax, 0),
+    );
+    element(
+        &mut group,
+        0x0012,
+        b"UI",
+        &padded(crate::dimse::negotiate::IMPLEMENTATION_CLASS_UID, 0),
+    );
+    element(
+        &mut group,
+        0x0013,
+        b"SH",
+        &padded(crate::dimse::negotiate::IMPLEMENTATION_VERSION_NAME, b' '),
+    );
     if !source_ae.is_empty() {
         element(&mut group, 0x0016, b"AE", &padded(source_ae, b' '));
     }

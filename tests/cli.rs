@@ -23,7 +23,10 @@ fn check_config_prints_effective_values_with_secrets_masked() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("listen = \"127.0.0.1:4242\""), "{text}");
     assert!(text.contains("backend = \"s3\""), "{text}");
-    assert!(!text.contains("AKIAEXAMPLE") && !text.contains("TOPSECRET"), "{text}");
+    assert!(
+        !text.contains("AKIAEXAMPLE") && !text.contains("TOPSECRET"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -31,7 +34,11 @@ fn bad_configuration_names_the_key_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, "[node]\nmax_asociations = 3\n").unwrap();
-    let out = dicomchain().args(["check-config", "--config"]).arg(&cfg).output().unwrap();
+    let out = dicomchain()
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_asociations"));
 
@@ -80,13 +87,21 @@ fn export_refuses_an_instance_whose_pixels_were_altered() {
     let study_uid = dicom_study_uid(&files[0]);
     let out_dir = tempfile::tempdir().unwrap();
     let out = node.export(&["--study", &study_uid], out_dir.path());
-    assert!(!out.status.success(), "export must fail on a tampered instance");
+    assert!(
+        !out.status.success(),
+        "export must fail on a tampered instance"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("NOT exported") && stderr.contains("integrity"), "{stderr}");
+    assert!(
+        stderr.contains("NOT exported") && stderr.contains("integrity"),
+        "{stderr}"
+    );
     // The two intact instances are written, the tampered one is not, and no temp file remains.
     let written = support::files_under(out_dir.path());
     assert_eq!(written.len(), 2, "{written:?}");
-    assert!(written.iter().all(|p| p.extension().is_some_and(|e| e == "dcm")));
+    assert!(written
+        .iter()
+        .all(|p| p.extension().is_some_and(|e| e == "dcm")));
 }
 
 /// The Study Instance UID of a Part 10 file, via pydicom.

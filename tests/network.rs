@@ -18,9 +18,16 @@ fn echoscu_succeeds_and_a_wrong_called_ae_is_rejected() {
         .args(["-aec", "NOTUS", "127.0.0.1", &node.port.to_string()])
         .output()
         .unwrap();
-    assert!(!out.status.success(), "a wrong called AE title must be rejected");
+    assert!(
+        !out.status.success(),
+        "a wrong called AE title must be rejected"
+    );
     let text = String::from_utf8_lossy(&out.stderr);
-    assert!(text.to_lowercase().contains("called ae title not recognized"), "{text}");
+    assert!(
+        text.to_lowercase()
+            .contains("called ae title not recognized"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -71,7 +78,11 @@ fn a_pdu_larger_than_announced_aborts_the_association() {
     s.write_all(&pdu).unwrap();
     let mut header = [0u8; 6];
     s.read_exact(&mut header).unwrap();
-    assert_eq!(header[0], 0x07, "expected A-ABORT, got PDU type {:#x}", header[0]);
+    assert_eq!(
+        header[0], 0x07,
+        "expected A-ABORT, got PDU type {:#x}",
+        header[0]
+    );
     // The node is still serving.
     assert_ok(&node.echoscu(), "echoscu after abort");
 }
@@ -171,16 +182,28 @@ fn bad_data_sets_get_failure_statuses_and_the_association_stays_usable() {
     let results = node.send_exact(&files);
     let status: Vec<_> = results.iter().map(|(s, _)| *s).collect();
     assert_eq!(status.len(), 4, "{results:?}");
-    assert!(matches!(status[0], Some(s) if (0xC000..=0xCFFF).contains(&s)), "{status:?}");
+    assert!(
+        matches!(status[0], Some(s) if (0xC000..=0xCFFF).contains(&s)),
+        "{status:?}"
+    );
     assert_eq!(status[1], Some(0xA900));
-    assert!(matches!(status[2], Some(s) if (0xC000..=0xCFFF).contains(&s)), "{status:?}");
+    assert!(
+        matches!(status[2], Some(s) if (0xC000..=0xCFFF).contains(&s)),
+        "{status:?}"
+    );
     assert_eq!(status[3], Some(0x0000), "{status:?}\n{}", node.log());
     // Nothing of the failed ones is on the ledger or in the store; the good one exports.
     let out = tempfile::tempdir().unwrap();
     for uid in ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"] {
-        assert!(!node.export(&["--instance", uid], out.path()).status.success());
+        assert!(!node
+            .export(&["--instance", uid], out.path())
+            .status
+            .success());
     }
-    assert_ok(&node.export(&["--instance", "1.2.3.4.4"], out.path()), "export");
+    assert_ok(
+        &node.export(&["--instance", "1.2.3.4.4"], out.path()),
+        "export",
+    );
     let got = support::read_part10(&out.path().join("1.2.3.4.4.dcm")).unwrap();
     assert_eq!(got.dataset, dataset(CT, "1.2.3.4.4"));
     let staged = support::files_under(&node.dir.join("objects/tmp"));

@@ -20,8 +20,14 @@ fn export_instance(node: &Node, uid: &str) -> Part10 {
 /// its error handling); a correct SCP refuses them with a C000-range status.
 const DELIBERATELY_BROKEN: &[(&str, &str)] = &[
     ("MR_truncated.dcm", "pixel data cut short"),
-    ("rtplan_truncated.dcm", "data set cut short inside an element"),
-    ("SC_rgb_jpeg.dcm", "declares JPEG Baseline (explicit VR) but its data set is implicit VR"),
+    (
+        "rtplan_truncated.dcm",
+        "data set cut short inside an element",
+    ),
+    (
+        "SC_rgb_jpeg.dcm",
+        "declares JPEG Baseline (explicit VR) but its data set is implicit VR",
+    ),
 ];
 
 /// The SOP Instance UID the node indexes: the data set's (the File Meta's may differ), read by
@@ -34,7 +40,11 @@ fn dataset_uid(file: &Part10) -> String {
         .unwrap();
     let uid = String::from_utf8_lossy(&out.stdout).trim().to_string();
     // A data set without its own UID is stored under the command's, i.e. the File Meta's.
-    if uid.is_empty() { file.sop_instance_uid.clone() } else { uid }
+    if uid.is_empty() {
+        file.sop_instance_uid.clone()
+    } else {
+        uid
+    }
 }
 
 /// Every storage instance of pydicom's corpus, sent exactly as stored, one file after the other
@@ -43,17 +53,29 @@ fn dataset_uid(file: &Part10) -> String {
 #[test]
 fn pydicom_corpus_round_trips_byte_for_byte() {
     let corpus = support::pydicom_corpus();
-    assert!(corpus.len() >= 50, "pydicom's corpus is missing or small ({} files); CI installs pydicom", corpus.len());
+    assert!(
+        corpus.len() >= 50,
+        "pydicom's corpus is missing or small ({} files); CI installs pydicom",
+        corpus.len()
+    );
     let mut node = Node::start();
     let mut latest: HashMap<String, Part10> = HashMap::new();
     let mut failures = Vec::new();
     for file in &corpus {
         let res = node.send_exact(std::slice::from_ref(&file.path));
-        let name = file.path.file_name().unwrap().to_string_lossy().into_owned();
+        let name = file
+            .path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         let status = res.first().and_then(|r| r.0);
         if let Some((_, why)) = DELIBERATELY_BROKEN.iter().find(|(n, _)| *n == name) {
             // Bad input gets a clear error, not a stored instance.
-            assert!(matches!(status, Some(0xC000..=0xCFFF)), "{name} ({why}) got {status:?}");
+            assert!(
+                matches!(status, Some(0xC000..=0xCFFF)),
+                "{name} ({why}) got {status:?}"
+            );
             continue;
         }
         if status != Some(0) {
@@ -61,17 +83,38 @@ fn pydicom_corpus_round_trips_byte_for_byte() {
             continue;
         }
         let got = export_instance(&node, &dataset_uid(file));
-        assert_eq!(got.transfer_syntax, file.transfer_syntax, "{}", file.path.display());
-        assert!(got.dataset == file.dataset, "{}: exported data set differs from what was sent", file.path.display());
+        assert_eq!(
+            got.transfer_syntax,
+            file.transfer_syntax,
+            "{}",
+            file.path.display()
+        );
+        assert!(
+            got.dataset == file.dataset,
+            "{}: exported data set differs from what was sent",
+            file.path.display()
+        );
         latest.insert(dataset_uid(file), file.clone());
     }
-    assert!(failures.is_empty(), "instances not accepted:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "instances not accepted:\n{}",
+        failures.join("\n")
+    );
     node.restart();
     for (uid, file) in &latest {
         let got = export_instance(&node, uid);
-        assert!(got.dataset == file.dataset, "{} after restart", file.path.display());
+        assert!(
+            got.dataset == file.dataset,
+            "{} after restart",
+            file.path.display()
+        );
     }
-    eprintln!("pydicom corpus: {} files, {} distinct instances, all byte-identical", corpus.len(), latest.len());
+    eprintln!(
+        "pydicom corpus: {} files, {} distinct instances, all byte-identical",
+        corpus.len(),
+        latest.len()
+    );
 }
 
 /// DCMTK's storescu sends each corpus file it can read, to the node and to DCMTK's own storescp
@@ -80,29 +123,50 @@ fn pydicom_corpus_round_trips_byte_for_byte() {
 #[test]
 fn pydicom_corpus_through_dcmtk_storescu() {
     let corpus = support::pydicom_corpus();
-    assert!(corpus.len() >= 50, "pydicom's corpus is missing ({} files)", corpus.len());
+    assert!(
+        corpus.len() >= 50,
+        "pydicom's corpus is missing ({} files)",
+        corpus.len()
+    );
     let node = Node::start();
     let reference = support::Storescp::start();
     let (mut identical, mut not_sent) = (0, Vec::new());
     for file in &corpus {
-        let name = file.path.file_name().unwrap().to_string_lossy().into_owned();
+        let name = file
+            .path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         let propose = dcmtk_propose(&file.transfer_syntax);
         let wire = reference.receive(&file.path, propose);
         let out = node.storescu(propose, std::slice::from_ref(&file.path));
         let Some(wire) = wire else {
             // storescu could not read or encode the file: it reached neither receiver.
-            assert!(!out.status.success() || DELIBERATELY_BROKEN.iter().any(|(n, _)| *n == name), "{name}: storescp got nothing but the node did");
+            assert!(
+                !out.status.success() || DELIBERATELY_BROKEN.iter().any(|(n, _)| *n == name),
+                "{name}: storescp got nothing but the node did"
+            );
             not_sent.push(name);
             continue;
         };
         assert_ok(&out, &format!("storescu {name}"));
         let got = export_instance(&node, &dataset_uid(file));
-        assert_eq!(got.transfer_syntax, wire.transfer_syntax, "{name}: transfer syntax");
-        assert!(got.dataset == wire.dataset, "{name}: the node's export differs from what DCMTK sent");
+        assert_eq!(
+            got.transfer_syntax, wire.transfer_syntax,
+            "{name}: transfer syntax"
+        );
+        assert!(
+            got.dataset == wire.dataset,
+            "{name}: the node's export differs from what DCMTK sent"
+        );
         identical += 1;
     }
     eprintln!("storescu: {identical} instances byte-identical to what DCMTK sent; not sent by DCMTK: {not_sent:?}");
-    assert!(identical >= 150, "only {identical} files went through DCMTK");
+    assert!(
+        identical >= 150,
+        "only {identical} files went through DCMTK"
+    );
 }
 
 /// The storescu option that makes it propose a file's own compressed transfer syntax (it
@@ -145,8 +209,17 @@ fn assert_series_round_trip(node: &Node, files: &[PathBuf], study_uid: &str) {
 pub fn ct_and_mr_series_round_trip(node: &mut Node) {
     let src = tempfile::tempdir().unwrap();
     let ct = support::make_series(&src.path().join("ct"), "CT", 1000, 512, &[]);
-    let mr = support::make_series(&src.path().join("mr"), "MR", 50, 256, &["--syntax", "implicit"]);
-    assert_ok(&node.storescu(&["+sd", "+r"], &[src.path().join("ct")]), "storescu CT");
+    let mr = support::make_series(
+        &src.path().join("mr"),
+        "MR",
+        50,
+        256,
+        &["--syntax", "implicit"],
+    );
+    assert_ok(
+        &node.storescu(&["+sd", "+r"], &[src.path().join("ct")]),
+        "storescu CT",
+    );
     // -xi: implicit VR only, so storescu sends the MR files in their own syntax.
     assert_ok(&node.storescu(&["-xi"], &mr), "storescu MR");
     node.restart();
@@ -159,7 +232,10 @@ fn ct_and_mr_series_round_trip_on_the_fs_backend() {
     let mut node = Node::start();
     ct_and_mr_series_round_trip(&mut node);
     let log = node.log();
-    assert!(!log.contains("DOE^JOHN") && !log.contains("PID0001"), "patient data in the log");
+    assert!(
+        !log.contains("DOE^JOHN") && !log.contains("PID0001"),
+        "patient data in the log"
+    );
 }
 
 #[test]
@@ -169,24 +245,42 @@ fn resends_and_new_versions() {
     let files = support::make_series(src.path(), "CT", 1, 32, &[]);
     let original = support::read_part10(&files[0]).unwrap();
     assert_eq!(node.send_exact(&files)[0].0, Some(0));
-    assert_eq!(node.send_exact(&files)[0].0, Some(0), "identical re-send is a success");
+    assert_eq!(
+        node.send_exact(&files)[0].0,
+        Some(0),
+        "identical re-send is a success"
+    );
     let objects = |n: &Node| {
         support::files_under(&n.dir.join("objects"))
             .into_iter()
             .filter(|p| !p.starts_with(n.dir.join("objects/tmp")))
             .count()
     };
-    assert_eq!(objects(&node), 1, "an identical re-send stores no second object");
+    assert_eq!(
+        objects(&node),
+        1,
+        "an identical re-send stores no second object"
+    );
     // Same SOP Instance UID, different pixels: a new version, and export returns it.
     let mut changed = std::fs::read(&files[0]).unwrap();
     let n = changed.len();
     changed[n - 1] ^= 0x55;
     let changed_path = src.path().join("changed.dcm");
     std::fs::write(&changed_path, &changed).unwrap();
-    assert_eq!(node.send_exact(std::slice::from_ref(&changed_path))[0].0, Some(0));
-    assert_eq!(objects(&node), 2, "the first version's pixels stay (history)");
+    assert_eq!(
+        node.send_exact(std::slice::from_ref(&changed_path))[0].0,
+        Some(0)
+    );
+    assert_eq!(
+        objects(&node),
+        2,
+        "the first version's pixels stay (history)"
+    );
     let got = export_instance(&node, &original.sop_instance_uid);
-    assert_eq!(got.dataset, support::read_part10(&changed_path).unwrap().dataset);
+    assert_eq!(
+        got.dataset,
+        support::read_part10(&changed_path).unwrap().dataset
+    );
 }
 
 #[test]
@@ -198,12 +292,26 @@ fn no_patient_identifiers_reach_the_object_store() {
         "MR",
         5,
         64,
-        &["--patient-name", "SECRETARY^WILHELMINA", "--patient-id", "PID-7734-XQ"],
+        &[
+            "--patient-name",
+            "SECRETARY^WILHELMINA",
+            "--patient-id",
+            "PID-7734-XQ",
+        ],
     );
     assert_ok(&node.storescu(&[], &files), "storescu");
     let sent = support::read_part10(&files[0]).unwrap();
     let study_uid = dicom_study_uid(&files[0]);
-    assert_no_identifiers(&node.dir.join("objects"), &[b"SECRETARY", b"WILHELMINA", b"PID-7734-XQ", study_uid.as_bytes(), sent.sop_instance_uid.as_bytes()]);
+    assert_no_identifiers(
+        &node.dir.join("objects"),
+        &[
+            b"SECRETARY",
+            b"WILHELMINA",
+            b"PID-7734-XQ",
+            study_uid.as_bytes(),
+            sent.sop_instance_uid.as_bytes(),
+        ],
+    );
 }
 
 /// No object name or body under `root` contains any of `needles`.
@@ -214,8 +322,15 @@ pub fn assert_no_identifiers(root: &Path, needles: &[&[u8]]) {
         let name = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
         let body = std::fs::read(p).unwrap();
         for n in needles {
-            assert!(!name.as_bytes().windows(n.len()).any(|w| w == *n), "identifier in object name {name}");
-            assert!(!body.windows(n.len()).any(|w| w == *n), "identifier {:?} in object {name}", String::from_utf8_lossy(n));
+            assert!(
+                !name.as_bytes().windows(n.len()).any(|w| w == *n),
+                "identifier in object name {name}"
+            );
+            assert!(
+                !body.windows(n.len()).any(|w| w == *n),
+                "identifier {:?} in object {name}",
+                String::from_utf8_lossy(n)
+            );
         }
     }
 }

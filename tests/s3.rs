@@ -33,7 +33,18 @@ fn s3_objects_carry_no_patient_identifiers() {
     let server = S3Server::start(root.path());
     let node = s3_node(&server, "30");
     let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 4, 64, &["--patient-name", "QUIXOTE^ALONSO", "--patient-id", "PID-99-ZZ"]);
+    let files = support::make_series(
+        src.path(),
+        "CT",
+        4,
+        64,
+        &[
+            "--patient-name",
+            "QUIXOTE^ALONSO",
+            "--patient-id",
+            "PID-99-ZZ",
+        ],
+    );
     assert_ok(&node.storescu(&[], &files), "storescu");
     let names = server.object_names();
     assert_eq!(names.len(), 4);
@@ -56,8 +67,15 @@ fn an_unreachable_object_store_fails_with_a700_promptly_and_the_node_recovers() 
     assert_ok(&node.echoscu(), "echoscu while the store is down");
     server.restart();
     let res = node.send_exact(&files);
-    assert!(res.iter().all(|(s, _)| *s == Some(0)), "{res:?}\n{}", node.log());
+    assert!(
+        res.iter().all(|(s, _)| *s == Some(0)),
+        "{res:?}\n{}",
+        node.log()
+    );
     let out = tempfile::tempdir().unwrap();
     let uid = support::read_part10(&files[0]).unwrap().sop_instance_uid;
-    assert_ok(&node.export(&["--instance", &uid], out.path()), "export after recovery");
+    assert_ok(
+        &node.export(&["--instance", &uid], out.path()),
+        "export after recovery",
+    );
 }

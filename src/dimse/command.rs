@@ -110,19 +110,25 @@ impl Command {
 
     pub fn command_field(&self) -> Result<u16, CommandError> {
         self.u16(tag::COMMAND_FIELD, "CommandField")?
-            .ok_or(CommandError::Missing { what: "CommandField (0000,0100)" })
+            .ok_or(CommandError::Missing {
+                what: "CommandField (0000,0100)",
+            })
     }
 
     pub fn message_id(&self) -> Result<u16, CommandError> {
         self.u16(tag::MESSAGE_ID, "MessageID")?
-            .ok_or(CommandError::Missing { what: "MessageID (0000,0110)" })
+            .ok_or(CommandError::Missing {
+                what: "MessageID (0000,0110)",
+            })
     }
 
     /// Whether a data set follows this command (PS3.7 §E.1: any value other than 0101H).
     pub fn has_data_set(&self) -> Result<bool, CommandError> {
         Ok(self
             .u16(tag::COMMAND_DATA_SET_TYPE, "CommandDataSetType")?
-            .ok_or(CommandError::Missing { what: "CommandDataSetType (0000,0800)" })?
+            .ok_or(CommandError::Missing {
+                what: "CommandDataSetType (0000,0800)",
+            })?
             != NO_DATA_SET)
     }
 }
@@ -155,7 +161,11 @@ impl CommandBuilder {
 
     /// A text value (AE, LO): padded to even length with a space. Truncated to `max` bytes.
     pub fn text(mut self, tag: u32, value: &str, max: usize) -> Self {
-        let mut v: Vec<u8> = value.bytes().filter(|b| (0x20..0x7f).contains(b)).take(max).collect();
+        let mut v: Vec<u8> = value
+            .bytes()
+            .filter(|b| (0x20..0x7f).contains(b))
+            .take(max)
+            .collect();
         if v.len() % 2 == 1 {
             v.push(b' ');
         }
@@ -173,7 +183,11 @@ impl CommandBuilder {
         let mut out = Vec::with_capacity(12 + body_len);
         out.extend_from_slice(&[0, 0, 0, 0, 4, 0, 0, 0]);
         out.extend_from_slice(&(body_len as u32).to_le_bytes());
-        for (t, v) in self.elements.iter().filter(|(t, _)| **t != tag::GROUP_LENGTH) {
+        for (t, v) in self
+            .elements
+            .iter()
+            .filter(|(t, _)| **t != tag::GROUP_LENGTH)
+        {
             out.extend_from_slice(&0u16.to_le_bytes());
             out.extend_from_slice(&((*t & 0xFFFF) as u16).to_le_bytes());
             out.extend_from_slice(&(v.len() as u32).to_le_bytes());
@@ -201,19 +215,31 @@ mod tests {
         assert_eq!(gl, bytes.len() - 12);
         let cmd = Command::decode(&bytes).unwrap();
         assert_eq!(cmd.command_field().unwrap(), field::C_ECHO_RSP);
-        assert_eq!(cmd.string(tag::AFFECTED_SOP_CLASS_UID).unwrap(), "1.2.840.10008.1.1");
+        assert_eq!(
+            cmd.string(tag::AFFECTED_SOP_CLASS_UID).unwrap(),
+            "1.2.840.10008.1.1"
+        );
         assert!(!cmd.has_data_set().unwrap());
     }
 
     #[test]
     fn rejects_truncation_and_foreign_groups() {
         let bytes = CommandBuilder::new().u16(tag::COMMAND_FIELD, 1).encode();
-        assert!(matches!(Command::decode(&bytes[..bytes.len() - 1]), Err(CommandError::Truncated { .. })));
+        assert!(matches!(
+            Command::decode(&bytes[..bytes.len() - 1]),
+            Err(CommandError::Truncated { .. })
+        ));
         let mut other = bytes.clone();
         other.extend_from_slice(&[8, 0, 0x18, 0, 0, 0, 0, 0]);
-        assert!(matches!(Command::decode(&other), Err(CommandError::NotCommandGroup { .. })));
+        assert!(matches!(
+            Command::decode(&other),
+            Err(CommandError::NotCommandGroup { .. })
+        ));
         let no_field = CommandBuilder::new().u16(tag::MESSAGE_ID, 1).encode();
-        assert!(matches!(Command::decode(&no_field), Err(CommandError::Missing { .. })));
+        assert!(matches!(
+            Command::decode(&no_field),
+            Err(CommandError::Missing { .. })
+        ));
         // A huge length must not overflow or panic.
         let huge = [0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff];
         assert!(Command::decode(&huge).is_err());

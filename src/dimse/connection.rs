@@ -6,9 +6,7 @@
 
 use std::time::Duration;
 
-use dicom_ul::pdu::{
-    AbortRQServiceProviderReason, AbortRQSource, PDataValue, PDataValueType, Pdu,
-};
+use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PDataValue, PDataValueType, Pdu};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -55,28 +53,41 @@ impl Connection {
         let mut header = [0u8; 6];
         match tokio::time::timeout(wait, self.socket.read_exact(&mut header)).await {
             Err(_) => return Err(ConnError::Timeout(wait)),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ConnError::Closed),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(ConnError::Closed)
+            }
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(_)) => {}
         }
         let length = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
         // The announced maximum bounds P-DATA-TF PDUs (PS3.8 §D.1); association PDUs may be
         // longer (many presentation contexts) but are still bounded.
-        let max = if header[0] == 0x04 { self.max_receive } else { MAX_CONTROL_PDU };
+        let max = if header[0] == 0x04 {
+            self.max_receive
+        } else {
+            MAX_CONTROL_PDU
+        };
         if length > max {
             return Err(ConnError::TooLarge { length, max });
         }
         self.buf.clear();
         self.buf.extend_from_slice(&header);
         self.buf.resize(6 + length as usize, 0);
-        match tokio::time::timeout(self.io_timeout, self.socket.read_exact(&mut self.buf[6..])).await {
+        match tokio::time::timeout(self.io_timeout, self.socket.read_exact(&mut self.buf[6..]))
+            .await
+        {
             Err(_) => return Err(ConnError::Timeout(self.io_timeout)),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ConnError::Closed),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(ConnError::Closed)
+            }
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(_)) => {}
         }
         // The length was checked above; the codec's own bound is the protocol maximum.
-        let bound = length.clamp(dicom_ul::pdu::MINIMUM_PDU_SIZE, dicom_ul::pdu::MAXIMUM_PDU_SIZE);
+        let bound = length.clamp(
+            dicom_ul::pdu::MINIMUM_PDU_SIZE,
+            dicom_ul::pdu::MAXIMUM_PDU_SIZE,
+        );
         match dicom_ul::pdu::read_pdu(&self.buf[..], bound, true) {
             Ok(Some(pdu)) => Ok(pdu),
             Ok(None) => Err(ConnError::Malformed("incomplete PDU".into())),
@@ -86,7 +97,8 @@ impl Connection {
 
     pub async fn send(&mut self, pdu: &Pdu) -> Result<(), ConnError> {
         self.write_buf.clear();
-        dicom_ul::pdu::write_pdu(&mut self.write_buf, pdu).map_err(|e| ConnError::Malformed(e.to_string()))?;
+        dicom_ul::pdu::write_pdu(&mut self.write_buf, pdu)
+            .map_err(|e| ConnError::Malformed(e.to_string()))?;
         let socket = self.socket.get_mut();
         match tokio::time::timeout(self.io_timeout, socket.write_all(&self.write_buf)).await {
             Err(_) => Err(ConnError::Timeout(self.io_timeout)),
@@ -95,7 +107,11 @@ impl Connection {
     }
 
     /// Sends a complete command set as one PDV.
-    pub async fn send_command(&mut self, context_id: u8, command: Vec<u8>) -> Result<(), ConnError> {
+    pub async fn send_command(
+        &mut self,
+        context_id: u8,
+        command: Vec<u8>,
+    ) -> Result<(), ConnError> {
         self.send(&Pdu::PData {
             data: vec![PDataValue {
                 presentation_context_id: context_id,

@@ -15,7 +15,11 @@ use tracing::{error, info, warn};
 use super::service::{self, NodeContext};
 
 /// Serves associations on `listener` until `shutdown` completes, then drains.
-pub async fn run(listener: TcpListener, ctx: Arc<NodeContext>, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn run(
+    listener: TcpListener,
+    ctx: Arc<NodeContext>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let limit = Arc::new(Semaphore::new(ctx.node.max_associations));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -66,7 +70,10 @@ pub async fn run(listener: TcpListener, ctx: Arc<NodeContext>, shutdown: impl st
     })
     .await;
     if drained.is_err() {
-        warn!(associations = tasks.len(), "drain timeout: aborting the remaining associations");
+        warn!(
+            associations = tasks.len(),
+            "drain timeout: aborting the remaining associations"
+        );
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }

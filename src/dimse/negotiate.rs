@@ -13,8 +13,9 @@ use dicom_dictionary_std::StandardSopClassDictionary;
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use dicom_ul::pdu::{
-    AssociationAC, AssociationRJ, AssociationRJResult, AssociationRJServiceUserReason, AssociationRJSource,
-    AssociationRQ, PresentationContextResult, PresentationContextResultReason, UserVariableItem,
+    AssociationAC, AssociationRJ, AssociationRJResult, AssociationRJServiceUserReason,
+    AssociationRJSource, AssociationRQ, PresentationContextResult, PresentationContextResultReason,
+    UserVariableItem,
 };
 
 /// PS3.7 Annex A: the only application context name.
@@ -92,7 +93,10 @@ fn reject(reason: AssociationRJServiceUserReason) -> AssociationRJ {
 }
 
 /// Decides on an A-ASSOCIATE-RQ.
-pub fn negotiate(policy: &Policy, rq: &AssociationRQ) -> Result<(AssociationAC, Negotiated), AssociationRJ> {
+pub fn negotiate(
+    policy: &Policy,
+    rq: &AssociationRQ,
+) -> Result<(AssociationAC, Negotiated), AssociationRJ> {
     if rq.protocol_version & 1 == 0 {
         // PS3.8 §9.3.2: bit 0 must be set (version 1).
         return Err(AssociationRJ {
@@ -103,15 +107,23 @@ pub fn negotiate(policy: &Policy, rq: &AssociationRQ) -> Result<(AssociationAC, 
         });
     }
     if trim(&rq.application_context_name) != APPLICATION_CONTEXT {
-        return Err(reject(AssociationRJServiceUserReason::ApplicationContextNameNotSupported));
+        return Err(reject(
+            AssociationRJServiceUserReason::ApplicationContextNameNotSupported,
+        ));
     }
     if policy.check_called_ae && rq.called_ae_title.trim() != policy.ae_title.trim() {
-        return Err(reject(AssociationRJServiceUserReason::CalledAETitleNotRecognized));
+        return Err(reject(
+            AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+        ));
     }
     let mut peer_max_pdu = PEER_UNLIMITED_CAP;
     for item in &rq.user_variables {
         if let UserVariableItem::MaxLength(len) = item {
-            peer_max_pdu = if *len == 0 { PEER_UNLIMITED_CAP } else { (*len).min(PEER_UNLIMITED_CAP) };
+            peer_max_pdu = if *len == 0 {
+                PEER_UNLIMITED_CAP
+            } else {
+                (*len).min(PEER_UNLIMITED_CAP)
+            };
         }
     }
     let mut results = Vec::with_capacity(rq.presentation_contexts.len());
@@ -127,8 +139,14 @@ pub fn negotiate(policy: &Policy, rq: &AssociationRQ) -> Result<(AssociationAC, 
             .map(|ts| trim(ts))
             .find(|ts| is_accepted_transfer_syntax(ts));
         let (reason, ts) = match (known, chosen) {
-            (false, _) => (PresentationContextResultReason::AbstractSyntaxNotSupported, "1.2.840.10008.1.2"),
-            (true, None) => (PresentationContextResultReason::TransferSyntaxesNotSupported, "1.2.840.10008.1.2"),
+            (false, _) => (
+                PresentationContextResultReason::AbstractSyntaxNotSupported,
+                "1.2.840.10008.1.2",
+            ),
+            (true, None) => (
+                PresentationContextResultReason::TransferSyntaxesNotSupported,
+                "1.2.840.10008.1.2",
+            ),
             (true, Some(ts)) => {
                 contexts.push(AcceptedContext {
                     id: pc.id,
@@ -245,7 +263,11 @@ mod tests {
                 "DICOMCHAIN",
                 vec![
                     (1, VERIFICATION, vec!["1.2.840.10008.1.2"]),
-                    (3, "1.2.840.10008.5.1.4.1.1.2", vec!["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1"]),
+                    (
+                        3,
+                        "1.2.840.10008.5.1.4.1.1.2",
+                        vec!["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1"],
+                    ),
                     (5, "1.2.840.10008.5.1.4.1.2.2.1", vec!["1.2.840.10008.1.2"]),
                     (7, "1.2.840.10008.5.1.4.1.1.4", vec!["9.9.9"]),
                 ],
@@ -253,9 +275,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(neg.peer_max_pdu, 16384);
-        assert_eq!(neg.context(3).unwrap().transfer_syntax, "1.2.840.10008.1.2.4.70");
+        assert_eq!(
+            neg.context(3).unwrap().transfer_syntax,
+            "1.2.840.10008.1.2.4.70"
+        );
         assert!(neg.context(5).is_none() && neg.context(7).is_none());
-        let reasons: Vec<_> = ac.presentation_contexts.iter().map(|p| p.reason.clone()).collect();
+        let reasons: Vec<_> = ac
+            .presentation_contexts
+            .iter()
+            .map(|p| p.reason.clone())
+            .collect();
         assert_eq!(
             reasons,
             vec![
@@ -271,7 +300,12 @@ mod tests {
     fn wrong_called_ae_is_rejected_unless_the_check_is_off() {
         let r = rq("OTHER", vec![(1, VERIFICATION, vec!["1.2.840.10008.1.2"])]);
         let rj = negotiate(&policy(), &r).unwrap_err();
-        assert_eq!(rj.source, AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::CalledAETitleNotRecognized));
+        assert_eq!(
+            rj.source,
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CalledAETitleNotRecognized
+            )
+        );
         let mut p = policy();
         p.check_called_ae = false;
         assert!(negotiate(&p, &r).is_ok());

@@ -74,7 +74,9 @@ async fn accept(conn: &mut Connection, ctx: &NodeContext) -> Option<Negotiated> 
             warn!(pdu = pdu_name(&other), "expected A-ASSOCIATE-RQ");
             let _ = conn
                 .send(&Pdu::AbortRQ {
-                    source: dicom_ul::pdu::AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::UnexpectedPdu),
+                    source: dicom_ul::pdu::AbortRQSource::ServiceProvider(
+                        AbortRQServiceProviderReason::UnexpectedPdu,
+                    ),
                 })
                 .await;
             return None;
@@ -146,9 +148,16 @@ impl Association {
         let end = loop {
             let stopping = *shutdown.borrow();
             if stopping && matches!(self.state, State::Idle) {
-                break Some(Abort(AbortRQServiceProviderReason::ReasonNotSpecified, "node is shutting down".into()));
+                break Some(Abort(
+                    AbortRQServiceProviderReason::ReasonNotSpecified,
+                    "node is shutting down".into(),
+                ));
             }
-            let wait = if matches!(self.state, State::Idle) { idle } else { self.ctx.node.io_timeout() };
+            let wait = if matches!(self.state, State::Idle) {
+                idle
+            } else {
+                self.ctx.node.io_timeout()
+            };
             let pdu = tokio::select! {
                 pdu = self.conn.receive(wait) => pdu,
                 _ = shutdown.changed(), if !stopping && matches!(self.state, State::Idle) => continue,
@@ -161,18 +170,33 @@ impl Association {
                 }
                 Ok(Pdu::ReleaseRQ) => {
                     if !matches!(self.state, State::Idle) {
-                        break Some(Abort(AbortRQServiceProviderReason::UnexpectedPdu, "release during a message".into()));
+                        break Some(Abort(
+                            AbortRQServiceProviderReason::UnexpectedPdu,
+                            "release during a message".into(),
+                        ));
                     }
                     let _ = self.conn.send(&Pdu::ReleaseRP).await;
-                    info!(stored = self.stored, failed = self.failed, "association released");
+                    info!(
+                        stored = self.stored,
+                        failed = self.failed,
+                        "association released"
+                    );
                     break None;
                 }
                 Ok(Pdu::AbortRQ { source }) => {
-                    info!(?source, stored = self.stored, failed = self.failed, "association aborted by peer");
+                    info!(
+                        ?source,
+                        stored = self.stored,
+                        failed = self.failed,
+                        "association aborted by peer"
+                    );
                     break None;
                 }
                 Ok(other) => {
-                    break Some(Abort(AbortRQServiceProviderReason::UnexpectedPdu, format!("unexpected {}", pdu_name(&other))));
+                    break Some(Abort(
+                        AbortRQServiceProviderReason::UnexpectedPdu,
+                        format!("unexpected {}", pdu_name(&other)),
+                    ));
                 }
                 Err(ConnError::TooLarge { length, max }) => {
                     break Some(Abort(
@@ -184,7 +208,10 @@ impl Association {
                     break Some(Abort(AbortRQServiceProviderReason::UnrecognizedPdu, m));
                 }
                 Err(ConnError::Timeout(t)) => {
-                    break Some(Abort(AbortRQServiceProviderReason::ReasonNotSpecified, format!("no data for {t:?}")));
+                    break Some(Abort(
+                        AbortRQServiceProviderReason::ReasonNotSpecified,
+                        format!("no data for {t:?}"),
+                    ));
                 }
                 Err(e) => {
                     info!(error = %e, stored = self.stored, failed = self.failed, "association ended");
@@ -209,10 +236,17 @@ impl Association {
 
     async fn on_pdata(&mut self, pdvs: Vec<PDataValue>) -> Result<(), Abort> {
         for pdv in pdvs {
-            if self.negotiated.context(pdv.presentation_context_id).is_none() {
+            if self
+                .negotiated
+                .context(pdv.presentation_context_id)
+                .is_none()
+            {
                 return Err(Abort(
                     AbortRQServiceProviderReason::UnexpectedPduParameter,
-                    format!("PDV on presentation context {} which was not accepted", pdv.presentation_context_id),
+                    format!(
+                        "PDV on presentation context {} which was not accepted",
+                        pdv.presentation_context_id
+                    ),
                 ));
             }
             match pdv.value_type {
@@ -226,16 +260,25 @@ impl Association {
     async fn on_command_fragment(&mut self, pdv: PDataValue) -> Result<(), Abort> {
         let bytes = match std::mem::replace(&mut self.state, State::Idle) {
             State::Idle => pdv.data,
-            State::Command { context_id, mut bytes } if context_id == pdv.presentation_context_id => {
+            State::Command {
+                context_id,
+                mut bytes,
+            } if context_id == pdv.presentation_context_id => {
                 bytes.extend_from_slice(&pdv.data);
                 bytes
             }
             _ => {
-                return Err(Abort(AbortRQServiceProviderReason::UnexpectedPduParameter, "command fragment out of sequence".into()));
+                return Err(Abort(
+                    AbortRQServiceProviderReason::UnexpectedPduParameter,
+                    "command fragment out of sequence".into(),
+                ));
             }
         };
         if bytes.len() > MAX_COMMAND_BYTES {
-            return Err(Abort(AbortRQServiceProviderReason::InvalidPduParameter, "command set too large".into()));
+            return Err(Abort(
+                AbortRQServiceProviderReason::InvalidPduParameter,
+                "command set too large".into(),
+            ));
         }
         if !pdv.is_last {
             self.state = State::Command {
@@ -244,13 +287,22 @@ impl Association {
             };
             return Ok(());
         }
-        let command = Command::decode(&bytes)
-            .map_err(|e| Abort(AbortRQServiceProviderReason::InvalidPduParameter, format!("bad command set: {e}")))?;
+        let command = Command::decode(&bytes).map_err(|e| {
+            Abort(
+                AbortRQServiceProviderReason::InvalidPduParameter,
+                format!("bad command set: {e}"),
+            )
+        })?;
         self.dispatch(pdv.presentation_context_id, command).await
     }
 
     async fn dispatch(&mut self, context_id: u8, cmd: Command) -> Result<(), Abort> {
-        let bad = |e: super::command::CommandError| Abort(AbortRQServiceProviderReason::InvalidPduParameter, e.to_string());
+        let bad = |e: super::command::CommandError| {
+            Abort(
+                AbortRQServiceProviderReason::InvalidPduParameter,
+                e.to_string(),
+            )
+        };
         let command_field = cmd.command_field().map_err(bad)?;
         if command_field == field::C_CANCEL_RQ {
             // Nothing of ours is cancellable yet (C-STORE is not).
@@ -259,12 +311,19 @@ impl Association {
         let message_id = cmd.message_id().map_err(bad)?;
         let has_data = cmd.has_data_set().map_err(bad)?;
         let sop_class_uid = cmd.string(tag::AFFECTED_SOP_CLASS_UID).unwrap_or_default();
-        let sop_instance_uid = cmd.string(tag::AFFECTED_SOP_INSTANCE_UID).unwrap_or_default();
+        let sop_instance_uid = cmd
+            .string(tag::AFFECTED_SOP_INSTANCE_UID)
+            .unwrap_or_default();
         let pc = self
             .negotiated
             .context(context_id)
             .cloned()
-            .ok_or_else(|| Abort(AbortRQServiceProviderReason::UnexpectedPduParameter, "unknown context".into()))?;
+            .ok_or_else(|| {
+                Abort(
+                    AbortRQServiceProviderReason::UnexpectedPduParameter,
+                    "unknown context".into(),
+                )
+            })?;
         let reply_failure = |failure: Failure| Reply {
             command_field: command_field | 0x8000,
             message_id,
@@ -290,11 +349,16 @@ impl Association {
                         "SOP Class differs from the presentation context",
                     ))
                 } else if sop_instance_uid.is_empty() {
-                    Some(Failure::new(status::CANNOT_UNDERSTAND, "command lacks Affected SOP Instance UID"))
+                    Some(Failure::new(
+                        status::CANNOT_UNDERSTAND,
+                        "command lacks Affected SOP Instance UID",
+                    ))
                 } else {
                     None
                 };
-                let incoming = failure.is_none().then(|| self.ctx.pipeline.begin(&pc.transfer_syntax));
+                let incoming = failure
+                    .is_none()
+                    .then(|| self.ctx.pipeline.begin(&pc.transfer_syntax));
                 self.state = State::Store(Box::new(StoreInProgress {
                     context_id,
                     message_id,
@@ -309,7 +373,10 @@ impl Association {
                 Ok(())
             }
             _ => {
-                let reply = reply_failure(Failure::new(status::UNRECOGNIZED_OPERATION, "operation not supported"));
+                let reply = reply_failure(Failure::new(
+                    status::UNRECOGNIZED_OPERATION,
+                    "operation not supported",
+                ));
                 if has_data {
                     self.state = State::Discard { context_id, reply };
                     Ok(())
@@ -321,7 +388,12 @@ impl Association {
     }
 
     async fn on_data_fragment(&mut self, pdv: PDataValue) -> Result<(), Abort> {
-        let out_of_sequence = || Abort(AbortRQServiceProviderReason::UnexpectedPduParameter, "data fragment without a command".into());
+        let out_of_sequence = || {
+            Abort(
+                AbortRQServiceProviderReason::UnexpectedPduParameter,
+                "data fragment without a command".into(),
+            )
+        };
         match &mut self.state {
             State::Store(op) if op.context_id == pdv.presentation_context_id => {
                 if let Some(incoming) = op.incoming.as_mut() {
@@ -342,7 +414,9 @@ impl Association {
             }
             State::Discard { context_id, .. } if *context_id == pdv.presentation_context_id => {
                 if pdv.is_last {
-                    if let State::Discard { context_id, reply } = std::mem::replace(&mut self.state, State::Idle) {
+                    if let State::Discard { context_id, reply } =
+                        std::mem::replace(&mut self.state, State::Idle)
+                    {
                         self.send_reply(context_id, reply).await?;
                     }
                 }
@@ -364,9 +438,16 @@ impl Association {
                 Ok(stored) => {
                     match stored.outcome {
                         StoreOutcome::Stored { seq, version } => {
-                            info!(seq, version, bytes = stored.dataset_length, "instance stored")
+                            info!(
+                                seq,
+                                version,
+                                bytes = stored.dataset_length,
+                                "instance stored"
+                            )
                         }
-                        StoreOutcome::Duplicate { seq } => info!(seq, "identical instance received again"),
+                        StoreOutcome::Duplicate { seq } => {
+                            info!(seq, "identical instance received again")
+                        }
                     }
                     Ok(())
                 }
@@ -390,9 +471,11 @@ impl Association {
             }
             Err(f) => {
                 self.failed += 1;
-                rsp = rsp
-                    .u16(tag::STATUS, f.status)
-                    .text(tag::ERROR_COMMENT, &f.comment, status::ERROR_COMMENT_MAX);
+                rsp = rsp.u16(tag::STATUS, f.status).text(
+                    tag::ERROR_COMMENT,
+                    &f.comment,
+                    status::ERROR_COMMENT_MAX,
+                );
             }
         }
         self.send_command(op.context_id, rsp.encode()).await
@@ -405,7 +488,11 @@ impl Association {
             .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, reply.message_id)
             .u16(tag::COMMAND_DATA_SET_TYPE, NO_DATA_SET)
             .u16(tag::STATUS, reply.failure.status)
-            .text(tag::ERROR_COMMENT, &reply.failure.comment, status::ERROR_COMMENT_MAX);
+            .text(
+                tag::ERROR_COMMENT,
+                &reply.failure.comment,
+                status::ERROR_COMMENT_MAX,
+            );
         if !reply.sop_class_uid.is_empty() {
             b = b.uid(tag::AFFECTED_SOP_CLASS_UID, &reply.sop_class_uid);
         }
@@ -419,7 +506,12 @@ impl Association {
         self.conn
             .send_command(context_id, bytes)
             .await
-            .map_err(|e| Abort(AbortRQServiceProviderReason::ReasonNotSpecified, format!("cannot send response: {e}")))
+            .map_err(|e| {
+                Abort(
+                    AbortRQServiceProviderReason::ReasonNotSpecified,
+                    format!("cannot send response: {e}"),
+                )
+            })
     }
 }
 

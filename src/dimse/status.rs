@@ -38,7 +38,9 @@ impl Failure {
 /// The C-STORE status for an ingest error.
 pub fn store_failure(e: &IngestError) -> Failure {
     let status = match e {
-        IngestError::Split(_) | IngestError::Parse(_) | IngestError::Deflate(_) => CANNOT_UNDERSTAND,
+        IngestError::Split(_) | IngestError::Parse(_) | IngestError::Deflate(_) => {
+            CANNOT_UNDERSTAND
+        }
         IngestError::SopClassMismatch { .. } => DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
         IngestError::Store(_) => OUT_OF_RESOURCES,
         IngestError::Ledger(LedgerError::ReadOnly) => OUT_OF_RESOURCES,

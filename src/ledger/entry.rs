@@ -102,7 +102,9 @@ impl Entry {
             dataset_sha256: r.digest()?,
             dataset_length: r.u64()?,
             object_name: r.str()?,
-            version: u32::from_be_bytes(r.take(4)?.try_into().map_err(|_| EntryError("truncated"))?),
+            version: u32::from_be_bytes(
+                r.take(4)?.try_into().map_err(|_| EntryError("truncated"))?,
+            ),
         };
         if r.pos != b.len() {
             return Err(EntryError("trailing bytes"));
@@ -124,18 +126,31 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], EntryError> {
-        let s = self.b.get(self.pos..self.pos + n).ok_or(EntryError("truncated"))?;
+        let s = self
+            .b
+            .get(self.pos..self.pos + n)
+            .ok_or(EntryError("truncated"))?;
         self.pos += n;
         Ok(s)
     }
     fn u64(&mut self) -> Result<u64, EntryError> {
-        Ok(u64::from_be_bytes(self.take(8)?.try_into().map_err(|_| EntryError("truncated"))?))
+        Ok(u64::from_be_bytes(
+            self.take(8)?
+                .try_into()
+                .map_err(|_| EntryError("truncated"))?,
+        ))
     }
     fn digest(&mut self) -> Result<Digest32, EntryError> {
-        self.take(32)?.try_into().map_err(|_| EntryError("truncated"))
+        self.take(32)?
+            .try_into()
+            .map_err(|_| EntryError("truncated"))
     }
     fn str(&mut self) -> Result<String, EntryError> {
-        let n = u16::from_be_bytes(self.take(2)?.try_into().map_err(|_| EntryError("truncated"))?) as usize;
+        let n = u16::from_be_bytes(
+            self.take(2)?
+                .try_into()
+                .map_err(|_| EntryError("truncated"))?,
+        ) as usize;
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| EntryError("non-UTF-8 text"))
     }
 }

@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 use tokio::sync::oneshot;
 
 pub use entry::{Entry, Event};
@@ -147,12 +149,13 @@ impl Ledger {
         if let Some(parent) = path.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
-        let db = DB::open_cf_descriptors(&db_options(), path, cf_descriptors()).map_err(|source| {
-            LedgerError::Open {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+        let db =
+            DB::open_cf_descriptors(&db_options(), path, cf_descriptors()).map_err(|source| {
+                LedgerError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
         let db = Arc::new(db);
         let head = read_head(&db)?;
         let (tx, rx) = mpsc::channel::<Job>();
@@ -182,12 +185,16 @@ impl Ledger {
             source,
         };
         if !path.join("CURRENT").exists() {
-            return Err(LedgerError::Corrupt(format!("no ledger at {}", path.display())));
+            return Err(LedgerError::Corrupt(format!(
+                "no ledger at {}",
+                path.display()
+            )));
         }
         let mut o = db_options();
         o.create_if_missing(false);
         o.set_max_open_files(-1);
-        let db = DB::open_cf_descriptors_as_secondary(&o, path, scratch, cf_descriptors()).map_err(open_err)?;
+        let db = DB::open_cf_descriptors_as_secondary(&o, path, scratch, cf_descriptors())
+            .map_err(open_err)?;
         db.try_catch_up_with_primary().map_err(open_err)?;
         Ok(Ledger {
             inner: Arc::new(Inner {
@@ -251,8 +258,10 @@ impl Ledger {
             .db
             .get_cf(self.cf(CF_ENTRIES)?, seq.to_be_bytes())
             .map_err(LedgerError::Read)?;
-        raw.map(|b| Entry::decode(&b).map_err(|e| LedgerError::Corrupt(format!("entry {seq}: {e}"))))
-            .transpose()
+        raw.map(|b| {
+            Entry::decode(&b).map_err(|e| LedgerError::Corrupt(format!("entry {seq}: {e}")))
+        })
+        .transpose()
     }
 
     pub fn record(&self, key: &Digest32) -> Result<Option<Vec<u8>>, LedgerError> {
@@ -316,7 +325,11 @@ impl Ledger {
     fn scan_index(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, LedgerError> {
         let cf = self.cf(CF_INDEX)?;
         let mut out = Vec::new();
-        for item in self.inner.db.iterator_cf(cf, IteratorMode::From(prefix, Direction::Forward)) {
+        for item in self
+            .inner
+            .db
+            .iterator_cf(cf, IteratorMode::From(prefix, Direction::Forward))
+        {
             let (k, _) = item.map_err(LedgerError::Read)?;
             if !k.starts_with(prefix) {
                 break;
@@ -399,8 +412,16 @@ fn latest_of(db: &DB, uid: &str) -> Result<Option<(u64, u32)>, LedgerError> {
         .ok_or_else(|| LedgerError::Corrupt("missing index".into()))?;
     match db.get_cf(cf, sop_key(uid)).map_err(LedgerError::Read)? {
         Some(v) if v.len() == 12 => {
-            let seq = u64::from_be_bytes(v[..8].try_into().map_err(|_| LedgerError::Corrupt("index".into()))?);
-            let ver = u32::from_be_bytes(v[8..].try_into().map_err(|_| LedgerError::Corrupt("index".into()))?);
+            let seq = u64::from_be_bytes(
+                v[..8]
+                    .try_into()
+                    .map_err(|_| LedgerError::Corrupt("index".into()))?,
+            );
+            let ver = u32::from_be_bytes(
+                v[8..]
+                    .try_into()
+                    .map_err(|_| LedgerError::Corrupt("index".into()))?,
+            );
             Ok(Some((seq, ver)))
         }
         Some(_) => Err(LedgerError::Corrupt(format!("index value for {uid}"))),
@@ -416,7 +437,8 @@ fn read_head(db: &DB) -> Result<Option<(u64, Digest32)>, LedgerError> {
         None => Ok(None),
         Some(item) => {
             let (_, v) = item.map_err(LedgerError::Read)?;
-            let e = Entry::decode(&v).map_err(|e| LedgerError::Corrupt(format!("last entry: {e}")))?;
+            let e =
+                Entry::decode(&v).map_err(|e| LedgerError::Corrupt(format!("last entry: {e}")))?;
             Ok(Some((e.seq, e.hash())))
         }
     }
@@ -466,13 +488,17 @@ impl Committer {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, requests = jobs.len(), "ledger group commit failed");
-                        jobs.iter().map(|_| Err(LedgerError::Write(e.clone()))).collect()
+                        jobs.iter()
+                            .map(|_| Err(LedgerError::Write(e.clone())))
+                            .collect()
                     }
                 }
             }
             Err(e) => {
                 let msg = e.to_string();
-                jobs.iter().map(|_| Err(LedgerError::Corrupt(msg.clone()))).collect()
+                jobs.iter()
+                    .map(|_| Err(LedgerError::Corrupt(msg.clone())))
+                    .collect()
             }
         }
     }
@@ -505,8 +531,11 @@ impl Committer {
                             .db
                             .get_cf(cf_entries, seq.to_be_bytes())
                             .map_err(LedgerError::Read)?
-                            .ok_or_else(|| LedgerError::Corrupt(format!("index names missing entry {seq}")))?;
-                        let e = Entry::decode(&raw).map_err(|e| LedgerError::Corrupt(e.to_string()))?;
+                            .ok_or_else(|| {
+                                LedgerError::Corrupt(format!("index names missing entry {seq}"))
+                            })?;
+                        let e =
+                            Entry::decode(&raw).map_err(|e| LedgerError::Corrupt(e.to_string()))?;
                         let loc = self
                             .db
                             .get_cf(cf_index, loc_key(uid))
@@ -604,13 +633,31 @@ mod tests {
     async fn chain_versions_duplicates_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(dir.path()).unwrap();
-        assert_eq!(ledger.store(request("1.1", "9", 1)).await.unwrap(), StoreOutcome::Stored { seq: 1, version: 1 });
-        assert_eq!(ledger.store(request("1.2", "9", 2)).await.unwrap(), StoreOutcome::Stored { seq: 2, version: 1 });
-        assert_eq!(ledger.store(request("1.1", "9", 1)).await.unwrap(), StoreOutcome::Duplicate { seq: 1 });
+        assert_eq!(
+            ledger.store(request("1.1", "9", 1)).await.unwrap(),
+            StoreOutcome::Stored { seq: 1, version: 1 }
+        );
+        assert_eq!(
+            ledger.store(request("1.2", "9", 2)).await.unwrap(),
+            StoreOutcome::Stored { seq: 2, version: 1 }
+        );
+        assert_eq!(
+            ledger.store(request("1.1", "9", 1)).await.unwrap(),
+            StoreOutcome::Duplicate { seq: 1 }
+        );
         // New content, moved to another study: a new version, and the study index follows it.
-        assert_eq!(ledger.store(request("1.1", "8", 3)).await.unwrap(), StoreOutcome::Stored { seq: 3, version: 2 });
-        assert_eq!(ledger.instances_in_study("9").unwrap(), vec!["1.2".to_string()]);
-        assert_eq!(ledger.instances_in_study("8").unwrap(), vec!["1.1".to_string()]);
+        assert_eq!(
+            ledger.store(request("1.1", "8", 3)).await.unwrap(),
+            StoreOutcome::Stored { seq: 3, version: 2 }
+        );
+        assert_eq!(
+            ledger.instances_in_study("9").unwrap(),
+            vec!["1.2".to_string()]
+        );
+        assert_eq!(
+            ledger.instances_in_study("8").unwrap(),
+            vec!["1.1".to_string()]
+        );
         assert_eq!(ledger.versions("1.1").unwrap(), vec![1, 3]);
         let e1 = ledger.entry(1).unwrap().unwrap();
         let e2 = ledger.entry(2).unwrap().unwrap();
@@ -621,7 +668,10 @@ mod tests {
         drop(ledger);
         let ledger = Ledger::open(dir.path()).unwrap();
         assert_eq!(ledger.head().unwrap().unwrap(), head);
-        assert_eq!(ledger.store(request("1.3", "9", 4)).await.unwrap(), StoreOutcome::Stored { seq: 4, version: 1 });
+        assert_eq!(
+            ledger.store(request("1.3", "9", 4)).await.unwrap(),
+            StoreOutcome::Stored { seq: 4, version: 1 }
+        );
         assert_eq!(ledger.entry(4).unwrap().unwrap().prev_hash, head.1);
         assert_eq!(ledger.latest("1.1").unwrap().unwrap().seq, 3);
         assert_eq!(ledger.record(&[3; 32]).unwrap().unwrap(), vec![3; 10]);
@@ -660,7 +710,10 @@ mod tests {
         ledger.store(request("3.1", "6", 5)).await.unwrap();
         let ro = Ledger::open_secondary(dir.path(), scratch.path()).unwrap();
         assert_eq!(ro.latest("3.1").unwrap().unwrap().seq, 1);
-        assert!(matches!(ro.store(request("3.2", "6", 6)).await, Err(LedgerError::ReadOnly)));
+        assert!(matches!(
+            ro.store(request("3.2", "6", 6)).await,
+            Err(LedgerError::ReadOnly)
+        ));
     }
 
     use sha2::{Digest, Sha256};

@@ -48,7 +48,11 @@ pub struct FsReader {
 
 /// Accepts only the names this crate makes: lowercase hex, so a name can never escape the root.
 fn check_name(name: &str) -> Result<(), StoreError> {
-    if name.len() >= 4 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if name.len() >= 4
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(())
     } else {
         Err(StoreError::Config(format!("invalid object name {name:?}")))
@@ -88,7 +92,10 @@ impl FsStore {
             .await
             .map_err(io(format!("opening object directory {}", root.display())))?;
         if !meta.is_dir() {
-            return Err(StoreError::Config(format!("{} is not a directory", root.display())));
+            return Err(StoreError::Config(format!(
+                "{} is not a directory",
+                root.display()
+            )));
         }
         Ok(FsStore {
             inner: Arc::new(Inner {
@@ -106,7 +113,10 @@ impl FsStore {
 
     pub async fn begin(&self) -> Result<FsUpload, StoreError> {
         let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
-        let path = self.inner.tmp.join(format!("{}-{n}.part", std::process::id()));
+        let path = self
+            .inner
+            .tmp
+            .join(format!("{}-{n}.part", std::process::id()));
         let file = tokio::fs::File::create(&path)
             .await
             .map_err(io(format!("creating {}", path.display())))?;
@@ -125,7 +135,9 @@ impl FsStore {
                 file,
                 buf_size: 1024 * 1024,
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NotFound { name: name.into() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(StoreError::NotFound { name: name.into() })
+            }
             Err(e) => Err(io(format!("opening {}", path.display()))(e)),
         }
     }
@@ -248,7 +260,10 @@ mod tests {
         up.write(b"hello world").await.unwrap();
         up.commit(&name).await.unwrap();
         assert_eq!(read_all(&store, &name).await, b"hello world");
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -261,14 +276,20 @@ mod tests {
         let up = store.begin().await.unwrap();
         drop(up); // a crash mid-write
         let _ = FsStore::open(dir.path()).await.unwrap();
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn missing_and_invalid_names() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::open(dir.path()).await.unwrap();
-        assert!(matches!(store.open_read(&"cd".repeat(32)).await, Err(StoreError::NotFound { .. })));
+        assert!(matches!(
+            store.open_read(&"cd".repeat(32)).await,
+            Err(StoreError::NotFound { .. })
+        ));
         assert!(store.open_read("../../etc/passwd").await.is_err());
         store.delete(&"cd".repeat(32)).await.unwrap();
     }

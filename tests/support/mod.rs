@@ -24,7 +24,11 @@ pub struct Node {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Node {
@@ -35,7 +39,10 @@ impl Node {
 
     /// Starts a node with `DICOMCHAIN__…` overrides in its environment.
     pub fn start_with_env(env: &[(&str, &str)]) -> Node {
-        let tmp = tempfile::Builder::new().prefix("dicomchain-test-").tempdir().unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("dicomchain-test-")
+            .tempdir()
+            .unwrap();
         let dir = tmp.path().to_path_buf();
         let port = free_port();
         std::fs::write(
@@ -51,7 +58,10 @@ impl Node {
             port,
             dir,
             _tmp: Some(tmp),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             starts: 0,
         };
@@ -77,7 +87,9 @@ impl Node {
 
     pub fn command(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_dicomchain"));
-        c.arg("--config").arg(self.config_path()).current_dir(&self.dir);
+        c.arg("--config")
+            .arg(self.config_path())
+            .current_dir(&self.dir);
         for (k, v) in &self.env {
             c.env(k, v);
         }
@@ -113,11 +125,18 @@ impl Node {
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 if let Some(status) = child.try_wait().unwrap() {
-                    assert!(status.success(), "node exited with {status}:\n{}", self.log());
+                    assert!(
+                        status.success(),
+                        "node exited with {status}:\n{}",
+                        self.log()
+                    );
                     return;
                 }
                 if Instant::now() > deadline {
@@ -144,7 +163,13 @@ impl Node {
 
     /// Runs `dicomchain export <args> --out <out>`.
     pub fn export(&self, args: &[&str], out: &Path) -> Output {
-        self.command().arg("export").args(args).arg("--out").arg(out).output().unwrap()
+        self.command()
+            .arg("export")
+            .args(args)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
     }
 
     pub fn echoscu(&self) -> Output {
@@ -175,7 +200,11 @@ impl Node {
             .args(files)
             .output()
             .expect("run python3");
-        assert!(out.status.success(), "send_exact.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "send_exact.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| {
@@ -258,13 +287,18 @@ pub struct Part10 {
 }
 
 fn trim(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).trim_end_matches(['\0', ' ']).to_string()
+    String::from_utf8_lossy(b)
+        .trim_end_matches(['\0', ' '])
+        .to_string()
 }
 
 /// Reads a Part 10 file (PS3.10 §7.1): preamble, "DICM", group 0002 in Explicit VR LE.
 pub fn read_part10(path: &Path) -> Option<Part10> {
     let mut bytes = Vec::new();
-    std::fs::File::open(path).ok()?.read_to_end(&mut bytes).ok()?;
+    std::fs::File::open(path)
+        .ok()?
+        .read_to_end(&mut bytes)
+        .ok()?;
     if bytes.len() < 132 || &bytes[128..132] != b"DICM" {
         return None;
     }
@@ -274,9 +308,15 @@ pub fn read_part10(path: &Path) -> Option<Part10> {
         let elem = u16::from_le_bytes([bytes[pos + 2], bytes[pos + 3]]);
         let vr = &bytes[pos + 4..pos + 6];
         let (len, header) = if matches!(vr, b"OB" | b"OW" | b"UN" | b"SQ" | b"UT" | b"UC" | b"UR") {
-            (u32::from_le_bytes(bytes.get(pos + 8..pos + 12)?.try_into().ok()?) as usize, 12)
+            (
+                u32::from_le_bytes(bytes.get(pos + 8..pos + 12)?.try_into().ok()?) as usize,
+                12,
+            )
         } else {
-            (u16::from_le_bytes([bytes[pos + 6], bytes[pos + 7]]) as usize, 8)
+            (
+                u16::from_le_bytes([bytes[pos + 6], bytes[pos + 7]]) as usize,
+                8,
+            )
         };
         let value = bytes.get(pos + header..pos + header + len)?;
         match elem {
@@ -300,7 +340,10 @@ pub fn read_part10(path: &Path) -> Option<Part10> {
 /// `charset_files`. Empty when pydicom is not installed (CI installs it).
 pub fn pydicom_corpus() -> Vec<Part10> {
     let out = Command::new("python3")
-        .args(["-c", "import pydicom, os; print(os.path.dirname(pydicom.__file__))"])
+        .args([
+            "-c",
+            "import pydicom, os; print(os.path.dirname(pydicom.__file__))",
+        ])
         .output();
     let Ok(out) = out else { return Vec::new() };
     if !out.status.success() {
@@ -320,7 +363,9 @@ pub fn pydicom_corpus() -> Vec<Part10> {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in rd.flatten() {
         let p = e.path();
         if p.is_dir() {
@@ -332,7 +377,13 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 /// Generates a synthetic series with tests/support/make_series.py.
-pub fn make_series(out: &Path, modality: &str, count: usize, size: usize, extra: &[&str]) -> Vec<PathBuf> {
+pub fn make_series(
+    out: &Path,
+    modality: &str,
+    count: usize,
+    size: usize,
+    extra: &[&str],
+) -> Vec<PathBuf> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/make_series.py");
     let st = Command::new("python3")
         .arg(script)
@@ -343,7 +394,11 @@ pub fn make_series(out: &Path, modality: &str, count: usize, size: usize, extra:
         .status()
         .expect("python3");
     assert!(st.success(), "make_series.py failed");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(out).unwrap().flatten().map(|e| e.path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     files.sort();
     files
 }
