@@ -334,3 +334,79 @@ pub fn assert_no_identifiers(root: &Path, needles: &[&[u8]]) {
         }
     }
 }
+
+/// Four associations at once (the ledger's group commit path): every instance is acknowledged
+/// and comes back.
+#[test]
+fn parallel_associations_all_land() {
+    let node = Node::start();
+    let src = tempfile::tempdir().unwrap();
+    let mut batches = Vec::new();
+    for i in 0..4 {
+        let dir = src.path().join(format!("b{i}"));
+        batches.push((dir.clone(), support::make_series(&dir, "CT", 60, 64, &[])));
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = batches
+            .iter()
+            .map(|(dir, _)| s.spawn(|| node.storescu(&["+sd"], std::slice::from_ref(dir))))
+            .collect();
+        for h in handles {
+            assert_ok(&h.join().unwrap(), "parallel storescu");
+        }
+    });
+    for (_, files) in &batches {
+        assert_series_round_trip(&node, files, &dicom_study_uid(&files[0]));
+    }
+}
+
+/// SIGTERM in the middle of a transfer: the node drains and exits cleanly, and every instance
+/// that was acknowledged is there after a restart.
+#[test]
+fn graceful_shutdown_keeps_everything_acknowledged() {
+    let mut node = Node::start();
+    let src = tempfile::tempdir().unwrap();
+    let files = support::make_series(src.path(), "CT", 800, 256, &[]);
+    let pid = node.pid().expect("node running").to_string();
+    let sent = std::thread::scope(|s| {
+        let sender = s.spawn(|| node.send_exact(&files));
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(&pid)
+            .status();
+        sender.join().unwrap()
+    });
+    let acknowledged: Vec<_> = sent
+        .iter()
+        .filter(|(s, _)| *s == Some(0))
+        .map(|(_, p)| p.clone())
+        .collect();
+    assert!(
+        !acknowledged.is_empty() && acknowledged.len() < files.len(),
+        "the stop should land mid-transfer ({} acknowledged)",
+        acknowledged.len()
+    );
+    node.wait_exit_ok();
+    assert!(node.log().contains("shutting down"), "{}", node.log());
+    node.restart();
+    let out = tempfile::tempdir().unwrap();
+    assert_ok(
+        &node.export(&["--study", &dicom_study_uid(&files[0])], out.path()),
+        "export",
+    );
+    let exported: HashMap<String, Part10> = support::files_under(out.path())
+        .iter()
+        .map(|p| support::read_part10(p).unwrap())
+        .map(|p| (p.sop_instance_uid.clone(), p))
+        .collect();
+    for f in &acknowledged {
+        let sent = support::read_part10(f).unwrap();
+        let got = exported.get(&sent.sop_instance_uid);
+        assert!(
+            got.is_some_and(|g| g.dataset == sent.dataset),
+            "{} was acknowledged but did not survive",
+            f.display()
+        );
+    }
+}

@@ -148,6 +148,22 @@ impl Node {
         }
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Waits for a node that was told to stop; asserts it exited cleanly.
+    pub fn wait_exit_ok(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let status = child.wait().unwrap();
+            assert!(
+                status.success(),
+                "node exited with {status}:\n{}",
+                self.log()
+            );
+        }
+    }
+
     /// SIGKILL: a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -156,6 +172,7 @@ impl Node {
         }
     }
 
+    /// Stops the node if it runs, and starts it again on the same state.
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
