@@ -7,7 +7,10 @@
 //!   without breaking the chain, which only holds its hash);
 //! - `index`: `sop\0UID` → latest (seq, version); `ver\0UID\0seq` → (); `study\0S\0SE\0UID`,
 //!   `series\0SE\0UID`, `patient\0PID\0S` → (); `loc\0UID` → the hierarchy keys of the latest
-//!   version (to move an instance when a new version changes its study or series).
+//!   version (to move an instance when a new version changes its study or series);
+//! - `tree`: (level u8, index u64 BE) → hash of a complete subtree of the RFC 9162 Merkle tree
+//!   over the entries (leaf i = entry with sequence number i + 1), see [`merkle`]. Written in the
+//!   same batch as the entries, so the tree always covers exactly the chain.
 //!
 //! **One writer, group commits.** All writes go through a single committer thread: associations
 //! send requests over a channel and wait for a reply. The committer takes every request waiting,
@@ -17,6 +20,7 @@
 //! queueing behind each other's. Being the only writer also makes duplicate detection race-free.
 
 pub mod entry;
+pub mod merkle;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +39,7 @@ use crate::instance::{Digest32, IndexAttrs, MetadataRecord};
 const CF_ENTRIES: &str = "entries";
 const CF_META: &str = "meta";
 const CF_INDEX: &str = "index";
+const CF_TREE: &str = "tree";
 /// Most requests folded into one group commit.
 const MAX_GROUP: usize = 512;
 
@@ -123,7 +128,7 @@ struct Inner {
 }
 
 fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
-    [CF_ENTRIES, CF_META, CF_INDEX]
+    [CF_ENTRIES, CF_META, CF_INDEX, CF_TREE]
         .into_iter()
         .map(|name| {
             let mut o = Options::default();
@@ -312,6 +317,31 @@ impl Ledger {
             .collect())
     }
 
+    /// The RFC 9162 root hash of the first `size` entries.
+    pub fn tree_root(&self, size: u64) -> Result<Digest32, LedgerError> {
+        merkle::root(self, size)
+    }
+
+    /// The inclusion proof of entry `seq` (leaf `seq - 1`) in the tree of `size` entries.
+    pub fn inclusion_proof(&self, seq: u64, size: u64) -> Result<Vec<Digest32>, LedgerError> {
+        if seq == 0 || seq > size || size > self.len()? {
+            return Err(LedgerError::Corrupt(format!(
+                "no entry {seq} in a tree of {size}"
+            )));
+        }
+        merkle::inclusion_proof(self, seq - 1, size)
+    }
+
+    /// The consistency proof between the trees of `old` and `new` entries.
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Digest32>, LedgerError> {
+        if old > new || new > self.len()? {
+            return Err(LedgerError::Corrupt(format!(
+                "no consistency proof from {old} to {new}"
+            )));
+        }
+        merkle::consistency_proof(self, old, new)
+    }
+
     /// Number of entries in the chain.
     pub fn len(&self) -> Result<u64, LedgerError> {
         Ok(self.head()?.map(|(seq, _)| seq).unwrap_or(0))
@@ -444,6 +474,34 @@ fn read_head(db: &DB) -> Result<Option<(u64, Digest32)>, LedgerError> {
     }
 }
 
+fn node_key(level: u8, index: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = level;
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn read_node(
+    db: &DB,
+    cf: &rocksdb::ColumnFamily,
+    level: u8,
+    index: u64,
+) -> Result<Digest32, LedgerError> {
+    db.get_cf(cf, node_key(level, index))
+        .map_err(LedgerError::Read)?
+        .and_then(|v| <Digest32>::try_from(v.as_slice()).ok())
+        .ok_or_else(|| {
+            LedgerError::Corrupt(format!("Merkle tree node ({level}, {index}) is missing"))
+        })
+}
+
+impl merkle::NodeSource for Ledger {
+    type Error = LedgerError;
+    fn node(&self, level: u8, index: u64) -> Result<Digest32, LedgerError> {
+        read_node(&self.inner.db, self.cf(CF_TREE)?, level, index)
+    }
+}
+
 fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -519,6 +577,9 @@ impl Committer {
         let mut head = self.head;
         // Latest (seq, version, key, hierarchy) per SOP Instance within this group.
         let mut pending: HashMap<&str, (u64, u32, Digest32, Vec<Vec<u8>>)> = HashMap::new();
+        // Tree nodes written earlier in this group, not yet readable from the database.
+        let mut new_nodes: HashMap<(u8, u64), Digest32> = HashMap::new();
+        let cf_tree = cf(CF_TREE)?;
         let time_micros = now_micros();
         for job in jobs {
             let req = &job.req;
@@ -575,7 +636,19 @@ impl Committer {
                 object_name: req.object_name.clone().unwrap_or_default(),
                 version,
             };
-            batch.put_cf(cf_entries, seq.to_be_bytes(), entry.encode());
+            let encoded = entry.encode();
+            let created =
+                merkle::append_nodes(seq - 1, merkle::leaf_hash(&encoded), |level, index| {
+                    match new_nodes.get(&(level, index)) {
+                        Some(h) => Ok(*h),
+                        None => read_node(&self.db, cf_tree, level, index),
+                    }
+                })?;
+            for (level, index, hash) in created {
+                batch.put_cf(cf_tree, node_key(level, index), hash);
+                new_nodes.insert((level, index), hash);
+            }
+            batch.put_cf(cf_entries, seq.to_be_bytes(), encoded);
             batch.put_cf(cf_meta, req.instance_key, &req.record);
             let mut latest = seq.to_be_bytes().to_vec();
             latest.extend_from_slice(&version.to_be_bytes());
@@ -700,6 +773,52 @@ mod tests {
             prev = e.hash();
         }
         assert_eq!(ledger.instances_in_study("7").unwrap().len(), 200);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_merkle_tree_follows_the_chain_across_groups_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..37u32 {
+            let l = ledger.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut r = request(&format!("4.{i}"), "5", 0);
+                r.instance_key = Sha256::digest(i.to_le_bytes()).into();
+                l.store(r).await.unwrap()
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        ledger.close();
+        drop(ledger);
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let leaves: Vec<Digest32> = (1..=37)
+            .map(|s| merkle::leaf_hash(&ledger.entry(s).unwrap().unwrap().encode()))
+            .collect();
+        for size in [1u64, 2, 5, 16, 37] {
+            let root = ledger.tree_root(size).unwrap();
+            for seq in [1, size / 2 + 1, size] {
+                let p = ledger.inclusion_proof(seq, size).unwrap();
+                assert!(merkle::verify_inclusion(
+                    &leaves[seq as usize - 1],
+                    seq - 1,
+                    size,
+                    &p,
+                    &root
+                ));
+            }
+            let c = ledger.consistency_proof(3.min(size), size).unwrap();
+            assert!(merkle::verify_consistency(
+                3.min(size),
+                size,
+                &ledger.tree_root(3.min(size)).unwrap(),
+                &root,
+                &c
+            ));
+        }
+        assert!(ledger.inclusion_proof(38, 37).is_err());
     }
 
     #[tokio::test(flavor = "multi_thread")]
