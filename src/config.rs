@@ -81,6 +81,10 @@ pub struct NodeConfig {
     /// On SIGINT/SIGTERM, seconds to let in-flight operations finish before aborting them.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout_secs: u64,
+    /// Most bytes of one data set kept in memory: everything except the pixel data, which streams
+    /// to the object store. A larger data set is refused with A700.
+    #[serde(default = "default_max_metadata")]
+    pub max_metadata_bytes: usize,
 }
 
 /// `[ledger]`: the RocksDB ledger.
@@ -185,6 +189,9 @@ fn default_io_timeout() -> u64 {
 fn default_drain_timeout() -> u64 {
     30
 }
+fn default_max_metadata() -> usize {
+    64 * 1024 * 1024
+}
 fn default_ledger_path() -> PathBuf {
     "var/ledger".into()
 }
@@ -221,6 +228,7 @@ impl Default for NodeConfig {
             idle_timeout_secs: default_idle_timeout(),
             io_timeout_secs: default_io_timeout(),
             drain_timeout_secs: default_drain_timeout(),
+            max_metadata_bytes: default_max_metadata(),
         }
     }
 }
@@ -390,6 +398,9 @@ impl Config {
                 "timeouts must be at least 1 second",
             ));
         }
+        if self.node.max_metadata_bytes < 64 * 1024 {
+            return Err(invalid("node.max_metadata_bytes", "must be at least 65536"));
+        }
         if self.store.timeout_secs == 0 {
             return Err(invalid("store.timeout_secs", "must be at least 1 second"));
         }
@@ -451,8 +462,8 @@ impl Config {
         let mut out = String::new();
         let n = &self.node;
         out += &format!(
-            "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\ndrain_timeout_secs = {}\n\n",
-            n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.drain_timeout_secs
+            "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\ndrain_timeout_secs = {}\nmax_metadata_bytes = {}\n\n",
+            n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.drain_timeout_secs, n.max_metadata_bytes
         );
         out += &format!(
             "[ledger]\npath = {:?}\n\n",

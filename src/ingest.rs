@@ -33,6 +33,8 @@ pub enum IngestError {
     Deflate(String),
     #[error("SOP Class UID {dataset} in the data set differs from {command} in the command")]
     SopClassMismatch { command: String, dataset: String },
+    #[error("data set exceeds {max} bytes of metadata (node.max_metadata_bytes)")]
+    MetadataTooLarge { max: usize },
     #[error("object store: {0}")]
     Store(#[from] StoreError),
     #[error("ledger: {0}")]
@@ -62,14 +64,23 @@ pub struct Pipeline {
     ledger: Ledger,
     store: Store,
     store_timeout: Duration,
+    max_metadata: usize,
 }
 
 impl Pipeline {
-    pub fn new(ledger: Ledger, store: Store, store_timeout: Duration) -> Pipeline {
+    /// `max_metadata` bounds the bytes of one data set held in memory (everything but the bulk
+    /// pixel data, which streams to the store).
+    pub fn new(
+        ledger: Ledger,
+        store: Store,
+        store_timeout: Duration,
+        max_metadata: usize,
+    ) -> Pipeline {
         Pipeline {
             ledger,
             store,
             store_timeout,
+            max_metadata,
         }
     }
 
@@ -143,8 +154,12 @@ impl Incoming {
     pub async fn feed(&mut self, data: &[u8]) -> Result<(), IngestError> {
         self.dataset_hash.update(data);
         self.dataset_length += data.len() as u64;
+        let max = self.pipeline.max_metadata;
         let splitter = match &mut self.mode {
             Mode::Whole => {
+                if self.meta.len() + data.len() > max {
+                    return Err(IngestError::MetadataTooLarge { max });
+                }
                 self.meta.extend_from_slice(data);
                 return Ok(());
             }
@@ -156,6 +171,10 @@ impl Incoming {
             Piece::Meta(b) => meta.extend_from_slice(b),
             Piece::Bulk(b) => bulk.extend_from_slice(b),
         })?;
+        // Checked per chunk: the overshoot is at most one PDU.
+        if self.meta.len() > max {
+            return Err(IngestError::MetadataTooLarge { max });
+        }
         if self.bulk.is_empty() {
             return Ok(());
         }

@@ -51,7 +51,12 @@ pub async fn run(
         .map(|a| a.to_string())
         .unwrap_or_default();
     let ctx = Arc::new(NodeContext {
-        pipeline: Pipeline::new(ledger.clone(), store, cfg.store.timeout()),
+        pipeline: Pipeline::new(
+            ledger.clone(),
+            store,
+            cfg.store.timeout(),
+            cfg.node.max_metadata_bytes,
+        ),
         policy: Policy {
             ae_title: cfg.node.ae_title.clone(),
             check_called_ae: cfg.node.check_called_ae,

@@ -209,3 +209,33 @@ fn bad_data_sets_get_failure_statuses_and_the_association_stays_usable() {
     let staged = support::files_under(&node.dir.join("objects/tmp"));
     assert!(staged.is_empty(), "staged uploads left behind: {staged:?}");
 }
+
+#[test]
+fn a_data_set_beyond_the_metadata_bound_gets_a700_and_nothing_is_kept() {
+    let node = Node::start_with_env(&[("DICOMCHAIN__NODE__MAX_METADATA_BYTES", "262144")]);
+    let dir = tempfile::tempdir().unwrap();
+    // 1 MiB of private OB data: metadata, not pixel data, so it would have to sit in memory.
+    let mut big = dataset(CT, "1.2.3.9.1");
+    big.extend_from_slice(&[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0]);
+    big.extend_from_slice(&(1024u32 * 1024).to_le_bytes());
+    big.extend(std::iter::repeat_n(0xAB, 1024 * 1024));
+    write_part10(&dir.path().join("big.dcm"), CT, "1.2.3.9.1", &big);
+    write_part10(
+        &dir.path().join("ok.dcm"),
+        CT,
+        "1.2.3.9.2",
+        &dataset(CT, "1.2.3.9.2"),
+    );
+    let res = node.send_exact(&[dir.path().join("big.dcm"), dir.path().join("ok.dcm")]);
+    assert_eq!(
+        res.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![Some(0xA700), Some(0)],
+        "{}",
+        node.log()
+    );
+    let out = tempfile::tempdir().unwrap();
+    assert!(!node
+        .export(&["--instance", "1.2.3.9.1"], out.path())
+        .status
+        .success());
+}

@@ -2,7 +2,6 @@
 //! statuses.
 
 use crate::ingest::IngestError;
-use crate::ledger::LedgerError;
 
 pub const SUCCESS: u16 = 0x0000;
 /// PS3.7 §C.5.12: the SOP class in the command is not the one of the presentation context.
@@ -42,9 +41,9 @@ pub fn store_failure(e: &IngestError) -> Failure {
             CANNOT_UNDERSTAND
         }
         IngestError::SopClassMismatch { .. } => DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-        IngestError::Store(_) => OUT_OF_RESOURCES,
-        IngestError::Ledger(LedgerError::ReadOnly) => OUT_OF_RESOURCES,
-        IngestError::Ledger(_) => OUT_OF_RESOURCES,
+        IngestError::MetadataTooLarge { .. } | IngestError::Store(_) | IngestError::Ledger(_) => {
+            OUT_OF_RESOURCES
+        }
     };
     let comment = match e {
         IngestError::Store(_) => "object store unavailable".to_string(),
@@ -63,7 +62,7 @@ mod tests {
     fn resource_failures_are_a700_and_bad_data_is_c000() {
         let e = IngestError::Store(StoreError::NotFound { name: "x".into() });
         assert_eq!(store_failure(&e).status, OUT_OF_RESOURCES);
-        let e = IngestError::Ledger(LedgerError::Closed);
+        let e = IngestError::Ledger(crate::ledger::LedgerError::Closed);
         assert_eq!(store_failure(&e).status, OUT_OF_RESOURCES);
         let e = IngestError::SopClassMismatch {
             command: "1".into(),
