@@ -210,11 +210,21 @@ impl Node {
 
     /// pynetdicom, sending each file's data set exactly as stored. Returns (status, path) pairs.
     pub fn send_exact(&self, files: &[PathBuf]) -> Vec<(Option<u16>, PathBuf)> {
+        self.send_exact_with_timeout(files, 120)
+    }
+
+    /// `send_exact` that gives up on a silent peer after `timeout_secs` (for crash tests).
+    pub fn send_exact_with_timeout(
+        &self,
+        files: &[PathBuf],
+        timeout_secs: u32,
+    ) -> Vec<(Option<u16>, PathBuf)> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/send_exact.py");
         let out = Command::new("python3")
             .arg(script)
             .args(["127.0.0.1", &self.port.to_string(), AE])
             .args(files)
+            .env("SEND_EXACT_DIMSE_TIMEOUT", timeout_secs.to_string())
             .output()
             .expect("run python3");
         assert!(

@@ -7,6 +7,7 @@ pynetdicom with STORE_SEND_CHUNKED_DATASET streams the file's data set unchanged
 transfer syntax (DCMTK's storescu may convert). Prints one line per file:
 "<status hex> <path>" (status "----" when the file could not be sent at all) and exits 0.
 """
+import os
 import sys
 
 from pydicom.filereader import read_file_meta_info
@@ -38,8 +39,10 @@ def main():
         files = rest
         ae = AE(ae_title="SENDEXACT")
         ae.acse_timeout = 30
-        ae.dimse_timeout = 120
-        ae.network_timeout = 120
+        # pynetdicom notices a peer that died mid-message only by this timeout; tests that kill
+        # the receiver set it low.
+        ae.dimse_timeout = float(os.environ.get("SEND_EXACT_DIMSE_TIMEOUT", "120"))
+        ae.network_timeout = ae.dimse_timeout
         for sop, ts in contexts:
             ae.add_requested_context(sop, [ts])
         assoc = ae.associate(host, port, ae_title=called)
