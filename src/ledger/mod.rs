@@ -6,7 +6,7 @@
 //! - `meta`: instance key → encoded [`MetadataRecord`] (separate, so a record can later be erased
 //!   without breaking the chain, which only holds its hash);
 //! - `index`: `sop\0UID` → latest (seq, version); `ver\0UID\0seq` → (); `study\0S\0SE\0UID`,
-//!   `series\0SE\0UID`, `patient\0PID\0S` → (); `loc\0UID` → the hierarchy keys of the latest
+//!   `series\0SE\0UID`, `patient\0PID\0S\0UID` → (); `loc\0UID` → the hierarchy keys of the latest
 //!   version (to move an instance when a new version changes its study or series);
 //! - `tree`: (level u8, index u64 BE) → hash of a complete subtree of the RFC 9162 Merkle tree
 //!   over the entries (leaf i = entry with sequence number i + 1), see [`merkle`]. Written in the
@@ -163,6 +163,7 @@ impl Ledger {
             })?;
         let db = Arc::new(db);
         let head = read_head(&db)?;
+        backfill_tree(&db, head.map(|h| h.0).unwrap_or(0))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let committer = {
             let db = db.clone();
@@ -409,10 +410,14 @@ fn hierarchy_keys(a: &IndexAttrs) -> Vec<Vec<u8>> {
     let mut study = key2("study", &a.study_instance_uid, &a.series_instance_uid);
     study.push(0);
     study.extend_from_slice(a.sop_instance_uid.as_bytes());
+    // Every key names the instance, so moving one instance never unlists another.
+    let mut patient = key2("patient", &a.patient_id, &a.study_instance_uid);
+    patient.push(0);
+    patient.extend_from_slice(a.sop_instance_uid.as_bytes());
     vec![
         study,
         key2("series", &a.series_instance_uid, &a.sop_instance_uid),
-        key2("patient", &a.patient_id, &a.study_instance_uid),
+        patient,
     ]
 }
 
@@ -502,6 +507,62 @@ impl merkle::NodeSource for Ledger {
     }
 }
 
+/// Makes the Merkle tree cover every entry. Leaves are appended in order, so the tree covers a
+/// prefix of the chain; a ledger written before the tree existed (or by a version that lacked it)
+/// gets the missing leaves added here, in one batch.
+fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
+    let cf_tree = db
+        .cf_handle(CF_TREE)
+        .ok_or_else(|| LedgerError::Corrupt("missing tree".into()))?;
+    let cf_entries = db
+        .cf_handle(CF_ENTRIES)
+        .ok_or_else(|| LedgerError::Corrupt("missing entries".into()))?;
+    let has_leaf = |i: u64| {
+        db.get_cf(cf_tree, node_key(0, i))
+            .map(|v| v.is_some())
+            .map_err(LedgerError::Read)
+    };
+    if entries == 0 || has_leaf(entries - 1)? {
+        return Ok(());
+    }
+    // The first leaf index without a node.
+    let (mut lo, mut hi) = (0u64, entries - 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if has_leaf(mid)? {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    tracing::warn!(
+        from = lo,
+        to = entries,
+        "Merkle tree behind the chain: adding the missing leaves"
+    );
+    let mut batch = WriteBatch::default();
+    let mut new_nodes: HashMap<(u8, u64), Digest32> = HashMap::new();
+    for i in lo..entries {
+        let raw = db
+            .get_cf(cf_entries, (i + 1).to_be_bytes())
+            .map_err(LedgerError::Read)?
+            .ok_or_else(|| LedgerError::Corrupt(format!("entry {} is missing", i + 1)))?;
+        let created = merkle::append_nodes(i, merkle::leaf_hash(&raw), |level, index| {
+            match new_nodes.get(&(level, index)) {
+                Some(h) => Ok(*h),
+                None => read_node(db, cf_tree, level, index),
+            }
+        })?;
+        for (level, index, hash) in created {
+            batch.put_cf(cf_tree, node_key(level, index), hash);
+            new_nodes.insert((level, index), hash);
+        }
+    }
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    db.write_opt(batch, &wo).map_err(LedgerError::Write)
+}
+
 fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -532,145 +593,186 @@ impl Committer {
         }
     }
 
-    /// Writes a group as one synced batch. On failure every request of the group gets the error
-    /// and the in-memory head stays where it was.
+    /// Writes a group as one synced batch. A request that cannot be planned (say, its previous
+    /// version is unreadable) fails alone; if the write itself fails every planned request gets
+    /// the error.
     fn commit_group(&mut self, jobs: &[Job]) -> Vec<Result<StoreOutcome, LedgerError>> {
-        match self.build_group(jobs) {
-            Ok((batch, outcomes, head)) => {
-                let mut wo = WriteOptions::default();
-                wo.set_sync(true);
-                match self.db.write_opt(batch, &wo) {
-                    Ok(()) => {
-                        self.head = head;
-                        outcomes.into_iter().map(Ok).collect()
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, requests = jobs.len(), "ledger group commit failed");
-                        jobs.iter()
-                            .map(|_| Err(LedgerError::Write(e.clone())))
-                            .collect()
-                    }
-                }
+        let mut plan = match Group::new(&self.db, self.head) {
+            Ok(g) => g,
+            Err(e) => {
+                return jobs
+                    .iter()
+                    .map(|_| Err(LedgerError::Corrupt(e.to_string())))
+                    .collect()
+            }
+        };
+        let planned: Vec<Result<StoreOutcome, LedgerError>> =
+            jobs.iter().map(|job| plan.add(&job.req)).collect();
+        if !planned
+            .iter()
+            .any(|r| matches!(r, Ok(StoreOutcome::Stored { .. })))
+        {
+            return planned;
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        match self.db.write_opt(plan.batch, &wo) {
+            Ok(()) => {
+                self.head = plan.head;
+                planned
             }
             Err(e) => {
-                let msg = e.to_string();
-                jobs.iter()
-                    .map(|_| Err(LedgerError::Corrupt(msg.clone())))
+                tracing::error!(error = %e, requests = jobs.len(), "ledger group commit failed");
+                // RocksDB may have applied the batch without syncing it; follow the database
+                // rather than our guess, so the next sequence number never collides.
+                self.head = read_head(&self.db).unwrap_or(self.head);
+                planned
+                    .into_iter()
+                    .map(|r| match r {
+                        Ok(StoreOutcome::Stored { .. }) => Err(LedgerError::Write(e.clone())),
+                        other => other,
+                    })
                     .collect()
             }
         }
     }
+}
 
-    #[allow(clippy::type_complexity)]
-    fn build_group(
-        &self,
-        jobs: &[Job],
-    ) -> Result<(WriteBatch, Vec<StoreOutcome>, Option<(u64, Digest32)>), LedgerError> {
+/// One group commit being planned: the batch and everything it changes that later requests of
+/// the same group must see.
+struct Group<'a> {
+    db: &'a DB,
+    cf_entries: &'a rocksdb::ColumnFamily,
+    cf_meta: &'a rocksdb::ColumnFamily,
+    cf_index: &'a rocksdb::ColumnFamily,
+    cf_tree: &'a rocksdb::ColumnFamily,
+    batch: WriteBatch,
+    head: Option<(u64, Digest32)>,
+    /// Latest (seq, version, key, hierarchy keys) per SOP Instance planned in this group.
+    pending: HashMap<String, (u64, u32, Digest32, Vec<Vec<u8>>)>,
+    /// Tree nodes planned in this group, not yet readable from the database.
+    new_nodes: HashMap<(u8, u64), Digest32>,
+    time_micros: i64,
+}
+
+impl<'a> Group<'a> {
+    fn new(db: &'a DB, head: Option<(u64, Digest32)>) -> Result<Group<'a>, LedgerError> {
         let cf = |n| {
-            self.db
-                .cf_handle(n)
+            db.cf_handle(n)
                 .ok_or_else(|| LedgerError::Corrupt(format!("missing column family {n}")))
         };
-        let (cf_entries, cf_meta, cf_index) = (cf(CF_ENTRIES)?, cf(CF_META)?, cf(CF_INDEX)?);
-        let mut batch = WriteBatch::default();
-        let mut outcomes = Vec::with_capacity(jobs.len());
-        let mut head = self.head;
-        // Latest (seq, version, key, hierarchy) per SOP Instance within this group.
-        let mut pending: HashMap<&str, (u64, u32, Digest32, Vec<Vec<u8>>)> = HashMap::new();
-        // Tree nodes written earlier in this group, not yet readable from the database.
-        let mut new_nodes: HashMap<(u8, u64), Digest32> = HashMap::new();
-        let cf_tree = cf(CF_TREE)?;
-        let time_micros = now_micros();
-        for job in jobs {
-            let req = &job.req;
-            let uid = req.attrs.sop_instance_uid.as_str();
-            let previous = match pending.get(uid) {
-                Some((seq, ver, key, loc)) => Some((*seq, *ver, *key, loc.clone())),
-                None => match latest_of(&self.db, uid)? {
-                    Some((seq, ver)) => {
-                        let raw = self
-                            .db
-                            .get_cf(cf_entries, seq.to_be_bytes())
-                            .map_err(LedgerError::Read)?
-                            .ok_or_else(|| {
-                                LedgerError::Corrupt(format!("index names missing entry {seq}"))
-                            })?;
-                        let e =
-                            Entry::decode(&raw).map_err(|e| LedgerError::Corrupt(e.to_string()))?;
-                        let loc = self
-                            .db
-                            .get_cf(cf_index, loc_key(uid))
-                            .map_err(LedgerError::Read)?
-                            .map(|b| decode_keys(&b))
-                            .unwrap_or_default();
-                        Some((seq, ver, e.instance_key, loc))
-                    }
-                    None => None,
-                },
-            };
-            if let Some((seq, _, key, _)) = &previous {
-                if *key == req.instance_key {
-                    outcomes.push(StoreOutcome::Duplicate { seq: *seq });
-                    continue;
-                }
-            }
-            let (seq, prev_hash) = match head {
-                Some((s, h)) => (s + 1, h),
-                None => (1, [0u8; 32]),
-            };
-            let version = previous.as_ref().map(|p| p.1 + 1).unwrap_or(1);
-            let s = &req.summary;
-            let entry = Entry {
-                seq,
-                prev_hash,
-                time_micros,
-                event: Event::Store,
-                calling_ae: req.calling_ae.clone(),
-                sop_class_uid: s.sop_class_uid.clone(),
-                transfer_syntax: s.transfer_syntax.clone(),
-                instance_key: req.instance_key,
-                pixel_sha256: s.pixel_sha256,
-                pixel_length: s.pixel_length,
-                dataset_sha256: s.dataset_sha256,
-                dataset_length: s.dataset_length,
-                object_name: req.object_name.clone().unwrap_or_default(),
-                version,
-            };
-            let encoded = entry.encode();
-            let created =
-                merkle::append_nodes(seq - 1, merkle::leaf_hash(&encoded), |level, index| {
-                    match new_nodes.get(&(level, index)) {
-                        Some(h) => Ok(*h),
-                        None => read_node(&self.db, cf_tree, level, index),
-                    }
-                })?;
-            for (level, index, hash) in created {
-                batch.put_cf(cf_tree, node_key(level, index), hash);
-                new_nodes.insert((level, index), hash);
-            }
-            batch.put_cf(cf_entries, seq.to_be_bytes(), encoded);
-            batch.put_cf(cf_meta, req.instance_key, &req.record);
-            let mut latest = seq.to_be_bytes().to_vec();
-            latest.extend_from_slice(&version.to_be_bytes());
-            batch.put_cf(cf_index, sop_key(uid), latest);
-            let mut ver_key = key2("ver", uid, "");
-            ver_key.extend_from_slice(&seq.to_be_bytes());
-            batch.put_cf(cf_index, ver_key, []);
-            let keys = hierarchy_keys(&req.attrs);
-            if let Some((_, _, _, old)) = &previous {
-                for k in old.iter().filter(|k| !keys.contains(k)) {
-                    batch.delete_cf(cf_index, k);
-                }
-            }
-            for k in &keys {
-                batch.put_cf(cf_index, k, []);
-            }
-            batch.put_cf(cf_index, loc_key(uid), encode_keys(&keys));
-            head = Some((seq, entry.hash()));
-            pending.insert(uid, (seq, version, req.instance_key, keys));
-            outcomes.push(StoreOutcome::Stored { seq, version });
+        Ok(Group {
+            db,
+            cf_entries: cf(CF_ENTRIES)?,
+            cf_meta: cf(CF_META)?,
+            cf_index: cf(CF_INDEX)?,
+            cf_tree: cf(CF_TREE)?,
+            batch: WriteBatch::default(),
+            head,
+            pending: HashMap::new(),
+            new_nodes: HashMap::new(),
+            time_micros: now_micros(),
+        })
+    }
+
+    /// The latest version of a SOP Instance: (seq, version, instance key, hierarchy keys).
+    fn previous(
+        &self,
+        uid: &str,
+    ) -> Result<Option<(u64, u32, Digest32, Vec<Vec<u8>>)>, LedgerError> {
+        if let Some(p) = self.pending.get(uid) {
+            return Ok(Some(p.clone()));
         }
-        Ok((batch, outcomes, head))
+        let Some((seq, ver)) = latest_of(self.db, uid)? else {
+            return Ok(None);
+        };
+        let raw = self
+            .db
+            .get_cf(self.cf_entries, seq.to_be_bytes())
+            .map_err(LedgerError::Read)?
+            .ok_or_else(|| LedgerError::Corrupt(format!("index names missing entry {seq}")))?;
+        let e = Entry::decode(&raw).map_err(|e| LedgerError::Corrupt(e.to_string()))?;
+        let loc = self
+            .db
+            .get_cf(self.cf_index, loc_key(uid))
+            .map_err(LedgerError::Read)?
+            .map(|b| decode_keys(&b))
+            .unwrap_or_default();
+        Ok(Some((seq, ver, e.instance_key, loc)))
+    }
+
+    /// Plans one request. Every fallible read happens before the first write to the batch, so a
+    /// failed request leaves the batch untouched.
+    fn add(&mut self, req: &StoreRequest) -> Result<StoreOutcome, LedgerError> {
+        let uid = req.attrs.sop_instance_uid.as_str();
+        let previous = self.previous(uid)?;
+        if let Some((seq, _, key, _)) = &previous {
+            if *key == req.instance_key {
+                return Ok(StoreOutcome::Duplicate { seq: *seq });
+            }
+        }
+        let (seq, prev_hash) = match self.head {
+            Some((s, h)) => (s + 1, h),
+            None => (1, [0u8; 32]),
+        };
+        let version = previous.as_ref().map(|p| p.1 + 1).unwrap_or(1);
+        let s = &req.summary;
+        let entry = Entry {
+            seq,
+            prev_hash,
+            time_micros: self.time_micros,
+            event: Event::Store,
+            calling_ae: req.calling_ae.clone(),
+            sop_class_uid: s.sop_class_uid.clone(),
+            transfer_syntax: s.transfer_syntax.clone(),
+            instance_key: req.instance_key,
+            pixel_sha256: s.pixel_sha256,
+            pixel_length: s.pixel_length,
+            dataset_sha256: s.dataset_sha256,
+            dataset_length: s.dataset_length,
+            object_name: req.object_name.clone().unwrap_or_default(),
+            version,
+        };
+        let encoded = entry.encode();
+        let (db, cf_tree, new_nodes) = (self.db, self.cf_tree, &self.new_nodes);
+        let created =
+            merkle::append_nodes(seq - 1, merkle::leaf_hash(&encoded), |level, index| {
+                match new_nodes.get(&(level, index)) {
+                    Some(h) => Ok(*h),
+                    None => read_node(db, cf_tree, level, index),
+                }
+            })?;
+        // From here on nothing fails.
+        for (level, index, hash) in created {
+            self.batch
+                .put_cf(self.cf_tree, node_key(level, index), hash);
+            self.new_nodes.insert((level, index), hash);
+        }
+        self.batch
+            .put_cf(self.cf_entries, seq.to_be_bytes(), encoded);
+        self.batch
+            .put_cf(self.cf_meta, req.instance_key, &req.record);
+        let mut latest = seq.to_be_bytes().to_vec();
+        latest.extend_from_slice(&version.to_be_bytes());
+        self.batch.put_cf(self.cf_index, sop_key(uid), latest);
+        let mut ver_key = key2("ver", uid, "");
+        ver_key.extend_from_slice(&seq.to_be_bytes());
+        self.batch.put_cf(self.cf_index, ver_key, []);
+        let keys = hierarchy_keys(&req.attrs);
+        if let Some((_, _, _, old)) = &previous {
+            for k in old.iter().filter(|k| !keys.contains(k)) {
+                self.batch.delete_cf(self.cf_index, k);
+            }
+        }
+        for k in &keys {
+            self.batch.put_cf(self.cf_index, k, []);
+        }
+        self.batch
+            .put_cf(self.cf_index, loc_key(uid), encode_keys(&keys));
+        self.head = Some((seq, entry.hash()));
+        self.pending
+            .insert(uid.to_string(), (seq, version, req.instance_key, keys));
+        Ok(StoreOutcome::Stored { seq, version })
     }
 }
 
@@ -819,6 +921,27 @@ mod tests {
             ));
         }
         assert!(ledger.inclusion_proof(38, 37).is_err());
+        // A ledger whose tree lags the chain (written before the tree existed) is repaired at open.
+        let root = ledger.tree_root(37).unwrap();
+        {
+            let cf = ledger.cf(CF_TREE).unwrap();
+            let keys: Vec<_> = ledger
+                .inner
+                .db
+                .iterator_cf(cf, IteratorMode::Start)
+                .map(|kv| kv.unwrap().0)
+                .collect();
+            for k in keys
+                .iter()
+                .filter(|k| k[0] == 0 && u64::from_be_bytes(k[1..].try_into().unwrap()) >= 20)
+            {
+                ledger.inner.db.delete_cf(cf, k).unwrap();
+            }
+        }
+        ledger.close();
+        drop(ledger);
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(ledger.tree_root(37).unwrap(), root);
     }
 
     #[tokio::test(flavor = "multi_thread")]
