@@ -19,8 +19,9 @@ use crate::store::{Store, StoreError, Upload};
 
 /// Deflated Explicit VR Little Endian (PS3.5 §A.5).
 pub const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
-/// Most bytes a deflated data set may inflate to for indexing (a guard against deflate bombs).
-const MAX_INFLATED: u64 = 512 * 1024 * 1024;
+/// Most bytes of a deflated data set inflated for indexing: the attributes we index sit at its
+/// start, so the rest is never inflated (and a deflate bomb costs at most this much).
+const MAX_INFLATED: u64 = 4 * 1024 * 1024;
 
 /// Why an instance was not stored. Mapped to DIMSE statuses in `dimse::status`, nowhere else.
 #[derive(Debug, thiserror::Error)]
@@ -118,11 +119,21 @@ impl Pipeline {
         what: &str,
         fut: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.store_timeout, fut).await {
+        self.timed_scaled(what, 1, fut).await
+    }
+
+    async fn timed_scaled<T>(
+        &self,
+        what: &str,
+        scale: u32,
+        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let after = self.store_timeout * scale;
+        match tokio::time::timeout(after, fut).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout {
                 what: what.to_string(),
-                after: self.store_timeout,
+                after,
             }),
         }
     }
@@ -218,6 +229,12 @@ impl Incoming {
         ctx: &StoreContext,
         upload: Option<Upload>,
     ) -> Result<Stored, (IngestError, Option<Upload>)> {
+        if self.dataset_length == 0 {
+            return Err((
+                IngestError::Parse(ParseError::Missing("any data set bytes")),
+                upload,
+            ));
+        }
         let (layout, splices) = match self.mode {
             Mode::Split(s) => match s.finish() {
                 Ok(splices) => (Layout::Split, splices),
@@ -260,14 +277,18 @@ impl Incoming {
         let object_name = match upload {
             Some(upload) => {
                 let name = instance::object_name(&key);
+                // Committing a large object (an S3 multipart completion and server-side copy)
+                // takes time in proportion to its size: one timeout per started 16 MiB.
                 let p = &self.pipeline;
-                p.timed("commit object", upload.commit(&name))
+                let scale = 1 + (record.pixel_length / (16 * 1024 * 1024)) as u32;
+                p.timed_scaled("commit object", scale, upload.commit(&name))
                     .await
                     .map_err(|e| (IngestError::from(e), None))?;
                 Some(name)
             }
             None => None,
         };
+        let dataset_length = record.dataset_length;
         let req = StoreRequest {
             calling_ae: ctx.calling_ae.clone(),
             instance_key: key,
@@ -276,6 +297,8 @@ impl Incoming {
             object_name,
             attrs: attrs.clone(),
         };
+        // The encoded copy travels on; the metadata need not stay in memory twice meanwhile.
+        drop(record);
         let outcome = self
             .pipeline
             .ledger
@@ -286,45 +309,37 @@ impl Incoming {
             outcome,
             instance_key: key,
             attrs,
-            dataset_length: record.dataset_length,
+            dataset_length,
         })
     }
 }
 
-/// Reads the index attributes of a record (inflating a deflated data set first). `fallback` is
-/// the command's (SOP Class UID, SOP Instance UID), used where the data set lacks them.
+/// Reads the index attributes of a record (inflating the start of a deflated data set first).
+/// `fallback` is the command's (SOP Class UID, SOP Instance UID), used where the data set lacks
+/// them.
 pub fn index_record(
     record: &MetadataRecord,
     fallback: (&str, &str),
 ) -> Result<IndexAttrs, IngestError> {
-    match Encoding::from_transfer_syntax(&record.transfer_syntax) {
-        Some(enc) => Ok(instance::index_attrs(
-            record.indexable_prefix(),
-            enc,
-            fallback,
-        )?),
+    let attrs = match Encoding::from_transfer_syntax(&record.transfer_syntax) {
+        Some(enc) => instance::index_attrs(record.indexable_prefix(), enc, fallback, false)?,
         None => {
-            let inflated = inflate(&record.meta)?;
+            let (inflated, complete) = inflate_start(&record.meta)?;
             // The inflated form is Explicit VR Little Endian (PS3.5 §A.5).
-            Ok(instance::index_attrs(
-                &inflated,
-                Encoding::ExplicitLittle,
-                fallback,
-            )?)
+            instance::index_attrs(&inflated, Encoding::ExplicitLittle, fallback, !complete)?
         }
-    }
+    };
+    Ok(attrs)
 }
 
-fn inflate(deflated: &[u8]) -> Result<Vec<u8>, IngestError> {
+/// Inflates up to [`MAX_INFLATED`] bytes; says whether that was the whole stream.
+fn inflate_start(deflated: &[u8]) -> Result<(Vec<u8>, bool), IngestError> {
     let mut out = Vec::new();
     flate2::read::DeflateDecoder::new(deflated)
         .take(MAX_INFLATED + 1)
         .read_to_end(&mut out)
         .map_err(|e| IngestError::Deflate(e.to_string()))?;
-    if out.len() as u64 > MAX_INFLATED {
-        return Err(IngestError::Deflate(format!(
-            "inflates to more than {MAX_INFLATED} bytes"
-        )));
-    }
-    Ok(out)
+    let complete = out.len() as u64 <= MAX_INFLATED;
+    out.truncate(MAX_INFLATED as usize);
+    Ok((out, complete))
 }

@@ -233,10 +233,13 @@ const MAX_DEPTH: usize = 64;
 /// sender puts before them (UN-encoded sequences, private sequences) — a general-purpose parser
 /// would be slower and would refuse instances the splitter has already proven well-formed.
 /// SOP Class and SOP Instance UID missing from the data set are taken from the command.
+/// With `partial`, `prefix` is a cut-off start of the data set: an element cut off at its end
+/// ends the scan instead of being an error.
 pub fn index_attrs(
     prefix: &[u8],
     encoding: crate::split::Encoding,
     fallback: (&str, &str),
+    partial: bool,
 ) -> Result<IndexAttrs, ParseError> {
     let wanted = [
         SOP_CLASS_UID,
@@ -253,12 +256,21 @@ pub fn index_attrs(
     let explicit = encoding != crate::split::Encoding::ImplicitLittle;
     let mut pos = 0;
     while pos < prefix.len() {
-        let h = scanner.header(pos, explicit)?;
+        let h = match scanner.header(pos, explicit) {
+            Ok(h) => h,
+            Err(_) if partial => break,
+            Err(e) => return Err(e),
+        };
         if h.tag > SERIES_INSTANCE_UID {
             break;
         }
-        pos = match h.length {
-            None => scanner.skip_sequence(h.value_start, !h.un && explicit, 1)?,
+        let step = match h.length {
+            None => match scanner.skip_sequence(h.value_start, !h.un && explicit, 1) {
+                Ok(end) => end,
+                Err(_) if partial => break,
+                Err(e) => return Err(e),
+            },
+            Some(len) if partial && h.value_start.saturating_add(len) > prefix.len() => break,
             Some(len) => {
                 let end = h
                     .value_start
@@ -277,6 +289,7 @@ pub fn index_attrs(
                 end
             }
         };
+        pos = step;
     }
     let text = |tag: u32| -> String {
         found
@@ -298,6 +311,19 @@ pub fn index_attrs(
         series_instance_uid: text(SERIES_INSTANCE_UID),
         patient_id: text(PATIENT_ID),
     };
+    // The index frames its keys with NUL; a value containing one could pose as another
+    // instance's hierarchy.
+    for (what, v) in [
+        ("SOP Class UID", &attrs.sop_class_uid),
+        ("SOP Instance UID", &attrs.sop_instance_uid),
+        ("Study Instance UID", &attrs.study_instance_uid),
+        ("Series Instance UID", &attrs.series_instance_uid),
+        ("Patient ID", &attrs.patient_id),
+    ] {
+        if v.contains('\0') {
+            return Err(ParseError::Parse(format!("{what} contains a NUL byte")));
+        }
+    }
     if attrs.sop_class_uid.is_empty() {
         return Err(ParseError::Missing("SOP Class UID (0008,0016)"));
     }
@@ -563,7 +589,7 @@ mod tests {
             Encoding::ExplicitLittle,
             Encoding::ExplicitBig,
         ] {
-            let a = index_attrs(&sample(enc), enc, ("", "")).unwrap();
+            let a = index_attrs(&sample(enc), enc, ("", ""), false).unwrap();
             assert_eq!(a.sop_class_uid, "1.2.840.10008.5.1.4.1.1.2", "{enc:?}");
             assert_eq!(a.sop_instance_uid, "1.2.3.4");
             assert_eq!(a.patient_id, "PID");
@@ -581,7 +607,7 @@ mod tests {
             let mut ds = el(0x0008_0016, b"UI", b"1.2\0", enc);
             ds.extend(undefined_sequence(0x0008_0017, b"UN", &implicit_item, enc));
             ds.extend(el(0x0008_0018, b"UI", b"7.7\0", enc));
-            let a = index_attrs(&ds, enc, ("", "")).unwrap();
+            let a = index_attrs(&ds, enc, ("", ""), false).unwrap();
             assert_eq!(a.sop_instance_uid, "7.7", "{enc:?}");
         }
         let mut ds = el(0x0008_0016, b"UI", b"1.2\0", Encoding::ExplicitLittle);
@@ -594,7 +620,7 @@ mod tests {
         ));
         ds.extend(el(0x0008_0018, b"UI", b"7.7\0", Encoding::ExplicitLittle));
         assert_eq!(
-            index_attrs(&ds, Encoding::ExplicitLittle, ("", ""))
+            index_attrs(&ds, Encoding::ExplicitLittle, ("", ""), false)
                 .unwrap()
                 .sop_instance_uid,
             "7.7"
@@ -605,18 +631,31 @@ mod tests {
     fn missing_uids_come_from_the_command_or_fail() {
         let enc = Encoding::ExplicitLittle;
         let ds = el(0x0010_0020, b"LO", b"PID ", enc);
-        let a = index_attrs(&ds, enc, ("1.2.840.10008.5.1.4.1.1.7", "5.6")).unwrap();
+        let a = index_attrs(&ds, enc, ("1.2.840.10008.5.1.4.1.1.7", "5.6"), false).unwrap();
         assert_eq!(
             (a.sop_class_uid.as_str(), a.sop_instance_uid.as_str()),
             ("1.2.840.10008.5.1.4.1.1.7", "5.6")
         );
         assert!(matches!(
-            index_attrs(&ds, enc, ("", "")),
+            index_attrs(&ds, enc, ("", ""), false),
             Err(ParseError::Missing(_))
         ));
         let truncated = &sample(enc)[..20];
         assert!(matches!(
-            index_attrs(truncated, enc, ("1", "2")),
+            index_attrs(truncated, enc, ("1", "2"), false),
+            Err(ParseError::Parse(_))
+        ));
+        // A cut-off start (of a deflated data set) keeps what it found.
+        let a = index_attrs(&sample(enc)[..40], enc, ("1", "2"), true).unwrap();
+        assert_eq!(a.sop_class_uid, "1.2.840.10008.5.1.4.1.1.2");
+        assert_eq!(a.sop_instance_uid, "2");
+        let nul = [
+            el(0x0008_0016, b"UI", b"1.2\0", enc),
+            el(0x0008_0018, b"UI", b"1\x002.9", enc),
+        ]
+        .concat();
+        assert!(matches!(
+            index_attrs(&nul, enc, ("", ""), false),
             Err(ParseError::Parse(_))
         ));
     }

@@ -128,7 +128,18 @@ pub fn negotiate(
     }
     let mut results = Vec::with_capacity(rq.presentation_contexts.len());
     let mut contexts = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for pc in &rq.presentation_contexts {
+        // PS3.8 §9.3.2.2: context IDs are odd and unique; refuse the ones that are not, so a
+        // PDV's context ID always names exactly one abstract syntax.
+        if pc.id % 2 == 0 || !seen.insert(pc.id) {
+            results.push(PresentationContextResult {
+                id: pc.id,
+                reason: PresentationContextResultReason::NoReason,
+                transfer_syntax: "1.2.840.10008.1.2".to_string(),
+            });
+            continue;
+        }
         let abstract_syntax = trim(&pc.abstract_syntax);
         let known = abstract_syntax == VERIFICATION || is_storage_sop_class(abstract_syntax);
         // PS3.8 §9.3.3.2: the acceptor picks one of the proposed syntaxes; we honour the
@@ -280,6 +291,20 @@ mod tests {
             "1.2.840.10008.1.2.4.70"
         );
         assert!(neg.context(5).is_none() && neg.context(7).is_none());
+        let (_, dup) = negotiate(
+            &policy(),
+            &rq(
+                "DICOMCHAIN",
+                vec![
+                    (1, VERIFICATION, vec!["1.2.840.10008.1.2"]),
+                    (1, "1.2.840.10008.5.1.4.1.1.2", vec!["1.2.840.10008.1.2"]),
+                    (2, "1.2.840.10008.5.1.4.1.1.2", vec!["1.2.840.10008.1.2"]),
+                ],
+            ),
+        )
+        .unwrap();
+        assert_eq!(dup.contexts.len(), 1);
+        assert_eq!(dup.context(1).unwrap().abstract_syntax, VERIFICATION);
         let reasons: Vec<_> = ac
             .presentation_contexts
             .iter()

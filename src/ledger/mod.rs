@@ -40,6 +40,8 @@ const CF_ENTRIES: &str = "entries";
 const CF_META: &str = "meta";
 const CF_INDEX: &str = "index";
 const CF_TREE: &str = "tree";
+/// Longest an association waits for its ledger write.
+const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 /// Most requests folded into one group commit.
 const MAX_GROUP: usize = 512;
 
@@ -60,6 +62,8 @@ pub enum LedgerError {
     Corrupt(String),
     #[error("ledger is closed")]
     Closed,
+    #[error("ledger did not answer within {0:?}")]
+    Timeout(std::time::Duration),
     #[error("ledger is open read-only")]
     ReadOnly,
 }
@@ -230,7 +234,12 @@ impl Ledger {
                 .send(Job { req, reply })
                 .map_err(|_| LedgerError::Closed)?;
         }
-        rx.await.map_err(|_| LedgerError::Closed)?
+        // A stalled disk must not hold associations forever: they get A700 and may resend
+        // (a resend of what did land is then recognised as a duplicate).
+        match tokio::time::timeout(STORE_WAIT, rx).await {
+            Ok(r) => r.map_err(|_| LedgerError::Closed)?,
+            Err(_) => Err(LedgerError::Timeout(STORE_WAIT)),
+        }
     }
 
     /// Stops the committer after it has finished the requests already queued, and flushes.

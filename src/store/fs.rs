@@ -76,6 +76,15 @@ impl FsStore {
         {
             let _ = tokio::fs::remove_file(entry.path()).await;
         }
+        // All 256 shard directories exist, durably, before the first object is acknowledged:
+        // a rename into a directory whose own entry is not yet synced could vanish in a crash.
+        for shard in 0..=255u8 {
+            let dir = root.join(format!("{shard:02x}"));
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(io(format!("creating {}", dir.display())))?;
+        }
+        sync_dir(root).await?;
         Ok(FsStore {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
@@ -159,6 +168,14 @@ impl FsStore {
     }
 }
 
+impl Drop for FsUpload {
+    /// An upload dropped without `commit` or `abort` (a cancelled C-STORE, a timeout, a drained
+    /// association) takes its temp file with it. After a commit the path no longer exists.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 impl FsUpload {
     pub async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
         self.file
@@ -191,10 +208,8 @@ impl FsUpload {
     }
 
     pub async fn abort(self) {
-        drop(self.file);
-        if let Err(e) = tokio::fs::remove_file(&self.path).await {
-            tracing::warn!(path = %self.path.display(), error = %e, "could not remove staged object");
-        }
+        // Drop removes the temp file.
+        drop(self);
     }
 }
 
@@ -273,8 +288,15 @@ mod tests {
         let mut up = store.begin().await.unwrap();
         up.write(b"x").await.unwrap();
         up.abort().await;
-        let up = store.begin().await.unwrap();
-        drop(up); // a crash mid-write
+        let mut up = store.begin().await.unwrap();
+        up.write(b"y").await.unwrap();
+        drop(up); // a cancelled C-STORE
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        // A crash mid-write leaves a temp file; the next open clears it.
+        std::fs::write(dir.path().join("tmp/1-1.part"), b"z").unwrap();
         let _ = FsStore::open(dir.path()).await.unwrap();
         assert_eq!(
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
