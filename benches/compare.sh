@@ -3,7 +3,7 @@
 # client (DCMTK storescu, one association over loopback), same run.
 #
 # usage: benches/compare.sh [COUNT] [SIZE]      (default: 1000 instances of 512x512x16-bit CT)
-# Orthanc is added when /usr/sbin/Orthanc exists.
+# (Orthanc and the S3 backend join this table with the performance issue.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT=${1:-1000}
@@ -31,9 +31,10 @@ row() { awk -v n="$1" -v t="$2" -v base="$3" -v c="$COUNT" -v mb="$mb" \
 # DCMTK storescp: writes files, no fsync.
 p=$(port); mkdir -p "$work/storescp"
 TCP_NODELAY=1 /usr/bin/storescp -aet STORESCP -od "$work/storescp" "$p" &
+pid=$!
 wait_port "$p"
 t_scp=$(send STORESCP "$p")
-kill %1; wait %1 2>/dev/null || true
+kill "$pid"; wait "$pid" 2>/dev/null || true
 
 # dicomchain, fs backend: every instance split, pixel object fsynced, ledger entry fsynced (WAL).
 p=$(port)
@@ -46,9 +47,10 @@ path = "$work/dc/ledger"
 root = "$work/dc/objects"
 TOML
 RUST_LOG=warn "$bin" serve --config "$work/dc.toml" &
+pid=$!
 wait_port "$p"
 t_dc=$(send DICOMCHAIN "$p")
-kill -TERM %2; wait %2 2>/dev/null || true
+kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 
 echo
 echo "$COUNT CT ${SIZE}x${SIZE} instances ($mb MB), DCMTK storescu, one association, loopback, $(nproc) cores"
