@@ -392,22 +392,7 @@ impl Scanner<'_> {
         }
         let (len, value_start, un) = if explicit {
             let vr = self.bytes::<2>(pos + 4)?;
-            let long = matches!(
-                &vr,
-                b"OB"
-                    | b"OD"
-                    | b"OF"
-                    | b"OL"
-                    | b"OV"
-                    | b"OW"
-                    | b"SQ"
-                    | b"SV"
-                    | b"UC"
-                    | b"UN"
-                    | b"UR"
-                    | b"UT"
-                    | b"UV"
-            );
+            let long = crate::split::has_long_length(&vr);
             if long {
                 (self.u32(pos + 8, big)?, pos + 12, &vr == b"UN")
             } else {

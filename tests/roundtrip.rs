@@ -63,12 +63,7 @@ fn pydicom_corpus_round_trips_byte_for_byte() {
     let mut failures = Vec::new();
     for file in &corpus {
         let res = node.send_exact(std::slice::from_ref(&file.path));
-        let name = file
-            .path
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
+        let name = support::file_name(&file.path);
         let status = res.first().and_then(|r| r.0);
         if let Some((_, why)) = DELIBERATELY_BROKEN.iter().find(|(n, _)| *n == name) {
             // Bad input gets a clear error, not a stored instance.
@@ -132,12 +127,7 @@ fn pydicom_corpus_through_dcmtk_storescu() {
     let reference = support::Storescp::start();
     let (mut identical, mut not_sent) = (0, Vec::new());
     for file in &corpus {
-        let name = file
-            .path
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
+        let name = support::file_name(&file.path);
         let propose = dcmtk_propose(&file.transfer_syntax);
         let wire = reference.receive(&file.path, propose);
         let out = node.storescu(propose, std::slice::from_ref(&file.path));

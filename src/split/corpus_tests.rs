@@ -112,8 +112,7 @@ fn file_meta(file: &[u8]) -> Result<(String, usize), String> {
         let element = u16::from_le_bytes([h[2], h[3]]);
         let vr = [h[4], h[5]];
         let (hlen, len) = match &vr {
-            b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN"
-            | b"UR" | b"UT" | b"UV" => {
+            v if super::has_long_length(v) => {
                 let l = file.get(pos + 8..pos + 12).ok_or("meta truncated")?;
                 (12, u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize)
             }

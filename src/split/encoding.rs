@@ -16,6 +16,27 @@ pub enum Encoding {
     ExplicitBig,
 }
 
+/// Whether an explicit VR has the long header form: 2 reserved bytes and a 4-byte length
+/// (PS3.5 §7.1.2, Table 7.1-1); every other VR has a 2-byte length.
+pub fn has_long_length(vr: &[u8; 2]) -> bool {
+    matches!(
+        vr,
+        b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"SQ"
+            | b"SV"
+            | b"UC"
+            | b"UN"
+            | b"UR"
+            | b"UT"
+            | b"UV"
+    )
+}
+
 /// Transfer syntaxes whose data set after the file meta information is deflated
 /// (PS3.5 A.5 Deflated Explicit VR Little Endian, A.7 JPIP Referenced Deflate,
 /// A.12 JPIP HTJ2K Referenced Deflate). The splitter works on the inflated stream.

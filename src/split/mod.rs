@@ -24,7 +24,7 @@ mod tests;
 #[cfg(test)]
 mod testutil;
 
-pub use encoding::{is_deflated_transfer_syntax, Encoding};
+pub use encoding::{has_long_length, is_deflated_transfer_syntax, Encoding};
 pub use error::{SplitError, Tag, VrBytes};
 pub use plan::{bulk_total, plan, reconstruct, Segment};
 pub use splitter::Splitter;

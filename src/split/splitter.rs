@@ -50,8 +50,7 @@ enum VrLen {
 /// The 34 VRs of PS3.5 §6.2 Table 6.2-1; anything else is rejected rather than guessed.
 fn vr_len(vr: [u8; 2]) -> Option<VrLen> {
     match &vr {
-        b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR"
-        | b"UT" | b"UV" => Some(VrLen::Long),
+        v if super::encoding::has_long_length(v) => Some(VrLen::Long),
         b"AE" | b"AS" | b"AT" | b"CS" | b"DA" | b"DS" | b"DT" | b"FD" | b"FL" | b"IS" | b"LO"
         | b"LT" | b"PN" | b"SH" | b"SL" | b"SS" | b"ST" | b"TM" | b"UI" | b"UL" | b"US" => {
             Some(VrLen::Short)

@@ -38,22 +38,7 @@ pub fn tag_bytes(enc: Encoding, tag: u32) -> Vec<u8> {
 }
 
 pub fn is_long_vr(vr: &[u8; 2]) -> bool {
-    matches!(
-        vr,
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"SV"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"UV"
-    )
+    super::has_long_length(vr)
 }
 
 /// Element header; `vr` is ignored in implicit VR.

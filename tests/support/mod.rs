@@ -430,6 +430,13 @@ pub fn make_series(
     files
 }
 
+/// The last component of a path, as text.
+pub fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// Every file under `dir`, recursively.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut v = Vec::new();
