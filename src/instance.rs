@@ -645,6 +645,26 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        /// The scanner reads received bytes: arbitrary input yields attributes or an error.
+        #[test]
+        fn index_scanner_never_panics(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+            sel in 0u8..6,
+        ) {
+            let enc = [Encoding::ImplicitLittle, Encoding::ExplicitLittle, Encoding::ExplicitBig][sel as usize % 3];
+            let _ = index_attrs(&bytes, enc, ("1.2", "3.4"), sel >= 3);
+        }
+
+        /// Damaged records decode to an error; intact ones round-trip.
+        #[test]
+        fn record_decoder_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            if let Ok(r) = MetadataRecord::decode(&bytes) {
+                proptest::prop_assert_eq!(MetadataRecord::decode(&r.encode()).unwrap(), r);
+            }
+        }
+    }
+
     #[test]
     fn prefix_stops_before_the_pixel_header() {
         assert_eq!(record().indexable_prefix().len(), 10);

@@ -222,6 +222,16 @@ mod tests {
         assert!(!cmd.has_data_set().unwrap());
     }
 
+    proptest::proptest! {
+        /// Command sets come off the network: arbitrary bytes decode or fail, never panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            if let Ok(cmd) = Command::decode(&bytes) {
+                let _ = (cmd.message_id(), cmd.has_data_set(), cmd.string(tag::AFFECTED_SOP_CLASS_UID));
+            }
+        }
+    }
+
     #[test]
     fn rejects_truncation_and_foreign_groups() {
         let bytes = CommandBuilder::new().u16(tag::COMMAND_FIELD, 1).encode();
