@@ -371,6 +371,29 @@ mod tests {
         }
     }
 
+    /// Go's tlog (as ported by Cloudflare in `tlog_tiles`) is an independent implementation of
+    /// the same RFC 9162 tree: it must accept every proof we make.
+    #[test]
+    fn proofs_verify_with_an_independent_implementation() {
+        use tlog_tiles::tlog::{check_record, check_tree, Hash};
+        let t = MemTree::with(130);
+        let h = |d: &Digest32| Hash(*d);
+        for n in 1..=130u64 {
+            let r = root(&t, n).unwrap();
+            for i in (0..n).step_by(7).chain([n - 1]) {
+                let p: Vec<Hash> = inclusion_proof(&t, i, n).unwrap().iter().map(h).collect();
+                let leaf = leaf_hash(&t.leaves[i as usize]);
+                check_record(&p, n, Hash(r), i, Hash(leaf))
+                    .unwrap_or_else(|e| panic!("inclusion {i} in {n}: {e:?}"));
+            }
+            for m in (1..n).step_by(5) {
+                let p: Vec<Hash> = consistency_proof(&t, m, n).unwrap().iter().map(h).collect();
+                check_tree(&p, n, Hash(r), m, Hash(root(&t, m).unwrap()))
+                    .unwrap_or_else(|e| panic!("consistency {m} -> {n}: {e:?}"));
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]

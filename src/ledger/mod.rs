@@ -19,6 +19,7 @@
 //! always follows a durable ledger write, and concurrent associations share fsyncs instead of
 //! queueing behind each other's. Being the only writer also makes duplicate detection race-free.
 
+pub mod checkpoint;
 pub mod entry;
 pub mod merkle;
 
