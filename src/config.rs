@@ -94,6 +94,15 @@ pub struct LedgerConfig {
     /// RocksDB directory.
     #[serde(default = "default_ledger_path")]
     pub path: PathBuf,
+    /// The Ed25519 key that signs checkpoints; created (mode 0600) on first start.
+    #[serde(default = "default_signing_key_file")]
+    pub signing_key_file: PathBuf,
+    /// The log's identity: the origin line of every checkpoint and the signing key's name.
+    #[serde(default = "default_origin")]
+    pub origin: String,
+    /// Seconds between signed checkpoints at most (one is signed only when the tree grew).
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: u64,
 }
 
 /// Which object store backend holds the pixel data.
@@ -195,6 +204,15 @@ fn default_max_metadata() -> usize {
 fn default_ledger_path() -> PathBuf {
     "var/ledger".into()
 }
+fn default_signing_key_file() -> PathBuf {
+    "var/ledger-signing.key".into()
+}
+fn default_origin() -> String {
+    "dicomchain/ledger".into()
+}
+fn default_checkpoint_interval() -> u64 {
+    10
+}
 fn default_backend() -> StoreBackend {
     StoreBackend::Fs
 }
@@ -236,6 +254,9 @@ impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
             path: default_ledger_path(),
+            signing_key_file: default_signing_key_file(),
+            origin: default_origin(),
+            checkpoint_interval: default_checkpoint_interval(),
         }
     }
 }
@@ -401,6 +422,19 @@ impl Config {
         if self.node.max_metadata_bytes < 64 * 1024 {
             return Err(invalid("node.max_metadata_bytes", "must be at least 65536"));
         }
+        let origin = &self.ledger.origin;
+        if origin.is_empty() || origin.contains(char::is_whitespace) || origin.contains('+') {
+            return Err(invalid(
+                "ledger.origin",
+                "must be non-empty, without spaces or '+'",
+            ));
+        }
+        if self.ledger.checkpoint_interval == 0 {
+            return Err(invalid(
+                "ledger.checkpoint_interval",
+                "must be at least 1 second",
+            ));
+        }
         if self.store.timeout_secs == 0 {
             return Err(invalid("store.timeout_secs", "must be at least 1 second"));
         }
@@ -466,8 +500,11 @@ impl Config {
             n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.drain_timeout_secs, n.max_metadata_bytes
         );
         out += &format!(
-            "[ledger]\npath = {:?}\n\n",
-            self.ledger.path.display().to_string()
+            "[ledger]\npath = {:?}\nsigning_key_file = {:?}\norigin = {:?}\ncheckpoint_interval = {}\n\n",
+            self.ledger.path.display().to_string(),
+            self.ledger.signing_key_file.display().to_string(),
+            self.ledger.origin,
+            self.ledger.checkpoint_interval
         );
         let st = &self.store;
         let backend = match st.backend {

@@ -19,6 +19,7 @@
 //! record and the instance key that ties the halves together; [`config`] the configuration;
 //! [`node`] starts and stops it all.
 
+pub mod audit;
 pub mod config;
 pub mod dimse;
 pub mod export;

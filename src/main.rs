@@ -28,6 +28,22 @@ enum Command {
     Serve,
     /// Validate the configuration and print the effective values (secrets masked).
     CheckConfig,
+    /// Print the newest signed checkpoint (C2SP tlog-checkpoint, signed note).
+    Checkpoint {
+        /// Print the verifier key (`<name>+<hex key id>+<base64 key>`) instead.
+        #[arg(long)]
+        verifier_key: bool,
+    },
+    /// Print an RFC 9162 proof as JSON: inclusion of an instance, or consistency of two sizes.
+    #[command(group(ArgGroup::new("kind").required(true).args(["instance", "consistency"])))]
+    Proof {
+        /// SOP Instance UID: proves its latest entry is in the newest checkpoint.
+        #[arg(long)]
+        instance: Option<String>,
+        /// OLD NEW: proves the tree of NEW entries extends the tree of OLD entries.
+        #[arg(long, num_args = 2, value_names = ["OLD", "NEW"])]
+        consistency: Option<Vec<u64>>,
+    },
     /// Rebuild stored instances as Part 10 files, checked against the ledger.
     #[command(group(ArgGroup::new("what").required(true).args(["study", "series", "instance"])))]
     Export {
@@ -59,6 +75,25 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => serve(cfg),
+        Command::Checkpoint { verifier_key } => {
+            let r = if verifier_key {
+                dicomchain::audit::verifier_key(&cfg).map(|k| format!("{k}\n"))
+            } else {
+                dicomchain::audit::latest_checkpoint(&cfg)
+            };
+            print_or_fail(r)
+        }
+        Command::Proof {
+            instance,
+            consistency,
+        } => {
+            let r = match (instance, consistency.as_deref()) {
+                (Some(uid), _) => dicomchain::audit::instance_proof(&cfg, &uid),
+                (None, Some([old, new])) => dicomchain::audit::consistency_proof(&cfg, *old, *new),
+                _ => unreachable!("clap requires --instance or --consistency OLD NEW"),
+            };
+            print_or_fail(r.map(|v| format!("{v:#}\n")))
+        }
         Command::Export {
             study,
             series,
@@ -72,6 +107,19 @@ fn main() -> ExitCode {
                 _ => unreachable!("clap requires one of --study, --series, --instance"),
             };
             run_export(cfg, selection, out)
+        }
+    }
+}
+
+fn print_or_fail(r: Result<String, dicomchain::audit::AuditError>) -> ExitCode {
+    match r {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dicomchain: {e}");
+            ExitCode::FAILURE
         }
     }
 }

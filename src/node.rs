@@ -21,6 +21,8 @@ pub enum StartError {
     Ledger(#[from] LedgerError),
     #[error("object store: {0}")]
     Store(#[from] StoreError),
+    #[error("checkpoint signing key: {0}")]
+    Key(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -35,7 +37,19 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     let addr = cfg.node.listen_addr()?;
-    let ledger = Ledger::open(&cfg.ledger.path)?;
+    let signer = crate::ledger::checkpoint::load_or_create_key(
+        &cfg.ledger.signing_key_file,
+        &cfg.ledger.origin,
+    )
+    .map_err(StartError::Key)?;
+    let ledger = Ledger::open_with(
+        &cfg.ledger.path,
+        Some(crate::ledger::Checkpointing {
+            signer,
+            origin: cfg.ledger.origin.clone(),
+            interval: std::time::Duration::from_secs(cfg.ledger.checkpoint_interval),
+        }),
+    )?;
     let head = ledger.head()?;
     info!(path = %cfg.ledger.path.display(), entries = head.map(|h| h.0).unwrap_or(0), "ledger open");
     let store = Store::open(&cfg.store).await?;

@@ -4,6 +4,7 @@
 mod support;
 
 mod cli;
+mod ledger;
 mod network;
 mod roundtrip;
 mod s3;

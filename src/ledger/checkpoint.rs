@@ -187,6 +187,45 @@ impl NoteSigner {
     }
 }
 
+/// Loads the signing key from `path`, or creates it there (mode 0600, synced) when the file does
+/// not exist. The key's name must be `origin`.
+pub fn load_or_create_key(path: &std::path::Path, origin: &str) -> Result<NoteSigner, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let signer =
+                NoteSigner::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            if signer.name != origin {
+                return Err(format!(
+                    "{}: the key is named {:?} but ledger.origin is {origin:?}",
+                    path.display(),
+                    signer.name
+                ));
+            }
+            Ok(signer)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let signer = NoteSigner::generate(origin).map_err(|e| e.to_string())?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            f.write_all(format!("{}\n", signer.private_key_text()).as_bytes())
+                .and_then(|_| f.sync_all())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            tracing::info!(path = %path.display(), verifier_key = %signer.verifier_key(), "created the checkpoint signing key");
+            Ok(signer)
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
 /// Verifies a note against a verifier key and returns its checkpoint.
 pub fn verify(note: &str, verifier_key: &str) -> Result<Checkpoint, NoteError> {
     // Base64 may contain '+': the key is everything after the second separator.

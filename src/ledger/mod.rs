@@ -10,7 +10,8 @@
 //!   version (to move an instance when a new version changes its study or series);
 //! - `tree`: (level u8, index u64 BE) → hash of a complete subtree of the RFC 9162 Merkle tree
 //!   over the entries (leaf i = entry with sequence number i + 1), see [`merkle`]. Written in the
-//!   same batch as the entries, so the tree always covers exactly the chain.
+//!   same batch as the entries, so the tree always covers exactly the chain;
+//! - `checkpoints`: tree size u64 → signed checkpoint note (see [`checkpoint`]); all are kept.
 //!
 //! **One writer, group commits.** All writes go through a single committer thread: associations
 //! send requests over a channel and wait for a reply. The committer takes every request waiting,
@@ -41,6 +42,7 @@ const CF_ENTRIES: &str = "entries";
 const CF_META: &str = "meta";
 const CF_INDEX: &str = "index";
 const CF_TREE: &str = "tree";
+const CF_CHECKPOINTS: &str = "checkpoints";
 /// Longest an association waits for its ledger write.
 const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 /// Most requests folded into one group commit.
@@ -118,6 +120,15 @@ struct Job {
     reply: oneshot::Sender<Result<StoreOutcome, LedgerError>>,
 }
 
+/// Signing of checkpoints by the node.
+pub struct Checkpointing {
+    pub signer: checkpoint::NoteSigner,
+    /// The checkpoint origin line: the log's identity.
+    pub origin: String,
+    /// At most one new checkpoint per interval, and only when the tree grew.
+    pub interval: std::time::Duration,
+}
+
 /// A cheap, cloneable handle on the ledger.
 #[derive(Clone)]
 pub struct Ledger {
@@ -133,7 +144,7 @@ struct Inner {
 }
 
 fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
-    [CF_ENTRIES, CF_META, CF_INDEX, CF_TREE]
+    [CF_ENTRIES, CF_META, CF_INDEX, CF_TREE, CF_CHECKPOINTS]
         .into_iter()
         .map(|name| {
             let mut o = Options::default();
@@ -156,6 +167,15 @@ fn db_options() -> Options {
 impl Ledger {
     /// Opens (creating if needed) the ledger as its single writer and starts the committer.
     pub fn open(path: &Path) -> Result<Ledger, LedgerError> {
+        Ledger::open_with(path, None)
+    }
+
+    /// Opens the ledger as its single writer; with `checkpointing`, the committer signs
+    /// checkpoints of the tree as it grows.
+    pub fn open_with(
+        path: &Path,
+        checkpointing: Option<Checkpointing>,
+    ) -> Result<Ledger, LedgerError> {
         if let Some(parent) = path.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
@@ -169,12 +189,20 @@ impl Ledger {
         let db = Arc::new(db);
         let head = read_head(&db)?;
         backfill_tree(&db, head.map(|h| h.0).unwrap_or(0))?;
+        let last_checkpoint = check_last_checkpoint(&db, head.map(|h| h.0).unwrap_or(0))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let committer = {
             let db = db.clone();
+            let committer = Committer {
+                db,
+                head,
+                checkpointing,
+                last_checkpoint,
+                last_signed: None,
+            };
             std::thread::Builder::new()
                 .name("ledger-committer".into())
-                .spawn(move || Committer { db, head }.run(rx))
+                .spawn(move || committer.run(rx))
                 .map_err(|e| LedgerError::Corrupt(format!("cannot start committer thread: {e}")))?
         };
         Ok(Ledger {
@@ -353,6 +381,18 @@ impl Ledger {
         merkle::consistency_proof(self, old, new)
     }
 
+    /// The newest signed checkpoint note, if any.
+    pub fn latest_checkpoint(&self) -> Result<Option<String>, LedgerError> {
+        let cf = self.cf(CF_CHECKPOINTS)?;
+        match self.inner.db.iterator_cf(cf, IteratorMode::End).next() {
+            None => Ok(None),
+            Some(item) => {
+                let (_, v) = item.map_err(LedgerError::Read)?;
+                Ok(Some(String::from_utf8_lossy(&v).into_owned()))
+            }
+        }
+    }
+
     /// Number of entries in the chain.
     pub fn len(&self) -> Result<u64, LedgerError> {
         Ok(self.head()?.map(|(seq, _)| seq).unwrap_or(0))
@@ -510,6 +550,50 @@ fn read_node(
         })
 }
 
+/// The tree as the committer reads it.
+struct DbNodes<'a>(&'a DB);
+
+impl merkle::NodeSource for DbNodes<'_> {
+    type Error = LedgerError;
+    fn node(&self, level: u8, index: u64) -> Result<Digest32, LedgerError> {
+        let cf = self
+            .0
+            .cf_handle(CF_TREE)
+            .ok_or_else(|| LedgerError::Corrupt("missing tree".into()))?;
+        read_node(self.0, cf, level, index)
+    }
+}
+
+/// The newest checkpoint's size, after checking that the chain still reaches it and that our
+/// tree still has the root it signed. A ledger cut below a signed checkpoint, or rewritten under
+/// one, must not carry on as if nothing happened.
+fn check_last_checkpoint(db: &DB, entries: u64) -> Result<u64, LedgerError> {
+    let cf = db
+        .cf_handle(CF_CHECKPOINTS)
+        .ok_or_else(|| LedgerError::Corrupt("missing checkpoints".into()))?;
+    let Some(item) = db.iterator_cf(cf, IteratorMode::End).next() else {
+        return Ok(0);
+    };
+    let (_, note) = item.map_err(LedgerError::Read)?;
+    let note = String::from_utf8_lossy(&note);
+    let body_end = note.rfind("\n\n").map(|i| i + 1).unwrap_or(note.len());
+    let cp = checkpoint::Checkpoint::parse(&note[..body_end])
+        .map_err(|e| LedgerError::Corrupt(format!("newest checkpoint: {e}")))?;
+    if cp.size > entries {
+        return Err(LedgerError::Corrupt(format!(
+            "the chain has {entries} entries but a signed checkpoint covers {}: entries were removed",
+            cp.size
+        )));
+    }
+    if merkle::root(&DbNodes(db), cp.size)? != cp.root {
+        return Err(LedgerError::Corrupt(format!(
+            "the tree no longer has the root signed at size {}: entries were altered",
+            cp.size
+        )));
+    }
+    Ok(cp.size)
+}
+
 impl merkle::NodeSource for Ledger {
     type Error = LedgerError;
     fn node(&self, level: u8, index: u64) -> Result<Digest32, LedgerError> {
@@ -584,11 +668,30 @@ fn now_micros() -> i64 {
 struct Committer {
     db: Arc<DB>,
     head: Option<(u64, Digest32)>,
+    checkpointing: Option<Checkpointing>,
+    /// Tree size of the newest stored checkpoint.
+    last_checkpoint: u64,
+    last_signed: Option<std::time::Instant>,
 }
 
 impl Committer {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
-        while let Ok(first) = rx.recv() {
+        let tick = self
+            .checkpointing
+            .as_ref()
+            .map(|c| c.interval)
+            .unwrap_or(std::time::Duration::from_secs(3600));
+        // A tree that grew while the node was down gets its checkpoint now.
+        self.maybe_checkpoint(true);
+        loop {
+            let first = match rx.recv_timeout(tick) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.maybe_checkpoint(false);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             let mut jobs = vec![first];
             while jobs.len() < MAX_GROUP {
                 match rx.try_recv() {
@@ -600,6 +703,49 @@ impl Committer {
             for (job, result) in jobs.into_iter().zip(results) {
                 let _ = job.reply.send(result);
             }
+            self.maybe_checkpoint(false);
+        }
+        // The last entries before a shutdown are covered too.
+        self.maybe_checkpoint(true);
+    }
+
+    /// Signs and stores a checkpoint of the current tree if it grew since the last one and the
+    /// interval has passed (or `now`). Only sizes already durable are signed, and the tree is
+    /// append-only, so two checkpoints can never disagree — crashes included.
+    fn maybe_checkpoint(&mut self, now: bool) {
+        let Some(cp) = &self.checkpointing else {
+            return;
+        };
+        let size = self.head.map(|h| h.0).unwrap_or(0);
+        if size <= self.last_checkpoint {
+            return;
+        }
+        if !now && self.last_signed.is_some_and(|t| t.elapsed() < cp.interval) {
+            return;
+        }
+        let result = merkle::root(&DbNodes(&self.db), size).and_then(|root| {
+            let note = cp.signer.sign(&checkpoint::Checkpoint {
+                origin: cp.origin.clone(),
+                size,
+                root,
+            });
+            let cf = self
+                .db
+                .cf_handle(CF_CHECKPOINTS)
+                .ok_or_else(|| LedgerError::Corrupt("missing checkpoints".into()))?;
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            self.db
+                .put_cf_opt(cf, size.to_be_bytes(), note.as_bytes(), &wo)
+                .map_err(LedgerError::Write)
+        });
+        match result {
+            Ok(()) => {
+                self.last_checkpoint = size;
+                self.last_signed = Some(std::time::Instant::now());
+                tracing::debug!(size, "checkpoint signed");
+            }
+            Err(e) => tracing::error!(error = %e, size, "cannot sign a checkpoint"),
         }
     }
 
@@ -952,6 +1098,44 @@ mod tests {
         drop(ledger);
         let ledger = Ledger::open(dir.path()).unwrap();
         assert_eq!(ledger.tree_root(37).unwrap(), root);
+    }
+
+    fn checkpointing(seed: u8) -> Checkpointing {
+        Checkpointing {
+            signer: checkpoint::NoteSigner::from_seed("test.example/ledger", [seed; 32]).unwrap(),
+            origin: "test.example/ledger".into(),
+            interval: std::time::Duration::from_millis(1),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn checkpoints_are_signed_as_the_tree_grows_and_guard_against_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let vkey = checkpointing(3).signer.verifier_key();
+        let ledger = Ledger::open_with(dir.path(), Some(checkpointing(3))).unwrap();
+        for i in 0..5u8 {
+            ledger
+                .store(request(&format!("6.{i}"), "1", i + 10))
+                .await
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        ledger.close();
+        let note = ledger.latest_checkpoint().unwrap().unwrap();
+        let cp = checkpoint::verify(&note, &vkey).unwrap();
+        assert_eq!(cp.size, 5);
+        assert_eq!(cp.root, ledger.tree_root(5).unwrap());
+        drop(ledger);
+        // Remove the newest entry behind the node's back: it refuses to start.
+        {
+            let db = DB::open_cf_descriptors(&db_options(), dir.path(), cf_descriptors()).unwrap();
+            db.delete_cf(db.cf_handle(CF_ENTRIES).unwrap(), 5u64.to_be_bytes())
+                .unwrap();
+        }
+        let err = Ledger::open_with(dir.path(), Some(checkpointing(3)))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("entries were removed"), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread")]

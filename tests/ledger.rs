@@ -1,0 +1,129 @@
+//! The ledger as an outsider checks it: signed checkpoints and RFC 9162 proofs from the CLI,
+//! verified with independent implementations (Go's note and tlog, as ported in `signed_note` and
+//! `tlog_tiles`), never with our own code.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use tlog_tiles::tlog::{check_record, check_tree, record_hash, Hash};
+
+use crate::support::{self, assert_ok, Node};
+
+fn b64(s: &serde_json::Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s.as_str().unwrap())
+        .unwrap()
+}
+
+fn hash(s: &serde_json::Value) -> Hash {
+    Hash(b64(s).try_into().unwrap())
+}
+
+fn run(node: &Node, args: &[&str]) -> String {
+    let out = node.command().args(args).output().unwrap();
+    assert_ok(&out, &format!("dicomchain {args:?}"));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Verifies a note with signed_note and returns (size, root).
+fn verified_checkpoint(note: &str, vkey: &str) -> (u64, Hash) {
+    let verifier = signed_note::StandardVerifier::new(vkey.trim()).unwrap();
+    let parsed = signed_note::Note::from_bytes(note.as_bytes()).unwrap();
+    parsed
+        .verify(&signed_note::VerifierList::new(vec![Box::new(verifier)]))
+        .unwrap();
+    let body = String::from_utf8(parsed.text().to_vec()).unwrap();
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines[0], "dicomchain/ledger");
+    let root = base64::engine::general_purpose::STANDARD
+        .decode(lines[2])
+        .unwrap();
+    (lines[1].parse().unwrap(), Hash(root.try_into().unwrap()))
+}
+
+#[test]
+fn proofs_from_the_cli_verify_with_independent_code() {
+    let node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
+    let src = tempfile::tempdir().unwrap();
+    let files = support::make_series(src.path(), "CT", 12, 32, &[]);
+    assert_ok(&node.storescu(&[], &files), "storescu");
+    let vkey = run(&node, &["checkpoint", "--verifier-key"]);
+    let key_file = node.dir.join("var/ledger-signing.key");
+    let mode = std::fs::metadata(&key_file).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    // The newest checkpoint covers all 12 entries within a couple of intervals.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (size, root) = loop {
+        let out = node.command().arg("checkpoint").output().unwrap();
+        if out.status.success() {
+            let cp = verified_checkpoint(&String::from_utf8(out.stdout).unwrap(), &vkey);
+            if cp.0 == 12 {
+                break cp;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint of 12 entries:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    for f in &files {
+        let sent = support::read_part10(f).unwrap();
+        let proof: serde_json::Value = serde_json::from_str(&run(
+            &node,
+            &["proof", "--instance", &sent.sop_instance_uid],
+        ))
+        .unwrap();
+        assert_eq!(proof["tree_size"], size);
+        let (cp_size, cp_root) = verified_checkpoint(proof["checkpoint"].as_str().unwrap(), &vkey);
+        assert_eq!((cp_size, cp_root), (size, root));
+        let leaf = b64(&proof["leaf"]);
+        assert_eq!(record_hash(&leaf), hash(&proof["leaf_hash"]));
+        let path: Vec<Hash> = proof["inclusion"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(hash)
+            .collect();
+        check_record(
+            &path,
+            size,
+            root,
+            proof["leaf_index"].as_u64().unwrap(),
+            record_hash(&leaf),
+        )
+        .unwrap();
+        // The holder of the file can prove it is what the archive took in.
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&sent.dataset));
+        assert_eq!(proof["dataset_sha256"], digest);
+        assert!(
+            leaf.windows(32).any(|w| hex::encode(w) == digest),
+            "the entry commits to the data set digest"
+        );
+    }
+
+    let c: serde_json::Value =
+        serde_json::from_str(&run(&node, &["proof", "--consistency", "5", "12"])).unwrap();
+    let path: Vec<Hash> = c["consistency"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(hash)
+        .collect();
+    check_tree(&path, 12, root, 5, hash(&c["old_root"])).unwrap();
+    assert_eq!(hash(&c["new_root"]), root);
+
+    let out = node
+        .command()
+        .args(["proof", "--instance", "9.9.9.9"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("9.9.9.9"));
+}
