@@ -30,3 +30,4 @@ pub mod node;
 pub mod retrieve;
 pub mod split;
 pub mod store;
+pub mod verify;

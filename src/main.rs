@@ -44,6 +44,15 @@ enum Command {
         #[arg(long, num_args = 2, value_names = ["OLD", "NEW"])]
         consistency: Option<Vec<u64>>,
     },
+    /// Audit the ledger and the object store; exit 0 when intact, 1 on damage, 2 when unable.
+    Verify {
+        /// Check the ledger only, without re-reading the pixel objects.
+        #[arg(long)]
+        ledger_only: bool,
+        /// Verifier key for the checkpoints (default: derived from ledger.signing_key_file).
+        #[arg(long)]
+        verifier_key: Option<String>,
+    },
     /// Rebuild stored instances as Part 10 files, checked against the ledger.
     #[command(group(ArgGroup::new("what").required(true).args(["study", "series", "instance"])))]
     Export {
@@ -75,6 +84,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => serve(cfg),
+        Command::Verify {
+            ledger_only,
+            verifier_key,
+        } => run_verify(cfg, ledger_only, verifier_key),
         Command::Checkpoint { verifier_key } => {
             let r = if verifier_key {
                 dicomchain::audit::verifier_key(&cfg).map(|k| format!("{k}\n"))
@@ -107,6 +120,49 @@ fn main() -> ExitCode {
                 _ => unreachable!("clap requires one of --study, --series, --instance"),
             };
             run_export(cfg, selection, out)
+        }
+    }
+}
+
+fn run_verify(cfg: Config, ledger_only: bool, verifier_key: Option<String>) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dicomchain: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = dicomchain::verify::Options {
+        ledger_only,
+        verifier_key,
+    };
+    match rt.block_on(dicomchain::verify::run(&cfg, &opts)) {
+        Ok(report) => {
+            for p in &report.problems {
+                println!("DAMAGED {}: {}", p.subject, p.what);
+            }
+            println!(
+                "verify: {} entries, {} checkpoints, {} pixel objects ({} bytes) checked{}: {}",
+                report.entries,
+                report.checkpoints,
+                report.objects_checked,
+                report.bytes_checked,
+                if ledger_only { " (ledger only)" } else { "" },
+                if report.problems.is_empty() {
+                    "everything intact".to_string()
+                } else {
+                    format!("{} problem(s)", report.problems.len())
+                }
+            );
+            if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("dicomchain: verify could not run: {e}");
+            ExitCode::from(2)
         }
     }
 }

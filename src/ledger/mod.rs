@@ -381,6 +381,20 @@ impl Ledger {
         merkle::consistency_proof(self, old, new)
     }
 
+    /// Every stored checkpoint note, oldest (smallest tree) first.
+    pub fn checkpoints(&self) -> Result<Vec<(u64, String)>, LedgerError> {
+        let cf = self.cf(CF_CHECKPOINTS)?;
+        let mut out = Vec::new();
+        for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(LedgerError::Read)?;
+            let size = <[u8; 8]>::try_from(&k[..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| LedgerError::Corrupt("checkpoint key".into()))?;
+            out.push((size, String::from_utf8_lossy(&v).into_owned()));
+        }
+        Ok(out)
+    }
+
     /// The newest signed checkpoint note, if any.
     pub fn latest_checkpoint(&self) -> Result<Option<String>, LedgerError> {
         let cf = self.cf(CF_CHECKPOINTS)?;

@@ -115,6 +115,27 @@ impl FsStore {
         })
     }
 
+    /// Names of every object (not staged uploads).
+    pub async fn list(&self) -> Result<Vec<String>, StoreError> {
+        let mut names = Vec::new();
+        for shard in 0..=255u8 {
+            let dir = self.inner.root.join(format!("{shard:02x}"));
+            let mut rd = match tokio::fs::read_dir(&dir).await {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(format!("listing {}", dir.display()))(e)),
+            };
+            while let Some(e) = rd
+                .next_entry()
+                .await
+                .map_err(io(format!("listing {}", dir.display())))?
+            {
+                names.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(names)
+    }
+
     /// Where an object of this name lives.
     pub fn path_of(&self, name: &str) -> PathBuf {
         self.inner.root.join(&name[..2]).join(name)
