@@ -245,4 +245,19 @@ fn verify_finds_tampering_in_every_layer() {
         .export(&["--instance", &uid_damaged], out_dir.path())
         .status
         .success());
+
+    // 5. The newest entry dropped while the node is down: verify names the signed checkpoint
+    // that now covers more than the chain (and the node refuses to start, see the unit tests).
+    wait_for_checkpoint(&node, 6);
+    node.stop();
+    {
+        let path = node.dir.join("ledger");
+        let cfs = ["entries", "meta", "index", "tree", "checkpoints"];
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, cfs).unwrap();
+        db.delete_cf(db.cf_handle("entries").unwrap(), 6u64.to_be_bytes())
+            .unwrap();
+    }
+    let (code, text) = verify(&node, &["--ledger-only"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("entries were removed"), "{text}");
 }
