@@ -360,7 +360,15 @@ fn graceful_shutdown_keeps_everything_acknowledged() {
     let pid = node.pid().expect("node running").to_string();
     let sent = std::thread::scope(|s| {
         let sender = s.spawn(|| node.send_exact(&files));
-        std::thread::sleep(std::time::Duration::from_millis(1500));
+        // Stop once the transfer is under way, however fast or slow this machine is.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while node.log().matches("instance stored").count() < 20 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the transfer never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = std::process::Command::new("kill")
             .arg("-TERM")
             .arg(&pid)
@@ -410,11 +418,19 @@ fn a_crash_never_loses_an_acknowledged_instance() {
     let a = support::make_series(&src.path().join("a"), "CT", 300, 256, &["--studies", "1"]);
     let b = support::make_series(&src.path().join("b"), "MR", 300, 256, &["--studies", "1"]);
     let mut acknowledged: Vec<PathBuf> = Vec::new();
-    for (round, delay_ms) in [700u64, 1300, 2100].into_iter().enumerate() {
+    // Kill after 5, 60 and 150 more instances were stored: early, mid-way and late in a
+    // transfer, whatever this machine's speed.
+    for (round, after) in [5usize, 60, 150].into_iter().enumerate() {
+        let before = node.log().matches("instance stored").count();
         let sent = std::thread::scope(|s| {
             let ta = s.spawn(|| node.send_exact_with_timeout(&a, 10));
             let tb = s.spawn(|| node.send_exact_with_timeout(&b, 10));
-            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while node.log().matches("instance stored").count() < before + after
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
             node_kill(&node);
             let mut v = ta.join().unwrap();
             v.extend(tb.join().unwrap());
@@ -426,7 +442,7 @@ fn a_crash_never_loses_an_acknowledged_instance() {
             .map(|(_, p)| p)
             .collect();
         eprintln!(
-            "crash round {round}: {} acknowledged before SIGKILL after {delay_ms} ms",
+            "crash round {round}: {} acknowledged before SIGKILL (after {after} more stored)",
             acked.len()
         );
         acknowledged.extend(acked);
