@@ -103,6 +103,10 @@ pub struct LedgerConfig {
     /// Seconds between signed checkpoints at most (one is signed only when the tree grew).
     #[serde(default = "default_checkpoint_interval")]
     pub checkpoint_interval: u64,
+    /// Directory where `export` leaves security events (integrity failures) for the node to
+    /// record on the ledger; it must be writable by whoever runs `export`.
+    #[serde(default = "default_event_spool")]
+    pub event_spool: PathBuf,
 }
 
 /// Which object store backend holds the pixel data.
@@ -213,6 +217,9 @@ fn default_origin() -> String {
 fn default_checkpoint_interval() -> u64 {
     10
 }
+fn default_event_spool() -> PathBuf {
+    "var/ledger-events".into()
+}
 fn default_backend() -> StoreBackend {
     StoreBackend::Fs
 }
@@ -257,6 +264,7 @@ impl Default for LedgerConfig {
             signing_key_file: default_signing_key_file(),
             origin: default_origin(),
             checkpoint_interval: default_checkpoint_interval(),
+            event_spool: default_event_spool(),
         }
     }
 }
@@ -500,11 +508,12 @@ impl Config {
             n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.drain_timeout_secs, n.max_metadata_bytes
         );
         out += &format!(
-            "[ledger]\npath = {:?}\nsigning_key_file = {:?}\norigin = {:?}\ncheckpoint_interval = {}\n\n",
+            "[ledger]\npath = {:?}\nsigning_key_file = {:?}\norigin = {:?}\ncheckpoint_interval = {}\nevent_spool = {:?}\n\n",
             self.ledger.path.display().to_string(),
             self.ledger.signing_key_file.display().to_string(),
             self.ledger.origin,
-            self.ledger.checkpoint_interval
+            self.ledger.checkpoint_interval,
+            self.ledger.event_spool.display().to_string()
         );
         let st = &self.store;
         let backend = match st.backend {

@@ -77,7 +77,27 @@ pub async fn run(cfg: &Config, selection: &Selection, out: &Path) -> Result<Repo
         let dest = out.join(format!("{}.dcm", safe_file_name(&uid)));
         match export_one(&ledger, &store, &entry, &dest).await {
             Ok(()) => report.written.push(dest),
-            Err(e) => report.failed.push((uid, e.to_string())),
+            Err(e) => {
+                let mut why = e.to_string();
+                // A damaged instance is a security event: the node records it on the ledger.
+                if let Some(reason) = e.integrity_reason() {
+                    let ev = crate::ledger::SpooledEvent {
+                        subject_seq: entry.seq,
+                        reason,
+                        detector: "export".into(),
+                    };
+                    match ev.write(&cfg.ledger.event_spool) {
+                        Ok(_) => why += " (security event left for the ledger)",
+                        Err(e) => {
+                            why += &format!(
+                                " (could not record the security event in {}: {e})",
+                                cfg.ledger.event_spool.display()
+                            )
+                        }
+                    }
+                }
+                report.failed.push((uid, why))
+            }
         }
     }
     Ok(report)

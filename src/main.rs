@@ -138,6 +138,9 @@ fn run_verify(cfg: Config, ledger_only: bool, verifier_key: Option<String>) -> E
     };
     match rt.block_on(dicomchain::verify::run(&cfg, &opts)) {
         Ok(report) => {
+            for e in &report.events {
+                println!("SECURITY EVENT {e}");
+            }
             for p in &report.problems {
                 println!("DAMAGED {}: {}", p.subject, p.what);
             }

@@ -49,6 +49,7 @@ pub async fn run(
             origin: cfg.ledger.origin.clone(),
             interval: std::time::Duration::from_secs(cfg.ledger.checkpoint_interval),
         }),
+        Some(cfg.ledger.event_spool.clone()),
     )?;
     let head = ledger.head()?;
     info!(path = %cfg.ledger.path.display(), entries = head.map(|h| h.0).unwrap_or(0), "ledger open");

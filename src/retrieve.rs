@@ -8,7 +8,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::instance::{self, Digest32, MetadataRecord};
-use crate::ledger::{Entry, Ledger, LedgerError};
+use crate::ledger::{Entry, Ledger, LedgerError, Reason};
 use crate::split::{self, Segment};
 use crate::store::{ObjectReader, Store, StoreError};
 
@@ -19,33 +19,50 @@ pub enum RetrieveError {
     Ledger(#[from] LedgerError),
     #[error("object store: {0}")]
     Store(#[from] StoreError),
-    #[error("integrity check failed: {0}")]
-    Integrity(String),
+    #[error("integrity check failed: {1}")]
+    Integrity(Reason, String),
     #[error("writing output: {0}")]
     Io(#[from] std::io::Error),
 }
 
-fn integrity(msg: impl Into<String>) -> RetrieveError {
-    RetrieveError::Integrity(msg.into())
+impl RetrieveError {
+    /// What failed, when the instance no longer matches the ledger (as opposed to an outage).
+    pub fn integrity_reason(&self) -> Option<Reason> {
+        match self {
+            RetrieveError::Integrity(r, _) => Some(*r),
+            _ => None,
+        }
+    }
+}
+
+fn integrity(reason: Reason, msg: impl Into<String>) -> RetrieveError {
+    RetrieveError::Integrity(reason, msg.into())
 }
 
 /// Loads and checks the metadata record an entry commits to.
 pub fn load_record(ledger: &Ledger, entry: &Entry) -> Result<MetadataRecord, RetrieveError> {
-    let raw = ledger
-        .record(&entry.instance_key)?
-        .ok_or_else(|| integrity(format!("metadata of ledger entry {} is missing", entry.seq)))?;
+    let raw = ledger.record(&entry.instance_key)?.ok_or_else(|| {
+        integrity(
+            Reason::Metadata,
+            format!("metadata of ledger entry {} is missing", entry.seq),
+        )
+    })?;
     if instance::instance_key(&raw) != entry.instance_key {
-        return Err(integrity(format!(
-            "metadata of ledger entry {} does not match its instance key",
-            entry.seq
-        )));
+        return Err(integrity(
+            Reason::Metadata,
+            format!(
+                "metadata of ledger entry {} does not match its instance key",
+                entry.seq
+            ),
+        ));
     }
-    let record = MetadataRecord::decode(&raw).map_err(|e| integrity(e.to_string()))?;
+    let record =
+        MetadataRecord::decode(&raw).map_err(|e| integrity(Reason::Metadata, e.to_string()))?;
     if record.pixel_sha256 != entry.pixel_sha256 || record.dataset_sha256 != entry.dataset_sha256 {
-        return Err(integrity(format!(
-            "ledger entry {} disagrees with its metadata",
-            entry.seq
-        )));
+        return Err(integrity(
+            Reason::Metadata,
+            format!("ledger entry {} disagrees with its metadata", entry.seq),
+        ));
     }
     Ok(record)
 }
@@ -62,11 +79,25 @@ pub async fn rebuild<W: std::io::Write>(
     let mut dataset_hash = Sha256::new();
     let mut pixel_hash = Sha256::new();
     let segments = split::plan(record.meta.len() as u64, &record.splices)
-        .map_err(|e| integrity(format!("splices: {e}")))?;
+        .map_err(|e| integrity(Reason::Metadata, format!("splices: {e}")))?;
     let mut reader = match (record.pixel_length, entry.object_name.as_str()) {
         (0, _) => None,
-        (_, "") => return Err(integrity("entry has pixel data but no object name")),
-        (_, name) => Some(BulkReader::new(store.open_read(name).await?)),
+        (_, "") => {
+            return Err(integrity(
+                Reason::Metadata,
+                "entry has pixel data but no object name",
+            ))
+        }
+        (_, name) => match store.open_read(name).await {
+            Ok(r) => Some(BulkReader::new(r)),
+            Err(StoreError::NotFound { name }) => {
+                return Err(integrity(
+                    Reason::MissingObject,
+                    format!("pixel object {name} is missing"),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        },
     };
     for seg in segments {
         match seg {
@@ -78,7 +109,7 @@ pub async fn rebuild<W: std::io::Write>(
             Segment::Bulk { start, end } => {
                 let reader = reader
                     .as_mut()
-                    .ok_or_else(|| integrity("bulk segment without object"))?;
+                    .ok_or_else(|| integrity(Reason::Metadata, "bulk segment without object"))?;
                 let mut left = end - start;
                 while left > 0 {
                     let chunk = reader.take(left).await?;
@@ -92,18 +123,23 @@ pub async fn rebuild<W: std::io::Write>(
     }
     if let Some(r) = reader.as_mut() {
         if !r.at_end().await? {
-            return Err(integrity("pixel object is longer than recorded"));
+            return Err(integrity(
+                Reason::Pixel,
+                "pixel object is longer than recorded",
+            ));
         }
     }
     let pixel: Digest32 = pixel_hash.finalize().into();
     if record.pixel_length > 0 && pixel != record.pixel_sha256 {
         return Err(integrity(
+            Reason::Pixel,
             "pixel data does not match the ledger (SHA-256 differs)",
         ));
     }
     let dataset: Digest32 = dataset_hash.finalize().into();
     if dataset != record.dataset_sha256 {
         return Err(integrity(
+            Reason::Dataset,
             "rebuilt data set does not match the ledger (SHA-256 differs)",
         ));
     }
@@ -129,7 +165,12 @@ impl BulkReader {
         while self.pending.is_empty() {
             match self.reader.next_chunk().await? {
                 Some(c) => self.pending = c,
-                None => return Err(integrity("pixel object is shorter than recorded")),
+                None => {
+                    return Err(integrity(
+                        Reason::Pixel,
+                        "pixel object is shorter than recorded",
+                    ))
+                }
             }
         }
         let n = (max as usize).min(self.pending.len());

@@ -46,6 +46,8 @@ pub struct Report {
     pub objects_checked: u64,
     pub bytes_checked: u64,
     pub problems: Vec<Problem>,
+    /// Security events recorded on the ledger (integrity failures found at retrieval).
+    pub events: Vec<String>,
 }
 
 pub struct Options {
@@ -176,6 +178,16 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         range.push(merkle::leaf_hash(&encoded));
         while let Some((size, note)) = next_cp.next_if(|(s, _)| *s == seq) {
             check_checkpoint(*size, note, range.root(), &mut problems);
+        }
+        if entry.event == crate::ledger::Event::IntegrityFailure {
+            report.events.push(format!(
+                "entry {}: {} in entry {}, found by {}",
+                entry.seq,
+                entry.reason.describe(),
+                entry.subject_seq,
+                entry.calling_ae
+            ));
+            continue;
         }
         let subject = match check_record(&ledger, &entry) {
             Ok(record) => record.sop_instance_uid,

@@ -69,7 +69,7 @@ fn bad_configuration_names_the_key_and_exits_2() {
 
 #[test]
 fn export_refuses_an_instance_whose_pixels_were_altered() {
-    let node = Node::start();
+    let node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
     let src = tempfile::tempdir().unwrap();
     let files = support::make_series(src.path(), "CT", 3, 64, &[]);
     assert_ok(&node.storescu(&[], &files), "storescu");
@@ -102,6 +102,30 @@ fn export_refuses_an_instance_whose_pixels_were_altered() {
     assert!(written
         .iter()
         .all(|p| p.extension().is_some_and(|e| e == "dcm")));
+    // The failure is a security event on the ledger, recorded by the running node.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = node
+            .command()
+            .args(["verify", "--ledger-only"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("SECURITY EVENT") {
+            assert!(
+                text.contains("pixel data does not match the ledger")
+                    && text.contains("found by export"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no security event recorded:\n{text}\n{}",
+            node.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// The Study Instance UID of a Part 10 file, via pydicom.

@@ -8,7 +8,12 @@
 //! `"DCLEDGER"` · u8 version=1 · u8 event · u64 seq · [32] prev_hash · i64 time_micros ·
 //! str calling_ae · str sop_class_uid · str transfer_syntax · [32] instance_key ·
 //! [32] pixel_sha256 · u64 pixel_length · [32] dataset_sha256 · u64 dataset_length ·
-//! str object_name (empty when the instance has no bulk data) · u32 version_of_instance
+//! str object_name (empty when the instance has no bulk data) · u32 version_of_instance ·
+//! u64 subject_seq · u8 reason
+//!
+//! For a stored instance, `subject_seq` and `reason` are 0. An integrity failure (event 2) names
+//! the entry whose instance failed a check in `subject_seq`, copies that entry's commitments, and
+//! says what failed in `reason` (see [`Reason`]); `calling_ae` then names who detected it.
 
 use sha2::{Digest, Sha256};
 
@@ -22,6 +27,45 @@ const VERSION: u8 = 1;
 pub enum Event {
     /// An instance (or a new version of one) was stored.
     Store = 1,
+    /// A retrieval found an instance that no longer matches this ledger (a security event).
+    IntegrityFailure = 2,
+}
+
+/// What an integrity failure found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    None = 0,
+    /// The metadata record is missing or does not hash to its instance key.
+    Metadata = 1,
+    /// The pixel object's bytes do not hash to the recorded digest.
+    Pixel = 2,
+    /// The pixel object is missing.
+    MissingObject = 3,
+    /// The rebuilt data set does not hash to the recorded digest.
+    Dataset = 4,
+}
+
+impl Reason {
+    pub fn from_u8(v: u8) -> Option<Reason> {
+        Some(match v {
+            0 => Reason::None,
+            1 => Reason::Metadata,
+            2 => Reason::Pixel,
+            3 => Reason::MissingObject,
+            4 => Reason::Dataset,
+            _ => return None,
+        })
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reason::None => "none",
+            Reason::Metadata => "metadata record does not match the ledger",
+            Reason::Pixel => "pixel data does not match the ledger",
+            Reason::MissingObject => "pixel object is missing",
+            Reason::Dataset => "rebuilt data set does not match the ledger",
+        }
+    }
 }
 
 /// One ledger entry.
@@ -42,6 +86,10 @@ pub struct Entry {
     pub object_name: String,
     /// 1 for the first version of a SOP Instance, 2 for the next, …
     pub version: u32,
+    /// For an integrity failure: the entry whose instance failed (0 otherwise).
+    pub subject_seq: u64,
+    /// For an integrity failure: what failed.
+    pub reason: Reason,
 }
 
 /// An entry that could not be decoded.
@@ -68,6 +116,8 @@ impl Entry {
         out.extend_from_slice(&self.dataset_length.to_be_bytes());
         put_str(&mut out, &self.object_name);
         out.extend_from_slice(&self.version.to_be_bytes());
+        out.extend_from_slice(&self.subject_seq.to_be_bytes());
+        out.push(self.reason as u8);
         out
     }
 
@@ -86,6 +136,7 @@ impl Entry {
         }
         let event = match r.take(1)?[0] {
             1 => Event::Store,
+            2 => Event::IntegrityFailure,
             _ => return Err(EntryError("unknown event")),
         };
         let e = Entry {
@@ -105,6 +156,8 @@ impl Entry {
             version: u32::from_be_bytes(
                 r.take(4)?.try_into().map_err(|_| EntryError("truncated"))?,
             ),
+            subject_seq: r.u64()?,
+            reason: Reason::from_u8(r.take(1)?[0]).ok_or(EntryError("unknown reason"))?,
         };
         if r.pos != b.len() {
             return Err(EntryError("trailing bytes"));
@@ -175,6 +228,8 @@ mod tests {
             dataset_length: 526000,
             object_name: "ab".repeat(32),
             version: 1,
+            subject_seq: 0,
+            reason: Reason::None,
         }
     }
 

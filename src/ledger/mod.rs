@@ -34,7 +34,7 @@ use rocksdb::{
 };
 use tokio::sync::oneshot;
 
-pub use entry::{Entry, Event};
+pub use entry::{Entry, Event, Reason};
 
 use crate::instance::{Digest32, IndexAttrs, MetadataRecord};
 
@@ -167,7 +167,7 @@ fn db_options() -> Options {
 impl Ledger {
     /// Opens (creating if needed) the ledger as its single writer and starts the committer.
     pub fn open(path: &Path) -> Result<Ledger, LedgerError> {
-        Ledger::open_with(path, None)
+        Ledger::open_with(path, None, None)
     }
 
     /// Opens the ledger as its single writer; with `checkpointing`, the committer signs
@@ -175,6 +175,7 @@ impl Ledger {
     pub fn open_with(
         path: &Path,
         checkpointing: Option<Checkpointing>,
+        spool: Option<PathBuf>,
     ) -> Result<Ledger, LedgerError> {
         if let Some(parent) = path.parent() {
             let _ = std::fs::create_dir_all(parent);
@@ -197,6 +198,7 @@ impl Ledger {
                 db,
                 head,
                 checkpointing,
+                spool,
                 last_checkpoint,
                 last_signed: None,
             };
@@ -564,6 +566,64 @@ fn read_node(
         })
 }
 
+fn read_entry(db: &DB, seq: u64) -> Result<Option<Entry>, LedgerError> {
+    let cf = db
+        .cf_handle(CF_ENTRIES)
+        .ok_or_else(|| LedgerError::Corrupt("missing entries".into()))?;
+    db.get_cf(cf, seq.to_be_bytes())
+        .map_err(LedgerError::Read)?
+        .map(|b| Entry::decode(&b).map_err(|e| LedgerError::Corrupt(e.to_string())))
+        .transpose()
+}
+
+/// A security event waiting in the spool: `subject_seq=N`, `reason=R`, `detector=NAME` lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpooledEvent {
+    pub subject_seq: u64,
+    pub reason: Reason,
+    pub detector: String,
+}
+
+impl SpooledEvent {
+    fn parse(text: &str) -> Option<SpooledEvent> {
+        let mut seq = None;
+        let mut reason = None;
+        let mut detector = None;
+        for line in text.lines() {
+            match line.split_once('=')? {
+                ("subject_seq", v) => seq = v.parse().ok(),
+                ("reason", v) => reason = v.parse().ok().and_then(Reason::from_u8),
+                ("detector", v) => detector = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        Some(SpooledEvent {
+            subject_seq: seq?,
+            reason: reason?,
+            detector: detector?,
+        })
+    }
+
+    /// Leaves the event in `dir` for the node to record: temp file, fsync, rename, fsync dir.
+    pub fn write(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        use std::io::Write;
+        std::fs::create_dir_all(dir)?;
+        let stamp = format!("{}-{}", now_micros(), std::process::id());
+        let tmp = dir.join(format!("{stamp}.tmp"));
+        let dest = dir.join(format!("{stamp}-{}.event", self.subject_seq));
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(
+            f,
+            "subject_seq={}\nreason={}\ndetector={}",
+            self.subject_seq, self.reason as u8, self.detector
+        )?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &dest)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(dest)
+    }
+}
+
 /// The tree as the committer reads it.
 struct DbNodes<'a>(&'a DB);
 
@@ -683,6 +743,8 @@ struct Committer {
     db: Arc<DB>,
     head: Option<(u64, Digest32)>,
     checkpointing: Option<Checkpointing>,
+    /// Directory where other processes (export) leave security events for the ledger.
+    spool: Option<PathBuf>,
     /// Tree size of the newest stored checkpoint.
     last_checkpoint: u64,
     last_signed: Option<std::time::Instant>,
@@ -695,12 +757,14 @@ impl Committer {
             .as_ref()
             .map(|c| c.interval)
             .unwrap_or(std::time::Duration::from_secs(3600));
-        // A tree that grew while the node was down gets its checkpoint now.
+        // Events left while the node was down, and a tree that grew meanwhile, are recorded now.
+        self.drain_spool();
         self.maybe_checkpoint(true);
         loop {
             let first = match rx.recv_timeout(tick) {
                 Ok(job) => job,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.drain_spool();
                     self.maybe_checkpoint(false);
                     continue;
                 }
@@ -721,6 +785,69 @@ impl Committer {
         }
         // The last entries before a shutdown are covered too.
         self.maybe_checkpoint(true);
+    }
+
+    /// Records the security events other processes left in the spool directory, then deletes
+    /// their files (only once the entries are durable, so none is ever lost).
+    fn drain_spool(&mut self) {
+        let Some(dir) = &self.spool else { return };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let files: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "event"))
+            .collect();
+        if files.is_empty() {
+            return;
+        }
+        let mut group = match Group::new(&self.db, self.head) {
+            Ok(g) => g,
+            Err(e) => return tracing::error!(error = %e, "cannot record security events"),
+        };
+        let mut done = Vec::new();
+        for f in &files {
+            let parsed = std::fs::read_to_string(f)
+                .ok()
+                .and_then(|t| SpooledEvent::parse(&t));
+            let Some(ev) = parsed else {
+                tracing::error!(file = %f.display(), "unreadable security event file; left in place");
+                continue;
+            };
+            let subject = match read_entry(&self.db, ev.subject_seq) {
+                Ok(Some(e)) => e,
+                _ => {
+                    tracing::error!(file = %f.display(), "security event names no entry; left in place");
+                    continue;
+                }
+            };
+            match group.add_event(&subject, ev.reason, &ev.detector) {
+                Ok(seq) => {
+                    tracing::warn!(seq, subject = ev.subject_seq, reason = ev.reason.describe(), detector = %ev.detector, "security event recorded on the ledger");
+                    done.push(f.clone());
+                }
+                Err(e) => tracing::error!(error = %e, "cannot record a security event"),
+            }
+        }
+        if done.is_empty() {
+            return;
+        }
+        let head = group.head;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        match self.db.write_opt(group.batch, &wo) {
+            Ok(()) => {
+                self.head = head;
+                for f in done {
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record security events");
+                self.head = read_head(&self.db).unwrap_or(self.head);
+            }
+        }
     }
 
     /// Signs and stores a checkpoint of the current tree if it grew since the last one and the
@@ -871,6 +998,48 @@ impl<'a> Group<'a> {
         Ok(Some((seq, ver, e.instance_key, loc)))
     }
 
+    /// Plans a security event about entry `subject`, detected by `detector`.
+    fn add_event(
+        &mut self,
+        subject: &Entry,
+        reason: Reason,
+        detector: &str,
+    ) -> Result<u64, LedgerError> {
+        let (seq, prev_hash) = match self.head {
+            Some((s, h)) => (s + 1, h),
+            None => (1, [0u8; 32]),
+        };
+        let entry = Entry {
+            seq,
+            prev_hash,
+            time_micros: self.time_micros,
+            event: Event::IntegrityFailure,
+            calling_ae: detector.chars().take(64).collect(),
+            subject_seq: subject.seq,
+            reason,
+            version: 0,
+            ..subject.clone()
+        };
+        let encoded = entry.encode();
+        let (db, cf_tree, new_nodes) = (self.db, self.cf_tree, &self.new_nodes);
+        let created =
+            merkle::append_nodes(seq - 1, merkle::leaf_hash(&encoded), |level, index| {
+                match new_nodes.get(&(level, index)) {
+                    Some(h) => Ok(*h),
+                    None => read_node(db, cf_tree, level, index),
+                }
+            })?;
+        for (level, index, hash) in created {
+            self.batch
+                .put_cf(self.cf_tree, node_key(level, index), hash);
+            self.new_nodes.insert((level, index), hash);
+        }
+        self.batch
+            .put_cf(self.cf_entries, seq.to_be_bytes(), encoded);
+        self.head = Some((seq, entry.hash()));
+        Ok(seq)
+    }
+
     /// Plans one request. Every fallible read happens before the first write to the batch, so a
     /// failed request leaves the batch untouched.
     fn add(&mut self, req: &StoreRequest) -> Result<StoreOutcome, LedgerError> {
@@ -902,6 +1071,8 @@ impl<'a> Group<'a> {
             dataset_length: s.dataset_length,
             object_name: req.object_name.clone().unwrap_or_default(),
             version,
+            subject_seq: 0,
+            reason: Reason::None,
         };
         let encoded = entry.encode();
         let (db, cf_tree, new_nodes) = (self.db, self.cf_tree, &self.new_nodes);
@@ -1126,7 +1297,7 @@ mod tests {
     async fn checkpoints_are_signed_as_the_tree_grows_and_guard_against_truncation() {
         let dir = tempfile::tempdir().unwrap();
         let vkey = checkpointing(3).signer.verifier_key();
-        let ledger = Ledger::open_with(dir.path(), Some(checkpointing(3))).unwrap();
+        let ledger = Ledger::open_with(dir.path(), Some(checkpointing(3)), None).unwrap();
         for i in 0..5u8 {
             ledger
                 .store(request(&format!("6.{i}"), "1", i + 10))
@@ -1146,10 +1317,48 @@ mod tests {
             db.delete_cf(db.cf_handle(CF_ENTRIES).unwrap(), 5u64.to_be_bytes())
                 .unwrap();
         }
-        let err = Ledger::open_with(dir.path(), Some(checkpointing(3)))
+        let err = Ledger::open_with(dir.path(), Some(checkpointing(3)), None)
             .err()
             .unwrap();
         assert!(err.to_string().contains("entries were removed"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn spooled_security_events_become_entries_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger.store(request("8.1", "2", 1)).await.unwrap();
+        ledger.close();
+        drop(ledger);
+        let ev = SpooledEvent {
+            subject_seq: 1,
+            reason: Reason::Pixel,
+            detector: "export".into(),
+        };
+        ev.write(spool.path()).unwrap();
+        SpooledEvent {
+            subject_seq: 99,
+            ..ev.clone()
+        }
+        .write(spool.path())
+        .unwrap();
+        let ledger = Ledger::open_with(dir.path(), None, Some(spool.path().to_path_buf())).unwrap();
+        ledger.close();
+        let e = ledger.entry(2).unwrap().unwrap();
+        assert_eq!(
+            (e.event, e.subject_seq, e.reason),
+            (Event::IntegrityFailure, 1, Reason::Pixel)
+        );
+        assert_eq!(e.prev_hash, ledger.entry(1).unwrap().unwrap().hash());
+        assert!(
+            ledger.entry(3).unwrap().is_none(),
+            "an event naming no entry is not recorded"
+        );
+        // The recorded event's file is gone; the bad one stays for an operator.
+        assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 1);
+        // Events do not touch the instance index.
+        assert_eq!(ledger.latest("8.1").unwrap().unwrap().seq, 1);
     }
 
     #[tokio::test(flavor = "multi_thread")]
