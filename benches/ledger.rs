@@ -8,28 +8,36 @@
 
 use std::time::Instant;
 
-use dicomchain::instance::IndexAttrs;
+use dicomchain::instance::{instance_key, object_name, IndexAttrs, Layout, MetadataRecord};
 use dicomchain::ledger::{merkle, Ledger, RecordSummary, StoreRequest};
 use sha2::{Digest, Sha256};
 
+/// A stored-instance request with a real 1 KiB metadata record, so `verify` does real work.
 fn request(i: u64) -> StoreRequest {
-    let key: [u8; 32] = Sha256::digest(i.to_be_bytes()).into();
     let uid = format!("1.2.826.0.1.3680043.10.1474.{}.{}", i / 1000, i % 1000);
+    let digest: [u8; 32] = Sha256::digest(i.to_be_bytes()).into();
+    let record = MetadataRecord {
+        layout: Layout::Split,
+        transfer_syntax: "1.2.840.10008.1.2.1".into(),
+        sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+        sop_instance_uid: uid.clone(),
+        splices: vec![],
+        pixel_length: 524_288,
+        pixel_sha256: digest,
+        dataset_length: 526_000,
+        dataset_sha256: digest,
+        meta: vec![(i % 251) as u8; 1024],
+    };
+    let encoded = record.encode();
+    let key = instance_key(&encoded);
     StoreRequest {
         calling_ae: "BENCH".into(),
         instance_key: key,
-        record: vec![(i % 251) as u8; 1024],
-        summary: RecordSummary {
-            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
-            transfer_syntax: "1.2.840.10008.1.2.1".into(),
-            pixel_sha256: key,
-            pixel_length: 524_288,
-            dataset_sha256: key,
-            dataset_length: 526_000,
-        },
-        object_name: Some(hex::encode(key)),
+        summary: RecordSummary::of(&record),
+        record: encoded,
+        object_name: Some(object_name(&key)),
         attrs: IndexAttrs {
-            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            sop_class_uid: record.sop_class_uid.clone(),
             sop_instance_uid: uid,
             study_instance_uid: format!("1.2.3.{}", i / 10_000),
             series_instance_uid: format!("1.2.3.{}.{}", i / 10_000, i / 1000),
