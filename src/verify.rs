@@ -156,16 +156,30 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
     while let Some((size, note)) = next_cp.next_if(|(s, _)| *s == 0) {
         check_checkpoint(*size, note, merkle::empty_root(), &mut problems);
     }
-    for seq in 1..=n {
+    // Records first: one sequential scan, hashed against their keys on every core.
+    let records = check_records(&ledger)?;
+    let mut expected = 1u64;
+    ledger.for_each_entry(|seq, entry| {
         progress.tick("entries", seq);
-        let Some(entry) = ledger.entry(seq)? else {
+        if seq != expected {
             problems.push(Problem {
-                subject: format!("entry {seq}"),
+                subject: format!("entries {expected}..{}", seq - 1),
                 what: "missing from the chain".into(),
             });
-            // The chain cannot be followed past a hole; the remaining checks still run.
+            // The chain cannot be followed across a hole.
             prev = [0; 32];
-            continue;
+        }
+        expected = seq + 1;
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                problems.push(Problem {
+                    subject: format!("entry {seq}"),
+                    what: e.to_string(),
+                });
+                prev = [0; 32];
+                return;
+            }
         };
         let encoded = entry.encode();
         if entry.seq != seq || entry.prev_hash != prev {
@@ -187,23 +201,43 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
                 entry.subject_seq,
                 entry.calling_ae
             ));
-            continue;
+            return;
         }
-        let subject = match check_record(&ledger, &entry) {
-            Ok(record) => record.sop_instance_uid,
-            Err((subject, what)) => {
+        let subject = match records.get(&entry.instance_key) {
+            None => {
+                problems.push(Problem {
+                    subject: format!("entry {seq}"),
+                    what: "metadata record is missing".into(),
+                });
+                format!("entry {seq}")
+            }
+            Some(RecordCheck::Bad { subject, what }) => {
+                let subject = subject.clone().unwrap_or_else(|| format!("entry {seq}"));
                 problems.push(Problem {
                     subject: subject.clone(),
-                    what,
+                    what: what.clone(),
                 });
                 subject
+            }
+            Some(RecordCheck::Good {
+                sop,
+                pixel,
+                dataset,
+            }) => {
+                if *pixel != entry.pixel_sha256 || *dataset != entry.dataset_sha256 {
+                    problems.push(Problem {
+                        subject: sop.clone(),
+                        what: "entry and metadata record disagree".into(),
+                    });
+                }
+                sop.clone()
             }
         };
         if !entry.object_name.is_empty() {
             named.insert(entry.object_name.clone());
             with_objects.push((subject, entry));
         }
-    }
+    })?;
     for (size, _) in next_cp {
         problems.push(Problem {
             subject: format!("checkpoint {size}"),
@@ -258,34 +292,72 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
     Ok(report)
 }
 
-/// The record an entry commits to, checked; or (subject, what is wrong).
-fn check_record(
-    ledger: &Ledger,
-    entry: &crate::ledger::Entry,
-) -> Result<MetadataRecord, (String, String)> {
-    let subject = format!("entry {}", entry.seq);
-    let raw = match ledger.record(&entry.instance_key) {
-        Ok(Some(raw)) => raw,
-        Ok(None) => return Err((subject, "metadata record is missing".into())),
-        Err(e) => return Err((subject, format!("metadata record unreadable: {e}"))),
-    };
-    // The record names its instance even when damaged, as long as it still decodes.
-    let decoded = MetadataRecord::decode(&raw);
-    let subject = decoded
-        .as_ref()
-        .map(|r| r.sop_instance_uid.clone())
-        .unwrap_or(subject);
-    if instance::instance_key(&raw) != entry.instance_key {
-        return Err((
+/// What the audit found for one metadata record.
+enum RecordCheck {
+    Good {
+        sop: String,
+        pixel: Digest32,
+        dataset: Digest32,
+    },
+    Bad {
+        /// The SOP Instance UID, when the damaged record still names it.
+        subject: Option<String>,
+        what: String,
+    },
+}
+
+fn check_raw(key: &Digest32, raw: &[u8]) -> RecordCheck {
+    let decoded = MetadataRecord::decode(raw);
+    let subject = decoded.as_ref().ok().map(|r| r.sop_instance_uid.clone());
+    if instance::instance_key(raw) != *key {
+        return RecordCheck::Bad {
             subject,
-            "metadata record does not match its instance key".into(),
-        ));
+            what: "metadata record does not match its instance key".into(),
+        };
     }
-    let record = decoded.map_err(|e| (subject.clone(), e.to_string()))?;
-    if record.pixel_sha256 != entry.pixel_sha256 || record.dataset_sha256 != entry.dataset_sha256 {
-        return Err((subject, "entry and metadata record disagree".into()));
+    match decoded {
+        Ok(r) => RecordCheck::Good {
+            sop: r.sop_instance_uid,
+            pixel: r.pixel_sha256,
+            dataset: r.dataset_sha256,
+        },
+        Err(e) => RecordCheck::Bad {
+            subject: None,
+            what: e.to_string(),
+        },
     }
-    Ok(record)
+}
+
+/// Every record hashed against its key, in parallel batches.
+fn check_records(
+    ledger: &Ledger,
+) -> Result<std::collections::HashMap<Digest32, RecordCheck>, LedgerError> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let mut out = std::collections::HashMap::new();
+    ledger.for_each_record_batch(16_384, |batch| {
+        let per = batch.len().div_ceil(threads).max(1);
+        let results: Vec<Vec<(Digest32, RecordCheck)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = batch
+                .chunks(per)
+                .map(|chunk| {
+                    s.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|(k, v)| (*k, check_raw(k, v)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        out.extend(results.into_iter().flatten());
+    })?;
+    Ok(out)
 }
 
 async fn hash_object(store: &Store, name: &str) -> Result<(u64, Digest32), StoreError> {

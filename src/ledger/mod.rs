@@ -383,6 +383,49 @@ impl Ledger {
         merkle::consistency_proof(self, old, new)
     }
 
+    /// Visits every entry in sequence order with one sequential scan (for audits).
+    pub fn for_each_entry(
+        &self,
+        mut f: impl FnMut(u64, Result<Entry, LedgerError>),
+    ) -> Result<(), LedgerError> {
+        let cf = self.cf(CF_ENTRIES)?;
+        for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(LedgerError::Read)?;
+            let seq = <[u8; 8]>::try_from(&k[..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| LedgerError::Corrupt("entry key".into()))?;
+            f(
+                seq,
+                Entry::decode(&v).map_err(|e| LedgerError::Corrupt(format!("entry {seq}: {e}"))),
+            );
+        }
+        Ok(())
+    }
+
+    /// Visits every metadata record (in key order, not entry order) with one sequential scan,
+    /// in batches (for audits that hash them in parallel).
+    pub fn for_each_record_batch(
+        &self,
+        batch: usize,
+        mut f: impl FnMut(Vec<(Digest32, Box<[u8]>)>),
+    ) -> Result<(), LedgerError> {
+        let cf = self.cf(CF_META)?;
+        let mut buf = Vec::with_capacity(batch);
+        for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(LedgerError::Read)?;
+            let key = <Digest32>::try_from(&k[..])
+                .map_err(|_| LedgerError::Corrupt("record key".into()))?;
+            buf.push((key, v));
+            if buf.len() == batch {
+                f(std::mem::replace(&mut buf, Vec::with_capacity(batch)));
+            }
+        }
+        if !buf.is_empty() {
+            f(buf);
+        }
+        Ok(())
+    }
+
     /// Every stored checkpoint note, oldest (smallest tree) first.
     pub fn checkpoints(&self) -> Result<Vec<(u64, String)>, LedgerError> {
         let cf = self.cf(CF_CHECKPOINTS)?;
