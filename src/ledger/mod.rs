@@ -149,6 +149,12 @@ fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
         .map(|name| {
             let mut o = Options::default();
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            // Every new instance looks up its SOP Instance UID, which is usually absent: a bloom
+            // filter answers that without reading index blocks.
+            let mut table = rocksdb::BlockBasedOptions::default();
+            table.set_bloom_filter(10.0, false);
+            o.set_block_based_table_factory(&table);
+            o.set_write_buffer_size(64 * 1024 * 1024);
             ColumnFamilyDescriptor::new(name, o)
         })
         .collect()
