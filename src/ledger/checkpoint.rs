@@ -85,6 +85,28 @@ impl Checkpoint {
     }
 }
 
+/// Splits `<name>+<hex id>+<base64(0x01 ‖ 32 key bytes)>` (the form of both key texts after
+/// any prefix). Base64 may contain '+': the key is everything after the second separator.
+fn split_key(text: &str) -> Result<(&str, &str, [u8; 32]), NoteError> {
+    let mut parts = text.splitn(3, '+');
+    let (name, id, key) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(n), Some(i), Some(k)) => (n, i, k),
+        _ => return Err(NoteError::Key("expected name+id+key")),
+    };
+    let raw = B64
+        .decode(key)
+        .map_err(|_| NoteError::Key("key is not base64"))?;
+    match raw.split_first() {
+        Some((&ED25519, k)) => {
+            let k = k
+                .try_into()
+                .map_err(|_| NoteError::Key("Ed25519 key is not 32 bytes"))?;
+            Ok((name, id, k))
+        }
+        _ => Err(NoteError::Key("not an Ed25519 key")),
+    }
+}
+
 /// A key name must be non-empty and free of spaces and '+' (C2SP signed-note).
 fn valid_name(name: &str) -> bool {
     !name.is_empty() && !name.contains(char::is_whitespace) && !name.contains('+')
@@ -136,21 +158,7 @@ impl NoteSigner {
             .trim()
             .strip_prefix("PRIVATE+KEY+")
             .ok_or(NoteError::Key("not a private key"))?;
-        // Base64 may contain '+': the key is everything after the second separator.
-        let mut parts = rest.splitn(3, '+');
-        let (name, id, key) = match (parts.next(), parts.next(), parts.next()) {
-            (Some(n), Some(i), Some(k)) => (n, i, k),
-            _ => return Err(NoteError::Key("expected PRIVATE+KEY+name+id+key")),
-        };
-        let raw = B64
-            .decode(key)
-            .map_err(|_| NoteError::Key("key is not base64"))?;
-        let seed: [u8; 32] = match raw.split_first() {
-            Some((&ED25519, seed)) => seed
-                .try_into()
-                .map_err(|_| NoteError::Key("Ed25519 seed is not 32 bytes"))?,
-            _ => return Err(NoteError::Key("not an Ed25519 key")),
-        };
+        let (name, id, seed) = split_key(rest)?;
         let signer = NoteSigner::from_seed(name, seed)?;
         if hex::encode(signer.id) != id {
             return Err(NoteError::Key("key ID does not match the key"));
@@ -228,21 +236,7 @@ pub fn load_or_create_key(path: &std::path::Path, origin: &str) -> Result<NoteSi
 
 /// Verifies a note against a verifier key and returns its checkpoint.
 pub fn verify(note: &str, verifier_key: &str) -> Result<Checkpoint, NoteError> {
-    // Base64 may contain '+': the key is everything after the second separator.
-    let mut parts = verifier_key.trim().splitn(3, '+');
-    let (name, id, key) = match (parts.next(), parts.next(), parts.next()) {
-        (Some(n), Some(i), Some(k)) => (n, i, k),
-        _ => return Err(NoteError::Key("expected name+id+key")),
-    };
-    let raw = B64
-        .decode(key)
-        .map_err(|_| NoteError::Key("key is not base64"))?;
-    let public: [u8; 32] = match raw.split_first() {
-        Some((&ED25519, k)) => k
-            .try_into()
-            .map_err(|_| NoteError::Key("Ed25519 key is not 32 bytes"))?,
-        _ => return Err(NoteError::Key("not an Ed25519 key")),
-    };
+    let (name, id, public) = split_key(verifier_key.trim())?;
     let expected_id = key_id(name, &public);
     if hex::encode(expected_id) != id {
         return Err(NoteError::Key("key ID does not match the key"));

@@ -673,6 +673,34 @@ impl SpooledEvent {
     }
 }
 
+/// The tree nodes that appending `leaf` as leaf number `index` creates: siblings come from
+/// `pending` (nodes planned but not yet written) or the database. Nothing is written.
+fn plan_tree_nodes(
+    db: &DB,
+    cf_tree: &rocksdb::ColumnFamily,
+    pending: &HashMap<(u8, u64), Digest32>,
+    index: u64,
+    leaf: Digest32,
+) -> Result<Vec<(u8, u64, Digest32)>, LedgerError> {
+    merkle::append_nodes(index, leaf, |level, i| match pending.get(&(level, i)) {
+        Some(h) => Ok(*h),
+        None => read_node(db, cf_tree, level, i),
+    })
+}
+
+/// Puts planned tree nodes into a batch and remembers them as pending.
+fn put_tree_nodes(
+    batch: &mut WriteBatch,
+    cf_tree: &rocksdb::ColumnFamily,
+    pending: &mut HashMap<(u8, u64), Digest32>,
+    nodes: Vec<(u8, u64, Digest32)>,
+) {
+    for (level, index, hash) in nodes {
+        batch.put_cf(cf_tree, node_key(level, index), hash);
+        pending.insert((level, index), hash);
+    }
+}
+
 /// The tree as the committer reads it.
 struct DbNodes<'a>(&'a DB);
 
@@ -764,16 +792,8 @@ fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
             .get_cf(cf_entries, (i + 1).to_be_bytes())
             .map_err(LedgerError::Read)?
             .ok_or_else(|| LedgerError::Corrupt(format!("entry {} is missing", i + 1)))?;
-        let created = merkle::append_nodes(i, merkle::leaf_hash(&raw), |level, index| {
-            match new_nodes.get(&(level, index)) {
-                Some(h) => Ok(*h),
-                None => read_node(db, cf_tree, level, index),
-            }
-        })?;
-        for (level, index, hash) in created {
-            batch.put_cf(cf_tree, node_key(level, index), hash);
-            new_nodes.insert((level, index), hash);
-        }
+        let created = plan_tree_nodes(db, cf_tree, &new_nodes, i, merkle::leaf_hash(&raw))?;
+        put_tree_nodes(&mut batch, cf_tree, &mut new_nodes, created);
     }
     let mut wo = WriteOptions::default();
     wo.set_sync(true);
@@ -1054,10 +1074,7 @@ impl<'a> Group<'a> {
         reason: Reason,
         detector: &str,
     ) -> Result<u64, LedgerError> {
-        let (seq, prev_hash) = match self.head {
-            Some((s, h)) => (s + 1, h),
-            None => (1, [0u8; 32]),
-        };
+        let (seq, prev_hash) = self.next_position();
         let entry = Entry {
             seq,
             prev_hash,
@@ -1069,24 +1086,34 @@ impl<'a> Group<'a> {
             version: 0,
             ..subject.clone()
         };
-        let encoded = entry.encode();
-        let (db, cf_tree, new_nodes) = (self.db, self.cf_tree, &self.new_nodes);
-        let created =
-            merkle::append_nodes(seq - 1, merkle::leaf_hash(&encoded), |level, index| {
-                match new_nodes.get(&(level, index)) {
-                    Some(h) => Ok(*h),
-                    None => read_node(db, cf_tree, level, index),
-                }
-            })?;
-        for (level, index, hash) in created {
-            self.batch
-                .put_cf(self.cf_tree, node_key(level, index), hash);
-            self.new_nodes.insert((level, index), hash);
-        }
-        self.batch
-            .put_cf(self.cf_entries, seq.to_be_bytes(), encoded);
-        self.head = Some((seq, entry.hash()));
+        self.append(&entry)?;
         Ok(seq)
+    }
+
+    /// The next entry's sequence number and the hash it chains to.
+    fn next_position(&self) -> (u64, Digest32) {
+        match self.head {
+            Some((s, h)) => (s + 1, h),
+            None => (1, [0u8; 32]),
+        }
+    }
+
+    /// Adds an entry to the chain and the tree. The only fallible step (reading tree siblings)
+    /// comes before any write to the batch.
+    fn append(&mut self, entry: &Entry) -> Result<(), LedgerError> {
+        let encoded = entry.encode();
+        let nodes = plan_tree_nodes(
+            self.db,
+            self.cf_tree,
+            &self.new_nodes,
+            entry.seq - 1,
+            merkle::leaf_hash(&encoded),
+        )?;
+        put_tree_nodes(&mut self.batch, self.cf_tree, &mut self.new_nodes, nodes);
+        self.batch
+            .put_cf(self.cf_entries, entry.seq.to_be_bytes(), encoded);
+        self.head = Some((entry.seq, entry.hash()));
+        Ok(())
     }
 
     /// Plans one request. Every fallible read happens before the first write to the batch, so a
@@ -1099,10 +1126,7 @@ impl<'a> Group<'a> {
                 return Ok(StoreOutcome::Duplicate { seq: *seq });
             }
         }
-        let (seq, prev_hash) = match self.head {
-            Some((s, h)) => (s + 1, h),
-            None => (1, [0u8; 32]),
-        };
+        let (seq, prev_hash) = self.next_position();
         let version = previous.as_ref().map(|p| p.1 + 1).unwrap_or(1);
         let s = &req.summary;
         let entry = Entry {
@@ -1123,23 +1147,8 @@ impl<'a> Group<'a> {
             subject_seq: 0,
             reason: Reason::None,
         };
-        let encoded = entry.encode();
-        let (db, cf_tree, new_nodes) = (self.db, self.cf_tree, &self.new_nodes);
-        let created =
-            merkle::append_nodes(seq - 1, merkle::leaf_hash(&encoded), |level, index| {
-                match new_nodes.get(&(level, index)) {
-                    Some(h) => Ok(*h),
-                    None => read_node(db, cf_tree, level, index),
-                }
-            })?;
+        self.append(&entry)?;
         // From here on nothing fails.
-        for (level, index, hash) in created {
-            self.batch
-                .put_cf(self.cf_tree, node_key(level, index), hash);
-            self.new_nodes.insert((level, index), hash);
-        }
-        self.batch
-            .put_cf(self.cf_entries, seq.to_be_bytes(), encoded);
         self.batch
             .put_cf(self.cf_meta, req.instance_key, &req.record);
         let mut latest = seq.to_be_bytes().to_vec();
@@ -1159,7 +1168,6 @@ impl<'a> Group<'a> {
         }
         self.batch
             .put_cf(self.cf_index, loc_key(uid), encode_keys(&keys));
-        self.head = Some((seq, entry.hash()));
         self.pending
             .insert(uid.to_string(), (seq, version, req.instance_key, keys));
         Ok(StoreOutcome::Stored { seq, version })
