@@ -3,8 +3,8 @@
 //!
 //! usage: cargo bench --bench ledger [-- ENTRIES]
 //!
-//! Appends go through the real committer (group commits with a synced WAL) from 64 concurrent
-//! writers, each entry with a 1 KiB metadata record, like a busy node's ingest minus the network.
+//! Appends go through the real committer (group commits with a synced WAL) from `BENCH_WRITERS`
+//! (default 512) concurrent writers, each entry with a 1 KiB metadata record, like a busy node's ingest minus the network.
 
 use std::time::Instant;
 
@@ -60,7 +60,12 @@ fn main() {
 
     // Requests are prepared before the clock starts: this measures the ledger (committer, group
     // commits, RocksDB), not the hashing an association does while it receives an instance.
-    let writers = 64u64;
+    // Group commits fold every request waiting at the committer into one synced write, so the
+    // batch size is the number of writers in flight (`BENCH_WRITERS`, default 512).
+    let writers: u64 = std::env::var("BENCH_WRITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
     let mut queues: Vec<Vec<StoreRequest>> = (0..writers).map(|_| Vec::new()).collect();
     for i in 0..n {
         queues[(i % writers) as usize].push(request(i));
@@ -83,7 +88,7 @@ fn main() {
     let append = t.elapsed();
     assert_eq!(ledger.len().unwrap(), n);
     println!(
-        "append: {n} entries in {:.2} s = {:.0} entries/s (64 writers, group commits, synced WAL)",
+        "append: {n} entries in {:.2} s = {:.0} entries/s ({writers} writers, group commits, synced WAL)",
         append.as_secs_f64(),
         n as f64 / append.as_secs_f64()
     );

@@ -1110,9 +1110,11 @@ impl<'a> Group<'a> {
             merkle::leaf_hash(&encoded),
         )?;
         put_tree_nodes(&mut self.batch, self.cf_tree, &mut self.new_nodes, nodes);
+        // The chain hash is over the same bytes: hash them once here rather than re-encode.
+        let hash: Digest32 = <sha2::Sha256 as sha2::Digest>::digest(&encoded).into();
         self.batch
             .put_cf(self.cf_entries, entry.seq.to_be_bytes(), encoded);
-        self.head = Some((entry.seq, entry.hash()));
+        self.head = Some((entry.seq, hash));
         Ok(())
     }
 
