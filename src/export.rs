@@ -117,7 +117,7 @@ async fn export_one(
     {
         let mut w = std::io::BufWriter::with_capacity(1024 * 1024, tmp.as_file_mut());
         w.write_all(&retrieve::part10_header(&record, &entry.calling_ae))?;
-        retrieve::rebuild(ledger, store, entry, &mut w).await?;
+        retrieve::rebuild(store, entry, &record, &mut w).await?;
         w.flush()?;
     }
     // Only now, with every digest checked, does the file get its name; on error the temp file

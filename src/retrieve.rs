@@ -67,15 +67,16 @@ pub fn load_record(ledger: &Ledger, entry: &Entry) -> Result<MetadataRecord, Ret
     Ok(record)
 }
 
-/// Rebuilds the data set of `entry` into `out` (any `std::io::Write`), checking every digest.
-/// Returns the record. On error, `out` may hold partial data: callers must discard it.
+/// Rebuilds the data set of `entry` into `out` (any `std::io::Write`) from its `record`, which
+/// the caller got from [`load_record`] (already checked against the instance key), checking the
+/// pixel and data set digests on the way. On error, `out` may hold partial data: callers must
+/// discard it.
 pub async fn rebuild<W: std::io::Write>(
-    ledger: &Ledger,
     store: &Store,
     entry: &Entry,
+    record: &MetadataRecord,
     out: &mut W,
-) -> Result<MetadataRecord, RetrieveError> {
-    let record = load_record(ledger, entry)?;
+) -> Result<(), RetrieveError> {
     let mut dataset_hash = Sha256::new();
     let mut pixel_hash = Sha256::new();
     let segments = split::plan(record.meta.len() as u64, &record.splices)
@@ -143,7 +144,7 @@ pub async fn rebuild<W: std::io::Write>(
             "rebuilt data set does not match the ledger (SHA-256 differs)",
         ));
     }
-    Ok(record)
+    Ok(())
 }
 
 /// Pulls exact byte counts out of an object's chunk stream.
