@@ -1,8 +1,9 @@
 //! Reconstruction: the mirror image of ingest. The ledger entry names the instance key; the key
 //! finds the metadata record and the pixel object; the two are spliced back into exactly the
 //! received data set, and every digest is checked on the way: the record against the instance key,
-//! the pixel bytes against the record, the rebuilt data set against the record. Callers receive
-//! bytes only through a [`Verified`] sink that is committed after all checks passed.
+//! the pixel bytes against the record, the rebuilt data set against the record. The digests are
+//! only known at the end, so callers write into something they can discard (export: a temp file
+//! that is renamed only when `rebuild` returned Ok).
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
