@@ -42,6 +42,7 @@ fn request(i: u64) -> StoreRequest {
             study_instance_uid: format!("1.2.3.{}", i / 10_000),
             series_instance_uid: format!("1.2.3.{}.{}", i / 10_000, i / 1000),
             patient_id: format!("P{}", i / 10_000),
+            ..Default::default()
         },
     }
 }

@@ -85,6 +85,14 @@ pub struct NodeConfig {
     /// to the object store. A larger data set is refused with A700.
     #[serde(default = "default_max_metadata")]
     pub max_metadata_bytes: usize,
+    /// Most matches one C-FIND answers; a query with more ends with A700 after that many, with
+    /// an Error Comment asking to narrow it.
+    #[serde(default = "default_max_find_results")]
+    pub max_find_results: usize,
+    /// C-FIND matches Person Names ignoring case. The standard's matching is exact (PS3.4
+    /// C.2.2.2.1); many viewers expect otherwise.
+    #[serde(default)]
+    pub find_case_insensitive_names: bool,
 }
 
 /// `[ledger]`: the RocksDB ledger.
@@ -205,6 +213,9 @@ fn default_drain_timeout() -> u64 {
 fn default_max_metadata() -> usize {
     64 * 1024 * 1024
 }
+fn default_max_find_results() -> usize {
+    10_000
+}
 fn default_ledger_path() -> PathBuf {
     "var/ledger".into()
 }
@@ -254,6 +265,8 @@ impl Default for NodeConfig {
             io_timeout_secs: default_io_timeout(),
             drain_timeout_secs: default_drain_timeout(),
             max_metadata_bytes: default_max_metadata(),
+            max_find_results: default_max_find_results(),
+            find_case_insensitive_names: false,
         }
     }
 }
@@ -430,6 +443,9 @@ impl Config {
         if self.node.max_metadata_bytes < 64 * 1024 {
             return Err(invalid("node.max_metadata_bytes", "must be at least 65536"));
         }
+        if self.node.max_find_results == 0 {
+            return Err(invalid("node.max_find_results", "must be at least 1"));
+        }
         let origin = &self.ledger.origin;
         if origin.is_empty() || origin.contains(char::is_whitespace) || origin.contains('+') {
             return Err(invalid(
@@ -504,8 +520,8 @@ impl Config {
         let mut out = String::new();
         let n = &self.node;
         out += &format!(
-            "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\ndrain_timeout_secs = {}\nmax_metadata_bytes = {}\n\n",
-            n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.drain_timeout_secs, n.max_metadata_bytes
+            "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\ndrain_timeout_secs = {}\nmax_metadata_bytes = {}\nmax_find_results = {}\nfind_case_insensitive_names = {}\n\n",
+            n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.drain_timeout_secs, n.max_metadata_bytes, n.max_find_results, n.find_case_insensitive_names
         );
         out += &format!(
             "[ledger]\npath = {:?}\nsigning_key_file = {:?}\norigin = {:?}\ncheckpoint_interval = {}\nevent_spool = {:?}\n\n",

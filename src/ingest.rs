@@ -322,18 +322,27 @@ pub fn index_record(
     fallback: (&str, &str),
 ) -> Result<IndexAttrs, IngestError> {
     let attrs = match Encoding::from_transfer_syntax(&record.transfer_syntax) {
-        Some(enc) => instance::index_attrs(record.indexable_prefix(), enc, fallback, false)?,
+        Some(enc) => {
+            let prefix = record.indexable_prefix();
+            let mut attrs = instance::index_attrs(prefix, enc, fallback, false)?;
+            (attrs.modality, attrs.find_values) = crate::find::index_values(prefix, enc, false);
+            attrs
+        }
         None => {
             let (inflated, complete) = inflate_start(&record.meta)?;
             // The inflated form is Explicit VR Little Endian (PS3.5 §A.5).
-            instance::index_attrs(&inflated, Encoding::ExplicitLittle, fallback, !complete)?
+            let enc = Encoding::ExplicitLittle;
+            let mut attrs = instance::index_attrs(&inflated, enc, fallback, !complete)?;
+            (attrs.modality, attrs.find_values) =
+                crate::find::index_values(&inflated, enc, !complete);
+            attrs
         }
     };
     Ok(attrs)
 }
 
 /// Inflates up to [`MAX_INFLATED`] bytes; says whether that was the whole stream.
-fn inflate_start(deflated: &[u8]) -> Result<(Vec<u8>, bool), IngestError> {
+pub(crate) fn inflate_start(deflated: &[u8]) -> Result<(Vec<u8>, bool), IngestError> {
     let mut out = Vec::new();
     flate2::read::DeflateDecoder::new(deflated)
         .take(MAX_INFLATED + 1)

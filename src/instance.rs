@@ -206,6 +206,10 @@ pub struct IndexAttrs {
     pub study_instance_uid: String,
     pub series_instance_uid: String,
     pub patient_id: String,
+    /// Modality (0008,0060), kept with the study's hierarchy key.
+    pub modality: String,
+    /// Normalised values of the C-FIND index attributes ([`crate::find::query::INDEXED`]).
+    pub find_values: Vec<(u32, String)>,
 }
 
 /// Why the indexable attributes could not be read.
@@ -310,6 +314,8 @@ pub fn index_attrs(
         study_instance_uid: text(STUDY_INSTANCE_UID),
         series_instance_uid: text(SERIES_INSTANCE_UID),
         patient_id: text(PATIENT_ID),
+        modality: String::new(),
+        find_values: Vec::new(),
     };
     // The index frames its keys with NUL; a value containing one could pose as another
     // instance's hierarchy.

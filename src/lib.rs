@@ -14,7 +14,8 @@
 //!           C-STORE-RSP only after both halves are durable
 //! ```
 //!
-//! Retrieval is the mirror image: [`retrieve`] rebuilds a data set from the ledger's metadata
+//! Queries read the same ledger: [`find`] answers C-FIND from the index written with each
+//! instance. Retrieval is the mirror image: [`retrieve`] rebuilds a data set from the ledger's metadata
 //! record and the store's pixel object, checking every digest. [`instance`] defines the metadata
 //! record and the instance key that ties the halves together; [`config`] the configuration;
 //! [`node`] starts and stops it all.
@@ -23,6 +24,7 @@ pub mod audit;
 pub mod config;
 pub mod dimse;
 pub mod export;
+pub mod find;
 pub mod ingest;
 pub mod instance;
 pub mod ledger;

@@ -25,12 +25,30 @@ pub enum ConnError {
     Io(#[from] std::io::Error),
 }
 
+/// One read of at least a byte, cancel-safe; end of stream is [`ConnError::Closed`].
+async fn read_some(
+    socket: &mut BufReader<TcpStream>,
+    buf: &mut [u8],
+    limit: Duration,
+) -> Result<usize, ConnError> {
+    match tokio::time::timeout(limit, socket.read(buf)).await {
+        Err(_) => Err(ConnError::Timeout(limit)),
+        Ok(Ok(0)) => Err(ConnError::Closed),
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ConnError::Closed),
+        Ok(Err(e)) => Err(e.into()),
+    }
+}
+
 /// Bound on non-data PDUs (A-ASSOCIATE-RQ with many presentation contexts, etc.).
 const MAX_CONTROL_PDU: u32 = 1024 * 1024;
 
 /// One association's socket.
 pub struct Connection {
     socket: BufReader<TcpStream>,
+    /// The PDU being read: its header, then header and body in `buf`; `got` bytes so far.
+    header: [u8; 6],
+    got: usize,
     buf: Vec<u8>,
     write_buf: Vec<u8>,
     max_receive: u32,
@@ -41,6 +59,8 @@ impl Connection {
     pub fn new(socket: TcpStream, max_receive: u32, io_timeout: Duration) -> Connection {
         Connection {
             socket: BufReader::with_capacity(256 * 1024, socket),
+            header: [0; 6],
+            got: 0,
             buf: Vec::new(),
             write_buf: Vec::new(),
             max_receive,
@@ -48,41 +68,45 @@ impl Connection {
         }
     }
 
-    /// Waits up to `wait` for the next PDU to start, then up to the I/O timeout for its body.
+    /// Waits up to `wait` for the next PDU to start, then up to the I/O timeout for each further
+    /// read of it.
+    ///
+    /// Cancel-safe: what was read of a PDU is kept in `self`, so the association loop can wait
+    /// for a PDU and for query results at once and drop this future when results come first.
     pub async fn receive(&mut self, wait: Duration) -> Result<Pdu, ConnError> {
-        let mut header = [0u8; 6];
-        match tokio::time::timeout(wait, self.socket.read_exact(&mut header)).await {
-            Err(_) => return Err(ConnError::Timeout(wait)),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(ConnError::Closed)
+        while self.got < 6 {
+            let limit = if self.got == 0 { wait } else { self.io_timeout };
+            let n = read_some(&mut self.socket, &mut self.header[self.got..], limit).await?;
+            self.got += n;
+            if self.got == 6 {
+                let length = u32::from_be_bytes([
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                    self.header[5],
+                ]);
+                // The announced maximum bounds P-DATA-TF PDUs (PS3.8 §D.1); association PDUs
+                // may be longer (many presentation contexts) but are still bounded.
+                let max = if self.header[0] == 0x04 {
+                    self.max_receive
+                } else {
+                    MAX_CONTROL_PDU
+                };
+                if length > max {
+                    self.got = 0;
+                    return Err(ConnError::TooLarge { length, max });
+                }
+                self.buf.clear();
+                self.buf.extend_from_slice(&self.header);
+                self.buf.resize(6 + length as usize, 0);
             }
-            Ok(Err(e)) => return Err(e.into()),
-            Ok(Ok(_)) => {}
         }
-        let length = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
-        // The announced maximum bounds P-DATA-TF PDUs (PS3.8 §D.1); association PDUs may be
-        // longer (many presentation contexts) but are still bounded.
-        let max = if header[0] == 0x04 {
-            self.max_receive
-        } else {
-            MAX_CONTROL_PDU
-        };
-        if length > max {
-            return Err(ConnError::TooLarge { length, max });
+        while self.got < self.buf.len() {
+            let n = read_some(&mut self.socket, &mut self.buf[self.got..], self.io_timeout).await?;
+            self.got += n;
         }
-        self.buf.clear();
-        self.buf.extend_from_slice(&header);
-        self.buf.resize(6 + length as usize, 0);
-        match tokio::time::timeout(self.io_timeout, self.socket.read_exact(&mut self.buf[6..]))
-            .await
-        {
-            Err(_) => return Err(ConnError::Timeout(self.io_timeout)),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(ConnError::Closed)
-            }
-            Ok(Err(e)) => return Err(e.into()),
-            Ok(Ok(_)) => {}
-        }
+        self.got = 0;
+        let length = (self.buf.len() - 6) as u32;
         // The length was checked above; the codec's own bound is the protocol maximum.
         let bound = length.clamp(
             dicom_ul::pdu::MINIMUM_PDU_SIZE,
@@ -121,6 +145,38 @@ impl Connection {
             }],
         })
         .await
+    }
+
+    /// Sends a command and its data set, the data set in as many P-DATA-TF PDUs as the peer's
+    /// maximum length requires (PS3.8 §9.3.5: the maximum covers the PDV items, each of which
+    /// adds 6 bytes to its data).
+    pub async fn send_message(
+        &mut self,
+        context_id: u8,
+        command: Vec<u8>,
+        data: Vec<u8>,
+        peer_max_pdu: u32,
+    ) -> Result<(), ConnError> {
+        self.send_command(context_id, command).await?;
+        let chunk = (peer_max_pdu as usize).saturating_sub(6).max(1);
+        let mut rest = &data[..];
+        loop {
+            let n = rest.len().min(chunk);
+            let (piece, tail) = rest.split_at(n);
+            self.send(&Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: context_id,
+                    value_type: PDataValueType::Data,
+                    is_last: tail.is_empty(),
+                    data: piece.to_vec(),
+                }],
+            })
+            .await?;
+            if tail.is_empty() {
+                return Ok(());
+            }
+            rest = tail;
+        }
     }
 
     /// Sends an A-ABORT (best effort) and closes.

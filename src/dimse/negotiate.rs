@@ -53,6 +53,19 @@ pub fn is_accepted_transfer_syntax(uid: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Query/Retrieve FIND SOP classes (PS3.4 C.6): Patient Root and Study Root.
+pub const FIND_SOP_CLASSES: [&str; 2] = [
+    crate::find::query::PATIENT_ROOT_FIND,
+    crate::find::query::STUDY_ROOT_FIND,
+];
+
+/// The uncompressed syntaxes: the only ones for messages without pixel data (C-ECHO, C-FIND).
+const NATIVE_SYNTAXES: [&str; 3] = [
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.2",
+];
+
 /// What an accepted association agreed on.
 #[derive(Debug, Clone)]
 pub struct Negotiated {
@@ -62,6 +75,9 @@ pub struct Negotiated {
     pub contexts: Vec<AcceptedContext>,
     /// Largest PDU the peer accepts from us.
     pub peer_max_pdu: u32,
+    /// FIND SOP classes for which the requestor asked for, and we granted, combined date-time
+    /// range matching (SOP Class Extended Negotiation, PS3.4 C.5.1.1 byte 2).
+    pub combined_datetime: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,14 +157,19 @@ pub fn negotiate(
             continue;
         }
         let abstract_syntax = trim(&pc.abstract_syntax);
-        let known = abstract_syntax == VERIFICATION || is_storage_sop_class(abstract_syntax);
+        let storage = is_storage_sop_class(abstract_syntax);
+        let known = storage
+            || abstract_syntax == VERIFICATION
+            || FIND_SOP_CLASSES.contains(&abstract_syntax);
         // PS3.8 §9.3.3.2: the acceptor picks one of the proposed syntaxes; we honour the
         // requestor's order, so a modality that prefers its compressed syntax keeps it.
-        let chosen = pc
-            .transfer_syntaxes
-            .iter()
-            .map(|ts| trim(ts))
-            .find(|ts| is_accepted_transfer_syntax(ts));
+        let chosen = pc.transfer_syntaxes.iter().map(|ts| trim(ts)).find(|ts| {
+            if storage {
+                is_accepted_transfer_syntax(ts)
+            } else {
+                NATIVE_SYNTAXES.contains(ts)
+            }
+        });
         let (reason, ts) = match (known, chosen) {
             (false, _) => (
                 PresentationContextResultReason::AbstractSyntaxNotSupported,
@@ -173,6 +194,27 @@ pub fn negotiate(
             transfer_syntax: ts.to_string(),
         });
     }
+    // Extended negotiation for the FIND classes we accepted: only combined date-time matching is
+    // offered (relational queries, fuzzy names and timezone adjustment are refused: 0).
+    let mut combined_datetime = Vec::new();
+    let mut extended = Vec::new();
+    for item in &rq.user_variables {
+        if let UserVariableItem::SopClassExtendedNegotiationSubItem(uid, info) = item {
+            let uid = trim(uid);
+            if FIND_SOP_CLASSES.contains(&uid) && contexts.iter().any(|c| c.abstract_syntax == uid)
+            {
+                let combined = info.get(1).copied().unwrap_or(0) == 1;
+                if combined {
+                    combined_datetime.push(uid.to_string());
+                }
+                let granted = vec![0, u8::from(combined), 0, 0];
+                extended.push(UserVariableItem::SopClassExtendedNegotiationSubItem(
+                    uid.to_string(),
+                    granted[..info.len().clamp(1, 4)].to_vec(),
+                ));
+            }
+        }
+    }
     let ac = AssociationAC {
         protocol_version: 1,
         application_context_name: APPLICATION_CONTEXT.to_string(),
@@ -183,7 +225,10 @@ pub fn negotiate(
             UserVariableItem::MaxLength(policy.max_pdu_length),
             UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_string()),
             UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_string()),
-        ],
+        ]
+        .into_iter()
+        .chain(extended)
+        .collect(),
     };
     Ok((
         ac,
@@ -192,6 +237,7 @@ pub fn negotiate(
             called_ae: rq.called_ae_title.trim().to_string(),
             contexts,
             peer_max_pdu,
+            combined_datetime,
         },
     ))
 }
@@ -279,8 +325,13 @@ mod tests {
                         "1.2.840.10008.5.1.4.1.1.2",
                         vec!["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1"],
                     ),
-                    (5, "1.2.840.10008.5.1.4.1.2.2.1", vec!["1.2.840.10008.1.2"]),
+                    (
+                        5,
+                        "1.2.840.10008.5.1.4.1.2.2.1",
+                        vec!["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2"],
+                    ),
                     (7, "1.2.840.10008.5.1.4.1.1.4", vec!["9.9.9"]),
+                    (9, "1.2.840.10008.5.1.4.1.2.2.2", vec!["1.2.840.10008.1.2"]),
                 ],
             ),
         )
@@ -290,7 +341,9 @@ mod tests {
             neg.context(3).unwrap().transfer_syntax,
             "1.2.840.10008.1.2.4.70"
         );
-        assert!(neg.context(5).is_none() && neg.context(7).is_none());
+        // FIND: native syntaxes only; MOVE is not offered yet.
+        assert_eq!(neg.context(5).unwrap().transfer_syntax, "1.2.840.10008.1.2");
+        assert!(neg.context(7).is_none() && neg.context(9).is_none());
         let (_, dup) = negotiate(
             &policy(),
             &rq(
@@ -315,8 +368,9 @@ mod tests {
             vec![
                 PresentationContextResultReason::Acceptance,
                 PresentationContextResultReason::Acceptance,
-                PresentationContextResultReason::AbstractSyntaxNotSupported,
+                PresentationContextResultReason::Acceptance,
                 PresentationContextResultReason::TransferSyntaxesNotSupported,
+                PresentationContextResultReason::AbstractSyntaxNotSupported,
             ]
         );
     }

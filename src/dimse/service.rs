@@ -7,11 +7,14 @@
 //! usable. Protocol violations (PDV on an unknown context, data without command, oversized PDU)
 //! end the association with an A-ABORT.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValue, PDataValueType, Pdu};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
 
 use super::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
@@ -19,11 +22,21 @@ use super::connection::{ConnError, Connection};
 use super::negotiate::{self, Negotiated, Policy, VERIFICATION};
 use super::status::{self, Failure};
 use crate::config::NodeConfig;
+use crate::find::{self, dataset, query, FindError, FindOptions};
 use crate::ingest::{Incoming, Pipeline, StoreContext};
 use crate::ledger::StoreOutcome;
+use crate::split::Encoding;
 
 /// Most bytes of command fragments we collect for one command set.
 const MAX_COMMAND_BYTES: usize = 64 * 1024;
+/// Most bytes of a C-FIND identifier.
+const MAX_IDENTIFIER_BYTES: usize = 1024 * 1024;
+/// Responses a running C-FIND may have ready before the association sends them.
+const FIND_QUEUE: usize = 16;
+/// While a C-FIND runs, the requestor may stay silent as long as the query takes.
+const FIND_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// Command Data Set Type for "a data set follows" (any value but 0x0101, PS3.7 §E.2).
+const DATA_SET_PRESENT: u16 = 0x0001;
 
 /// What every association task shares.
 pub struct NodeContext {
@@ -111,6 +124,37 @@ enum State {
     Store(Box<StoreInProgress>),
     /// Reading and dropping a data set we will answer with a failure.
     Discard { context_id: u8, reply: Reply },
+    /// Collecting the identifier of a C-FIND.
+    FindIdentifier(Box<FindRequest>),
+    /// Answering a C-FIND: matches come from a blocking task as they are found.
+    Finding(Box<FindInProgress>),
+}
+
+struct FindRequest {
+    context_id: u8,
+    message_id: u16,
+    sop_class_uid: String,
+    bytes: Vec<u8>,
+}
+
+struct FindInProgress {
+    context_id: u8,
+    message_id: u16,
+    sop_class_uid: String,
+    level: query::Level,
+    results: mpsc::Receiver<Vec<u8>>,
+    cancel: Arc<AtomicBool>,
+    task: JoinHandle<Result<usize, FindError>>,
+    cancelled: bool,
+    sent: usize,
+    started: std::time::Instant,
+}
+
+/// What woke the association loop.
+enum Next {
+    Pdu(Result<Pdu, ConnError>),
+    Found(Option<Vec<u8>>),
+    Shutdown,
 }
 
 struct StoreInProgress {
@@ -153,14 +197,32 @@ impl Association {
                     "node is shutting down".into(),
                 ));
             }
-            let wait = if matches!(self.state, State::Idle) {
-                idle
-            } else {
-                self.ctx.node.io_timeout()
+            let wait = match self.state {
+                State::Idle => idle,
+                State::Finding(_) => FIND_WAIT,
+                _ => self.ctx.node.io_timeout(),
             };
-            let pdu = tokio::select! {
-                pdu = self.conn.receive(wait) => pdu,
-                _ = shutdown.changed(), if !stopping && matches!(self.state, State::Idle) => continue,
+            let is_idle = matches!(self.state, State::Idle);
+            // `receive` is cancel-safe: a PDU half read when results win the race stays buffered.
+            let next = match &mut self.state {
+                State::Finding(f) => tokio::select! {
+                    item = f.results.recv() => Next::Found(item),
+                    pdu = self.conn.receive(wait) => Next::Pdu(pdu),
+                },
+                _ => tokio::select! {
+                    pdu = self.conn.receive(wait) => Next::Pdu(pdu),
+                    _ = shutdown.changed(), if !stopping && is_idle => Next::Shutdown,
+                },
+            };
+            let pdu = match next {
+                Next::Pdu(pdu) => pdu,
+                Next::Shutdown => continue,
+                Next::Found(item) => {
+                    if let Err(abort) = self.on_found(item).await {
+                        break Some(abort);
+                    }
+                    continue;
+                }
             };
             match pdu {
                 Ok(Pdu::PData { data }) => {
@@ -220,10 +282,14 @@ impl Association {
             }
         };
         // A data set cut off mid-way is discarded: nothing was acknowledged for it.
-        if let State::Store(op) = std::mem::replace(&mut self.state, State::Idle) {
-            if let Some(incoming) = op.incoming {
-                incoming.abort().await;
+        match std::mem::replace(&mut self.state, State::Idle) {
+            State::Store(op) => {
+                if let Some(incoming) = op.incoming {
+                    incoming.abort().await;
+                }
             }
+            State::Finding(f) => f.cancel.store(true, Ordering::Relaxed),
+            _ => {}
         }
         match end {
             Some(Abort(reason, why)) => {
@@ -258,6 +324,28 @@ impl Association {
     }
 
     async fn on_command_fragment(&mut self, pdv: PDataValue) -> Result<(), Abort> {
+        if let State::Finding(f) = &mut self.state {
+            // Only a C-CANCEL of the running query may come now (no asynchronous operations).
+            let cancel = pdv.is_last
+                && pdv.presentation_context_id == f.context_id
+                && Command::decode(&pdv.data).is_ok_and(|c| {
+                    c.command_field().ok() == Some(field::C_CANCEL_RQ)
+                        && c.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, "message id")
+                            .ok()
+                            .flatten()
+                            == Some(f.message_id)
+                });
+            if !cancel {
+                return Err(Abort(
+                    AbortRQServiceProviderReason::UnexpectedPdu,
+                    "request while a C-FIND is running (asynchronous operations were not negotiated)"
+                        .into(),
+                ));
+            }
+            f.cancel.store(true, Ordering::Relaxed);
+            f.cancelled = true;
+            return Ok(());
+        }
         let bytes = match std::mem::replace(&mut self.state, State::Idle) {
             State::Idle => pdv.data,
             State::Command {
@@ -342,8 +430,38 @@ impl Association {
                     .encode();
                 self.send_command(context_id, rsp).await
             }
-            field::C_STORE_RQ if has_data => {
+            field::C_FIND_RQ if has_data => {
                 let failure = if pc.abstract_syntax != sop_class_uid {
+                    Some(Failure::new(
+                        status::SOP_CLASS_NOT_SUPPORTED,
+                        "SOP Class differs from the presentation context",
+                    ))
+                } else if query::Model::of_sop_class(&sop_class_uid).is_none() {
+                    Some(Failure::new(
+                        status::SOP_CLASS_NOT_SUPPORTED,
+                        "not a Query/Retrieve FIND SOP Class",
+                    ))
+                } else {
+                    None
+                };
+                self.state = match failure {
+                    Some(f) => State::Discard {
+                        context_id,
+                        reply: reply_failure(f),
+                    },
+                    None => State::FindIdentifier(Box::new(FindRequest {
+                        context_id,
+                        message_id,
+                        sop_class_uid,
+                        bytes: Vec::new(),
+                    })),
+                };
+                Ok(())
+            }
+            field::C_STORE_RQ if has_data => {
+                let failure = if pc.abstract_syntax != sop_class_uid
+                    || !negotiate::is_storage_sop_class(&pc.abstract_syntax)
+                {
                     Some(Failure::new(
                         status::SOP_CLASS_NOT_SUPPORTED,
                         "SOP Class differs from the presentation context",
@@ -408,6 +526,32 @@ impl Association {
                 if pdv.is_last {
                     if let State::Store(op) = std::mem::replace(&mut self.state, State::Idle) {
                         self.finish_store(*op).await?;
+                    }
+                }
+                Ok(())
+            }
+            State::FindIdentifier(req) if req.context_id == pdv.presentation_context_id => {
+                req.bytes.extend_from_slice(&pdv.data);
+                if req.bytes.len() > MAX_IDENTIFIER_BYTES {
+                    let reply = Reply {
+                        command_field: field::C_FIND_RQ | 0x8000,
+                        message_id: req.message_id,
+                        sop_class_uid: req.sop_class_uid.clone(),
+                        sop_instance_uid: String::new(),
+                        failure: Failure::new(status::OUT_OF_RESOURCES, "identifier too large"),
+                    };
+                    self.state = State::Discard {
+                        context_id: req.context_id,
+                        reply,
+                    };
+                }
+                if pdv.is_last {
+                    match std::mem::replace(&mut self.state, State::Idle) {
+                        State::FindIdentifier(req) => self.start_find(*req).await?,
+                        State::Discard { context_id, reply } => {
+                            self.send_reply(context_id, reply).await?
+                        }
+                        other => self.state = other,
                     }
                 }
                 Ok(())
@@ -479,6 +623,142 @@ impl Association {
             }
         }
         self.send_command(op.context_id, rsp.encode()).await
+    }
+
+    /// Parses a C-FIND identifier and starts the query on a blocking thread (RocksDB reads),
+    /// or answers with the failure status for a bad identifier.
+    async fn start_find(&mut self, req: FindRequest) -> Result<(), Abort> {
+        let transfer_syntax = self
+            .negotiated
+            .context(req.context_id)
+            .map(|c| c.transfer_syntax.clone())
+            .unwrap_or_default();
+        let model = query::Model::of_sop_class(&req.sop_class_uid);
+        let parsed = match (Encoding::from_transfer_syntax(&transfer_syntax), model) {
+            (Some(enc), Some(model)) => dataset::parse(&req.bytes, enc, false)
+                .map_err(|e| Failure::new(status::CANNOT_UNDERSTAND, e.to_string()))
+                .and_then(|elements| {
+                    let opts = query::MatchOptions {
+                        case_insensitive_names: self.ctx.node.find_case_insensitive_names,
+                        combined_datetime: self
+                            .negotiated
+                            .combined_datetime
+                            .contains(&req.sop_class_uid),
+                    };
+                    query::Query::parse(&elements, model, opts)
+                        .map_err(|e| status::find_failure(&e))
+                })
+                .map(|q| (q, enc)),
+            _ => Err(Failure::new(
+                status::CANNOT_UNDERSTAND,
+                "unsupported transfer syntax",
+            )),
+        };
+        let (q, enc) = match parsed {
+            Ok(p) => p,
+            Err(failure) => {
+                info!(status = format!("{:04X}", failure.status), reason = %failure.comment, "C-FIND refused");
+                let reply = Reply {
+                    command_field: field::C_FIND_RQ | 0x8000,
+                    message_id: req.message_id,
+                    sop_class_uid: req.sop_class_uid,
+                    sop_instance_uid: String::new(),
+                    failure,
+                };
+                return self.send_reply(req.context_id, reply).await;
+            }
+        };
+        let (tx, rx) = mpsc::channel(FIND_QUEUE);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let opts = FindOptions {
+            matching: query::MatchOptions::default(),
+            max_results: self.ctx.node.max_find_results,
+            retrieve_ae: self.ctx.policy.ae_title.clone(),
+        };
+        let ledger = self.ctx.pipeline.ledger().clone();
+        let level = q.level;
+        let stop = cancel.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            find::run(&ledger, &q, &opts, enc, &stop, |bytes| {
+                tx.blocking_send(bytes).is_ok()
+            })
+        });
+        self.state = State::Finding(Box::new(FindInProgress {
+            context_id: req.context_id,
+            message_id: req.message_id,
+            sop_class_uid: req.sop_class_uid,
+            level,
+            results: rx,
+            cancel,
+            task,
+            cancelled: false,
+            sent: 0,
+            started: std::time::Instant::now(),
+        }));
+        Ok(())
+    }
+
+    /// A match from the running C-FIND (sent as a pending response), or its end (`None`: the
+    /// final response).
+    async fn on_found(&mut self, item: Option<Vec<u8>>) -> Result<(), Abort> {
+        let State::Finding(f) = &mut self.state else {
+            return Ok(());
+        };
+        let rsp = CommandBuilder::new()
+            .uid(tag::AFFECTED_SOP_CLASS_UID, &f.sop_class_uid)
+            .u16(tag::COMMAND_FIELD, field::C_FIND_RQ | 0x8000)
+            .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, f.message_id);
+        if let Some(identifier) = item {
+            if f.cancelled {
+                return Ok(());
+            }
+            f.sent += 1;
+            let rsp = rsp
+                .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
+                .u16(tag::STATUS, status::PENDING)
+                .encode();
+            let (context_id, max) = (f.context_id, self.negotiated.peer_max_pdu);
+            return self
+                .conn
+                .send_message(context_id, rsp, identifier, max)
+                .await
+                .map_err(|e| {
+                    Abort(
+                        AbortRQServiceProviderReason::ReasonNotSpecified,
+                        format!("cannot send response: {e}"),
+                    )
+                });
+        }
+        let State::Finding(f) = std::mem::replace(&mut self.state, State::Idle) else {
+            return Ok(());
+        };
+        let outcome = match f.task.await {
+            Ok(r) => r,
+            Err(e) => Err(FindError::Record(format!("query task failed: {e}"))),
+        };
+        let (code, comment) = match &outcome {
+            Ok(_) if f.cancelled => (status::CANCEL, None),
+            Ok(_) => (status::SUCCESS, None),
+            Err(FindError::Cancelled) => (status::CANCEL, None),
+            Err(e) => {
+                let failure = status::find_error(e);
+                (failure.status, Some(failure.comment))
+            }
+        };
+        info!(
+            level = f.level.name(),
+            matches = f.sent,
+            status = format!("{code:04X}"),
+            ms = f.started.elapsed().as_millis() as u64,
+            "C-FIND answered"
+        );
+        let mut rsp = rsp
+            .u16(tag::COMMAND_DATA_SET_TYPE, NO_DATA_SET)
+            .u16(tag::STATUS, code);
+        if let Some(c) = comment {
+            rsp = rsp.text(tag::ERROR_COMMENT, &c, status::ERROR_COMMENT_MAX);
+        }
+        self.send_command(f.context_id, rsp.encode()).await
     }
 
     async fn send_reply(&mut self, context_id: u8, reply: Reply) -> Result<(), Abort> {

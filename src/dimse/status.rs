@@ -15,6 +15,13 @@ pub const DATA_SET_DOES_NOT_MATCH_SOP_CLASS: u16 = 0xA900;
 /// PS3.4 §B.2.3: Error: Cannot understand (C000–CFFF).
 pub const CANNOT_UNDERSTAND: u16 = 0xC000;
 
+/// PS3.4 C.4.1.1.4: Matching is continuing.
+pub const PENDING: u16 = 0xFF00;
+/// PS3.4 C.4.1.1.4: Matching terminated due to Cancel request.
+pub const CANCEL: u16 = 0xFE00;
+/// PS3.4 C.4.1.1.4: Failed: Unable to process (C000–CFFF), used for internal failures.
+pub const UNABLE_TO_PROCESS: u16 = 0xC001;
+
 /// PS3.7 §C.4: Error Comment is LO, at most 64 characters.
 pub const ERROR_COMMENT_MAX: usize = 64;
 
@@ -51,6 +58,30 @@ pub fn store_failure(e: &IngestError) -> Failure {
         other => other.to_string(),
     };
     Failure::new(status, comment)
+}
+
+/// The C-FIND status for an identifier we cannot answer: a level or model mismatch is
+/// "Identifier does not match SOP Class" (A900); a malformed identifier "Unable to process" (C000).
+pub fn find_failure(e: &crate::find::query::QueryError) -> Failure {
+    use crate::find::query::QueryError;
+    let status = match e {
+        QueryError::NoLevel | QueryError::BadLevel(_) | QueryError::NotInModel(_) => {
+            DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+        }
+        QueryError::Malformed(_) => CANNOT_UNDERSTAND,
+    };
+    Failure::new(status, e.to_string())
+}
+
+/// The final C-FIND status for a query that could not finish.
+pub fn find_error(e: &crate::find::FindError) -> Failure {
+    use crate::find::FindError;
+    match e {
+        FindError::TooMany(_) => Failure::new(OUT_OF_RESOURCES, e.to_string()),
+        FindError::Cancelled => Failure::new(CANCEL, ""),
+        FindError::Ledger(_) => Failure::new(OUT_OF_RESOURCES, "ledger unavailable"),
+        FindError::Record(_) => Failure::new(UNABLE_TO_PROCESS, "stored metadata unreadable"),
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,11 @@
 //!   without breaking the chain, which only holds its hash);
 //! - `index`: `sop\0UID` → latest (seq, version); `ver\0UID\0seq` → (); `study\0S\0SE\0UID`,
 //!   `series\0SE\0UID`, `patient\0PID\0S\0UID` → (); `loc\0UID` → the hierarchy keys of the latest
-//!   version (to move an instance when a new version changes its study or series);
+//!   version (to move an instance when a new version changes its study or series). The value of
+//!   a `study` key is `SOP Class UID\0Modality` (for the computed C-FIND attributes). C-FIND's
+//!   attribute index: `a\0TTTTTTTT\0value\0S\0SE\0UID` → () for each attribute of
+//!   [`crate::find::query::INDEXED`] (tag in hex, value normalised and escaped, see
+//!   [`find_key`]), kept with the hierarchy keys so a new version moves them too;
 //! - `tree`: (level u8, index u64 BE) → hash of a complete subtree of the RFC 9162 Merkle tree
 //!   over the entries (leaf i = entry with sequence number i + 1), see [`merkle`]. Written in the
 //!   same batch as the entries, so the tree always covers exactly the chain;
@@ -467,6 +471,47 @@ impl Ledger {
         Ok(self.len()? == 0)
     }
 
+    /// Walks the index keys that start with `prefix`, from `prefix + start` on; `visit` gets
+    /// each key (without the prefix) and its value, and says where to go next. Lets C-FIND skip
+    /// over the rest of a study or series it has already seen, so its cost follows the matches.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]) -> Step,
+    ) -> Result<(), LedgerError> {
+        let cf = self.cf(CF_INDEX)?;
+        let mut it = self.inner.db.raw_iterator_cf(cf);
+        let mut first = prefix.to_vec();
+        first.extend_from_slice(start);
+        it.seek(&first);
+        loop {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match visit(&k[prefix.len()..], v) {
+                Step::Next => it.next(),
+                Step::Seek(to) => it.seek(&to),
+                Step::Stop => break,
+            }
+        }
+        it.status().map_err(LedgerError::Read)
+    }
+
+    /// The hierarchy keys of the latest version of an instance (study key first).
+    pub fn location(&self, sop_instance_uid: &str) -> Result<Vec<Vec<u8>>, LedgerError> {
+        Ok(self
+            .inner
+            .db
+            .get_cf(self.cf(CF_INDEX)?, loc_key(sop_instance_uid))
+            .map_err(LedgerError::Read)?
+            .map(|v| decode_keys(&v))
+            .unwrap_or_default())
+    }
+
     /// Keys under `prefix` in the index, with the prefix removed.
     fn scan_index(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, LedgerError> {
         let cf = self.cf(CF_INDEX)?;
@@ -520,6 +565,33 @@ fn loc_key(uid: &str) -> Vec<u8> {
     k
 }
 
+/// Escapes an index value so that it holds no NUL (the key separator) and keeps its order and
+/// prefixes: NUL → 01 01, 01 → 01 02.
+fn escape_value(v: &str, out: &mut Vec<u8>) {
+    for &b in v.as_bytes() {
+        match b {
+            0 => out.extend_from_slice(&[1, 1]),
+            1 => out.extend_from_slice(&[1, 2]),
+            b => out.push(b),
+        }
+    }
+}
+
+/// The C-FIND attribute index key prefix for `tag` and a value (or value prefix).
+pub fn find_key(tag: u32, value: &str) -> Vec<u8> {
+    let mut k = format!("a\0{tag:08X}\0").into_bytes();
+    escape_value(value, &mut k);
+    k
+}
+
+/// A position in the index scanned by [`Ledger::scan`].
+pub enum Step {
+    Next,
+    /// Seek forward to this full key.
+    Seek(Vec<u8>),
+    Stop,
+}
+
 /// The hierarchy keys of an instance.
 fn hierarchy_keys(a: &IndexAttrs) -> Vec<Vec<u8>> {
     let mut study = key2("study", &a.study_instance_uid, &a.series_instance_uid);
@@ -529,11 +601,24 @@ fn hierarchy_keys(a: &IndexAttrs) -> Vec<Vec<u8>> {
     let mut patient = key2("patient", &a.patient_id, &a.study_instance_uid);
     patient.push(0);
     patient.extend_from_slice(a.sop_instance_uid.as_bytes());
-    vec![
+    let mut keys = vec![
         study,
         key2("series", &a.series_instance_uid, &a.sop_instance_uid),
         patient,
-    ]
+    ];
+    for (tag, value) in &a.find_values {
+        let mut k = find_key(*tag, value);
+        for part in [
+            &a.study_instance_uid,
+            &a.series_instance_uid,
+            &a.sop_instance_uid,
+        ] {
+            k.push(0);
+            k.extend_from_slice(part.as_bytes());
+        }
+        keys.push(k);
+    }
+    keys
 }
 
 fn encode_keys(keys: &[Vec<u8>]) -> Vec<u8> {
@@ -1165,8 +1250,16 @@ impl<'a> Group<'a> {
                 self.batch.delete_cf(self.cf_index, k);
             }
         }
+        let mut study_value = req.attrs.sop_class_uid.as_bytes().to_vec();
+        study_value.push(0);
+        study_value.extend_from_slice(req.attrs.modality.as_bytes());
         for k in &keys {
-            self.batch.put_cf(self.cf_index, k, []);
+            let value: &[u8] = if k.starts_with(b"study\0") {
+                &study_value
+            } else {
+                &[]
+            };
+            self.batch.put_cf(self.cf_index, k, value);
         }
         self.batch
             .put_cf(self.cf_index, loc_key(uid), encode_keys(&keys));
@@ -1200,6 +1293,7 @@ mod tests {
                 study_instance_uid: study.into(),
                 series_instance_uid: format!("{study}.1"),
                 patient_id: "P".into(),
+                ..Default::default()
             },
         }
     }

@@ -1,0 +1,781 @@
+//! C-FIND: answering Patient Root and Study Root queries (PS3.4 C.4.1) from the ledger's index.
+//!
+//! - [`dataset`] parses identifiers and stored metadata into elements and writes responses;
+//! - [`charset`] decodes text under any Specific Character Set, ISO 2022 extensions included;
+//! - [`query`] turns an identifier into keys with the matching rules of PS3.4 C.2.2.2;
+//! - this module plans and runs a query: it picks the most selective index range (probing each
+//!   candidate for at most [`PROBE`] entities), walks it skipping over the rest of every study or
+//!   series already seen, and checks each candidate's stored metadata against every key. So the
+//!   cost follows the number of matching entities, not the size of the archive.
+//!
+//! Attributes of an entity above the image level are read from one of its instances (the one the
+//! index led to); instances of a study are expected to agree on the study's attributes.
+
+pub mod charset;
+pub mod dataset;
+pub mod query;
+
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use charset::Charset;
+use dataset::{Element, Value};
+use query::*;
+
+use crate::instance::Layout;
+use crate::ledger::{find_key, Ledger, LedgerError, Step};
+use crate::retrieve::{self, RetrieveError};
+use crate::split::Encoding;
+
+/// Most entities counted when estimating how selective an index range is.
+pub const PROBE: usize = 64;
+
+/// The normalised index values of a data set (for [`query::INDEXED`]) and its Modality.
+/// Reading never fails an ingest: what cannot be parsed is not indexed.
+pub fn index_values(bytes: &[u8], enc: Encoding, partial: bool) -> (String, Vec<(u32, String)>) {
+    let elements = dataset::parse(bytes, enc, partial)
+        .or_else(|_| dataset::parse(bytes, enc, true))
+        .unwrap_or_default();
+    let charset = dataset::find(&elements, SPECIFIC_CHARACTER_SET)
+        .map(|e| Charset::from_value(e.bytes()))
+        .unwrap_or(Charset::from_value(b""));
+    let mut values = Vec::new();
+    for tag in INDEXED {
+        let Some(e) = dataset::find(&elements, tag) else {
+            if tag == PATIENT_ID {
+                values.push((tag, String::new()));
+            }
+            continue;
+        };
+        let v = index_value(e, &charset);
+        if !v.is_empty() || tag == PATIENT_ID {
+            values.push((tag, v));
+        }
+    }
+    let modality = dataset::find(&elements, MODALITY)
+        .map(|e| text(e.bytes()))
+        .unwrap_or_default();
+    (modality, values)
+}
+
+/// How an attribute's value is kept in the index: decoded, trimmed; person names upper-cased
+/// with each component group trimmed (so one index serves exact and case-insensitive queries);
+/// dates without the old `.` separators.
+fn index_value(e: &Element<'_>, charset: &Charset) -> String {
+    let pn = &e.vr == b"PN" || e.tag == PATIENT_NAME;
+    let decoded = if uses_charset(&e.vr) || pn {
+        charset.decode(e.bytes(), pn)
+    } else {
+        String::from_utf8_lossy(e.bytes()).into_owned()
+    };
+    let v = decoded.trim_end_matches(['\0', ' ']).trim_start();
+    if pn {
+        return pn_index_form(v);
+    }
+    if e.tag == STUDY_DATE || e.tag == PATIENT_BIRTH_DATE {
+        return v.replace('.', "");
+    }
+    v.to_string()
+}
+
+fn pn_index_form(v: &str) -> String {
+    let groups: Vec<String> = v.split('=').map(trim_pn_group).collect();
+    groups.join("=").to_uppercase()
+}
+
+/// Settings of one C-FIND.
+#[derive(Debug, Clone)]
+pub struct FindOptions {
+    pub matching: MatchOptions,
+    /// Most matches answered; more end the query with a failure.
+    pub max_results: usize,
+    /// Retrieve AE Title (0008,0054) put in every response: our own AE title.
+    pub retrieve_ae: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FindError {
+    #[error("more than {0} matches; narrow the query")]
+    TooMany(usize),
+    #[error("query cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("stored metadata unreadable: {0}")]
+    Record(String),
+}
+
+impl From<RetrieveError> for FindError {
+    fn from(e: RetrieveError) -> Self {
+        FindError::Record(e.to_string())
+    }
+}
+
+/// One candidate instance and where the index found it.
+#[derive(Debug, Clone)]
+struct Candidate {
+    study: String,
+    series: String,
+    sop: String,
+}
+
+/// An index range the planner can walk.
+#[derive(Debug, Clone)]
+enum Source {
+    /// Instances of listed SOP Instance UIDs.
+    Sops(Vec<String>),
+    /// Keys under `prefix` (`a\0TAG\0value…` or `study\0…`): `head_fields` NUL-separated fields
+    /// precede study/series/SOP in each key (1 for attribute keys, 0 for `study\0` keys whose
+    /// prefix holds the study). `upto`: stop past this value (range scans).
+    Scan {
+        prefix: Vec<u8>,
+        start: Vec<u8>,
+        upto: Option<Vec<u8>>,
+        study_in_prefix: Option<String>,
+    },
+}
+
+/// Runs `query`, handing each response identifier (encoded in `enc`) to `emit`, which returns
+/// false when nobody listens any more. Returns the number of matches.
+pub fn run(
+    ledger: &Ledger,
+    q: &Query,
+    opts: &FindOptions,
+    enc: Encoding,
+    cancel: &AtomicBool,
+    mut emit: impl FnMut(Vec<u8>) -> bool,
+) -> Result<usize, FindError> {
+    let plan = plan(ledger, q)?;
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut matched = 0usize;
+    let mut failure: Option<FindError> = None;
+    let mut on_candidate = |c: Candidate| -> bool {
+        if cancel.load(Ordering::Relaxed) {
+            failure = Some(FindError::Cancelled);
+            return false;
+        }
+        let id = match q.level {
+            Level::Patient => None,
+            Level::Study => Some(c.study.clone()),
+            Level::Series => Some(c.series.clone()),
+            Level::Image => Some(c.sop.clone()),
+        };
+        if let Some(id) = &id {
+            if seen.contains(id) {
+                return true;
+            }
+        }
+        match evaluate(ledger, q, opts, &c, &mut seen) {
+            Ok(Some(elements)) => {
+                if let Some(id) = id {
+                    seen.insert(id);
+                }
+                if matched == opts.max_results {
+                    failure = Some(FindError::TooMany(opts.max_results));
+                    return false;
+                }
+                matched += 1;
+                let mut bytes = Vec::with_capacity(512);
+                dataset::write(&elements, enc, &mut bytes);
+                if !emit(bytes) {
+                    failure = Some(FindError::Cancelled);
+                    return false;
+                }
+                true
+            }
+            Ok(None) => true,
+            Err(e) => {
+                failure = Some(e);
+                false
+            }
+        }
+    };
+    walk(ledger, &plan, q.level, &mut on_candidate)?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(matched),
+    }
+}
+
+/// Walks a source, calling `f` per candidate (skipping the rest of each study or series at
+/// those levels) until `f` returns false.
+fn walk(
+    ledger: &Ledger,
+    source: &Source,
+    level: Level,
+    f: &mut dyn FnMut(Candidate) -> bool,
+) -> Result<(), FindError> {
+    match source {
+        Source::Sops(uids) => {
+            for uid in uids {
+                let keys = ledger.location(uid)?;
+                let Some(study_key) = keys.first() else {
+                    continue;
+                };
+                let Some(c) = parse_study_key(study_key) else {
+                    continue;
+                };
+                if !f(c) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        Source::Scan {
+            prefix,
+            start,
+            upto,
+            study_in_prefix,
+        } => {
+            let mut result = Ok(());
+            ledger
+                .scan(prefix, start, |suffix, _| {
+                    let fields: Vec<&[u8]> = suffix.split(|b| *b == 0).collect();
+                    let (head, study, series, sop) = match (study_in_prefix, fields.as_slice()) {
+                        (Some(s), [series, sop]) => (None, s.as_bytes(), *series, *sop),
+                        (None, [head, study, series, sop]) => (Some(*head), *study, *series, *sop),
+                        (None, [study, series, sop]) => (None, *study, *series, *sop),
+                        _ => return Step::Next,
+                    };
+                    if let (Some(upto), Some(head)) = (upto, head) {
+                        if head > upto.as_slice() {
+                            return Step::Stop;
+                        }
+                    }
+                    let c = Candidate {
+                        study: String::from_utf8_lossy(study).into_owned(),
+                        series: String::from_utf8_lossy(series).into_owned(),
+                        sop: String::from_utf8_lossy(sop).into_owned(),
+                    };
+                    if !f(c) {
+                        return Step::Stop;
+                    }
+                    // Skip what cannot bring a new entity at this level.
+                    let mut to = prefix.clone();
+                    if let Some(h) = head {
+                        to.extend_from_slice(h);
+                        to.push(0);
+                    }
+                    if study_in_prefix.is_some() && level <= Level::Study {
+                        return Step::Stop;
+                    }
+                    match level {
+                        Level::Patient | Level::Study if study_in_prefix.is_none() => {
+                            to.extend_from_slice(study);
+                            to.push(1);
+                            Step::Seek(to)
+                        }
+                        Level::Series => {
+                            if study_in_prefix.is_none() {
+                                to.extend_from_slice(study);
+                                to.push(0);
+                            }
+                            to.extend_from_slice(series);
+                            to.push(1);
+                            Step::Seek(to)
+                        }
+                        _ => Step::Next,
+                    }
+                })
+                .map_err(|e| {
+                    result = Err(FindError::from(e));
+                })
+                .ok();
+            result
+        }
+    }
+}
+
+/// `study\0S\0SE\0SOP` → candidate.
+fn parse_study_key(k: &[u8]) -> Option<Candidate> {
+    let s = std::str::from_utf8(k.strip_prefix(b"study\0")?).ok()?;
+    let mut it = s.split('\0');
+    Some(Candidate {
+        study: it.next()?.to_string(),
+        series: it.next()?.to_string(),
+        sop: it.next()?.to_string(),
+    })
+}
+
+/// The index ranges a query could start from, most specific kinds first.
+fn sources(q: &Query) -> Vec<Source> {
+    let mut out = Vec::new();
+    let scan = |prefix: Vec<u8>| Source::Scan {
+        prefix,
+        start: Vec::new(),
+        upto: None,
+        study_in_prefix: None,
+    };
+    for key in q.matching_keys() {
+        match (&key.matcher, key.tag) {
+            (Matcher::Uids(uids), SOP_INSTANCE_UID) => out.push(Source::Sops(uids.clone())),
+            (Matcher::Uids(uids), STUDY_INSTANCE_UID) => {
+                for uid in uids {
+                    let mut prefix = format!("study\0{uid}\0").into_bytes();
+                    prefix.shrink_to_fit();
+                    out.push(Source::Scan {
+                        prefix,
+                        start: Vec::new(),
+                        upto: None,
+                        study_in_prefix: Some(uid.clone()),
+                    });
+                }
+            }
+            (Matcher::Uids(uids), SERIES_INSTANCE_UID) => {
+                for uid in uids {
+                    let mut p = find_key(SERIES_INSTANCE_UID, uid);
+                    p.push(0);
+                    // head field is then empty: keys are `\0study\0series\0sop` after the
+                    // prefix minus its last NUL; keep the NUL in the prefix and parse 3 fields.
+                    out.push(scan(p));
+                }
+            }
+            (Matcher::Text(patterns), tag)
+                if INDEXED.contains(&tag) || tag == MODALITIES_IN_STUDY =>
+            {
+                let tag = if tag == MODALITIES_IN_STUDY {
+                    MODALITY
+                } else {
+                    tag
+                };
+                for p in patterns {
+                    let lit = p.literal_prefix();
+                    if lit.is_empty() {
+                        continue;
+                    }
+                    let mut prefix = find_key(tag, &lit);
+                    if p.is_exact() {
+                        prefix.push(0);
+                    }
+                    out.push(scan(prefix));
+                }
+            }
+            (Matcher::PersonName(groups), tag) if INDEXED.contains(&tag) => {
+                if let Some(Some(p)) = groups.first() {
+                    let lit = p.literal_prefix().to_uppercase();
+                    if !lit.is_empty() {
+                        out.push(scan(find_key(tag, &lit)));
+                    }
+                }
+            }
+            (
+                Matcher::Range {
+                    lo,
+                    hi,
+                    kind: RangeKind::Date,
+                },
+                tag,
+            ) if INDEXED.contains(&tag) => {
+                out.push(date_range(tag, lo, hi));
+            }
+            (Matcher::DateTime { lo, hi, .. }, tag) if INDEXED.contains(&tag) => {
+                out.push(date_range(
+                    tag,
+                    &lo[..8.min(lo.len())],
+                    &hi[..8.min(hi.len())],
+                ));
+            }
+            _ => {}
+        }
+    }
+    // Sources with several ranges (lists) count as one each here; the probe sums them.
+    out
+}
+
+fn date_range(tag: u32, lo: &str, hi: &str) -> Source {
+    let lo = lo.trim_end_matches('0');
+    Source::Scan {
+        prefix: find_key(tag, ""),
+        start: lo.as_bytes().to_vec(),
+        upto: Some(hi.as_bytes().to_vec()),
+        study_in_prefix: None,
+    }
+}
+
+/// Picks the source that yields the fewest entities (probing each up to [`PROBE`]); the whole
+/// hierarchy when no key narrows the search.
+fn plan(ledger: &Ledger, q: &Query) -> Result<Source, FindError> {
+    let mut best: Option<(usize, Source)> = None;
+    for s in sources(q) {
+        let n = match &s {
+            Source::Sops(uids) => uids.len(),
+            scan => {
+                let mut n = 0;
+                walk(ledger, scan, q.level.max(Level::Study), &mut |_| {
+                    n += 1;
+                    n < PROBE
+                })?;
+                n
+            }
+        };
+        if best.as_ref().is_none_or(|(b, _)| n < *b) {
+            best = Some((n, s));
+        }
+        if n == 0 {
+            break;
+        }
+    }
+    Ok(best.map(|(_, s)| s).unwrap_or(Source::Scan {
+        prefix: b"study\0".to_vec(),
+        start: Vec::new(),
+        upto: None,
+        study_in_prefix: None,
+    }))
+}
+
+/// A stored instance, parsed.
+struct Loaded {
+    bytes: Vec<u8>,
+    enc: Encoding,
+}
+
+fn load(ledger: &Ledger, sop: &str) -> Result<Option<Loaded>, FindError> {
+    let Some(entry) = ledger.latest(sop)? else {
+        return Ok(None);
+    };
+    let record = retrieve::load_record(ledger, &entry)?;
+    Ok(Some(
+        match (
+            Encoding::from_transfer_syntax(&record.transfer_syntax),
+            record.layout,
+        ) {
+            (Some(enc), Layout::Split) => Loaded {
+                bytes: record.indexable_prefix().to_vec(),
+                enc,
+            },
+            _ => {
+                let (inflated, _) = crate::ingest::inflate_start(&record.meta)
+                    .map_err(|e| FindError::Record(e.to_string()))?;
+                Loaded {
+                    bytes: inflated,
+                    enc: Encoding::ExplicitLittle,
+                }
+            }
+        },
+    ))
+}
+
+/// Checks one candidate; the response identifier when it matches.
+fn evaluate(
+    ledger: &Ledger,
+    q: &Query,
+    opts: &FindOptions,
+    c: &Candidate,
+    seen: &mut HashSet<String>,
+) -> Result<Option<Vec<Element<'static>>>, FindError> {
+    let Some(loaded) = load(ledger, &c.sop)? else {
+        return Ok(None);
+    };
+    let elements = dataset::parse(&loaded.bytes, loaded.enc, true)
+        .map_err(|e| FindError::Record(e.to_string()))?;
+    let charset = dataset::find(&elements, SPECIFIC_CHARACTER_SET)
+        .map(|e| Charset::from_value(e.bytes()))
+        .unwrap_or(Charset::from_value(b""));
+    if q.level == Level::Patient {
+        let pid = dataset::find(&elements, PATIENT_ID)
+            .map(|e| text(e.bytes()))
+            .unwrap_or_default();
+        if seen.contains(&pid) {
+            return Ok(None);
+        }
+        seen.insert(pid);
+    }
+    let mut computed = Computed::new(ledger, c, &elements);
+    for key in q.matching_keys() {
+        let ok = match &key.matcher {
+            Matcher::DateTime { lo, hi, time_tag } => matches_date_time(
+                lo,
+                hi,
+                dataset::find(&elements, key.tag),
+                dataset::find(&elements, *time_tag),
+            ),
+            m if is_computed(key.tag) => match computed.value(key.tag)? {
+                Some(v) => matches_text(m, &v, false),
+                None => false,
+            },
+            m => matches(
+                m,
+                dataset::find(&elements, key.tag),
+                &charset,
+                opts.matching.case_insensitive_names,
+            ),
+        };
+        if !ok {
+            return Ok(None);
+        }
+    }
+    // The response: every requested key, then level, Retrieve AE Title and character set.
+    let mut out: Vec<Element<'static>> = Vec::new();
+    let put = |out: &mut Vec<Element<'static>>, tag: u32, vr: [u8; 2], bytes: Vec<u8>| {
+        out.push(Element {
+            tag,
+            vr,
+            value: Value::Bytes(Cow::Owned(bytes)),
+        })
+    };
+    for key in &q.keys {
+        if matches!(key.tag, RETRIEVE_AE_TITLE | INSTANCE_AVAILABILITY) {
+            continue;
+        }
+        if level_of(key.tag, q.model) > q.level {
+            // Not an attribute of this level: returned empty (PS3.4 C.4.1.1.3.2).
+            out.push(empty(key));
+            continue;
+        }
+        if is_computed(key.tag) {
+            let v = computed.value(key.tag)?.unwrap_or_default();
+            put(
+                &mut out,
+                key.tag,
+                key_vr(key),
+                dataset::padded(&key_vr(key), v.as_bytes()),
+            );
+            continue;
+        }
+        match dataset::find(&elements, key.tag) {
+            Some(e) => out.push(project(e, key, &charset, opts)),
+            None => out.push(empty(key)),
+        }
+    }
+    put(
+        &mut out,
+        QUERY_RETRIEVE_LEVEL,
+        *b"CS",
+        dataset::padded(b"CS", q.level.name().as_bytes()),
+    );
+    put(
+        &mut out,
+        RETRIEVE_AE_TITLE,
+        *b"AE",
+        dataset::padded(b"AE", opts.retrieve_ae.as_bytes()),
+    );
+    if q.key(INSTANCE_AVAILABILITY).is_some() {
+        put(&mut out, INSTANCE_AVAILABILITY, *b"CS", b"ONLINE".to_vec());
+    }
+    if let Some(cs) = dataset::find(&elements, SPECIFIC_CHARACTER_SET).filter(|e| !e.is_empty()) {
+        put(
+            &mut out,
+            SPECIFIC_CHARACTER_SET,
+            *b"CS",
+            cs.bytes().to_vec(),
+        );
+    }
+    out.sort_by_key(|e| e.tag);
+    out.dedup_by_key(|e| e.tag);
+    Ok(Some(out))
+}
+
+fn key_vr(key: &Key) -> [u8; 2] {
+    if &key.vr == b"UN" {
+        dataset::dictionary_vr(key.tag)
+    } else {
+        key.vr
+    }
+}
+
+fn empty(key: &Key) -> Element<'static> {
+    Element {
+        tag: key.tag,
+        vr: key_vr(key),
+        value: if &key.vr == b"SQ" {
+            Value::Items(Vec::new())
+        } else {
+            Value::Bytes(Cow::Owned(Vec::new()))
+        },
+    }
+}
+
+/// A stored element as returned for `key`: a sequence keeps the items that match the key's
+/// sub-keys, each reduced to the requested sub-keys (whole items when none were named).
+fn project(e: &Element<'_>, key: &Key, charset: &Charset, opts: &FindOptions) -> Element<'static> {
+    let Value::Items(items) = &e.value else {
+        return e.clone().into_owned();
+    };
+    if key.sub_keys.is_empty() {
+        return e.clone().into_owned();
+    }
+    let kept = items
+        .iter()
+        .filter(|item| {
+            key.sub_keys.iter().all(|k| {
+                matches(
+                    &k.matcher,
+                    dataset::find(item, k.tag),
+                    charset,
+                    opts.matching.case_insensitive_names,
+                )
+            })
+        })
+        .map(|item| {
+            let mut els: Vec<Element<'static>> = key
+                .sub_keys
+                .iter()
+                .map(|k| match dataset::find(item, k.tag) {
+                    Some(sub) => project(sub, k, charset, opts),
+                    None => empty(k),
+                })
+                .collect();
+            els.sort_by_key(|e| e.tag);
+            els
+        })
+        .collect();
+    Element {
+        tag: e.tag,
+        vr: *b"SQ",
+        value: Value::Items(kept),
+    }
+}
+
+fn is_computed(tag: u32) -> bool {
+    matches!(
+        tag,
+        MODALITIES_IN_STUDY
+            | SOP_CLASSES_IN_STUDY
+            | PATIENT_RELATED_STUDIES
+            | PATIENT_RELATED_SERIES
+            | PATIENT_RELATED_INSTANCES
+            | STUDY_RELATED_SERIES
+            | STUDY_RELATED_INSTANCES
+            | SERIES_RELATED_INSTANCES
+    )
+}
+
+/// The computed attributes of a candidate's patient, study and series, read from the index on
+/// first use.
+struct Computed<'l> {
+    ledger: &'l Ledger,
+    study: String,
+    series: String,
+    patient_id: String,
+    study_stats: Option<StudyStats>,
+    patient_stats: Option<(usize, usize, usize)>,
+    series_count: Option<usize>,
+}
+
+#[derive(Default)]
+struct StudyStats {
+    series: BTreeSet<String>,
+    instances: usize,
+    modalities: BTreeSet<String>,
+    sop_classes: BTreeSet<String>,
+}
+
+impl<'l> Computed<'l> {
+    fn new(ledger: &'l Ledger, c: &Candidate, elements: &[Element<'_>]) -> Computed<'l> {
+        Computed {
+            ledger,
+            study: c.study.clone(),
+            series: c.series.clone(),
+            patient_id: dataset::find(elements, PATIENT_ID)
+                .map(|e| text(e.bytes()))
+                .unwrap_or_default(),
+            study_stats: None,
+            patient_stats: None,
+            series_count: None,
+        }
+    }
+
+    fn study(ledger: &Ledger, study: &str) -> Result<StudyStats, FindError> {
+        let mut s = StudyStats::default();
+        let prefix = format!("study\0{study}\0").into_bytes();
+        ledger.scan(&prefix, b"", |suffix, value| {
+            if let Some(series) = suffix.split(|b| *b == 0).next() {
+                s.series
+                    .insert(String::from_utf8_lossy(series).into_owned());
+            }
+            s.instances += 1;
+            let mut parts = value.split(|b| *b == 0);
+            if let Some(class) = parts.next().filter(|c| !c.is_empty()) {
+                s.sop_classes
+                    .insert(String::from_utf8_lossy(class).into_owned());
+            }
+            if let Some(m) = parts.next().filter(|m| !m.is_empty()) {
+                s.modalities.insert(String::from_utf8_lossy(m).into_owned());
+            }
+            Step::Next
+        })?;
+        Ok(s)
+    }
+
+    fn value(&mut self, tag: u32) -> Result<Option<String>, FindError> {
+        let join = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join("\\");
+        Ok(Some(match tag {
+            MODALITIES_IN_STUDY
+            | SOP_CLASSES_IN_STUDY
+            | STUDY_RELATED_SERIES
+            | STUDY_RELATED_INSTANCES => {
+                if self.study_stats.is_none() {
+                    self.study_stats = Some(Self::study(self.ledger, &self.study)?);
+                }
+                let s = self.study_stats.as_ref().expect("just set");
+                match tag {
+                    MODALITIES_IN_STUDY => join(&s.modalities),
+                    SOP_CLASSES_IN_STUDY => join(&s.sop_classes),
+                    STUDY_RELATED_SERIES => s.series.len().to_string(),
+                    _ => s.instances.to_string(),
+                }
+            }
+            SERIES_RELATED_INSTANCES => {
+                if self.series_count.is_none() {
+                    let prefix = format!("study\0{}\0{}\0", self.study, self.series).into_bytes();
+                    let mut n = 0;
+                    self.ledger.scan(&prefix, b"", |_, _| {
+                        n += 1;
+                        Step::Next
+                    })?;
+                    self.series_count = Some(n);
+                }
+                self.series_count.unwrap_or(0).to_string()
+            }
+            PATIENT_RELATED_STUDIES | PATIENT_RELATED_SERIES | PATIENT_RELATED_INSTANCES => {
+                if self.patient_stats.is_none() {
+                    let mut prefix = find_key(PATIENT_ID, &self.patient_id);
+                    prefix.push(0);
+                    let (mut studies, mut series, mut n) = (HashSet::new(), HashSet::new(), 0);
+                    self.ledger.scan(&prefix, b"", |suffix, _| {
+                        let mut f = suffix.split(|b| *b == 0);
+                        if let (Some(st), Some(se)) = (f.next(), f.next()) {
+                            studies.insert(st.to_vec());
+                            series.insert(se.to_vec());
+                        }
+                        n += 1;
+                        Step::Next
+                    })?;
+                    self.patient_stats = Some((studies.len(), series.len(), n));
+                }
+                let (st, se, n) = self.patient_stats.unwrap_or_default();
+                match tag {
+                    PATIENT_RELATED_STUDIES => st.to_string(),
+                    PATIENT_RELATED_SERIES => se.to_string(),
+                    _ => n.to_string(),
+                }
+            }
+            _ => return Ok(None),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_forms() {
+        let pn = Element {
+            tag: PATIENT_NAME,
+            vr: *b"PN",
+            value: Value::Bytes(Cow::Borrowed(b"Buc^J\xe9r\xf4me^^ ")),
+        };
+        assert_eq!(
+            index_value(&pn, &Charset::from_value(b"ISO_IR 100")),
+            "BUC^JÉRÔME"
+        );
+        let da = Element {
+            tag: STUDY_DATE,
+            vr: *b"DA",
+            value: Value::Bytes(Cow::Borrowed(b"2020.01.02")),
+        };
+        assert_eq!(index_value(&da, &Charset::from_value(b"")), "20200102");
+    }
+}
