@@ -134,6 +134,8 @@ enum Source {
         upto: Option<Vec<u8>>,
         study_in_prefix: Option<String>,
     },
+    /// The union of several ranges (a key listing several values).
+    Union(Vec<Source>),
 }
 
 /// Runs `query`, handing each response identifier (encoded in `enc`) to `emit`, which returns
@@ -207,6 +209,19 @@ fn walk(
     f: &mut dyn FnMut(Candidate) -> bool,
 ) -> Result<(), FindError> {
     match source {
+        Source::Union(parts) => {
+            let mut go = true;
+            for part in parts {
+                walk(ledger, part, level, &mut |c| {
+                    go = f(c);
+                    go
+                })?;
+                if !go {
+                    break;
+                }
+            }
+            Ok(())
+        }
         Source::Sops(uids) => {
             for uid in uids {
                 let keys = ledger.location(uid)?;
@@ -298,7 +313,8 @@ fn parse_study_key(k: &[u8]) -> Option<Candidate> {
     })
 }
 
-/// The index ranges a query could start from, most specific kinds first.
+/// The index ranges a query could start from: one source per key that an index serves (a key
+/// listing several values gives the union of their ranges).
 fn sources(q: &Query) -> Vec<Source> {
     let mut out = Vec::new();
     let scan = |prefix: Vec<u8>| Source::Scan {
@@ -308,14 +324,13 @@ fn sources(q: &Query) -> Vec<Source> {
         study_in_prefix: None,
     };
     for key in q.matching_keys() {
+        let mut parts = Vec::new();
         match (&key.matcher, key.tag) {
-            (Matcher::Uids(uids), SOP_INSTANCE_UID) => out.push(Source::Sops(uids.clone())),
+            (Matcher::Uids(uids), SOP_INSTANCE_UID) => parts.push(Source::Sops(uids.clone())),
             (Matcher::Uids(uids), STUDY_INSTANCE_UID) => {
                 for uid in uids {
-                    let mut prefix = format!("study\0{uid}\0").into_bytes();
-                    prefix.shrink_to_fit();
-                    out.push(Source::Scan {
-                        prefix,
+                    parts.push(Source::Scan {
+                        prefix: format!("study\0{uid}\0").into_bytes(),
                         start: Vec::new(),
                         upto: None,
                         study_in_prefix: Some(uid.clone()),
@@ -324,62 +339,51 @@ fn sources(q: &Query) -> Vec<Source> {
             }
             (Matcher::Uids(uids), SERIES_INSTANCE_UID) => {
                 for uid in uids {
+                    // An exact value: the prefix ends with its NUL, keys then hold study,
+                    // series and SOP only.
                     let mut p = find_key(SERIES_INSTANCE_UID, uid);
                     p.push(0);
-                    // head field is then empty: keys are `\0study\0series\0sop` after the
-                    // prefix minus its last NUL; keep the NUL in the prefix and parse 3 fields.
-                    out.push(scan(p));
+                    parts.push(scan(p));
                 }
             }
-            (Matcher::Text(patterns), tag)
-                if INDEXED.contains(&tag) || tag == MODALITIES_IN_STUDY =>
-            {
-                let tag = if tag == MODALITIES_IN_STUDY {
-                    MODALITY
-                } else {
-                    tag
-                };
+            (Matcher::Text(patterns), tag) if INDEXED.contains(&tag) || tag == MODALITIES_IN_STUDY => {
+                let tag = if tag == MODALITIES_IN_STUDY { MODALITY } else { tag };
                 for p in patterns {
                     let lit = p.literal_prefix();
                     if lit.is_empty() {
-                        continue;
+                        // One value that no index narrows: the key cannot start the search.
+                        parts.clear();
+                        break;
                     }
                     let mut prefix = find_key(tag, &lit);
                     if p.is_exact() {
                         prefix.push(0);
                     }
-                    out.push(scan(prefix));
+                    parts.push(scan(prefix));
                 }
             }
             (Matcher::PersonName(groups), tag) if INDEXED.contains(&tag) => {
                 if let Some(Some(p)) = groups.first() {
                     let lit = p.literal_prefix().to_uppercase();
                     if !lit.is_empty() {
-                        out.push(scan(find_key(tag, &lit)));
+                        parts.push(scan(find_key(tag, &lit)));
                     }
                 }
             }
-            (
-                Matcher::Range {
-                    lo,
-                    hi,
-                    kind: RangeKind::Date,
-                },
-                tag,
-            ) if INDEXED.contains(&tag) => {
-                out.push(date_range(tag, lo, hi));
+            (Matcher::Range { lo, hi, kind: RangeKind::Date }, tag) if INDEXED.contains(&tag) => {
+                parts.push(date_range(tag, lo, hi));
             }
             (Matcher::DateTime { lo, hi, .. }, tag) if INDEXED.contains(&tag) => {
-                out.push(date_range(
-                    tag,
-                    &lo[..8.min(lo.len())],
-                    &hi[..8.min(hi.len())],
-                ));
+                parts.push(date_range(tag, &lo[..8.min(lo.len())], &hi[..8.min(hi.len())]));
             }
             _ => {}
         }
+        match parts.len() {
+            0 => {}
+            1 => out.extend(parts),
+            _ => out.push(Source::Union(parts)),
+        }
     }
-    // Sources with several ranges (lists) count as one each here; the probe sums them.
     out
 }
 

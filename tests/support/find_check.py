@@ -55,7 +55,7 @@ LEVELS = ["PATIENT", "STUDY", "SERIES", "IMAGE"]
 UNIQUE = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
           "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
 TIMEOUT = 30
-CANCEL_SLACK = 3  # responses tolerated after C-CANCEL was sent
+CANCEL_SLACK = 100  # responses tolerated after C-CANCEL was sent (in flight on the socket)
 NOT_KEYS = {"SpecificCharacterSet", "QueryRetrieveLevel", "TimezoneOffsetFromUTC"}
 
 STUDY_PATIENT_ATTRS = {"PatientAge", "PatientSize", "PatientWeight", "Occupation",
@@ -438,8 +438,9 @@ def build_identifier(query):
             set_key(ds, kw, v)
     for kw, items in (query.get("sequences") or {}).items():
         set_key(ds, kw, items)
-    if UNIQUE[query["level"]] not in ds:
-        set_key(ds, UNIQUE[query["level"]], "")
+    unique = UNIQUE.get(query["level"])  # an unknown level (bad-input queries) has none
+    if unique and unique not in ds:
+        set_key(ds, unique, "")
     return ds
 
 
@@ -543,7 +544,8 @@ def check_query(args, query, tree):
 
     if query.get("cancel_after") is not None:
         limit = max(1, int(query["cancel_after"])) + CANCEL_SLACK
-        rep["ok"] = (status == 0xFE00 and len(idents) <= limit and not rep["unexpected"]
+        rep["ok"] = (status == 0xFE00 and len(idents) <= limit and len(idents) < len(expected)
+                     and not rep["unexpected"]
                      and not rep["duplicates"] and not rep["value_mismatches"] and not errors)
     else:
         rep["ok"] = (status == 0x0000 and not rep["missing"] and not rep["unexpected"]
@@ -554,19 +556,31 @@ def check_query(args, query, tree):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, default=0)
     p.add_argument("--aec", default="DICOMCHAIN", help="called AE title")
     p.add_argument("--aet", default="FINDSCU", help="calling AE title")
     p.add_argument("--files", nargs="+", required=True)
     p.add_argument("--queries", required=True)
     p.add_argument("--combined-datetime", action="store_true")
     p.add_argument("--case-insensitive-pn", action="store_true")
+    p.add_argument("--expect-only", action="store_true",
+                   help="print the oracle's expected unique keys per query; contact no SCP")
     args = p.parse_args()
 
     datasets, skipped = load_files(args.files)
     tree = build_hierarchy(datasets)
     with open(args.queries, encoding="utf-8") as f:
         queries = json.load(f)
+    if args.expect_only:
+        out = []
+        for q in queries:
+            level = q["level"]
+            out.append({"name": q.get("name", "?"), "level": level,
+                        "expected": sorted(uid for uid, ent in tree[level].items()
+                                           if entity_matches(ent, q, q.get("model", "S"), args))})
+        json.dump(out, sys.stdout, indent=1, ensure_ascii=False)
+        sys.stdout.write("\n")
+        return 0
     results = []
     for q in queries:
         try:
