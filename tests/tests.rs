@@ -4,6 +4,7 @@
 mod support;
 
 mod cli;
+mod find;
 mod ledger;
 mod network;
 mod roundtrip;

@@ -634,18 +634,18 @@ impl Association {
             .map(|c| c.transfer_syntax.clone())
             .unwrap_or_default();
         let model = query::Model::of_sop_class(&req.sop_class_uid);
+        let matching = query::MatchOptions {
+            case_insensitive_names: self.ctx.node.find_case_insensitive_names,
+            combined_datetime: self
+                .negotiated
+                .combined_datetime
+                .contains(&req.sop_class_uid),
+        };
         let parsed = match (Encoding::from_transfer_syntax(&transfer_syntax), model) {
             (Some(enc), Some(model)) => dataset::parse(&req.bytes, enc, false)
                 .map_err(|e| Failure::new(status::CANNOT_UNDERSTAND, e.to_string()))
                 .and_then(|elements| {
-                    let opts = query::MatchOptions {
-                        case_insensitive_names: self.ctx.node.find_case_insensitive_names,
-                        combined_datetime: self
-                            .negotiated
-                            .combined_datetime
-                            .contains(&req.sop_class_uid),
-                    };
-                    query::Query::parse(&elements, model, opts)
+                    query::Query::parse(&elements, model, matching)
                         .map_err(|e| status::find_failure(&e))
                 })
                 .map(|q| (q, enc)),
@@ -671,7 +671,7 @@ impl Association {
         let (tx, rx) = mpsc::channel(FIND_QUEUE);
         let cancel = Arc::new(AtomicBool::new(false));
         let opts = FindOptions {
-            matching: query::MatchOptions::default(),
+            matching,
             max_results: self.ctx.node.max_find_results,
             retrieve_ae: self.ctx.policy.ae_title.clone(),
         };

@@ -346,8 +346,14 @@ fn sources(q: &Query) -> Vec<Source> {
                     parts.push(scan(p));
                 }
             }
-            (Matcher::Text(patterns), tag) if INDEXED.contains(&tag) || tag == MODALITIES_IN_STUDY => {
-                let tag = if tag == MODALITIES_IN_STUDY { MODALITY } else { tag };
+            (Matcher::Text(patterns), tag)
+                if INDEXED.contains(&tag) || tag == MODALITIES_IN_STUDY =>
+            {
+                let tag = if tag == MODALITIES_IN_STUDY {
+                    MODALITY
+                } else {
+                    tag
+                };
                 for p in patterns {
                     let lit = p.literal_prefix();
                     if lit.is_empty() {
@@ -370,11 +376,22 @@ fn sources(q: &Query) -> Vec<Source> {
                     }
                 }
             }
-            (Matcher::Range { lo, hi, kind: RangeKind::Date }, tag) if INDEXED.contains(&tag) => {
+            (
+                Matcher::Range {
+                    lo,
+                    hi,
+                    kind: RangeKind::Date,
+                },
+                tag,
+            ) if INDEXED.contains(&tag) => {
                 parts.push(date_range(tag, lo, hi));
             }
             (Matcher::DateTime { lo, hi, .. }, tag) if INDEXED.contains(&tag) => {
-                parts.push(date_range(tag, &lo[..8.min(lo.len())], &hi[..8.min(hi.len())]));
+                parts.push(date_range(
+                    tag,
+                    &lo[..8.min(lo.len())],
+                    &hi[..8.min(hi.len())],
+                ));
             }
             _ => {}
         }

@@ -17,7 +17,7 @@ QueryRetrieveLevel and RetrieveAETitle.
 queries.json is a list of objects:
   {"name", "model": "P"|"S", "level": "PATIENT"|"STUDY"|"SERIES"|"IMAGE", "charset"?,
    "keys": {keyword: unicode string ("" = return key)}, "sequences"?: {keyword: [item dict]},
-   "expect_status"?: int, "cancel_after"?: int (>= 1)}
+   "expect_status"?: int, "cancel_after"?: int (>= 1), "cancel_slack"?: int}
 
 Oracle choices where the standard leaves room: a single TM/DT value matches every stored value
 within its precision ("10" matches 10:00-10:59:59.999999); time zone offsets are ignored;
@@ -543,7 +543,7 @@ def check_query(args, query, tree):
                                                 "entity": uid, "expected": want, "got": have})
 
     if query.get("cancel_after") is not None:
-        limit = max(1, int(query["cancel_after"])) + CANCEL_SLACK
+        limit = max(1, int(query["cancel_after"])) + int(query.get("cancel_slack", CANCEL_SLACK))
         rep["ok"] = (status == 0xFE00 and len(idents) <= limit and len(idents) < len(expected)
                      and not rep["unexpected"]
                      and not rep["duplicates"] and not rep["value_mismatches"] and not errors)

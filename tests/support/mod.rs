@@ -366,17 +366,9 @@ pub fn read_part10(path: &Path) -> Option<Part10> {
 /// pydicom's test corpus: every Part 10 file of a Storage SOP Class under `test_files` and
 /// `charset_files`. Empty when pydicom is not installed (CI installs it).
 pub fn pydicom_corpus() -> Vec<Part10> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import pydicom, os; print(os.path.dirname(pydicom.__file__))",
-        ])
-        .output();
-    let Ok(out) = out else { return Vec::new() };
-    if !out.status.success() {
+    let Some(root) = pydicom_data() else {
         return Vec::new();
-    }
-    let root = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("data");
+    };
     let mut files = Vec::new();
     for sub in ["test_files", "charset_files"] {
         walk(&root.join(sub), &mut files);
@@ -387,6 +379,20 @@ pub fn pydicom_corpus() -> Vec<Part10> {
         .filter_map(|p| read_part10(p))
         .filter(|p| dicomchain::dimse::negotiate::is_storage_sop_class(&p.sop_class_uid))
         .collect()
+}
+
+/// pydicom's `data` directory (test_files, charset_files), when pydicom is installed.
+pub fn pydicom_data() -> Option<PathBuf> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import pydicom, os; print(os.path.dirname(pydicom.__file__))",
+        ])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("data"))
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
