@@ -559,6 +559,13 @@ fn evaluate(
             None => out.push(empty(key)),
         }
     }
+    // The unique key of the level identifies the match even when the SCU forgot to ask for it.
+    let unique = unique_key(q.level);
+    if q.key(unique).is_none() {
+        if let Some(e) = dataset::find(&elements, unique) {
+            out.push(e.clone().into_owned());
+        }
+    }
     put(
         &mut out,
         QUERY_RETRIEVE_LEVEL,

@@ -529,8 +529,10 @@ fn text_matcher(vr: &[u8; 2], value: &str) -> Result<Matcher, String> {
                 Some((lo, hi)) => (lo, hi),
                 None => (value, value),
             };
-            let lo = normalize(lo, kind, false).ok_or_else(|| format!("bad value {value:?}"))?;
-            let hi = normalize(hi, kind, true).ok_or_else(|| format!("bad value {value:?}"))?;
+            // The value is not echoed: Error Comments reach the log, and dates can be PHI.
+            let bad = || format!("not a valid {} value or range", String::from_utf8_lossy(vr));
+            let lo = normalize(lo, kind, false).ok_or_else(bad)?;
+            let hi = normalize(hi, kind, true).ok_or_else(bad)?;
             Matcher::Range { lo, hi, kind }
         }
         b"PN" => Matcher::PersonName(
