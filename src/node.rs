@@ -65,7 +65,16 @@ pub async fn run(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    let services = crate::dimse::qr::Services {
+        ledger: ledger.clone(),
+        store: store.clone(),
+        ae_title: cfg.node.ae_title.clone(),
+        max_pdu_length: cfg.node.max_pdu_length,
+        peers: cfg.peers.values().cloned().collect(),
+        event_spool: cfg.ledger.event_spool.clone(),
+    };
     let ctx = Arc::new(NodeContext {
+        services,
         pipeline: Pipeline::new(
             ledger.clone(),
             store,

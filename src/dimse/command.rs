@@ -14,6 +14,9 @@ pub mod field {
     pub const C_FIND_RQ: u16 = 0x0020;
     pub const C_MOVE_RQ: u16 = 0x0021;
     pub const C_ECHO_RQ: u16 = 0x0030;
+    pub const C_GET_RSP: u16 = 0x8010;
+    pub const C_FIND_RSP: u16 = 0x8020;
+    pub const C_MOVE_RSP: u16 = 0x8021;
     pub const C_ECHO_RSP: u16 = 0x8030;
     pub const C_CANCEL_RQ: u16 = 0x0FFF;
 }
@@ -33,6 +36,10 @@ pub mod tag {
     pub const AFFECTED_SOP_INSTANCE_UID: u32 = 0x0000_1000;
     pub const MOVE_ORIGINATOR_AE_TITLE: u32 = 0x0000_1030;
     pub const MOVE_ORIGINATOR_MESSAGE_ID: u32 = 0x0000_1031;
+    pub const REMAINING_SUBOPERATIONS: u32 = 0x0000_1020;
+    pub const COMPLETED_SUBOPERATIONS: u32 = 0x0000_1021;
+    pub const FAILED_SUBOPERATIONS: u32 = 0x0000_1022;
+    pub const WARNING_SUBOPERATIONS: u32 = 0x0000_1023;
 }
 
 /// Command Data Set Type (0000,0800) value meaning "no data set follows".

@@ -4,12 +4,16 @@
 //! - [`connection`]: PDU I/O on one socket with dicom-ul's PDU codec, strict size limit, timeouts;
 //! - [`negotiate`]: which associations and presentation contexts we accept (pure);
 //! - [`command`]: the DIMSE command set codec (pure);
-//! - [`service`]: one association's message loop: C-ECHO and C-STORE (feeding `ingest`);
+//! - [`service`]: one association's message loop: C-ECHO and C-STORE (feeding `ingest`), and the
+//!   requests [`qr`] answers beside it (C-FIND, C-MOVE, C-GET);
+//! - [`scu`]: the node as requestor, for C-MOVE sub-operations;
 //! - [`status`]: every DIMSE status we send, and the one mapping from errors to statuses.
 
 pub mod command;
 pub mod connection;
 pub mod listener;
 pub mod negotiate;
+pub mod qr;
+pub mod scu;
 pub mod service;
 pub mod status;

@@ -59,6 +59,14 @@ pub const FIND_SOP_CLASSES: [&str; 2] = [
     crate::find::query::STUDY_ROOT_FIND,
 ];
 
+/// Query/Retrieve MOVE and GET SOP classes (PS3.4 C.6).
+pub const RETRIEVE_SOP_CLASSES: [&str; 4] = [
+    super::qr::PATIENT_ROOT_MOVE,
+    super::qr::STUDY_ROOT_MOVE,
+    super::qr::PATIENT_ROOT_GET,
+    super::qr::STUDY_ROOT_GET,
+];
+
 /// The uncompressed syntaxes: the only ones for messages without pixel data (C-ECHO, C-FIND).
 const NATIVE_SYNTAXES: [&str; 3] = [
     "1.2.840.10008.1.2",
@@ -78,6 +86,9 @@ pub struct Negotiated {
     /// FIND SOP classes for which the requestor asked for, and we granted, combined date-time
     /// range matching (SOP Class Extended Negotiation, PS3.4 C.5.1.1 byte 2).
     pub combined_datetime: Vec<String>,
+    /// Storage SOP classes for which the requestor takes the SCP role (SCP/SCU Role Selection,
+    /// PS3.7 D.3.3.4): C-GET sends those to it over this association.
+    pub scp_role: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,7 +171,8 @@ pub fn negotiate(
         let storage = is_storage_sop_class(abstract_syntax);
         let known = storage
             || abstract_syntax == VERIFICATION
-            || FIND_SOP_CLASSES.contains(&abstract_syntax);
+            || FIND_SOP_CLASSES.contains(&abstract_syntax)
+            || RETRIEVE_SOP_CLASSES.contains(&abstract_syntax);
         // PS3.8 §9.3.3.2: the acceptor picks one of the proposed syntaxes; we honour the
         // requestor's order, so a modality that prefers its compressed syntax keeps it.
         let chosen = pc.transfer_syntaxes.iter().map(|ts| trim(ts)).find(|ts| {
@@ -215,6 +227,26 @@ pub fn negotiate(
             }
         }
     }
+    // Role selection: a requestor that will receive C-GET sub-operations proposes the SCP role
+    // for the storage classes; we accept it (dicom-ul's default negotiation accepts none).
+    let mut scp_role = Vec::new();
+    for item in &rq.user_variables {
+        if let UserVariableItem::ScuScpRoleSelectionSubItem(uid, roles) = item {
+            let uid = trim(uid);
+            if is_storage_sop_class(uid) && contexts.iter().any(|c| c.abstract_syntax == uid) {
+                if roles.scp {
+                    scp_role.push(uid.to_string());
+                }
+                extended.push(UserVariableItem::ScuScpRoleSelectionSubItem(
+                    uid.to_string(),
+                    dicom_ul::pdu::RequestorRoles {
+                        scu: roles.scu,
+                        scp: roles.scp,
+                    },
+                ));
+            }
+        }
+    }
     let ac = AssociationAC {
         protocol_version: 1,
         application_context_name: APPLICATION_CONTEXT.to_string(),
@@ -238,6 +270,7 @@ pub fn negotiate(
             contexts,
             peer_max_pdu,
             combined_datetime,
+            scp_role,
         },
     ))
 }

@@ -14,7 +14,6 @@ use std::time::Duration;
 use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValue, PDataValueType, Pdu};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
 
 use super::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
@@ -22,7 +21,8 @@ use super::connection::{ConnError, Connection};
 use super::negotiate::{self, Negotiated, Policy, VERIFICATION};
 use super::status::{self, Failure};
 use crate::config::NodeConfig;
-use crate::find::{self, dataset, query, FindError, FindOptions};
+use super::qr::{self, Outgoing, Services};
+use crate::find::{dataset, query, FindOptions};
 use crate::ingest::{Incoming, Pipeline, StoreContext};
 use crate::ledger::StoreOutcome;
 use crate::split::Encoding;
@@ -31,18 +31,19 @@ use crate::split::Encoding;
 const MAX_COMMAND_BYTES: usize = 64 * 1024;
 /// Most bytes of a C-FIND identifier.
 const MAX_IDENTIFIER_BYTES: usize = 1024 * 1024;
-/// Responses a running C-FIND may have ready before the association sends them.
-const FIND_QUEUE: usize = 16;
-/// While a C-FIND runs, the requestor may stay silent as long as the query takes.
-const FIND_WAIT: Duration = Duration::from_secs(24 * 3600);
-/// Command Data Set Type for "a data set follows" (any value but 0x0101, PS3.7 §E.2).
-const DATA_SET_PRESENT: u16 = 0x0001;
+/// Messages a running operation may have ready before the association sends them.
+const OP_QUEUE: usize = 16;
+/// While an operation runs, the requestor may stay silent as long as it takes.
+const OP_WAIT: Duration = Duration::from_secs(24 * 3600);
+
 
 /// What every association task shares.
 pub struct NodeContext {
     pub pipeline: Pipeline,
     pub policy: Policy,
     pub node: NodeConfig,
+    /// What C-FIND, C-MOVE and C-GET need (ledger, store, peers, event spool).
+    pub services: Services,
 }
 
 /// Serves one accepted TCP connection to the end. `shutdown` turns true when the node stops:
@@ -124,36 +125,43 @@ enum State {
     Store(Box<StoreInProgress>),
     /// Reading and dropping a data set we will answer with a failure.
     Discard { context_id: u8, reply: Reply },
-    /// Collecting the identifier of a C-FIND.
-    FindIdentifier(Box<FindRequest>),
-    /// Answering a C-FIND: matches come from a blocking task as they are found.
-    Finding(Box<FindInProgress>),
+    /// Collecting the identifier of a C-FIND, C-MOVE or C-GET.
+    Identifier(Box<IdentifierRequest>),
+    /// A C-FIND, C-MOVE or C-GET running beside the association (see [`qr`]).
+    Running(Box<Running>),
 }
 
-struct FindRequest {
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Operation {
+    Find,
+    Move { destination: String },
+    Get,
+}
+
+struct IdentifierRequest {
+    operation: Operation,
     context_id: u8,
     message_id: u16,
     sop_class_uid: String,
     bytes: Vec<u8>,
 }
 
-struct FindInProgress {
+struct Running {
     context_id: u8,
     message_id: u16,
+    /// The response command field, for a failure if the task ends without its final response.
+    response_field: u16,
     sop_class_uid: String,
-    level: query::Level,
-    results: mpsc::Receiver<Vec<u8>>,
+    out: mpsc::Receiver<Outgoing>,
+    /// C-GET: the requestor's C-STORE responses go back to the task.
+    replies: Option<mpsc::Sender<Command>>,
     cancel: Arc<AtomicBool>,
-    task: JoinHandle<Result<usize, FindError>>,
-    cancelled: bool,
-    sent: usize,
-    started: std::time::Instant,
 }
 
 /// What woke the association loop.
 enum Next {
     Pdu(Result<Pdu, ConnError>),
-    Found(Option<Vec<u8>>),
+    Out(Option<Outgoing>),
     Shutdown,
 }
 
@@ -199,14 +207,14 @@ impl Association {
             }
             let wait = match self.state {
                 State::Idle => idle,
-                State::Finding(_) => FIND_WAIT,
+                State::Running(_) => OP_WAIT,
                 _ => self.ctx.node.io_timeout(),
             };
             let is_idle = matches!(self.state, State::Idle);
             // `receive` is cancel-safe: a PDU half read when results win the race stays buffered.
             let next = match &mut self.state {
-                State::Finding(f) => tokio::select! {
-                    item = f.results.recv() => Next::Found(item),
+                State::Running(r) => tokio::select! {
+                    msg = r.out.recv() => Next::Out(msg),
                     pdu = self.conn.receive(wait) => Next::Pdu(pdu),
                 },
                 _ => tokio::select! {
@@ -217,8 +225,8 @@ impl Association {
             let pdu = match next {
                 Next::Pdu(pdu) => pdu,
                 Next::Shutdown => continue,
-                Next::Found(item) => {
-                    if let Err(abort) = self.on_found(item).await {
+                Next::Out(msg) => {
+                    if let Err(abort) = self.on_outgoing(msg).await {
                         break Some(abort);
                     }
                     continue;
@@ -288,7 +296,7 @@ impl Association {
                     incoming.abort().await;
                 }
             }
-            State::Finding(f) => f.cancel.store(true, Ordering::Relaxed),
+            State::Running(r) => r.cancel.store(true, Ordering::Relaxed),
             _ => {}
         }
         match end {
@@ -324,27 +332,39 @@ impl Association {
     }
 
     async fn on_command_fragment(&mut self, pdv: PDataValue) -> Result<(), Abort> {
-        if let State::Finding(f) = &mut self.state {
-            // Only a C-CANCEL of the running query may come now (no asynchronous operations).
-            let cancel = pdv.is_last
-                && pdv.presentation_context_id == f.context_id
-                && Command::decode(&pdv.data).is_ok_and(|c| {
-                    c.command_field().ok() == Some(field::C_CANCEL_RQ)
-                        && c.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, "message id")
-                            .ok()
-                            .flatten()
-                            == Some(f.message_id)
-                });
-            if !cancel {
-                return Err(Abort(
-                    AbortRQServiceProviderReason::UnexpectedPdu,
-                    "request while a C-FIND is running (asynchronous operations were not negotiated)"
-                        .into(),
-                ));
+        if let State::Running(r) = &mut self.state {
+            // Only a C-CANCEL of the running request, or (C-GET) the requestor's C-STORE
+            // responses, may come now: asynchronous operations are not negotiated.
+            let command = if pdv.is_last {
+                Command::decode(&pdv.data).ok()
+            } else {
+                None
+            };
+            let field = command.as_ref().and_then(|c| c.command_field().ok());
+            let responds_to = command.as_ref().and_then(|c| {
+                c.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, "message id")
+                    .ok()
+                    .flatten()
+            });
+            match (field, command) {
+                (Some(field::C_CANCEL_RQ), _) if responds_to == Some(r.message_id) => {
+                    r.cancel.store(true, Ordering::Relaxed);
+                    return Ok(());
+                }
+                (Some(field::C_STORE_RSP), Some(c)) if r.replies.is_some() => {
+                    if let Some(tx) = &r.replies {
+                        let _ = tx.send(c).await;
+                    }
+                    return Ok(());
+                }
+                _ => {
+                    return Err(Abort(
+                        AbortRQServiceProviderReason::UnexpectedPdu,
+                        "request while another is running (asynchronous operations were not negotiated)"
+                            .into(),
+                    ))
+                }
             }
-            f.cancel.store(true, Ordering::Relaxed);
-            f.cancelled = true;
-            return Ok(());
         }
         let bytes = match std::mem::replace(&mut self.state, State::Idle) {
             State::Idle => pdv.data,
@@ -449,7 +469,55 @@ impl Association {
                         context_id,
                         reply: reply_failure(f),
                     },
-                    None => State::FindIdentifier(Box::new(FindRequest {
+                    None => State::Identifier(Box::new(IdentifierRequest {
+                        operation: Operation::Find,
+                        context_id,
+                        message_id,
+                        sop_class_uid,
+                        bytes: Vec::new(),
+                    })),
+                };
+                Ok(())
+            }
+            field::C_MOVE_RQ | field::C_GET_RQ if has_data => {
+                let is_move = command_field == field::C_MOVE_RQ;
+                let destination = cmd.string(tag::MOVE_DESTINATION).unwrap_or_default();
+                let class_ok = match qr::retrieve_model(&sop_class_uid) {
+                    Some(_) if is_move => {
+                        [qr::PATIENT_ROOT_MOVE, qr::STUDY_ROOT_MOVE].contains(&sop_class_uid.as_str())
+                    }
+                    Some(_) => [qr::PATIENT_ROOT_GET, qr::STUDY_ROOT_GET].contains(&sop_class_uid.as_str()),
+                    None => false,
+                };
+                let failure = if pc.abstract_syntax != sop_class_uid {
+                    Some(Failure::new(
+                        status::SOP_CLASS_NOT_SUPPORTED,
+                        "SOP Class differs from the presentation context",
+                    ))
+                } else if !class_ok {
+                    Some(Failure::new(
+                        status::SOP_CLASS_NOT_SUPPORTED,
+                        "not a Query/Retrieve SOP Class for this operation",
+                    ))
+                } else if is_move && destination.is_empty() {
+                    Some(Failure::new(
+                        status::MOVE_DESTINATION_UNKNOWN,
+                        "command lacks Move Destination",
+                    ))
+                } else {
+                    None
+                };
+                self.state = match failure {
+                    Some(f) => State::Discard {
+                        context_id,
+                        reply: reply_failure(f),
+                    },
+                    None => State::Identifier(Box::new(IdentifierRequest {
+                        operation: if is_move {
+                            Operation::Move { destination }
+                        } else {
+                            Operation::Get
+                        },
                         context_id,
                         message_id,
                         sop_class_uid,
@@ -530,11 +598,11 @@ impl Association {
                 }
                 Ok(())
             }
-            State::FindIdentifier(req) if req.context_id == pdv.presentation_context_id => {
+            State::Identifier(req) if req.context_id == pdv.presentation_context_id => {
                 req.bytes.extend_from_slice(&pdv.data);
                 if req.bytes.len() > MAX_IDENTIFIER_BYTES {
                     let reply = Reply {
-                        command_field: field::C_FIND_RQ | 0x8000,
+                        command_field: request_field(&req.operation) | 0x8000,
                         message_id: req.message_id,
                         sop_class_uid: req.sop_class_uid.clone(),
                         sop_instance_uid: String::new(),
@@ -547,7 +615,7 @@ impl Association {
                 }
                 if pdv.is_last {
                     match std::mem::replace(&mut self.state, State::Idle) {
-                        State::FindIdentifier(req) => self.start_find(*req).await?,
+                        State::Identifier(req) => self.start(*req).await?,
                         State::Discard { context_id, reply } => {
                             self.send_reply(context_id, reply).await?
                         }
@@ -625,15 +693,18 @@ impl Association {
         self.send_command(op.context_id, rsp.encode()).await
     }
 
-    /// Parses a C-FIND identifier and starts the query on a blocking thread (RocksDB reads),
-    /// or answers with the failure status for a bad identifier.
-    async fn start_find(&mut self, req: FindRequest) -> Result<(), Abort> {
+    /// Parses the identifier of a C-FIND, C-MOVE or C-GET and starts the operation beside the
+    /// association, or answers with the failure status for a bad identifier.
+    async fn start(&mut self, req: IdentifierRequest) -> Result<(), Abort> {
         let transfer_syntax = self
             .negotiated
             .context(req.context_id)
             .map(|c| c.transfer_syntax.clone())
             .unwrap_or_default();
-        let model = query::Model::of_sop_class(&req.sop_class_uid);
+        let model = match req.operation {
+            Operation::Find => query::Model::of_sop_class(&req.sop_class_uid),
+            _ => qr::retrieve_model(&req.sop_class_uid),
+        };
         let matching = query::MatchOptions {
             case_insensitive_names: self.ctx.node.find_case_insensitive_names,
             combined_datetime: self
@@ -641,6 +712,7 @@ impl Association {
                 .combined_datetime
                 .contains(&req.sop_class_uid),
         };
+        let retrieval = req.operation != Operation::Find;
         let parsed = match (Encoding::from_transfer_syntax(&transfer_syntax), model) {
             (Some(enc), Some(model)) => dataset::parse(&req.bytes, enc, false)
                 .map_err(|e| Failure::new(status::CANNOT_UNDERSTAND, e.to_string()))
@@ -648,18 +720,24 @@ impl Association {
                     query::Query::parse(&elements, model, matching)
                         .map_err(|e| status::find_failure(&e))
                 })
+                .and_then(|q| {
+                    if retrieval {
+                        retrieval_keys(&q)?;
+                    }
+                    Ok(q)
+                })
                 .map(|q| (q, enc)),
             _ => Err(Failure::new(
                 status::CANNOT_UNDERSTAND,
                 "unsupported transfer syntax",
             )),
         };
-        let (q, enc) = match parsed {
+        let (q, encoding) = match parsed {
             Ok(p) => p,
             Err(failure) => {
-                info!(status = format!("{:04X}", failure.status), reason = %failure.comment, "C-FIND refused");
+                info!(status = format!("{:04X}", failure.status), reason = %failure.comment, "request refused");
                 let reply = Reply {
-                    command_field: field::C_FIND_RQ | 0x8000,
+                    command_field: request_field(&req.operation) | 0x8000,
                     message_id: req.message_id,
                     sop_class_uid: req.sop_class_uid,
                     sop_instance_uid: String::new(),
@@ -668,97 +746,92 @@ impl Association {
                 return self.send_reply(req.context_id, reply).await;
             }
         };
-        let (tx, rx) = mpsc::channel(FIND_QUEUE);
+        let (tx, rx) = mpsc::channel(OP_QUEUE);
         let cancel = Arc::new(AtomicBool::new(false));
-        let opts = FindOptions {
-            matching,
-            max_results: self.ctx.node.max_find_results,
-            retrieve_ae: self.ctx.policy.ae_title.clone(),
-        };
-        let ledger = self.ctx.pipeline.ledger().clone();
-        let level = q.level;
-        let stop = cancel.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            find::run(&ledger, &q, &opts, enc, &stop, |bytes| {
-                tx.blocking_send(bytes).is_ok()
-            })
-        });
-        self.state = State::Finding(Box::new(FindInProgress {
+        let services = self.ctx.services.clone();
+        let request = qr::Request {
             context_id: req.context_id,
             message_id: req.message_id,
+            sop_class_uid: req.sop_class_uid.clone(),
+            encoding,
+            calling_ae: self.negotiated.calling_ae.clone(),
+        };
+        let mut replies = None;
+        match req.operation.clone() {
+            Operation::Find => {
+                let opts = FindOptions {
+                    matching,
+                    max_results: self.ctx.node.max_find_results,
+                    retrieve_ae: self.ctx.policy.ae_title.clone(),
+                };
+                let stop = cancel.clone();
+                tokio::task::spawn_blocking(move || {
+                    qr::run_find(&services, &request, &q, &opts, &stop, &tx)
+                });
+            }
+            Operation::Move { destination } => {
+                tokio::spawn(qr::run_move(services, request, destination, q, cancel.clone(), tx));
+            }
+            Operation::Get => {
+                let contexts: Vec<(u8, String, String)> = self
+                    .negotiated
+                    .contexts
+                    .iter()
+                    .filter(|c| self.negotiated.scp_role.contains(&c.abstract_syntax))
+                    .map(|c| (c.id, c.abstract_syntax.clone(), c.transfer_syntax.clone()))
+                    .collect();
+                let (rtx, rrx) = mpsc::channel(4);
+                replies = Some(rtx);
+                tokio::spawn(qr::run_get(services, request, q, contexts, cancel.clone(), tx, rrx));
+            }
+        }
+        self.state = State::Running(Box::new(Running {
+            context_id: req.context_id,
+            message_id: req.message_id,
+            response_field: request_field(&req.operation) | 0x8000,
             sop_class_uid: req.sop_class_uid,
-            level,
-            results: rx,
+            out: rx,
+            replies,
             cancel,
-            task,
-            cancelled: false,
-            sent: 0,
-            started: std::time::Instant::now(),
         }));
         Ok(())
     }
 
-    /// A match from the running C-FIND (sent as a pending response), or its end (`None`: the
-    /// final response).
-    async fn on_found(&mut self, item: Option<Vec<u8>>) -> Result<(), Abort> {
-        let State::Finding(f) = &mut self.state else {
+    /// A message from the running operation; `None` when it ended without its final response
+    /// (a failure is answered for it).
+    async fn on_outgoing(&mut self, msg: Option<Outgoing>) -> Result<(), Abort> {
+        let max = self.negotiated.peer_max_pdu;
+        let Some(msg) = msg else {
+            if let State::Running(r) = std::mem::replace(&mut self.state, State::Idle) {
+                warn!("operation ended without a final response");
+                let reply = Reply {
+                    command_field: r.response_field,
+                    message_id: r.message_id,
+                    sop_class_uid: r.sop_class_uid,
+                    sop_instance_uid: String::new(),
+                    failure: Failure::new(status::UNABLE_TO_PROCESS, "internal error"),
+                };
+                return self.send_reply(r.context_id, reply).await;
+            }
             return Ok(());
         };
-        let rsp = CommandBuilder::new()
-            .uid(tag::AFFECTED_SOP_CLASS_UID, &f.sop_class_uid)
-            .u16(tag::COMMAND_FIELD, field::C_FIND_RQ | 0x8000)
-            .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, f.message_id);
-        if let Some(identifier) = item {
-            if f.cancelled {
-                return Ok(());
-            }
-            f.sent += 1;
-            let rsp = rsp
-                .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
-                .u16(tag::STATUS, status::PENDING)
-                .encode();
-            let (context_id, max) = (f.context_id, self.negotiated.peer_max_pdu);
-            return self
-                .conn
-                .send_message(context_id, rsp, identifier, max)
-                .await
-                .map_err(|e| {
-                    Abort(
-                        AbortRQServiceProviderReason::ReasonNotSpecified,
-                        format!("cannot send response: {e}"),
-                    )
-                });
+        if msg.last {
+            self.state = State::Idle;
         }
-        let State::Finding(f) = std::mem::replace(&mut self.state, State::Idle) else {
-            return Ok(());
-        };
-        let outcome = match f.task.await {
-            Ok(r) => r,
-            Err(e) => Err(FindError::Record(format!("query task failed: {e}"))),
-        };
-        let (code, comment) = match &outcome {
-            Ok(_) if f.cancelled => (status::CANCEL, None),
-            Ok(_) => (status::SUCCESS, None),
-            Err(FindError::Cancelled) => (status::CANCEL, None),
-            Err(e) => {
-                let failure = status::find_error(e);
-                (failure.status, Some(failure.comment))
+        let sent = match msg.data {
+            Some(data) => {
+                self.conn
+                    .send_message(msg.context_id, msg.command, data, max)
+                    .await
             }
+            None => self.conn.send_command(msg.context_id, msg.command).await,
         };
-        info!(
-            level = f.level.name(),
-            matches = f.sent,
-            status = format!("{code:04X}"),
-            ms = f.started.elapsed().as_millis() as u64,
-            "C-FIND answered"
-        );
-        let mut rsp = rsp
-            .u16(tag::COMMAND_DATA_SET_TYPE, NO_DATA_SET)
-            .u16(tag::STATUS, code);
-        if let Some(c) = comment {
-            rsp = rsp.text(tag::ERROR_COMMENT, &c, status::ERROR_COMMENT_MAX);
-        }
-        self.send_command(f.context_id, rsp.encode()).await
+        sent.map_err(|e| {
+            Abort(
+                AbortRQServiceProviderReason::ReasonNotSpecified,
+                format!("cannot send: {e}"),
+            )
+        })
     }
 
     async fn send_reply(&mut self, context_id: u8, reply: Reply) -> Result<(), Abort> {
@@ -792,6 +865,27 @@ impl Association {
                     format!("cannot send response: {e}"),
                 )
             })
+    }
+}
+
+fn request_field(op: &Operation) -> u16 {
+    match op {
+        Operation::Find => field::C_FIND_RQ,
+        Operation::Move { .. } => field::C_MOVE_RQ,
+        Operation::Get => field::C_GET_RQ,
+    }
+}
+
+/// A C-MOVE or C-GET identifier must name what to retrieve: the unique key of its level, with a
+/// value (PS3.4 C.4.2.2.1). A universal one would send the whole archive.
+fn retrieval_keys(q: &query::Query) -> Result<(), Failure> {
+    let unique = query::unique_key(q.level);
+    match q.key(unique).map(|k| &k.matcher) {
+        Some(query::Matcher::Universal) | None => Err(Failure::new(
+            status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+            format!("identifier lacks a value for the unique key of the {} level", q.level.name()),
+        )),
+        Some(_) => Ok(()),
     }
 }
 

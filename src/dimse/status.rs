@@ -22,6 +22,13 @@ pub const CANCEL: u16 = 0xFE00;
 /// PS3.4 C.4.1.1.4: Failed: Unable to process (C000–CFFF), used for internal failures.
 pub const UNABLE_TO_PROCESS: u16 = 0xC001;
 
+/// PS3.4 C.4.2.1.5: Sub-operations complete, one or more failures or warnings.
+pub const SUBOPERATIONS_FAILED: u16 = 0xB000;
+/// PS3.4 C.4.2.1.5: Refused: Move Destination unknown.
+pub const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
+/// PS3.4 C.4.2.1.5: Refused: Out of resources, unable to perform sub-operations.
+pub const UNABLE_TO_PERFORM_SUBOPERATIONS: u16 = 0xA702;
+
 /// PS3.7 §C.4: Error Comment is LO, at most 64 characters.
 pub const ERROR_COMMENT_MAX: usize = 64;
 

@@ -148,6 +148,40 @@ pub fn run(
     cancel: &AtomicBool,
     mut emit: impl FnMut(Vec<u8>) -> bool,
 ) -> Result<usize, FindError> {
+    run_with(ledger, q, opts, cancel, |elements, _| {
+        let mut bytes = Vec::with_capacity(512);
+        dataset::write(&elements, enc, &mut bytes);
+        emit(bytes)
+    })
+}
+
+/// The SOP Instance UIDs (latest versions) under every entity the identifier names: what a
+/// C-MOVE or C-GET sends. The query is run at the IMAGE level with the identifier's keys.
+pub fn instances(ledger: &Ledger, q: &Query, cancel: &AtomicBool) -> Result<Vec<String>, FindError> {
+    let mut q = q.clone();
+    q.level = Level::Image;
+    let opts = FindOptions {
+        matching: MatchOptions::default(),
+        max_results: usize::MAX,
+        retrieve_ae: String::new(),
+    };
+    let mut out = Vec::new();
+    run_with(ledger, &q, &opts, cancel, |_, c| {
+        out.push(c.sop.clone());
+        true
+    })?;
+    Ok(out)
+}
+
+/// Runs a query, handing each match (response identifier and candidate) to `on_match`, which
+/// returns false to stop.
+fn run_with(
+    ledger: &Ledger,
+    q: &Query,
+    opts: &FindOptions,
+    cancel: &AtomicBool,
+    mut on_match: impl FnMut(Vec<Element<'static>>, &Candidate) -> bool,
+) -> Result<usize, FindError> {
     let plan = plan(ledger, q)?;
     let mut seen: HashSet<String> = HashSet::new();
     let mut matched = 0usize;
@@ -178,9 +212,7 @@ pub fn run(
                     return false;
                 }
                 matched += 1;
-                let mut bytes = Vec::with_capacity(512);
-                dataset::write(&elements, enc, &mut bytes);
-                if !emit(bytes) {
+                if !on_match(elements, &c) {
                     failure = Some(FindError::Cancelled);
                     return false;
                 }

@@ -1,0 +1,649 @@
+//! Query/Retrieve operations that run beside their association: C-FIND (matches stream out as
+//! pending responses), C-MOVE (sub-operations over an association we open to the destination)
+//! and C-GET (sub-operations over the requesting association). Each runs as a task that hands
+//! the association loop [`Outgoing`] messages; the loop sends them, routes C-CANCEL to the
+//! shared flag and, for C-GET, the requestor's C-STORE responses back to the task.
+//!
+//! Retrieval sends only what was checked: every instance is rebuilt from its ledger record and
+//! pixel object with every digest verified (instance key, pixel SHA-256, data set SHA-256)
+//! before its first byte leaves. A mismatch fails that sub-operation and is recorded on the
+//! ledger as a security event. The next instance is rebuilt while the current one is sent, and
+//! at most [`PREFETCH`] instances wait in memory, so a study of any size streams through a few
+//! instances' worth of memory.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
+use super::scu::Scu;
+use super::status::{self, Failure};
+use crate::config::PeerConfig;
+use crate::find::{self, dataset, query, FindError, FindOptions};
+use crate::ledger::{Entry, Ledger, SpooledEvent};
+use crate::retrieve;
+use crate::split::Encoding;
+use crate::store::Store;
+
+/// Instances rebuilt ahead of the one being sent.
+const PREFETCH: usize = 1;
+/// Longest wait for a C-STORE response from a destination.
+const SUBOP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Command Data Set Type for "a data set follows" (any value but 0x0101, PS3.7 §E.2).
+const DATA_SET_PRESENT: u16 = 0x0001;
+
+pub const PATIENT_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.1.2";
+pub const STUDY_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.2.2";
+pub const PATIENT_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.1.3";
+pub const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
+
+const NATIVE: [&str; 3] = [
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.2",
+];
+
+/// The information model of a MOVE or GET SOP class.
+pub fn retrieve_model(sop_class: &str) -> Option<query::Model> {
+    match sop_class {
+        PATIENT_ROOT_MOVE | PATIENT_ROOT_GET => Some(query::Model::PatientRoot),
+        STUDY_ROOT_MOVE | STUDY_ROOT_GET => Some(query::Model::StudyRoot),
+        _ => None,
+    }
+}
+
+/// A message for the association loop to send.
+pub struct Outgoing {
+    pub context_id: u8,
+    pub command: Vec<u8>,
+    pub data: Option<Vec<u8>>,
+    /// The final response: the operation is over.
+    pub last: bool,
+}
+
+/// What the C-FIND, C-MOVE and C-GET tasks need from the node.
+#[derive(Clone)]
+pub struct Services {
+    pub ledger: Ledger,
+    pub store: Store,
+    pub ae_title: String,
+    pub max_pdu_length: u32,
+    pub peers: Vec<PeerConfig>,
+    pub event_spool: PathBuf,
+}
+
+/// The request a retrieval answers.
+pub struct Request {
+    pub context_id: u8,
+    pub message_id: u16,
+    pub sop_class_uid: String,
+    /// Encoding of the request's context, for the identifier of the final response.
+    pub encoding: Encoding,
+    pub calling_ae: String,
+}
+
+fn response(req: &Request, command_field: u16) -> CommandBuilder {
+    CommandBuilder::new()
+        .uid(tag::AFFECTED_SOP_CLASS_UID, &req.sop_class_uid)
+        .u16(tag::COMMAND_FIELD, command_field)
+        .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, req.message_id)
+}
+
+/// C-FIND on a blocking thread (RocksDB reads): each match is a pending response.
+pub fn run_find(
+    services: &Services,
+    req: &Request,
+    q: &query::Query,
+    opts: &FindOptions,
+    cancel: &AtomicBool,
+    out: &mpsc::Sender<Outgoing>,
+) {
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let result = find::run(&services.ledger, q, opts, req.encoding, cancel, |identifier| {
+        if cancel.load(Ordering::Relaxed) {
+            return false;
+        }
+        sent += 1;
+        let command = response(req, field::C_FIND_RSP)
+            .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
+            .u16(tag::STATUS, status::PENDING)
+            .encode();
+        out.blocking_send(Outgoing {
+            context_id: req.context_id,
+            command,
+            data: Some(identifier),
+            last: false,
+        })
+        .is_ok()
+    });
+    let (code, comment) = match &result {
+        Ok(_) if cancel.load(Ordering::Relaxed) => (status::CANCEL, None),
+        Ok(_) => (status::SUCCESS, None),
+        Err(FindError::Cancelled) => (status::CANCEL, None),
+        Err(e) => {
+            let f = status::find_error(e);
+            (f.status, Some(f.comment))
+        }
+    };
+    info!(
+        level = q.level.name(),
+        matches = sent,
+        status = format!("{code:04X}"),
+        ms = started.elapsed().as_millis() as u64,
+        "C-FIND answered"
+    );
+    let mut rsp = response(req, field::C_FIND_RSP)
+        .u16(tag::COMMAND_DATA_SET_TYPE, NO_DATA_SET)
+        .u16(tag::STATUS, code);
+    if let Some(c) = comment {
+        rsp = rsp.text(tag::ERROR_COMMENT, &c, status::ERROR_COMMENT_MAX);
+    }
+    let _ = out.blocking_send(Outgoing {
+        context_id: req.context_id,
+        command: rsp.encode(),
+        data: None,
+        last: true,
+    });
+}
+
+/// Sub-operation counts (PS3.4 C.4.2.1.6).
+#[derive(Default)]
+struct Counts {
+    remaining: u16,
+    completed: u16,
+    failed: u16,
+    warning: u16,
+    failed_uids: Vec<String>,
+}
+
+impl Counts {
+    fn put(&self, b: CommandBuilder, remaining: bool) -> CommandBuilder {
+        let b = if remaining {
+            b.u16(tag::REMAINING_SUBOPERATIONS, self.remaining)
+        } else {
+            b
+        };
+        b.u16(tag::COMPLETED_SUBOPERATIONS, self.completed)
+            .u16(tag::FAILED_SUBOPERATIONS, self.failed)
+            .u16(tag::WARNING_SUBOPERATIONS, self.warning)
+    }
+
+    fn fail(&mut self, uid: &str) {
+        self.failed = self.failed.saturating_add(1);
+        self.failed_uids.push(uid.to_string());
+    }
+}
+
+/// An instance rebuilt and checked against the ledger, ready to go.
+struct Ready {
+    uid: String,
+    sop_class_uid: String,
+    transfer_syntax: String,
+    bytes: Vec<u8>,
+}
+
+/// Rebuilds one instance and checks it; `None` (and a logged, recorded failure) when it cannot
+/// be sent.
+async fn prepare(services: &Services, uid: &str, detector: &str) -> Option<Ready> {
+    let entry = match services.ledger.latest(uid) {
+        Ok(Some(e)) => e,
+        Ok(None) => return None,
+        Err(e) => {
+            warn!(error = %e, "ledger read failed during retrieval");
+            return None;
+        }
+    };
+    match rebuild(services, &entry).await {
+        Ok(bytes) => Some(Ready {
+            uid: uid.to_string(),
+            sop_class_uid: entry.sop_class_uid.clone(),
+            transfer_syntax: entry.transfer_syntax.clone(),
+            bytes,
+        }),
+        Err(e) => {
+            if let Some(reason) = e.integrity_reason() {
+                warn!(seq = entry.seq, error = %e, "instance fails its ledger check; not sent");
+                let ev = SpooledEvent {
+                    subject_seq: entry.seq,
+                    reason,
+                    detector: detector.into(),
+                };
+                if let Err(e) = ev.write(&services.event_spool) {
+                    warn!(error = %e, "cannot record the security event");
+                }
+            } else {
+                warn!(seq = entry.seq, error = %e, "instance cannot be rebuilt");
+            }
+            None
+        }
+    }
+}
+
+async fn rebuild(services: &Services, entry: &Entry) -> Result<Vec<u8>, retrieve::RetrieveError> {
+    let record = retrieve::load_record(&services.ledger, entry)?;
+    let mut bytes = Vec::with_capacity(record.dataset_length.min(1 << 30) as usize);
+    retrieve::rebuild(&services.store, entry, &record, &mut bytes).await?;
+    Ok(bytes)
+}
+
+/// Rebuilds `uids` in order on a separate task, at most [`PREFETCH`] ahead of the sender.
+fn prefetch(
+    services: Services,
+    uids: Vec<String>,
+    detector: &'static str,
+    cancel: Arc<AtomicBool>,
+) -> mpsc::Receiver<(String, Option<Ready>)> {
+    let (tx, rx) = mpsc::channel(PREFETCH);
+    tokio::spawn(async move {
+        for uid in uids {
+            if cancel.load(Ordering::Relaxed) {
+                break;
+            }
+            let ready = prepare(&services, &uid, detector).await;
+            if tx.send((uid, ready)).await.is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// How an instance goes out on the contexts the peer accepted: as stored, or converted between
+/// the uncompressed syntaxes. `None` when no accepted context can carry it faithfully.
+fn choose_context(
+    contexts: &[(u8, String, String)],
+    sop_class: &str,
+    ts: &str,
+) -> Option<(u8, String)> {
+    let same_class = || contexts.iter().filter(|c| c.1 == sop_class);
+    if let Some(c) = same_class().find(|c| c.2 == ts) {
+        return Some((c.0, c.2.clone()));
+    }
+    if NATIVE.contains(&ts) {
+        for native in NATIVE {
+            if let Some(c) = same_class().find(|c| c.2 == native) {
+                return Some((c.0, c.2.clone()));
+            }
+        }
+    }
+    None
+}
+
+/// Re-encodes a data set between uncompressed transfer syntaxes.
+fn convert(bytes: &[u8], from: &str, to: &str) -> Result<Vec<u8>, String> {
+    use dicom_encoding::TransferSyntaxIndex;
+    use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+    let from_ts = TransferSyntaxRegistry
+        .get(from)
+        .ok_or("unknown source syntax")?;
+    let to_ts = TransferSyntaxRegistry.get(to).ok_or("unknown target syntax")?;
+    let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(bytes, from_ts)
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(bytes.len());
+    obj.write_dataset_with_ts(&mut out, to_ts)
+        .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// The final response of a C-MOVE or C-GET, with the Failed SOP Instance UID List when needed.
+fn final_response(req: &Request, command_field: u16, counts: &Counts, cancelled: bool, refused: Option<Failure>) -> Outgoing {
+    let mut b = response(req, command_field);
+    let code = match (&refused, cancelled) {
+        (Some(f), _) => {
+            b = b.text(tag::ERROR_COMMENT, &f.comment, status::ERROR_COMMENT_MAX);
+            f.status
+        }
+        (None, true) => status::CANCEL,
+        (None, false) if counts.failed > 0 || counts.warning > 0 => status::SUBOPERATIONS_FAILED,
+        (None, false) => status::SUCCESS,
+    };
+    b = counts.put(b.u16(tag::STATUS, code), cancelled);
+    let data = (!counts.failed_uids.is_empty() && code != status::SUCCESS).then(|| {
+        let list = counts.failed_uids.join("\\");
+        let el = dataset::Element {
+            tag: 0x0008_0058,
+            vr: *b"UI",
+            value: dataset::Value::Bytes(dataset::padded(b"UI", list.as_bytes()).into()),
+        };
+        let mut out = Vec::new();
+        dataset::write(&[el], req.encoding, &mut out);
+        out
+    });
+    b = b.u16(
+        tag::COMMAND_DATA_SET_TYPE,
+        if data.is_some() { DATA_SET_PRESENT } else { NO_DATA_SET },
+    );
+    Outgoing {
+        context_id: req.context_id,
+        command: b.encode(),
+        data,
+        last: true,
+    }
+}
+
+fn pending(req: &Request, command_field: u16, counts: &Counts) -> Outgoing {
+    let b = response(req, command_field)
+        .u16(tag::STATUS, status::PENDING)
+        .u16(tag::COMMAND_DATA_SET_TYPE, NO_DATA_SET);
+    Outgoing {
+        context_id: req.context_id,
+        command: counts.put(b, true).encode(),
+        data: None,
+        last: false,
+    }
+}
+
+/// Resolves the identifier to the instances to send (blocking ledger reads).
+async fn resolve(services: &Services, q: query::Query, cancel: &Arc<AtomicBool>) -> Result<Vec<String>, Failure> {
+    let ledger = services.ledger.clone();
+    let cancel = cancel.clone();
+    match tokio::task::spawn_blocking(move || find::instances(&ledger, &q, &cancel)).await {
+        Ok(Ok(uids)) => Ok(uids),
+        Ok(Err(e)) => Err(status::find_error(&e)),
+        Err(e) => Err(Failure::new(status::UNABLE_TO_PROCESS, format!("query failed: {e}"))),
+    }
+}
+
+/// C-MOVE: resolve, open an association to the destination, send every instance by C-STORE.
+pub async fn run_move(
+    services: Services,
+    req: Request,
+    destination: String,
+    q: query::Query,
+    cancel: Arc<AtomicBool>,
+    out: mpsc::Sender<Outgoing>,
+) {
+    let started = Instant::now();
+    let mut counts = Counts::default();
+    let Some(peer) = services
+        .peers
+        .iter()
+        .find(|p| p.ae_title.trim() == destination.trim())
+        .cloned()
+    else {
+        info!(destination = %destination, "C-MOVE to an unknown destination refused");
+        let f = Failure::new(status::MOVE_DESTINATION_UNKNOWN, "move destination unknown");
+        let _ = out.send(final_response(&req, field::C_MOVE_RSP, &counts, false, Some(f))).await;
+        return;
+    };
+    let uids = match resolve(&services, q, &cancel).await {
+        Ok(u) => u,
+        Err(f) => {
+            let _ = out.send(final_response(&req, field::C_MOVE_RSP, &counts, false, Some(f))).await;
+            return;
+        }
+    };
+    counts.remaining = uids.len().min(u16::MAX as usize) as u16;
+    if uids.is_empty() {
+        let _ = out.send(final_response(&req, field::C_MOVE_RSP, &counts, false, None)).await;
+        return;
+    }
+    // Per (SOP class, stored syntax): a context offering only the stored syntax, so that an
+    // acceptor which takes it cannot pick another, and for uncompressed data one offering the
+    // other uncompressed syntaxes as a fallback (converted on the way).
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for uid in &uids {
+        if let Ok(Some(e)) = services.ledger.latest(uid) {
+            let pair = (e.sop_class_uid.clone(), e.transfer_syntax.clone());
+            if !pairs.contains(&pair) {
+                pairs.push(pair);
+            }
+        }
+    }
+    let mut proposals: Vec<(String, Vec<String>)> = Vec::new();
+    for (class, ts) in &pairs {
+        proposals.push((class.clone(), vec![ts.clone()]));
+    }
+    for (class, ts) in &pairs {
+        if NATIVE.contains(&ts.as_str()) {
+            let others: Vec<String> = NATIVE
+                .iter()
+                .filter(|n| **n != ts)
+                .map(|n| n.to_string())
+                .collect();
+            if !proposals.iter().any(|(c, t)| c == class && *t == others) {
+                proposals.push((class.clone(), others));
+            }
+        }
+    }
+    let mut scu = match Scu::connect(
+        &peer.host,
+        peer.port,
+        &services.ae_title,
+        &peer.ae_title,
+        &proposals,
+        services.max_pdu_length,
+        SUBOP_TIMEOUT,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(destination = %peer.ae_title, error = %e, "cannot open the association for C-MOVE");
+            for uid in &uids {
+                counts.fail(uid);
+            }
+            counts.remaining = 0;
+            let f = Failure::new(status::UNABLE_TO_PERFORM_SUBOPERATIONS, "cannot reach the move destination");
+            let _ = out.send(final_response(&req, field::C_MOVE_RSP, &counts, false, Some(f))).await;
+            return;
+        }
+    };
+    let contexts: Vec<(u8, String, String)> = scu
+        .contexts
+        .iter()
+        .map(|c| (c.id, c.abstract_syntax.clone(), c.transfer_syntax.clone()))
+        .collect();
+    let mut ready = prefetch(services.clone(), uids.clone(), "c-move", cancel.clone());
+    let mut aborted = false;
+    while let Some((uid, instance)) = ready.recv().await {
+        if cancel.load(Ordering::Relaxed) {
+            break;
+        }
+        counts.remaining = counts.remaining.saturating_sub(1);
+        match instance {
+            None => counts.fail(&uid),
+            Some(r) => match send_one(&r, &contexts, |ctx, bytes| {
+                scu.store(ctx, &r.sop_class_uid, &r.uid, bytes, Some((&req.calling_ae, req.message_id)), SUBOP_TIMEOUT)
+            })
+            .await
+            {
+                Ok(code) => tally(&mut counts, &uid, code),
+                Err(SendError::NoContext(why)) => {
+                    info!(reason = %why, "sub-operation not performed");
+                    counts.fail(&uid)
+                }
+                Err(SendError::Peer(e)) => {
+                    warn!(destination = %peer.ae_title, error = %e, "C-MOVE destination failed");
+                    counts.fail(&uid);
+                    aborted = true;
+                    break;
+                }
+            },
+        }
+        if out.send(pending(&req, field::C_MOVE_RSP, &counts)).await.is_err() {
+            aborted = true;
+            break;
+        }
+    }
+    // Whatever was not attempted (cancel, a dead destination) counts as failed.
+    let cancelled = cancel.load(Ordering::Relaxed) && !aborted;
+    if aborted || !cancelled {
+        let attempted = counts.completed as usize + counts.failed as usize + counts.warning as usize;
+        for uid in uids.iter().skip(attempted) {
+            counts.fail(uid);
+        }
+        counts.remaining = 0;
+    }
+    if aborted {
+        scu.abort().await;
+    } else {
+        scu.release(Duration::from_secs(10)).await;
+    }
+    info!(
+        destination = %peer.ae_title,
+        completed = counts.completed,
+        failed = counts.failed,
+        warning = counts.warning,
+        ms = started.elapsed().as_millis() as u64,
+        "C-MOVE done"
+    );
+    let _ = out
+        .send(final_response(&req, field::C_MOVE_RSP, &counts, cancelled, None))
+        .await;
+}
+
+enum SendError {
+    NoContext(String),
+    Peer(String),
+}
+
+/// Picks the context for one instance (converting between uncompressed syntaxes if needed) and
+/// sends it with `store`.
+async fn send_one<F, Fut, E>(r: &Ready, contexts: &[(u8, String, String)], store: F) -> Result<u16, SendError>
+where
+    F: FnOnce(u8, Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = Result<u16, E>>,
+    E: std::fmt::Display,
+{
+    let Some((ctx, ts)) = choose_context(contexts, &r.sop_class_uid, &r.transfer_syntax) else {
+        return Err(SendError::NoContext(format!(
+            "destination accepted no context for SOP class {} in {} or an uncompressed syntax it converts to",
+            r.sop_class_uid, r.transfer_syntax
+        )));
+    };
+    let bytes = if ts == r.transfer_syntax {
+        r.bytes.clone()
+    } else {
+        match convert(&r.bytes, &r.transfer_syntax, &ts) {
+            Ok(b) => {
+                info!(from = %r.transfer_syntax, to = %ts, "instance converted for the destination");
+                b
+            }
+            Err(e) => return Err(SendError::NoContext(format!("conversion failed: {e}"))),
+        }
+    };
+    store(ctx, bytes).await.map_err(|e| SendError::Peer(e.to_string()))
+}
+
+fn tally(counts: &mut Counts, uid: &str, code: u16) {
+    match code {
+        0x0000 => counts.completed = counts.completed.saturating_add(1),
+        0x0001 | 0x0107 | 0x0116 | 0xB000..=0xBFFF => {
+            counts.warning = counts.warning.saturating_add(1)
+        }
+        _ => counts.fail(uid),
+    }
+}
+
+/// C-GET: resolve, then send every instance by C-STORE over the requesting association, on the
+/// storage contexts the requestor offered to receive on (SCP role). `replies` brings the
+/// requestor's C-STORE responses.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_get(
+    services: Services,
+    req: Request,
+    q: query::Query,
+    contexts: Vec<(u8, String, String)>,
+    cancel: Arc<AtomicBool>,
+    out: mpsc::Sender<Outgoing>,
+    mut replies: mpsc::Receiver<Command>,
+) {
+    let started = Instant::now();
+    let mut counts = Counts::default();
+    let uids = match resolve(&services, q, &cancel).await {
+        Ok(u) => u,
+        Err(f) => {
+            let _ = out.send(final_response(&req, field::C_GET_RSP, &counts, false, Some(f))).await;
+            return;
+        }
+    };
+    counts.remaining = uids.len().min(u16::MAX as usize) as u16;
+    let mut ready = prefetch(services.clone(), uids.clone(), "c-get", cancel.clone());
+    let mut message_id: u16 = 1;
+    let mut gone = false;
+    while let Some((uid, instance)) = ready.recv().await {
+        if cancel.load(Ordering::Relaxed) {
+            break;
+        }
+        counts.remaining = counts.remaining.saturating_sub(1);
+        match instance {
+            None => counts.fail(&uid),
+            Some(r) => {
+                let id = message_id;
+                message_id = message_id.wrapping_add(1).max(1);
+                let (class, instance_uid) = (r.sop_class_uid.clone(), r.uid.clone());
+                let result = send_one(&r, &contexts, |ctx, bytes| {
+                    let out = &out;
+                    let replies = &mut replies;
+                    async move {
+                        let command = CommandBuilder::new()
+                            .uid(tag::AFFECTED_SOP_CLASS_UID, &class)
+                            .u16(tag::COMMAND_FIELD, field::C_STORE_RQ)
+                            .u16(tag::MESSAGE_ID, id)
+                            .u16(tag::PRIORITY, 0)
+                            .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
+                            .uid(tag::AFFECTED_SOP_INSTANCE_UID, &instance_uid)
+                            .encode();
+                        out.send(Outgoing { context_id: ctx, command, data: Some(bytes), last: false })
+                            .await
+                            .map_err(|_| "association closed".to_string())?;
+                        loop {
+                            let Some(rsp) = replies.recv().await else {
+                                return Err("association closed".to_string());
+                            };
+                            if rsp.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, "id").ok().flatten() == Some(id) {
+                                return rsp
+                                    .u16(tag::STATUS, "Status")
+                                    .ok()
+                                    .flatten()
+                                    .ok_or_else(|| "C-STORE-RSP without status".to_string());
+                            }
+                        }
+                    }
+                })
+                .await;
+                match result {
+                    Ok(code) => tally(&mut counts, &uid, code),
+                    Err(SendError::NoContext(why)) => {
+                        info!(reason = %why, "sub-operation not performed");
+                        counts.fail(&uid)
+                    }
+                    Err(SendError::Peer(e)) => {
+                        warn!(error = %e, "C-GET sub-operation failed");
+                        counts.fail(&uid);
+                        gone = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if out.send(pending(&req, field::C_GET_RSP, &counts)).await.is_err() {
+            gone = true;
+            break;
+        }
+    }
+    let cancelled = cancel.load(Ordering::Relaxed) && !gone;
+    if !cancelled {
+        let attempted = counts.completed as usize + counts.failed as usize + counts.warning as usize;
+        for uid in uids.iter().skip(attempted) {
+            counts.fail(uid);
+        }
+        counts.remaining = 0;
+    }
+    info!(
+        completed = counts.completed,
+        failed = counts.failed,
+        warning = counts.warning,
+        ms = started.elapsed().as_millis() as u64,
+        "C-GET done"
+    );
+    let _ = out
+        .send(final_response(&req, field::C_GET_RSP, &counts, cancelled, None))
+        .await;
+}

@@ -1,0 +1,234 @@
+//! The node as association requestor (SCU): C-STORE sub-operations of a C-MOVE go to the move
+//! destination over an association we open (PS3.4 C.4.2.3). TCP_NODELAY is set on the socket.
+
+use std::time::Duration;
+
+use dicom_ul::pdu::{
+    AbortRQServiceProviderReason, AssociationRQ, PDataValueType, Pdu,
+    PresentationContextProposed, PresentationContextResultReason, UserVariableItem,
+};
+use tokio::net::TcpStream;
+
+use super::command::{field, tag, Command, CommandBuilder};
+use super::connection::{ConnError, Connection};
+use super::negotiate::{
+    APPLICATION_CONTEXT, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME,
+    PEER_UNLIMITED_CAP,
+};
+
+/// Command Data Set Type "a data set follows".
+const DATA_SET_PRESENT: u16 = 0x0000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScuError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("association rejected by {0}")]
+    Rejected(String),
+    #[error("{0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+}
+
+/// An accepted presentation context of our association.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub id: u8,
+    pub abstract_syntax: String,
+    pub transfer_syntax: String,
+}
+
+/// An open association to a peer.
+pub struct Scu {
+    conn: Connection,
+    pub contexts: Vec<Context>,
+    peer_max_pdu: u32,
+    next_message_id: u16,
+}
+
+impl Scu {
+    /// Opens an association proposing one presentation context per (abstract syntax, transfer
+    /// syntaxes) in `proposals`, in order (at most 128).
+    pub async fn connect(
+        host: &str,
+        port: u16,
+        calling_ae: &str,
+        called_ae: &str,
+        proposals: &[(String, Vec<String>)],
+        max_pdu: u32,
+        timeout: Duration,
+    ) -> Result<Scu, ScuError> {
+        let addr = format!("{host}:{port}");
+        let socket = match tokio::time::timeout(timeout, TcpStream::connect(&addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(ScuError::Connect { addr, source }),
+            Err(_) => {
+                return Err(ScuError::Connect {
+                    addr,
+                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+                })
+            }
+        };
+        socket
+            .set_nodelay(true)
+            .map_err(|source| ScuError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let mut conn = Connection::new(socket, max_pdu, timeout);
+        let presentation_contexts: Vec<PresentationContextProposed> = proposals
+            .iter()
+            .take(128)
+            .enumerate()
+            .map(|(i, (abs, ts))| PresentationContextProposed {
+                id: (2 * i + 1) as u8,
+                abstract_syntax: abs.clone(),
+                transfer_syntaxes: ts.clone(),
+            })
+            .collect();
+        let rq = AssociationRQ {
+            protocol_version: 1,
+            calling_ae_title: calling_ae.to_string(),
+            called_ae_title: called_ae.to_string(),
+            application_context_name: APPLICATION_CONTEXT.to_string(),
+            presentation_contexts: presentation_contexts.clone(),
+            user_variables: vec![
+                UserVariableItem::MaxLength(max_pdu),
+                UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_string()),
+                UserVariableItem::ImplementationVersionName(
+                    IMPLEMENTATION_VERSION_NAME.to_string(),
+                ),
+            ],
+        };
+        conn.send(&Pdu::AssociationRQ(rq)).await?;
+        let ac = match conn.receive(timeout).await? {
+            Pdu::AssociationAC(ac) => ac,
+            Pdu::AssociationRJ(rj) => {
+                return Err(ScuError::Rejected(format!("{called_ae} ({:?})", rj.source)))
+            }
+            other => {
+                return Err(ScuError::Protocol(format!(
+                    "unexpected answer to A-ASSOCIATE-RQ: {other:?}"
+                )))
+            }
+        };
+        let mut peer_max_pdu = PEER_UNLIMITED_CAP;
+        for item in &ac.user_variables {
+            if let UserVariableItem::MaxLength(len) = item {
+                peer_max_pdu = if *len == 0 {
+                    PEER_UNLIMITED_CAP
+                } else {
+                    (*len).min(PEER_UNLIMITED_CAP)
+                };
+            }
+        }
+        let contexts = ac
+            .presentation_contexts
+            .iter()
+            .filter(|r| r.reason == PresentationContextResultReason::Acceptance)
+            .filter_map(|r| {
+                let proposed = presentation_contexts.iter().find(|p| p.id == r.id)?;
+                Some(Context {
+                    id: r.id,
+                    abstract_syntax: proposed.abstract_syntax.clone(),
+                    transfer_syntax: r.transfer_syntax.trim_end_matches(['\0', ' ']).to_string(),
+                })
+            })
+            .collect();
+        Ok(Scu {
+            conn,
+            contexts,
+            peer_max_pdu,
+            next_message_id: 1,
+        })
+    }
+
+    /// Sends one C-STORE-RQ with its data set and waits for the C-STORE-RSP; returns its status.
+    pub async fn store(
+        &mut self,
+        context_id: u8,
+        sop_class_uid: &str,
+        sop_instance_uid: &str,
+        data: Vec<u8>,
+        move_originator: Option<(&str, u16)>,
+        timeout: Duration,
+    ) -> Result<u16, ScuError> {
+        let message_id = self.next_message_id;
+        self.next_message_id = self.next_message_id.wrapping_add(1).max(1);
+        let mut rq = CommandBuilder::new()
+            .uid(tag::AFFECTED_SOP_CLASS_UID, sop_class_uid)
+            .u16(tag::COMMAND_FIELD, field::C_STORE_RQ)
+            .u16(tag::MESSAGE_ID, message_id)
+            .u16(tag::PRIORITY, 0)
+            .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
+            .uid(tag::AFFECTED_SOP_INSTANCE_UID, sop_instance_uid);
+        if let Some((ae, id)) = move_originator {
+            rq = rq
+                .text(tag::MOVE_ORIGINATOR_AE_TITLE, ae, 16)
+                .u16(tag::MOVE_ORIGINATOR_MESSAGE_ID, id);
+        }
+        self.conn
+            .send_message(context_id, rq.encode(), data, self.peer_max_pdu)
+            .await?;
+        let rsp = self.receive_command(timeout).await?;
+        if rsp.command_field().ok() != Some(field::C_STORE_RSP)
+            || rsp
+                .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, "id")
+                .ok()
+                .flatten()
+                != Some(message_id)
+        {
+            return Err(ScuError::Protocol("unexpected response to C-STORE-RQ".into()));
+        }
+        rsp.u16(tag::STATUS, "Status")
+            .ok()
+            .flatten()
+            .ok_or_else(|| ScuError::Protocol("C-STORE-RSP without status".into()))
+    }
+
+    async fn receive_command(&mut self, timeout: Duration) -> Result<Command, ScuError> {
+        let mut bytes = Vec::new();
+        loop {
+            match self.conn.receive(timeout).await? {
+                Pdu::PData { data } => {
+                    for pdv in data {
+                        if pdv.value_type != PDataValueType::Command {
+                            return Err(ScuError::Protocol("data set where a response was due".into()));
+                        }
+                        bytes.extend_from_slice(&pdv.data);
+                        if bytes.len() > 64 * 1024 {
+                            return Err(ScuError::Protocol("response command too large".into()));
+                        }
+                        if pdv.is_last {
+                            return Command::decode(&bytes)
+                                .map_err(|e| ScuError::Protocol(format!("bad response: {e}")));
+                        }
+                    }
+                }
+                Pdu::AbortRQ { .. } => return Err(ScuError::Protocol("peer aborted".into())),
+                other => {
+                    return Err(ScuError::Protocol(format!("unexpected PDU {other:?}")));
+                }
+            }
+        }
+    }
+
+    /// A-RELEASE, waiting briefly for the reply.
+    pub async fn release(mut self, timeout: Duration) {
+        if self.conn.send(&Pdu::ReleaseRQ).await.is_ok() {
+            let _ = self.conn.receive(timeout).await;
+        }
+        self.conn.close().await;
+    }
+
+    pub async fn abort(self) {
+        self.conn
+            .abort(AbortRQServiceProviderReason::ReasonNotSpecified)
+            .await;
+    }
+}
