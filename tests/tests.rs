@@ -7,5 +7,6 @@ mod cli;
 mod find;
 mod ledger;
 mod network;
+mod retrieve;
 mod roundtrip;
 mod s3;

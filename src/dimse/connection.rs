@@ -158,7 +158,8 @@ impl Connection {
         peer_max_pdu: u32,
     ) -> Result<(), ConnError> {
         self.send_command(context_id, command).await?;
-        let chunk = (peer_max_pdu as usize).saturating_sub(6).max(1);
+        // Even fragments: DICOM values are even, and peers (DCMTK) refuse odd PDVs mid-stream.
+        let chunk = ((peer_max_pdu as usize).saturating_sub(6) & !1).max(2);
         let mut rest = &data[..];
         loop {
             let n = rest.len().min(chunk);

@@ -104,23 +104,30 @@ pub fn run_find(
 ) {
     let started = Instant::now();
     let mut sent = 0usize;
-    let result = find::run(&services.ledger, q, opts, req.encoding, cancel, |identifier| {
-        if cancel.load(Ordering::Relaxed) {
-            return false;
-        }
-        sent += 1;
-        let command = response(req, field::C_FIND_RSP)
-            .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
-            .u16(tag::STATUS, status::PENDING)
-            .encode();
-        out.blocking_send(Outgoing {
-            context_id: req.context_id,
-            command,
-            data: Some(identifier),
-            last: false,
-        })
-        .is_ok()
-    });
+    let result = find::run(
+        &services.ledger,
+        q,
+        opts,
+        req.encoding,
+        cancel,
+        |identifier| {
+            if cancel.load(Ordering::Relaxed) {
+                return false;
+            }
+            sent += 1;
+            let command = response(req, field::C_FIND_RSP)
+                .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
+                .u16(tag::STATUS, status::PENDING)
+                .encode();
+            out.blocking_send(Outgoing {
+                context_id: req.context_id,
+                command,
+                data: Some(identifier),
+                last: false,
+            })
+            .is_ok()
+        },
+    );
     let (code, comment) = match &result {
         Ok(_) if cancel.load(Ordering::Relaxed) => (status::CANCEL, None),
         Ok(_) => (status::SUCCESS, None),
@@ -281,7 +288,9 @@ fn convert(bytes: &[u8], from: &str, to: &str) -> Result<Vec<u8>, String> {
     let from_ts = TransferSyntaxRegistry
         .get(from)
         .ok_or("unknown source syntax")?;
-    let to_ts = TransferSyntaxRegistry.get(to).ok_or("unknown target syntax")?;
+    let to_ts = TransferSyntaxRegistry
+        .get(to)
+        .ok_or("unknown target syntax")?;
     let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(bytes, from_ts)
         .map_err(|e| e.to_string())?;
     let mut out = Vec::with_capacity(bytes.len());
@@ -291,7 +300,13 @@ fn convert(bytes: &[u8], from: &str, to: &str) -> Result<Vec<u8>, String> {
 }
 
 /// The final response of a C-MOVE or C-GET, with the Failed SOP Instance UID List when needed.
-fn final_response(req: &Request, command_field: u16, counts: &Counts, cancelled: bool, refused: Option<Failure>) -> Outgoing {
+fn final_response(
+    req: &Request,
+    command_field: u16,
+    counts: &Counts,
+    cancelled: bool,
+    refused: Option<Failure>,
+) -> Outgoing {
     let mut b = response(req, command_field);
     let code = match (&refused, cancelled) {
         (Some(f), _) => {
@@ -316,7 +331,11 @@ fn final_response(req: &Request, command_field: u16, counts: &Counts, cancelled:
     });
     b = b.u16(
         tag::COMMAND_DATA_SET_TYPE,
-        if data.is_some() { DATA_SET_PRESENT } else { NO_DATA_SET },
+        if data.is_some() {
+            DATA_SET_PRESENT
+        } else {
+            NO_DATA_SET
+        },
     );
     Outgoing {
         context_id: req.context_id,
@@ -339,13 +358,20 @@ fn pending(req: &Request, command_field: u16, counts: &Counts) -> Outgoing {
 }
 
 /// Resolves the identifier to the instances to send (blocking ledger reads).
-async fn resolve(services: &Services, q: query::Query, cancel: &Arc<AtomicBool>) -> Result<Vec<String>, Failure> {
+async fn resolve(
+    services: &Services,
+    q: query::Query,
+    cancel: &Arc<AtomicBool>,
+) -> Result<Vec<String>, Failure> {
     let ledger = services.ledger.clone();
     let cancel = cancel.clone();
     match tokio::task::spawn_blocking(move || find::instances(&ledger, &q, &cancel)).await {
         Ok(Ok(uids)) => Ok(uids),
         Ok(Err(e)) => Err(status::find_error(&e)),
-        Err(e) => Err(Failure::new(status::UNABLE_TO_PROCESS, format!("query failed: {e}"))),
+        Err(e) => Err(Failure::new(
+            status::UNABLE_TO_PROCESS,
+            format!("query failed: {e}"),
+        )),
     }
 }
 
@@ -368,19 +394,43 @@ pub async fn run_move(
     else {
         info!(destination = %destination, "C-MOVE to an unknown destination refused");
         let f = Failure::new(status::MOVE_DESTINATION_UNKNOWN, "move destination unknown");
-        let _ = out.send(final_response(&req, field::C_MOVE_RSP, &counts, false, Some(f))).await;
+        let _ = out
+            .send(final_response(
+                &req,
+                field::C_MOVE_RSP,
+                &counts,
+                false,
+                Some(f),
+            ))
+            .await;
         return;
     };
     let uids = match resolve(&services, q, &cancel).await {
         Ok(u) => u,
         Err(f) => {
-            let _ = out.send(final_response(&req, field::C_MOVE_RSP, &counts, false, Some(f))).await;
+            let _ = out
+                .send(final_response(
+                    &req,
+                    field::C_MOVE_RSP,
+                    &counts,
+                    false,
+                    Some(f),
+                ))
+                .await;
             return;
         }
     };
     counts.remaining = uids.len().min(u16::MAX as usize) as u16;
     if uids.is_empty() {
-        let _ = out.send(final_response(&req, field::C_MOVE_RSP, &counts, false, None)).await;
+        let _ = out
+            .send(final_response(
+                &req,
+                field::C_MOVE_RSP,
+                &counts,
+                false,
+                None,
+            ))
+            .await;
         return;
     }
     // Per (SOP class, stored syntax): a context offering only the stored syntax, so that an
@@ -411,45 +461,78 @@ pub async fn run_move(
             }
         }
     }
-    let mut scu = match Scu::connect(
-        &peer.host,
-        peer.port,
-        &services.ae_title,
-        &peer.ae_title,
-        &proposals,
-        services.max_pdu_length,
-        SUBOP_TIMEOUT,
-    )
-    .await
-    {
-        Ok(s) => s,
+    let connect = || {
+        Scu::connect(
+            &peer.host,
+            peer.port,
+            &services.ae_title,
+            &peer.ae_title,
+            &proposals,
+            services.max_pdu_length,
+            SUBOP_TIMEOUT,
+        )
+    };
+    let mut scu = match connect().await {
+        Ok(s) => Some(s),
         Err(e) => {
             warn!(destination = %peer.ae_title, error = %e, "cannot open the association for C-MOVE");
             for uid in &uids {
                 counts.fail(uid);
             }
             counts.remaining = 0;
-            let f = Failure::new(status::UNABLE_TO_PERFORM_SUBOPERATIONS, "cannot reach the move destination");
-            let _ = out.send(final_response(&req, field::C_MOVE_RSP, &counts, false, Some(f))).await;
+            let f = Failure::new(
+                status::UNABLE_TO_PERFORM_SUBOPERATIONS,
+                "cannot reach the move destination",
+            );
+            let _ = out
+                .send(final_response(
+                    &req,
+                    field::C_MOVE_RSP,
+                    &counts,
+                    false,
+                    Some(f),
+                ))
+                .await;
             return;
         }
     };
-    let contexts: Vec<(u8, String, String)> = scu
-        .contexts
-        .iter()
-        .map(|c| (c.id, c.abstract_syntax.clone(), c.transfer_syntax.clone()))
-        .collect();
     let mut ready = prefetch(services.clone(), uids.clone(), "c-move", cancel.clone());
-    let mut aborted = false;
+    let mut unreachable = false;
     while let Some((uid, instance)) = ready.recv().await {
         if cancel.load(Ordering::Relaxed) {
             break;
         }
         counts.remaining = counts.remaining.saturating_sub(1);
+        // A destination that aborted (it may refuse one instance that way) gets a new
+        // association for the rest.
+        if scu.is_none() {
+            match connect().await {
+                Ok(s) => scu = Some(s),
+                Err(e) => {
+                    warn!(destination = %peer.ae_title, error = %e, "cannot reopen the association for C-MOVE");
+                    counts.fail(&uid);
+                    unreachable = true;
+                    break;
+                }
+            }
+        }
+        let Some(assoc) = scu.as_mut() else { break };
+        let contexts: Vec<(u8, String, String)> = assoc
+            .contexts
+            .iter()
+            .map(|c| (c.id, c.abstract_syntax.clone(), c.transfer_syntax.clone()))
+            .collect();
         match instance {
             None => counts.fail(&uid),
             Some(r) => match send_one(&r, &contexts, |ctx, bytes| {
-                scu.store(ctx, &r.sop_class_uid, &r.uid, bytes, Some((&req.calling_ae, req.message_id)), SUBOP_TIMEOUT)
+                assoc.store(
+                    ctx,
+                    &r.sop_class_uid,
+                    &r.uid,
+                    bytes,
+                    Some((&req.calling_ae, req.message_id)),
+                    SUBOP_TIMEOUT,
+                )
             })
             .await
             {
@@ -459,31 +542,35 @@ pub async fn run_move(
                     counts.fail(&uid)
                 }
                 Err(SendError::Peer(e)) => {
-                    warn!(destination = %peer.ae_title, error = %e, "C-MOVE destination failed");
+                    warn!(destination = %peer.ae_title, error = %e, "C-MOVE destination failed on an instance");
                     counts.fail(&uid);
-                    aborted = true;
-                    break;
+                    if let Some(s) = scu.take() {
+                        s.abort().await;
+                    }
                 }
             },
         }
-        if out.send(pending(&req, field::C_MOVE_RSP, &counts)).await.is_err() {
-            aborted = true;
+        if out
+            .send(pending(&req, field::C_MOVE_RSP, &counts))
+            .await
+            .is_err()
+        {
+            unreachable = true;
             break;
         }
     }
     // Whatever was not attempted (cancel, a dead destination) counts as failed.
-    let cancelled = cancel.load(Ordering::Relaxed) && !aborted;
-    if aborted || !cancelled {
-        let attempted = counts.completed as usize + counts.failed as usize + counts.warning as usize;
+    let cancelled = cancel.load(Ordering::Relaxed) && !unreachable;
+    if !cancelled {
+        let attempted =
+            counts.completed as usize + counts.failed as usize + counts.warning as usize;
         for uid in uids.iter().skip(attempted) {
             counts.fail(uid);
         }
         counts.remaining = 0;
     }
-    if aborted {
-        scu.abort().await;
-    } else {
-        scu.release(Duration::from_secs(10)).await;
+    if let Some(s) = scu {
+        s.release(Duration::from_secs(10)).await;
     }
     info!(
         destination = %peer.ae_title,
@@ -494,7 +581,13 @@ pub async fn run_move(
         "C-MOVE done"
     );
     let _ = out
-        .send(final_response(&req, field::C_MOVE_RSP, &counts, cancelled, None))
+        .send(final_response(
+            &req,
+            field::C_MOVE_RSP,
+            &counts,
+            cancelled,
+            None,
+        ))
         .await;
 }
 
@@ -505,7 +598,11 @@ enum SendError {
 
 /// Picks the context for one instance (converting between uncompressed syntaxes if needed) and
 /// sends it with `store`.
-async fn send_one<F, Fut, E>(r: &Ready, contexts: &[(u8, String, String)], store: F) -> Result<u16, SendError>
+async fn send_one<F, Fut, E>(
+    r: &Ready,
+    contexts: &[(u8, String, String)],
+    store: F,
+) -> Result<u16, SendError>
 where
     F: FnOnce(u8, Vec<u8>) -> Fut,
     Fut: std::future::Future<Output = Result<u16, E>>,
@@ -528,7 +625,9 @@ where
             Err(e) => return Err(SendError::NoContext(format!("conversion failed: {e}"))),
         }
     };
-    store(ctx, bytes).await.map_err(|e| SendError::Peer(e.to_string()))
+    store(ctx, bytes)
+        .await
+        .map_err(|e| SendError::Peer(e.to_string()))
 }
 
 fn tally(counts: &mut Counts, uid: &str, code: u16) {
@@ -559,7 +658,15 @@ pub async fn run_get(
     let uids = match resolve(&services, q, &cancel).await {
         Ok(u) => u,
         Err(f) => {
-            let _ = out.send(final_response(&req, field::C_GET_RSP, &counts, false, Some(f))).await;
+            let _ = out
+                .send(final_response(
+                    &req,
+                    field::C_GET_RSP,
+                    &counts,
+                    false,
+                    Some(f),
+                ))
+                .await;
             return;
         }
     };
@@ -590,14 +697,24 @@ pub async fn run_get(
                             .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
                             .uid(tag::AFFECTED_SOP_INSTANCE_UID, &instance_uid)
                             .encode();
-                        out.send(Outgoing { context_id: ctx, command, data: Some(bytes), last: false })
-                            .await
-                            .map_err(|_| "association closed".to_string())?;
+                        out.send(Outgoing {
+                            context_id: ctx,
+                            command,
+                            data: Some(bytes),
+                            last: false,
+                        })
+                        .await
+                        .map_err(|_| "association closed".to_string())?;
                         loop {
                             let Some(rsp) = replies.recv().await else {
                                 return Err("association closed".to_string());
                             };
-                            if rsp.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, "id").ok().flatten() == Some(id) {
+                            if rsp
+                                .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, "id")
+                                .ok()
+                                .flatten()
+                                == Some(id)
+                            {
                                 return rsp
                                     .u16(tag::STATUS, "Status")
                                     .ok()
@@ -623,14 +740,19 @@ pub async fn run_get(
                 }
             }
         }
-        if out.send(pending(&req, field::C_GET_RSP, &counts)).await.is_err() {
+        if out
+            .send(pending(&req, field::C_GET_RSP, &counts))
+            .await
+            .is_err()
+        {
             gone = true;
             break;
         }
     }
     let cancelled = cancel.load(Ordering::Relaxed) && !gone;
     if !cancelled {
-        let attempted = counts.completed as usize + counts.failed as usize + counts.warning as usize;
+        let attempted =
+            counts.completed as usize + counts.failed as usize + counts.warning as usize;
         for uid in uids.iter().skip(attempted) {
             counts.fail(uid);
         }
@@ -644,6 +766,12 @@ pub async fn run_get(
         "C-GET done"
     );
     let _ = out
-        .send(final_response(&req, field::C_GET_RSP, &counts, cancelled, None))
+        .send(final_response(
+            &req,
+            field::C_GET_RSP,
+            &counts,
+            cancelled,
+            None,
+        ))
         .await;
 }

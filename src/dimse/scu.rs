@@ -4,16 +4,15 @@
 use std::time::Duration;
 
 use dicom_ul::pdu::{
-    AbortRQServiceProviderReason, AssociationRQ, PDataValueType, Pdu,
-    PresentationContextProposed, PresentationContextResultReason, UserVariableItem,
+    AbortRQServiceProviderReason, AssociationRQ, PDataValueType, Pdu, PresentationContextProposed,
+    PresentationContextResultReason, UserVariableItem,
 };
 use tokio::net::TcpStream;
 
 use super::command::{field, tag, Command, CommandBuilder};
 use super::connection::{ConnError, Connection};
 use super::negotiate::{
-    APPLICATION_CONTEXT, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME,
-    PEER_UNLIMITED_CAP,
+    APPLICATION_CONTEXT, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, PEER_UNLIMITED_CAP,
 };
 
 /// Command Data Set Type "a data set follows".
@@ -183,7 +182,9 @@ impl Scu {
                 .flatten()
                 != Some(message_id)
         {
-            return Err(ScuError::Protocol("unexpected response to C-STORE-RQ".into()));
+            return Err(ScuError::Protocol(
+                "unexpected response to C-STORE-RQ".into(),
+            ));
         }
         rsp.u16(tag::STATUS, "Status")
             .ok()
@@ -198,7 +199,9 @@ impl Scu {
                 Pdu::PData { data } => {
                     for pdv in data {
                         if pdv.value_type != PDataValueType::Command {
-                            return Err(ScuError::Protocol("data set where a response was due".into()));
+                            return Err(ScuError::Protocol(
+                                "data set where a response was due".into(),
+                            ));
                         }
                         bytes.extend_from_slice(&pdv.data);
                         if bytes.len() > 64 * 1024 {

@@ -19,9 +19,9 @@ use tracing::{debug, info, warn, Instrument};
 use super::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
 use super::connection::{ConnError, Connection};
 use super::negotiate::{self, Negotiated, Policy, VERIFICATION};
+use super::qr::{self, Outgoing, Services};
 use super::status::{self, Failure};
 use crate::config::NodeConfig;
-use super::qr::{self, Outgoing, Services};
 use crate::find::{dataset, query, FindOptions};
 use crate::ingest::{Incoming, Pipeline, StoreContext};
 use crate::ledger::StoreOutcome;
@@ -35,7 +35,6 @@ const MAX_IDENTIFIER_BYTES: usize = 1024 * 1024;
 const OP_QUEUE: usize = 16;
 /// While an operation runs, the requestor may stay silent as long as it takes.
 const OP_WAIT: Duration = Duration::from_secs(24 * 3600);
-
 
 /// What every association task shares.
 pub struct NodeContext {
@@ -483,10 +482,11 @@ impl Association {
                 let is_move = command_field == field::C_MOVE_RQ;
                 let destination = cmd.string(tag::MOVE_DESTINATION).unwrap_or_default();
                 let class_ok = match qr::retrieve_model(&sop_class_uid) {
-                    Some(_) if is_move => {
-                        [qr::PATIENT_ROOT_MOVE, qr::STUDY_ROOT_MOVE].contains(&sop_class_uid.as_str())
+                    Some(_) if is_move => [qr::PATIENT_ROOT_MOVE, qr::STUDY_ROOT_MOVE]
+                        .contains(&sop_class_uid.as_str()),
+                    Some(_) => {
+                        [qr::PATIENT_ROOT_GET, qr::STUDY_ROOT_GET].contains(&sop_class_uid.as_str())
                     }
-                    Some(_) => [qr::PATIENT_ROOT_GET, qr::STUDY_ROOT_GET].contains(&sop_class_uid.as_str()),
                     None => false,
                 };
                 let failure = if pc.abstract_syntax != sop_class_uid {
@@ -770,7 +770,14 @@ impl Association {
                 });
             }
             Operation::Move { destination } => {
-                tokio::spawn(qr::run_move(services, request, destination, q, cancel.clone(), tx));
+                tokio::spawn(qr::run_move(
+                    services,
+                    request,
+                    destination,
+                    q,
+                    cancel.clone(),
+                    tx,
+                ));
             }
             Operation::Get => {
                 let contexts: Vec<(u8, String, String)> = self
@@ -782,7 +789,15 @@ impl Association {
                     .collect();
                 let (rtx, rrx) = mpsc::channel(4);
                 replies = Some(rtx);
-                tokio::spawn(qr::run_get(services, request, q, contexts, cancel.clone(), tx, rrx));
+                tokio::spawn(qr::run_get(
+                    services,
+                    request,
+                    q,
+                    contexts,
+                    cancel.clone(),
+                    tx,
+                    rrx,
+                ));
             }
         }
         self.state = State::Running(Box::new(Running {
@@ -883,7 +898,10 @@ fn retrieval_keys(q: &query::Query) -> Result<(), Failure> {
     match q.key(unique).map(|k| &k.matcher) {
         Some(query::Matcher::Universal) | None => Err(Failure::new(
             status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-            format!("identifier lacks a value for the unique key of the {} level", q.level.name()),
+            format!(
+                "identifier lacks a value for the unique key of the {} level",
+                q.level.name()
+            ),
         )),
         Some(_) => Ok(()),
     }

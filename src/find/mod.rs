@@ -157,7 +157,11 @@ pub fn run(
 
 /// The SOP Instance UIDs (latest versions) under every entity the identifier names: what a
 /// C-MOVE or C-GET sends. The query is run at the IMAGE level with the identifier's keys.
-pub fn instances(ledger: &Ledger, q: &Query, cancel: &AtomicBool) -> Result<Vec<String>, FindError> {
+pub fn instances(
+    ledger: &Ledger,
+    q: &Query,
+    cancel: &AtomicBool,
+) -> Result<Vec<String>, FindError> {
     let mut q = q.clone();
     q.level = Level::Image;
     let opts = FindOptions {
@@ -543,6 +547,11 @@ fn evaluate(
                 dataset::find(&elements, key.tag),
                 dataset::find(&elements, *time_tag),
             ),
+            // The hierarchy UIDs are those the index holds (the command's SOP Instance UID
+            // when a data set lacks its own).
+            m if indexed_uid(c, key.tag).is_some() => {
+                matches_text(m, indexed_uid(c, key.tag).unwrap_or_default(), false)
+            }
             m if is_computed(key.tag) => match computed.value(key.tag)? {
                 Some(v) => matches_text(m, &v, false),
                 None => false,
@@ -586,9 +595,15 @@ fn evaluate(
             );
             continue;
         }
-        match dataset::find(&elements, key.tag) {
-            Some(e) => out.push(project(e, key, &charset, opts)),
-            None => out.push(empty(key)),
+        match (dataset::find(&elements, key.tag), indexed_uid(c, key.tag)) {
+            (Some(e), _) => out.push(project(e, key, &charset, opts)),
+            (None, Some(uid)) => put(
+                &mut out,
+                key.tag,
+                *b"UI",
+                dataset::padded(b"UI", uid.as_bytes()),
+            ),
+            (None, None) => out.push(empty(key)),
         }
     }
     // The unique key of the level identifies the match even when the SCU forgot to ask for it.
@@ -596,6 +611,13 @@ fn evaluate(
     if q.key(unique).is_none() {
         if let Some(e) = dataset::find(&elements, unique) {
             out.push(e.clone().into_owned());
+        } else if let Some(uid) = indexed_uid(c, unique) {
+            put(
+                &mut out,
+                unique,
+                *b"UI",
+                dataset::padded(b"UI", uid.as_bytes()),
+            );
         }
     }
     put(
@@ -624,6 +646,16 @@ fn evaluate(
     out.sort_by_key(|e| e.tag);
     out.dedup_by_key(|e| e.tag);
     Ok(Some(out))
+}
+
+/// The candidate's Study, Series or SOP Instance UID as indexed.
+fn indexed_uid(c: &Candidate, tag: u32) -> Option<&str> {
+    match tag {
+        STUDY_INSTANCE_UID => Some(&c.study),
+        SERIES_INSTANCE_UID => Some(&c.series),
+        SOP_INSTANCE_UID => Some(&c.sop),
+        _ => None,
+    }
 }
 
 fn key_vr(key: &Key) -> [u8; 2] {

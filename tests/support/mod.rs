@@ -39,6 +39,24 @@ impl Node {
 
     /// Starts a node with `DICOMCHAIN__…` overrides in its environment.
     pub fn start_with_env(env: &[(&str, &str)]) -> Node {
+        Node::start_with(env, "")
+    }
+
+    /// Starts a node with known peers: (name, AE title, port on 127.0.0.1).
+    pub fn start_with_peers(peers: &[(&str, &str, u16)]) -> Node {
+        let toml: String = peers
+            .iter()
+            .map(|(name, ae, port)| {
+                format!(
+                    "[peers.{name}]\nae_title = \"{ae}\"\nhost = \"127.0.0.1\"\nport = {port}\n"
+                )
+            })
+            .collect();
+        Node::start_with(&[], &toml)
+    }
+
+    /// Starts a node with environment overrides and extra TOML appended to its configuration.
+    pub fn start_with(env: &[(&str, &str)], extra_toml: &str) -> Node {
         let tmp = tempfile::Builder::new()
             .prefix("dicomchain-test-")
             .tempdir()
@@ -48,7 +66,7 @@ impl Node {
         std::fs::write(
             dir.join("dicomchain.toml"),
             format!(
-                "[node]\nlisten = \"127.0.0.1:{port}\"\ndrain_timeout_secs = 10\n[ledger]\npath = \"{}\"\n[store.fs]\nroot = \"{}\"\n",
+                "[node]\nlisten = \"127.0.0.1:{port}\"\ndrain_timeout_secs = 10\n[ledger]\npath = \"{}\"\n[store.fs]\nroot = \"{}\"\n{extra_toml}",
                 dir.join("ledger").display(),
                 dir.join("objects").display()
             ),
@@ -276,6 +294,20 @@ impl Storescp {
             std::thread::sleep(Duration::from_millis(50));
         }
         Storescp { port, dir, child }
+    }
+
+    /// Everything storescp has recorded so far.
+    pub fn received(&self) -> Vec<Part10> {
+        files_under(self.dir.path())
+            .iter()
+            .filter_map(|p| read_part10(p))
+            .collect()
+    }
+
+    pub fn clear(&self) {
+        for f in files_under(self.dir.path()) {
+            std::fs::remove_file(f).unwrap();
+        }
     }
 
     /// Sends one file with storescu and returns what storescp recorded, if anything.

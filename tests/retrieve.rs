@@ -1,0 +1,282 @@
+//! C-MOVE and C-GET as real clients see them: DCMTK movescu with storescp (bit-preserving) as the
+//! destination, and getscu. What comes back is compared byte for byte with what was sent.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use dicom_dictionary_std::tags;
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+
+use crate::support::{self, Node, Storescp, AE};
+
+/// (SOP Instance UID, Study Instance UID) of a data set as the node indexes it: the data set's,
+/// not the File Meta's.
+fn uids(p: &support::Part10) -> Option<(String, String)> {
+    let ts = TransferSyntaxRegistry.get(&p.transfer_syntax)?;
+    let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(&p.dataset[..], ts).ok()?;
+    // Raw bytes: some corpus files give UIDs a binary VR.
+    let text = |t| {
+        obj.element(t)
+            .ok()
+            .and_then(|e| e.to_bytes().ok().map(|b| b.to_vec()))
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .trim_end_matches(['\0', ' '])
+                    .to_string()
+            })
+    };
+    Some((
+        text(tags::SOP_INSTANCE_UID)?,
+        text(tags::STUDY_INSTANCE_UID).unwrap_or_default(),
+    ))
+}
+
+/// Sends `files` exactly as stored; returns the latest data set bytes per SOP Instance UID of
+/// what the node acknowledged.
+fn store(node: &Node, files: &[PathBuf]) -> BTreeMap<String, (String, Vec<u8>)> {
+    let results = node.send_exact(files);
+    let mut latest = BTreeMap::new();
+    for (status, path) in results {
+        if status != Some(0) {
+            continue;
+        }
+        let p = support::read_part10(&path).expect("sent file reads");
+        let (uid, study) = uids(&p).unwrap_or((p.sop_instance_uid.clone(), String::new()));
+        latest.insert(uid, (study, p.dataset));
+    }
+    latest
+}
+
+fn movescu(node: &Node, model: &str, level: &str, keys: &[String], dest: &str) -> Output {
+    let mut c = Command::new("/usr/bin/movescu");
+    c.args(["-v", "-aec", AE, "-aem", dest, model])
+        .args(["-k", &format!("QueryRetrieveLevel={level}")]);
+    for k in keys {
+        c.arg("-k").arg(k);
+    }
+    c.args(["127.0.0.1", &node.port.to_string()])
+        .output()
+        .expect("run /usr/bin/movescu (apt-get install dcmtk)")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn assert_identical(
+    received: Vec<support::Part10>,
+    latest: &BTreeMap<String, (String, Vec<u8>)>,
+    what: &str,
+) {
+    let mut got = BTreeMap::new();
+    for p in received {
+        got.insert(p.sop_instance_uid.clone(), p);
+    }
+    let missing: Vec<_> = latest.keys().filter(|u| !got.contains_key(*u)).collect();
+    assert!(missing.is_empty(), "{what}: not received: {missing:?}");
+    for (uid, (_, bytes)) in latest {
+        assert!(
+            got[uid].dataset == *bytes,
+            "{what}: {uid} differs from what was sent ({} vs {} bytes, {})",
+            got[uid].dataset.len(),
+            bytes.len(),
+            got[uid].transfer_syntax
+        );
+    }
+    assert_eq!(
+        got.len(),
+        latest.len(),
+        "{what}: more instances than stored"
+    );
+}
+
+#[test]
+fn c_move_returns_every_stored_instance_byte_for_byte() {
+    let scp = Storescp::start();
+    let node = Node::start_with_peers(&[("archive", "STORESCP", scp.port)]);
+    // pydicom's corpus (every transfer syntax, versions of one instance, 17 character sets)
+    // and a generated MR series, sent exactly as stored.
+    let dir = tempfile::tempdir().unwrap();
+    let mut files: Vec<PathBuf> = support::pydicom_corpus()
+        .into_iter()
+        .map(|p| p.path)
+        .collect();
+    files.extend(support::make_series(
+        &dir.path().join("mr"),
+        "MR",
+        30,
+        64,
+        &["--studies", "2"],
+    ));
+    let latest = store(&node, &files);
+    assert!(latest.len() > 100, "only {} instances stored", latest.len());
+
+    // Everything, by SOP Instance UID list at the IMAGE level (Study Root). DCMTK refuses a
+    // data set of odd length (an odd final PDV; the corpus's deflated image_dfl.dcm is one) by
+    // aborting: that sub-operation fails, the move goes on over a new association.
+    let list: Vec<&str> = latest.keys().map(String::as_str).collect();
+    let out = movescu(
+        &node,
+        "-S",
+        "IMAGE",
+        &[format!("SOPInstanceUID={}", list.join("\\"))],
+        "STORESCP",
+    );
+    let (odd, even): (BTreeMap<_, _>, BTreeMap<_, _>) = latest
+        .clone()
+        .into_iter()
+        .partition(|(_, (_, b))| b.len() % 2 == 1);
+    assert!(odd.len() <= 1, "odd-length data sets: {:?}", odd.keys());
+    let want = if odd.is_empty() {
+        "Final Move Response (Success)"
+    } else {
+        "Final Move Response (Warning"
+    };
+    assert!(text(&out).contains(want), "{}", text(&out));
+    assert_identical(scp.received(), &even, "IMAGE-level C-MOVE");
+
+    // Two studies by Study Instance UID list, Patient Root.
+    scp.clear();
+    let studies: Vec<String> = latest
+        .values()
+        .map(|(s, _)| s.clone())
+        .filter(|s| !s.is_empty())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter(|s| even.values().any(|(st, _)| st == s) && !odd.values().any(|(st, _)| st == s))
+        .take(2)
+        .collect();
+    let subset: BTreeMap<_, _> = even
+        .iter()
+        .filter(|(_, (s, _))| studies.contains(s))
+        .map(|(u, v)| (u.clone(), v.clone()))
+        .collect();
+    let out = movescu(
+        &node,
+        "-S",
+        "STUDY",
+        &[format!("StudyInstanceUID={}", studies.join("\\"))],
+        "STORESCP",
+    );
+    assert!(
+        text(&out).contains("Final Move Response (Success)"),
+        "{}",
+        text(&out)
+    );
+    assert_identical(scp.received(), &subset, "STUDY-level C-MOVE");
+
+    // An unknown destination is refused (A801) and nothing is sent.
+    scp.clear();
+    let out = movescu(
+        &node,
+        "-S",
+        "STUDY",
+        &[format!("StudyInstanceUID={}", studies[0])],
+        "NOBODY",
+    );
+    assert!(
+        text(&out).contains("MoveDestinationUnknown") || text(&out).contains("a801"),
+        "{}",
+        text(&out)
+    );
+    // A universal unique key would move the archive: refused (A900).
+    let out = movescu(
+        &node,
+        "-S",
+        "STUDY",
+        &["StudyInstanceUID".to_string()],
+        "STORESCP",
+    );
+    assert!(
+        text(&out).contains("DataSetDoesNotMatchSOPClass"),
+        "{}",
+        text(&out)
+    );
+    assert!(scp.received().is_empty());
+}
+
+#[test]
+fn c_get_sends_over_the_requesting_association() {
+    let node = Node::start();
+    let dir = tempfile::tempdir().unwrap();
+    let files = support::make_series(&dir.path().join("ct"), "CT", 20, 64, &["--studies", "2"]);
+    let latest = store(&node, &files);
+    assert_eq!(latest.len(), 20);
+    let study = latest.values().next().unwrap().0.clone();
+    let expect: BTreeMap<_, _> = latest
+        .iter()
+        .filter(|(_, (s, _))| *s == study)
+        .map(|(u, v)| (u.clone(), v.clone()))
+        .collect();
+    let out_dir = dir.path().join("got");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = Command::new("/usr/bin/getscu")
+        .args(["-v", "-aec", AE, "-S", "-od"])
+        .arg(&out_dir)
+        .args(["-k", "QueryRetrieveLevel=STUDY", "-k"])
+        .arg(format!("StudyInstanceUID={study}"))
+        .args(["127.0.0.1", &node.port.to_string()])
+        .output()
+        .expect("run /usr/bin/getscu (apt-get install dcmtk)");
+    assert!(
+        text(&out).contains("Number of Completed Suboperations : 10"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("Number of Failed Suboperations    : 0"),
+        "{}",
+        text(&out)
+    );
+    let received: Vec<_> = support::files_under(&out_dir)
+        .iter()
+        .filter_map(|p| support::read_part10(p))
+        .collect();
+    assert_identical(received, &expect, "C-GET");
+}
+
+#[test]
+fn an_altered_pixel_object_is_never_sent() {
+    let scp = Storescp::start();
+    let node = Node::start_with_peers(&[("archive", "STORESCP", scp.port)]);
+    let dir = tempfile::tempdir().unwrap();
+    let files = support::make_series(&dir.path().join("ct"), "CT", 5, 64, &[]);
+    let latest = store(&node, &files);
+    // Flip a byte in one pixel object on disk.
+    let objects = support::files_under(&node.dir.join("objects"));
+    assert_eq!(objects.len(), 5);
+    let victim = &objects[2];
+    let mut bytes = std::fs::read(victim).unwrap();
+    bytes[100] ^= 0xFF;
+    std::fs::write(victim, bytes).unwrap();
+    let study = latest.values().next().unwrap().0.clone();
+    let out = movescu(
+        &node,
+        "-S",
+        "STUDY",
+        &[format!("StudyInstanceUID={study}")],
+        "STORESCP",
+    );
+    let t = text(&out);
+    assert!(
+        t.contains("Final Move Response (Warning)")
+            || t.contains("b000")
+            || t.contains("SubOperationsCompleteOneOrMoreFailures"),
+        "{t}"
+    );
+    let received = scp.received();
+    assert_eq!(received.len(), 4, "the altered instance must not be sent");
+    for p in &received {
+        assert_eq!(
+            p.dataset, latest[&p.sop_instance_uid].1,
+            "only intact instances arrive"
+        );
+    }
+    assert!(node.log().contains("fails its ledger check"));
+}
