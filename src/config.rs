@@ -93,6 +93,12 @@ pub struct NodeConfig {
     /// C.2.2.2.1); many viewers expect otherwise.
     #[serde(default)]
     pub find_case_insensitive_names: bool,
+    /// C-MOVE/C-GET: the largest instance rebuilt and checked in memory before it is sent.
+    /// Larger ones stream: sent while they are read from the object store, their last fragment
+    /// held back until the whole data set has passed its check (a failed check aborts the
+    /// association, so the peer never completes the instance).
+    #[serde(default = "default_max_retrieve_buffer")]
+    pub max_retrieve_buffer_bytes: u64,
 }
 
 /// `[ledger]`: the RocksDB ledger.
@@ -213,6 +219,9 @@ fn default_drain_timeout() -> u64 {
 fn default_max_metadata() -> usize {
     64 * 1024 * 1024
 }
+fn default_max_retrieve_buffer() -> u64 {
+    64 * 1024 * 1024
+}
 fn default_max_find_results() -> usize {
     10_000
 }
@@ -267,6 +276,7 @@ impl Default for NodeConfig {
             max_metadata_bytes: default_max_metadata(),
             max_find_results: default_max_find_results(),
             find_case_insensitive_names: false,
+            max_retrieve_buffer_bytes: default_max_retrieve_buffer(),
         }
     }
 }
@@ -520,8 +530,8 @@ impl Config {
         let mut out = String::new();
         let n = &self.node;
         out += &format!(
-            "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\ndrain_timeout_secs = {}\nmax_metadata_bytes = {}\nmax_find_results = {}\nfind_case_insensitive_names = {}\n\n",
-            n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.drain_timeout_secs, n.max_metadata_bytes, n.max_find_results, n.find_case_insensitive_names
+            "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\ndrain_timeout_secs = {}\nmax_metadata_bytes = {}\nmax_find_results = {}\nfind_case_insensitive_names = {}\nmax_retrieve_buffer_bytes = {}\n\n",
+            n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.drain_timeout_secs, n.max_metadata_bytes, n.max_find_results, n.find_case_insensitive_names, n.max_retrieve_buffer_bytes
         );
         out += &format!(
             "[ledger]\npath = {:?}\nsigning_key_file = {:?}\norigin = {:?}\ncheckpoint_interval = {}\nevent_spool = {:?}\n\n",

@@ -72,6 +72,7 @@ pub async fn run(
         max_pdu_length: cfg.node.max_pdu_length,
         peers: cfg.peers.values().cloned().collect(),
         event_spool: cfg.ledger.event_spool.clone(),
+        stream_above: cfg.node.max_retrieve_buffer_bytes,
     };
     let ctx = Arc::new(NodeContext {
         services,

@@ -72,11 +72,82 @@ pub fn load_record(ledger: &Ledger, entry: &Entry) -> Result<MetadataRecord, Ret
 /// the caller got from [`load_record`] (already checked against the instance key), checking the
 /// pixel and data set digests on the way. On error, `out` may hold partial data: callers must
 /// discard it.
-pub async fn rebuild<W: std::io::Write>(
+pub async fn rebuild<W: std::io::Write + Send>(
     store: &Store,
     entry: &Entry,
     record: &MetadataRecord,
     out: &mut W,
+) -> Result<(), RetrieveError> {
+    rebuild_into(store, entry, record, &mut WriteSink(out)).await
+}
+
+/// Where rebuilt bytes go.
+pub trait Sink {
+    fn put(
+        &mut self,
+        bytes: &[u8],
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+struct WriteSink<'w, W>(&'w mut W);
+
+impl<W: std::io::Write + Send> Sink for WriteSink<'_, W> {
+    async fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(bytes)
+    }
+}
+
+/// Sends the rebuilt bytes in chunks of `size` over a channel, so a large instance streams to
+/// its destination while it is read; the last chunk is sent by [`ChunkSink::finish`].
+pub struct ChunkSink {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+    size: usize,
+}
+
+impl ChunkSink {
+    pub fn new(tx: tokio::sync::mpsc::Sender<Vec<u8>>, size: usize) -> ChunkSink {
+        ChunkSink {
+            tx,
+            buf: Vec::with_capacity(size),
+            size: size.max(2),
+        }
+    }
+
+    pub async fn finish(self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.tx.send(self.buf).await.map_err(|_| gone())?;
+        }
+        Ok(())
+    }
+}
+
+fn gone() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "receiver gone")
+}
+
+impl Sink for ChunkSink {
+    async fn put(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let n = (self.size - self.buf.len()).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.buf.len() == self.size {
+                let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.size));
+                self.tx.send(full).await.map_err(|_| gone())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`rebuild`] into any [`Sink`]. The digests are known only at the end: a caller streaming the
+/// bytes onwards must hold back the end of the data set until this returns Ok.
+pub async fn rebuild_into<S: Sink>(
+    store: &Store,
+    entry: &Entry,
+    record: &MetadataRecord,
+    out: &mut S,
 ) -> Result<(), RetrieveError> {
     let mut dataset_hash = Sha256::new();
     let mut pixel_hash = Sha256::new();
@@ -106,7 +177,7 @@ pub async fn rebuild<W: std::io::Write>(
             Segment::Meta { start, end } => {
                 let b = &record.meta[start as usize..end as usize];
                 dataset_hash.update(b);
-                out.write_all(b)?;
+                out.put(b).await?;
             }
             Segment::Bulk { start, end } => {
                 let reader = reader
@@ -117,7 +188,7 @@ pub async fn rebuild<W: std::io::Write>(
                     let chunk = reader.take(left).await?;
                     pixel_hash.update(&chunk);
                     dataset_hash.update(&chunk);
-                    out.write_all(&chunk)?;
+                    out.put(&chunk).await?;
                     left -= chunk.len() as u64;
                 }
             }

@@ -343,3 +343,78 @@ fn support_file(name: &str) -> PathBuf {
         .join("tests/support")
         .join(name)
 }
+
+#[test]
+fn large_instances_stream_and_a_damaged_one_is_never_completed() {
+    // A buffer bound of 1 KB makes every instance take the streaming path: sent while it is
+    // read from the object store, the last fragment held back until the check passes.
+    let scp = Storescp::start();
+    let node = Node::start_with(
+        &[("DICOMCHAIN__NODE__MAX_RETRIEVE_BUFFER_BYTES", "1024")],
+        &format!(
+            "[peers.archive]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n",
+            scp.port
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let files = support::make_series(&dir.path().join("ct"), "CT", 6, 512, &[]);
+    let latest = store(&node, &files);
+    let study = latest.values().next().unwrap().0.clone();
+
+    // Intact: byte for byte, over C-MOVE and C-GET.
+    let out = movescu(
+        &node,
+        "-S",
+        "STUDY",
+        &[format!("StudyInstanceUID={study}")],
+        "STORESCP",
+    );
+    assert!(
+        text(&out).contains("Final Move Response (Success)"),
+        "{}",
+        text(&out)
+    );
+    assert_identical(scp.received(), &latest, "streamed C-MOVE");
+    let got = dir.path().join("got");
+    std::fs::create_dir_all(&got).unwrap();
+    let out = Command::new("/usr/bin/getscu")
+        .args(["-aec", AE, "-S", "-od"])
+        .arg(&got)
+        .args(["-k", "QueryRetrieveLevel=STUDY", "-k"])
+        .arg(format!("StudyInstanceUID={study}"))
+        .args(["127.0.0.1", &node.port.to_string()])
+        .output()
+        .unwrap();
+    support::assert_ok(&out, "getscu");
+    let received: Vec<_> = support::files_under(&got)
+        .iter()
+        .filter_map(|p| support::read_part10(p))
+        .collect();
+    assert_identical(received, &latest, "streamed C-GET");
+
+    // One pixel object altered at its end: most of the instance has gone out before the check
+    // can fail, so the association is aborted and the destination never completes it; the
+    // others follow over a new association.
+    scp.clear();
+    let objects = support::files_under(&node.dir.join("objects"));
+    let victim = &objects[3];
+    let mut bytes = std::fs::read(victim).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xFF;
+    std::fs::write(victim, bytes).unwrap();
+    let out = movescu(
+        &node,
+        "-S",
+        "STUDY",
+        &[format!("StudyInstanceUID={study}")],
+        "STORESCP",
+    );
+    let t = text(&out);
+    assert!(t.contains("Final Move Response (Warning"), "{t}");
+    let received = scp.received();
+    assert_eq!(received.len(), 5, "the damaged instance must not arrive");
+    for p in &received {
+        assert_eq!(p.dataset, latest[&p.sop_instance_uid].1);
+    }
+    assert!(node.log().contains("fails its ledger check"));
+}

@@ -158,9 +158,21 @@ impl Connection {
         peer_max_pdu: u32,
     ) -> Result<(), ConnError> {
         self.send_command(context_id, command).await?;
+        self.send_data(context_id, &data, true, peer_max_pdu).await
+    }
+
+    /// Sends a piece of a data set as PDVs no larger than the peer accepts; with `last`, the
+    /// final PDV ends the data set.
+    pub async fn send_data(
+        &mut self,
+        context_id: u8,
+        data: &[u8],
+        last: bool,
+        peer_max_pdu: u32,
+    ) -> Result<(), ConnError> {
         // Even fragments: DICOM values are even, and peers (DCMTK) refuse odd PDVs mid-stream.
         let chunk = ((peer_max_pdu as usize).saturating_sub(6) & !1).max(2);
-        let mut rest = &data[..];
+        let mut rest = data;
         loop {
             let n = rest.len().min(chunk);
             let (piece, tail) = rest.split_at(n);
@@ -168,7 +180,7 @@ impl Connection {
                 data: vec![PDataValue {
                     presentation_context_id: context_id,
                     value_type: PDataValueType::Data,
-                    is_last: tail.is_empty(),
+                    is_last: last && tail.is_empty(),
                     data: piece.to_vec(),
                 }],
             })

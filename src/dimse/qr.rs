@@ -56,13 +56,36 @@ pub fn retrieve_model(sop_class: &str) -> Option<query::Model> {
     }
 }
 
-/// A message for the association loop to send.
-pub struct Outgoing {
-    pub context_id: u8,
-    pub command: Vec<u8>,
-    pub data: Option<Vec<u8>>,
-    /// The final response: the operation is over.
-    pub last: bool,
+/// What an operation asks the association loop to send.
+pub enum Outgoing {
+    /// A command with its whole data set, if any. `last`: the final response, the operation is
+    /// over.
+    Message {
+        context_id: u8,
+        command: Vec<u8>,
+        data: Option<Vec<u8>>,
+        last: bool,
+    },
+    /// A command whose data set follows in [`Outgoing::Data`] pieces (a streamed instance).
+    Command { context_id: u8, command: Vec<u8> },
+    /// A piece of a data set; `last` ends it.
+    Data {
+        context_id: u8,
+        bytes: Vec<u8>,
+        last: bool,
+    },
+    /// End the association with an A-ABORT: a streamed instance failed its check after part of
+    /// it was sent, and only an abort keeps the requestor from completing it.
+    Abort(String),
+}
+
+fn message(context_id: u8, command: Vec<u8>, data: Option<Vec<u8>>, last: bool) -> Outgoing {
+    Outgoing::Message {
+        context_id,
+        command,
+        data,
+        last,
+    }
 }
 
 /// What the C-FIND, C-MOVE and C-GET tasks need from the node.
@@ -74,6 +97,10 @@ pub struct Services {
     pub max_pdu_length: u32,
     pub peers: Vec<PeerConfig>,
     pub event_spool: PathBuf,
+    /// Instances larger than this stream: sent while they are read from the object store, the
+    /// end held back until the whole data set has passed its check
+    /// (`node.max_retrieve_buffer_bytes`).
+    pub stream_above: u64,
 }
 
 /// The request a retrieval answers.
@@ -119,13 +146,8 @@ pub fn run_find(
                 .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
                 .u16(tag::STATUS, status::PENDING)
                 .encode();
-            out.blocking_send(Outgoing {
-                context_id: req.context_id,
-                command,
-                data: Some(identifier),
-                last: false,
-            })
-            .is_ok()
+            out.blocking_send(message(req.context_id, command, Some(identifier), false))
+                .is_ok()
         },
     );
     let (code, comment) = match &result {
@@ -150,12 +172,7 @@ pub fn run_find(
     if let Some(c) = comment {
         rsp = rsp.text(tag::ERROR_COMMENT, &c, status::ERROR_COMMENT_MAX);
     }
-    let _ = out.blocking_send(Outgoing {
-        context_id: req.context_id,
-        command: rsp.encode(),
-        data: None,
-        last: true,
-    });
+    let _ = out.blocking_send(message(req.context_id, rsp.encode(), None, true));
 }
 
 /// Sub-operation counts (PS3.4 C.4.2.1.6).
@@ -191,7 +208,21 @@ struct Ready {
     uid: String,
     sop_class_uid: String,
     transfer_syntax: String,
-    bytes: Vec<u8>,
+    body: Body,
+}
+
+/// Piece size of a streamed instance.
+const STREAM_CHUNK: usize = 1024 * 1024;
+
+enum Body {
+    /// Rebuilt and checked in memory.
+    Whole(Vec<u8>),
+    /// Being rebuilt: pieces arrive on `chunks`, the last one only after the check passed;
+    /// `verified` gives the check's outcome.
+    Stream {
+        chunks: mpsc::Receiver<Vec<u8>>,
+        verified: tokio::sync::oneshot::Receiver<Result<(), String>>,
+    },
 }
 
 /// Rebuilds one instance and checks it; `None` (and a logged, recorded failure) when it cannot
@@ -205,37 +236,68 @@ async fn prepare(services: &Services, uid: &str, detector: &str) -> Option<Ready
             return None;
         }
     };
-    match rebuild(services, &entry).await {
-        Ok(bytes) => Some(Ready {
-            uid: uid.to_string(),
-            sop_class_uid: entry.sop_class_uid.clone(),
-            transfer_syntax: entry.transfer_syntax.clone(),
-            bytes,
-        }),
+    let (class, syntax) = (entry.sop_class_uid.clone(), entry.transfer_syntax.clone());
+    let ready = move |body| Ready {
+        uid: uid.to_string(),
+        sop_class_uid: class,
+        transfer_syntax: syntax,
+        body,
+    };
+    let record = match retrieve::load_record(&services.ledger, &entry) {
+        Ok(r) => r,
         Err(e) => {
-            if let Some(reason) = e.integrity_reason() {
-                warn!(seq = entry.seq, error = %e, "instance fails its ledger check; not sent");
-                let ev = SpooledEvent {
-                    subject_seq: entry.seq,
-                    reason,
-                    detector: detector.into(),
+            failed_check(services, &entry, &e, detector);
+            return None;
+        }
+    };
+    if record.dataset_length > services.stream_above {
+        let (tx, chunks) = mpsc::channel(2);
+        let (done, verified) = tokio::sync::oneshot::channel();
+        let services = services.clone();
+        let detector = detector.to_string();
+        tokio::spawn(async move {
+            let mut sink = retrieve::ChunkSink::new(tx, STREAM_CHUNK);
+            let result =
+                match retrieve::rebuild_into(&services.store, &entry, &record, &mut sink).await {
+                    Ok(()) => sink.finish().await.map_err(retrieve::RetrieveError::from),
+                    Err(e) => Err(e),
                 };
-                if let Err(e) = ev.write(&services.event_spool) {
-                    warn!(error = %e, "cannot record the security event");
-                }
-            } else {
-                warn!(seq = entry.seq, error = %e, "instance cannot be rebuilt");
+            match &result {
+                // The sender gave up on this instance (no context for it): not a failure of it.
+                Err(retrieve::RetrieveError::Io(e))
+                    if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                Err(e) => failed_check(&services, &entry, e, &detector),
+                Ok(()) => {}
             }
+            let _ = done.send(result.map_err(|e| e.to_string()));
+        });
+        return Some(ready(Body::Stream { chunks, verified }));
+    }
+    let mut bytes = Vec::with_capacity(record.dataset_length as usize);
+    match retrieve::rebuild(&services.store, &entry, &record, &mut bytes).await {
+        Ok(()) => Some(ready(Body::Whole(bytes))),
+        Err(e) => {
+            failed_check(services, &entry, &e, detector);
             None
         }
     }
 }
 
-async fn rebuild(services: &Services, entry: &Entry) -> Result<Vec<u8>, retrieve::RetrieveError> {
-    let record = retrieve::load_record(&services.ledger, entry)?;
-    let mut bytes = Vec::with_capacity(record.dataset_length.min(1 << 30) as usize);
-    retrieve::rebuild(&services.store, entry, &record, &mut bytes).await?;
-    Ok(bytes)
+/// Logs a rebuild failure; one that is an integrity failure becomes a security event.
+fn failed_check(services: &Services, entry: &Entry, e: &retrieve::RetrieveError, detector: &str) {
+    if let Some(reason) = e.integrity_reason() {
+        warn!(seq = entry.seq, error = %e, "instance fails its ledger check; not sent");
+        let ev = SpooledEvent {
+            subject_seq: entry.seq,
+            reason,
+            detector: detector.into(),
+        };
+        if let Err(e) = ev.write(&services.event_spool) {
+            warn!(error = %e, "cannot record the security event");
+        }
+    } else {
+        warn!(seq = entry.seq, error = %e, "instance cannot be rebuilt");
+    }
 }
 
 /// Rebuilds `uids` in order on a separate task, at most [`PREFETCH`] ahead of the sender.
@@ -337,24 +399,14 @@ fn final_response(
             NO_DATA_SET
         },
     );
-    Outgoing {
-        context_id: req.context_id,
-        command: b.encode(),
-        data,
-        last: true,
-    }
+    message(req.context_id, b.encode(), data, true)
 }
 
 fn pending(req: &Request, command_field: u16, counts: &Counts) -> Outgoing {
     let b = response(req, command_field)
         .u16(tag::STATUS, status::PENDING)
         .u16(tag::COMMAND_DATA_SET_TYPE, NO_DATA_SET);
-    Outgoing {
-        context_id: req.context_id,
-        command: counts.put(b, true).encode(),
-        data: None,
-        last: false,
-    }
+    message(req.context_id, counts.put(b, true).encode(), None, false)
 }
 
 /// Resolves the identifier to the instances to send (blocking ledger reads).
@@ -522,33 +574,82 @@ pub async fn run_move(
             .iter()
             .map(|c| (c.id, c.abstract_syntax.clone(), c.transfer_syntax.clone()))
             .collect();
+        let originator = Some((req.calling_ae.as_str(), req.message_id));
         match instance {
             None => counts.fail(&uid),
-            Some(r) => match send_one(&r, &contexts, |ctx, bytes| {
-                assoc.store(
-                    ctx,
-                    &r.sop_class_uid,
-                    &r.uid,
-                    bytes,
-                    Some((&req.calling_ae, req.message_id)),
-                    SUBOP_TIMEOUT,
-                )
-            })
-            .await
-            {
-                Ok(code) => tally(&mut counts, &uid, code),
-                Err(SendError::NoContext(why)) => {
-                    info!(reason = %why, "sub-operation not performed");
-                    counts.fail(&uid)
-                }
-                Err(SendError::Peer(e)) => {
-                    warn!(destination = %peer.ae_title, error = %e, "C-MOVE destination failed on an instance");
-                    counts.fail(&uid);
-                    if let Some(s) = scu.take() {
-                        s.abort().await;
+            Some(Ready {
+                body:
+                    Body::Stream {
+                        mut chunks,
+                        verified,
+                    },
+                ..
+            }) if stream_context(&contexts, &uid, &services).is_none() => {
+                chunks.close();
+                drop(verified);
+                info!("sub-operation not performed: the destination did not accept the stored syntax of a streamed instance");
+                counts.fail(&uid)
+            }
+            Some(Ready {
+                sop_class_uid,
+                body:
+                    Body::Stream {
+                        mut chunks,
+                        verified,
+                    },
+                ..
+            }) => {
+                let ctx = stream_context(&contexts, &uid, &services).unwrap_or(0);
+                match assoc
+                    .store_streamed(
+                        ctx,
+                        &sop_class_uid,
+                        &uid,
+                        &mut chunks,
+                        verified,
+                        originator,
+                        SUBOP_TIMEOUT,
+                    )
+                    .await
+                {
+                    Ok(code) => tally(&mut counts, &uid, code),
+                    Err(e) => {
+                        warn!(destination = %peer.ae_title, error = %e, "streamed sub-operation failed; association aborted");
+                        counts.fail(&uid);
+                        if let Some(s) = scu.take() {
+                            s.abort().await;
+                        }
                     }
                 }
-            },
+            }
+            Some(mut r) => {
+                let whole = take_whole(&mut r);
+                match send_one(&r, whole, &contexts, |ctx, bytes| {
+                    assoc.store(
+                        ctx,
+                        &r.sop_class_uid,
+                        &r.uid,
+                        bytes,
+                        originator,
+                        SUBOP_TIMEOUT,
+                    )
+                })
+                .await
+                {
+                    Ok(code) => tally(&mut counts, &uid, code),
+                    Err(SendError::NoContext(why)) => {
+                        info!(reason = %why, "sub-operation not performed");
+                        counts.fail(&uid)
+                    }
+                    Err(SendError::Peer(e)) => {
+                        warn!(destination = %peer.ae_title, error = %e, "C-MOVE destination failed on an instance");
+                        counts.fail(&uid);
+                        if let Some(s) = scu.take() {
+                            s.abort().await;
+                        }
+                    }
+                }
+            }
         }
         if out
             .send(pending(&req, field::C_MOVE_RSP, &counts))
@@ -600,6 +701,7 @@ enum SendError {
 /// sends it with `store`.
 async fn send_one<F, Fut, E>(
     r: &Ready,
+    whole: Vec<u8>,
     contexts: &[(u8, String, String)],
     store: F,
 ) -> Result<u16, SendError>
@@ -615,9 +717,9 @@ where
         )));
     };
     let bytes = if ts == r.transfer_syntax {
-        r.bytes.clone()
+        whole
     } else {
-        match convert(&r.bytes, &r.transfer_syntax, &ts) {
+        match convert(&whole, &r.transfer_syntax, &ts) {
             Ok(b) => {
                 info!(from = %r.transfer_syntax, to = %ts, "instance converted for the destination");
                 b
@@ -628,6 +730,103 @@ where
     store(ctx, bytes)
         .await
         .map_err(|e| SendError::Peer(e.to_string()))
+}
+
+fn take_whole(r: &mut Ready) -> Vec<u8> {
+    match std::mem::replace(&mut r.body, Body::Whole(Vec::new())) {
+        Body::Whole(b) => b,
+        Body::Stream { .. } => Vec::new(),
+    }
+}
+
+/// The accepted context that carries a streamed instance: its SOP class in its stored syntax
+/// (a streamed instance is never converted: that would need it whole in memory).
+fn stream_context(contexts: &[(u8, String, String)], uid: &str, services: &Services) -> Option<u8> {
+    let entry = services.ledger.latest(uid).ok().flatten()?;
+    contexts
+        .iter()
+        .find(|c| c.1 == entry.sop_class_uid && c.2 == entry.transfer_syntax)
+        .map(|c| c.0)
+}
+
+/// Waits for the requestor's C-STORE-RSP to message `id`.
+async fn store_response(replies: &mut mpsc::Receiver<Command>, id: u16) -> Result<u16, String> {
+    loop {
+        let Some(rsp) = replies.recv().await else {
+            return Err("association closed".to_string());
+        };
+        if rsp
+            .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, "id")
+            .ok()
+            .flatten()
+            == Some(id)
+        {
+            return rsp
+                .u16(tag::STATUS, "Status")
+                .ok()
+                .flatten()
+                .ok_or_else(|| "C-STORE-RSP without status".to_string());
+        }
+    }
+}
+
+/// C-GET of a streamed instance over the requesting association: pieces go out as they are
+/// rebuilt, the last one only once the check passed; a failed check aborts the association.
+#[allow(clippy::too_many_arguments)]
+async fn stream_to_requestor(
+    out: &mpsc::Sender<Outgoing>,
+    replies: &mut mpsc::Receiver<Command>,
+    ctx: u8,
+    id: u16,
+    sop_class_uid: &str,
+    uid: &str,
+    chunks: &mut mpsc::Receiver<Vec<u8>>,
+    verified: tokio::sync::oneshot::Receiver<Result<(), String>>,
+) -> Result<u16, String> {
+    let closed = |_| "association closed".to_string();
+    let command = CommandBuilder::new()
+        .uid(tag::AFFECTED_SOP_CLASS_UID, sop_class_uid)
+        .u16(tag::COMMAND_FIELD, field::C_STORE_RQ)
+        .u16(tag::MESSAGE_ID, id)
+        .u16(tag::PRIORITY, 0)
+        .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
+        .uid(tag::AFFECTED_SOP_INSTANCE_UID, uid)
+        .encode();
+    out.send(Outgoing::Command {
+        context_id: ctx,
+        command,
+    })
+    .await
+    .map_err(closed)?;
+    let mut held: Option<Vec<u8>> = None;
+    while let Some(chunk) = chunks.recv().await {
+        if let Some(prev) = held.replace(chunk) {
+            out.send(Outgoing::Data {
+                context_id: ctx,
+                bytes: prev,
+                last: false,
+            })
+            .await
+            .map_err(closed)?;
+        }
+    }
+    match verified.await {
+        Ok(Ok(())) => {
+            out.send(Outgoing::Data {
+                context_id: ctx,
+                bytes: held.unwrap_or_default(),
+                last: true,
+            })
+            .await
+            .map_err(closed)?;
+            store_response(replies, id).await
+        }
+        Ok(Err(_)) | Err(_) => {
+            let why = "instance failed its ledger check while streaming".to_string();
+            let _ = out.send(Outgoing::Abort(why.clone())).await;
+            Err(why)
+        }
+    }
 }
 
 fn tally(counts: &mut Counts, uid: &str, code: u16) {
@@ -681,11 +880,50 @@ pub async fn run_get(
         counts.remaining = counts.remaining.saturating_sub(1);
         match instance {
             None => counts.fail(&uid),
-            Some(r) => {
+            Some(Ready {
+                sop_class_uid,
+                body:
+                    Body::Stream {
+                        mut chunks,
+                        verified,
+                    },
+                ..
+            }) => {
+                let id = message_id;
+                message_id = message_id.wrapping_add(1).max(1);
+                let Some(ctx) = stream_context(&contexts, &uid, &services) else {
+                    chunks.close();
+                    info!("sub-operation not performed: the requestor did not accept the stored syntax of a streamed instance");
+                    counts.fail(&uid);
+                    continue;
+                };
+                match stream_to_requestor(
+                    &out,
+                    &mut replies,
+                    ctx,
+                    id,
+                    &sop_class_uid,
+                    &uid,
+                    &mut chunks,
+                    verified,
+                )
+                .await
+                {
+                    Ok(code) => tally(&mut counts, &uid, code),
+                    Err(e) => {
+                        warn!(error = %e, "streamed C-GET sub-operation failed");
+                        counts.fail(&uid);
+                        gone = true;
+                        break;
+                    }
+                }
+            }
+            Some(mut r) => {
                 let id = message_id;
                 message_id = message_id.wrapping_add(1).max(1);
                 let (class, instance_uid) = (r.sop_class_uid.clone(), r.uid.clone());
-                let result = send_one(&r, &contexts, |ctx, bytes| {
+                let whole = take_whole(&mut r);
+                let result = send_one(&r, whole, &contexts, |ctx, bytes| {
                     let out = &out;
                     let replies = &mut replies;
                     async move {
@@ -697,31 +935,10 @@ pub async fn run_get(
                             .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
                             .uid(tag::AFFECTED_SOP_INSTANCE_UID, &instance_uid)
                             .encode();
-                        out.send(Outgoing {
-                            context_id: ctx,
-                            command,
-                            data: Some(bytes),
-                            last: false,
-                        })
-                        .await
-                        .map_err(|_| "association closed".to_string())?;
-                        loop {
-                            let Some(rsp) = replies.recv().await else {
-                                return Err("association closed".to_string());
-                            };
-                            if rsp
-                                .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, "id")
-                                .ok()
-                                .flatten()
-                                == Some(id)
-                            {
-                                return rsp
-                                    .u16(tag::STATUS, "Status")
-                                    .ok()
-                                    .flatten()
-                                    .ok_or_else(|| "C-STORE-RSP without status".to_string());
-                            }
-                        }
+                        out.send(message(ctx, command, Some(bytes), false))
+                            .await
+                            .map_err(|_| "association closed".to_string())?;
+                        store_response(replies, id).await
                     }
                 })
                 .await;

@@ -34,6 +34,16 @@ pub enum ScuError {
     Conn(#[from] ConnError),
 }
 
+/// Why a streamed C-STORE did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The instance failed its ledger check mid-way; the caller must abort the association.
+    #[error("instance failed its check: {0}")]
+    Check(String),
+    #[error(transparent)]
+    Peer(ScuError),
+}
+
 /// An accepted presentation context of our association.
 #[derive(Debug, Clone)]
 pub struct Context {
@@ -190,6 +200,77 @@ impl Scu {
             .ok()
             .flatten()
             .ok_or_else(|| ScuError::Protocol("C-STORE-RSP without status".into()))
+    }
+
+    /// Sends one C-STORE-RQ whose data set arrives as chunks on `chunks` (a large instance
+    /// streaming out of the object store). The last chunk is held back until `verified` says
+    /// the rebuilt data set matched the ledger; if it did not, the association is aborted so
+    /// the destination never completes the data set, and the check's error is returned.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn store_streamed(
+        &mut self,
+        context_id: u8,
+        sop_class_uid: &str,
+        sop_instance_uid: &str,
+        chunks: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+        verified: tokio::sync::oneshot::Receiver<Result<(), String>>,
+        move_originator: Option<(&str, u16)>,
+        timeout: Duration,
+    ) -> Result<u16, StreamError> {
+        let message_id = self.next_message_id;
+        self.next_message_id = self.next_message_id.wrapping_add(1).max(1);
+        let mut rq = CommandBuilder::new()
+            .uid(tag::AFFECTED_SOP_CLASS_UID, sop_class_uid)
+            .u16(tag::COMMAND_FIELD, field::C_STORE_RQ)
+            .u16(tag::MESSAGE_ID, message_id)
+            .u16(tag::PRIORITY, 0)
+            .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
+            .uid(tag::AFFECTED_SOP_INSTANCE_UID, sop_instance_uid);
+        if let Some((ae, id)) = move_originator {
+            rq = rq
+                .text(tag::MOVE_ORIGINATOR_AE_TITLE, ae, 16)
+                .u16(tag::MOVE_ORIGINATOR_MESSAGE_ID, id);
+        }
+        let peer = |e: ConnError| StreamError::Peer(ScuError::Conn(e));
+        self.conn
+            .send_command(context_id, rq.encode())
+            .await
+            .map_err(peer)?;
+        let mut held: Option<Vec<u8>> = None;
+        while let Some(chunk) = chunks.recv().await {
+            if let Some(prev) = held.replace(chunk) {
+                self.conn
+                    .send_data(context_id, &prev, false, self.peer_max_pdu)
+                    .await
+                    .map_err(peer)?;
+            }
+        }
+        match verified.await {
+            Ok(Ok(())) => {
+                let last = held.unwrap_or_default();
+                self.conn
+                    .send_data(context_id, &last, true, self.peer_max_pdu)
+                    .await
+                    .map_err(peer)?;
+            }
+            Ok(Err(why)) => return Err(StreamError::Check(why)),
+            Err(_) => return Err(StreamError::Check("rebuild task ended".into())),
+        }
+        let rsp = self
+            .receive_command(timeout)
+            .await
+            .map_err(StreamError::Peer)?;
+        if rsp.command_field().ok() != Some(field::C_STORE_RSP) {
+            return Err(StreamError::Peer(ScuError::Protocol(
+                "unexpected response to C-STORE-RQ".into(),
+            )));
+        }
+        rsp.u16(tag::STATUS, "Status")
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                StreamError::Peer(ScuError::Protocol("C-STORE-RSP without status".into()))
+            })
     }
 
     async fn receive_command(&mut self, timeout: Duration) -> Result<Command, ScuError> {

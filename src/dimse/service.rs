@@ -830,16 +830,33 @@ impl Association {
             }
             return Ok(());
         };
-        if msg.last {
-            self.state = State::Idle;
-        }
-        let sent = match msg.data {
-            Some(data) => {
-                self.conn
-                    .send_message(msg.context_id, msg.command, data, max)
-                    .await
+        let sent = match msg {
+            Outgoing::Message {
+                context_id,
+                command,
+                data,
+                last,
+            } => {
+                if last {
+                    self.state = State::Idle;
+                }
+                match data {
+                    Some(data) => self.conn.send_message(context_id, command, data, max).await,
+                    None => self.conn.send_command(context_id, command).await,
+                }
             }
-            None => self.conn.send_command(msg.context_id, msg.command).await,
+            Outgoing::Command {
+                context_id,
+                command,
+            } => self.conn.send_command(context_id, command).await,
+            Outgoing::Data {
+                context_id,
+                bytes,
+                last,
+            } => self.conn.send_data(context_id, &bytes, last, max).await,
+            Outgoing::Abort(why) => {
+                return Err(Abort(AbortRQServiceProviderReason::ReasonNotSpecified, why));
+            }
         };
         sent.map_err(|e| {
             Abort(
