@@ -418,3 +418,31 @@ fn large_instances_stream_and_a_damaged_one_is_never_completed() {
     }
     assert!(node.log().contains("fails its ledger check"));
 }
+
+#[test]
+fn pynetdicom_get_and_a_cancelled_move() {
+    let scp = Storescp::start();
+    let node = Node::start_with_peers(&[("archive", "STORESCP", scp.port)]);
+    let dir = tempfile::tempdir().unwrap();
+    let files = support::make_series(&dir.path().join("ct"), "CT", 300, 64, &[]);
+    let latest = store(&node, &files);
+    let study = latest.values().next().unwrap().0.clone();
+    let out = Command::new("python3")
+        .arg(support_file("qr_pynetdicom.py"))
+        .arg(node.port.to_string())
+        .arg(&study)
+        .arg("STORESCP")
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What did reach the destination before the cancel is intact.
+    for p in scp.received() {
+        assert_eq!(p.dataset, latest[&p.sop_instance_uid].1);
+    }
+}
