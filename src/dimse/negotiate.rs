@@ -364,7 +364,9 @@ mod tests {
                         vec!["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2"],
                     ),
                     (7, "1.2.840.10008.5.1.4.1.1.4", vec!["9.9.9"]),
-                    (9, "1.2.840.10008.5.1.4.1.2.2.2", vec!["1.2.840.10008.1.2"]),
+                    // Modality Worklist FIND: not ours.
+                    (9, "1.2.840.10008.5.1.4.31", vec!["1.2.840.10008.1.2"]),
+                    (11, "1.2.840.10008.5.1.4.1.2.2.2", vec!["1.2.840.10008.1.2"]),
                 ],
             ),
         )
@@ -374,8 +376,12 @@ mod tests {
             neg.context(3).unwrap().transfer_syntax,
             "1.2.840.10008.1.2.4.70"
         );
-        // FIND: native syntaxes only; MOVE is not offered yet.
+        // Query/Retrieve: native syntaxes only.
         assert_eq!(neg.context(5).unwrap().transfer_syntax, "1.2.840.10008.1.2");
+        assert_eq!(
+            neg.context(11).unwrap().transfer_syntax,
+            "1.2.840.10008.1.2"
+        );
         assert!(neg.context(7).is_none() && neg.context(9).is_none());
         let (_, dup) = negotiate(
             &policy(),
@@ -404,8 +410,65 @@ mod tests {
                 PresentationContextResultReason::Acceptance,
                 PresentationContextResultReason::TransferSyntaxesNotSupported,
                 PresentationContextResultReason::AbstractSyntaxNotSupported,
+                PresentationContextResultReason::Acceptance,
             ]
         );
+    }
+
+    #[test]
+    fn role_selection_and_extended_negotiation_are_answered() {
+        let mut r = rq(
+            "DICOMCHAIN",
+            vec![
+                (1, "1.2.840.10008.5.1.4.1.2.2.3", vec!["1.2.840.10008.1.2"]),
+                (3, "1.2.840.10008.5.1.4.1.1.2", vec!["1.2.840.10008.1.2.1"]),
+                (5, "1.2.840.10008.5.1.4.1.2.2.1", vec!["1.2.840.10008.1.2"]),
+            ],
+        );
+        r.user_variables
+            .push(UserVariableItem::ScuScpRoleSelectionSubItem(
+                "1.2.840.10008.5.1.4.1.1.2".into(),
+                dicom_ul::pdu::RequestorRoles {
+                    scu: false,
+                    scp: true,
+                },
+            ));
+        // Role selection for a class without a context is ignored.
+        r.user_variables
+            .push(UserVariableItem::ScuScpRoleSelectionSubItem(
+                "1.2.840.10008.5.1.4.1.1.4".into(),
+                dicom_ul::pdu::RequestorRoles {
+                    scu: false,
+                    scp: true,
+                },
+            ));
+        r.user_variables
+            .push(UserVariableItem::SopClassExtendedNegotiationSubItem(
+                "1.2.840.10008.5.1.4.1.2.2.1".into(),
+                vec![1, 1, 1, 1],
+            ));
+        let (ac, neg) = negotiate(&policy(), &r).unwrap();
+        assert_eq!(neg.scp_role, vec!["1.2.840.10008.5.1.4.1.1.2".to_string()]);
+        assert_eq!(
+            neg.combined_datetime,
+            vec!["1.2.840.10008.5.1.4.1.2.2.1".to_string()]
+        );
+        // Only combined date-time matching is granted; relational, fuzzy and timezone are not.
+        assert!(ac
+            .user_variables
+            .contains(&UserVariableItem::SopClassExtendedNegotiationSubItem(
+                "1.2.840.10008.5.1.4.1.2.2.1".into(),
+                vec![0, 1, 0, 0],
+            )));
+        assert!(ac
+            .user_variables
+            .contains(&UserVariableItem::ScuScpRoleSelectionSubItem(
+                "1.2.840.10008.5.1.4.1.1.2".into(),
+                dicom_ul::pdu::RequestorRoles {
+                    scu: false,
+                    scp: true
+                },
+            )));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
+use super::command::{field, store_rq, tag, Command, CommandBuilder, NO_DATA_SET};
 use super::scu::Scu;
 use super::status::{self, Failure};
 use crate::config::PeerConfig;
@@ -784,14 +784,7 @@ async fn stream_to_requestor(
     verified: tokio::sync::oneshot::Receiver<Result<(), String>>,
 ) -> Result<u16, String> {
     let closed = |_| "association closed".to_string();
-    let command = CommandBuilder::new()
-        .uid(tag::AFFECTED_SOP_CLASS_UID, sop_class_uid)
-        .u16(tag::COMMAND_FIELD, field::C_STORE_RQ)
-        .u16(tag::MESSAGE_ID, id)
-        .u16(tag::PRIORITY, 0)
-        .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
-        .uid(tag::AFFECTED_SOP_INSTANCE_UID, uid)
-        .encode();
+    let command = store_rq(sop_class_uid, uid, id, None);
     out.send(Outgoing::Command {
         context_id: ctx,
         command,
@@ -927,14 +920,7 @@ pub async fn run_get(
                     let out = &out;
                     let replies = &mut replies;
                     async move {
-                        let command = CommandBuilder::new()
-                            .uid(tag::AFFECTED_SOP_CLASS_UID, &class)
-                            .u16(tag::COMMAND_FIELD, field::C_STORE_RQ)
-                            .u16(tag::MESSAGE_ID, id)
-                            .u16(tag::PRIORITY, 0)
-                            .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
-                            .uid(tag::AFFECTED_SOP_INSTANCE_UID, &instance_uid)
-                            .encode();
+                        let command = store_rq(&class, &instance_uid, id, None);
                         out.send(message(ctx, command, Some(bytes), false))
                             .await
                             .map_err(|_| "association closed".to_string())?;

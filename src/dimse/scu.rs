@@ -9,14 +9,11 @@ use dicom_ul::pdu::{
 };
 use tokio::net::TcpStream;
 
-use super::command::{field, tag, Command, CommandBuilder};
+use super::command::{field, store_rq, tag, Command};
 use super::connection::{ConnError, Connection};
 use super::negotiate::{
     APPLICATION_CONTEXT, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, PEER_UNLIMITED_CAP,
 };
-
-/// Command Data Set Type "a data set follows".
-const DATA_SET_PRESENT: u16 = 0x0000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScuError {
@@ -169,20 +166,9 @@ impl Scu {
     ) -> Result<u16, ScuError> {
         let message_id = self.next_message_id;
         self.next_message_id = self.next_message_id.wrapping_add(1).max(1);
-        let mut rq = CommandBuilder::new()
-            .uid(tag::AFFECTED_SOP_CLASS_UID, sop_class_uid)
-            .u16(tag::COMMAND_FIELD, field::C_STORE_RQ)
-            .u16(tag::MESSAGE_ID, message_id)
-            .u16(tag::PRIORITY, 0)
-            .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
-            .uid(tag::AFFECTED_SOP_INSTANCE_UID, sop_instance_uid);
-        if let Some((ae, id)) = move_originator {
-            rq = rq
-                .text(tag::MOVE_ORIGINATOR_AE_TITLE, ae, 16)
-                .u16(tag::MOVE_ORIGINATOR_MESSAGE_ID, id);
-        }
+        let rq = store_rq(sop_class_uid, sop_instance_uid, message_id, move_originator);
         self.conn
-            .send_message(context_id, rq.encode(), data, self.peer_max_pdu)
+            .send_message(context_id, rq, data, self.peer_max_pdu)
             .await?;
         let rsp = self.receive_command(timeout).await?;
         if rsp.command_field().ok() != Some(field::C_STORE_RSP)
@@ -219,23 +205,9 @@ impl Scu {
     ) -> Result<u16, StreamError> {
         let message_id = self.next_message_id;
         self.next_message_id = self.next_message_id.wrapping_add(1).max(1);
-        let mut rq = CommandBuilder::new()
-            .uid(tag::AFFECTED_SOP_CLASS_UID, sop_class_uid)
-            .u16(tag::COMMAND_FIELD, field::C_STORE_RQ)
-            .u16(tag::MESSAGE_ID, message_id)
-            .u16(tag::PRIORITY, 0)
-            .u16(tag::COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT)
-            .uid(tag::AFFECTED_SOP_INSTANCE_UID, sop_instance_uid);
-        if let Some((ae, id)) = move_originator {
-            rq = rq
-                .text(tag::MOVE_ORIGINATOR_AE_TITLE, ae, 16)
-                .u16(tag::MOVE_ORIGINATOR_MESSAGE_ID, id);
-        }
+        let rq = store_rq(sop_class_uid, sop_instance_uid, message_id, move_originator);
         let peer = |e: ConnError| StreamError::Peer(ScuError::Conn(e));
-        self.conn
-            .send_command(context_id, rq.encode())
-            .await
-            .map_err(peer)?;
+        self.conn.send_command(context_id, rq).await.map_err(peer)?;
         let mut held: Option<Vec<u8>> = None;
         while let Some(chunk) = chunks.recv().await {
             if let Some(prev) = held.replace(chunk) {
