@@ -99,9 +99,10 @@ pub fn consistency_proof(
 ) -> Result<serde_json::Value, AuditError> {
     let (ledger, _scratch) = open(cfg)?;
     let size = ledger.len()?;
-    if old > new || new > size {
+    if old == 0 || old > new || new > size {
         return Err(AuditError::NotFound(format!(
-            "need OLD <= NEW <= {size} (the ledger's size), got {old} and {new}"
+            "need 0 < OLD <= NEW <= {size} (the ledger's size), got {old} and {new} \
+             (RFC 9162 defines no proof from the empty tree)"
         )));
     }
     let proof = ledger.consistency_proof(old, new)?;
