@@ -446,3 +446,73 @@ fn pynetdicom_get_and_a_cancelled_move() {
         assert_eq!(p.dataset, latest[&p.sop_instance_uid].1);
     }
 }
+
+#[test]
+fn c_get_converts_between_uncompressed_syntaxes_only_when_it_must() {
+    // The find corpus's series 5 is Explicit VR Big Endian; getscu offers its storage contexts
+    // with little endian first, so the node converts, says so, and the values survive.
+    let node = Node::start();
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("python3")
+        .arg(support_file("make_find_corpus.py"))
+        .arg(dir.path().join("corpus"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let files = support::files_under(&dir.path().join("corpus"));
+    let latest = store(&node, &files);
+    let series: BTreeMap<_, _> = latest
+        .iter()
+        .filter(|(u, _)| u.starts_with("1.2.826.0.1.3680043.10.1474.99.3.5."))
+        .collect();
+    assert_eq!(series.len(), 4);
+    let got = dir.path().join("got");
+    std::fs::create_dir_all(&got).unwrap();
+    let out = Command::new("/usr/bin/getscu")
+        .args(["-aec", AE, "-S", "-od"])
+        .arg(&got)
+        .args([
+            "-k",
+            "QueryRetrieveLevel=SERIES",
+            "-k",
+            "StudyInstanceUID=1.2.826.0.1.3680043.10.1474.99.1.3",
+            "-k",
+            "SeriesInstanceUID=1.2.826.0.1.3680043.10.1474.99.2.5",
+        ])
+        .args(["127.0.0.1", &node.port.to_string()])
+        .output()
+        .unwrap();
+    support::assert_ok(&out, "getscu");
+    let received: Vec<_> = support::files_under(&got)
+        .iter()
+        .filter_map(|p| support::read_part10(p))
+        .collect();
+    assert_eq!(received.len(), 4);
+    let parse = |ts: &str, bytes: &[u8]| {
+        dicom_object::InMemDicomObject::read_dataset_with_ts(
+            bytes,
+            TransferSyntaxRegistry.get(ts).unwrap(),
+        )
+        .unwrap()
+    };
+    for p in received {
+        assert_ne!(p.transfer_syntax, "1.2.840.10008.1.2.2");
+        let back = parse(&p.transfer_syntax, &p.dataset);
+        let orig = parse("1.2.840.10008.1.2.2", &latest[&p.sop_instance_uid].1);
+        for tag in [
+            tags::PIXEL_DATA,
+            tags::PATIENT_NAME,
+            tags::ROWS,
+            tags::REQUEST_ATTRIBUTES_SEQUENCE,
+        ] {
+            assert_eq!(
+                back.element(tag).unwrap().value(),
+                orig.element(tag).unwrap().value(),
+                "{tag}"
+            );
+        }
+    }
+    assert!(node
+        .log()
+        .contains("instance converted for the destination"));
+}
