@@ -6,7 +6,7 @@
 //!    checkpoints are consistent with one another and with the chain.
 //! 3. Checks every metadata record against its instance key and its entry.
 //! 4. Unless `--ledger-only`: streams every pixel object through SHA-256 and compares it with its
-//!    entry, and lists objects that no entry names (fs backend).
+//!    entry, and lists objects that no entry names (both backends; S3 staging leftovers included).
 //!
 //! Exit status: 0 when everything is intact, 1 when damage was found, 2 when it could not run.
 
@@ -277,14 +277,17 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
             }
         }
         progress.end();
-        if let Store::Fs(fs) = &store {
-            for name in fs.list().await? {
-                if !named.contains(&name) {
-                    problems.push(Problem {
-                        subject: format!("object {name}"),
-                        what: "no ledger entry names this object (orphan)".into(),
-                    });
-                }
+        for name in store.list().await? {
+            if !named.contains(&name) {
+                problems.push(Problem {
+                    subject: format!("object {name}"),
+                    what: if name.starts_with("staging/") {
+                        "leftover of an interrupted S3 upload (garbage, never a stored instance)"
+                            .into()
+                    } else {
+                        "no ledger entry names this object (orphan)".into()
+                    },
+                });
             }
         }
     }

@@ -49,7 +49,7 @@ fn s3_objects_carry_no_patient_identifiers() {
     let names = server.object_names();
     assert_eq!(names.len(), 4);
     assert_no_identifiers(server.root(), &[b"QUIXOTE", b"ALONSO", b"PID-99-ZZ"]);
-    // verify reads every object back over S3 (the orphan scan covers the fs backend only).
+    // verify reads every object back over S3 and lists the bucket for orphans.
     let verify = |node: &Node| {
         let out = node.command().arg("verify").output().unwrap();
         (
@@ -60,6 +60,23 @@ fn s3_objects_carry_no_patient_identifiers() {
     let (code, text) = verify(&node);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("4 pixel objects"), "{text}");
+    // An object no entry names, and the leftover of an interrupted upload, are both reported
+    // (found by listing over S3, not by looking at the server's directory).
+    let bucket = server.root().join(&server.bucket);
+    std::fs::write(bucket.join("0123456789abcdef"), b"stray").unwrap();
+    std::fs::create_dir_all(bucket.join("staging")).unwrap();
+    std::fs::write(bucket.join("staging").join("feedface"), b"part").unwrap();
+    let (code, text) = verify(&node);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("object 0123456789abcdef") && text.contains("orphan"),
+        "{text}"
+    );
+    assert!(
+        text.contains("object staging/feedface") && text.contains("interrupted S3 upload"),
+        "{text}"
+    );
+    assert_eq!(text.matches("DAMAGED").count(), 2, "{text}");
 }
 
 #[test]

@@ -98,6 +98,14 @@ impl Store {
     }
 
     /// Deletes an object; deleting a missing object is not an error.
+    /// Names of every object in the store (for the audit's orphan scan).
+    pub async fn list(&self) -> Result<Vec<String>, StoreError> {
+        match self {
+            Store::Fs(s) => s.list().await,
+            Store::S3(s) => s.list().await,
+        }
+    }
+
     pub async fn delete(&self, name: &str) -> Result<(), StoreError> {
         match self {
             Store::Fs(s) => s.delete(name).await,

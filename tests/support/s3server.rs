@@ -149,6 +149,69 @@ fn is_internal(file_name: &str) -> bool {
         || file_name.starts_with(".bucket-")
 }
 
+/// s3s-fs over the test root, with one fix: S3 (AWS, MinIO) treats an empty `delimiter=` as no
+/// delimiter, and the minio client sends one for every recursive listing; s3s-fs 0.14 groups
+/// keys on it instead (every key becomes a one-character common prefix). The wrapper drops an
+/// empty delimiter and forwards everything else unchanged.
+struct EmptyDelimiterIsNone(s3s_fs::FileSystem);
+
+macro_rules! forward {
+    ($($name:ident: $input:ident => $output:ident),* $(,)?) => {
+        $(
+            // What `#[async_trait]` makes of an `async fn` (it does not see into macros).
+            fn $name<'life0, 'async_trait>(
+                &'life0 self,
+                req: s3s::S3Request<s3s::dto::$input>,
+            ) -> std::pin::Pin<Box<dyn std::future::Future<Output = s3s::S3Result<s3s::S3Response<s3s::dto::$output>>> + Send + 'async_trait>>
+            where
+                'life0: 'async_trait,
+                Self: 'async_trait,
+            {
+                self.0.$name(req)
+            }
+        )*
+    };
+}
+
+#[async_trait::async_trait]
+impl s3s::S3 for EmptyDelimiterIsNone {
+    forward! {
+        create_bucket: CreateBucketInput => CreateBucketOutput,
+        copy_object: CopyObjectInput => CopyObjectOutput,
+        delete_bucket: DeleteBucketInput => DeleteBucketOutput,
+        delete_object: DeleteObjectInput => DeleteObjectOutput,
+        delete_objects: DeleteObjectsInput => DeleteObjectsOutput,
+        get_bucket_location: GetBucketLocationInput => GetBucketLocationOutput,
+        get_object: GetObjectInput => GetObjectOutput,
+        head_bucket: HeadBucketInput => HeadBucketOutput,
+        head_object: HeadObjectInput => HeadObjectOutput,
+        list_buckets: ListBucketsInput => ListBucketsOutput,
+        put_object: PutObjectInput => PutObjectOutput,
+        create_multipart_upload: CreateMultipartUploadInput => CreateMultipartUploadOutput,
+        upload_part: UploadPartInput => UploadPartOutput,
+        upload_part_copy: UploadPartCopyInput => UploadPartCopyOutput,
+        list_parts: ListPartsInput => ListPartsOutput,
+        complete_multipart_upload: CompleteMultipartUploadInput => CompleteMultipartUploadOutput,
+        abort_multipart_upload: AbortMultipartUploadInput => AbortMultipartUploadOutput,
+    }
+
+    async fn list_objects(
+        &self,
+        mut req: s3s::S3Request<s3s::dto::ListObjectsInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::ListObjectsOutput>> {
+        req.input.delimiter = req.input.delimiter.filter(|d| !d.is_empty());
+        self.0.list_objects(req).await
+    }
+
+    async fn list_objects_v2(
+        &self,
+        mut req: s3s::S3Request<s3s::dto::ListObjectsV2Input>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::ListObjectsV2Output>> {
+        req.input.delimiter = req.input.delimiter.filter(|d| !d.is_empty());
+        self.0.list_objects_v2(req).await
+    }
+}
+
 /// Spawns the server thread serving `listener`.
 fn serve(listener: StdTcpListener, root: PathBuf) -> Running {
     listener
@@ -176,7 +239,7 @@ async fn accept_loop(listener: StdTcpListener, root: PathBuf, mut shutdown: watc
     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
     let fs = s3s_fs::FileSystem::new(&root).expect("s3s-fs over the test root");
     let service = {
-        let mut builder = S3ServiceBuilder::new(fs);
+        let mut builder = S3ServiceBuilder::new(EmptyDelimiterIsNone(fs));
         builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
         builder.build()
     };
