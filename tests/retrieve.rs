@@ -198,6 +198,15 @@ fn c_move_returns_every_stored_instance_byte_for_byte() {
         "{}",
         text(&out)
     );
+    // So would a wild card in it.
+    for key in ["PatientID=*", "PatientID=PID?"] {
+        let out = movescu(&node, "-P", "PATIENT", &[key.to_string()], "STORESCP");
+        assert!(
+            text(&out).contains("DataSetDoesNotMatchSOPClass"),
+            "{key}: {}",
+            text(&out)
+        );
+    }
     assert!(scp.received().is_empty());
 }
 

@@ -183,6 +183,8 @@ struct Counts {
     failed: u16,
     warning: u16,
     failed_uids: Vec<String>,
+    /// Sub-operations done so far, uncapped (the counts above saturate at 65 535).
+    attempted: usize,
 }
 
 impl Counts {
@@ -200,6 +202,7 @@ impl Counts {
     fn fail(&mut self, uid: &str) {
         self.failed = self.failed.saturating_add(1);
         self.failed_uids.push(uid.to_string());
+        self.attempted += 1;
     }
 }
 
@@ -376,12 +379,31 @@ fn final_response(
             f.status
         }
         (None, true) => status::CANCEL,
+        // Every sub-operation failed: a failure, not a warning (PS3.4 C.4.2.1.5).
+        (None, false) if counts.failed > 0 && counts.completed == 0 && counts.warning == 0 => {
+            b = b.text(
+                tag::ERROR_COMMENT,
+                "no sub-operation succeeded",
+                status::ERROR_COMMENT_MAX,
+            );
+            status::UNABLE_TO_PERFORM_SUBOPERATIONS
+        }
         (None, false) if counts.failed > 0 || counts.warning > 0 => status::SUBOPERATIONS_FAILED,
         (None, false) => status::SUCCESS,
     };
     b = counts.put(b.u16(tag::STATUS, code), cancelled);
     let data = (!counts.failed_uids.is_empty() && code != status::SUCCESS).then(|| {
-        let list = counts.failed_uids.join("\\");
+        // A UI value has a 2-byte length in explicit VR: list as many as fit.
+        let mut list = String::new();
+        for uid in &counts.failed_uids {
+            if list.len() + uid.len() + 1 > 0xFFF0 {
+                break;
+            }
+            if !list.is_empty() {
+                list.push('\\');
+            }
+            list.push_str(uid);
+        }
         let el = dataset::Element {
             tag: 0x0008_0058,
             vr: *b"UI",
@@ -578,20 +600,8 @@ pub async fn run_move(
         match instance {
             None => counts.fail(&uid),
             Some(Ready {
-                body:
-                    Body::Stream {
-                        mut chunks,
-                        verified,
-                    },
-                ..
-            }) if stream_context(&contexts, &uid, &services).is_none() => {
-                chunks.close();
-                drop(verified);
-                info!("sub-operation not performed: the destination did not accept the stored syntax of a streamed instance");
-                counts.fail(&uid)
-            }
-            Some(Ready {
                 sop_class_uid,
+                transfer_syntax,
                 body:
                     Body::Stream {
                         mut chunks,
@@ -599,7 +609,21 @@ pub async fn run_move(
                     },
                 ..
             }) => {
-                let ctx = stream_context(&contexts, &uid, &services).unwrap_or(0);
+                let Some(ctx) = stream_context(&contexts, &sop_class_uid, &transfer_syntax) else {
+                    chunks.close();
+                    drop(verified);
+                    info!("sub-operation not performed: the destination did not accept the stored syntax of a streamed instance");
+                    counts.fail(&uid);
+                    if out
+                        .send(pending(&req, field::C_MOVE_RSP, &counts))
+                        .await
+                        .is_err()
+                    {
+                        unreachable = true;
+                        break;
+                    }
+                    continue;
+                };
                 match assoc
                     .store_streamed(
                         ctx,
@@ -663,8 +687,7 @@ pub async fn run_move(
     // Whatever was not attempted (cancel, a dead destination) counts as failed.
     let cancelled = cancel.load(Ordering::Relaxed) && !unreachable;
     if !cancelled {
-        let attempted =
-            counts.completed as usize + counts.failed as usize + counts.warning as usize;
+        let attempted = counts.attempted;
         for uid in uids.iter().skip(attempted) {
             counts.fail(uid);
         }
@@ -741,16 +764,25 @@ fn take_whole(r: &mut Ready) -> Vec<u8> {
 
 /// The accepted context that carries a streamed instance: its SOP class in its stored syntax
 /// (a streamed instance is never converted: that would need it whole in memory).
-fn stream_context(contexts: &[(u8, String, String)], uid: &str, services: &Services) -> Option<u8> {
-    let entry = services.ledger.latest(uid).ok().flatten()?;
+fn stream_context(contexts: &[(u8, String, String)], sop_class: &str, syntax: &str) -> Option<u8> {
     contexts
         .iter()
-        .find(|c| c.1 == entry.sop_class_uid && c.2 == entry.transfer_syntax)
+        .find(|c| c.1 == sop_class && c.2 == syntax)
         .map(|c| c.0)
 }
 
 /// Waits for the requestor's C-STORE-RSP to message `id`.
 async fn store_response(replies: &mut mpsc::Receiver<Command>, id: u16) -> Result<u16, String> {
+    match tokio::time::timeout(SUBOP_TIMEOUT, wait_store_response(replies, id)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no C-STORE response within {SUBOP_TIMEOUT:?}")),
+    }
+}
+
+async fn wait_store_response(
+    replies: &mut mpsc::Receiver<Command>,
+    id: u16,
+) -> Result<u16, String> {
     loop {
         let Some(rsp) = replies.recv().await else {
             return Err("association closed".to_string());
@@ -824,9 +856,13 @@ async fn stream_to_requestor(
 
 fn tally(counts: &mut Counts, uid: &str, code: u16) {
     match code {
-        0x0000 => counts.completed = counts.completed.saturating_add(1),
+        0x0000 => {
+            counts.completed = counts.completed.saturating_add(1);
+            counts.attempted += 1;
+        }
         0x0001 | 0x0107 | 0x0116 | 0xB000..=0xBFFF => {
-            counts.warning = counts.warning.saturating_add(1)
+            counts.warning = counts.warning.saturating_add(1);
+            counts.attempted += 1;
         }
         _ => counts.fail(uid),
     }
@@ -875,6 +911,7 @@ pub async fn run_get(
             None => counts.fail(&uid),
             Some(Ready {
                 sop_class_uid,
+                transfer_syntax,
                 body:
                     Body::Stream {
                         mut chunks,
@@ -884,7 +921,7 @@ pub async fn run_get(
             }) => {
                 let id = message_id;
                 message_id = message_id.wrapping_add(1).max(1);
-                let Some(ctx) = stream_context(&contexts, &uid, &services) else {
+                let Some(ctx) = stream_context(&contexts, &sop_class_uid, &transfer_syntax) else {
                     chunks.close();
                     info!("sub-operation not performed: the requestor did not accept the stored syntax of a streamed instance");
                     counts.fail(&uid);
@@ -954,8 +991,7 @@ pub async fn run_get(
     }
     let cancelled = cancel.load(Ordering::Relaxed) && !gone;
     if !cancelled {
-        let attempted =
-            counts.completed as usize + counts.failed as usize + counts.warning as usize;
+        let attempted = counts.attempted;
         for uid in uids.iter().skip(attempted) {
             counts.fail(uid);
         }

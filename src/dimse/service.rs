@@ -157,6 +157,13 @@ struct Running {
     cancel: Arc<AtomicBool>,
 }
 
+impl Drop for Running {
+    /// However the association ends (release, abort, drain timeout), the operation stops.
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
 /// What woke the association loop.
 enum Next {
     Pdu(Result<Pdu, ConnError>),
@@ -351,8 +358,15 @@ impl Association {
                     return Ok(());
                 }
                 (Some(field::C_STORE_RSP), Some(c)) if r.replies.is_some() => {
+                    // Never block the loop on the task: a requestor flooding us with responses
+                    // it was not asked for is a protocol error.
                     if let Some(tx) = &r.replies {
-                        let _ = tx.send(c).await;
+                        if tx.try_send(c).is_err() {
+                            return Err(Abort(
+                                AbortRQServiceProviderReason::UnexpectedPdu,
+                                "C-STORE responses that were not asked for".into(),
+                            ));
+                        }
                     }
                     return Ok(());
                 }
@@ -822,7 +836,7 @@ impl Association {
                 let reply = Reply {
                     command_field: r.response_field,
                     message_id: r.message_id,
-                    sop_class_uid: r.sop_class_uid,
+                    sop_class_uid: r.sop_class_uid.clone(),
                     sop_instance_uid: String::new(),
                     failure: Failure::new(status::UNABLE_TO_PROCESS, "internal error"),
                 };
@@ -912,15 +926,22 @@ fn request_field(op: &Operation) -> u16 {
 /// value (PS3.4 C.4.2.2.1). A universal one would send the whole archive.
 fn retrieval_keys(q: &query::Query) -> Result<(), Failure> {
     let unique = query::unique_key(q.level);
-    match q.key(unique).map(|k| &k.matcher) {
-        Some(query::Matcher::Universal) | None => Err(Failure::new(
+    let single = match q.key(unique).map(|k| &k.matcher) {
+        Some(query::Matcher::Uids(list)) => !list.is_empty(),
+        // PatientID: single values (a list of them too), never wild cards.
+        Some(query::Matcher::Text(patterns)) => patterns.iter().all(|p| p.is_exact()),
+        _ => false,
+    };
+    if single {
+        Ok(())
+    } else {
+        Err(Failure::new(
             status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
             format!(
-                "identifier lacks a value for the unique key of the {} level",
+                "identifier lacks a single value for the unique key of the {} level",
                 q.level.name()
             ),
-        )),
-        Some(_) => Ok(()),
+        ))
     }
 }
 

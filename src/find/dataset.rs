@@ -335,9 +335,16 @@ pub fn write(elements: &[Element<'_>], enc: Encoding, out: &mut Vec<u8>) {
             }
             Value::Bytes(b) => {
                 let len = b.len() as u32;
+                // A value too long for its VR's 2-byte length (implicit-VR data allow it)
+                // goes out as UN, which has a 4-byte length.
+                let vr = if explicit && !has_long_length(&e.vr) && b.len() > 0xFFFF {
+                    *b"UN"
+                } else {
+                    e.vr
+                };
                 if explicit {
-                    out.extend_from_slice(&e.vr);
-                    if has_long_length(&e.vr) {
+                    out.extend_from_slice(&vr);
+                    if has_long_length(&vr) {
                         out.extend_from_slice(&[0, 0]);
                         out.extend_from_slice(&u32b(len));
                     } else {

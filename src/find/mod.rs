@@ -529,16 +529,15 @@ fn evaluate(
     let charset = dataset::find(&elements, SPECIFIC_CHARACTER_SET)
         .map(|e| Charset::from_value(e.bytes()))
         .unwrap_or(Charset::from_value(b""));
-    if q.level == Level::Patient {
-        let pid = dataset::find(&elements, PATIENT_ID)
+    let patient = (q.level == Level::Patient).then(|| {
+        dataset::find(&elements, PATIENT_ID)
             .map(|e| text(e.bytes()))
-            .unwrap_or_default();
-        if seen.contains(&pid) {
-            return Ok(None);
-        }
-        seen.insert(pid);
+            .unwrap_or_default()
+    });
+    if patient.as_ref().is_some_and(|pid| seen.contains(pid)) {
+        return Ok(None);
     }
-    let mut computed = Computed::new(ledger, c, &elements);
+    let mut computed = Computed::new(ledger, c, &elements, &charset);
     for key in q.matching_keys() {
         let ok = match &key.matcher {
             Matcher::DateTime { lo, hi, time_tag } => matches_date_time(
@@ -566,6 +565,10 @@ fn evaluate(
         if !ok {
             return Ok(None);
         }
+    }
+    // A patient is answered once, by the first of its instances that matches.
+    if let Some(pid) = patient {
+        seen.insert(pid);
     }
     // The response: every requested key, then level, Retrieve AE Title and character set.
     let mut out: Vec<Element<'static>> = Vec::new();
@@ -754,13 +757,19 @@ struct StudyStats {
 }
 
 impl<'l> Computed<'l> {
-    fn new(ledger: &'l Ledger, c: &Candidate, elements: &[Element<'_>]) -> Computed<'l> {
+    fn new(
+        ledger: &'l Ledger,
+        c: &Candidate,
+        elements: &[Element<'_>],
+        charset: &Charset,
+    ) -> Computed<'l> {
         Computed {
             ledger,
             study: c.study.clone(),
             series: c.series.clone(),
+            // As the index holds it (decoded with the data set's character set).
             patient_id: dataset::find(elements, PATIENT_ID)
-                .map(|e| text(e.bytes()))
+                .map(|e| index_value(e, charset))
                 .unwrap_or_default(),
             study_stats: None,
             patient_stats: None,

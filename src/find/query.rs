@@ -351,7 +351,11 @@ impl Query {
         }
         let mut keys = Vec::new();
         for e in elements {
-            if matches!(e.tag, SPECIFIC_CHARACTER_SET | QUERY_RETRIEVE_LEVEL) || e.tag >> 16 == 0 {
+            // Group lengths and command-group elements are not keys.
+            if matches!(e.tag, SPECIFIC_CHARACTER_SET | QUERY_RETRIEVE_LEVEL)
+                || e.tag >> 16 == 0
+                || e.tag & 0xFFFF == 0
+            {
                 continue;
             }
             keys.push(parse_key(e, &charset, 0)?);
@@ -365,7 +369,10 @@ impl Query {
     /// The keys that take part in matching at the query level.
     pub fn matching_keys(&self) -> impl Iterator<Item = &Key> {
         self.keys.iter().filter(|k| {
-            level_of(k.tag, self.model) <= self.level && k.matcher != Matcher::Universal
+            level_of(k.tag, self.model) <= self.level
+                && k.matcher != Matcher::Universal
+                // Return keys only: a value copied from an earlier response must not filter.
+                && !matches!(k.tag, RETRIEVE_AE_TITLE | INSTANCE_AVAILABILITY)
         })
     }
 
@@ -567,6 +574,9 @@ fn split_range(value: &str, kind: RangeKind) -> Option<(&str, &str)> {
 /// an open lower bound, and becomes all 9s for an open upper bound.
 pub fn normalize(v: &str, kind: RangeKind, upper: bool) -> Option<String> {
     let v = v.trim();
+    if !v.is_ascii() {
+        return None;
+    }
     let width = match kind {
         RangeKind::Date => 8,
         RangeKind::Time => 12,
@@ -804,6 +814,36 @@ mod tests {
             Some(&el(STUDY_DATE, b"20200101")),
             Some(&el(STUDY_TIME, b"210000"))
         ));
+    }
+
+    #[test]
+    fn non_ascii_dates_are_refused_not_a_panic() {
+        assert!(text_matcher(b"DT", "abc\u{FFFD}0000000000000").is_err());
+        assert_eq!(normalize("2020é", RangeKind::Date, false), None);
+    }
+
+    #[test]
+    fn return_only_keys_never_filter() {
+        let el = |tag, vr: &[u8; 2], v: &'static [u8]| Element {
+            tag,
+            vr: *vr,
+            value: Value::Bytes(v.into()),
+        };
+        let q = Query::parse(
+            &[
+                el(0x0008_0000, b"UL", &[4, 0, 0, 0]),
+                el(QUERY_RETRIEVE_LEVEL, b"CS", b"STUDY "),
+                el(RETRIEVE_AE_TITLE, b"AE", b"OTHERAE "),
+                el(INSTANCE_AVAILABILITY, b"CS", b"ONLINE"),
+                el(PATIENT_ID, b"LO", b"P1"),
+            ],
+            Model::StudyRoot,
+            MatchOptions::default(),
+        )
+        .unwrap();
+        let tags: Vec<u32> = q.matching_keys().map(|k| k.tag).collect();
+        assert_eq!(tags, vec![PATIENT_ID]);
+        assert!(q.key(0x0008_0000).is_none());
     }
 
     #[test]
