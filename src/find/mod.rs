@@ -16,7 +16,7 @@ pub mod dataset;
 pub mod query;
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use charset::Charset;
@@ -188,6 +188,7 @@ fn run_with(
 ) -> Result<usize, FindError> {
     let plan = plan(ledger, q)?;
     let mut seen: HashSet<String> = HashSet::new();
+    let mut cache = StatsCache::default();
     let mut matched = 0usize;
     let mut failure: Option<FindError> = None;
     let mut on_candidate = |c: Candidate| -> bool {
@@ -206,7 +207,7 @@ fn run_with(
                 return true;
             }
         }
-        match evaluate(ledger, q, opts, &c, &mut seen) {
+        match evaluate(ledger, q, opts, &c, &mut seen, &mut cache) {
             Ok(Some(elements)) => {
                 if let Some(id) = id {
                     seen.insert(id);
@@ -520,6 +521,7 @@ fn evaluate(
     opts: &FindOptions,
     c: &Candidate,
     seen: &mut HashSet<String>,
+    cache: &mut StatsCache,
 ) -> Result<Option<Vec<Element<'static>>>, FindError> {
     let Some(loaded) = load(ledger, &c.sop)? else {
         return Ok(None);
@@ -537,7 +539,7 @@ fn evaluate(
     if patient.as_ref().is_some_and(|pid| seen.contains(pid)) {
         return Ok(None);
     }
-    let mut computed = Computed::new(ledger, c, &elements, &charset);
+    let mut computed = Computed::new(ledger, c, &elements, &charset, cache);
     for key in q.matching_keys() {
         let ok = match &key.matcher {
             Matcher::DateTime { lo, hi, time_tag } => matches_date_time(
@@ -737,15 +739,22 @@ fn is_computed(tag: u32) -> bool {
 }
 
 /// The computed attributes of a candidate's patient, study and series, read from the index on
-/// first use.
-struct Computed<'l> {
+/// first use and kept for the rest of the query (an IMAGE-level query asking Number of Study
+/// Related Instances reads each study once, not once per instance).
+struct Computed<'l, 'c> {
     ledger: &'l Ledger,
     study: String,
     series: String,
     patient_id: String,
-    study_stats: Option<StudyStats>,
-    patient_stats: Option<(usize, usize, usize)>,
-    series_count: Option<usize>,
+    cache: &'c mut StatsCache,
+}
+
+/// Computed attributes read during one query.
+#[derive(Default)]
+struct StatsCache {
+    studies: HashMap<String, StudyStats>,
+    series: HashMap<(String, String), usize>,
+    patients: HashMap<String, (usize, usize, usize)>,
 }
 
 #[derive(Default)]
@@ -756,13 +765,14 @@ struct StudyStats {
     sop_classes: BTreeSet<String>,
 }
 
-impl<'l> Computed<'l> {
+impl<'l, 'c> Computed<'l, 'c> {
     fn new(
         ledger: &'l Ledger,
         c: &Candidate,
         elements: &[Element<'_>],
         charset: &Charset,
-    ) -> Computed<'l> {
+        cache: &'c mut StatsCache,
+    ) -> Computed<'l, 'c> {
         Computed {
             ledger,
             study: c.study.clone(),
@@ -771,9 +781,7 @@ impl<'l> Computed<'l> {
             patient_id: dataset::find(elements, PATIENT_ID)
                 .map(|e| index_value(e, charset))
                 .unwrap_or_default(),
-            study_stats: None,
-            patient_stats: None,
-            series_count: None,
+            cache,
         }
     }
 
@@ -806,10 +814,13 @@ impl<'l> Computed<'l> {
             | SOP_CLASSES_IN_STUDY
             | STUDY_RELATED_SERIES
             | STUDY_RELATED_INSTANCES => {
-                if self.study_stats.is_none() {
-                    self.study_stats = Some(Self::study(self.ledger, &self.study)?);
+                if !self.cache.studies.contains_key(&self.study) {
+                    let stats = Self::study(self.ledger, &self.study)?;
+                    self.cache.studies.insert(self.study.clone(), stats);
                 }
-                let s = self.study_stats.as_ref().expect("just set");
+                let Some(s) = self.cache.studies.get(&self.study) else {
+                    return Ok(None);
+                };
                 match tag {
                     MODALITIES_IN_STUDY => join(&s.modalities),
                     SOP_CLASSES_IN_STUDY => join(&s.sop_classes),
@@ -818,19 +829,25 @@ impl<'l> Computed<'l> {
                 }
             }
             SERIES_RELATED_INSTANCES => {
-                if self.series_count.is_none() {
+                let key = (self.study.clone(), self.series.clone());
+                if !self.cache.series.contains_key(&key) {
                     let prefix = format!("study\0{}\0{}\0", self.study, self.series).into_bytes();
                     let mut n = 0;
                     self.ledger.scan(&prefix, b"", |_, _| {
                         n += 1;
                         Step::Next
                     })?;
-                    self.series_count = Some(n);
+                    self.cache.series.insert(key.clone(), n);
                 }
-                self.series_count.unwrap_or(0).to_string()
+                self.cache
+                    .series
+                    .get(&key)
+                    .copied()
+                    .unwrap_or(0)
+                    .to_string()
             }
             PATIENT_RELATED_STUDIES | PATIENT_RELATED_SERIES | PATIENT_RELATED_INSTANCES => {
-                if self.patient_stats.is_none() {
+                if !self.cache.patients.contains_key(&self.patient_id) {
                     let mut prefix = find_key(PATIENT_ID, &self.patient_id);
                     prefix.push(0);
                     let (mut studies, mut series, mut n) = (HashSet::new(), HashSet::new(), 0);
@@ -843,9 +860,16 @@ impl<'l> Computed<'l> {
                         n += 1;
                         Step::Next
                     })?;
-                    self.patient_stats = Some((studies.len(), series.len(), n));
+                    self.cache
+                        .patients
+                        .insert(self.patient_id.clone(), (studies.len(), series.len(), n));
                 }
-                let (st, se, n) = self.patient_stats.unwrap_or_default();
+                let (st, se, n) = self
+                    .cache
+                    .patients
+                    .get(&self.patient_id)
+                    .copied()
+                    .unwrap_or_default();
                 match tag {
                     PATIENT_RELATED_STUDIES => st.to_string(),
                     PATIENT_RELATED_SERIES => se.to_string(),
