@@ -5,20 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::support::{self, Node, AE};
+use crate::support::{self, support_file, Node, AE};
 
 /// The C-FIND corpus: generated instances in three transfer syntaxes plus pydicom's character
 /// set files (ISO 2022 IR 87/13/149, UTF-8, GB18030, Latin-1/2, Greek, Cyrillic, Arabic, Hebrew).
 fn corpus(dir: &Path) -> Vec<PathBuf> {
-    let script = support_file("make_find_corpus.py");
-    let st = Command::new("python3")
-        .arg(script)
-        .arg(dir)
-        .status()
-        .expect("python3");
-    assert!(st.success(), "make_find_corpus.py failed");
-    let mut files = support::files_under(dir);
-    files.sort();
+    let mut files = support::make_find_corpus(dir);
     let charsets = support::pydicom_data()
         .expect("pydicom is installed")
         .join("charset_files");
@@ -40,12 +32,6 @@ fn corpus(dir: &Path) -> Vec<PathBuf> {
         files.push(charsets.join(format!("{name}.dcm")));
     }
     files
-}
-
-fn support_file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/support")
-        .join(name)
 }
 
 fn store_all(node: &Node, files: &[PathBuf]) {

@@ -9,7 +9,7 @@ use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
-use crate::support::{self, Node, Storescp, AE};
+use crate::support::{self, support_file, Node, Storescp, AE};
 
 /// (SOP Instance UID, Study Instance UID) of a data set as the node indexes it: the data set's,
 /// not the File Meta's.
@@ -59,6 +59,29 @@ fn movescu(node: &Node, model: &str, level: &str, keys: &[String], dest: &str) -
     c.args(["127.0.0.1", &node.port.to_string()])
         .output()
         .expect("run /usr/bin/movescu (apt-get install dcmtk)")
+}
+
+/// DCMTK getscu (Study Root) into `out_dir`: its output, and what it received.
+fn getscu(
+    node: &Node,
+    out_dir: &std::path::Path,
+    keys: &[String],
+) -> (Output, Vec<support::Part10>) {
+    std::fs::create_dir_all(out_dir).unwrap();
+    let mut c = Command::new("/usr/bin/getscu");
+    c.args(["-v", "-aec", AE, "-S", "-od"]).arg(out_dir);
+    for k in keys {
+        c.arg("-k").arg(k);
+    }
+    let out = c
+        .args(["127.0.0.1", &node.port.to_string()])
+        .output()
+        .expect("run /usr/bin/getscu (apt-get install dcmtk)");
+    let received = support::files_under(out_dir)
+        .iter()
+        .filter_map(|p| support::read_part10(p))
+        .collect();
+    (out, received)
 }
 
 fn text(out: &Output) -> String {
@@ -223,16 +246,14 @@ fn c_get_sends_over_the_requesting_association() {
         .filter(|(_, (s, _))| *s == study)
         .map(|(u, v)| (u.clone(), v.clone()))
         .collect();
-    let out_dir = dir.path().join("got");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let out = Command::new("/usr/bin/getscu")
-        .args(["-v", "-aec", AE, "-S", "-od"])
-        .arg(&out_dir)
-        .args(["-k", "QueryRetrieveLevel=STUDY", "-k"])
-        .arg(format!("StudyInstanceUID={study}"))
-        .args(["127.0.0.1", &node.port.to_string()])
-        .output()
-        .expect("run /usr/bin/getscu (apt-get install dcmtk)");
+    let (out, received) = getscu(
+        &node,
+        &dir.path().join("got"),
+        &[
+            "QueryRetrieveLevel=STUDY".into(),
+            format!("StudyInstanceUID={study}"),
+        ],
+    );
     assert!(
         text(&out).contains("Number of Completed Suboperations : 10"),
         "{}",
@@ -243,10 +264,6 @@ fn c_get_sends_over_the_requesting_association() {
         "{}",
         text(&out)
     );
-    let received: Vec<_> = support::files_under(&out_dir)
-        .iter()
-        .filter_map(|p| support::read_part10(p))
-        .collect();
     assert_identical(received, &expect, "C-GET");
 }
 
@@ -302,13 +319,7 @@ fn orthanc_stores_into_queries_and_moves_from_the_node() {
         ),
     );
     let dir = tempfile::tempdir().unwrap();
-    let status = Command::new("python3")
-        .arg(support_file("make_find_corpus.py"))
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let mut files = support::files_under(dir.path());
+    let mut files = support::make_find_corpus(dir.path());
     let data = support::pydicom_data().expect("pydicom is installed");
     files.push(data.join("test_files/CT_small.dcm"));
     files.push(data.join("test_files/MR_small.dcm"));
@@ -347,12 +358,6 @@ fn orthanc_stores_into_queries_and_moves_from_the_node() {
     assert!(report["identical"].as_u64().unwrap() as usize >= files.len() - 2);
 }
 
-fn support_file(name: &str) -> PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/support")
-        .join(name)
-}
-
 #[test]
 fn large_instances_stream_and_a_damaged_one_is_never_completed() {
     // A buffer bound of 1 KB makes every instance take the streaming path: sent while it is
@@ -384,21 +389,15 @@ fn large_instances_stream_and_a_damaged_one_is_never_completed() {
         text(&out)
     );
     assert_identical(scp.received(), &latest, "streamed C-MOVE");
-    let got = dir.path().join("got");
-    std::fs::create_dir_all(&got).unwrap();
-    let out = Command::new("/usr/bin/getscu")
-        .args(["-aec", AE, "-S", "-od"])
-        .arg(&got)
-        .args(["-k", "QueryRetrieveLevel=STUDY", "-k"])
-        .arg(format!("StudyInstanceUID={study}"))
-        .args(["127.0.0.1", &node.port.to_string()])
-        .output()
-        .unwrap();
+    let (out, received) = getscu(
+        &node,
+        &dir.path().join("got"),
+        &[
+            "QueryRetrieveLevel=STUDY".into(),
+            format!("StudyInstanceUID={study}"),
+        ],
+    );
     support::assert_ok(&out, "getscu");
-    let received: Vec<_> = support::files_under(&got)
-        .iter()
-        .filter_map(|p| support::read_part10(p))
-        .collect();
     assert_identical(received, &latest, "streamed C-GET");
 
     // One pixel object altered at its end: most of the instance has gone out before the check
@@ -462,40 +461,23 @@ fn c_get_converts_between_uncompressed_syntaxes_only_when_it_must() {
     // with little endian first, so the node converts, says so, and the values survive.
     let node = Node::start();
     let dir = tempfile::tempdir().unwrap();
-    let status = Command::new("python3")
-        .arg(support_file("make_find_corpus.py"))
-        .arg(dir.path().join("corpus"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let files = support::files_under(&dir.path().join("corpus"));
+    let files = support::make_find_corpus(&dir.path().join("corpus"));
     let latest = store(&node, &files);
     let series: BTreeMap<_, _> = latest
         .iter()
         .filter(|(u, _)| u.starts_with("1.2.826.0.1.3680043.10.1474.99.3.5."))
         .collect();
     assert_eq!(series.len(), 4);
-    let got = dir.path().join("got");
-    std::fs::create_dir_all(&got).unwrap();
-    let out = Command::new("/usr/bin/getscu")
-        .args(["-aec", AE, "-S", "-od"])
-        .arg(&got)
-        .args([
-            "-k",
-            "QueryRetrieveLevel=SERIES",
-            "-k",
-            "StudyInstanceUID=1.2.826.0.1.3680043.10.1474.99.1.3",
-            "-k",
-            "SeriesInstanceUID=1.2.826.0.1.3680043.10.1474.99.2.5",
-        ])
-        .args(["127.0.0.1", &node.port.to_string()])
-        .output()
-        .unwrap();
+    let (out, received) = getscu(
+        &node,
+        &dir.path().join("got"),
+        &[
+            "QueryRetrieveLevel=SERIES".into(),
+            "StudyInstanceUID=1.2.826.0.1.3680043.10.1474.99.1.3".into(),
+            "SeriesInstanceUID=1.2.826.0.1.3680043.10.1474.99.2.5".into(),
+        ],
+    );
     support::assert_ok(&out, "getscu");
-    let received: Vec<_> = support::files_under(&got)
-        .iter()
-        .filter_map(|p| support::read_part10(p))
-        .collect();
     assert_eq!(received.len(), 4);
     let parse = |ts: &str, bytes: &[u8]| {
         dicom_object::InMemDicomObject::read_dataset_with_ts(

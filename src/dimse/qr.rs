@@ -199,6 +199,18 @@ impl Counts {
             .u16(tag::WARNING_SUBOPERATIONS, self.warning)
     }
 
+    /// Ends a retrieval that was not cancelled: whatever was not attempted (a destination
+    /// that went away, a requestor that left) counts as failed.
+    fn close(&mut self, uids: &[String], cancelled: bool) {
+        if cancelled {
+            return;
+        }
+        for uid in uids.iter().skip(self.attempted) {
+            self.fail(uid);
+        }
+        self.remaining = 0;
+    }
+
     fn fail(&mut self, uid: &str) {
         self.failed = self.failed.saturating_add(1);
         self.failed_uids.push(uid.to_string());
@@ -684,15 +696,8 @@ pub async fn run_move(
             break;
         }
     }
-    // Whatever was not attempted (cancel, a dead destination) counts as failed.
     let cancelled = cancel.load(Ordering::Relaxed) && !unreachable;
-    if !cancelled {
-        let attempted = counts.attempted;
-        for uid in uids.iter().skip(attempted) {
-            counts.fail(uid);
-        }
-        counts.remaining = 0;
-    }
+    counts.close(&uids, cancelled);
     if let Some(s) = scu {
         s.release(Duration::from_secs(10)).await;
     }
@@ -990,13 +995,7 @@ pub async fn run_get(
         }
     }
     let cancelled = cancel.load(Ordering::Relaxed) && !gone;
-    if !cancelled {
-        let attempted = counts.attempted;
-        for uid in uids.iter().skip(attempted) {
-            counts.fail(uid);
-        }
-        counts.remaining = 0;
-    }
+    counts.close(&uids, cancelled);
     info!(
         completed = counts.completed,
         failed = counts.failed,

@@ -31,6 +31,23 @@ pub enum ScuError {
     Conn(#[from] ConnError),
 }
 
+/// The status of the C-STORE-RSP to `message_id`; anything else is a protocol error.
+fn store_status(rsp: &Command, message_id: u16) -> Result<u16, ScuError> {
+    let responds_to = rsp
+        .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, "id")
+        .ok()
+        .flatten();
+    if rsp.command_field().ok() != Some(field::C_STORE_RSP) || responds_to != Some(message_id) {
+        return Err(ScuError::Protocol(
+            "unexpected response to C-STORE-RQ".into(),
+        ));
+    }
+    rsp.u16(tag::STATUS, "Status")
+        .ok()
+        .flatten()
+        .ok_or_else(|| ScuError::Protocol("C-STORE-RSP without status".into()))
+}
+
 /// Why a streamed C-STORE did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -171,21 +188,7 @@ impl Scu {
             .send_message(context_id, rq, data, self.peer_max_pdu)
             .await?;
         let rsp = self.receive_command(timeout).await?;
-        if rsp.command_field().ok() != Some(field::C_STORE_RSP)
-            || rsp
-                .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, "id")
-                .ok()
-                .flatten()
-                != Some(message_id)
-        {
-            return Err(ScuError::Protocol(
-                "unexpected response to C-STORE-RQ".into(),
-            ));
-        }
-        rsp.u16(tag::STATUS, "Status")
-            .ok()
-            .flatten()
-            .ok_or_else(|| ScuError::Protocol("C-STORE-RSP without status".into()))
+        store_status(&rsp, message_id)
     }
 
     /// Sends one C-STORE-RQ whose data set arrives as chunks on `chunks` (a large instance
@@ -232,17 +235,7 @@ impl Scu {
             .receive_command(timeout)
             .await
             .map_err(StreamError::Peer)?;
-        if rsp.command_field().ok() != Some(field::C_STORE_RSP) {
-            return Err(StreamError::Peer(ScuError::Protocol(
-                "unexpected response to C-STORE-RQ".into(),
-            )));
-        }
-        rsp.u16(tag::STATUS, "Status")
-            .ok()
-            .flatten()
-            .ok_or_else(|| {
-                StreamError::Peer(ScuError::Protocol("C-STORE-RSP without status".into()))
-            })
+        store_status(&rsp, message_id).map_err(StreamError::Peer)
     }
 
     async fn receive_command(&mut self, timeout: Duration) -> Result<Command, ScuError> {

@@ -463,45 +463,29 @@ impl Association {
                     .encode();
                 self.send_command(context_id, rsp).await
             }
-            field::C_FIND_RQ if has_data => {
-                let failure = if pc.abstract_syntax != sop_class_uid {
-                    Some(Failure::new(
-                        status::SOP_CLASS_NOT_SUPPORTED,
-                        "SOP Class differs from the presentation context",
-                    ))
-                } else if query::Model::of_sop_class(&sop_class_uid).is_none() {
-                    Some(Failure::new(
-                        status::SOP_CLASS_NOT_SUPPORTED,
-                        "not a Query/Retrieve FIND SOP Class",
-                    ))
-                } else {
-                    None
-                };
-                self.state = match failure {
-                    Some(f) => State::Discard {
-                        context_id,
-                        reply: reply_failure(f),
+            field::C_FIND_RQ | field::C_MOVE_RQ | field::C_GET_RQ if has_data => {
+                let operation = match command_field {
+                    field::C_FIND_RQ => Operation::Find,
+                    field::C_MOVE_RQ => Operation::Move {
+                        destination: cmd.string(tag::MOVE_DESTINATION).unwrap_or_default(),
                     },
-                    None => State::Identifier(Box::new(IdentifierRequest {
-                        operation: Operation::Find,
-                        context_id,
-                        message_id,
-                        sop_class_uid,
-                        bytes: Vec::new(),
-                    })),
+                    _ => Operation::Get,
                 };
-                Ok(())
-            }
-            field::C_MOVE_RQ | field::C_GET_RQ if has_data => {
-                let is_move = command_field == field::C_MOVE_RQ;
-                let destination = cmd.string(tag::MOVE_DESTINATION).unwrap_or_default();
-                let class_ok = match qr::retrieve_model(&sop_class_uid) {
-                    Some(_) if is_move => [qr::PATIENT_ROOT_MOVE, qr::STUDY_ROOT_MOVE]
-                        .contains(&sop_class_uid.as_str()),
-                    Some(_) => {
-                        [qr::PATIENT_ROOT_GET, qr::STUDY_ROOT_GET].contains(&sop_class_uid.as_str())
-                    }
-                    None => false,
+                let (class_ok, not_ours) = match operation {
+                    Operation::Find => (
+                        query::Model::of_sop_class(&sop_class_uid).is_some(),
+                        "not a Query/Retrieve FIND SOP Class",
+                    ),
+                    Operation::Move { .. } => (
+                        [qr::PATIENT_ROOT_MOVE, qr::STUDY_ROOT_MOVE]
+                            .contains(&sop_class_uid.as_str()),
+                        "not a Query/Retrieve SOP Class for this operation",
+                    ),
+                    Operation::Get => (
+                        [qr::PATIENT_ROOT_GET, qr::STUDY_ROOT_GET]
+                            .contains(&sop_class_uid.as_str()),
+                        "not a Query/Retrieve SOP Class for this operation",
+                    ),
                 };
                 let failure = if pc.abstract_syntax != sop_class_uid {
                     Some(Failure::new(
@@ -509,11 +493,9 @@ impl Association {
                         "SOP Class differs from the presentation context",
                     ))
                 } else if !class_ok {
-                    Some(Failure::new(
-                        status::SOP_CLASS_NOT_SUPPORTED,
-                        "not a Query/Retrieve SOP Class for this operation",
-                    ))
-                } else if is_move && destination.is_empty() {
+                    Some(Failure::new(status::SOP_CLASS_NOT_SUPPORTED, not_ours))
+                } else if matches!(&operation, Operation::Move { destination } if destination.is_empty())
+                {
                     Some(Failure::new(
                         status::MOVE_DESTINATION_UNKNOWN,
                         "command lacks Move Destination",
@@ -527,11 +509,7 @@ impl Association {
                         reply: reply_failure(f),
                     },
                     None => State::Identifier(Box::new(IdentifierRequest {
-                        operation: if is_move {
-                            Operation::Move { destination }
-                        } else {
-                            Operation::Get
-                        },
+                        operation,
                         context_id,
                         message_id,
                         sop_class_uid,

@@ -441,6 +441,27 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// A file of the test support directory (scripts, query sets).
+pub fn support_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support")
+        .join(name)
+}
+
+/// Writes the small, varied C-FIND/C-MOVE corpus (tests/support/make_find_corpus.py) into
+/// `dir`; returns its files, sorted.
+pub fn make_find_corpus(dir: &Path) -> Vec<PathBuf> {
+    let st = Command::new("python3")
+        .arg(support_file("make_find_corpus.py"))
+        .arg(dir)
+        .status()
+        .expect("python3");
+    assert!(st.success(), "make_find_corpus.py failed");
+    let mut files = files_under(dir);
+    files.sort();
+    files
+}
+
 /// Generates a synthetic series with tests/support/make_series.py.
 pub fn make_series(
     out: &Path,
@@ -449,9 +470,8 @@ pub fn make_series(
     size: usize,
     extra: &[&str],
 ) -> Vec<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/make_series.py");
     let st = Command::new("python3")
-        .arg(script)
+        .arg(support_file("make_series.py"))
         .arg(out)
         .args(["--modality", modality, "--count", &count.to_string()])
         .args(["--rows", &size.to_string(), "--cols", &size.to_string()])
