@@ -164,6 +164,7 @@ fn load(rt: &tokio::runtime::Runtime, pipeline: &Pipeline, from: u64, to: u64, w
                     let mut incoming = p.begin("1.2.840.10008.1.2.1");
                     incoming.feed(&bytes).await.unwrap();
                     let ctx = StoreContext {
+                        called_ae: "DICOMCHAIN".into(),
                         calling_ae: "BENCH".into(),
                         sop_class_uid: CT.into(),
                         sop_instance_uid: sop,

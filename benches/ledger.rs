@@ -44,6 +44,7 @@ fn request(i: u64) -> StoreRequest {
             patient_id: format!("P{}", i / 10_000),
             ..Default::default()
         },
+        forward_to: vec![],
     }
 }
 

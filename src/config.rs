@@ -51,6 +51,77 @@ pub struct Config {
     /// Known application entities, by a local name: C-MOVE destinations, later access control.
     #[serde(default)]
     pub peers: BTreeMap<String, PeerConfig>,
+    /// `[[forward]]`: store-and-forward rules; every stored instance that matches a rule is
+    /// queued for its destination.
+    #[serde(default)]
+    pub forward: Vec<ForwardRule>,
+    #[serde(default)]
+    pub forwarding: ForwardingConfig,
+}
+
+/// `[[forward]]`: one routing rule. An empty condition list matches anything; a rule matches
+/// when every non-empty list contains the instance's value.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardRule {
+    /// The destination: a `[peers.NAME]` name.
+    pub destination: String,
+    /// Calling AE titles of the sending association (e.g. the modalities).
+    #[serde(default)]
+    pub calling_ae: Vec<String>,
+    /// Called AE titles the sender used (when several AE titles route to this node).
+    #[serde(default)]
+    pub called_ae: Vec<String>,
+    /// Modality (0008,0060) values, e.g. "CT", "MR" (compared ignoring case).
+    #[serde(default)]
+    pub modality: Vec<String>,
+    /// SOP Class UIDs.
+    #[serde(default)]
+    pub sop_class: Vec<String>,
+}
+
+/// `[forwarding]`: how queued instances are sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardingConfig {
+    /// Times an instance is offered to a destination that answers with a failure status (or
+    /// aborts on it) before it is given up; `dicomchain forward retry` re-queues given-up items.
+    /// A destination that cannot be reached at all is retried without limit.
+    #[serde(default = "default_forward_attempts")]
+    pub max_attempts: u32,
+    /// First wait before a retry, in milliseconds; doubled after each failure.
+    #[serde(default = "default_forward_retry_initial")]
+    pub retry_initial_ms: u64,
+    /// Longest wait between retries, in seconds.
+    #[serde(default = "default_forward_retry_max")]
+    pub retry_max_secs: u64,
+    /// Seconds an idle association to a destination stays open before it is released.
+    #[serde(default = "default_forward_idle")]
+    pub idle_release_secs: u64,
+}
+
+impl Default for ForwardingConfig {
+    fn default() -> Self {
+        ForwardingConfig {
+            max_attempts: default_forward_attempts(),
+            retry_initial_ms: default_forward_retry_initial(),
+            retry_max_secs: default_forward_retry_max(),
+            idle_release_secs: default_forward_idle(),
+        }
+    }
+}
+
+fn default_forward_attempts() -> u32 {
+    5
+}
+fn default_forward_retry_initial() -> u64 {
+    1000
+}
+fn default_forward_retry_max() -> u64 {
+    60
+}
+fn default_forward_idle() -> u64 {
+    5
 }
 
 /// `[node]`: the DICOM listener.
@@ -514,6 +585,39 @@ impl Config {
             if peer.host.is_empty() {
                 return Err(invalid(&format!("peers.{name}.host"), "must not be empty"));
             }
+            if name.contains('\0') || name.contains('*') {
+                return Err(invalid(
+                    &format!("peers.{name}"),
+                    "a peer name must not contain NUL or '*'",
+                ));
+            }
+        }
+        for (i, rule) in self.forward.iter().enumerate() {
+            if !self.peers.contains_key(&rule.destination) {
+                let known: Vec<&str> = self.peers.keys().map(String::as_str).collect();
+                return Err(invalid(
+                    &format!("forward[{i}].destination"),
+                    format!(
+                        "{:?} is not a [peers.NAME] name (known: {})",
+                        rule.destination,
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            }
+        }
+        let f = &self.forwarding;
+        if f.max_attempts == 0 {
+            return Err(invalid("forwarding.max_attempts", "must be at least 1"));
+        }
+        if f.retry_initial_ms == 0 || f.retry_max_secs == 0 {
+            return Err(invalid(
+                "forwarding.retry_initial_ms",
+                "retry_initial_ms and retry_max_secs must be positive",
+            ));
         }
         Ok(())
     }
@@ -569,6 +673,17 @@ impl Config {
             out += &format!(
                 "\n[peers.{name}]\nae_title = {:?}\nhost = {:?}\nport = {}\n",
                 p.ae_title, p.host, p.port
+            );
+        }
+        let f = &self.forwarding;
+        out += &format!(
+            "\n[forwarding]\nmax_attempts = {}\nretry_initial_ms = {}\nretry_max_secs = {}\nidle_release_secs = {}\n",
+            f.max_attempts, f.retry_initial_ms, f.retry_max_secs, f.idle_release_secs
+        );
+        for r in &self.forward {
+            out += &format!(
+                "\n[[forward]]\ndestination = {:?}\ncalling_ae = {:?}\ncalled_ae = {:?}\nmodality = {:?}\nsop_class = {:?}\n",
+                r.destination, r.calling_ae, r.called_ae, r.modality, r.sop_class
             );
         }
         out

@@ -46,6 +46,8 @@ pub enum IngestError {
 #[derive(Debug, Clone)]
 pub struct StoreContext {
     pub calling_ae: String,
+    /// The AE title the sender called us by (for forward rules).
+    pub called_ae: String,
     pub sop_class_uid: String,
     pub sop_instance_uid: String,
 }
@@ -66,6 +68,7 @@ pub struct Pipeline {
     store: Store,
     store_timeout: Duration,
     max_metadata: usize,
+    router: std::sync::Arc<crate::forward::Router>,
 }
 
 impl Pipeline {
@@ -82,7 +85,14 @@ impl Pipeline {
             store,
             store_timeout,
             max_metadata,
+            router: Default::default(),
         }
+    }
+
+    /// Queues every stored instance that matches a rule of `router` for forwarding.
+    pub fn with_router(mut self, router: crate::forward::Router) -> Pipeline {
+        self.router = std::sync::Arc::new(router);
+        self
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -289,6 +299,12 @@ impl Incoming {
             None => None,
         };
         let dataset_length = record.dataset_length;
+        let forward_to = self.pipeline.router.destinations(&crate::forward::Route {
+            calling_ae: &ctx.calling_ae,
+            called_ae: &ctx.called_ae,
+            modality: &attrs.modality,
+            sop_class_uid: &attrs.sop_class_uid,
+        });
         let req = StoreRequest {
             calling_ae: ctx.calling_ae.clone(),
             instance_key: key,
@@ -296,6 +312,7 @@ impl Incoming {
             record: encoded,
             object_name,
             attrs: attrs.clone(),
+            forward_to,
         };
         // The encoded copy travels on; the metadata need not stay in memory twice meanwhile.
         drop(record);

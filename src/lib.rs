@@ -18,13 +18,15 @@
 //! instance. Retrieval is the mirror image: [`retrieve`] rebuilds a data set from the ledger's metadata
 //! record and the store's pixel object, checking every digest. [`instance`] defines the metadata
 //! record and the instance key that ties the halves together; [`config`] the configuration;
-//! [`node`] starts and stops it all.
+//! [`node`] starts and stops it all. [`forward`] passes stored instances on to other
+//! destinations (store-and-forward), from a queue kept on the ledger.
 
 pub mod audit;
 pub mod config;
 pub mod dimse;
 pub mod export;
 pub mod find;
+pub mod forward;
 pub mod ingest;
 pub mod instance;
 pub mod ledger;

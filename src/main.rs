@@ -66,6 +66,27 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Store-and-forward: the queue of each destination, and re-queueing of given-up items.
+    Forward {
+        #[command(subcommand)]
+        action: ForwardAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ForwardAction {
+    /// Queue depth, oldest pending item, given-up items and last error per destination.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-queue the items given up (of one destination, or all); applied by the running node.
+    Retry {
+        /// A `[peers.NAME]` name; default: every destination.
+        #[arg(long)]
+        destination: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -84,6 +105,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => serve(cfg),
+        Command::Forward { action } => run_forward(cfg, action),
         Command::Verify {
             ledger_only,
             verifier_key,
@@ -166,6 +188,48 @@ fn run_verify(cfg: Config, ledger_only: bool, verifier_key: Option<String>) -> E
         Err(e) => {
             eprintln!("dicomchain: verify could not run: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn run_forward(cfg: Config, action: ForwardAction) -> ExitCode {
+    use dicomchain::forward;
+    match action {
+        ForwardAction::Status { json } => match forward::status(&cfg) {
+            Ok(list) => {
+                if json {
+                    match serde_json::to_string_pretty(&list) {
+                        Ok(t) => println!("{t}"),
+                        Err(e) => {
+                            eprintln!("dicomchain: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                } else {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_micros() as i64)
+                        .unwrap_or(0);
+                    print!("{}", forward::render_status(&list, now));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dicomchain: forward status: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        ForwardAction::Retry { destination } => {
+            match forward::retry(&cfg, destination.as_deref()) {
+                Ok(n) => {
+                    println!("re-queued {n} given-up item(s)");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dicomchain: forward retry: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

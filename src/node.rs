@@ -74,6 +74,7 @@ pub async fn run(
         event_spool: cfg.ledger.event_spool.clone(),
         stream_above: cfg.node.max_retrieve_buffer_bytes,
     };
+    let forwarder = crate::forward::worker::Forwarder::start(services.clone(), &cfg)?;
     let ctx = Arc::new(NodeContext {
         services,
         pipeline: Pipeline::new(
@@ -81,7 +82,8 @@ pub async fn run(
             store,
             cfg.store.timeout(),
             cfg.node.max_metadata_bytes,
-        ),
+        )
+        .with_router(crate::forward::Router::new(&cfg.forward)),
         policy: Policy {
             ae_title: cfg.node.ae_title.clone(),
             check_called_ae: cfg.node.check_called_ae,
@@ -91,6 +93,8 @@ pub async fn run(
     });
     info!(ae_title = %cfg.node.ae_title, listen = %local, "listening");
     crate::dimse::listener::run(listener, ctx, shutdown).await;
+    // What is not recorded as delivered stays queued for the next start.
+    forwarder.stop(std::time::Duration::from_secs(10)).await;
     ledger.close();
     info!("ledger closed; node stopped");
     Ok(())

@@ -32,7 +32,7 @@ use crate::store::Store;
 /// Instances rebuilt ahead of the one being sent.
 const PREFETCH: usize = 1;
 /// Longest wait for a C-STORE response from a destination.
-const SUBOP_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const SUBOP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Command Data Set Type for "a data set follows" (any value but 0x0101, PS3.7 §E.2).
 const DATA_SET_PRESENT: u16 = 0x0001;
 
@@ -219,17 +219,26 @@ impl Counts {
 }
 
 /// An instance rebuilt and checked against the ledger, ready to go.
-struct Ready {
-    uid: String,
-    sop_class_uid: String,
-    transfer_syntax: String,
-    body: Body,
+pub(crate) struct Ready {
+    pub(crate) uid: String,
+    pub(crate) sop_class_uid: String,
+    pub(crate) transfer_syntax: String,
+    pub(crate) body: Body,
+}
+
+/// Why an instance cannot be sent.
+#[derive(Debug)]
+pub(crate) enum PrepareError {
+    /// It fails its ledger check (recorded as a security event): never send it.
+    Integrity(String),
+    /// It cannot be rebuilt now (object store or ledger unavailable): may work later.
+    Unavailable(String),
 }
 
 /// Piece size of a streamed instance.
 const STREAM_CHUNK: usize = 1024 * 1024;
 
-enum Body {
+pub(crate) enum Body {
     /// Rebuilt and checked in memory.
     Whole(Vec<u8>),
     /// Being rebuilt: pieces arrive on `chunks`, the last one only after the check passed;
@@ -240,8 +249,8 @@ enum Body {
     },
 }
 
-/// Rebuilds one instance and checks it; `None` (and a logged, recorded failure) when it cannot
-/// be sent.
+/// Rebuilds the latest version of one instance and checks it; `None` (and a logged, recorded
+/// failure) when it cannot be sent.
 async fn prepare(services: &Services, uid: &str, detector: &str) -> Option<Ready> {
     let entry = match services.ledger.latest(uid) {
         Ok(Some(e)) => e,
@@ -251,19 +260,29 @@ async fn prepare(services: &Services, uid: &str, detector: &str) -> Option<Ready
             return None;
         }
     };
+    prepare_entry(services, entry, Some(uid), detector).await.ok()
+}
+
+/// Rebuilds the instance of one stored entry and checks it. A failed check is logged and
+/// recorded as a security event. `uid` is the SOP Instance UID to send it under (by default the
+/// one in its metadata record).
+pub(crate) async fn prepare_entry(
+    services: &Services,
+    entry: Entry,
+    uid: Option<&str>,
+    detector: &str,
+) -> Result<Ready, PrepareError> {
+    let record = match retrieve::load_record(&services.ledger, &entry) {
+        Ok(r) => r,
+        Err(e) => return Err(failed_check(services, &entry, &e, detector)),
+    };
     let (class, syntax) = (entry.sop_class_uid.clone(), entry.transfer_syntax.clone());
+    let uid = uid.map_or_else(|| record.sop_instance_uid.clone(), str::to_string);
     let ready = move |body| Ready {
-        uid: uid.to_string(),
+        uid,
         sop_class_uid: class,
         transfer_syntax: syntax,
         body,
-    };
-    let record = match retrieve::load_record(&services.ledger, &entry) {
-        Ok(r) => r,
-        Err(e) => {
-            failed_check(services, &entry, &e, detector);
-            return None;
-        }
     };
     if record.dataset_length > services.stream_above {
         let (tx, chunks) = mpsc::channel(2);
@@ -281,25 +300,29 @@ async fn prepare(services: &Services, uid: &str, detector: &str) -> Option<Ready
                 // The sender gave up on this instance (no context for it): not a failure of it.
                 Err(retrieve::RetrieveError::Io(e))
                     if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-                Err(e) => failed_check(&services, &entry, e, &detector),
+                Err(e) => {
+                    failed_check(&services, &entry, e, &detector);
+                }
                 Ok(()) => {}
             }
             let _ = done.send(result.map_err(|e| e.to_string()));
         });
-        return Some(ready(Body::Stream { chunks, verified }));
+        return Ok(ready(Body::Stream { chunks, verified }));
     }
     let mut bytes = Vec::with_capacity(record.dataset_length as usize);
     match retrieve::rebuild(&services.store, &entry, &record, &mut bytes).await {
-        Ok(()) => Some(ready(Body::Whole(bytes))),
-        Err(e) => {
-            failed_check(services, &entry, &e, detector);
-            None
-        }
+        Ok(()) => Ok(ready(Body::Whole(bytes))),
+        Err(e) => Err(failed_check(services, &entry, &e, detector)),
     }
 }
 
 /// Logs a rebuild failure; one that is an integrity failure becomes a security event.
-fn failed_check(services: &Services, entry: &Entry, e: &retrieve::RetrieveError, detector: &str) {
+fn failed_check(
+    services: &Services,
+    entry: &Entry,
+    e: &retrieve::RetrieveError,
+    detector: &str,
+) -> PrepareError {
     if let Some(reason) = e.integrity_reason() {
         warn!(seq = entry.seq, error = %e, "instance fails its ledger check; not sent");
         let ev = SpooledEvent {
@@ -310,8 +333,10 @@ fn failed_check(services: &Services, entry: &Entry, e: &retrieve::RetrieveError,
         if let Err(e) = ev.write(&services.event_spool) {
             warn!(error = %e, "cannot record the security event");
         }
+        PrepareError::Integrity(reason.describe().to_string())
     } else {
         warn!(seq = entry.seq, error = %e, "instance cannot be rebuilt");
+        PrepareError::Unavailable(e.to_string())
     }
 }
 
@@ -356,6 +381,31 @@ fn choose_context(
         }
     }
     None
+}
+
+/// The presentation contexts to propose for instances of these (SOP class, stored syntax) pairs:
+/// per pair, one context offering only the stored syntax, so that an acceptor which takes it
+/// cannot pick another, and for uncompressed data one offering the other uncompressed syntaxes
+/// as a fallback (converted on the way). At most 128 (the PS3.8 limit).
+pub(crate) fn proposals(pairs: &[(String, String)]) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for (class, ts) in pairs {
+        out.push((class.clone(), vec![ts.clone()]));
+    }
+    for (class, ts) in pairs {
+        if NATIVE.contains(&ts.as_str()) {
+            let others: Vec<String> = NATIVE
+                .iter()
+                .filter(|n| **n != ts)
+                .map(|n| n.to_string())
+                .collect();
+            if !out.iter().any(|(c, t)| c == class && *t == others) {
+                out.push((class.clone(), others));
+            }
+        }
+    }
+    out.truncate(128);
+    out
 }
 
 /// Re-encodes a data set between uncompressed transfer syntaxes.
@@ -519,9 +569,6 @@ pub async fn run_move(
             .await;
         return;
     }
-    // Per (SOP class, stored syntax): a context offering only the stored syntax, so that an
-    // acceptor which takes it cannot pick another, and for uncompressed data one offering the
-    // other uncompressed syntaxes as a fallback (converted on the way).
     let mut pairs: Vec<(String, String)> = Vec::new();
     for uid in &uids {
         if let Ok(Some(e)) = services.ledger.latest(uid) {
@@ -531,22 +578,7 @@ pub async fn run_move(
             }
         }
     }
-    let mut proposals: Vec<(String, Vec<String>)> = Vec::new();
-    for (class, ts) in &pairs {
-        proposals.push((class.clone(), vec![ts.clone()]));
-    }
-    for (class, ts) in &pairs {
-        if NATIVE.contains(&ts.as_str()) {
-            let others: Vec<String> = NATIVE
-                .iter()
-                .filter(|n| **n != ts)
-                .map(|n| n.to_string())
-                .collect();
-            if !proposals.iter().any(|(c, t)| c == class && *t == others) {
-                proposals.push((class.clone(), others));
-            }
-        }
-    }
+    let proposals = proposals(&pairs);
     let connect = || {
         Scu::connect(
             &peer.host,
@@ -720,14 +752,14 @@ pub async fn run_move(
         .await;
 }
 
-enum SendError {
+pub(crate) enum SendError {
     NoContext(String),
     Peer(String),
 }
 
 /// Picks the context for one instance (converting between uncompressed syntaxes if needed) and
 /// sends it with `store`.
-async fn send_one<F, Fut, E>(
+pub(crate) async fn send_one<F, Fut, E>(
     r: &Ready,
     whole: Vec<u8>,
     contexts: &[(u8, String, String)],
@@ -760,7 +792,7 @@ where
         .map_err(|e| SendError::Peer(e.to_string()))
 }
 
-fn take_whole(r: &mut Ready) -> Vec<u8> {
+pub(crate) fn take_whole(r: &mut Ready) -> Vec<u8> {
     match std::mem::replace(&mut r.body, Body::Whole(Vec::new())) {
         Body::Whole(b) => b,
         Body::Stream { .. } => Vec::new(),
@@ -769,7 +801,7 @@ fn take_whole(r: &mut Ready) -> Vec<u8> {
 
 /// The accepted context that carries a streamed instance: its SOP class in its stored syntax
 /// (a streamed instance is never converted: that would need it whole in memory).
-fn stream_context(contexts: &[(u8, String, String)], sop_class: &str, syntax: &str) -> Option<u8> {
+pub(crate) fn stream_context(contexts: &[(u8, String, String)], sop_class: &str, syntax: &str) -> Option<u8> {
     contexts
         .iter()
         .find(|c| c.1 == sop_class && c.2 == syntax)
@@ -861,11 +893,11 @@ async fn stream_to_requestor(
 
 fn tally(counts: &mut Counts, uid: &str, code: u16) {
     match code {
-        0x0000 => {
+        status::SUCCESS => {
             counts.completed = counts.completed.saturating_add(1);
             counts.attempted += 1;
         }
-        0x0001 | 0x0107 | 0x0116 | 0xB000..=0xBFFF => {
+        c if status::store_kept(c) => {
             counts.warning = counts.warning.saturating_add(1);
             counts.attempted += 1;
         }

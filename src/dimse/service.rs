@@ -542,6 +542,7 @@ impl Association {
                     message_id,
                     context: StoreContext {
                         calling_ae: self.negotiated.calling_ae.clone(),
+                        called_ae: self.negotiated.called_ae.clone(),
                         sop_class_uid,
                         sop_instance_uid,
                     },

@@ -6,6 +6,9 @@ use crate::ingest::IngestError;
 pub const SUCCESS: u16 = 0x0000;
 /// PS3.7 §C.5.12: the SOP class in the command is not the one of the presentation context.
 pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+/// Failure: Processing failure (PS3.7 C.4) — used on the ledger when an instance never reached
+/// a forward destination.
+pub const PROCESSING_FAILURE: u16 = 0x0110;
 /// PS3.7 §C.5.14.
 pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
 /// PS3.4 §B.2.3: Refused: Out of Resources.
@@ -112,4 +115,10 @@ mod tests {
         assert_eq!(f.status, CANNOT_UNDERSTAND);
         assert!(f.comment.contains("SOP Class UID"));
     }
+}
+
+/// Whether a C-STORE-RSP status means the peer kept the instance: success or a warning
+/// (PS3.4 B.2.3: 0001, 0107, 0116, Bxxx).
+pub fn store_kept(code: u16) -> bool {
+    matches!(code, 0x0000 | 0x0001 | 0x0107 | 0x0116 | 0xB000..=0xBFFF)
 }

@@ -11,9 +11,17 @@
 //! str object_name (empty when the instance has no bulk data) · u32 version_of_instance ·
 //! u64 subject_seq · u8 reason
 //!
+//! Encoding v2 = v1 (with version byte 2) followed by `u16 status · str peer · str detail`. An
+//! entry is written as v2 only when one of those is set (a forward outcome), so every v1 entry
+//! re-encodes to its original bytes and the encoding stays canonical.
+//!
 //! For a stored instance, `subject_seq` and `reason` are 0. An integrity failure (event 2) names
 //! the entry whose instance failed a check in `subject_seq`, copies that entry's commitments, and
 //! says what failed in `reason` (see [`Reason`]); `calling_ae` then names who detected it.
+//! A forward outcome (event 3) names the stored entry whose instance was forwarded in
+//! `subject_seq` and copies its commitments; `calling_ae` is our AE title (the sender), `peer` the
+//! destination's AE title, `status` the destination's C-STORE status (or 0x0110 when the instance
+//! never reached it) and `detail` what went wrong, without patient data.
 
 use sha2::{Digest, Sha256};
 
@@ -21,6 +29,8 @@ use crate::instance::Digest32;
 
 const MAGIC: &[u8; 8] = b"DCLEDGER";
 const VERSION: u8 = 1;
+/// The encoding with the outcome fields (status, peer, detail).
+const VERSION_OUTCOME: u8 = 2;
 
 /// What an entry records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +39,8 @@ pub enum Event {
     Store = 1,
     /// A retrieval found an instance that no longer matches this ledger (a security event).
     IntegrityFailure = 2,
+    /// The final outcome of forwarding a stored instance to a destination (an audit event).
+    Forward = 3,
 }
 
 /// What an integrity failure found.
@@ -90,6 +102,12 @@ pub struct Entry {
     pub subject_seq: u64,
     /// For an integrity failure: what failed.
     pub reason: Reason,
+    /// For an outcome: the DIMSE status (0 otherwise).
+    pub status: u16,
+    /// For an outcome: the peer AE title (empty otherwise).
+    pub peer: String,
+    /// For an outcome: what went wrong, without patient data (empty otherwise).
+    pub detail: String,
 }
 
 /// An entry that could not be decoded.
@@ -100,8 +118,9 @@ pub struct EntryError(&'static str);
 impl Entry {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(320);
+        let outcome = self.has_outcome();
         out.extend_from_slice(MAGIC);
-        out.push(VERSION);
+        out.push(if outcome { VERSION_OUTCOME } else { VERSION });
         out.push(self.event as u8);
         out.extend_from_slice(&self.seq.to_be_bytes());
         out.extend_from_slice(&self.prev_hash);
@@ -118,7 +137,17 @@ impl Entry {
         out.extend_from_slice(&self.version.to_be_bytes());
         out.extend_from_slice(&self.subject_seq.to_be_bytes());
         out.push(self.reason as u8);
+        if outcome {
+            out.extend_from_slice(&self.status.to_be_bytes());
+            put_str(&mut out, &self.peer);
+            put_str(&mut out, &self.detail);
+        }
         out
+    }
+
+    /// Whether the entry needs the v2 encoding.
+    fn has_outcome(&self) -> bool {
+        self.status != 0 || !self.peer.is_empty() || !self.detail.is_empty()
     }
 
     /// The hash the next entry chains to.
@@ -131,15 +160,17 @@ impl Entry {
         if r.take(8)? != MAGIC {
             return Err(EntryError("bad magic"));
         }
-        if r.take(1)?[0] != VERSION {
+        let version = r.take(1)?[0];
+        if version != VERSION && version != VERSION_OUTCOME {
             return Err(EntryError("unknown entry version"));
         }
         let event = match r.take(1)?[0] {
             1 => Event::Store,
             2 => Event::IntegrityFailure,
+            3 => Event::Forward,
             _ => return Err(EntryError("unknown event")),
         };
-        let e = Entry {
+        let mut e = Entry {
             event,
             seq: r.u64()?,
             prev_hash: r.digest()?,
@@ -158,7 +189,21 @@ impl Entry {
             ),
             subject_seq: r.u64()?,
             reason: Reason::from_u8(r.take(1)?[0]).ok_or(EntryError("unknown reason"))?,
+            status: 0,
+            peer: String::new(),
+            detail: String::new(),
         };
+        if version == VERSION_OUTCOME {
+            e.status = u16::from_be_bytes(
+                r.take(2)?.try_into().map_err(|_| EntryError("truncated"))?,
+            );
+            e.peer = r.str()?;
+            e.detail = r.str()?;
+            if !e.has_outcome() {
+                // The same entry has a v1 encoding: two encodings of one entry are not allowed.
+                return Err(EntryError("v2 entry without outcome fields"));
+            }
+        }
         if r.pos != b.len() {
             return Err(EntryError("trailing bytes"));
         }
@@ -230,6 +275,9 @@ mod tests {
             version: 1,
             subject_seq: 0,
             reason: Reason::None,
+            status: 0,
+            peer: String::new(),
+            detail: String::new(),
         }
     }
 
@@ -245,5 +293,29 @@ mod tests {
         let mut g = e.clone();
         g.prev_hash[31] = 1;
         assert_ne!(e.hash(), g.hash());
+    }
+
+    #[test]
+    fn outcome_entries_use_v2_and_plain_entries_stay_v1() {
+        let plain = sample(1, [0; 32]).encode();
+        assert_eq!(plain[8], 1);
+        let mut f = sample(2, [9; 32]);
+        f.event = Event::Forward;
+        f.subject_seq = 1;
+        f.peer = "PACS".into();
+        f.status = 0xA700;
+        f.detail = "out of resources".into();
+        let enc = f.encode();
+        assert_eq!(enc[8], 2);
+        assert_eq!(Entry::decode(&enc).unwrap(), f);
+        assert!(Entry::decode(&enc[..enc.len() - 1]).is_err());
+        // A v2 encoding of an entry without outcome fields is not canonical.
+        let mut v2_plain = plain.clone();
+        v2_plain[8] = 2;
+        v2_plain.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        assert!(Entry::decode(&v2_plain).is_err());
+        let mut g = f.clone();
+        g.status = 0;
+        assert_ne!(f.hash(), g.hash());
     }
 }

@@ -16,6 +16,9 @@
 //!   over the entries (leaf i = entry with sequence number i + 1), see [`merkle`]. Written in the
 //!   same batch as the entries, so the tree always covers exactly the chain;
 //! - `checkpoints`: tree size u64 → signed checkpoint note (see [`checkpoint`]); all are kept.
+//! - `forward`: the store-and-forward queue (see [`forward`]): `q\0DEST\0seq` for each stored
+//!   entry waiting to be forwarded to destination DEST, written in the same batch as the entry;
+//!   `f\0DEST\0seq` → why, for those given up; `e\0DEST` → time and text of the last error.
 //!
 //! **One writer, group commits.** All writes go through a single committer thread: associations
 //! send requests over a channel and wait for a reply. The committer takes every request waiting,
@@ -26,6 +29,7 @@
 
 pub mod checkpoint;
 pub mod entry;
+pub mod forward;
 pub mod merkle;
 
 use std::collections::HashMap;
@@ -39,6 +43,7 @@ use rocksdb::{
 use tokio::sync::oneshot;
 
 pub use entry::{Entry, Event, Reason};
+pub use forward::{ForwardOutcome, ForwardSummary, ForwardUpdate};
 
 use crate::instance::{Digest32, IndexAttrs, MetadataRecord};
 
@@ -47,8 +52,11 @@ const CF_META: &str = "meta";
 const CF_INDEX: &str = "index";
 const CF_TREE: &str = "tree";
 const CF_CHECKPOINTS: &str = "checkpoints";
+const CF_FORWARD: &str = "forward";
 /// Longest an association waits for its ledger write.
 const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How often the committer reads the event spool.
+const SPOOL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most requests folded into one group commit.
 const MAX_GROUP: usize = 512;
 
@@ -84,6 +92,8 @@ pub struct StoreRequest {
     pub summary: RecordSummary,
     pub object_name: Option<String>,
     pub attrs: IndexAttrs,
+    /// Destinations (peer names) the new entry is queued for, in the same batch.
+    pub forward_to: Vec<String>,
 }
 
 /// The fields of a record the entry commits to (taken from the record, not re-parsed).
@@ -119,9 +129,21 @@ pub enum StoreOutcome {
     Duplicate { seq: u64 },
 }
 
-struct Job {
-    req: StoreRequest,
-    reply: oneshot::Sender<Result<StoreOutcome, LedgerError>>,
+enum Job {
+    Store {
+        req: StoreRequest,
+        reply: oneshot::Sender<Result<StoreOutcome, LedgerError>>,
+    },
+    Forward {
+        update: ForwardUpdate,
+        reply: oneshot::Sender<Result<u64, LedgerError>>,
+    },
+}
+
+/// What planning a job gave, before the group is written.
+enum Planned {
+    Store(Result<StoreOutcome, LedgerError>),
+    Forward(Result<u64, LedgerError>),
 }
 
 /// Signing of checkpoints by the node.
@@ -145,10 +167,12 @@ struct Inner {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
     secondary: bool,
+    /// Woken after a commit that queued something for forwarding.
+    forward_wakeup: Arc<tokio::sync::Notify>,
 }
 
 fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
-    [CF_ENTRIES, CF_META, CF_INDEX, CF_TREE, CF_CHECKPOINTS]
+    [CF_ENTRIES, CF_META, CF_INDEX, CF_TREE, CF_CHECKPOINTS, CF_FORWARD]
         .into_iter()
         .map(|name| {
             let mut o = Options::default();
@@ -202,10 +226,12 @@ impl Ledger {
         backfill_tree(&db, head.map(|h| h.0).unwrap_or(0))?;
         let last_checkpoint = check_last_checkpoint(&db, head.map(|h| h.0).unwrap_or(0))?;
         let (tx, rx) = mpsc::channel::<Job>();
+        let forward_wakeup = Arc::new(tokio::sync::Notify::new());
         let committer = {
             let db = db.clone();
             let committer = Committer {
                 db,
+                forward_wakeup: forward_wakeup.clone(),
                 head,
                 checkpointing,
                 spool,
@@ -224,6 +250,7 @@ impl Ledger {
                 tx: Mutex::new(Some(tx)),
                 committer: Mutex::new(Some(committer)),
                 secondary: false,
+                forward_wakeup,
             }),
         })
     }
@@ -244,8 +271,15 @@ impl Ledger {
         let mut o = db_options();
         o.create_if_missing(false);
         o.set_max_open_files(-1);
-        let db = DB::open_cf_descriptors_as_secondary(&o, path, scratch, cf_descriptors())
-            .map_err(open_err)?;
+        // Only the column families the primary has: a ledger written by an older version may
+        // lack newer ones until the node opens it.
+        let present = DB::list_cf(&o, path).map_err(open_err)?;
+        let cfs: Vec<ColumnFamilyDescriptor> = cf_descriptors()
+            .into_iter()
+            .filter(|d| present.iter().any(|p| p == d.name()))
+            .collect();
+        let db =
+            DB::open_cf_descriptors_as_secondary(&o, path, scratch, cfs).map_err(open_err)?;
         db.try_catch_up_with_primary().map_err(open_err)?;
         Ok(Ledger {
             inner: Arc::new(Inner {
@@ -254,6 +288,7 @@ impl Ledger {
                 tx: Mutex::new(None),
                 committer: Mutex::new(None),
                 secondary: true,
+                forward_wakeup: Arc::new(tokio::sync::Notify::new()),
             }),
         })
     }
@@ -268,19 +303,40 @@ impl Ledger {
             return Err(LedgerError::ReadOnly);
         }
         let (reply, rx) = oneshot::channel();
-        {
-            let tx = self.inner.tx.lock().map_err(|_| LedgerError::Closed)?;
-            tx.as_ref()
-                .ok_or(LedgerError::Closed)?
-                .send(Job { req, reply })
-                .map_err(|_| LedgerError::Closed)?;
-        }
+        self.submit(Job::Store { req, reply })?;
         // A stalled disk must not hold associations forever: they get A700 and may resend
         // (a resend of what did land is then recognised as a duplicate).
         match tokio::time::timeout(STORE_WAIT, rx).await {
             Ok(r) => r.map_err(|_| LedgerError::Closed)?,
             Err(_) => Err(LedgerError::Timeout(STORE_WAIT)),
         }
+    }
+
+    /// Records forwarding progress (see [`ForwardUpdate`]); returns once it is durable, with the
+    /// number of queue items it changed.
+    pub async fn forward(&self, update: ForwardUpdate) -> Result<u64, LedgerError> {
+        if self.inner.secondary {
+            return Err(LedgerError::ReadOnly);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::Forward { update, reply })?;
+        match tokio::time::timeout(STORE_WAIT, rx).await {
+            Ok(r) => r.map_err(|_| LedgerError::Closed)?,
+            Err(_) => Err(LedgerError::Timeout(STORE_WAIT)),
+        }
+    }
+
+    fn submit(&self, job: Job) -> Result<(), LedgerError> {
+        let tx = self.inner.tx.lock().map_err(|_| LedgerError::Closed)?;
+        tx.as_ref()
+            .ok_or(LedgerError::Closed)?
+            .send(job)
+            .map_err(|_| LedgerError::Closed)
+    }
+
+    /// Notified after every commit that put something on the forward queue.
+    pub fn forward_wakeup(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.forward_wakeup.clone()
     }
 
     /// Stops the committer after it has finished the requests already queued, and flushes.
@@ -895,6 +951,7 @@ fn now_micros() -> i64 {
 /// The single writer.
 struct Committer {
     db: Arc<DB>,
+    forward_wakeup: Arc<tokio::sync::Notify>,
     head: Option<(u64, Digest32)>,
     checkpointing: Option<Checkpointing>,
     /// Directory where other processes (export) leave security events for the ledger.
@@ -906,19 +963,26 @@ struct Committer {
 
 impl Committer {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
+        // The spool (security events, forward retry requests) is read about once a second, also
+        // while requests keep the committer busy.
         let tick = self
             .checkpointing
             .as_ref()
             .map(|c| c.interval)
-            .unwrap_or(std::time::Duration::from_secs(3600));
+            .unwrap_or(SPOOL_INTERVAL)
+            .min(SPOOL_INTERVAL);
         // Events left while the node was down, and a tree that grew meanwhile, are recorded now.
         self.drain_spool();
+        let mut last_drain = std::time::Instant::now();
         self.maybe_checkpoint(true);
         loop {
+            if last_drain.elapsed() >= SPOOL_INTERVAL {
+                self.drain_spool();
+                last_drain = std::time::Instant::now();
+            }
             let first = match rx.recv_timeout(tick) {
                 Ok(job) => job,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.drain_spool();
                     self.maybe_checkpoint(false);
                     continue;
                 }
@@ -933,7 +997,15 @@ impl Committer {
             }
             let results = self.commit_group(&jobs);
             for (job, result) in jobs.into_iter().zip(results) {
-                let _ = job.reply.send(result);
+                match (job, result) {
+                    (Job::Store { reply, .. }, Planned::Store(r)) => {
+                        let _ = reply.send(r);
+                    }
+                    (Job::Forward { reply, .. }, Planned::Forward(r)) => {
+                        let _ = reply.send(r);
+                    }
+                    _ => unreachable!("results follow their jobs"),
+                }
             }
             self.maybe_checkpoint(false);
         }
@@ -948,11 +1020,19 @@ impl Committer {
         let Ok(rd) = std::fs::read_dir(dir) else {
             return;
         };
-        let files: Vec<PathBuf> = rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "event"))
-            .collect();
+        let mut files: Vec<PathBuf> = Vec::new();
+        let mut retries: Vec<PathBuf> = Vec::new();
+        for p in rd.flatten().map(|e| e.path()) {
+            match p.extension().and_then(|x| x.to_str()) {
+                Some("event") => files.push(p),
+                Some(forward::RETRY_EXTENSION) => retries.push(p),
+                _ => {}
+            }
+        }
+        retries.sort();
+        for f in retries {
+            self.apply_retry_request(&f);
+        }
         if files.is_empty() {
             return;
         }
@@ -1004,6 +1084,40 @@ impl Committer {
         }
     }
 
+    /// Re-queues the failed forwards a `dicomchain forward retry` asked for, then deletes the
+    /// request (only once that is durable).
+    fn apply_retry_request(&mut self, file: &Path) {
+        let Some(destination) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|t| forward::parse_retry_request(&t))
+        else {
+            tracing::error!(file = %file.display(), "unreadable forward retry request; left in place");
+            return;
+        };
+        let mut group = match Group::new(&self.db, self.head) {
+            Ok(g) => g,
+            Err(e) => return tracing::error!(error = %e, "cannot re-queue forwards"),
+        };
+        let result = group
+            .forward(&ForwardUpdate::Retry { destination })
+            .and_then(|n| {
+                let mut wo = WriteOptions::default();
+                wo.set_sync(true);
+                self.db
+                    .write_opt(group.batch, &wo)
+                    .map_err(LedgerError::Write)
+                    .map(|()| n)
+            });
+        match result {
+            Ok(n) => {
+                tracing::info!(requeued = n, "failed forwards re-queued");
+                let _ = std::fs::remove_file(file);
+                self.forward_wakeup.notify_waiters();
+            }
+            Err(e) => tracing::error!(error = %e, "cannot re-queue forwards"),
+        }
+    }
+
     /// Signs and stores a checkpoint of the current tree if it grew since the last one and the
     /// interval has passed (or `now`). Only sizes already durable are signed, and the tree is
     /// append-only, so two checkpoints can never disagree — crashes included.
@@ -1047,29 +1161,39 @@ impl Committer {
     /// Writes a group as one synced batch. A request that cannot be planned (say, its previous
     /// version is unreadable) fails alone; if the write itself fails every planned request gets
     /// the error.
-    fn commit_group(&mut self, jobs: &[Job]) -> Vec<Result<StoreOutcome, LedgerError>> {
+    fn commit_group(&mut self, jobs: &[Job]) -> Vec<Planned> {
         let mut plan = match Group::new(&self.db, self.head) {
             Ok(g) => g,
             Err(e) => {
+                let err = || LedgerError::Corrupt(e.to_string());
                 return jobs
                     .iter()
-                    .map(|_| Err(LedgerError::Corrupt(e.to_string())))
-                    .collect()
+                    .map(|job| match job {
+                        Job::Store { .. } => Planned::Store(Err(err())),
+                        Job::Forward { .. } => Planned::Forward(Err(err())),
+                    })
+                    .collect();
             }
         };
-        let planned: Vec<Result<StoreOutcome, LedgerError>> =
-            jobs.iter().map(|job| plan.add(&job.req)).collect();
-        if !planned
+        let planned: Vec<Planned> = jobs
             .iter()
-            .any(|r| matches!(r, Ok(StoreOutcome::Stored { .. })))
-        {
+            .map(|job| match job {
+                Job::Store { req, .. } => Planned::Store(plan.add(req)),
+                Job::Forward { update, .. } => Planned::Forward(plan.forward(update)),
+            })
+            .collect();
+        if plan.batch.is_empty() {
             return planned;
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
+        let enqueued = plan.enqueued;
         match self.db.write_opt(plan.batch, &wo) {
             Ok(()) => {
                 self.head = plan.head;
+                if enqueued {
+                    self.forward_wakeup.notify_waiters();
+                }
                 planned
             }
             Err(e) => {
@@ -1080,7 +1204,12 @@ impl Committer {
                 planned
                     .into_iter()
                     .map(|r| match r {
-                        Ok(StoreOutcome::Stored { .. }) => Err(LedgerError::Write(e.clone())),
+                        Planned::Store(Ok(StoreOutcome::Stored { .. })) => {
+                            Planned::Store(Err(LedgerError::Write(e.clone())))
+                        }
+                        Planned::Forward(Ok(_)) => {
+                            Planned::Forward(Err(LedgerError::Write(e.clone())))
+                        }
                         other => other,
                     })
                     .collect()
@@ -1097,7 +1226,10 @@ struct Group<'a> {
     cf_meta: &'a rocksdb::ColumnFamily,
     cf_index: &'a rocksdb::ColumnFamily,
     cf_tree: &'a rocksdb::ColumnFamily,
+    cf_forward: &'a rocksdb::ColumnFamily,
     batch: WriteBatch,
+    /// Something was put on the forward queue.
+    enqueued: bool,
     head: Option<(u64, Digest32)>,
     /// Latest (seq, version, key, hierarchy keys) per SOP Instance planned in this group.
     pending: HashMap<String, (u64, u32, Digest32, Vec<Vec<u8>>)>,
@@ -1118,7 +1250,9 @@ impl<'a> Group<'a> {
             cf_meta: cf(CF_META)?,
             cf_index: cf(CF_INDEX)?,
             cf_tree: cf(CF_TREE)?,
+            cf_forward: cf(CF_FORWARD)?,
             batch: WriteBatch::default(),
+            enqueued: false,
             head,
             pending: HashMap::new(),
             new_nodes: HashMap::new(),
@@ -1169,6 +1303,9 @@ impl<'a> Group<'a> {
             subject_seq: subject.seq,
             reason,
             version: 0,
+            status: 0,
+            peer: String::new(),
+            detail: String::new(),
             ..subject.clone()
         };
         self.append(&entry)?;
@@ -1233,6 +1370,9 @@ impl<'a> Group<'a> {
             version,
             subject_seq: 0,
             reason: Reason::None,
+            status: 0,
+            peer: String::new(),
+            detail: String::new(),
         };
         self.append(&entry)?;
         // From here on nothing fails.
@@ -1265,6 +1405,11 @@ impl<'a> Group<'a> {
             .put_cf(self.cf_index, loc_key(uid), encode_keys(&keys));
         self.pending
             .insert(uid.to_string(), (seq, version, req.instance_key, keys));
+        for destination in &req.forward_to {
+            self.batch
+                .put_cf(self.cf_forward, forward::queue_key(destination, seq), []);
+            self.enqueued = true;
+        }
         Ok(StoreOutcome::Stored { seq, version })
     }
 }
@@ -1295,6 +1440,7 @@ mod tests {
                 patient_id: "P".into(),
                 ..Default::default()
             },
+            forward_to: vec![],
         }
     }
 
@@ -1529,4 +1675,99 @@ mod tests {
     }
 
     use sha2::{Digest, Sha256};
+    #[tokio::test(flavor = "multi_thread")]
+    async fn forward_queue_is_written_with_the_entry_and_settled_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        let ledger = Ledger::open_with(&dir.path().join("l"), None, Some(spool.clone())).unwrap();
+        let queued = |sop: &str, key: u8| {
+            let mut r = request(sop, "1.2", key);
+            r.forward_to = vec!["pacs".into(), "backup".into()];
+            r
+        };
+        assert_eq!(
+            ledger.store(queued("1.2.3", 1)).await.unwrap(),
+            StoreOutcome::Stored { seq: 1, version: 1 }
+        );
+        ledger.store(queued("1.2.4", 2)).await.unwrap();
+        // An identical re-send is a duplicate: stored once, forwarded once.
+        assert!(matches!(
+            ledger.store(queued("1.2.4", 2)).await.unwrap(),
+            StoreOutcome::Duplicate { .. }
+        ));
+        // A new version is queued as well.
+        ledger.store(queued("1.2.3", 3)).await.unwrap();
+        assert_eq!(ledger.forward_pending("pacs", 10).unwrap(), vec![1, 2, 3]);
+        assert_eq!(ledger.forward_pending("pacs", 2).unwrap(), vec![1, 2]);
+        assert_eq!(ledger.forward_pending("backup", 10).unwrap(), vec![1, 2, 3]);
+        assert!(ledger.forward_pending("pac", 10).unwrap().is_empty());
+
+        let outcomes = |v: Vec<(u64, bool, u16)>| ForwardUpdate::Outcomes {
+            destination: "pacs".into(),
+            peer_ae: "PACS_AE".into(),
+            sender_ae: "DICOMCHAIN".into(),
+            outcomes: v
+                .into_iter()
+                .map(|(seq, delivered, status)| ForwardOutcome {
+                    seq,
+                    delivered,
+                    status,
+                    detail: if delivered { String::new() } else { "refused".into() },
+                })
+                .collect(),
+        };
+        let n = ledger
+            .forward(outcomes(vec![(1, true, 0), (3, false, 0xA700), (1, true, 0)]))
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(ledger.forward_pending("pacs", 10).unwrap(), vec![2]);
+        assert_eq!(
+            ledger.forward_failed("pacs").unwrap(),
+            vec![(3, 0xA700, "refused".to_string())]
+        );
+        // Settled items are settled once: a late duplicate outcome changes nothing.
+        assert_eq!(ledger.forward(outcomes(vec![(1, true, 0)])).await.unwrap(), 0);
+        let (e5, e6) = (ledger.entry(4).unwrap().unwrap(), ledger.entry(5).unwrap().unwrap());
+        assert_eq!(ledger.len().unwrap(), 5);
+        assert_eq!((e5.event, e5.subject_seq, e5.status), (Event::Forward, 1, 0));
+        assert_eq!(e5.peer, "PACS_AE");
+        assert_eq!(e5.instance_key, ledger.entry(1).unwrap().unwrap().instance_key);
+        assert_eq!((e6.subject_seq, e6.status), (3, 0xA700));
+        assert_eq!(e6.prev_hash, e5.hash());
+
+        ledger
+            .forward(ForwardUpdate::DestinationError {
+                destination: "backup".into(),
+                error: "connection refused".into(),
+            })
+            .await
+            .unwrap();
+        let summary = ledger.forward_summary().unwrap();
+        assert_eq!(summary["pacs"].pending, 1);
+        assert_eq!(summary["pacs"].failed, 1);
+        assert_eq!(summary["pacs"].oldest_pending.map(|o| o.0), Some(2));
+        assert_eq!(summary["backup"].pending, 3);
+        assert_eq!(
+            summary["backup"].last_error.as_ref().map(|e| e.1.as_str()),
+            Some("connection refused")
+        );
+
+        // A retry request left in the spool (by `forward retry`) re-queues the given-up item.
+        crate::ledger::forward::write_retry_request(&spool, Some("pacs")).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ledger.forward_pending("pacs", 10).unwrap() != vec![2, 3] {
+            assert!(std::time::Instant::now() < deadline, "retry request not applied");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(ledger.forward_failed("pacs").unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+        ledger.close();
+        drop(ledger);
+        // The queue survives a restart.
+        let ledger = Ledger::open(&dir.path().join("l")).unwrap();
+        assert_eq!(ledger.forward_pending("pacs", 10).unwrap(), vec![2, 3]);
+        assert_eq!(ledger.forward_pending("backup", 10).unwrap(), vec![1, 2, 3]);
+    }
+
 }

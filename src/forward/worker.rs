@@ -1,0 +1,526 @@
+//! One task per forward destination: it reads the destination's queue from the ledger, keeps one
+//! association open while there is work, sends each queued instance rebuilt and checked against
+//! the ledger (as C-MOVE does: byte-exact when the destination accepts the stored syntax), and
+//! records each final outcome on the ledger.
+//!
+//! Delivery is at least once: an instance whose C-STORE succeeded but whose outcome was not yet
+//! durable when the node died is sent again after the restart (the destination sees the same
+//! SOP Instance again, which a PACS treats as a re-send).
+//!
+//! Retries: a destination that cannot be reached (connection refused, association rejected) is
+//! retried without limit, waiting `retry_initial_ms` doubling up to `retry_max_secs`; its error
+//! is kept for `forward status`. An instance the destination refuses (failure status, no
+//! accepted context, an abort while it was being sent) is retried with the same backoff up to
+//! `max_attempts` times, then given up (`forward retry` re-queues it). An instance that fails
+//! its ledger check is given up at once and never sent (a security event is recorded).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use super::Router;
+use crate::config::{Config, ForwardingConfig, PeerConfig};
+use crate::dimse::qr::{self, Body, PrepareError, Ready, SendError, Services, SUBOP_TIMEOUT};
+use crate::dimse::scu::{Scu, StreamError};
+use crate::dimse::status;
+use crate::ledger::{Entry, ForwardOutcome, ForwardUpdate, LedgerError};
+
+/// Most instances sent between two outcome commits.
+const BATCH: usize = 64;
+/// Most (SOP class, syntax) pairs one association proposes (two contexts each, 128 at most).
+const MAX_PAIRS: usize = 48;
+/// Queue items read at once to find the ones that are due.
+const SCAN: usize = 1024;
+/// A destination error is recorded on the ledger at most this often (unless it changes).
+const ERROR_RECORD_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The running forward workers.
+pub struct Forwarder {
+    stop: watch::Sender<bool>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Forwarder {
+    /// Starts a worker for every destination of a rule, and for every configured peer that
+    /// still has queued items although no rule names it any more.
+    pub fn start(services: Services, cfg: &Config) -> Result<Forwarder, LedgerError> {
+        let mut names = Router::new(&cfg.forward).all_destinations();
+        for (dest, q) in services.ledger.forward_summary()? {
+            if q.pending == 0 || names.contains(&dest) {
+                continue;
+            }
+            if cfg.peers.contains_key(&dest) {
+                names.push(dest);
+            } else {
+                warn!(destination = %dest, pending = q.pending, "forwards queued for a destination that is no longer a configured peer; they wait");
+            }
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let mut handles = Vec::new();
+        for name in names {
+            let Some(peer) = cfg.peers.get(&name).cloned() else {
+                continue;
+            };
+            info!(destination = %name, ae_title = %peer.ae_title, "forwarding to destination");
+            let w = Worker {
+                name,
+                peer,
+                services: services.clone(),
+                cfg: cfg.forwarding.clone(),
+                stop: stop_rx.clone(),
+                wakeup: services.ledger.forward_wakeup(),
+            };
+            handles.push(tokio::spawn(w.run()));
+        }
+        Ok(Forwarder { stop, handles })
+    }
+
+    /// Asks the workers to stop after the instance each is sending; aborts them after
+    /// `grace`. Nothing is lost either way: what was not recorded as delivered stays queued.
+    pub async fn stop(self, grace: Duration) {
+        let _ = self.stop.send(true);
+        for h in self.handles {
+            let abort = h.abort_handle();
+            if tokio::time::timeout(grace, h).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+/// Retry state of one queue item (in memory: a restart gives every item a fresh start).
+struct Attempts {
+    /// Refusals by the destination.
+    count: u32,
+    /// Times it could not be rebuilt (not counted against `max_attempts`).
+    later: u32,
+    not_before: Instant,
+}
+
+/// What happened to one instance of a batch.
+enum Sent {
+    Delivered(u16),
+    /// The destination refused it; counts as an attempt. `broken`: the association is gone.
+    Refused {
+        status: u16,
+        detail: String,
+        broken: bool,
+    },
+    /// Never to be sent (failed its ledger check). `broken`: the association was aborted.
+    GiveUp { detail: String, broken: bool },
+    /// Could not be rebuilt now; try again later without counting an attempt.
+    Later(String),
+}
+
+struct Worker {
+    name: String,
+    peer: PeerConfig,
+    services: Services,
+    cfg: ForwardingConfig,
+    stop: watch::Receiver<bool>,
+    wakeup: Arc<tokio::sync::Notify>,
+}
+
+/// An open association and the (SOP class, syntax) pairs it was opened for.
+struct Open {
+    scu: Scu,
+    pairs: Vec<(String, String)>,
+    last_used: Instant,
+}
+
+impl Worker {
+    fn backoff(&self, failures: u32) -> Duration {
+        let initial = Duration::from_millis(self.cfg.retry_initial_ms);
+        let max = Duration::from_secs(self.cfg.retry_max_secs);
+        initial
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+            .min(max)
+    }
+
+    async fn run(mut self) {
+        let mut open: Option<Open> = None;
+        let mut attempts: HashMap<u64, Attempts> = HashMap::new();
+        let mut dest_failures: u32 = 0;
+        let mut dest_not_before = Instant::now();
+        let mut last_recorded: Option<(String, Instant)> = None;
+        loop {
+            if *self.stop.borrow() {
+                break;
+            }
+            // Registered before the queue is read, so a commit in between is not missed.
+            let wakeup = self.wakeup.clone();
+            let notified = wakeup.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let pending = match self.services.ledger.forward_pending(&self.name, SCAN) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(destination = %self.name, error = %e, "cannot read the forward queue");
+                    self.sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if pending.len() < SCAN {
+                let live: HashSet<u64> = pending.iter().copied().collect();
+                attempts.retain(|seq, _| live.contains(seq));
+            }
+            let now = Instant::now();
+            let due: Vec<u64> = pending
+                .iter()
+                .copied()
+                .filter(|s| attempts.get(s).is_none_or(|a| a.not_before <= now))
+                .collect();
+            if due.is_empty() || dest_not_before > now {
+                let mut wait = Duration::from_secs(1);
+                if dest_not_before > now {
+                    wait = wait.min(dest_not_before - now);
+                }
+                if let Some(next) = attempts.values().map(|a| a.not_before).min() {
+                    wait = wait.min(next.saturating_duration_since(now));
+                }
+                if let Some(o) = &open {
+                    let idle = Duration::from_secs(self.cfg.idle_release_secs);
+                    if o.last_used.elapsed() >= idle {
+                        if let Some(o) = open.take() {
+                            o.scu.release(Duration::from_secs(10)).await;
+                        }
+                    } else {
+                        wait = wait.min(idle - o.last_used.elapsed());
+                    }
+                }
+                let mut stop = self.stop.clone();
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            // A batch of due entries whose (class, syntax) pairs fit one association.
+            let mut entries: Vec<Entry> = Vec::new();
+            let mut pairs: Vec<(String, String)> = Vec::new();
+            let mut outcomes: Vec<ForwardOutcome> = Vec::new();
+            for seq in due {
+                if entries.len() >= BATCH {
+                    break;
+                }
+                let entry = match self.services.ledger.entry(seq) {
+                    Ok(Some(e)) => e,
+                    Ok(None) => {
+                        outcomes.push(ForwardOutcome {
+                            seq,
+                            delivered: false,
+                            status: status::PROCESSING_FAILURE,
+                            detail: "the queued ledger entry is missing".into(),
+                        });
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(destination = %self.name, seq, error = %e, "cannot read a queued entry");
+                        break;
+                    }
+                };
+                let pair = (entry.sop_class_uid.clone(), entry.transfer_syntax.clone());
+                if !pairs.contains(&pair) {
+                    if pairs.len() >= MAX_PAIRS {
+                        continue;
+                    }
+                    pairs.push(pair);
+                }
+                entries.push(entry);
+            }
+            if !entries.is_empty() {
+                if open
+                    .as_ref()
+                    .is_some_and(|o| !pairs.iter().all(|p| o.pairs.contains(p)))
+                {
+                    if let Some(o) = open.take() {
+                        o.scu.release(Duration::from_secs(10)).await;
+                    }
+                }
+                if open.is_none() {
+                    match self.connect(&pairs).await {
+                        Ok(scu) => {
+                            dest_failures = 0;
+                            open = Some(Open {
+                                scu,
+                                pairs: pairs.clone(),
+                                last_used: Instant::now(),
+                            });
+                        }
+                        Err(e) => {
+                            dest_failures += 1;
+                            let wait = self.backoff(dest_failures);
+                            dest_not_before = Instant::now() + wait;
+                            warn!(destination = %self.name, error = %e, retry_in_ms = wait.as_millis() as u64, "forward destination unreachable; instances stay queued");
+                            self.record_error(e, &mut last_recorded).await;
+                            entries.clear();
+                        }
+                    }
+                }
+            }
+            if let Some(o) = open.as_mut() {
+                let results = self.send_batch(o, entries).await;
+                o.last_used = Instant::now();
+                let mut broken = false;
+                for (seq, sent) in results {
+                    match sent {
+                        Sent::Delivered(code) => outcomes.push(ForwardOutcome {
+                            seq,
+                            delivered: true,
+                            status: code,
+                            detail: String::new(),
+                        }),
+                        Sent::GiveUp { detail, broken: b } => {
+                            broken |= b;
+                            warn!(destination = %self.name, seq, detail = %detail, "forward given up");
+                            outcomes.push(ForwardOutcome {
+                                seq,
+                                delivered: false,
+                                status: status::PROCESSING_FAILURE,
+                                detail,
+                            })
+                        }
+                        Sent::Later(detail) => {
+                            let a = attempts.entry(seq).or_insert(Attempts {
+                                count: 0,
+                                later: 0,
+                                not_before: Instant::now(),
+                            });
+                            a.later += 1;
+                            a.not_before = Instant::now() + self.backoff(a.later);
+                            self.record_error(detail, &mut last_recorded).await;
+                        }
+                        Sent::Refused {
+                            status,
+                            detail,
+                            broken: b,
+                        } => {
+                            broken |= b;
+                            let a = attempts.entry(seq).or_insert(Attempts {
+                                count: 0,
+                                later: 0,
+                                not_before: Instant::now(),
+                            });
+                            a.count += 1;
+                            if a.count >= self.cfg.max_attempts {
+                                warn!(destination = %self.name, seq, status = format!("{status:04X}"), detail = %detail, "forward given up after {} attempts", a.count);
+                                attempts.remove(&seq);
+                                outcomes.push(ForwardOutcome {
+                                    seq,
+                                    delivered: false,
+                                    status,
+                                    detail,
+                                });
+                            } else {
+                                a.not_before = Instant::now() + self.backoff(a.count);
+                                info!(destination = %self.name, seq, status = format!("{status:04X}"), detail = %detail, attempt = a.count, "forward refused; will retry");
+                            }
+                        }
+                    }
+                }
+                if broken {
+                    if let Some(o) = open.take() {
+                        o.scu.abort().await;
+                    }
+                }
+            }
+            if !outcomes.is_empty() {
+                let n = outcomes.len();
+                let update = ForwardUpdate::Outcomes {
+                    destination: self.name.clone(),
+                    peer_ae: self.peer.ae_title.clone(),
+                    sender_ae: self.services.ae_title.clone(),
+                    outcomes,
+                };
+                match self.services.ledger.forward(update).await {
+                    Ok(_) => tracing::debug!(destination = %self.name, outcomes = n, "forward outcomes recorded"),
+                    Err(e) => {
+                        // The items stay queued and are sent again: at least once.
+                        warn!(destination = %self.name, error = %e, "cannot record forward outcomes");
+                        self.sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+        if let Some(o) = open.take() {
+            o.scu.release(Duration::from_secs(5)).await;
+        }
+        info!(destination = %self.name, "forward worker stopped");
+    }
+
+    async fn sleep(&mut self, d: Duration) {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = stop.changed() => {}
+        }
+    }
+
+    async fn connect(&self, pairs: &[(String, String)]) -> Result<Scu, String> {
+        let proposals = qr::proposals(pairs);
+        Scu::connect(
+            &self.peer.host,
+            self.peer.port,
+            &self.services.ae_title,
+            &self.peer.ae_title,
+            &proposals,
+            self.services.max_pdu_length,
+            SUBOP_TIMEOUT,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+
+    /// Keeps the destination's last error on the ledger for `forward status`, at most once a
+    /// minute unless it changed.
+    async fn record_error(&self, error: String, last: &mut Option<(String, Instant)>) {
+        if last
+            .as_ref()
+            .is_some_and(|(e, t)| *e == error && t.elapsed() < ERROR_RECORD_INTERVAL)
+        {
+            return;
+        }
+        let update = ForwardUpdate::DestinationError {
+            destination: self.name.clone(),
+            error: error.clone(),
+        };
+        if let Err(e) = self.services.ledger.forward(update).await {
+            warn!(destination = %self.name, error = %e, "cannot record the destination error");
+        }
+        *last = Some((error, Instant::now()));
+    }
+
+    /// Sends `entries` in order over `open`, rebuilding the next one while the current one
+    /// goes out. Stops at the first broken association (the rest stay queued).
+    async fn send_batch(&self, open: &mut Open, entries: Vec<Entry>) -> Vec<(u64, Sent)> {
+        let (tx, mut rx) = mpsc::channel(1);
+        let services = self.services.clone();
+        tokio::spawn(async move {
+            for entry in entries {
+                let seq = entry.seq;
+                let r = qr::prepare_entry(&services, entry, None, "forward").await;
+                if tx.send((seq, r)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let contexts: Vec<(u8, String, String)> = open
+            .scu
+            .contexts
+            .iter()
+            .map(|c| (c.id, c.abstract_syntax.clone(), c.transfer_syntax.clone()))
+            .collect();
+        let mut out = Vec::new();
+        while let Some((seq, prepared)) = rx.recv().await {
+            let sent = match prepared {
+                Err(PrepareError::Integrity(why)) => Sent::GiveUp {
+                    detail: format!("instance fails its ledger check: {why}"),
+                    broken: false,
+                },
+                Err(PrepareError::Unavailable(why)) => {
+                    Sent::Later(format!("cannot rebuild a queued instance: {why}"))
+                }
+                Ok(ready) => self.send_one(&mut open.scu, &contexts, ready).await,
+            };
+            let broken = matches!(
+                sent,
+                Sent::Refused { broken: true, .. } | Sent::GiveUp { broken: true, .. }
+            );
+            out.push((seq, sent));
+            if broken {
+                break;
+            }
+        }
+        out
+    }
+
+    async fn send_one(
+        &self,
+        scu: &mut Scu,
+        contexts: &[(u8, String, String)],
+        mut ready: Ready,
+    ) -> Sent {
+        let refused = |code: u16, detail: String, broken: bool| Sent::Refused {
+            status: code,
+            detail,
+            broken,
+        };
+        let answered = |code: u16| {
+            if status::store_kept(code) {
+                Sent::Delivered(code)
+            } else {
+                refused(
+                    code,
+                    format!("the destination answered status {code:04X}"),
+                    false,
+                )
+            }
+        };
+        match std::mem::replace(&mut ready.body, Body::Whole(Vec::new())) {
+            Body::Stream {
+                mut chunks,
+                verified,
+            } => {
+                let Some(ctx) =
+                    qr::stream_context(contexts, &ready.sop_class_uid, &ready.transfer_syntax)
+                else {
+                    return refused(
+                        status::SOP_CLASS_NOT_SUPPORTED,
+                        format!(
+                            "the destination accepted no context for SOP class {} in {}",
+                            ready.sop_class_uid, ready.transfer_syntax
+                        ),
+                        false,
+                    );
+                };
+                match scu
+                    .store_streamed(
+                        ctx,
+                        &ready.sop_class_uid,
+                        &ready.uid,
+                        &mut chunks,
+                        verified,
+                        None,
+                        SUBOP_TIMEOUT,
+                    )
+                    .await
+                {
+                    Ok(code) => answered(code),
+                    Err(StreamError::Check(why)) => Sent::GiveUp {
+                        detail: format!(
+                            "instance failed its ledger check while it was sent (association aborted): {why}"
+                        ),
+                        broken: true,
+                    },
+                    Err(StreamError::Peer(e)) => refused(
+                        status::PROCESSING_FAILURE,
+                        format!("association failed while sending: {e}"),
+                        true,
+                    ),
+                }
+            }
+            Body::Whole(whole) => {
+                let (class, uid) = (ready.sop_class_uid.clone(), ready.uid.clone());
+                match qr::send_one(&ready, whole, contexts, |ctx, bytes| {
+                    scu.store(ctx, &class, &uid, bytes, None, SUBOP_TIMEOUT)
+                })
+                .await
+                {
+                    Ok(code) => answered(code),
+                    Err(SendError::NoContext(why)) => {
+                        refused(status::SOP_CLASS_NOT_SUPPORTED, why, false)
+                    }
+                    Err(SendError::Peer(e)) => refused(
+                        status::PROCESSING_FAILURE,
+                        format!("association failed while sending: {e}"),
+                        true,
+                    ),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The store-and-forward queue on the ledger (column family `forward`).
+//!
+//! Keys (DEST is a destination's peer name from the configuration, seq a u64 BE entry number):
+//! - `q\0DEST\0seq` → (): the stored entry `seq` waits to be forwarded to DEST. Written in the same
+//!   batch as the entry, so an acknowledged instance is never forgotten, crashes included;
+//! - `f\0DEST\0seq` → status u16 BE ‖ detail: forwarding was given up (retried
+//!   `forwarding.max_attempts` times, or the instance failed its ledger check);
+//! - `e\0DEST` → time µs i64 BE ‖ text: the last error reaching DEST (for `forward status`).
+//!
+//! A final outcome removes the queue item and appends a forward entry to the chain (event 3: the
+//! destination, the status, the subject entry) in one batch: an outcome is recorded exactly once.
+
+use std::collections::BTreeMap;
+
+use rocksdb::{Direction, IteratorMode};
+
+use super::{now_micros, read_entry, Entry, Event, Group, Ledger, LedgerError, Reason, CF_FORWARD};
+
+/// File extension of a retry request left in the event spool by `dicomchain forward retry`.
+pub const RETRY_EXTENSION: &str = "retry";
+
+/// The final outcome of forwarding one stored entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardOutcome {
+    /// The stored entry that was forwarded.
+    pub seq: u64,
+    /// Delivered (success or warning status) or given up.
+    pub delivered: bool,
+    /// The destination's C-STORE status, or 0x0110 (processing failure) when it never answered.
+    pub status: u16,
+    /// What went wrong, without patient data (empty when delivered).
+    pub detail: String,
+}
+
+/// Forwarding progress recorded by the committer.
+#[derive(Debug, Clone)]
+pub enum ForwardUpdate {
+    /// Final outcomes for `destination` (peer name) whose AE title is `peer_ae`; `sender_ae` is
+    /// ours. Each removes its queue item (to the failed list when not delivered) and appends a
+    /// forward entry.
+    Outcomes {
+        destination: String,
+        peer_ae: String,
+        sender_ae: String,
+        outcomes: Vec<ForwardOutcome>,
+    },
+    /// The destination could not be reached; kept as its last error.
+    DestinationError { destination: String, error: String },
+    /// Moves given-up items back to the queue: of one destination, or of all.
+    Retry { destination: Option<String> },
+}
+
+/// The queue of one destination as `forward status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ForwardSummary {
+    pub pending: u64,
+    /// The entry number and time (µs) of the oldest pending item.
+    pub oldest_pending: Option<(u64, i64)>,
+    pub failed: u64,
+    /// Time (µs) and text of the last error reaching the destination.
+    pub last_error: Option<(i64, String)>,
+}
+
+fn key(kind: u8, destination: &str, seq: Option<u64>) -> Vec<u8> {
+    let mut k = vec![kind, 0];
+    k.extend_from_slice(destination.as_bytes());
+    k.push(0);
+    if let Some(seq) = seq {
+        k.extend_from_slice(&seq.to_be_bytes());
+    }
+    k
+}
+
+pub(super) fn queue_key(destination: &str, seq: u64) -> Vec<u8> {
+    key(b'q', destination, Some(seq))
+}
+
+fn failed_key(destination: &str, seq: u64) -> Vec<u8> {
+    key(b'f', destination, Some(seq))
+}
+
+fn error_key(destination: &str) -> Vec<u8> {
+    let mut k = vec![b'e', 0];
+    k.extend_from_slice(destination.as_bytes());
+    k
+}
+
+/// Splits `q\0DEST\0seq` / `f\0DEST\0seq` into (kind, DEST, seq).
+fn split_item(k: &[u8]) -> Option<(u8, &str, u64)> {
+    if k.len() < 2 + 1 + 8 || k[1] != 0 {
+        return None;
+    }
+    let (head, seq) = k.split_at(k.len() - 8);
+    let dest = head.get(2..head.len() - 1)?;
+    if head[head.len() - 1] != 0 {
+        return None;
+    }
+    Some((
+        k[0],
+        std::str::from_utf8(dest).ok()?,
+        u64::from_be_bytes(seq.try_into().ok()?),
+    ))
+}
+
+/// The text of a retry request: `destination=NAME`, or `destination=*` for all.
+pub fn retry_request(destination: Option<&str>) -> String {
+    format!("destination={}\n", destination.unwrap_or("*"))
+}
+
+/// Parses a retry request; `Some(None)` means every destination.
+pub fn parse_retry_request(text: &str) -> Option<Option<String>> {
+    let line = text.lines().find_map(|l| l.strip_prefix("destination="))?;
+    let d = line.trim();
+    match d {
+        "" => None,
+        "*" => Some(None),
+        d => Some(Some(d.to_string())),
+    }
+}
+
+/// Leaves a retry request in the spool for the running node: temp file, fsync, rename.
+pub fn write_retry_request(
+    dir: &std::path::Path,
+    destination: Option<&str>,
+) -> std::io::Result<std::path::PathBuf> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let stamp = format!("{}-{}", now_micros(), std::process::id());
+    let tmp = dir.join(format!("{stamp}.tmp"));
+    let dest = dir.join(format!("{stamp}.{RETRY_EXTENSION}"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(retry_request(destination).as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &dest)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(dest)
+}
+
+impl Group<'_> {
+    /// Plans a forwarding update; returns how many queue items it changes.
+    pub(super) fn forward(&mut self, update: &ForwardUpdate) -> Result<u64, LedgerError> {
+        match update {
+            ForwardUpdate::Outcomes {
+                destination,
+                peer_ae,
+                sender_ae,
+                outcomes,
+            } => {
+                // Read everything first: a failed read leaves the batch untouched.
+                let mut subjects = Vec::new();
+                let mut seen = std::collections::HashSet::new();
+                for o in outcomes {
+                    if !seen.insert(o.seq) {
+                        continue;
+                    }
+                    let queued = self
+                        .db
+                        .get_cf(self.cf_forward, queue_key(destination, o.seq))
+                        .map_err(LedgerError::Read)?
+                        .is_some();
+                    // Already settled (say, by an earlier outcome of the same item): once only.
+                    if !queued {
+                        continue;
+                    }
+                    let subject = read_entry(self.db, o.seq)?.ok_or_else(|| {
+                        LedgerError::Corrupt(format!("forward queue names missing entry {}", o.seq))
+                    })?;
+                    subjects.push((o, subject));
+                }
+                let mut changed = 0;
+                for (o, subject) in subjects {
+                    let (seq, prev_hash) = self.next_position();
+                    let entry = Entry {
+                        seq,
+                        prev_hash,
+                        time_micros: self.time_micros,
+                        event: Event::Forward,
+                        calling_ae: sender_ae.chars().take(64).collect(),
+                        subject_seq: subject.seq,
+                        reason: Reason::None,
+                        version: 0,
+                        status: o.status,
+                        peer: peer_ae.chars().take(64).collect(),
+                        detail: o.detail.chars().take(512).collect(),
+                        ..subject
+                    };
+                    self.append(&entry)?;
+                    self.batch
+                        .delete_cf(self.cf_forward, queue_key(destination, o.seq));
+                    if !o.delivered {
+                        let mut v = o.status.to_be_bytes().to_vec();
+                        v.extend_from_slice(entry.detail.as_bytes());
+                        self.batch
+                            .put_cf(self.cf_forward, failed_key(destination, o.seq), v);
+                    }
+                    changed += 1;
+                }
+                Ok(changed)
+            }
+            ForwardUpdate::DestinationError { destination, error } => {
+                let mut v = self.time_micros.to_be_bytes().to_vec();
+                v.extend_from_slice(error.chars().take(512).collect::<String>().as_bytes());
+                self.batch.put_cf(self.cf_forward, error_key(destination), v);
+                Ok(0)
+            }
+            ForwardUpdate::Retry { destination } => {
+                let prefix = match destination {
+                    Some(d) => key(b'f', d, None),
+                    None => vec![b'f', 0],
+                };
+                let mut moved = Vec::new();
+                for item in self
+                    .db
+                    .iterator_cf(self.cf_forward, IteratorMode::From(&prefix, Direction::Forward))
+                {
+                    let (k, _) = item.map_err(LedgerError::Read)?;
+                    if !k.starts_with(&prefix) {
+                        break;
+                    }
+                    if let Some((_, dest, seq)) = split_item(&k) {
+                        moved.push((k.to_vec(), queue_key(dest, seq)));
+                    }
+                }
+                for (failed, queued) in &moved {
+                    self.batch.delete_cf(self.cf_forward, failed);
+                    self.batch.put_cf(self.cf_forward, queued, []);
+                }
+                if !moved.is_empty() {
+                    self.enqueued = true;
+                }
+                Ok(moved.len() as u64)
+            }
+        }
+    }
+}
+
+impl Ledger {
+    /// Up to `limit` entries queued for `destination`, oldest first.
+    pub fn forward_pending(&self, destination: &str, limit: usize) -> Result<Vec<u64>, LedgerError> {
+        let cf = self.cf(CF_FORWARD)?;
+        let prefix = key(b'q', destination, None);
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .db
+            .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (k, _) = item.map_err(LedgerError::Read)?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            if let Some((_, _, seq)) = split_item(&k) {
+                out.push(seq);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Given-up items of `destination`: (entry, status, detail), oldest first.
+    pub fn forward_failed(
+        &self,
+        destination: &str,
+    ) -> Result<Vec<(u64, u16, String)>, LedgerError> {
+        let cf = self.cf(CF_FORWARD)?;
+        let prefix = key(b'f', destination, None);
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .db
+            .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (k, v) = item.map_err(LedgerError::Read)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if let (Some((_, _, seq)), Some(status)) = (split_item(&k), v.get(..2)) {
+                let status = u16::from_be_bytes([status[0], status[1]]);
+                out.push((seq, status, String::from_utf8_lossy(&v[2..]).into_owned()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The queue of every destination that has or had items or errors.
+    pub fn forward_summary(&self) -> Result<BTreeMap<String, ForwardSummary>, LedgerError> {
+        let cf = self.cf(CF_FORWARD)?;
+        let mut out: BTreeMap<String, ForwardSummary> = BTreeMap::new();
+        for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(LedgerError::Read)?;
+            if k.first() == Some(&b'e') {
+                let dest = String::from_utf8_lossy(&k[2..]).into_owned();
+                if let Some(t) = v.get(..8) {
+                    let t = i64::from_be_bytes(t.try_into().unwrap_or([0; 8]));
+                    out.entry(dest).or_default().last_error =
+                        Some((t, String::from_utf8_lossy(&v[8..]).into_owned()));
+                }
+                continue;
+            }
+            let Some((kind, dest, seq)) = split_item(&k) else {
+                continue;
+            };
+            let s = out.entry(dest.to_string()).or_default();
+            match kind {
+                b'q' => {
+                    s.pending += 1;
+                    if s.oldest_pending.is_none() {
+                        let time = self.entry(seq)?.map(|e| e.time_micros).unwrap_or(0);
+                        s.oldest_pending = Some((seq, time));
+                    }
+                }
+                b'f' => s.failed += 1,
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_keys_split_back() {
+        let k = queue_key("pacs", 258);
+        assert_eq!(split_item(&k), Some((b'q', "pacs", 258)));
+        assert_eq!(split_item(&failed_key("a", 1)), Some((b'f', "a", 1)));
+        assert_eq!(split_item(b"q\0"), None);
+        // A destination is never a prefix of another's keys.
+        assert!(!queue_key("pacs2", 1).starts_with(&key(b'q', "pacs", None)));
+    }
+
+    #[test]
+    fn retry_requests_round_trip() {
+        assert_eq!(parse_retry_request(&retry_request(None)), Some(None));
+        assert_eq!(
+            parse_retry_request(&retry_request(Some("pacs"))),
+            Some(Some("pacs".into()))
+        );
+        assert_eq!(parse_retry_request("nonsense"), None);
+        assert_eq!(parse_retry_request("destination=\n"), None);
+    }
+}
