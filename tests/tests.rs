@@ -5,6 +5,7 @@ mod support;
 
 mod cli;
 mod find;
+mod forward;
 mod ledger;
 mod network;
 mod retrieve;

@@ -260,7 +260,9 @@ async fn prepare(services: &Services, uid: &str, detector: &str) -> Option<Ready
             return None;
         }
     };
-    prepare_entry(services, entry, Some(uid), detector).await.ok()
+    prepare_entry(services, entry, Some(uid), detector)
+        .await
+        .ok()
 }
 
 /// Rebuilds the instance of one stored entry and checks it. A failed check is logged and
@@ -801,7 +803,11 @@ pub(crate) fn take_whole(r: &mut Ready) -> Vec<u8> {
 
 /// The accepted context that carries a streamed instance: its SOP class in its stored syntax
 /// (a streamed instance is never converted: that would need it whole in memory).
-pub(crate) fn stream_context(contexts: &[(u8, String, String)], sop_class: &str, syntax: &str) -> Option<u8> {
+pub(crate) fn stream_context(
+    contexts: &[(u8, String, String)],
+    sop_class: &str,
+    syntax: &str,
+) -> Option<u8> {
     contexts
         .iter()
         .find(|c| c.1 == sop_class && c.2 == syntax)

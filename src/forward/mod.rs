@@ -69,7 +69,8 @@ impl Router {
 }
 
 fn matches(rule: &ForwardRule, route: &Route) -> bool {
-    let ae = |list: &[String], v: &str| list.is_empty() || list.iter().any(|a| a.trim() == v.trim());
+    let ae =
+        |list: &[String], v: &str| list.is_empty() || list.iter().any(|a| a.trim() == v.trim());
     ae(&rule.calling_ae, route.calling_ae)
         && ae(&rule.called_ae, route.called_ae)
         && (rule.modality.is_empty()
@@ -174,7 +175,9 @@ pub fn render_status(list: &[DestinationStatus], now_micros: i64) -> String {
             out += &format!("    entry {seq}: status {status:04X}: {detail}\n");
         }
         match &d.queue.last_error {
-            Some((t, e)) => out += &format!("  last error ({} ago): {e}\n", human_age(now_micros - t)),
+            Some((t, e)) => {
+                out += &format!("  last error ({} ago): {e}\n", human_age(now_micros - t))
+            }
             None => out += "  last error: none\n",
         }
     }
@@ -210,7 +213,8 @@ pub fn retry(cfg: &Config, destination: Option<&str>) -> Result<u64, ForwardCliE
         )));
     }
     let before = count_failed(cfg, destination)?;
-    let request = crate::ledger::forward::write_retry_request(&cfg.ledger.event_spool, destination)?;
+    let request =
+        crate::ledger::forward::write_retry_request(&cfg.ledger.event_spool, destination)?;
     // Not running: open the ledger as its writer; the committer applies the request at start.
     match Ledger::open_with(&cfg.ledger.path, None, Some(cfg.ledger.event_spool.clone())) {
         Ok(ledger) => {

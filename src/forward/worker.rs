@@ -110,7 +110,10 @@ enum Sent {
         broken: bool,
     },
     /// Never to be sent (failed its ledger check). `broken`: the association was aborted.
-    GiveUp { detail: String, broken: bool },
+    GiveUp {
+        detail: String,
+        broken: bool,
+    },
     /// Could not be rebuilt now; try again later without counting an attempt.
     Later(String),
 }
@@ -337,7 +340,9 @@ impl Worker {
                     outcomes,
                 };
                 match self.services.ledger.forward(update).await {
-                    Ok(_) => tracing::debug!(destination = %self.name, outcomes = n, "forward outcomes recorded"),
+                    Ok(_) => {
+                        tracing::debug!(destination = %self.name, outcomes = n, "forward outcomes recorded")
+                    }
                     Err(e) => {
                         // The items stay queued and are sent again: at least once.
                         warn!(destination = %self.name, error = %e, "cannot record forward outcomes");

@@ -194,9 +194,8 @@ impl Entry {
             detail: String::new(),
         };
         if version == VERSION_OUTCOME {
-            e.status = u16::from_be_bytes(
-                r.take(2)?.try_into().map_err(|_| EntryError("truncated"))?,
-            );
+            e.status =
+                u16::from_be_bytes(r.take(2)?.try_into().map_err(|_| EntryError("truncated"))?);
             e.peer = r.str()?;
             e.detail = r.str()?;
             if !e.has_outcome() {

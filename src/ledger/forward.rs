@@ -200,7 +200,8 @@ impl Group<'_> {
             ForwardUpdate::DestinationError { destination, error } => {
                 let mut v = self.time_micros.to_be_bytes().to_vec();
                 v.extend_from_slice(error.chars().take(512).collect::<String>().as_bytes());
-                self.batch.put_cf(self.cf_forward, error_key(destination), v);
+                self.batch
+                    .put_cf(self.cf_forward, error_key(destination), v);
                 Ok(0)
             }
             ForwardUpdate::Retry { destination } => {
@@ -209,10 +210,10 @@ impl Group<'_> {
                     None => vec![b'f', 0],
                 };
                 let mut moved = Vec::new();
-                for item in self
-                    .db
-                    .iterator_cf(self.cf_forward, IteratorMode::From(&prefix, Direction::Forward))
-                {
+                for item in self.db.iterator_cf(
+                    self.cf_forward,
+                    IteratorMode::From(&prefix, Direction::Forward),
+                ) {
                     let (k, _) = item.map_err(LedgerError::Read)?;
                     if !k.starts_with(&prefix) {
                         break;
@@ -236,7 +237,11 @@ impl Group<'_> {
 
 impl Ledger {
     /// Up to `limit` entries queued for `destination`, oldest first.
-    pub fn forward_pending(&self, destination: &str, limit: usize) -> Result<Vec<u64>, LedgerError> {
+    pub fn forward_pending(
+        &self,
+        destination: &str,
+        limit: usize,
+    ) -> Result<Vec<u64>, LedgerError> {
         let cf = self.cf(CF_FORWARD)?;
         let prefix = key(b'q', destination, None);
         let mut out = Vec::new();

@@ -172,20 +172,27 @@ struct Inner {
 }
 
 fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
-    [CF_ENTRIES, CF_META, CF_INDEX, CF_TREE, CF_CHECKPOINTS, CF_FORWARD]
-        .into_iter()
-        .map(|name| {
-            let mut o = Options::default();
-            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            // Every new instance looks up its SOP Instance UID, which is usually absent: a bloom
-            // filter answers that without reading index blocks.
-            let mut table = rocksdb::BlockBasedOptions::default();
-            table.set_bloom_filter(10.0, false);
-            o.set_block_based_table_factory(&table);
-            o.set_write_buffer_size(64 * 1024 * 1024);
-            ColumnFamilyDescriptor::new(name, o)
-        })
-        .collect()
+    [
+        CF_ENTRIES,
+        CF_META,
+        CF_INDEX,
+        CF_TREE,
+        CF_CHECKPOINTS,
+        CF_FORWARD,
+    ]
+    .into_iter()
+    .map(|name| {
+        let mut o = Options::default();
+        o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Every new instance looks up its SOP Instance UID, which is usually absent: a bloom
+        // filter answers that without reading index blocks.
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        o.set_block_based_table_factory(&table);
+        o.set_write_buffer_size(64 * 1024 * 1024);
+        ColumnFamilyDescriptor::new(name, o)
+    })
+    .collect()
 }
 
 fn db_options() -> Options {
@@ -278,8 +285,7 @@ impl Ledger {
             .into_iter()
             .filter(|d| present.iter().any(|p| p == d.name()))
             .collect();
-        let db =
-            DB::open_cf_descriptors_as_secondary(&o, path, scratch, cfs).map_err(open_err)?;
+        let db = DB::open_cf_descriptors_as_secondary(&o, path, scratch, cfs).map_err(open_err)?;
         db.try_catch_up_with_primary().map_err(open_err)?;
         Ok(Ledger {
             inner: Arc::new(Inner {
@@ -1712,12 +1718,20 @@ mod tests {
                     seq,
                     delivered,
                     status,
-                    detail: if delivered { String::new() } else { "refused".into() },
+                    detail: if delivered {
+                        String::new()
+                    } else {
+                        "refused".into()
+                    },
                 })
                 .collect(),
         };
         let n = ledger
-            .forward(outcomes(vec![(1, true, 0), (3, false, 0xA700), (1, true, 0)]))
+            .forward(outcomes(vec![
+                (1, true, 0),
+                (3, false, 0xA700),
+                (1, true, 0),
+            ]))
             .await
             .unwrap();
         assert_eq!(n, 2);
@@ -1727,12 +1741,24 @@ mod tests {
             vec![(3, 0xA700, "refused".to_string())]
         );
         // Settled items are settled once: a late duplicate outcome changes nothing.
-        assert_eq!(ledger.forward(outcomes(vec![(1, true, 0)])).await.unwrap(), 0);
-        let (e5, e6) = (ledger.entry(4).unwrap().unwrap(), ledger.entry(5).unwrap().unwrap());
+        assert_eq!(
+            ledger.forward(outcomes(vec![(1, true, 0)])).await.unwrap(),
+            0
+        );
+        let (e5, e6) = (
+            ledger.entry(4).unwrap().unwrap(),
+            ledger.entry(5).unwrap().unwrap(),
+        );
         assert_eq!(ledger.len().unwrap(), 5);
-        assert_eq!((e5.event, e5.subject_seq, e5.status), (Event::Forward, 1, 0));
+        assert_eq!(
+            (e5.event, e5.subject_seq, e5.status),
+            (Event::Forward, 1, 0)
+        );
         assert_eq!(e5.peer, "PACS_AE");
-        assert_eq!(e5.instance_key, ledger.entry(1).unwrap().unwrap().instance_key);
+        assert_eq!(
+            e5.instance_key,
+            ledger.entry(1).unwrap().unwrap().instance_key
+        );
         assert_eq!((e6.subject_seq, e6.status), (3, 0xA700));
         assert_eq!(e6.prev_hash, e5.hash());
 
@@ -1757,7 +1783,10 @@ mod tests {
         crate::ledger::forward::write_retry_request(&spool, Some("pacs")).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while ledger.forward_pending("pacs", 10).unwrap() != vec![2, 3] {
-            assert!(std::time::Instant::now() < deadline, "retry request not applied");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "retry request not applied"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert!(ledger.forward_failed("pacs").unwrap().is_empty());
@@ -1769,5 +1798,4 @@ mod tests {
         assert_eq!(ledger.forward_pending("pacs", 10).unwrap(), vec![2, 3]);
         assert_eq!(ledger.forward_pending("backup", 10).unwrap(), vec![1, 2, 3]);
     }
-
 }

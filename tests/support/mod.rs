@@ -237,28 +237,39 @@ impl Node {
         files: &[PathBuf],
         timeout_secs: u32,
     ) -> Vec<(Option<u16>, PathBuf)> {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/send_exact.py");
-        let out = Command::new("python3")
-            .arg(script)
-            .args(["127.0.0.1", &self.port.to_string(), AE])
-            .args(files)
-            .env("SEND_EXACT_DIMSE_TIMEOUT", timeout_secs.to_string())
-            .output()
-            .expect("run python3");
-        assert!(
-            out.status.success(),
-            "send_exact.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| {
-                let (code, rest) = l.split_once(' ')?;
-                let path = rest.split(' ').next()?;
-                Some((u16::from_str_radix(code, 16).ok(), PathBuf::from(path)))
-            })
-            .collect()
+        send_exact_to(self.port, AE, files, timeout_secs)
     }
+}
+
+/// pynetdicom to any SCP on 127.0.0.1, sending each file's data set exactly as stored. Returns
+/// (status, path) pairs.
+pub fn send_exact_to(
+    port: u16,
+    called_ae: &str,
+    files: &[PathBuf],
+    timeout_secs: u32,
+) -> Vec<(Option<u16>, PathBuf)> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/send_exact.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["127.0.0.1", &port.to_string(), called_ae])
+        .args(files)
+        .env("SEND_EXACT_DIMSE_TIMEOUT", timeout_secs.to_string())
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "send_exact.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (code, rest) = l.split_once(' ')?;
+            let path = rest.split(' ').next()?;
+            Some((u16::from_str_radix(code, 16).ok(), PathBuf::from(path)))
+        })
+        .collect()
 }
 
 impl Drop for Node {
@@ -277,8 +288,12 @@ pub struct Storescp {
 
 impl Storescp {
     pub fn start() -> Storescp {
+        Storescp::start_on(free_port())
+    }
+
+    /// storescp on a given port (to bring a destination back where it was).
+    pub fn start_on(port: u16) -> Storescp {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let child = Command::new("/usr/bin/storescp")
             .args(["-aet", "STORESCP", "+B", "+xa", "-od"])
             .arg(dir.path())
@@ -332,6 +347,110 @@ impl Drop for Storescp {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Orthanc (Debian's /usr/sbin/Orthanc) as a real PACS: its own temp directory, DICOM port and
+/// REST port; stopped and started again on the same storage.
+pub struct Orthanc {
+    pub dicom_port: u16,
+    pub http_port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Orthanc {
+    pub fn start() -> Orthanc {
+        let dir = tempfile::Builder::new()
+            .prefix("orthanc-test-")
+            .tempdir()
+            .unwrap();
+        let (dicom_port, http_port) = (free_port(), free_port());
+        let cfg = serde_json::json!({
+            "Name": "test", "StorageDirectory": dir.path().join("db"),
+            "IndexDirectory": dir.path().join("db"), "DicomAet": "ORTHANC",
+            "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": false,
+            "AuthenticationEnabled": false, "DicomCheckCalledAet": false,
+            "DicomAlwaysAllowStore": true, "DicomAlwaysAllowEcho": true,
+            "UnknownSopClassAccepted": true,
+        });
+        std::fs::write(dir.path().join("orthanc.json"), cfg.to_string()).unwrap();
+        let mut o = Orthanc {
+            dicom_port,
+            http_port,
+            dir,
+            child: None,
+        };
+        o.resume();
+        o
+    }
+
+    /// Starts Orthanc (again) on the same storage and ports.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "Orthanc already runs");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("orthanc.log"))
+            .unwrap();
+        let child = Command::new("/usr/sbin/Orthanc")
+            .arg(self.dir.path().join("orthanc.json"))
+            .env("TCP_NODELAY", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("run /usr/sbin/Orthanc (apt-get install orthanc)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", self.dicom_port)).is_err()
+        {
+            assert!(Instant::now() < deadline, "Orthanc did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops Orthanc (SIGTERM, then waits): the destination goes away.
+    pub fn pause(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// SOP Instance UID → SHA-256 (hex) of the data set bytes Orthanc stored, via its REST API.
+    pub fn instances(&self) -> std::collections::BTreeMap<String, String> {
+        let out = Command::new("python3")
+            .arg(support_file("orthanc_instances.py"))
+            .arg(self.http_port.to_string())
+            .output()
+            .expect("python3");
+        assert_ok(&out, "orthanc_instances.py");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Orthanc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// SHA-256 (hex) of bytes.
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
 }
 
 /// A Part 10 file, split into what matters for comparisons.
