@@ -91,6 +91,16 @@ impl Forwarder {
     }
 }
 
+/// The wait after the `failures`-th failure in a row: `retry_initial_ms`, doubled each time, at
+/// most `retry_max_secs`.
+fn backoff(cfg: &ForwardingConfig, failures: u32) -> Duration {
+    let initial = Duration::from_millis(cfg.retry_initial_ms);
+    let max = Duration::from_secs(cfg.retry_max_secs);
+    initial
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+        .min(max)
+}
+
 /// Retry state of one queue item (in memory: a restart gives every item a fresh start).
 struct Attempts {
     /// Refusals by the destination.
@@ -136,11 +146,7 @@ struct Open {
 
 impl Worker {
     fn backoff(&self, failures: u32) -> Duration {
-        let initial = Duration::from_millis(self.cfg.retry_initial_ms);
-        let max = Duration::from_secs(self.cfg.retry_max_secs);
-        initial
-            .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
-            .min(max)
+        backoff(&self.cfg, failures)
     }
 
     async fn run(mut self) {
@@ -223,6 +229,9 @@ impl Worker {
                     }
                     Err(e) => {
                         warn!(destination = %self.name, seq, error = %e, "cannot read a queued entry");
+                        if entries.is_empty() && outcomes.is_empty() {
+                            self.sleep(Duration::from_secs(1)).await;
+                        }
                         break;
                     }
                 };
@@ -527,5 +536,23 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum() {
+        let cfg = ForwardingConfig {
+            retry_initial_ms: 250,
+            retry_max_secs: 3,
+            ..Default::default()
+        };
+        let waits: Vec<u128> = (1..=6).map(|n| backoff(&cfg, n).as_millis()).collect();
+        assert_eq!(waits, vec![250, 500, 1000, 2000, 3000, 3000]);
+        assert_eq!(backoff(&cfg, 0).as_millis(), 250);
+        assert_eq!(backoff(&cfg, u32::MAX).as_millis(), 3000);
     }
 }
