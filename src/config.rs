@@ -613,10 +613,16 @@ impl Config {
         if f.max_attempts == 0 {
             return Err(invalid("forwarding.max_attempts", "must be at least 1"));
         }
-        if f.retry_initial_ms == 0 || f.retry_max_secs == 0 {
+        if f.retry_initial_ms == 0 || f.retry_initial_ms > 3_600_000 {
             return Err(invalid(
                 "forwarding.retry_initial_ms",
-                "retry_initial_ms and retry_max_secs must be positive",
+                "must be between 1 and 3600000 (an hour)",
+            ));
+        }
+        if f.retry_max_secs == 0 || f.retry_max_secs > 86_400 {
+            return Err(invalid(
+                "forwarding.retry_max_secs",
+                "must be between 1 and 86400 (a day)",
             ));
         }
         Ok(())

@@ -196,8 +196,26 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
             check_checkpoint(*size, note, range.root(), &mut problems);
         }
         if entry.event == crate::ledger::Event::Forward {
-            // An audit record about another entry: nothing of its own to check.
+            // An audit record about an earlier stored entry, whose commitments it copies.
             report.forward_outcomes += 1;
+            let subject = (entry.subject_seq < seq)
+                .then(|| ledger.entry(entry.subject_seq).ok().flatten())
+                .flatten();
+            let agrees = subject.is_some_and(|s| {
+                s.event == crate::ledger::Event::Store
+                    && s.instance_key == entry.instance_key
+                    && s.dataset_sha256 == entry.dataset_sha256
+                    && s.pixel_sha256 == entry.pixel_sha256
+            });
+            if !agrees {
+                problems.push(Problem {
+                    subject: format!("entry {seq}"),
+                    what: format!(
+                        "forward outcome names entry {}, which is not an earlier stored instance with the same commitments",
+                        entry.subject_seq
+                    ),
+                });
+            }
             return;
         }
         if entry.event == crate::ledger::Event::IntegrityFailure {

@@ -210,7 +210,7 @@ fn verify_finds_tampering_in_every_layer() {
     node.stop();
     {
         let path = node.dir.join("ledger");
-        let cfs = ["entries", "meta", "index", "tree", "checkpoints"];
+        let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &path).unwrap();
         let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, cfs).unwrap();
         let meta = db.cf_handle("meta").unwrap();
         let (key, mut value) = db
@@ -252,7 +252,7 @@ fn verify_finds_tampering_in_every_layer() {
     node.stop();
     {
         let path = node.dir.join("ledger");
-        let cfs = ["entries", "meta", "index", "tree", "checkpoints"];
+        let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &path).unwrap();
         let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, cfs).unwrap();
         db.delete_cf(db.cf_handle("entries").unwrap(), 6u64.to_be_bytes())
             .unwrap();

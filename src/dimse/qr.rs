@@ -245,7 +245,7 @@ pub(crate) enum Body {
     /// `verified` gives the check's outcome.
     Stream {
         chunks: mpsc::Receiver<Vec<u8>>,
-        verified: tokio::sync::oneshot::Receiver<Result<(), String>>,
+        verified: tokio::sync::oneshot::Receiver<Result<(), super::scu::CheckFailure>>,
     },
 }
 
@@ -307,7 +307,10 @@ pub(crate) async fn prepare_entry(
                 }
                 Ok(()) => {}
             }
-            let _ = done.send(result.map_err(|e| e.to_string()));
+            let _ = done.send(result.map_err(|e| super::scu::CheckFailure {
+                integrity: e.integrity_reason().is_some(),
+                why: e.to_string(),
+            }));
         });
         return Ok(ready(Body::Stream { chunks, verified }));
     }
@@ -856,7 +859,7 @@ async fn stream_to_requestor(
     sop_class_uid: &str,
     uid: &str,
     chunks: &mut mpsc::Receiver<Vec<u8>>,
-    verified: tokio::sync::oneshot::Receiver<Result<(), String>>,
+    verified: tokio::sync::oneshot::Receiver<Result<(), super::scu::CheckFailure>>,
 ) -> Result<u16, String> {
     let closed = |_| "association closed".to_string();
     let command = store_rq(sop_class_uid, uid, id, None);

@@ -48,12 +48,27 @@ fn store_status(rsp: &Command, message_id: u16) -> Result<u16, ScuError> {
         .ok_or_else(|| ScuError::Protocol("C-STORE-RSP without status".into()))
 }
 
+/// Why a streamed instance could not be completed by its rebuild task.
+#[derive(Debug, Clone)]
+pub struct CheckFailure {
+    /// It failed its ledger check (else: it could not be read, say the store is down).
+    pub integrity: bool,
+    pub why: String,
+}
+
+impl std::fmt::Display for CheckFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
 /// Why a streamed C-STORE did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    /// The instance failed its ledger check mid-way; the caller must abort the association.
-    #[error("instance failed its check: {0}")]
-    Check(String),
+    /// The instance could not be completed mid-way (failed its check, or its rebuild stopped);
+    /// the association was left mid-data-set, so the caller must abort it.
+    #[error("instance could not be completed: {0}")]
+    Check(CheckFailure),
     #[error(transparent)]
     Peer(ScuError),
 }
@@ -202,7 +217,7 @@ impl Scu {
         sop_class_uid: &str,
         sop_instance_uid: &str,
         chunks: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
-        verified: tokio::sync::oneshot::Receiver<Result<(), String>>,
+        verified: tokio::sync::oneshot::Receiver<Result<(), CheckFailure>>,
         move_originator: Option<(&str, u16)>,
         timeout: Duration,
     ) -> Result<u16, StreamError> {
@@ -229,7 +244,12 @@ impl Scu {
                     .map_err(peer)?;
             }
             Ok(Err(why)) => return Err(StreamError::Check(why)),
-            Err(_) => return Err(StreamError::Check("rebuild task ended".into())),
+            Err(_) => {
+                return Err(StreamError::Check(CheckFailure {
+                    integrity: false,
+                    why: "rebuild task ended".into(),
+                }))
+            }
         }
         let rsp = self
             .receive_command(timeout)

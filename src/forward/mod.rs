@@ -212,7 +212,6 @@ pub fn retry(cfg: &Config, destination: Option<&str>) -> Result<u64, ForwardCliE
             cfg.ledger.path.display()
         )));
     }
-    let before = count_failed(cfg, destination)?;
     let request =
         crate::ledger::forward::write_retry_request(&cfg.ledger.event_spool, destination)?;
     // Not running: open the ledger as its writer; the committer applies the request at start.
@@ -244,15 +243,13 @@ pub fn retry(cfg: &Config, destination: Option<&str>) -> Result<u64, ForwardCliE
             request.display().to_string(),
         ));
     }
-    Ok(before)
-}
-
-fn count_failed(cfg: &Config, destination: Option<&str>) -> Result<u64, ForwardCliError> {
-    Ok(status(cfg)?
-        .iter()
-        .filter(|d| destination.is_none_or(|x| x == d.destination))
-        .map(|d| d.queue.failed)
-        .sum())
+    // The node's answer: how many items it moved back to the queue.
+    let answer = crate::ledger::forward::retry_answer_path(&request);
+    let text = std::fs::read_to_string(&answer)?;
+    let _ = std::fs::remove_file(&answer);
+    text.trim()
+        .parse()
+        .map_err(|_| ForwardCliError::Usage(format!("{}: not a count", answer.display())))
 }
 
 #[cfg(test)]

@@ -45,11 +45,12 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// Starts a worker for every destination of a rule, and for every configured peer that
-    /// still has queued items although no rule names it any more.
+    /// still has queued or given-up items although no rule names it any more (so that
+    /// `forward retry` reaches them too).
     pub fn start(services: Services, cfg: &Config) -> Result<Forwarder, LedgerError> {
         let mut names = Router::new(&cfg.forward).all_destinations();
         for (dest, q) in services.ledger.forward_summary()? {
-            if q.pending == 0 || names.contains(&dest) {
+            if (q.pending == 0 && q.failed == 0) || names.contains(&dest) {
                 continue;
             }
             if cfg.peers.contains_key(&dest) {
@@ -78,14 +79,18 @@ impl Forwarder {
         Ok(Forwarder { stop, handles })
     }
 
-    /// Asks the workers to stop after the instance each is sending; aborts them after
-    /// `grace`. Nothing is lost either way: what was not recorded as delivered stays queued.
+    /// Asks the workers to stop after the instance each is sending; aborts those still busy
+    /// after `grace` (for all of them together). Nothing is lost either way: what was not
+    /// recorded as delivered stays queued.
     pub async fn stop(self, grace: Duration) {
         let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + grace;
         for h in self.handles {
             let abort = h.abort_handle();
-            if tokio::time::timeout(grace, h).await.is_err() {
-                abort.abort();
+            match tokio::time::timeout_at(deadline, h).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "a forward worker ended abnormally"),
+                Err(_) => abort.abort(),
             }
         }
     }
@@ -124,8 +129,12 @@ enum Sent {
         detail: String,
         broken: bool,
     },
-    /// Could not be rebuilt now; try again later without counting an attempt.
-    Later(String),
+    /// Could not be rebuilt now; try again later without counting an attempt. `broken`: the
+    /// association was left mid-data-set and must be aborted.
+    Later {
+        detail: String,
+        broken: bool,
+    },
 }
 
 struct Worker {
@@ -164,40 +173,42 @@ impl Worker {
             let notified = wakeup.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let pending = match self.services.ledger.forward_pending(&self.name, SCAN) {
-                Ok(p) => p,
+            let now = Instant::now();
+            let (due, complete) = match self.due(&attempts, now) {
+                Ok(d) => d,
                 Err(e) => {
                     warn!(destination = %self.name, error = %e, "cannot read the forward queue");
                     self.sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
-            if pending.len() < SCAN {
-                let live: HashSet<u64> = pending.iter().copied().collect();
+            if let Some(live) = complete {
                 attempts.retain(|seq, _| live.contains(seq));
             }
-            let now = Instant::now();
-            let due: Vec<u64> = pending
-                .iter()
-                .copied()
-                .filter(|s| attempts.get(s).is_none_or(|a| a.not_before <= now))
-                .collect();
             if due.is_empty() || dest_not_before > now {
                 let mut wait = Duration::from_secs(1);
                 if dest_not_before > now {
                     wait = wait.min(dest_not_before - now);
                 }
-                if let Some(next) = attempts.values().map(|a| a.not_before).min() {
-                    wait = wait.min(next.saturating_duration_since(now));
+                // Only waits still ahead count: one already past is held back by the
+                // destination's backoff, and would otherwise make this loop spin.
+                if let Some(next) = attempts
+                    .values()
+                    .map(|a| a.not_before)
+                    .filter(|t| *t > now)
+                    .min()
+                {
+                    wait = wait.min(next - now);
                 }
                 if let Some(o) = &open {
                     let idle = Duration::from_secs(self.cfg.idle_release_secs);
-                    if o.last_used.elapsed() >= idle {
+                    let used = o.last_used.elapsed();
+                    if used >= idle {
                         if let Some(o) = open.take() {
                             o.scu.release(Duration::from_secs(10)).await;
                         }
                     } else {
-                        wait = wait.min(idle - o.last_used.elapsed());
+                        wait = wait.min(idle.saturating_sub(used));
                     }
                 }
                 let mut stop = self.stop.clone();
@@ -218,12 +229,13 @@ impl Worker {
                 }
                 let entry = match self.services.ledger.entry(seq) {
                     Ok(Some(e)) => e,
-                    Ok(None) => {
+                    Ok(None) | Err(LedgerError::Corrupt(_)) => {
+                        warn!(destination = %self.name, seq, "a queued ledger entry is missing or unreadable; given up");
                         outcomes.push(ForwardOutcome {
                             seq,
                             delivered: false,
                             status: status::PROCESSING_FAILURE,
-                            detail: "the queued ledger entry is missing".into(),
+                            detail: "the queued ledger entry is missing or unreadable".into(),
                         });
                         continue;
                     }
@@ -244,6 +256,7 @@ impl Worker {
                 }
                 entries.push(entry);
             }
+            let reused = open.is_some();
             if !entries.is_empty() {
                 if open
                     .as_ref()
@@ -278,7 +291,20 @@ impl Worker {
                 let results = self.send_batch(o, entries).await;
                 o.last_used = Instant::now();
                 let mut broken = false;
-                for (seq, sent) in results {
+                for (i, (seq, sent)) in results.into_iter().enumerate() {
+                    // An association kept open between batches may have been closed by the
+                    // peer meanwhile: its first failure is not the instance's fault.
+                    let sent = match sent {
+                        Sent::Refused {
+                            detail,
+                            broken: true,
+                            ..
+                        } if i == 0 && reused => Sent::Later {
+                            detail: format!("the kept-open association failed: {detail}"),
+                            broken: true,
+                        },
+                        other => other,
+                    };
                     match sent {
                         Sent::Delivered(code) => outcomes.push(ForwardOutcome {
                             seq,
@@ -296,7 +322,8 @@ impl Worker {
                                 detail,
                             })
                         }
-                        Sent::Later(detail) => {
+                        Sent::Later { detail, broken: b } => {
+                            broken |= b;
                             let a = attempts.entry(seq).or_insert(Attempts {
                                 count: 0,
                                 later: 0,
@@ -364,6 +391,37 @@ impl Worker {
             o.scu.release(Duration::from_secs(5)).await;
         }
         info!(destination = %self.name, "forward worker stopped");
+    }
+
+    /// The queue items due now, oldest first (at most [`BATCH`] × 4), read window by window so
+    /// that items waiting for a retry never hide due ones behind them. With the whole queue
+    /// read (`Some`), its items, to forget the retry state of settled ones.
+    #[allow(clippy::type_complexity)]
+    fn due(
+        &self,
+        attempts: &HashMap<u64, Attempts>,
+        now: Instant,
+    ) -> Result<(Vec<u64>, Option<HashSet<u64>>), LedgerError> {
+        let mut due = Vec::new();
+        let mut live = HashSet::new();
+        let mut after = 0;
+        loop {
+            let window = self
+                .services
+                .ledger
+                .forward_pending(&self.name, after, SCAN)?;
+            let full = window.len() == SCAN;
+            for &seq in &window {
+                live.insert(seq);
+                if attempts.get(&seq).is_none_or(|a| a.not_before <= now) {
+                    due.push(seq);
+                }
+            }
+            match window.last() {
+                Some(&last) if full && due.len() < BATCH * 4 => after = last,
+                _ => return Ok((due, (!full).then_some(live))),
+            }
+        }
     }
 
     async fn sleep(&mut self, d: Duration) {
@@ -435,17 +493,22 @@ impl Worker {
                     detail: format!("instance fails its ledger check: {why}"),
                     broken: false,
                 },
-                Err(PrepareError::Unavailable(why)) => {
-                    Sent::Later(format!("cannot rebuild a queued instance: {why}"))
-                }
+                Err(PrepareError::Unavailable(why)) => Sent::Later {
+                    detail: format!("cannot rebuild a queued instance: {why}"),
+                    broken: false,
+                },
                 Ok(ready) => self.send_one(&mut open.scu, &contexts, ready).await,
             };
             let broken = matches!(
                 sent,
-                Sent::Refused { broken: true, .. } | Sent::GiveUp { broken: true, .. }
+                Sent::Refused { broken: true, .. }
+                    | Sent::GiveUp { broken: true, .. }
+                    | Sent::Later { broken: true, .. }
             );
             out.push((seq, sent));
-            if broken {
+            // Stop after a broken association, or when the node shuts down (the rest stay
+            // queued).
+            if broken || *self.stop.borrow() {
                 break;
             }
         }
@@ -504,10 +567,14 @@ impl Worker {
                     .await
                 {
                     Ok(code) => answered(code),
-                    Err(StreamError::Check(why)) => Sent::GiveUp {
+                    Err(StreamError::Check(f)) if f.integrity => Sent::GiveUp {
                         detail: format!(
-                            "instance failed its ledger check while it was sent (association aborted): {why}"
+                            "instance failed its ledger check while it was sent (association aborted): {f}"
                         ),
+                        broken: true,
+                    },
+                    Err(StreamError::Check(f)) => Sent::Later {
+                        detail: format!("cannot read a queued instance while it was sent: {f}"),
                         broken: true,
                     },
                     Err(StreamError::Peer(e)) => refused(

@@ -118,6 +118,11 @@ pub fn parse_retry_request(text: &str) -> Option<Option<String>> {
     }
 }
 
+/// The file where the node answers a retry request: how many items it re-queued.
+pub fn retry_answer_path(request: &std::path::Path) -> std::path::PathBuf {
+    request.with_extension("requeued")
+}
+
 /// Leaves a retry request in the spool for the running node: temp file, fsync, rename.
 pub fn write_retry_request(
     dir: &std::path::Path,
@@ -148,26 +153,41 @@ impl Group<'_> {
             } => {
                 // Read everything first: a failed read leaves the batch untouched.
                 let mut subjects = Vec::new();
+                let mut orphans = Vec::new();
                 let mut seen = std::collections::HashSet::new();
                 for o in outcomes {
-                    if !seen.insert(o.seq) {
+                    let qkey = queue_key(destination, o.seq);
+                    // Settled already (by an earlier outcome, in this request, this group or
+                    // before): once only.
+                    if !seen.insert(o.seq)
+                        || self.settled.contains(&qkey)
+                        || self
+                            .db
+                            .get_cf(self.cf_forward, &qkey)
+                            .map_err(LedgerError::Read)?
+                            .is_none()
+                    {
                         continue;
                     }
-                    let queued = self
-                        .db
-                        .get_cf(self.cf_forward, queue_key(destination, o.seq))
-                        .map_err(LedgerError::Read)?
-                        .is_some();
-                    // Already settled (say, by an earlier outcome of the same item): once only.
-                    if !queued {
-                        continue;
+                    match read_entry(self.db, o.seq) {
+                        Ok(Some(subject)) => subjects.push((o, subject)),
+                        // Nothing to copy commitments from: settled without an entry.
+                        Ok(None) | Err(LedgerError::Corrupt(_)) => orphans.push(o),
+                        Err(e) => return Err(e),
                     }
-                    let subject = read_entry(self.db, o.seq)?.ok_or_else(|| {
-                        LedgerError::Corrupt(format!("forward queue names missing entry {}", o.seq))
-                    })?;
-                    subjects.push((o, subject));
                 }
                 let mut changed = 0;
+                for o in orphans {
+                    tracing::error!(destination = %destination, seq = o.seq, "forward queue names an entry that is missing or unreadable; given up");
+                    let qkey = queue_key(destination, o.seq);
+                    self.batch.delete_cf(self.cf_forward, &qkey);
+                    self.settled.insert(qkey);
+                    let mut v = o.status.to_be_bytes().to_vec();
+                    v.extend_from_slice(b"the queued ledger entry is missing or unreadable");
+                    self.batch
+                        .put_cf(self.cf_forward, failed_key(destination, o.seq), v);
+                    changed += 1;
+                }
                 for (o, subject) in subjects {
                     let (seq, prev_hash) = self.next_position();
                     let entry = Entry {
@@ -184,9 +204,18 @@ impl Group<'_> {
                         detail: o.detail.chars().take(512).collect(),
                         ..subject
                     };
-                    self.append(&entry)?;
-                    self.batch
-                        .delete_cf(self.cf_forward, queue_key(destination, o.seq));
+                    // Reading tree siblings can fail: the outcomes planned so far stay (each is
+                    // whole), the rest stay queued and are settled by the worker's next attempt.
+                    if let Err(e) = self.append(&entry) {
+                        if changed == 0 {
+                            return Err(e);
+                        }
+                        tracing::error!(error = %e, "cannot record every forward outcome of a batch");
+                        break;
+                    }
+                    let qkey = queue_key(destination, o.seq);
+                    self.batch.delete_cf(self.cf_forward, &qkey);
+                    self.settled.insert(qkey);
                     if !o.delivered {
                         let mut v = o.status.to_be_bytes().to_vec();
                         v.extend_from_slice(entry.detail.as_bytes());
@@ -236,19 +265,21 @@ impl Group<'_> {
 }
 
 impl Ledger {
-    /// Up to `limit` entries queued for `destination`, oldest first.
+    /// Up to `limit` entries queued for `destination` after entry `after`, oldest first.
     pub fn forward_pending(
         &self,
         destination: &str,
+        after: u64,
         limit: usize,
     ) -> Result<Vec<u64>, LedgerError> {
         let cf = self.cf(CF_FORWARD)?;
         let prefix = key(b'q', destination, None);
+        let start = queue_key(destination, after.saturating_add(1));
         let mut out = Vec::new();
         for item in self
             .inner
             .db
-            .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
         {
             let (k, _) = item.map_err(LedgerError::Read)?;
             if !k.starts_with(&prefix) || out.len() >= limit {
@@ -309,7 +340,12 @@ impl Ledger {
                 b'q' => {
                     s.pending += 1;
                     if s.oldest_pending.is_none() {
-                        let time = self.entry(seq)?.map(|e| e.time_micros).unwrap_or(0);
+                        let time = self
+                            .entry(seq)
+                            .ok()
+                            .flatten()
+                            .map(|e| e.time_micros)
+                            .unwrap_or(0);
                         s.oldest_pending = Some((seq, time));
                     }
                 }

@@ -1052,13 +1052,19 @@ impl Committer {
                 .ok()
                 .and_then(|t| SpooledEvent::parse(&t));
             let Some(ev) = parsed else {
-                tracing::error!(file = %f.display(), "unreadable security event file; left in place");
+                tracing::error!(file = %f.display(), "unreadable security event file; renamed to .bad");
+                let _ = std::fs::rename(f, f.with_extension("bad"));
                 continue;
             };
             let subject = match read_entry(&self.db, ev.subject_seq) {
                 Ok(Some(e)) => e,
-                _ => {
-                    tracing::error!(file = %f.display(), "security event names no entry; left in place");
+                Ok(None) => {
+                    tracing::error!(file = %f.display(), "security event names no entry; renamed to .bad");
+                    let _ = std::fs::rename(f, f.with_extension("bad"));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(file = %f.display(), error = %e, "cannot read the entry a security event names; retried later");
                     continue;
                 }
             };
@@ -1097,7 +1103,8 @@ impl Committer {
             .ok()
             .and_then(|t| forward::parse_retry_request(&t))
         else {
-            tracing::error!(file = %file.display(), "unreadable forward retry request; left in place");
+            tracing::error!(file = %file.display(), "unreadable forward retry request; renamed to .bad");
+            let _ = std::fs::rename(file, file.with_extension("bad"));
             return;
         };
         let mut group = match Group::new(&self.db, self.head) {
@@ -1117,6 +1124,8 @@ impl Committer {
         match result {
             Ok(n) => {
                 tracing::info!(requeued = n, "failed forwards re-queued");
+                // The answer first, then the request goes: `forward retry` waits for the latter.
+                let _ = std::fs::write(forward::retry_answer_path(file), n.to_string());
                 let _ = std::fs::remove_file(file);
                 self.forward_wakeup.notify_waiters();
             }
@@ -1236,6 +1245,8 @@ struct Group<'a> {
     batch: WriteBatch,
     /// Something was put on the forward queue.
     enqueued: bool,
+    /// Forward queue keys settled in this group (so a second outcome for one is ignored).
+    settled: std::collections::HashSet<Vec<u8>>,
     head: Option<(u64, Digest32)>,
     /// Latest (seq, version, key, hierarchy keys) per SOP Instance planned in this group.
     pending: HashMap<String, (u64, u32, Digest32, Vec<Vec<u8>>)>,
@@ -1259,6 +1270,7 @@ impl<'a> Group<'a> {
             cf_forward: cf(CF_FORWARD)?,
             batch: WriteBatch::default(),
             enqueued: false,
+            settled: Default::default(),
             head,
             pending: HashMap::new(),
             new_nodes: HashMap::new(),
@@ -1703,10 +1715,16 @@ mod tests {
         ));
         // A new version is queued as well.
         ledger.store(queued("1.2.3", 3)).await.unwrap();
-        assert_eq!(ledger.forward_pending("pacs", 10).unwrap(), vec![1, 2, 3]);
-        assert_eq!(ledger.forward_pending("pacs", 2).unwrap(), vec![1, 2]);
-        assert_eq!(ledger.forward_pending("backup", 10).unwrap(), vec![1, 2, 3]);
-        assert!(ledger.forward_pending("pac", 10).unwrap().is_empty());
+        assert_eq!(
+            ledger.forward_pending("pacs", 0, 10).unwrap(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(ledger.forward_pending("pacs", 0, 2).unwrap(), vec![1, 2]);
+        assert_eq!(
+            ledger.forward_pending("backup", 0, 10).unwrap(),
+            vec![1, 2, 3]
+        );
+        assert!(ledger.forward_pending("pac", 0, 10).unwrap().is_empty());
 
         let outcomes = |v: Vec<(u64, bool, u16)>| ForwardUpdate::Outcomes {
             destination: "pacs".into(),
@@ -1735,7 +1753,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 2);
-        assert_eq!(ledger.forward_pending("pacs", 10).unwrap(), vec![2]);
+        assert_eq!(ledger.forward_pending("pacs", 0, 10).unwrap(), vec![2]);
         assert_eq!(
             ledger.forward_failed("pacs").unwrap(),
             vec![(3, 0xA700, "refused".to_string())]
@@ -1782,7 +1800,7 @@ mod tests {
         // A retry request left in the spool (by `forward retry`) re-queues the given-up item.
         crate::ledger::forward::write_retry_request(&spool, Some("pacs")).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while ledger.forward_pending("pacs", 10).unwrap() != vec![2, 3] {
+        while ledger.forward_pending("pacs", 0, 10).unwrap() != vec![2, 3] {
             assert!(
                 std::time::Instant::now() < deadline,
                 "retry request not applied"
@@ -1790,12 +1808,15 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert!(ledger.forward_failed("pacs").unwrap().is_empty());
-        assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+        assert_eq!(ledger.forward_pending("pacs", 2, 10).unwrap(), vec![3]);
         ledger.close();
         drop(ledger);
         // The queue survives a restart.
         let ledger = Ledger::open(&dir.path().join("l")).unwrap();
-        assert_eq!(ledger.forward_pending("pacs", 10).unwrap(), vec![2, 3]);
-        assert_eq!(ledger.forward_pending("backup", 10).unwrap(), vec![1, 2, 3]);
+        assert_eq!(ledger.forward_pending("pacs", 0, 10).unwrap(), vec![2, 3]);
+        assert_eq!(
+            ledger.forward_pending("backup", 0, 10).unwrap(),
+            vec![1, 2, 3]
+        );
     }
 }
