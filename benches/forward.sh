@@ -27,15 +27,20 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
-# The destination PACS: DCMTK storescp, files only.
-scp_port=$(port); mkdir -p "$work/scp"
-TCP_NODELAY=1 /usr/bin/storescp -aet STORESCP -od "$work/scp" "$scp_port" &
+# The destination PACS: DCMTK storescp, files only. In a site the PACS is another machine, so by
+# default it writes to memory (/dev/shm) rather than to the disk dicomchain fsyncs to;
+# SCP_DIR=DIR puts its files elsewhere (on dicomchain's disk: SCP_DIR=$TMPDIR/x).
+scp_dir=${SCP_DIR:-/dev/shm/dicomchain-forward-scp.$$}
+mkdir -p "$scp_dir"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work" "$scp_dir"' EXIT
+scp_port=$(port)
+TCP_NODELAY=1 /usr/bin/storescp -aet STORESCP -od "$scp_dir" "$scp_port" &
 wait_port "$scp_port"
-count_scp() { find "$work/scp" -type f | wc -l; }
+count_scp() { find "$scp_dir" -type f | wc -l; }
 
 run() { # FORWARD(0|1) -> "ingest_seconds forwarded_seconds"
   local dir="$work/node" dc_port t0 t1 t2 pid
-  rm -rf "$dir"; mkdir -p "$dir"; find "$work/scp" -type f -delete
+  rm -rf "$dir"; mkdir -p "$dir"; find "$scp_dir" -type f -delete
   dc_port=$(port)
   cat > "$dir/dc.toml" <<TOML
 [node]
@@ -74,7 +79,7 @@ m_plain=$(echo "$plain" | median)
 row() { awk -v n="$1" -v t="$2" -v base="$m_plain" -v c="$COUNT" -v mb="$mb" -v all="$3" \
   'BEGIN { printf "%-44s %7.2f s %7.0f inst/s %7.1f MB/s %6.2fx   runs:%s\n", n, t, c / t, mb / t, t / base, all }'; }
 echo
-echo "$COUNT CT ${SIZE}x${SIZE} instances ($mb MB), storescu -> dicomchain (fs), $(nproc) cores, median of $RUNS"
+echo "$COUNT CT ${SIZE}x${SIZE} instances ($mb MB), storescu -> dicomchain (fs), storescp files in $scp_dir, $(nproc) cores, median of $RUNS"
 printf '%-44s %9s %12s %12s %7s\n' "" wall rate throughput "vs plain"
 row "ingest, no forwarding" "$m_plain" "$plain"
 row "ingest, forwarding to storescp" "$(echo "$fwd_ingest" | median)" "$fwd_ingest"

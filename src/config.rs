@@ -98,6 +98,14 @@ pub struct ForwardingConfig {
     /// Seconds an idle association to a destination stays open before it is released.
     #[serde(default = "default_forward_idle")]
     pub idle_release_secs: u64,
+    /// Nice value (0-19) of the forwarding threads: forwarding uses the CPU that ingest leaves,
+    /// so that modalities are acknowledged as fast as without it. 0 = same priority as ingest.
+    #[serde(default = "default_forward_niceness")]
+    pub niceness: i32,
+    /// Forwarding waits while instances are being received, for at most this many seconds in a
+    /// row; then it runs alongside ingest until its queue is empty. 0 = never wait.
+    #[serde(default = "default_forward_yield")]
+    pub yield_to_ingest_secs: u64,
 }
 
 impl Default for ForwardingConfig {
@@ -107,6 +115,8 @@ impl Default for ForwardingConfig {
             retry_initial_ms: default_forward_retry_initial(),
             retry_max_secs: default_forward_retry_max(),
             idle_release_secs: default_forward_idle(),
+            niceness: default_forward_niceness(),
+            yield_to_ingest_secs: default_forward_yield(),
         }
     }
 }
@@ -122,6 +132,12 @@ fn default_forward_retry_max() -> u64 {
 }
 fn default_forward_idle() -> u64 {
     5
+}
+fn default_forward_niceness() -> i32 {
+    10
+}
+fn default_forward_yield() -> u64 {
+    30
 }
 
 /// `[node]`: the DICOM listener.
@@ -610,6 +626,9 @@ impl Config {
             }
         }
         let f = &self.forwarding;
+        if !(0..=19).contains(&f.niceness) {
+            return Err(invalid("forwarding.niceness", "must be between 0 and 19"));
+        }
         if f.max_attempts == 0 {
             return Err(invalid("forwarding.max_attempts", "must be at least 1"));
         }
@@ -683,8 +702,8 @@ impl Config {
         }
         let f = &self.forwarding;
         out += &format!(
-            "\n[forwarding]\nmax_attempts = {}\nretry_initial_ms = {}\nretry_max_secs = {}\nidle_release_secs = {}\n",
-            f.max_attempts, f.retry_initial_ms, f.retry_max_secs, f.idle_release_secs
+            "\n[forwarding]\nmax_attempts = {}\nretry_initial_ms = {}\nretry_max_secs = {}\nidle_release_secs = {}\nniceness = {}\nyield_to_ingest_secs = {}\n",
+            f.max_attempts, f.retry_initial_ms, f.retry_max_secs, f.idle_release_secs, f.niceness, f.yield_to_ingest_secs
         );
         for r in &self.forward {
             out += &format!(

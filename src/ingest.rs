@@ -61,6 +61,65 @@ pub struct Stored {
     pub dataset_length: u64,
 }
 
+/// How busy ingest is: data sets being received now, and when the last one began or ended.
+/// Background work (forwarding) reads it to give way to incoming instances.
+#[derive(Debug)]
+pub struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds since `epoch` of the last begin or end.
+    last_ms: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            in_flight: Default::default(),
+            last_ms: Default::default(),
+            epoch: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a data set is being received, or one began or ended within `quiet`.
+    pub fn busy(&self, quiet: Duration) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.in_flight.load(Relaxed) > 0 {
+            return true;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        now.saturating_sub(self.last_ms.load(Relaxed)) < quiet.as_millis() as u64
+            && self.last_ms.load(Relaxed) > 0
+    }
+}
+
+/// Counts one data set in flight for as long as it lives.
+struct InFlight(std::sync::Arc<Activity>);
+
+impl InFlight {
+    fn new(a: std::sync::Arc<Activity>) -> InFlight {
+        a.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        a.touch();
+        InFlight(a)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
 /// The shared pipeline: a cheap handle.
 #[derive(Clone)]
 pub struct Pipeline {
@@ -69,6 +128,7 @@ pub struct Pipeline {
     store_timeout: Duration,
     max_metadata: usize,
     router: std::sync::Arc<crate::forward::Router>,
+    activity: std::sync::Arc<Activity>,
 }
 
 impl Pipeline {
@@ -86,7 +146,13 @@ impl Pipeline {
             store_timeout,
             max_metadata,
             router: Default::default(),
+            activity: Default::default(),
         }
+    }
+
+    /// How busy this pipeline is (shared with whoever should give way to it).
+    pub fn activity(&self) -> std::sync::Arc<Activity> {
+        self.activity.clone()
     }
 
     /// Queues every stored instance that matches a rule of `router` for forwarding.
@@ -111,6 +177,7 @@ impl Pipeline {
             None => Mode::Whole,
         };
         Incoming {
+            _in_flight: InFlight::new(self.activity.clone()),
             pipeline: self.clone(),
             transfer_syntax: ts,
             mode,
@@ -157,6 +224,7 @@ enum Mode {
 
 /// One data set being received.
 pub struct Incoming {
+    _in_flight: InFlight,
     pipeline: Pipeline,
     transfer_syntax: String,
     mode: Mode,

@@ -21,6 +21,8 @@ pub enum StartError {
     Ledger(#[from] LedgerError),
     #[error("object store: {0}")]
     Store(#[from] StoreError),
+    #[error("forwarding: {0}")]
+    Forward(String),
     #[error("checkpoint signing key: {0}")]
     Key(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -74,16 +76,19 @@ pub async fn run(
         event_spool: cfg.ledger.event_spool.clone(),
         stream_above: cfg.node.max_retrieve_buffer_bytes,
     };
-    let forwarder = crate::forward::worker::Forwarder::start(services.clone(), &cfg)?;
+    let pipeline = Pipeline::new(
+        ledger.clone(),
+        store,
+        cfg.store.timeout(),
+        cfg.node.max_metadata_bytes,
+    )
+    .with_router(crate::forward::Router::new(&cfg.forward));
+    let forwarder =
+        crate::forward::worker::Forwarder::start(services.clone(), &cfg, pipeline.activity())
+            .map_err(|e| StartError::Forward(e.to_string()))?;
     let ctx = Arc::new(NodeContext {
         services,
-        pipeline: Pipeline::new(
-            ledger.clone(),
-            store,
-            cfg.store.timeout(),
-            cfg.node.max_metadata_bytes,
-        )
-        .with_router(crate::forward::Router::new(&cfg.forward)),
+        pipeline,
         policy: Policy {
             ae_title: cfg.node.ae_title.clone(),
             check_called_ae: cfg.node.check_called_ae,

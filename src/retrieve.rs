@@ -149,8 +149,9 @@ pub async fn rebuild_into<S: Sink>(
     record: &MetadataRecord,
     out: &mut S,
 ) -> Result<(), RetrieveError> {
+    // One digest over everything sent: the data set digest covers the pixel bytes too, so the
+    // pixel digest is computed only to name the damaged part once the data set one fails.
     let mut dataset_hash = Sha256::new();
-    let mut pixel_hash = Sha256::new();
     let segments = split::plan(record.meta.len() as u64, &record.splices)
         .map_err(|e| integrity(Reason::Metadata, format!("splices: {e}")))?;
     let mut reader = match (record.pixel_length, entry.object_name.as_str()) {
@@ -186,7 +187,6 @@ pub async fn rebuild_into<S: Sink>(
                 let mut left = end - start;
                 while left > 0 {
                     let chunk = reader.take(left).await?;
-                    pixel_hash.update(&chunk);
                     dataset_hash.update(&chunk);
                     out.put(&chunk).await?;
                     left -= chunk.len() as u64;
@@ -202,21 +202,42 @@ pub async fn rebuild_into<S: Sink>(
             ));
         }
     }
-    let pixel: Digest32 = pixel_hash.finalize().into();
-    if record.pixel_length > 0 && pixel != record.pixel_sha256 {
-        return Err(integrity(
-            Reason::Pixel,
-            "pixel data does not match the ledger (SHA-256 differs)",
-        ));
-    }
     let dataset: Digest32 = dataset_hash.finalize().into();
     if dataset != record.dataset_sha256 {
+        if record.pixel_length > 0 && !pixel_object_matches(store, entry, record).await {
+            return Err(integrity(
+                Reason::Pixel,
+                "pixel data does not match the ledger (SHA-256 differs)",
+            ));
+        }
         return Err(integrity(
             Reason::Dataset,
             "rebuilt data set does not match the ledger (SHA-256 differs)",
         ));
     }
     Ok(())
+}
+
+/// Whether the pixel object still hashes to the recorded pixel digest (read again: only after
+/// a failed data set check, to say which half is damaged).
+async fn pixel_object_matches(store: &Store, entry: &Entry, record: &MetadataRecord) -> bool {
+    let Ok(r) = store.open_read(&entry.object_name).await else {
+        return false;
+    };
+    let mut reader = BulkReader::new(r);
+    let mut hash = Sha256::new();
+    let mut left = record.pixel_length;
+    while left > 0 {
+        match reader.take(left).await {
+            Ok(chunk) if !chunk.is_empty() => {
+                hash.update(&chunk);
+                left -= chunk.len() as u64;
+            }
+            _ => return false,
+        }
+    }
+    let digest: Digest32 = hash.finalize().into();
+    digest == record.pixel_sha256
 }
 
 /// Pulls exact byte counts out of an object's chunk stream.

@@ -26,6 +26,7 @@ use crate::config::{Config, ForwardingConfig, PeerConfig};
 use crate::dimse::qr::{self, Body, PrepareError, Ready, SendError, Services, SUBOP_TIMEOUT};
 use crate::dimse::scu::{Scu, StreamError};
 use crate::dimse::status;
+use crate::ingest::Activity;
 use crate::ledger::{Entry, ForwardOutcome, ForwardUpdate, LedgerError};
 
 /// Most instances sent between two outcome commits.
@@ -37,19 +38,41 @@ const SCAN: usize = 1024;
 /// A destination error is recorded on the ledger at most this often (unless it changes).
 const ERROR_RECORD_INTERVAL: Duration = Duration::from_secs(60);
 
-/// The running forward workers.
+/// The running forward workers, on their own runtime whose threads run at a lower CPU
+/// priority (`forwarding.niceness`), so forwarding never slows the acknowledgement of
+/// incoming instances on a busy machine.
 pub struct Forwarder {
     stop: watch::Sender<bool>,
     handles: Vec<tokio::task::JoinHandle<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// Gives the calling thread the nice value `nice` (Linux: the nice value is per thread).
+fn lower_priority(nice: i32) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only reads its integer arguments; who = 0 is the calling thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }
 
 impl Forwarder {
     /// Starts a worker for every destination of a rule, and for every configured peer that
     /// still has queued or given-up items although no rule names it any more (so that
     /// `forward retry` reaches them too).
-    pub fn start(services: Services, cfg: &Config) -> Result<Forwarder, LedgerError> {
+    pub fn start(
+        services: Services,
+        cfg: &Config,
+        activity: Arc<Activity>,
+    ) -> Result<Forwarder, std::io::Error> {
         let mut names = Router::new(&cfg.forward).all_destinations();
-        for (dest, q) in services.ledger.forward_summary()? {
+        let queues = services
+            .ledger
+            .forward_summary()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        for (dest, q) in queues {
             if (q.pending == 0 && q.failed == 0) || names.contains(&dest) {
                 continue;
             }
@@ -61,6 +84,21 @@ impl Forwarder {
         }
         let (stop, stop_rx) = watch::channel(false);
         let mut handles = Vec::new();
+        if names.is_empty() {
+            return Ok(Forwarder {
+                stop,
+                handles,
+                runtime: None,
+            });
+        }
+        let nice = cfg.forwarding.niceness;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(16)
+            .thread_name("forward")
+            .enable_all()
+            .on_thread_start(move || lower_priority(nice))
+            .build()?;
         for name in names {
             let Some(peer) = cfg.peers.get(&name).cloned() else {
                 continue;
@@ -73,10 +111,15 @@ impl Forwarder {
                 cfg: cfg.forwarding.clone(),
                 stop: stop_rx.clone(),
                 wakeup: services.ledger.forward_wakeup(),
+                activity: activity.clone(),
             };
-            handles.push(tokio::spawn(w.run()));
+            handles.push(runtime.spawn(w.run()));
         }
-        Ok(Forwarder { stop, handles })
+        Ok(Forwarder {
+            stop,
+            handles,
+            runtime: Some(runtime),
+        })
     }
 
     /// Asks the workers to stop after the instance each is sending; aborts those still busy
@@ -92,6 +135,9 @@ impl Forwarder {
                 Ok(Err(e)) => warn!(error = %e, "a forward worker ended abnormally"),
                 Err(_) => abort.abort(),
             }
+        }
+        if let Some(rt) = self.runtime {
+            rt.shutdown_background();
         }
     }
 }
@@ -144,6 +190,35 @@ struct Worker {
     cfg: ForwardingConfig,
     stop: watch::Receiver<bool>,
     wakeup: Arc<tokio::sync::Notify>,
+    activity: Arc<Activity>,
+}
+
+/// Ingest counts as busy until this long after its last data set.
+const QUIET: Duration = Duration::from_millis(200);
+
+/// Whether forwarding gives way to ingest now. It does while instances arrive, for at most
+/// `limit` in a row (`since` is when it began); past that it is `overdue` and forwards alongside
+/// ingest until its queue is empty. A zero `limit` never gives way.
+fn give_way(
+    busy: bool,
+    limit: Duration,
+    since: &mut Option<Instant>,
+    overdue: &mut bool,
+    now: Instant,
+) -> bool {
+    if limit.is_zero() || *overdue {
+        return false;
+    }
+    if !busy {
+        *since = None;
+        return false;
+    }
+    let start = *since.get_or_insert(now);
+    if now.duration_since(start) >= limit {
+        *overdue = true;
+        return false;
+    }
+    true
 }
 
 /// An open association and the (SOP class, syntax) pairs it was opened for.
@@ -164,6 +239,9 @@ impl Worker {
         let mut dest_failures: u32 = 0;
         let mut dest_not_before = Instant::now();
         let mut last_recorded: Option<(String, Instant)> = None;
+        let yield_limit = Duration::from_secs(self.cfg.yield_to_ingest_secs);
+        let mut yielding_since: Option<Instant> = None;
+        let mut overdue = false;
         loop {
             if *self.stop.borrow() {
                 break;
@@ -184,6 +262,21 @@ impl Worker {
             };
             if let Some(live) = complete {
                 attempts.retain(|seq, _| live.contains(seq));
+            }
+            if due.is_empty() {
+                // Caught up: the next burst of ingest is given way to again.
+                overdue = false;
+            } else if give_way(
+                self.activity.busy(QUIET),
+                yield_limit,
+                &mut yielding_since,
+                &mut overdue,
+                now,
+            ) {
+                self.sleep(Duration::from_millis(50)).await;
+                continue;
+            } else if overdue && yielding_since.take().is_some() {
+                info!(destination = %self.name, secs = yield_limit.as_secs(), "instances kept arriving; forwarding alongside ingest until the queue is empty");
             }
             if due.is_empty() || dest_not_before > now {
                 let mut wait = Duration::from_secs(1);
@@ -288,7 +381,8 @@ impl Worker {
                 }
             }
             if let Some(o) = open.as_mut() {
-                let results = self.send_batch(o, entries).await;
+                let may_yield = !yield_limit.is_zero() && !overdue;
+                let results = self.send_batch(o, entries, may_yield).await;
                 o.last_used = Instant::now();
                 let mut broken = false;
                 for (i, (seq, sent)) in results.into_iter().enumerate() {
@@ -468,7 +562,12 @@ impl Worker {
 
     /// Sends `entries` in order over `open`, rebuilding the next one while the current one
     /// goes out. Stops at the first broken association (the rest stay queued).
-    async fn send_batch(&self, open: &mut Open, entries: Vec<Entry>) -> Vec<(u64, Sent)> {
+    async fn send_batch(
+        &self,
+        open: &mut Open,
+        entries: Vec<Entry>,
+        may_yield: bool,
+    ) -> Vec<(u64, Sent)> {
         let (tx, mut rx) = mpsc::channel(1);
         let services = self.services.clone();
         tokio::spawn(async move {
@@ -506,9 +605,9 @@ impl Worker {
                     | Sent::Later { broken: true, .. }
             );
             out.push((seq, sent));
-            // Stop after a broken association, or when the node shuts down (the rest stay
-            // queued).
-            if broken || *self.stop.borrow() {
+            // Stop after a broken association, when the node shuts down, or when instances
+            // start arriving (the rest stay queued).
+            if broken || *self.stop.borrow() || (may_yield && self.activity.busy(QUIET)) {
                 break;
             }
         }
@@ -609,6 +708,62 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarding_gives_way_to_ingest_for_a_bounded_time() {
+        let t0 = Instant::now();
+        let limit = Duration::from_secs(30);
+        let (mut since, mut overdue) = (None, false);
+        assert!(!give_way(false, limit, &mut since, &mut overdue, t0));
+        assert!(give_way(true, limit, &mut since, &mut overdue, t0));
+        assert!(give_way(
+            true,
+            limit,
+            &mut since,
+            &mut overdue,
+            t0 + Duration::from_secs(29)
+        ));
+        // A quiet moment resets the clock.
+        assert!(!give_way(
+            false,
+            limit,
+            &mut since,
+            &mut overdue,
+            t0 + Duration::from_secs(29)
+        ));
+        assert!(give_way(
+            true,
+            limit,
+            &mut since,
+            &mut overdue,
+            t0 + Duration::from_secs(40)
+        ));
+        // Busy for the whole limit: overdue, forwards alongside ingest from then on.
+        assert!(!give_way(
+            true,
+            limit,
+            &mut since,
+            &mut overdue,
+            t0 + Duration::from_secs(71)
+        ));
+        assert!(overdue);
+        assert!(!give_way(
+            true,
+            limit,
+            &mut since,
+            &mut overdue,
+            t0 + Duration::from_secs(72)
+        ));
+        // Never gives way with a zero limit.
+        let (mut since, mut overdue) = (None, false);
+        assert!(!give_way(
+            true,
+            Duration::ZERO,
+            &mut since,
+            &mut overdue,
+            t0
+        ));
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_maximum() {
