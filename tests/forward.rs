@@ -388,6 +388,30 @@ fn rules_route_refusals_are_given_up_and_retry_requeues_them() {
     // The PACS is fixed; `forward retry` sends the given-up instances again.
     drop(refuser);
     let fixed = Storescp::start_on(flaky_port);
+    // A new version of one given-up MR is delivered first: the given-up older version must not
+    // follow it (at the PACS it would replace the newer one), so it is settled as superseded.
+    let v2 = tmp.path().join("mr0-v2.dcm");
+    let st = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, pydicom; d = pydicom.dcmread(sys.argv[1]); \
+             d.SeriesDescription = 'second version'; d.save_as(sys.argv[2], enforce_file_format=True)",
+        ])
+        .arg(&mr[0])
+        .arg(&v2)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    storescu(&node, "MR1", std::slice::from_ref(&v2));
+    wait_for(
+        &node,
+        60,
+        "the new version to supersede the given-up one",
+        || {
+            let s = forward_status(&node);
+            (destination(&s, "flaky")["failed"] == 2).then_some(())
+        },
+    );
     let out = node
         .command()
         .args(["forward", "retry", "--destination", "flaky"])
@@ -395,16 +419,39 @@ fn rules_route_refusals_are_given_up_and_retry_requeues_them() {
         .unwrap();
     assert_ok(&out, "forward retry");
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("re-queued 3"),
+        String::from_utf8_lossy(&out.stdout).contains("re-queued 2"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    let mut want = digests(&mr[1..]);
+    want.extend(digests(std::slice::from_ref(&v2)));
     let got = wait_for(&node, 60, "the retried MR", || {
         let got = received(&fixed);
         (got.len() >= mr.len()).then_some(got)
     });
-    assert_same(&got, &digests(&mr), "the retried MR");
     settled(&node, "flaky");
+    assert_same(
+        &received(&fixed),
+        &want,
+        "the newest version of each, nothing older after it",
+    );
+    let _ = got;
+    let superseded = {
+        let scratch = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_secondary(&node.dir.join("ledger"), scratch.path()).unwrap();
+        let mut n = 0;
+        ledger
+            .for_each_entry(|_, e| {
+                let e = e.unwrap();
+                n += usize::from(e.event == Event::Forward && e.detail.contains("superseded"));
+            })
+            .unwrap();
+        n
+    };
+    assert_eq!(
+        superseded, 1,
+        "the older version's outcome says it was superseded"
+    );
 
     // Unknown destinations are refused by the CLI with the names it knows.
     let out = node

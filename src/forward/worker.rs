@@ -163,7 +163,8 @@ struct Attempts {
 
 /// What happened to one instance of a batch.
 enum Sent {
-    Delivered(u16),
+    /// The destination kept instance `uid` with this status.
+    Delivered { status: u16, uid: String },
     /// The destination refused it; counts as an attempt. `broken`: the association is gone.
     Refused {
         status: u16,
@@ -171,16 +172,10 @@ enum Sent {
         broken: bool,
     },
     /// Never to be sent (failed its ledger check). `broken`: the association was aborted.
-    GiveUp {
-        detail: String,
-        broken: bool,
-    },
+    GiveUp { detail: String, broken: bool },
     /// Could not be rebuilt now; try again later without counting an attempt. `broken`: the
     /// association was left mid-data-set and must be aborted.
-    Later {
-        detail: String,
-        broken: bool,
-    },
+    Later { detail: String, broken: bool },
 }
 
 struct Worker {
@@ -327,6 +322,7 @@ impl Worker {
                         outcomes.push(ForwardOutcome {
                             seq,
                             delivered: false,
+                            superseded: false,
                             status: status::PROCESSING_FAILURE,
                             detail: "the queued ledger entry is missing or unreadable".into(),
                         });
@@ -400,18 +396,43 @@ impl Worker {
                         other => other,
                     };
                     match sent {
-                        Sent::Delivered(code) => outcomes.push(ForwardOutcome {
-                            seq,
-                            delivered: true,
-                            status: code,
-                            detail: String::new(),
-                        }),
+                        Sent::Delivered { status, uid } => {
+                            outcomes.push(ForwardOutcome {
+                                seq,
+                                delivered: true,
+                                superseded: false,
+                                status,
+                                detail: String::new(),
+                            });
+                            // Older versions still queued or given up must not follow it: at
+                            // the destination they would replace this one.
+                            for older in self
+                                .services
+                                .ledger
+                                .versions(&uid)
+                                .unwrap_or_default()
+                                .into_iter()
+                                .filter(|s| *s < seq)
+                            {
+                                attempts.remove(&older);
+                                outcomes.push(ForwardOutcome {
+                                    seq: older,
+                                    delivered: false,
+                                    superseded: true,
+                                    status: status::SUCCESS,
+                                    detail: format!(
+                                        "not sent: superseded by entry {seq}, a newer version that was delivered"
+                                    ),
+                                });
+                            }
+                        }
                         Sent::GiveUp { detail, broken: b } => {
                             broken |= b;
                             warn!(destination = %self.name, seq, detail = %detail, "forward given up");
                             outcomes.push(ForwardOutcome {
                                 seq,
                                 delivered: false,
+                                superseded: false,
                                 status: status::PROCESSING_FAILURE,
                                 detail,
                             })
@@ -445,6 +466,7 @@ impl Worker {
                                 outcomes.push(ForwardOutcome {
                                     seq,
                                     delivered: false,
+                                    superseded: false,
                                     status,
                                     detail,
                                 });
@@ -625,9 +647,13 @@ impl Worker {
             detail,
             broken,
         };
+        let uid = ready.uid.clone();
         let answered = |code: u16| {
             if status::store_kept(code) {
-                Sent::Delivered(code)
+                Sent::Delivered {
+                    status: code,
+                    uid: uid.clone(),
+                }
             } else {
                 refused(
                     code,

@@ -26,6 +26,9 @@ pub struct ForwardOutcome {
     pub seq: u64,
     /// Delivered (success or warning status) or given up.
     pub delivered: bool,
+    /// Not sent because a newer version of the same SOP Instance was delivered (an older one
+    /// arriving later would replace it at the destination). Settles a queued or given-up item.
+    pub superseded: bool,
     /// The destination's C-STORE status, or 0x0110 (processing failure) when it never answered.
     pub status: u16,
     /// What went wrong, without patient data (empty when delivered).
@@ -157,16 +160,18 @@ impl Group<'_> {
                 let mut seen = std::collections::HashSet::new();
                 for o in outcomes {
                     let qkey = queue_key(destination, o.seq);
-                    // Settled already (by an earlier outcome, in this request, this group or
-                    // before): once only.
-                    if !seen.insert(o.seq)
-                        || self.settled.contains(&qkey)
-                        || self
+                    let exists = |k: &[u8]| -> Result<bool, LedgerError> {
+                        Ok(self
                             .db
-                            .get_cf(self.cf_forward, &qkey)
+                            .get_cf(self.cf_forward, k)
                             .map_err(LedgerError::Read)?
-                            .is_none()
-                    {
+                            .is_some())
+                    };
+                    // Settled already (by an earlier outcome, in this request, this group or
+                    // before): once only. A superseded item may also be a given-up one.
+                    let open = exists(&qkey)?
+                        || (o.superseded && exists(&failed_key(destination, o.seq))?);
+                    if !seen.insert(o.seq) || self.settled.contains(&qkey) || !open {
                         continue;
                     }
                     match read_entry(self.db, o.seq) {
@@ -216,7 +221,10 @@ impl Group<'_> {
                     let qkey = queue_key(destination, o.seq);
                     self.batch.delete_cf(self.cf_forward, &qkey);
                     self.settled.insert(qkey);
-                    if !o.delivered {
+                    if o.superseded {
+                        self.batch
+                            .delete_cf(self.cf_forward, failed_key(destination, o.seq));
+                    } else if !o.delivered {
                         let mut v = o.status.to_be_bytes().to_vec();
                         v.extend_from_slice(entry.detail.as_bytes());
                         self.batch

@@ -1735,6 +1735,7 @@ mod tests {
                 .map(|(seq, delivered, status)| ForwardOutcome {
                     seq,
                     delivered,
+                    superseded: false,
                     status,
                     detail: if delivered {
                         String::new()
@@ -1809,11 +1810,42 @@ mod tests {
         }
         assert!(ledger.forward_failed("pacs").unwrap().is_empty());
         assert_eq!(ledger.forward_pending("pacs", 2, 10).unwrap(), vec![3]);
+        // Superseded items (a newer version was delivered) settle whether queued or given up.
+        let superseded = |seq: u64| ForwardUpdate::Outcomes {
+            destination: "pacs".into(),
+            peer_ae: "PACS_AE".into(),
+            sender_ae: "DICOMCHAIN".into(),
+            outcomes: vec![ForwardOutcome {
+                seq,
+                delivered: false,
+                superseded: true,
+                status: 0,
+                detail: "not sent: superseded".into(),
+            }],
+        };
+        assert_eq!(
+            ledger
+                .forward(outcomes(vec![(2, false, 0xA700)]))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(ledger.forward(superseded(2)).await.unwrap(), 1);
+        assert_eq!(ledger.forward(superseded(3)).await.unwrap(), 1);
+        assert_eq!(ledger.forward(superseded(3)).await.unwrap(), 0);
+        assert!(ledger.forward_failed("pacs").unwrap().is_empty());
+        assert!(ledger.forward_pending("pacs", 0, 10).unwrap().is_empty());
+        let last = ledger.entry(ledger.len().unwrap()).unwrap().unwrap();
+        assert_eq!(
+            (last.event, last.subject_seq, last.status),
+            (Event::Forward, 3, 0)
+        );
+        assert_eq!(last.detail, "not sent: superseded");
         ledger.close();
         drop(ledger);
         // The queue survives a restart.
         let ledger = Ledger::open(&dir.path().join("l")).unwrap();
-        assert_eq!(ledger.forward_pending("pacs", 0, 10).unwrap(), vec![2, 3]);
+        assert!(ledger.forward_pending("pacs", 0, 10).unwrap().is_empty());
         assert_eq!(
             ledger.forward_pending("backup", 0, 10).unwrap(),
             vec![1, 2, 3]
