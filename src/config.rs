@@ -186,6 +186,18 @@ pub struct NodeConfig {
     /// association, so the peer never completes the instance).
     #[serde(default = "default_max_retrieve_buffer")]
     pub max_retrieve_buffer_bytes: u64,
+    /// Log lines as text (default) or as one JSON object per line (for log shippers).
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// How `serve` writes its log (to stderr).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// `[ledger]`: the RocksDB ledger.
@@ -364,6 +376,7 @@ impl Default for NodeConfig {
             max_find_results: default_max_find_results(),
             find_case_insensitive_names: false,
             max_retrieve_buffer_bytes: default_max_retrieve_buffer(),
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -659,8 +672,8 @@ impl Config {
         let mut out = String::new();
         let n = &self.node;
         out += &format!(
-            "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\ndrain_timeout_secs = {}\nmax_metadata_bytes = {}\nmax_find_results = {}\nfind_case_insensitive_names = {}\nmax_retrieve_buffer_bytes = {}\n\n",
-            n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.drain_timeout_secs, n.max_metadata_bytes, n.max_find_results, n.find_case_insensitive_names, n.max_retrieve_buffer_bytes
+            "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\ndrain_timeout_secs = {}\nmax_metadata_bytes = {}\nmax_find_results = {}\nfind_case_insensitive_names = {}\nmax_retrieve_buffer_bytes = {}\nlog_format = {:?}\n\n",
+            n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.drain_timeout_secs, n.max_metadata_bytes, n.max_find_results, n.find_case_insensitive_names, n.max_retrieve_buffer_bytes, if n.log_format == LogFormat::Json { "json" } else { "text" }
         );
         out += &format!(
             "[ledger]\npath = {:?}\nsigning_key_file = {:?}\norigin = {:?}\ncheckpoint_interval = {}\nevent_spool = {:?}\n\n",

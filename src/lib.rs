@@ -31,6 +31,7 @@ pub mod ingest;
 pub mod instance;
 pub mod ledger;
 pub mod node;
+pub mod notify;
 pub mod retrieve;
 pub mod split;
 pub mod store;

@@ -254,13 +254,16 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(cfg: Config) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.node.log_format {
+        // One JSON object per line, with the association span's fields, for log shippers.
+        dicomchain::config::LogFormat::Json => logs.json().with_current_span(true).init(),
+        dicomchain::config::LogFormat::Text => logs.init(),
+    }
     // A panicking task must not leave a half-alive node behind (as Garage does): abort, and let
     // systemd restart us. Acknowledged data is already durable.
     let default_hook = std::panic::take_hook();

@@ -97,6 +97,14 @@ pub async fn run(
         node: cfg.node.clone(),
     });
     info!(ae_title = %cfg.node.ae_title, listen = %local, "listening");
+    crate::notify::notify(&format!(
+        "READY=1\nSTATUS=listening on {local} as {}",
+        cfg.node.ae_title
+    ));
+    let shutdown = async {
+        shutdown.await;
+        crate::notify::notify("STOPPING=1\nSTATUS=draining associations");
+    };
     crate::dimse::listener::run(listener, ctx, shutdown).await;
     // What is not recorded as delivered stays queued for the next start.
     forwarder.stop(std::time::Duration::from_secs(10)).await;

@@ -8,6 +8,7 @@ mod find;
 mod forward;
 mod ledger;
 mod network;
+mod ops;
 mod retrieve;
 mod roundtrip;
 mod s3;

@@ -52,7 +52,9 @@ pub async fn serve(socket: TcpStream, ctx: Arc<NodeContext>, shutdown: watch::Re
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
-    let span = tracing::info_span!("association", peer = %peer, calling = tracing::field::Empty, called = tracing::field::Empty);
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let span = tracing::info_span!("association", id, peer = %peer, calling = tracing::field::Empty, called = tracing::field::Empty);
     async move {
         let mut conn = Connection::new(socket, ctx.node.max_pdu_length, ctx.node.io_timeout());
         let negotiated = match accept(&mut conn, &ctx).await {
