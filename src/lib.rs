@@ -27,6 +27,7 @@ pub mod dimse;
 pub mod export;
 pub mod find;
 pub mod forward;
+pub mod import;
 pub mod ingest;
 pub mod instance;
 pub mod ledger;

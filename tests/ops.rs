@@ -101,3 +101,87 @@ fn the_systemd_unit_verifies_and_is_hardened() {
         "exposure level {score} (README says 1.5):\n{text}"
     );
 }
+
+#[test]
+fn import_migrates_a_folder_names_bad_files_and_resumes() {
+    let mut node = Node::start();
+    node.stop();
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("old-archive");
+    let series = crate::support::make_series(&archive.join("ct"), "CT", 10, 64, &[]);
+    let mut valid = series.len();
+    if let Some(data) = crate::support::pydicom_data() {
+        let other = archive.join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        for name in [
+            "JPEG2000.dcm",
+            "SC_rgb_rle.dcm",
+            "CT_small.dcm",
+            "MR_small_bigendian.dcm",
+            "image_dfl.dcm",
+        ] {
+            std::fs::copy(data.join("test_files").join(name), other.join(name)).unwrap();
+            valid += 1;
+        }
+    }
+    std::fs::write(archive.join("notes.txt"), "not an image\n").unwrap();
+    let whole = std::fs::read(&series[0]).unwrap();
+    std::fs::write(archive.join("cut.dcm"), &whole[..whole.len() / 2]).unwrap();
+
+    let import = |node: &Node, args: &[&str]| {
+        let out = node.command().arg("import").args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let dir = archive.to_str().unwrap();
+    let (code, out, err) = import(&node, &[dir, "--jobs", "3"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains(&format!("imported {valid} instance(s)")),
+        "{out}{err}"
+    );
+    assert!(out.contains("2 invalid"), "{out}");
+    assert!(
+        err.contains("notes.txt: not a DICOM Part 10 file"),
+        "the path and the reason: {err}"
+    );
+    assert!(err.contains("cut.dcm: "), "{err}");
+    assert_eq!(err.matches("INVALID").count(), 2, "{err}");
+
+    // Run again: nothing is stored twice.
+    let (code, out, _) = import(&node, &[dir]);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains(&format!(
+            "imported 0 instance(s), 0 new version(s), {valid} already stored"
+        )),
+        "{out}"
+    );
+
+    // While the node runs, import refuses clearly.
+    node.restart();
+    let (code, _, err) = import(&node, &[dir]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("stop the node first"), "{err}");
+    // What was imported comes back byte for byte.
+    let out_dir = tmp.path().join("export");
+    for f in &series {
+        let p = crate::support::read_part10(f).unwrap();
+        let out = node.export(&["--instance", &p.sop_instance_uid], &out_dir);
+        assert_ok(&out, "export");
+    }
+    let exported = crate::support::files_under(&out_dir);
+    assert_eq!(exported.len(), series.len());
+    for f in exported {
+        let got = crate::support::read_part10(&f).unwrap();
+        let want = series
+            .iter()
+            .map(|s| crate::support::read_part10(s).unwrap())
+            .find(|p| p.sop_instance_uid == got.sop_instance_uid)
+            .unwrap();
+        assert!(got.dataset == want.dataset, "{}", got.sop_instance_uid);
+    }
+}

@@ -1,0 +1,428 @@
+//! `dicomchain import PATH…`: migrates Part 10 files from disk (an old archive's folders)
+//! through the same ingest pipeline as C-STORE: split, object store, ledger entry, C-FIND index.
+//!
+//! Files are read in parallel (`--jobs`); a file whose instance is already on the ledger with
+//! the same data set digest is skipped without being stored again, so an interrupted import is
+//! simply run again. Every file that cannot be imported is named with its reason. It opens the
+//! ledger as its writer, so the node must not be running (RocksDB has one writer).
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+use crate::ingest::{Pipeline, StoreContext};
+use crate::ledger::{Ledger, LedgerError, StoreOutcome};
+use crate::store::Store;
+
+/// The calling AE title recorded on the ledger for imported instances.
+pub const IMPORT_AE: &str = "IMPORT";
+/// Bytes read from a file at a time.
+const CHUNK: usize = 1024 * 1024;
+
+/// Why the import could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("the ledger at {0} is in use: stop the node first (RocksDB has one writer), or send the files with storescu")]
+    NodeRunning(String),
+    #[error("{0}")]
+    Ledger(#[from] LedgerError),
+    #[error("object store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{path}: {source}")]
+    Walk {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// What became of the files.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub imported: u64,
+    /// New versions of instances already on the ledger (a different data set, same UID).
+    pub new_versions: u64,
+    /// Already on the ledger with the same data set digest.
+    pub skipped: u64,
+    /// (path, reason) of every file that could not be imported.
+    pub invalid: Vec<(PathBuf, String)>,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// The File Meta Information of a Part 10 file that matters here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part10Header {
+    pub transfer_syntax: String,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    /// Where the data set starts.
+    pub dataset_offset: usize,
+}
+
+/// Parses the preamble, "DICM" and the group 0002 elements (Explicit VR Little Endian,
+/// PS3.10 §7.1) from the start of a file. `head` must hold the whole meta group.
+pub fn parse_header(head: &[u8]) -> Result<Part10Header, String> {
+    if head.len() < 132 || &head[128..132] != b"DICM" {
+        return Err("not a DICOM Part 10 file (no \"DICM\" after the 128-byte preamble)".into());
+    }
+    let mut pos = 132;
+    let (mut ts, mut class, mut instance) = (None, None, None);
+    let text = |v: &[u8]| {
+        String::from_utf8_lossy(v)
+            .trim_end_matches(['\0', ' '])
+            .to_string()
+    };
+    while pos + 8 <= head.len() && u16::from_le_bytes([head[pos], head[pos + 1]]) == 0x0002 {
+        let element = u16::from_le_bytes([head[pos + 2], head[pos + 3]]);
+        let vr = &head[pos + 4..pos + 6];
+        let (len, header) = if matches!(vr, b"OB" | b"OW" | b"UN" | b"SQ" | b"UT" | b"UC" | b"UR") {
+            let len = head
+                .get(pos + 8..pos + 12)
+                .ok_or("file meta information cut short")?;
+            (u32::from_le_bytes(len.try_into().unwrap()) as usize, 12)
+        } else {
+            (
+                u16::from_le_bytes([head[pos + 6], head[pos + 7]]) as usize,
+                8,
+            )
+        };
+        let value = head
+            .get(pos + header..pos + header + len)
+            .ok_or("file meta information cut short (or longer than 64 KiB)")?;
+        match element {
+            0x0002 => class = Some(text(value)),
+            0x0003 => instance = Some(text(value)),
+            0x0010 => ts = Some(text(value)),
+            _ => {}
+        }
+        pos += header + len;
+    }
+    if pos + 8 > head.len() && head.get(pos..pos + 2) == Some(&[2, 0][..]) {
+        return Err("file meta information cut short".into());
+    }
+    Ok(Part10Header {
+        transfer_syntax: ts.ok_or("no Transfer Syntax UID (0002,0010) in the file meta")?,
+        sop_class_uid: class.ok_or("no Media Storage SOP Class UID (0002,0002)")?,
+        sop_instance_uid: instance.ok_or("no Media Storage SOP Instance UID (0002,0003)")?,
+        dataset_offset: pos,
+    })
+}
+
+/// Every regular file under `paths` (files as given, folders recursively), sorted per folder.
+pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ImportError> {
+    let mut out = Vec::new();
+    let walk_err = |p: &Path, source| ImportError::Walk {
+        path: p.display().to_string(),
+        source,
+    };
+    let mut stack: Vec<PathBuf> = paths.iter().rev().cloned().collect();
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::metadata(&p).map_err(|e| walk_err(&p, e))?;
+        if meta.is_dir() {
+            let mut children: Vec<PathBuf> = std::fs::read_dir(&p)
+                .map_err(|e| walk_err(&p, e))?
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            children.sort();
+            stack.extend(children.into_iter().rev());
+        } else if meta.is_file() {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// What happened to one file.
+enum Done {
+    Imported(StoreOutcome),
+    Skipped,
+    Invalid(String),
+}
+
+/// Imports `paths` with `jobs` files in flight.
+pub fn run(cfg: &Config, paths: &[PathBuf], jobs: usize) -> Result<Summary, ImportError> {
+    let files = collect_files(paths)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let ledger = match Ledger::open(&cfg.ledger.path) {
+        Ok(l) => l,
+        Err(LedgerError::Open { source, .. })
+            if source.to_string().to_ascii_lowercase().contains("lock") =>
+        {
+            return Err(ImportError::NodeRunning(
+                cfg.ledger.path.display().to_string(),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let result = rt.block_on(async {
+        let store = Store::open(&cfg.store).await?;
+        let pipeline = Pipeline::new(
+            ledger.clone(),
+            store,
+            cfg.store.timeout(),
+            cfg.node.max_metadata_bytes,
+        );
+        Ok::<_, ImportError>(
+            import_all(
+                pipeline,
+                ledger.clone(),
+                cfg.node.ae_title.clone(),
+                files,
+                jobs,
+            )
+            .await,
+        )
+    });
+    ledger.close();
+    result
+}
+
+async fn import_all(
+    pipeline: Pipeline,
+    ledger: Ledger,
+    called_ae: String,
+    files: Vec<PathBuf>,
+    jobs: usize,
+) -> Summary {
+    let started = Instant::now();
+    let total_bytes: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let total = files.len() as u64;
+    let done_bytes = Arc::new(AtomicU64::new(0));
+    let progress = std::io::stderr().is_terminal();
+    let mut summary = Summary::default();
+    // One task per file in flight, so files are split and hashed on every core.
+    let mut results = futures_util::stream::iter(files.into_iter().map(|path| {
+        let (done_bytes, pipeline, ledger, called_ae) = (
+            done_bytes.clone(),
+            pipeline.clone(),
+            ledger.clone(),
+            called_ae.clone(),
+        );
+        tokio::spawn(async move {
+            let done = import_file(&pipeline, &ledger, &called_ae, &path).await;
+            if let Ok(m) = std::fs::metadata(&path) {
+                done_bytes.fetch_add(m.len(), Ordering::Relaxed);
+            }
+            (path, done)
+        })
+    }))
+    .buffer_unordered(jobs.max(1));
+    let mut n = 0u64;
+    while let Some(joined) = results.next().await {
+        let (path, done) = match joined {
+            Ok(r) => r,
+            Err(e) => (
+                PathBuf::from("?"),
+                Done::Invalid(format!("import task failed: {e}")),
+            ),
+        };
+        n += 1;
+        match done {
+            Done::Imported(StoreOutcome::Stored { version: 1, .. }) => summary.imported += 1,
+            Done::Imported(StoreOutcome::Stored { .. }) => summary.new_versions += 1,
+            Done::Imported(StoreOutcome::Duplicate { .. }) | Done::Skipped => summary.skipped += 1,
+            Done::Invalid(why) => summary.invalid.push((path, why)),
+        }
+        if progress && (n % 16 == 0 || n == total) {
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            let bytes = done_bytes.load(Ordering::Relaxed);
+            let rate = bytes as f64 / secs;
+            let eta = if rate > 0.0 {
+                (total_bytes.saturating_sub(bytes)) as f64 / rate
+            } else {
+                0.0
+            };
+            eprint!(
+                "\rimport: {n}/{total} files, {:.1} MB/s, ETA {:.0} s   ",
+                rate / 1e6,
+                eta
+            );
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    summary.bytes = done_bytes.load(Ordering::Relaxed);
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary
+}
+
+/// Reads the first bytes of a file: enough for any real file meta group.
+fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(64 * 1024);
+    std::fs::File::open(path)?
+        .take(64 * 1024 + 132)
+        .read_to_end(&mut head)?;
+    Ok(head)
+}
+
+async fn import_file(pipeline: &Pipeline, ledger: &Ledger, called_ae: &str, path: &Path) -> Done {
+    let head = match read_head(path) {
+        Ok(h) => h,
+        Err(e) => return Done::Invalid(format!("cannot read: {e}")),
+    };
+    let header = match parse_header(&head) {
+        Ok(h) => h,
+        Err(why) => return Done::Invalid(why),
+    };
+    // Resumable: the same data set already on the ledger is not stored again.
+    match dataset_digest(path, header.dataset_offset).await {
+        Ok(digest) => {
+            if let Ok(Some(e)) = ledger.latest(&header.sop_instance_uid) {
+                if e.dataset_sha256 == digest {
+                    return Done::Skipped;
+                }
+            }
+        }
+        Err(e) => return Done::Invalid(format!("cannot read: {e}")),
+    }
+    let mut incoming = pipeline.begin(&header.transfer_syntax);
+    let mut file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) => return Done::Invalid(format!("cannot read: {e}")),
+    };
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    if let Err(e) = file
+        .seek(std::io::SeekFrom::Start(header.dataset_offset as u64))
+        .await
+    {
+        return Done::Invalid(format!("cannot read: {e}"));
+    }
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match file.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                incoming.abort().await;
+                return Done::Invalid(format!("cannot read: {e}"));
+            }
+        };
+        if let Err(e) = incoming.feed(&buf[..n]).await {
+            incoming.abort().await;
+            return Done::Invalid(e.to_string());
+        }
+    }
+    let ctx = StoreContext {
+        calling_ae: IMPORT_AE.into(),
+        called_ae: called_ae.into(),
+        sop_class_uid: header.sop_class_uid,
+        sop_instance_uid: header.sop_instance_uid,
+    };
+    match incoming.finish(&ctx).await {
+        Ok(stored) => Done::Imported(stored.outcome),
+        Err(e) => Done::Invalid(e.to_string()),
+    }
+}
+
+/// SHA-256 of the data set part of a file (what the ledger records as `dataset_sha256`).
+async fn dataset_digest(path: &Path, offset: usize) -> std::io::Result<[u8; 32]> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::File::open(&path)?;
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset as u64))?;
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+        }
+        Ok(hash.finalize().into())
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn element(out: &mut Vec<u8>, elem: u16, vr: &[u8; 2], value: &[u8]) {
+        out.extend_from_slice(&0x0002u16.to_le_bytes());
+        out.extend_from_slice(&elem.to_le_bytes());
+        out.extend_from_slice(vr);
+        if vr == b"OB" {
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        } else {
+            out.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        }
+        out.extend_from_slice(value);
+    }
+
+    fn file() -> Vec<u8> {
+        let mut f = vec![0u8; 128];
+        f.extend_from_slice(b"DICM");
+        element(&mut f, 0x0001, b"OB", &[0, 1]);
+        element(&mut f, 0x0002, b"UI", b"1.2.840.10008.5.1.4.1.1.2\0");
+        element(&mut f, 0x0003, b"UI", b"1.2.3.4 ");
+        element(&mut f, 0x0010, b"UI", b"1.2.840.10008.1.2.1\0");
+        f.extend_from_slice(&[0x08, 0x00, 0x16, 0x00]);
+        f
+    }
+
+    #[test]
+    fn the_header_gives_syntax_uids_and_where_the_data_set_starts() {
+        let f = file();
+        let h = parse_header(&f).unwrap();
+        assert_eq!(h.transfer_syntax, "1.2.840.10008.1.2.1");
+        assert_eq!(h.sop_class_uid, "1.2.840.10008.5.1.4.1.1.2");
+        assert_eq!(h.sop_instance_uid, "1.2.3.4");
+        assert_eq!(&f[h.dataset_offset..h.dataset_offset + 2], &[0x08, 0x00]);
+    }
+
+    #[test]
+    fn broken_headers_say_why() {
+        assert!(parse_header(b"hello").unwrap_err().contains("not a DICOM"));
+        let f = file();
+        let e = parse_header(&f[..150]).unwrap_err();
+        assert!(
+            e.contains("cut short") || e.contains("Transfer Syntax"),
+            "{e}"
+        );
+        let e = parse_header(&f[..140]).unwrap_err();
+        assert!(e.contains("cut short"), "{e}");
+        let mut no_ts = vec![0u8; 128];
+        no_ts.extend_from_slice(b"DICM");
+        element(&mut no_ts, 0x0002, b"UI", b"1.2\0");
+        element(&mut no_ts, 0x0003, b"UI", b"1.3\0");
+        assert!(parse_header(&no_ts)
+            .unwrap_err()
+            .contains("Transfer Syntax"));
+    }
+
+    #[test]
+    fn folders_are_walked_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("b/c")).unwrap();
+        for p in ["a", "b/c/d", "b/e"] {
+            std::fs::write(dir.path().join(p), b"x").unwrap();
+        }
+        let got = collect_files(&[dir.path().to_path_buf()]).unwrap();
+        let rel: Vec<String> = got
+            .iter()
+            .map(|p| p.strip_prefix(dir.path()).unwrap().display().to_string())
+            .collect();
+        assert_eq!(rel, vec!["a", "b/c/d", "b/e"]);
+        assert!(collect_files(&[dir.path().join("missing")]).is_err());
+    }
+}
