@@ -185,3 +185,132 @@ fn import_migrates_a_folder_names_bad_files_and_resumes() {
         assert!(got.dataset == want.dataset, "{}", got.sop_instance_uid);
     }
 }
+
+/// The backticked UIDs of the table rows in the part of `doc` between two headings.
+fn uids_between(doc: &str, from: &str, to: &str) -> std::collections::BTreeSet<String> {
+    let start = doc.find(from).unwrap_or_else(|| panic!("no {from:?}"));
+    let end = start + doc[start..].find(to).unwrap_or_else(|| panic!("no {to:?}"));
+    doc[start..end]
+        .lines()
+        .filter(|l| l.starts_with('|'))
+        .filter_map(|l| l.split('`').nth(1))
+        .filter(|u| u.starts_with("1.2.840.10008."))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Proposes each (abstract syntax, transfer syntaxes) as its own context, at most 100 per
+/// association; returns the accepted (abstract syntax, transfer syntax) pairs.
+fn accepted(node: &Node, proposals: &[(String, Vec<String>)]) -> Vec<(String, String)> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut out = Vec::new();
+    for chunk in proposals.chunks(100) {
+        rt.block_on(async {
+            let scu = dicomchain::dimse::scu::Scu::connect(
+                "127.0.0.1",
+                node.port,
+                "CONFORMANCE",
+                crate::support::AE,
+                chunk,
+                65536,
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("association");
+            out.extend(
+                scu.contexts
+                    .iter()
+                    .map(|c| (c.abstract_syntax.clone(), c.transfer_syntax.clone())),
+            );
+            scu.release(Duration::from_secs(5)).await;
+        });
+    }
+    out
+}
+
+#[test]
+fn conformance_statement_is_what_the_node_accepts() {
+    use dicom_encoding::TransferSyntaxIndex;
+    use std::collections::BTreeSet;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/CONFORMANCE.md")).unwrap();
+    let classes = uids_between(&doc, "### 2.3 SOP Classes as SCP", "### 2.4");
+    let syntaxes = uids_between(&doc, "#### 2.4.2", "### 2.5");
+    let universe: BTreeSet<String> =
+        std::fs::read_to_string(root.join("tests/support/sop_classes.tsv"))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split('\t').next())
+            .map(str::to_string)
+            .collect();
+    assert!(classes.len() > 100, "{} classes parsed", classes.len());
+    assert!(
+        classes.is_subset(&universe),
+        "listed but not a standard SOP Class: {:?}",
+        classes.difference(&universe).collect::<Vec<_>>()
+    );
+    let node = Node::start();
+    // Every SOP Class of the dictionary (and one that is not): accepted exactly when listed.
+    let uncompressed = vec![
+        "1.2.840.10008.1.2.1".to_string(),
+        "1.2.840.10008.1.2".to_string(),
+    ];
+    let mut proposals: Vec<(String, Vec<String>)> = universe
+        .iter()
+        .map(|u| (u.clone(), uncompressed.clone()))
+        .collect();
+    proposals.push((
+        "1.2.826.0.1.3680043.10.1474.99".into(),
+        uncompressed.clone(),
+    ));
+    let got: BTreeSet<String> = accepted(&node, &proposals)
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    assert_eq!(
+        got.symmetric_difference(&classes).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "accepted SOP Classes differ from docs/CONFORMANCE.md 2.3"
+    );
+    // Every transfer syntax the registry knows (and one it does not), for CT storage.
+    let mut candidates: Vec<String> = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .iter()
+        .map(|ts| ts.uid().trim_end_matches('\0').to_string())
+        .collect();
+    candidates.push("1.2.840.10008.1.2.4.999".into());
+    let ct = "1.2.840.10008.5.1.4.1.1.2".to_string();
+    let proposals: Vec<(String, Vec<String>)> = candidates
+        .iter()
+        .map(|ts| (ct.clone(), vec![ts.clone()]))
+        .collect();
+    let got: BTreeSet<String> = accepted(&node, &proposals)
+        .into_iter()
+        .map(|(_, ts)| ts)
+        .collect();
+    assert_eq!(
+        got.symmetric_difference(&syntaxes).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "accepted storage transfer syntaxes differ from docs/CONFORMANCE.md 2.4.2"
+    );
+    // Query/Retrieve and Verification: uncompressed syntaxes only.
+    let jpeg = vec!["1.2.840.10008.1.2.4.50".to_string()];
+    let got = accepted(
+        &node,
+        &[
+            ("1.2.840.10008.5.1.4.1.2.2.1".into(), jpeg.clone()),
+            ("1.2.840.10008.1.1".into(), jpeg),
+            (
+                "1.2.840.10008.5.1.4.1.2.2.2".into(),
+                vec!["1.2.840.10008.1.2.2".into()],
+            ),
+        ],
+    );
+    assert_eq!(
+        got,
+        vec![(
+            "1.2.840.10008.5.1.4.1.2.2.2".to_string(),
+            "1.2.840.10008.1.2.2".to_string()
+        )]
+    );
+}
