@@ -57,6 +57,30 @@ pub struct Config {
     pub forward: Vec<ForwardRule>,
     #[serde(default)]
     pub forwarding: ForwardingConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the node's HTTP listener for operators: `GET /metrics` (Prometheus) and
+/// `GET /health`. Keep it on loopback or a management network.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address and port, e.g. "127.0.0.1:8787"; empty = no admin listener.
+    #[serde(default)]
+    pub listen: String,
+}
+
+impl AdminConfig {
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen
+            .parse()
+            .map(Some)
+            .map_err(|_| invalid("admin.listen", "must be ADDRESS:PORT, e.g. 127.0.0.1:8787"))
+    }
 }
 
 /// `[[forward]]`: one routing rule. An empty condition list matches anything; a rule matches
@@ -638,6 +662,7 @@ impl Config {
                 ));
             }
         }
+        self.admin.listen_addr()?;
         let f = &self.forwarding;
         if !(0..=19).contains(&f.niceness) {
             return Err(invalid("forwarding.niceness", "must be between 0 and 19"));
@@ -718,6 +743,7 @@ impl Config {
             "\n[forwarding]\nmax_attempts = {}\nretry_initial_ms = {}\nretry_max_secs = {}\nidle_release_secs = {}\nniceness = {}\nyield_to_ingest_secs = {}\n",
             f.max_attempts, f.retry_initial_ms, f.retry_max_secs, f.idle_release_secs, f.niceness, f.yield_to_ingest_secs
         );
+        out += &format!("\n[admin]\nlisten = {:?}\n", self.admin.listen);
         for r in &self.forward {
             out += &format!(
                 "\n[[forward]]\ndestination = {:?}\ncalling_ae = {:?}\ncalled_ae = {:?}\nmodality = {:?}\nsop_class = {:?}\n",

@@ -31,6 +31,7 @@ pub mod import;
 pub mod ingest;
 pub mod instance;
 pub mod ledger;
+pub mod metrics;
 pub mod node;
 pub mod notify;
 pub mod retrieve;

@@ -96,6 +96,23 @@ pub async fn run(
         },
         node: cfg.node.clone(),
     });
+    let admin = match cfg.admin.listen_addr()? {
+        Some(addr) => {
+            let l = crate::metrics::bind_admin(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            info!(listen = %addr, "admin listener: /metrics, /health");
+            Some(tokio::spawn(crate::metrics::serve_admin(
+                l,
+                ledger.clone(),
+                ctx.services.store.clone(),
+            )))
+        }
+        None => None,
+    };
     info!(ae_title = %cfg.node.ae_title, listen = %local, "listening");
     crate::notify::notify(&format!(
         "READY=1\nSTATUS=listening on {local} as {}",
@@ -108,6 +125,9 @@ pub async fn run(
     crate::dimse::listener::run(listener, ctx, shutdown).await;
     // What is not recorded as delivered stays queued for the next start.
     forwarder.stop(std::time::Duration::from_secs(10)).await;
+    if let Some(a) = admin {
+        a.abort();
+    }
     ledger.close();
     info!("ledger closed; node stopped");
     Ok(())

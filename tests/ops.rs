@@ -314,3 +314,93 @@ fn conformance_statement_is_what_the_node_accepts() {
         )]
     );
 }
+
+/// A plain HTTP/1.1 GET: (status, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
+}
+
+fn metrics(port: u16) -> std::collections::BTreeMap<String, f64> {
+    let (status, body) = http_get(port, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+        .collect()
+}
+
+#[test]
+fn metrics_count_what_happened_and_health_follows_the_object_store() {
+    use crate::support::s3server::S3Server;
+    let root = tempfile::tempdir().unwrap();
+    let mut server = S3Server::start(root.path());
+    let admin = crate::support::free_port();
+    let listen = format!("127.0.0.1:{admin}");
+    let node = Node::start_with(
+        &[
+            ("DICOMCHAIN__STORE__BACKEND", "s3"),
+            ("DICOMCHAIN__STORE__S3__ENDPOINT", &server.endpoint),
+            ("DICOMCHAIN__STORE__S3__BUCKET", &server.bucket),
+            ("DICOMCHAIN__STORE__S3__ACCESS_KEY", &server.access_key),
+            ("DICOMCHAIN__STORE__S3__SECRET_KEY", &server.secret_key),
+            ("DICOMCHAIN__STORE__TIMEOUT_SECS", "5"),
+            ("DICOMCHAIN__ADMIN__LISTEN", &listen),
+        ],
+        "",
+    );
+    assert_eq!(http_get(admin, "/health"), (200, "ready\n".to_string()));
+    assert_eq!(http_get(admin, "/nothing").0, 404);
+    let tmp = tempfile::tempdir().unwrap();
+    let files = crate::support::make_series(&tmp.path().join("mr"), "MR", 5, 64, &[]);
+    assert_ok(&node.storescu(&[], &files), "storescu");
+    assert_ok(&node.echoscu(), "echoscu");
+    let m = metrics(admin);
+    assert_eq!(m["dicomchain_instances_stored_total"], 5.0, "{m:?}");
+    assert_eq!(m["dicomchain_store_duration_seconds_count"], 5.0);
+    assert_eq!(
+        m["dicomchain_store_duration_seconds_bucket{le=\"+Inf\"}"],
+        5.0
+    );
+    assert!(m["dicomchain_associations_total"] >= 2.0);
+    assert_eq!(m["dicomchain_instances_failed_total"], 0.0);
+    let sent: u64 = files
+        .iter()
+        .map(|f| crate::support::read_part10(f).unwrap().dataset.len() as u64)
+        .sum();
+    assert!(m["dicomchain_bytes_received_total"] >= sent as f64, "{m:?}");
+    assert_eq!(m["dicomchain_ledger_entries"], 5.0);
+
+    // The object store goes away: not ready, and a C-STORE fails and is counted.
+    server.stop();
+    let (status, body) = http_get(admin, "/health");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("object store"), "{body}");
+    let more = crate::support::make_series(&tmp.path().join("more"), "MR", 1, 32, &[]);
+    let _ = node.storescu(&[], &more);
+    let m = metrics(admin);
+    assert_eq!(m["dicomchain_instances_failed_total"], 1.0, "{m:?}");
+    assert_eq!(m["dicomchain_object_store_errors_total"], 1.0);
+    server.restart();
+    assert_eq!(http_get(admin, "/health").0, 200);
+}

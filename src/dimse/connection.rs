@@ -106,6 +106,9 @@ impl Connection {
             self.got += n;
         }
         self.got = 0;
+        crate::metrics::global()
+            .bytes_in
+            .fetch_add(self.buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let length = (self.buf.len() - 6) as u32;
         // The length was checked above; the codec's own bound is the protocol maximum.
         let bound = length.clamp(
@@ -126,7 +129,14 @@ impl Connection {
         let socket = self.socket.get_mut();
         match tokio::time::timeout(self.io_timeout, socket.write_all(&self.write_buf)).await {
             Err(_) => Err(ConnError::Timeout(self.io_timeout)),
-            Ok(r) => Ok(r?),
+            Ok(r) => {
+                r?;
+                crate::metrics::global().bytes_out.fetch_add(
+                    self.write_buf.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                Ok(())
+            }
         }
     }
 

@@ -7,6 +7,7 @@
 //! usable. Protocol violations (PDV on an unknown context, data without command, oversized PDU)
 //! end the association with an A-ABORT.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +65,19 @@ pub async fn serve(socket: TcpStream, ctx: Arc<NodeContext>, shutdown: watch::Re
                 return;
             }
         };
+        let metrics = crate::metrics::global();
+        metrics.associations_total.fetch_add(1, Relaxed);
+        metrics.associations_open.fetch_add(1, Relaxed);
+        /// Counts the association as open until it ends, however it ends.
+        struct Open;
+        impl Drop for Open {
+            fn drop(&mut self) {
+                crate::metrics::global()
+                    .associations_open
+                    .fetch_sub(1, Relaxed);
+            }
+        }
+        let _open = Open;
         tracing::Span::current().record("calling", negotiated.calling_ae.as_str());
         tracing::Span::current().record("called", negotiated.called_ae.as_str());
         info!(contexts = negotiated.contexts.len(), "association accepted");
@@ -111,6 +125,9 @@ async fn accept(conn: &mut Connection, ctx: &NodeContext) -> Option<Negotiated> 
         }
         Err(rj) => {
             info!(calling = %rq.calling_ae_title.trim(), called = %rq.called_ae_title.trim(), reason = ?rj.source, "association rejected");
+            crate::metrics::global()
+                .associations_rejected
+                .fetch_add(1, Relaxed);
             let _ = conn.send(&Pdu::AssociationRJ(rj)).await;
             None
         }
@@ -174,6 +191,7 @@ enum Next {
 }
 
 struct StoreInProgress {
+    started: std::time::Instant,
     context_id: u8,
     message_id: u16,
     context: StoreContext,
@@ -540,6 +558,7 @@ impl Association {
                     .is_none()
                     .then(|| self.ctx.pipeline.begin(&pc.transfer_syntax));
                 self.state = State::Store(Box::new(StoreInProgress {
+                    started: std::time::Instant::now(),
                     context_id,
                     message_id,
                     context: StoreContext {
@@ -643,6 +662,13 @@ impl Association {
             }
             (None, Some(incoming)) => match incoming.finish(&op.context).await {
                 Ok(stored) => {
+                    let m = crate::metrics::global();
+                    match stored.outcome {
+                        StoreOutcome::Stored { .. } => m.instances_stored.fetch_add(1, Relaxed),
+                        StoreOutcome::Duplicate { .. } => {
+                            m.instances_duplicate.fetch_add(1, Relaxed)
+                        }
+                    };
                     match stored.outcome {
                         StoreOutcome::Stored { seq, version } => {
                             info!(
@@ -660,6 +686,11 @@ impl Association {
                 }
                 Err(e) => {
                     warn!(error = %e, "C-STORE failed");
+                    if matches!(e, crate::ingest::IngestError::Store(_)) {
+                        crate::metrics::global()
+                            .object_store_errors
+                            .fetch_add(1, Relaxed);
+                    }
                     Err(status::store_failure(&e))
                 }
             },
@@ -671,6 +702,7 @@ impl Association {
             .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, op.message_id)
             .u16(tag::COMMAND_DATA_SET_TYPE, NO_DATA_SET)
             .uid(tag::AFFECTED_SOP_INSTANCE_UID, &op.context.sop_instance_uid);
+        crate::metrics::global().observe_store(op.started.elapsed());
         match result {
             Ok(()) => {
                 self.stored += 1;
@@ -678,6 +710,9 @@ impl Association {
             }
             Err(f) => {
                 self.failed += 1;
+                crate::metrics::global()
+                    .instances_failed
+                    .fetch_add(1, Relaxed);
                 rsp = rsp.u16(tag::STATUS, f.status).text(
                     tag::ERROR_COMMENT,
                     &f.comment,
