@@ -77,6 +77,36 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         jobs: usize,
     },
+    /// C-ECHO a peer: TARGET is AE@host:port or a [peers.NAME] name.
+    Echo { target: String },
+    /// C-STORE Part 10 files and folders to a peer, each data set exactly as in its file.
+    Store {
+        target: String,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// C-FIND on a peer; prints every match. Keys as findscu: -k QueryRetrieveLevel=STUDY -k PatientID=X
+    Find {
+        target: String,
+        /// Patient Root (default: Study Root).
+        #[arg(short = 'P', long)]
+        patient_root: bool,
+        /// KEY=VALUE (keyword or gggg,eeee); KEY alone asks for it to be returned.
+        #[arg(short = 'k', long = "key", required = true)]
+        keys: Vec<String>,
+    },
+    /// C-MOVE on a peer to a destination AE; prints progress.
+    Move {
+        target: String,
+        /// Move destination AE title (must be known to the peer).
+        #[arg(long)]
+        dest: String,
+        /// Patient Root (default: Study Root).
+        #[arg(short = 'P', long)]
+        patient_root: bool,
+        #[arg(short = 'k', long = "key", required = true)]
+        keys: Vec<String>,
+    },
     /// Store-and-forward: the queue of each destination, and re-queueing of given-up items.
     Forward {
         #[command(subcommand)]
@@ -118,6 +148,19 @@ fn main() -> ExitCode {
         Command::Serve => serve(cfg),
         Command::Forward { action } => run_forward(cfg, action),
         Command::Import { paths, jobs } => run_import(cfg, &paths, jobs),
+        Command::Echo { target } => run_client(cfg, Client::Echo, &target),
+        Command::Store { target, paths } => run_client(cfg, Client::Store(paths), &target),
+        Command::Find {
+            target,
+            patient_root,
+            keys,
+        } => run_client(cfg, Client::Find(!patient_root, keys), &target),
+        Command::Move {
+            target,
+            dest,
+            patient_root,
+            keys,
+        } => run_client(cfg, Client::Move(!patient_root, dest, keys), &target),
         Command::Verify {
             ledger_only,
             verifier_key,
@@ -199,6 +242,90 @@ fn run_verify(cfg: Config, ledger_only: bool, verifier_key: Option<String>) -> E
         }
         Err(e) => {
             eprintln!("dicomchain: verify could not run: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+enum Client {
+    Echo,
+    Store(Vec<PathBuf>),
+    Find(bool, Vec<String>),
+    Move(bool, String, Vec<String>),
+}
+
+/// The SCU commands: exit 0 on success, 1 on a failure status, 2 when it could not run.
+fn run_client(cfg: Config, what: Client, target: &str) -> ExitCode {
+    use dicomchain::client;
+    let target = match client::Target::resolve(&cfg, target) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("dicomchain: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dicomchain: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let ok = |status: u16| status == 0 || (0xB000..=0xBFFF).contains(&status);
+    let result: Result<bool, client::ClientError> = rt.block_on(async {
+        match what {
+            Client::Echo => {
+                let (status, t) = client::echo(&cfg, &target).await?;
+                println!(
+                    "C-ECHO {}@{}:{}: status {status:04X} in {:.1} ms",
+                    target.ae_title,
+                    target.host,
+                    target.port,
+                    t.as_secs_f64() * 1000.0
+                );
+                Ok(ok(status))
+            }
+            Client::Store(paths) => {
+                let sent = client::store(&cfg, &target, &paths).await?;
+                let mut good = 0;
+                for s in &sent {
+                    match &s.result {
+                        Ok(status) if ok(*status) => good += 1,
+                        Ok(status) => eprintln!("FAILED {}: status {status:04X}", s.path.display()),
+                        Err(why) => eprintln!("FAILED {}: {why}", s.path.display()),
+                    }
+                }
+                println!("stored {good} of {} file(s)", sent.len());
+                Ok(good == sent.len())
+            }
+            Client::Find(study_root, keys) => {
+                let mut n = 0;
+                let (count, status) = client::find(&cfg, &target, study_root, &keys, |m| {
+                    n += 1;
+                    println!("# match {n}\n{m}");
+                })
+                .await?;
+                println!("{count} match(es), final status {status:04X}");
+                Ok(status == 0)
+            }
+            Client::Move(study_root, dest, keys) => {
+                let (status, [_, completed, failed, warning]) =
+                    client::move_to(&cfg, &target, study_root, &dest, &keys, |[r, c, f, w]| {
+                        eprintln!("remaining {r}, completed {c}, failed {f}, warning {w}")
+                    })
+                    .await?;
+                println!(
+                    "C-MOVE to {dest}: status {status:04X}: completed {completed}, failed {failed}, warning {warning}"
+                );
+                Ok(status == 0)
+            }
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("dicomchain: {e}");
             ExitCode::from(2)
         }
     }

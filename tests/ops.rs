@@ -404,3 +404,113 @@ fn metrics_count_what_happened_and_health_follows_the_object_store() {
     server.restart();
     assert_eq!(http_get(admin, "/health").0, 200);
 }
+
+#[test]
+fn scu_commands_talk_to_orthanc_and_to_the_node() {
+    let orthanc = crate::support::Orthanc::start();
+    let scp = crate::support::Storescp::start();
+    let node = Node::start_with(
+        &[],
+        &format!(
+            "[peers.copy]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n",
+            scp.port
+        ),
+    );
+    let run = |args: &[&str]| {
+        let out = node.command().args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let orthanc_at = format!("ORTHANC@127.0.0.1:{}", orthanc.dicom_port);
+    let node_at = format!("{}@127.0.0.1:{}", crate::support::AE, node.port);
+
+    let (code, out, err) = run(&["echo", &orthanc_at]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("status 0000"), "{out}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let files = crate::support::make_series(&tmp.path().join("mr"), "MR", 3, 32, &[]);
+    let dir = tmp.path().join("mr");
+    for target in [&orthanc_at, &node_at] {
+        let (code, out, err) = run(&["store", target, dir.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        assert!(out.contains("stored 3 of 3"), "{out}");
+    }
+    let held = orthanc.instances();
+    for f in &files {
+        let p = crate::support::read_part10(f).unwrap();
+        assert_eq!(
+            held.get(&p.sop_instance_uid),
+            Some(&crate::support::sha256_hex(&p.dataset)),
+            "Orthanc holds the data set as sent"
+        );
+    }
+
+    // C-FIND on both: one study for the generated patient.
+    let mut study = String::new();
+    for target in [&orthanc_at, &node_at] {
+        let (code, out, err) = run(&[
+            "find",
+            target,
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "PatientID=PID0001",
+            "-k",
+            "StudyInstanceUID",
+        ]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        assert!(out.contains("1 match(es), final status 0000"), "{out}");
+        let uid = out
+            .lines()
+            .find_map(|l| l.split("StudyInstanceUID = ").nth(1))
+            .unwrap_or_else(|| panic!("{out}"))
+            .to_string();
+        assert!(!uid.is_empty());
+        if !study.is_empty() {
+            assert_eq!(uid, study, "same study on both");
+        }
+        study = uid;
+    }
+
+    // C-MOVE from the node to storescp.
+    let (code, out, err) = run(&[
+        "move",
+        &node_at,
+        "--dest",
+        "STORESCP",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        &format!("StudyInstanceUID={study}"),
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("completed 3, failed 0"), "{out}");
+    assert_eq!(scp.received().len(), 3);
+
+    // Clear errors: an unknown peer name, an unreachable one, a refused move destination.
+    let (code, _, err) = run(&["echo", "nobody"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("copy"), "known peers are named: {err}");
+    let (code, _, err) = run(&[
+        "echo",
+        &format!("X@127.0.0.1:{}", crate::support::free_port()),
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot connect"), "{err}");
+    let (code, out, _) = run(&[
+        "move",
+        &node_at,
+        "--dest",
+        "UNKNOWN",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        &format!("StudyInstanceUID={study}"),
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("status A801"), "{out}");
+}

@@ -9,7 +9,7 @@ use dicom_ul::pdu::{
 };
 use tokio::net::TcpStream;
 
-use super::command::{field, store_rq, tag, Command};
+use super::command::{field, store_rq, tag, Command, CommandBuilder, NO_DATA_SET};
 use super::connection::{ConnError, Connection};
 use super::negotiate::{
     APPLICATION_CONTEXT, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, PEER_UNLIMITED_CAP,
@@ -256,6 +256,119 @@ impl Scu {
             .await
             .map_err(StreamError::Peer)?;
         store_status(&rsp, message_id).map_err(StreamError::Peer)
+    }
+
+    /// Sends a request: a command (`build` adds its fields to the Affected SOP Class UID,
+    /// Command Field, Message ID and Data Set Type) and its data set, if any. Returns its message
+    /// ID.
+    pub async fn request(
+        &mut self,
+        context_id: u8,
+        command_field: u16,
+        sop_class_uid: &str,
+        data: Option<Vec<u8>>,
+        build: impl FnOnce(CommandBuilder) -> CommandBuilder,
+    ) -> Result<u16, ScuError> {
+        let message_id = self.next_message_id;
+        self.next_message_id = self.next_message_id.wrapping_add(1).max(1);
+        let rq = build(
+            CommandBuilder::new()
+                .uid(tag::AFFECTED_SOP_CLASS_UID, sop_class_uid)
+                .u16(tag::COMMAND_FIELD, command_field)
+                .u16(tag::MESSAGE_ID, message_id)
+                .u16(
+                    tag::COMMAND_DATA_SET_TYPE,
+                    if data.is_some() { 0x0001 } else { NO_DATA_SET },
+                ),
+        )
+        .encode();
+        match data {
+            Some(d) => {
+                self.conn
+                    .send_message(context_id, rq, d, self.peer_max_pdu)
+                    .await?
+            }
+            None => self.conn.send_command(context_id, rq).await?,
+        }
+        Ok(message_id)
+    }
+
+    /// Receives the next message: its command, the context it came on, and its data set if
+    /// the command announces one.
+    pub async fn receive_message(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<(u8, Command, Option<Vec<u8>>), ScuError> {
+        let mut command = Vec::new();
+        let mut data = Vec::new();
+        let mut cmd: Option<(u8, Command)> = None;
+        loop {
+            match self.conn.receive(timeout).await? {
+                Pdu::PData { data: pdvs } => {
+                    for pdv in pdvs {
+                        match (&cmd, pdv.value_type) {
+                            (None, PDataValueType::Command) => {
+                                command.extend_from_slice(&pdv.data);
+                                if command.len() > 64 * 1024 {
+                                    return Err(ScuError::Protocol("command too large".into()));
+                                }
+                                if pdv.is_last {
+                                    let c = Command::decode(&command).map_err(|e| {
+                                        ScuError::Protocol(format!("bad command: {e}"))
+                                    })?;
+                                    if !c.has_data_set().unwrap_or(false) {
+                                        return Ok((pdv.presentation_context_id, c, None));
+                                    }
+                                    cmd = Some((pdv.presentation_context_id, c));
+                                }
+                            }
+                            (Some(_), PDataValueType::Data) => {
+                                data.extend_from_slice(&pdv.data);
+                                if pdv.is_last {
+                                    let (ctx, c) = cmd.take().expect("command before data");
+                                    return Ok((ctx, c, Some(std::mem::take(&mut data))));
+                                }
+                            }
+                            _ => {
+                                return Err(ScuError::Protocol(
+                                    "data set and command fragments out of order".into(),
+                                ))
+                            }
+                        }
+                    }
+                }
+                Pdu::AbortRQ { .. } => return Err(ScuError::Protocol("peer aborted".into())),
+                other => return Err(ScuError::Protocol(format!("unexpected PDU {other:?}"))),
+            }
+        }
+    }
+
+    /// Answers a C-STORE-RQ the peer sent us (a C-GET sub-operation).
+    pub async fn store_response(
+        &mut self,
+        context_id: u8,
+        rq: &Command,
+        status: u16,
+    ) -> Result<(), ScuError> {
+        let rsp = CommandBuilder::new()
+            .uid(
+                tag::AFFECTED_SOP_CLASS_UID,
+                &rq.string(tag::AFFECTED_SOP_CLASS_UID).unwrap_or_default(),
+            )
+            .u16(tag::COMMAND_FIELD, field::C_STORE_RSP)
+            .u16(
+                tag::MESSAGE_ID_BEING_RESPONDED_TO,
+                rq.message_id().unwrap_or(0),
+            )
+            .u16(tag::COMMAND_DATA_SET_TYPE, NO_DATA_SET)
+            .uid(
+                tag::AFFECTED_SOP_INSTANCE_UID,
+                &rq.string(tag::AFFECTED_SOP_INSTANCE_UID)
+                    .unwrap_or_default(),
+            )
+            .u16(tag::STATUS, status)
+            .encode();
+        Ok(self.conn.send_command(context_id, rsp).await?)
     }
 
     async fn receive_command(&mut self, timeout: Duration) -> Result<Command, ScuError> {

@@ -371,7 +371,7 @@ impl Orthanc {
             "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": false,
             "AuthenticationEnabled": false, "DicomCheckCalledAet": false,
             "DicomAlwaysAllowStore": true, "DicomAlwaysAllowEcho": true,
-            "UnknownSopClassAccepted": true,
+            "DicomAlwaysAllowFind": true, "UnknownSopClassAccepted": true,
         });
         std::fs::write(dir.path().join("orthanc.json"), cfg.to_string()).unwrap();
         let mut o = Orthanc {

@@ -1,0 +1,418 @@
+//! `dicomchain echo|store|find|move`: a DICOM SCU for administrators without DCMTK at hand,
+//! against a configured peer (`--peer NAME`) or `AE@host:port`, with findscu/movescu-like keys
+//! (`-k QueryRetrieveLevel=STUDY -k PatientID=X`). Calls with our AE title as calling AE.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+use dicom_core::{PrimitiveValue, Tag, VR};
+use dicom_dictionary_std::StandardDataDictionary;
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_object::mem::InMemElement;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+
+use crate::config::Config;
+use crate::dimse::command::{field, tag};
+use crate::dimse::scu::Scu;
+use crate::import::parse_header;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+const VERIFICATION: &str = "1.2.840.10008.1.1";
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Scu(#[from] crate::dimse::scu::ScuError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer accepted no presentation context for {0}")]
+    NoContext(String),
+}
+
+/// Who to talk to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub ae_title: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Target {
+    /// `AE@host:port`, or the name of a `[peers.NAME]` entry.
+    pub fn resolve(cfg: &Config, spec: &str) -> Result<Target, ClientError> {
+        if let Some(p) = cfg.peers.get(spec) {
+            return Ok(Target {
+                ae_title: p.ae_title.clone(),
+                host: p.host.clone(),
+                port: p.port,
+            });
+        }
+        let bad = || {
+            ClientError::Usage(format!(
+                "{spec:?} is neither AE@host:port nor a [peers.NAME] name (known: {})",
+                cfg.peers.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        };
+        let (ae, addr) = spec.split_once('@').ok_or_else(bad)?;
+        let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+        let port = port.parse().map_err(|_| bad())?;
+        if !crate::config::valid_ae_title(ae) || host.is_empty() {
+            return Err(bad());
+        }
+        Ok(Target {
+            ae_title: ae.to_string(),
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    async fn connect(
+        &self,
+        cfg: &Config,
+        proposals: &[(String, Vec<String>)],
+    ) -> Result<Scu, ClientError> {
+        Ok(Scu::connect(
+            &self.host,
+            self.port,
+            &cfg.node.ae_title,
+            &self.ae_title,
+            proposals,
+            cfg.node.max_pdu_length,
+            TIMEOUT,
+        )
+        .await?)
+    }
+}
+
+fn context_for(scu: &Scu, abstract_syntax: &str) -> Result<(u8, String), ClientError> {
+    scu.contexts
+        .iter()
+        .find(|c| c.abstract_syntax == abstract_syntax)
+        .map(|c| (c.id, c.transfer_syntax.clone()))
+        .ok_or_else(|| ClientError::NoContext(abstract_syntax.to_string()))
+}
+
+/// C-ECHO; returns the status and the round-trip time.
+pub async fn echo(cfg: &Config, target: &Target) -> Result<(u16, Duration), ClientError> {
+    let started = Instant::now();
+    let mut scu = target
+        .connect(
+            cfg,
+            &[(
+                VERIFICATION.into(),
+                vec![EXPLICIT_LE.into(), IMPLICIT_LE.into()],
+            )],
+        )
+        .await?;
+    let (ctx, _) = context_for(&scu, VERIFICATION)?;
+    scu.request(ctx, field::C_ECHO_RQ, VERIFICATION, None, |b| b)
+        .await?;
+    let (_, rsp, _) = scu.receive_message(TIMEOUT).await?;
+    let status = rsp
+        .u16(tag::STATUS, "Status")
+        .ok()
+        .flatten()
+        .unwrap_or(0xFFFF);
+    scu.release(Duration::from_secs(10)).await;
+    Ok((status, started.elapsed()))
+}
+
+/// One file's outcome of `store`.
+pub struct Sent {
+    pub path: PathBuf,
+    /// The C-STORE status, or why the file was not sent.
+    pub result: Result<u16, String>,
+}
+
+/// C-STORE of Part 10 files (folders walked), each data set exactly as in its file, over one
+/// association (several when more than 64 SOP class/syntax pairs).
+pub async fn store(
+    cfg: &Config,
+    target: &Target,
+    paths: &[PathBuf],
+) -> Result<Vec<Sent>, ClientError> {
+    let files =
+        crate::import::collect_files(paths).map_err(|e| ClientError::Usage(e.to_string()))?;
+    let mut out = Vec::new();
+    let mut ready = Vec::new();
+    for path in files {
+        let bytes = std::fs::read(&path)?;
+        match parse_header(&bytes) {
+            Ok(h) => ready.push((path, h, bytes)),
+            Err(why) => out.push(Sent {
+                path,
+                result: Err(why),
+            }),
+        }
+    }
+    let mut pairs: Vec<(String, Vec<String>)> = Vec::new();
+    for (_, h, _) in &ready {
+        let p = (h.sop_class_uid.clone(), vec![h.transfer_syntax.clone()]);
+        if !pairs.contains(&p) {
+            pairs.push(p);
+        }
+    }
+    for chunk in pairs.chunks(64) {
+        let mut scu = target.connect(cfg, chunk).await?;
+        for (path, h, bytes) in ready.iter().filter(|(_, h, _)| {
+            chunk
+                .iter()
+                .any(|(c, t)| *c == h.sop_class_uid && t[0] == h.transfer_syntax)
+        }) {
+            let ctx = scu.contexts.iter().find(|c| {
+                c.abstract_syntax == h.sop_class_uid && c.transfer_syntax == h.transfer_syntax
+            });
+            let result = match ctx {
+                None => Err(format!(
+                    "the peer accepted no context for {} in {}",
+                    h.sop_class_uid, h.transfer_syntax
+                )),
+                Some(c) => scu
+                    .store(
+                        c.id,
+                        &h.sop_class_uid,
+                        &h.sop_instance_uid,
+                        bytes[h.dataset_offset..].to_vec(),
+                        None,
+                        TIMEOUT,
+                    )
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            out.push(Sent {
+                path: path.clone(),
+                result,
+            });
+        }
+        scu.release(Duration::from_secs(10)).await;
+    }
+    Ok(out)
+}
+
+/// Builds an identifier from `KEY=VALUE` (keyword or `gggg,eeee`; `KEY` alone = return key).
+pub fn identifier(keys: &[String]) -> Result<InMemDicomObject, ClientError> {
+    let mut obj = InMemDicomObject::new_empty();
+    for k in keys {
+        let (name, value) = k.split_once('=').unwrap_or((k.as_str(), ""));
+        let tag: Tag = StandardDataDictionary
+            .parse_tag(name.trim())
+            .ok_or_else(|| ClientError::Usage(format!("-k {k}: unknown attribute {name:?}")))?;
+        let vr = StandardDataDictionary
+            .by_tag(tag)
+            .map(|e| e.vr().relaxed())
+            .unwrap_or(VR::LO);
+        if vr == VR::SQ {
+            return Err(ClientError::Usage(format!(
+                "-k {k}: sequence keys are not supported here"
+            )));
+        }
+        obj.put(InMemElement::new(tag, vr, PrimitiveValue::from(value)));
+    }
+    Ok(obj)
+}
+
+fn encode(obj: &InMemDicomObject, ts: &str) -> Result<Vec<u8>, ClientError> {
+    let ts = TransferSyntaxRegistry
+        .get(ts)
+        .ok_or_else(|| ClientError::Usage(format!("unknown transfer syntax {ts}")))?;
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, ts)
+        .map_err(|e| ClientError::Usage(format!("cannot encode the identifier: {e}")))?;
+    Ok(out)
+}
+
+/// One data set as `(gggg,eeee) Keyword = value` lines.
+pub fn render(bytes: &[u8], ts: &str) -> String {
+    let Some(ts) = TransferSyntaxRegistry.get(ts) else {
+        return "(unknown transfer syntax)\n".into();
+    };
+    let Ok(obj) = InMemDicomObject::read_dataset_with_ts(bytes, ts) else {
+        return "(unreadable data set)\n".into();
+    };
+    let mut out = String::new();
+    for e in &obj {
+        let t = e.header().tag;
+        let name = StandardDataDictionary
+            .by_tag(t)
+            .map(|d| d.alias().to_string())
+            .unwrap_or_default();
+        let value = e
+            .value()
+            .to_str()
+            .map(|v| v.trim_end_matches(['\0', ' ']).to_string())
+            .unwrap_or_else(|_| "(sequence)".into());
+        out += &format!("({:04X},{:04X}) {name} = {value}\n", t.group(), t.element());
+    }
+    out
+}
+
+/// The Q/R SOP class of an operation in a model.
+fn qr_class(study_root: bool, op: u16) -> &'static str {
+    match (study_root, op) {
+        (false, field::C_FIND_RQ) => "1.2.840.10008.5.1.4.1.2.1.1",
+        (false, field::C_MOVE_RQ) => "1.2.840.10008.5.1.4.1.2.1.2",
+        (true, field::C_FIND_RQ) => "1.2.840.10008.5.1.4.1.2.2.1",
+        _ => "1.2.840.10008.5.1.4.1.2.2.2",
+    }
+}
+
+/// C-FIND: prints each match as it arrives; returns the number of matches and the final status.
+pub async fn find(
+    cfg: &Config,
+    target: &Target,
+    study_root: bool,
+    keys: &[String],
+    mut on_match: impl FnMut(&str),
+) -> Result<(usize, u16), ClientError> {
+    let class = qr_class(study_root, field::C_FIND_RQ);
+    let mut scu = target
+        .connect(
+            cfg,
+            &[(class.into(), vec![EXPLICIT_LE.into(), IMPLICIT_LE.into()])],
+        )
+        .await?;
+    let (ctx, ts) = context_for(&scu, class)?;
+    let id = encode(&identifier(keys)?, &ts)?;
+    scu.request(ctx, field::C_FIND_RQ, class, Some(id), |b| {
+        b.u16(tag::PRIORITY, 0)
+    })
+    .await?;
+    let mut matches = 0;
+    loop {
+        let (_, rsp, data) = scu.receive_message(TIMEOUT).await?;
+        let status = rsp
+            .u16(tag::STATUS, "Status")
+            .ok()
+            .flatten()
+            .unwrap_or(0xFFFF);
+        if matches!(status, 0xFF00 | 0xFF01) {
+            matches += 1;
+            if let Some(d) = data {
+                on_match(&render(&d, &ts));
+            }
+            continue;
+        }
+        scu.release(Duration::from_secs(10)).await;
+        return Ok((matches, status));
+    }
+}
+
+/// C-MOVE to `destination`; `on_pending` gets (remaining, completed, failed, warning).
+pub async fn move_to(
+    cfg: &Config,
+    target: &Target,
+    study_root: bool,
+    destination: &str,
+    keys: &[String],
+    mut on_pending: impl FnMut([u16; 4]),
+) -> Result<(u16, [u16; 4]), ClientError> {
+    let class = qr_class(study_root, field::C_MOVE_RQ);
+    let mut scu = target
+        .connect(
+            cfg,
+            &[(class.into(), vec![EXPLICIT_LE.into(), IMPLICIT_LE.into()])],
+        )
+        .await?;
+    let (ctx, ts) = context_for(&scu, class)?;
+    let id = encode(&identifier(keys)?, &ts)?;
+    scu.request(ctx, field::C_MOVE_RQ, class, Some(id), |b| {
+        b.u16(tag::PRIORITY, 0)
+            .text(tag::MOVE_DESTINATION, destination, 16)
+    })
+    .await?;
+    loop {
+        let (_, rsp, _) = scu.receive_message(Duration::from_secs(3600)).await?;
+        let status = rsp
+            .u16(tag::STATUS, "Status")
+            .ok()
+            .flatten()
+            .unwrap_or(0xFFFF);
+        let n = |t| rsp.u16(t, "count").ok().flatten().unwrap_or(0);
+        let counts = [
+            n(tag::REMAINING_SUBOPERATIONS),
+            n(tag::COMPLETED_SUBOPERATIONS),
+            n(tag::FAILED_SUBOPERATIONS),
+            n(tag::WARNING_SUBOPERATIONS),
+        ];
+        if status == 0xFF00 {
+            on_pending(counts);
+            continue;
+        }
+        scu.release(Duration::from_secs(10)).await;
+        return Ok((status, counts));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_come_from_peers_or_ae_at_host_port() {
+        let mut cfg: Config =
+            toml_config("[peers.pacs]\nae_title = \"PACS\"\nhost = \"10.0.0.5\"\nport = 104\n");
+        cfg.node.ae_title = "ME".into();
+        assert_eq!(
+            Target::resolve(&cfg, "pacs").unwrap(),
+            Target {
+                ae_title: "PACS".into(),
+                host: "10.0.0.5".into(),
+                port: 104
+            }
+        );
+        assert_eq!(
+            Target::resolve(&cfg, "ORTHANC@127.0.0.1:4242")
+                .unwrap()
+                .port,
+            4242
+        );
+        for bad in [
+            "nope",
+            "AE@host",
+            "AE@host:x",
+            "@h:1",
+            "THIS_AE_TITLE_IS_TOO_LONG@h:1",
+        ] {
+            let e = Target::resolve(&cfg, bad).unwrap_err().to_string();
+            assert!(e.contains("pacs"), "{bad}: {e}");
+        }
+    }
+
+    fn toml_config(text: &str) -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        Config::load(&p).unwrap()
+    }
+
+    #[test]
+    fn identifiers_take_keywords_and_tags() {
+        let keys: Vec<String> = [
+            "QueryRetrieveLevel=STUDY",
+            "PatientID=P1",
+            "0020,000D",
+            "StudyDate=20240101-",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let obj = identifier(&keys).unwrap();
+        let bytes = encode(&obj, EXPLICIT_LE).unwrap();
+        let text = render(&bytes, EXPLICIT_LE);
+        assert!(
+            text.contains("(0008,0052) QueryRetrieveLevel = STUDY"),
+            "{text}"
+        );
+        assert!(text.contains("(0010,0020) PatientID = P1"), "{text}");
+        assert!(text.contains("(0020,000D) StudyInstanceUID = \n"), "{text}");
+        assert!(text.contains("StudyDate = 20240101-"), "{text}");
+        assert!(identifier(&["NoSuchKeyword=1".to_string()]).is_err());
+    }
+}
