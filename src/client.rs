@@ -1,4 +1,4 @@
-//! `dicomchain echo|store|find|move`: a DICOM SCU for administrators without DCMTK at hand,
+//! `dicomchain echo|store|find|move|get`: a DICOM SCU for administrators without DCMTK at hand,
 //! against a configured peer (`--peer NAME`) or `AE@host:port`, with findscu/movescu-like keys
 //! (`-k QueryRetrieveLevel=STUDY -k PatientID=X`). Calls with our AE title as calling AE.
 
@@ -301,6 +301,137 @@ pub async fn find(
         }
         scu.release(Duration::from_secs(10)).await;
         return Ok((matches, status));
+    }
+}
+
+/// Storage classes a C-GET offers to receive, each in every syntax of [`GET_SYNTAXES`].
+const GET_CLASSES: [&str; 20] = [
+    "1.2.840.10008.5.1.4.1.1.2",     // CT
+    "1.2.840.10008.5.1.4.1.1.2.1",   // Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4",     // MR
+    "1.2.840.10008.5.1.4.1.1.4.1",   // Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.1",     // CR
+    "1.2.840.10008.5.1.4.1.1.1.1",   // DX for presentation
+    "1.2.840.10008.5.1.4.1.1.1.2",   // MG for presentation
+    "1.2.840.10008.5.1.4.1.1.6.1",   // US
+    "1.2.840.10008.5.1.4.1.1.3.1",   // US multi-frame
+    "1.2.840.10008.5.1.4.1.1.7",     // Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.12.1",  // XA
+    "1.2.840.10008.5.1.4.1.1.12.2",  // RF
+    "1.2.840.10008.5.1.4.1.1.20",    // NM
+    "1.2.840.10008.5.1.4.1.1.128",   // PET
+    "1.2.840.10008.5.1.4.1.1.481.1", // RT Image
+    "1.2.840.10008.5.1.4.1.1.481.2", // RT Dose
+    "1.2.840.10008.5.1.4.1.1.481.3", // RT Structure Set
+    "1.2.840.10008.5.1.4.1.1.88.22", // Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.104.1", // Encapsulated PDF
+    "1.2.840.10008.5.1.4.1.1.66.4",  // Segmentation
+];
+
+/// Each its own context, so that an instance comes back in the syntax it is stored in.
+const GET_SYNTAXES: [&str; 6] = [
+    EXPLICIT_LE,
+    "1.2.840.10008.1.2.4.50", // JPEG Baseline
+    "1.2.840.10008.1.2.4.70", // JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.90", // JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91", // JPEG 2000
+    "1.2.840.10008.1.2.5",    // RLE
+];
+
+/// C-GET into `out`: every instance the peer sends is written as `<SOP Instance UID>.dcm`, data
+/// set bytes as received. Returns the final status, the counts and the files written.
+pub async fn get(
+    cfg: &Config,
+    target: &Target,
+    study_root: bool,
+    keys: &[String],
+    out: &std::path::Path,
+) -> Result<(u16, [u16; 4], Vec<PathBuf>), ClientError> {
+    let class = if study_root {
+        "1.2.840.10008.5.1.4.1.2.2.3"
+    } else {
+        "1.2.840.10008.5.1.4.1.2.1.3"
+    };
+    std::fs::create_dir_all(out)?;
+    let mut proposals: Vec<(String, Vec<String>)> =
+        vec![(class.into(), vec![EXPLICIT_LE.into(), IMPLICIT_LE.into()])];
+    for c in GET_CLASSES {
+        proposals.push((c.into(), vec![EXPLICIT_LE.into(), IMPLICIT_LE.into()]));
+        for ts in &GET_SYNTAXES[1..] {
+            proposals.push((c.into(), vec![ts.to_string()]));
+        }
+    }
+    let roles: Vec<String> = GET_CLASSES.iter().map(|c| c.to_string()).collect();
+    let mut scu = Scu::connect_with_roles(
+        &target.host,
+        target.port,
+        &cfg.node.ae_title,
+        &target.ae_title,
+        &proposals,
+        &roles,
+        cfg.node.max_pdu_length,
+        TIMEOUT,
+    )
+    .await?;
+    let (ctx, ts) = context_for(&scu, class)?;
+    let id = encode(&identifier(keys)?, &ts)?;
+    scu.request(ctx, field::C_GET_RQ, class, Some(id), |b| {
+        b.u16(tag::PRIORITY, 0)
+    })
+    .await?;
+    let mut written = Vec::new();
+    loop {
+        let (context_id, cmd, data) = scu.receive_message(Duration::from_secs(3600)).await?;
+        if cmd.command_field().ok() == Some(field::C_STORE_RQ) {
+            let syntax = scu
+                .contexts
+                .iter()
+                .find(|c| c.id == context_id)
+                .map(|c| c.transfer_syntax.clone())
+                .unwrap_or_default();
+            let class = cmd.string(tag::AFFECTED_SOP_CLASS_UID).unwrap_or_default();
+            let uid = cmd
+                .string(tag::AFFECTED_SOP_INSTANCE_UID)
+                .unwrap_or_default();
+            let safe: String = uid
+                .chars()
+                .filter(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            let status = if safe.is_empty() {
+                0xC000
+            } else {
+                let path = out.join(format!("{safe}.dcm"));
+                let mut bytes =
+                    crate::retrieve::part10_header_for(&class, &uid, &syntax, &target.ae_title);
+                bytes.extend_from_slice(&data.unwrap_or_default());
+                match std::fs::write(&path, bytes) {
+                    Ok(()) => {
+                        written.push(path);
+                        0x0000
+                    }
+                    Err(_) => 0xA700,
+                }
+            };
+            scu.store_response(context_id, &cmd, status).await?;
+            continue;
+        }
+        let status = cmd
+            .u16(tag::STATUS, "Status")
+            .ok()
+            .flatten()
+            .unwrap_or(0xFFFF);
+        let n = |t| cmd.u16(t, "count").ok().flatten().unwrap_or(0);
+        let counts = [
+            n(tag::REMAINING_SUBOPERATIONS),
+            n(tag::COMPLETED_SUBOPERATIONS),
+            n(tag::FAILED_SUBOPERATIONS),
+            n(tag::WARNING_SUBOPERATIONS),
+        ];
+        if status == 0xFF00 {
+            continue;
+        }
+        scu.release(Duration::from_secs(10)).await;
+        return Ok((status, counts, written));
     }
 }
 

@@ -107,6 +107,18 @@ enum Command {
         #[arg(short = 'k', long = "key", required = true)]
         keys: Vec<String>,
     },
+    /// C-GET from a peer into a folder (<SOP Instance UID>.dcm, data sets as received).
+    Get {
+        target: String,
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Patient Root (default: Study Root).
+        #[arg(short = 'P', long)]
+        patient_root: bool,
+        #[arg(short = 'k', long = "key", required = true)]
+        keys: Vec<String>,
+    },
     /// Store-and-forward: the queue of each destination, and re-queueing of given-up items.
     Forward {
         #[command(subcommand)]
@@ -161,6 +173,12 @@ fn main() -> ExitCode {
             patient_root,
             keys,
         } => run_client(cfg, Client::Move(!patient_root, dest, keys), &target),
+        Command::Get {
+            target,
+            out,
+            patient_root,
+            keys,
+        } => run_client(cfg, Client::Get(!patient_root, keys, out), &target),
         Command::Verify {
             ledger_only,
             verifier_key,
@@ -252,6 +270,7 @@ enum Client {
     Store(Vec<PathBuf>),
     Find(bool, Vec<String>),
     Move(bool, String, Vec<String>),
+    Get(bool, Vec<String>, PathBuf),
 }
 
 /// The SCU commands: exit 0 on success, 1 on a failure status, 2 when it could not run.
@@ -316,6 +335,16 @@ fn run_client(cfg: Config, what: Client, target: &str) -> ExitCode {
                     .await?;
                 println!(
                     "C-MOVE to {dest}: status {status:04X}: completed {completed}, failed {failed}, warning {warning}"
+                );
+                Ok(status == 0)
+            }
+            Client::Get(study_root, keys, out) => {
+                let (status, [_, completed, failed, warning], files) =
+                    client::get(&cfg, &target, study_root, &keys, &out).await?;
+                println!(
+                    "C-GET: status {status:04X}: completed {completed}, failed {failed}, warning {warning}; {} file(s) in {}",
+                    files.len(),
+                    out.display()
                 );
                 Ok(status == 0)
             }

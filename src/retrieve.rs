@@ -285,6 +285,21 @@ impl BulkReader {
 /// Encodes a Part 10 header (PS3.10 §7.1): 128-byte preamble, "DICM", and the File Meta
 /// Information group in Explicit VR Little Endian. The data set bytes follow unchanged.
 pub fn part10_header(record: &MetadataRecord, source_ae: &str) -> Vec<u8> {
+    part10_header_for(
+        &record.sop_class_uid,
+        &record.sop_instance_uid,
+        &record.transfer_syntax,
+        source_ae,
+    )
+}
+
+/// [`part10_header`] from the three UIDs.
+pub fn part10_header_for(
+    sop_class_uid: &str,
+    sop_instance_uid: &str,
+    transfer_syntax: &str,
+    source_ae: &str,
+) -> Vec<u8> {
     fn element(out: &mut Vec<u8>, elem: u16, vr: &[u8; 2], value: &[u8]) {
         out.extend_from_slice(&2u16.to_le_bytes());
         out.extend_from_slice(&elem.to_le_bytes());
@@ -306,19 +321,9 @@ pub fn part10_header(record: &MetadataRecord, source_ae: &str) -> Vec<u8> {
     }
     let mut group = Vec::new();
     element(&mut group, 0x0001, b"OB", &[0, 1]);
-    element(&mut group, 0x0002, b"UI", &padded(&record.sop_class_uid, 0));
-    element(
-        &mut group,
-        0x0003,
-        b"UI",
-        &padded(&record.sop_instance_uid, 0),
-    );
-    element(
-        &mut group,
-        0x0010,
-        b"UI",
-        &padded(&record.transfer_syntax, 0),
-    );
+    element(&mut group, 0x0002, b"UI", &padded(sop_class_uid, 0));
+    element(&mut group, 0x0003, b"UI", &padded(sop_instance_uid, 0));
+    element(&mut group, 0x0010, b"UI", &padded(transfer_syntax, 0));
     element(
         &mut group,
         0x0012,

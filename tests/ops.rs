@@ -491,6 +491,32 @@ fn scu_commands_talk_to_orthanc_and_to_the_node() {
     assert!(out.contains("completed 3, failed 0"), "{out}");
     assert_eq!(scp.received().len(), 3);
 
+    // C-GET from the node: the data sets come back as sent.
+    let got_dir = tmp.path().join("got");
+    let (code, out, err) = run(&[
+        "get",
+        &node_at,
+        "--out",
+        got_dir.to_str().unwrap(),
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        &format!("StudyInstanceUID={study}"),
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("completed 3, failed 0"), "{out}");
+    let got = crate::support::files_under(&got_dir);
+    assert_eq!(got.len(), 3);
+    for g in got {
+        let g = crate::support::read_part10(&g).unwrap();
+        let want = files
+            .iter()
+            .map(|f| crate::support::read_part10(f).unwrap())
+            .find(|p| p.sop_instance_uid == g.sop_instance_uid)
+            .unwrap();
+        assert!(g.dataset == want.dataset && g.transfer_syntax == want.transfer_syntax);
+    }
+
     // Clear errors: an unknown peer name, an unreachable one, a refused move destination.
     let (code, _, err) = run(&["echo", "nobody"]);
     assert_eq!(code, Some(2));

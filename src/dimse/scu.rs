@@ -101,6 +101,32 @@ impl Scu {
         max_pdu: u32,
         timeout: Duration,
     ) -> Result<Scu, ScuError> {
+        Scu::connect_with_roles(
+            host,
+            port,
+            calling_ae,
+            called_ae,
+            proposals,
+            &[],
+            max_pdu,
+            timeout,
+        )
+        .await
+    }
+
+    /// [`Scu::connect`], proposing the SCP role for `scp_roles` (SOP classes whose C-STORE
+    /// requests we will receive: a C-GET's sub-operations, PS3.7 D.3.3.4).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn connect_with_roles(
+        host: &str,
+        port: u16,
+        calling_ae: &str,
+        called_ae: &str,
+        proposals: &[(String, Vec<String>)],
+        scp_roles: &[String],
+        max_pdu: u32,
+        timeout: Duration,
+    ) -> Result<Scu, ScuError> {
         let addr = format!("{host}:{port}");
         let socket = match tokio::time::timeout(timeout, TcpStream::connect(&addr)).await {
             Ok(Ok(s)) => s,
@@ -135,13 +161,24 @@ impl Scu {
             called_ae_title: called_ae.to_string(),
             application_context_name: APPLICATION_CONTEXT.to_string(),
             presentation_contexts: presentation_contexts.clone(),
-            user_variables: vec![
+            user_variables: [
                 UserVariableItem::MaxLength(max_pdu),
                 UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_string()),
                 UserVariableItem::ImplementationVersionName(
                     IMPLEMENTATION_VERSION_NAME.to_string(),
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(scp_roles.iter().map(|uid| {
+                UserVariableItem::ScuScpRoleSelectionSubItem(
+                    uid.clone(),
+                    dicom_ul::pdu::RequestorRoles {
+                        scu: false,
+                        scp: true,
+                    },
+                )
+            }))
+            .collect(),
         };
         conn.send(&Pdu::AssociationRQ(rq)).await?;
         let ac = match conn.receive(timeout).await? {
