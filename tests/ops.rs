@@ -32,6 +32,20 @@ fn systemd_hears_ready_once_listening_and_stopping_on_sigterm() {
 fn json_logs_carry_the_association_span() {
     let mut node = Node::start_with(&[("DICOMCHAIN__NODE__LOG_FORMAT", "json")], "");
     assert_ok(&node.echoscu(), "echoscu");
+    let tmp = tempfile::tempdir().unwrap();
+    let files = crate::support::make_series(
+        &tmp.path().join("s"),
+        "CT",
+        2,
+        32,
+        &[
+            "--patient-name",
+            "SECRET^PATIENT",
+            "--patient-id",
+            "PID-SECRET-42",
+        ],
+    );
+    assert_ok(&node.storescu(&[], &files), "storescu");
     node.stop();
     let log = node.log();
     let lines: Vec<serde_json::Value> = log
@@ -49,6 +63,14 @@ fn json_logs_carry_the_association_span() {
     assert!(span["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
     assert_eq!(span["calling"], "ECHOSCU");
     assert_eq!(span["called"], crate::support::AE);
+    assert!(lines
+        .iter()
+        .any(|v| v["fields"]["message"] == "instance stored"));
+    // No patient attribute at info level.
+    assert!(
+        !log.contains("SECRET") && !log.contains("PID-SECRET-42"),
+        "{log}"
+    );
 }
 
 #[test]
