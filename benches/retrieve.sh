@@ -20,11 +20,7 @@ bin=$PWD/target/release/dicomchain
 python3 tests/support/make_series.py "$work/corpus" --modality CT --count "$COUNT" --rows "$SIZE" --cols "$SIZE" --studies 10 --patient-id BENCH1
 mb=$(du -sm "$work/corpus" | cut -f1)
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 400); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 not up" >&2; return 1; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+source benches/lib.sh
 
 # The destination: DCMTK storescp, files only.
 scp_port=$(port); mkdir -p "$work/scp"

@@ -112,9 +112,11 @@ pub async fn echo(cfg: &Config, target: &Target) -> Result<(u16, Duration), Clie
         )
         .await?;
     let (ctx, _) = context_for(&scu, VERIFICATION)?;
-    scu.request(ctx, field::C_ECHO_RQ, VERIFICATION, None, |b| b)
+    let message_id = scu
+        .request(ctx, field::C_ECHO_RQ, VERIFICATION, None, |b| b)
         .await?;
     let (_, rsp, _) = scu.receive_message(TIMEOUT).await?;
+    responds_to(&rsp, field::C_ECHO_RSP, message_id)?;
     let status = rsp
         .u16(tag::STATUS, "Status")
         .ok()
@@ -138,14 +140,28 @@ pub async fn store(
     target: &Target,
     paths: &[PathBuf],
 ) -> Result<Vec<Sent>, ClientError> {
-    let files =
-        crate::import::collect_files(paths).map_err(|e| ClientError::Usage(e.to_string()))?;
-    let mut out = Vec::new();
+    let (files, unreadable) = crate::import::collect_files(paths);
+    let mut out: Vec<Sent> = unreadable
+        .into_iter()
+        .map(|(path, why)| Sent {
+            path,
+            result: Err(why),
+        })
+        .collect();
+    // Headers only now; each file is read when it is sent.
     let mut ready = Vec::new();
     for path in files {
-        let bytes = std::fs::read(&path)?;
-        match parse_header(&bytes) {
-            Ok(h) => ready.push((path, h, bytes)),
+        let head = std::fs::File::open(&path).and_then(|f| {
+            use std::io::Read;
+            let mut head = Vec::new();
+            f.take(64 * 1024 + 132).read_to_end(&mut head)?;
+            Ok(head)
+        });
+        match head
+            .map_err(|e| format!("cannot read: {e}"))
+            .and_then(|h| parse_header(&h))
+        {
+            Ok(h) => ready.push((path, h)),
             Err(why) => out.push(Sent {
                 path,
                 result: Err(why),
@@ -153,7 +169,7 @@ pub async fn store(
         }
     }
     let mut pairs: Vec<(String, Vec<String>)> = Vec::new();
-    for (_, h, _) in &ready {
+    for (_, h) in &ready {
         let p = (h.sop_class_uid.clone(), vec![h.transfer_syntax.clone()]);
         if !pairs.contains(&p) {
             pairs.push(p);
@@ -161,30 +177,39 @@ pub async fn store(
     }
     for chunk in pairs.chunks(64) {
         let mut scu = target.connect(cfg, chunk).await?;
-        for (path, h, bytes) in ready.iter().filter(|(_, h, _)| {
+        for (path, h) in ready.iter().filter(|(_, h)| {
             chunk
                 .iter()
                 .any(|(c, t)| *c == h.sop_class_uid && t[0] == h.transfer_syntax)
         }) {
-            let ctx = scu.contexts.iter().find(|c| {
-                c.abstract_syntax == h.sop_class_uid && c.transfer_syntax == h.transfer_syntax
-            });
+            let ctx = scu
+                .contexts
+                .iter()
+                .find(|c| {
+                    c.abstract_syntax == h.sop_class_uid && c.transfer_syntax == h.transfer_syntax
+                })
+                .map(|c| c.id);
             let result = match ctx {
                 None => Err(format!(
                     "the peer accepted no context for {} in {}",
                     h.sop_class_uid, h.transfer_syntax
                 )),
-                Some(c) => scu
-                    .store(
-                        c.id,
-                        &h.sop_class_uid,
-                        &h.sop_instance_uid,
-                        bytes[h.dataset_offset..].to_vec(),
-                        None,
-                        TIMEOUT,
-                    )
-                    .await
-                    .map_err(|e| e.to_string()),
+                Some(id) => match std::fs::read(path) {
+                    Err(e) => Err(format!("cannot read: {e}")),
+                    Ok(mut bytes) => {
+                        let data = bytes.split_off(h.dataset_offset.min(bytes.len()));
+                        scu.store(
+                            id,
+                            &h.sop_class_uid,
+                            &h.sop_instance_uid,
+                            data,
+                            None,
+                            TIMEOUT,
+                        )
+                        .await
+                        .map_err(|e| e.to_string())
+                    }
+                },
             };
             out.push(Sent {
                 path: path.clone(),
@@ -213,7 +238,18 @@ pub fn identifier(keys: &[String]) -> Result<InMemDicomObject, ClientError> {
                 "-k {k}: sequence keys are not supported here"
             )));
         }
-        obj.put(InMemElement::new(tag, vr, PrimitiveValue::from(value)));
+        let bad = || ClientError::Usage(format!("-k {k}: {value:?} is not a number for {vr:?}"));
+        let value = match (vr, value.is_empty()) {
+            (_, true) => PrimitiveValue::Empty,
+            (VR::US, _) => PrimitiveValue::from(value.parse::<u16>().map_err(|_| bad())?),
+            (VR::SS, _) => PrimitiveValue::from(value.parse::<i16>().map_err(|_| bad())?),
+            (VR::UL, _) => PrimitiveValue::from(value.parse::<u32>().map_err(|_| bad())?),
+            (VR::SL, _) => PrimitiveValue::from(value.parse::<i32>().map_err(|_| bad())?),
+            (VR::FL, _) => PrimitiveValue::from(value.parse::<f32>().map_err(|_| bad())?),
+            (VR::FD, _) => PrimitiveValue::from(value.parse::<f64>().map_err(|_| bad())?),
+            _ => PrimitiveValue::from(value),
+        };
+        obj.put(InMemElement::new(tag, vr, value));
     }
     Ok(obj)
 }
@@ -226,6 +262,24 @@ fn encode(obj: &InMemDicomObject, ts: &str) -> Result<Vec<u8>, ClientError> {
     obj.write_dataset_with_ts(&mut out, ts)
         .map_err(|e| ClientError::Usage(format!("cannot encode the identifier: {e}")))?;
     Ok(out)
+}
+
+/// Checks that `rsp` is the `field` response to message `id`.
+fn responds_to(
+    rsp: &crate::dimse::command::Command,
+    field: u16,
+    id: u16,
+) -> Result<(), ClientError> {
+    let to = rsp
+        .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, "id")
+        .ok()
+        .flatten();
+    if rsp.command_field().ok() != Some(field) || to != Some(id) {
+        return Err(ClientError::Scu(crate::dimse::scu::ScuError::Protocol(
+            format!("expected the response {field:04X} to message {id}, got another message"),
+        )));
+    }
+    Ok(())
 }
 
 /// One data set as `(gggg,eeee) Keyword = value` lines.
@@ -280,13 +334,15 @@ pub async fn find(
         .await?;
     let (ctx, ts) = context_for(&scu, class)?;
     let id = encode(&identifier(keys)?, &ts)?;
-    scu.request(ctx, field::C_FIND_RQ, class, Some(id), |b| {
-        b.u16(tag::PRIORITY, 0)
-    })
-    .await?;
+    let message_id = scu
+        .request(ctx, field::C_FIND_RQ, class, Some(id), |b| {
+            b.u16(tag::PRIORITY, 0)
+        })
+        .await?;
     let mut matches = 0;
     loop {
         let (_, rsp, data) = scu.receive_message(TIMEOUT).await?;
+        responds_to(&rsp, field::C_FIND_RSP, message_id)?;
         let status = rsp
             .u16(tag::STATUS, "Status")
             .ok()
@@ -375,10 +431,11 @@ pub async fn get(
     .await?;
     let (ctx, ts) = context_for(&scu, class)?;
     let id = encode(&identifier(keys)?, &ts)?;
-    scu.request(ctx, field::C_GET_RQ, class, Some(id), |b| {
-        b.u16(tag::PRIORITY, 0)
-    })
-    .await?;
+    let message_id = scu
+        .request(ctx, field::C_GET_RQ, class, Some(id), |b| {
+            b.u16(tag::PRIORITY, 0)
+        })
+        .await?;
     let mut written = Vec::new();
     loop {
         let (context_id, cmd, data) = scu.receive_message(Duration::from_secs(3600)).await?;
@@ -397,8 +454,16 @@ pub async fn get(
                 .chars()
                 .filter(|c| c.is_ascii_digit() || *c == '.')
                 .collect();
-            let status = if safe.is_empty() {
+            let context_class = scu
+                .contexts
+                .iter()
+                .find(|c| c.id == context_id)
+                .map(|c| c.abstract_syntax.clone());
+            // A sub-operation we cannot keep faithfully is refused, not written half.
+            let status = if safe.is_empty() || data.is_none() || syntax.is_empty() {
                 0xC000
+            } else if context_class.as_deref() != Some(class.as_str()) {
+                0xA900
             } else {
                 let path = out.join(format!("{safe}.dcm"));
                 let mut bytes =
@@ -415,6 +480,7 @@ pub async fn get(
             scu.store_response(context_id, &cmd, status).await?;
             continue;
         }
+        responds_to(&cmd, field::C_GET_RSP, message_id)?;
         let status = cmd
             .u16(tag::STATUS, "Status")
             .ok()
@@ -453,13 +519,15 @@ pub async fn move_to(
         .await?;
     let (ctx, ts) = context_for(&scu, class)?;
     let id = encode(&identifier(keys)?, &ts)?;
-    scu.request(ctx, field::C_MOVE_RQ, class, Some(id), |b| {
-        b.u16(tag::PRIORITY, 0)
-            .text(tag::MOVE_DESTINATION, destination, 16)
-    })
-    .await?;
+    let message_id = scu
+        .request(ctx, field::C_MOVE_RQ, class, Some(id), |b| {
+            b.u16(tag::PRIORITY, 0)
+                .text(tag::MOVE_DESTINATION, destination, 16)
+        })
+        .await?;
     loop {
         let (_, rsp, _) = scu.receive_message(Duration::from_secs(3600)).await?;
+        responds_to(&rsp, field::C_MOVE_RSP, message_id)?;
         let status = rsp
             .u16(tag::STATUS, "Status")
             .ok()
@@ -545,5 +613,9 @@ mod tests {
         assert!(text.contains("(0020,000D) StudyInstanceUID = \n"), "{text}");
         assert!(text.contains("StudyDate = 20240101-"), "{text}");
         assert!(identifier(&["NoSuchKeyword=1".to_string()]).is_err());
+        let rows = identifier(&["Rows=512".to_string()]).unwrap();
+        let text = render(&encode(&rows, EXPLICIT_LE).unwrap(), EXPLICIT_LE);
+        assert!(text.contains("(0028,0010) Rows = 512"), "{text}");
+        assert!(identifier(&["Rows=many".to_string()]).is_err());
     }
 }

@@ -117,29 +117,55 @@ pub fn parse_header(head: &[u8]) -> Result<Part10Header, String> {
     })
 }
 
-/// Every regular file under `paths` (files as given, folders recursively), sorted per folder.
-pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ImportError> {
+/// Every regular file under `paths` (files as given, folders recursively, each folder sorted),
+/// once each; and every path that could not be read, with why. Symbolic links to files are
+/// followed; links to folders are not (no loops).
+pub fn collect_files(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) {
     let mut out = Vec::new();
-    let walk_err = |p: &Path, source| ImportError::Walk {
-        path: p.display().to_string(),
-        source,
-    };
-    let mut stack: Vec<PathBuf> = paths.iter().rev().cloned().collect();
-    while let Some(p) = stack.pop() {
-        let meta = std::fs::metadata(&p).map_err(|e| walk_err(&p, e))?;
+    let mut errors = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut stack: Vec<(PathBuf, bool)> = paths.iter().rev().map(|p| (p.clone(), true)).collect();
+    while let Some((p, given)) = stack.pop() {
+        let meta = match std::fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            Err(e) => {
+                errors.push((p, format!("cannot read: {e}")));
+                continue;
+            }
+        };
+        let meta = if meta.file_type().is_symlink() {
+            match std::fs::metadata(&p) {
+                Ok(t) if t.is_dir() && !given => {
+                    errors.push((p, "symbolic link to a folder: not followed".into()));
+                    continue;
+                }
+                Ok(t) => t,
+                Err(e) => {
+                    errors.push((p, format!("broken symbolic link: {e}")));
+                    continue;
+                }
+            }
+        } else {
+            meta
+        };
         if meta.is_dir() {
-            let mut children: Vec<PathBuf> = std::fs::read_dir(&p)
-                .map_err(|e| walk_err(&p, e))?
-                .flatten()
-                .map(|e| e.path())
-                .collect();
-            children.sort();
-            stack.extend(children.into_iter().rev());
+            match std::fs::read_dir(&p) {
+                Ok(rd) => {
+                    let mut children: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+                    children.sort();
+                    stack.extend(children.into_iter().rev().map(|c| (c, false)));
+                }
+                Err(e) => errors.push((p, format!("cannot list the folder: {e}"))),
+            }
         } else if meta.is_file() {
-            out.push(p);
+            // The same file named twice (overlapping arguments, links) is imported once.
+            let key = std::fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
+            if seen.insert(key) {
+                out.push(p);
+            }
         }
     }
-    Ok(out)
+    (out, errors)
 }
 
 /// What happened to one file.
@@ -151,15 +177,13 @@ enum Done {
 
 /// Imports `paths` with `jobs` files in flight.
 pub fn run(cfg: &Config, paths: &[PathBuf], jobs: usize) -> Result<Summary, ImportError> {
-    let files = collect_files(paths)?;
+    let (files, unreadable) = collect_files(paths);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let ledger = match Ledger::open(&cfg.ledger.path) {
         Ok(l) => l,
-        Err(LedgerError::Open { source, .. })
-            if source.to_string().to_ascii_lowercase().contains("lock") =>
-        {
+        Err(LedgerError::Open { source, .. }) if crate::ledger::is_locked(&source) => {
             return Err(ImportError::NodeRunning(
                 cfg.ledger.path.display().to_string(),
             ))
@@ -186,7 +210,10 @@ pub fn run(cfg: &Config, paths: &[PathBuf], jobs: usize) -> Result<Summary, Impo
         )
     });
     ledger.close();
-    result
+    result.map(|mut s| {
+        s.invalid.extend(unreadable);
+        s
+    })
 }
 
 async fn import_all(
@@ -281,16 +308,24 @@ async fn import_file(pipeline: &Pipeline, ledger: &Ledger, called_ae: &str, path
         Ok(h) => h,
         Err(why) => return Done::Invalid(why),
     };
-    // Resumable: the same data set already on the ledger is not stored again.
-    match dataset_digest(path, header.dataset_offset).await {
-        Ok(digest) => {
-            if let Ok(Some(e)) = ledger.latest(&header.sop_instance_uid) {
-                if e.dataset_sha256 == digest {
+    // Resumable: a data set already on the ledger (as any version of its instance) is not
+    // stored again — re-running an import never rolls a newer version back. Files of instances
+    // the ledger does not know are read once.
+    let versions = ledger
+        .versions(&header.sop_instance_uid)
+        .unwrap_or_default();
+    if !versions.is_empty() {
+        match dataset_digest(path, header.dataset_offset).await {
+            Ok(digest) => {
+                let known = versions.iter().any(
+                    |seq| matches!(ledger.entry(*seq), Ok(Some(e)) if e.dataset_sha256 == digest),
+                );
+                if known {
                     return Done::Skipped;
                 }
             }
+            Err(e) => return Done::Invalid(format!("cannot read: {e}")),
         }
-        Err(e) => return Done::Invalid(format!("cannot read: {e}")),
     }
     let mut incoming = pipeline.begin(&header.transfer_syntax);
     let mut file = match tokio::fs::File::open(path).await {
@@ -411,18 +446,32 @@ mod tests {
     }
 
     #[test]
-    fn folders_are_walked_in_order() {
+    fn folders_are_walked_in_order_once_without_loops() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("b/c")).unwrap();
         for p in ["a", "b/c/d", "b/e"] {
             std::fs::write(dir.path().join(p), b"x").unwrap();
         }
-        let got = collect_files(&[dir.path().to_path_buf()]).unwrap();
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("b/loop")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("gone"), dir.path().join("dangling")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("a"), dir.path().join("link-to-a")).unwrap();
+        let (got, errors) = collect_files(&[dir.path().to_path_buf(), dir.path().join("b")]);
         let rel: Vec<String> = got
             .iter()
             .map(|p| p.strip_prefix(dir.path()).unwrap().display().to_string())
             .collect();
-        assert_eq!(rel, vec!["a", "b/c/d", "b/e"]);
-        assert!(collect_files(&[dir.path().join("missing")]).is_err());
+        assert_eq!(
+            rel,
+            vec!["a", "b/c/d", "b/e"],
+            "the link to a is the same file"
+        );
+        let why: Vec<String> = errors.iter().map(|(_, w)| w.clone()).collect();
+        assert!(
+            why.iter().any(|w| w.contains("broken symbolic link")),
+            "{why:?}"
+        );
+        assert!(why.iter().any(|w| w.contains("not followed")), "{why:?}");
+        let (_, errors) = collect_files(&[dir.path().join("missing")]);
+        assert_eq!(errors.len(), 1);
     }
 }

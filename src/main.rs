@@ -367,14 +367,17 @@ fn run_import(cfg: Config, paths: &[PathBuf], jobs: usize) -> ExitCode {
                 eprintln!("INVALID {}: {why}", path.display());
             }
             println!(
-                "imported {} instance(s), {} new version(s), {} already stored (skipped), {} invalid; {:.1} MB in {:.1} s ({:.1} MB/s)",
+                "imported {} instance(s), {} new version(s), {} already stored (skipped), {} invalid; {:.1} MB in {:.1} s ({:.1} MB/s) into the ledger at {}",
                 s.imported,
                 s.new_versions,
                 s.skipped,
                 s.invalid.len(),
                 s.bytes as f64 / 1e6,
                 s.seconds,
-                s.bytes as f64 / 1e6 / s.seconds.max(0.001)
+                s.bytes as f64 / 1e6 / s.seconds.max(0.001),
+                std::fs::canonicalize(&cfg.ledger.path)
+                    .unwrap_or_else(|_| cfg.ledger.path.clone())
+                    .display()
             );
             if s.invalid.is_empty() {
                 ExitCode::SUCCESS

@@ -46,18 +46,25 @@ pub fn global() -> &'static Metrics {
 impl Metrics {
     /// Records the time from a C-STORE-RQ to its response.
     pub fn observe_store(&self, d: Duration) {
+        // The count first: `render` reads the buckets first, so a scrape in between never shows
+        // a finite bucket above +Inf (= the count).
+        self.store_count.fetch_add(1, Relaxed);
+        self.store_micros.fetch_add(d.as_micros() as u64, Relaxed);
         let secs = d.as_secs_f64();
         for (i, bound) in BUCKETS.iter().enumerate() {
             if secs <= *bound {
                 self.store_buckets[i].fetch_add(1, Relaxed);
             }
         }
-        self.store_count.fetch_add(1, Relaxed);
-        self.store_micros.fetch_add(d.as_micros() as u64, Relaxed);
     }
 
     /// The Prometheus text exposition, with the ledger's size and checkpoint age.
-    pub fn render(&self, ledger_entries: u64, checkpoint_age: Option<f64>) -> String {
+    pub fn render(
+        &self,
+        ledger_entries: u64,
+        checkpoint_age: Option<f64>,
+        uncheckpointed: u64,
+    ) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: String| {
             out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
@@ -127,10 +134,16 @@ impl Metrics {
             metric(
                 "dicomchain_checkpoint_age_seconds",
                 "gauge",
-                "Seconds since the newest signed checkpoint.",
+                "Seconds since the newest entry the newest signed checkpoint covers (grows on an idle node: alert on the uncovered entries instead).",
                 format!("{age:.3}"),
             );
         }
+        metric(
+            "dicomchain_entries_not_checkpointed",
+            "gauge",
+            "Ledger entries no signed checkpoint covers yet.",
+            uncheckpointed.to_string(),
+        );
         out += "# HELP dicomchain_store_duration_seconds Time from C-STORE-RQ to C-STORE-RSP.\n";
         out += "# TYPE dicomchain_store_duration_seconds histogram\n";
         for (i, bound) in BUCKETS.iter().enumerate() {
@@ -150,12 +163,10 @@ impl Metrics {
     }
 }
 
-/// Seconds since the newest checkpoint was signed, from its note's timestamp-free body: the
-/// ledger keeps no signing time, so the age is measured from the entry the checkpoint covers.
-fn checkpoint_age(ledger: &Ledger) -> Option<f64> {
-    let cps = ledger.checkpoints().ok()?;
-    let (size, _) = cps.last()?;
-    let entry = ledger.entry(*size).ok()??;
+/// Seconds since the newest entry the newest checkpoint covers (the ledger keeps no signing
+/// time; a checkpoint is signed within `checkpoint_interval` of that entry).
+fn checkpoint_age(ledger: &Ledger, size: Option<u64>) -> Option<f64> {
+    let entry = ledger.entry(size?).ok()??;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .ok()?
@@ -202,10 +213,15 @@ async fn handle(
     Ok(match req.uri().path() {
         "/metrics" => {
             let entries = ledger.len().unwrap_or(0);
+            let size = ledger.latest_checkpoint_size().ok().flatten();
             reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                global().render(entries, checkpoint_age(&ledger)),
+                global().render(
+                    entries,
+                    checkpoint_age(&ledger, size),
+                    entries.saturating_sub(size.unwrap_or(0)),
+                ),
             )
         }
         "/health" => match health(&ledger, &store).await {
@@ -226,7 +242,12 @@ async fn handle(
 
 /// Serves `/metrics` and `/health` on `listener` until the task is dropped.
 pub async fn serve_admin(listener: tokio::net::TcpListener, ledger: Ledger, store: Store) {
+    // A few operators and a scraper: more connections than this wait in the backlog.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (socket, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -238,6 +259,7 @@ pub async fn serve_admin(listener: tokio::net::TcpListener, ledger: Ledger, stor
         let _ = socket.set_nodelay(true);
         let (ledger, store) = (ledger.clone(), store.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let service =
                 hyper::service::service_fn(move |req| handle(req, ledger.clone(), store.clone()));
             let io = hyper_util::rt::TokioIo::new(socket);
@@ -265,10 +287,11 @@ mod tests {
         m.instances_stored.fetch_add(3, Relaxed);
         m.observe_store(Duration::from_millis(3));
         m.observe_store(Duration::from_millis(300));
-        let text = m.render(42, Some(1.5));
+        let text = m.render(42, Some(1.5), 2);
         assert!(text.contains("# TYPE dicomchain_instances_stored_total counter\ndicomchain_instances_stored_total 3\n"));
         assert!(text.contains("dicomchain_ledger_entries 42\n"));
         assert!(text.contains("dicomchain_checkpoint_age_seconds 1.500\n"));
+        assert!(text.contains("dicomchain_entries_not_checkpointed 2\n"));
         assert!(text.contains("dicomchain_store_duration_seconds_bucket{le=\"0.0025\"} 0\n"));
         assert!(text.contains("dicomchain_store_duration_seconds_bucket{le=\"0.005\"} 1\n"));
         assert!(text.contains("dicomchain_store_duration_seconds_bucket{le=\"0.5\"} 2\n"));

@@ -83,6 +83,19 @@ pub async fn run(
         cfg.node.max_metadata_bytes,
     )
     .with_router(crate::forward::Router::new(&cfg.forward));
+    // Everything that can fail to start comes before the forwarder's runtime exists.
+    let admin_listener = match cfg.admin.listen_addr()? {
+        Some(addr) => Some((
+            addr,
+            crate::metrics::bind_admin(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?,
+        )),
+        None => None,
+    };
     let forwarder =
         crate::forward::worker::Forwarder::start(services.clone(), &cfg, pipeline.activity())
             .map_err(|e| StartError::Forward(e.to_string()))?;
@@ -96,23 +109,14 @@ pub async fn run(
         },
         node: cfg.node.clone(),
     });
-    let admin = match cfg.admin.listen_addr()? {
-        Some(addr) => {
-            let l = crate::metrics::bind_admin(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            info!(listen = %addr, "admin listener: /metrics, /health");
-            Some(tokio::spawn(crate::metrics::serve_admin(
-                l,
-                ledger.clone(),
-                ctx.services.store.clone(),
-            )))
-        }
-        None => None,
-    };
+    let admin = admin_listener.map(|(addr, l)| {
+        info!(listen = %addr, "admin listener: /metrics, /health");
+        tokio::spawn(crate::metrics::serve_admin(
+            l,
+            ledger.clone(),
+            ctx.services.store.clone(),
+        ))
+    });
     info!(ae_title = %cfg.node.ae_title, listen = %local, "listening");
     crate::notify::notify(&format!(
         "READY=1\nSTATUS=listening on {local} as {}",

@@ -275,21 +275,27 @@ struct Refuser {
 }
 
 impl Refuser {
-    fn start(port: u16, status: &str, log: PathBuf) -> Refuser {
-        let child = Command::new("python3")
+    /// Starts the SCP on a port of its own choosing and returns once it listens there.
+    fn start(status: &str, log: PathBuf) -> (Refuser, u16) {
+        let mut child = Command::new("python3")
             .arg(support::support_file("refusing_scp.py"))
-            .args([&port.to_string(), status])
+            .args(["0", status])
             .arg(&log)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("python3");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "refusing_scp.py did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Refuser { child, log }
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let port: u16 = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("refusing_scp.py did not start: {line:?}"));
+        (Refuser { child, log }, port)
     }
 
     fn attempts(&self) -> Vec<String> {
@@ -320,8 +326,7 @@ fn rules_route_refusals_are_given_up_and_retry_requeues_them() {
     let tmp = tempfile::tempdir().unwrap();
     let ct_pacs = Storescp::start();
     let archive = Storescp::start();
-    let flaky_port = support::free_port();
-    let refuser = Refuser::start(flaky_port, "A700", tmp.path().join("attempts.log"));
+    let (refuser, flaky_port) = Refuser::start("A700", tmp.path().join("attempts.log"));
     let mut node = Node::start_with(
         &[("DICOMCHAIN__NODE__MAX_RETRIEVE_BUFFER_BYTES", "16384")],
         &format!(
@@ -366,11 +371,21 @@ fn rules_route_refusals_are_given_up_and_retry_requeues_them() {
     );
 
     // The refusing destination saw each MR max_attempts times, then they were given up.
-    let flaky = wait_for(&node, 60, "the MR to be given up", || {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let flaky = loop {
         let s = forward_status(&node);
         let f = destination(&s, "flaky").clone();
-        (f["failed"] == 3 && f["pending"] == 0).then_some(f)
-    });
+        if f["failed"] == 3 && f["pending"] == 0 {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the MR were not given up: status {f}, refusals {:?}\nnode log:\n{}",
+            refuser.attempts(),
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let items = flaky["failed_items"].as_array().unwrap();
     assert_eq!(items.len(), 3);
     assert!(

@@ -412,6 +412,16 @@ fn metrics_count_what_happened_and_health_follows_the_object_store() {
         .sum();
     assert!(m["dicomchain_bytes_received_total"] >= sent as f64, "{m:?}");
     assert_eq!(m["dicomchain_ledger_entries"], 5.0);
+    // Every association ended: none is counted as open.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metrics(admin)["dicomchain_associations_open"] != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "associations_open stays above 0"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(m.contains_key("dicomchain_entries_not_checkpointed"));
 
     // The object store goes away: not ready, and a C-STORE fails and is counted.
     server.stop();

@@ -85,6 +85,8 @@ pub struct Context {
 pub struct Scu {
     conn: Connection,
     pub contexts: Vec<Context>,
+    /// PDVs received but not yet consumed by [`Scu::receive_message`].
+    pending: std::collections::VecDeque<dicom_ul::pdu::PDataValue>,
     peer_max_pdu: u32,
     next_message_id: u16,
 }
@@ -218,6 +220,7 @@ impl Scu {
         Ok(Scu {
             conn,
             contexts,
+            pending: Default::default(),
             peer_max_pdu,
             next_message_id: 1,
         })
@@ -336,46 +339,54 @@ impl Scu {
         &mut self,
         timeout: Duration,
     ) -> Result<(u8, Command, Option<Vec<u8>>), ScuError> {
+        /// Largest data set received into memory (a C-GET'd instance).
+        const MAX_DATA: usize = 2 << 30;
         let mut command = Vec::new();
         let mut data = Vec::new();
         let mut cmd: Option<(u8, Command)> = None;
         loop {
-            match self.conn.receive(timeout).await? {
-                Pdu::PData { data: pdvs } => {
-                    for pdv in pdvs {
-                        match (&cmd, pdv.value_type) {
-                            (None, PDataValueType::Command) => {
-                                command.extend_from_slice(&pdv.data);
-                                if command.len() > 64 * 1024 {
-                                    return Err(ScuError::Protocol("command too large".into()));
-                                }
-                                if pdv.is_last {
-                                    let c = Command::decode(&command).map_err(|e| {
-                                        ScuError::Protocol(format!("bad command: {e}"))
-                                    })?;
-                                    if !c.has_data_set().unwrap_or(false) {
-                                        return Ok((pdv.presentation_context_id, c, None));
-                                    }
-                                    cmd = Some((pdv.presentation_context_id, c));
-                                }
-                            }
-                            (Some(_), PDataValueType::Data) => {
-                                data.extend_from_slice(&pdv.data);
-                                if pdv.is_last {
-                                    let (ctx, c) = cmd.take().expect("command before data");
-                                    return Ok((ctx, c, Some(std::mem::take(&mut data))));
-                                }
-                            }
-                            _ => {
-                                return Err(ScuError::Protocol(
-                                    "data set and command fragments out of order".into(),
-                                ))
-                            }
+            // PDVs of one P-DATA-TF may end one message and begin the next: those wait here.
+            let pdv = match self.pending.pop_front() {
+                Some(p) => p,
+                None => match self.conn.receive(timeout).await? {
+                    Pdu::PData { data: pdvs } => {
+                        self.pending.extend(pdvs);
+                        continue;
+                    }
+                    Pdu::AbortRQ { .. } => return Err(ScuError::Protocol("peer aborted".into())),
+                    other => return Err(ScuError::Protocol(format!("unexpected PDU {other:?}"))),
+                },
+            };
+            match (&cmd, pdv.value_type) {
+                (None, PDataValueType::Command) => {
+                    command.extend_from_slice(&pdv.data);
+                    if command.len() > 64 * 1024 {
+                        return Err(ScuError::Protocol("command too large".into()));
+                    }
+                    if pdv.is_last {
+                        let c = Command::decode(&command)
+                            .map_err(|e| ScuError::Protocol(format!("bad command: {e}")))?;
+                        if !c.has_data_set().unwrap_or(false) {
+                            return Ok((pdv.presentation_context_id, c, None));
                         }
+                        cmd = Some((pdv.presentation_context_id, c));
                     }
                 }
-                Pdu::AbortRQ { .. } => return Err(ScuError::Protocol("peer aborted".into())),
-                other => return Err(ScuError::Protocol(format!("unexpected PDU {other:?}"))),
+                (Some((ctx, _)), PDataValueType::Data) if *ctx == pdv.presentation_context_id => {
+                    data.extend_from_slice(&pdv.data);
+                    if data.len() > MAX_DATA {
+                        return Err(ScuError::Protocol("data set larger than 2 GiB".into()));
+                    }
+                    if pdv.is_last {
+                        let (ctx, c) = cmd.take().expect("a command precedes its data set");
+                        return Ok((ctx, c, Some(std::mem::take(&mut data))));
+                    }
+                }
+                _ => {
+                    return Err(ScuError::Protocol(
+                        "data set and command fragments out of order".into(),
+                    ))
+                }
             }
         }
     }

@@ -220,9 +220,7 @@ pub fn retry(cfg: &Config, destination: Option<&str>) -> Result<u64, ForwardCliE
             ledger.close();
             drop(ledger);
         }
-        Err(LedgerError::Open { source, .. })
-            if source.to_string().to_ascii_lowercase().contains("lock") =>
-        {
+        Err(LedgerError::Open { source, .. }) if crate::ledger::is_locked(&source) => {
             // The node holds the ledger: it drains the spool at least once a second.
             let deadline = std::time::Instant::now() + Duration::from_secs(15);
             while request.exists() {

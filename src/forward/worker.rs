@@ -125,10 +125,10 @@ impl Forwarder {
     /// Asks the workers to stop after the instance each is sending; aborts those still busy
     /// after `grace` (for all of them together). Nothing is lost either way: what was not
     /// recorded as delivered stays queued.
-    pub async fn stop(self, grace: Duration) {
+    pub async fn stop(mut self, grace: Duration) {
         let _ = self.stop.send(true);
         let deadline = tokio::time::Instant::now() + grace;
-        for h in self.handles {
+        for h in std::mem::take(&mut self.handles) {
             let abort = h.abort_handle();
             match tokio::time::timeout_at(deadline, h).await {
                 Ok(Ok(())) => {}
@@ -136,7 +136,18 @@ impl Forwarder {
                 Err(_) => abort.abort(),
             }
         }
-        if let Some(rt) = self.runtime {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    /// A forwarder dropped without [`Forwarder::stop`] (a failed start) must not drop its
+    /// runtime inside the node's: that panics.
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
     }
@@ -415,6 +426,9 @@ impl Worker {
                                 .filter(|s| *s < seq)
                             {
                                 attempts.remove(&older);
+                                // Given up in this same batch: superseded says it better
+                                // (and leaves nothing for `forward retry` to send after it).
+                                outcomes.retain(|o| o.seq != older);
                                 outcomes.push(ForwardOutcome {
                                     seq: older,
                                     delivered: false,

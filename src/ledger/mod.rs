@@ -155,6 +155,12 @@ pub struct Checkpointing {
     pub interval: std::time::Duration,
 }
 
+/// Whether an open error means another process (the running node) holds the ledger.
+pub fn is_locked(e: &rocksdb::Error) -> bool {
+    let text = e.to_string();
+    text.contains("lock") && text.contains("Resource temporarily unavailable")
+}
+
 /// A cheap, cloneable handle on the ledger.
 #[derive(Clone)]
 pub struct Ledger {
@@ -520,6 +526,18 @@ impl Ledger {
             Some(item) => {
                 let (_, v) = item.map_err(LedgerError::Read)?;
                 Ok(Some(String::from_utf8_lossy(&v).into_owned()))
+            }
+        }
+    }
+
+    /// The tree size of the newest signed checkpoint, if any (without reading the notes).
+    pub fn latest_checkpoint_size(&self) -> Result<Option<u64>, LedgerError> {
+        let cf = self.cf(CF_CHECKPOINTS)?;
+        match self.inner.db.iterator_cf(cf, IteratorMode::End).next() {
+            None => Ok(None),
+            Some(item) => {
+                let (k, _) = item.map_err(LedgerError::Read)?;
+                Ok(<[u8; 8]>::try_from(&k[..]).ok().map(u64::from_be_bytes))
             }
         }
     }
