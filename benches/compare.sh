@@ -1,59 +1,128 @@
 #!/usr/bin/env bash
-# Side-by-side ingest benchmark: DCMTK storescp vs dicomchain (fs backend), same corpus, same
-# client (DCMTK storescu, one association over loopback), same run.
+# Side-by-side ingest benchmark, same corpus, same client (DCMTK storescu), same run:
+#   DCMTK storescp (writes files, no fsync), Orthanc, dicomchain on the fs backend and dicomchain on
+#   the S3 backend (the test suite's s3s-fs server over HTTP), each started fresh for every
+#   measurement; one association, and 4 associations in parallel (the corpus dealt out to 4
+#   storescu). Prints wall time, instances/s, MB/s and the ratio to storescp (median of RUNS), and
+#   dicomchain's peak RSS; then the C-MOVE comparison (benches/retrieve.sh) when 1000 is a count.
 #
-# usage: benches/compare.sh [COUNT] [SIZE]      (default: 1000 instances of 512x512x16-bit CT)
-# (Orthanc and the S3 backend join this table with the performance issue.)
+# usage: benches/compare.sh [COUNTS] [RUNS] [SIZE]
+#        (default: "100 1000 10000" CT instances of 512x512x16-bit in 10 studies, 3 runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-COUNT=${1:-1000}
-SIZE=${2:-512}
-work=$(mktemp -d /tmp/dicomchain-bench.XXXXXX)
+source benches/lib.sh
+COUNTS=${1:-"100 1000 10000"}
+RUNS=${2:-3}
+SIZE=${3:-512}
+work=$(mktemp -d /tmp/dicomchain-compare.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
 cargo build --release --quiet
-bin=target/release/dicomchain
-python3 tests/support/make_series.py "$work/corpus" --modality CT --count "$COUNT" --rows "$SIZE" --cols "$SIZE" --studies 10
-mb=$(du -sm "$work/corpus" | cut -f1)
+cargo build --release --quiet --example s3_test_server
+bin=$PWD/target/release/dicomchain
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 not up" >&2; return 1; }
-send() { # AE PORT -> seconds
-  local t0 t1
-  t0=$(date +%s.%N)
-  /usr/bin/storescu -aec "$1" +sd +r 127.0.0.1 "$2" "$work/corpus" >/dev/null 2>"$work/storescu.err" || { cat "$work/storescu.err" >&2; return 1; }
-  t1=$(date +%s.%N)
-  awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }' 
+mkdir -p "$work/s3"
+target/release/examples/s3_test_server "$work/s3" >"$work/s3.info" &
+for _ in $(seq 100); do [ -s "$work/s3.info" ] && break; sleep 0.1; done
+read -r s3_endpoint s3_bucket s3_access s3_secret <"$work/s3.info"
+receivers="storescp dicomchain-fs dicomchain-s3"
+[ -x /usr/sbin/Orthanc ] && receivers="storescp orthanc dicomchain-fs dicomchain-s3"
+
+# start_<receiver> sets rport, rpid and rae; stop_receiver records rss and wipes its state.
+start_storescp() {
+  rport=$(port); rae=STORESCP; mkdir -p "$work/r"
+  TCP_NODELAY=1 /usr/bin/storescp -aet STORESCP -od "$work/r" "$rport" & rpid=$!
+  wait_port "$rport"
 }
-row() { awk -v n="$1" -v t="$2" -v base="$3" -v c="$COUNT" -v mb="$mb" \
-  'BEGIN { printf "%-34s %8.2f s %9.0f inst/s %8.1f MB/s %7.2fx\n", n, t, c / t, mb / t, t / base }'; }
-
-# DCMTK storescp: writes files, no fsync.
-p=$(port); mkdir -p "$work/storescp"
-TCP_NODELAY=1 /usr/bin/storescp -aet STORESCP -od "$work/storescp" "$p" &
-pid=$!
-wait_port "$p"
-t_scp=$(send STORESCP "$p")
-kill "$pid"; wait "$pid" 2>/dev/null || true
-
-# dicomchain, fs backend: every instance split, pixel object fsynced, ledger entry fsynced (WAL).
-p=$(port)
-cat > "$work/dc.toml" <<TOML
+start_orthanc() {
+  rport=$(port); rae=ORTHANC; mkdir -p "$work/r"
+  local http; http=$(port)
+  cat >"$work/r/o.json" <<JSON
+{ "Name": "bench", "StorageDirectory": "$work/r/db", "IndexDirectory": "$work/r/db",
+  "DicomAet": "ORTHANC", "DicomPort": $rport, "HttpPort": $http, "RemoteAccessAllowed": false,
+  "AuthenticationEnabled": false, "DicomCheckCalledAet": false, "DicomAlwaysAllowStore": true }
+JSON
+  TCP_NODELAY=1 /usr/sbin/Orthanc "$work/r/o.json" >"$work/o.log" 2>&1 & rpid=$!
+  wait_port "$rport"
+}
+start_dicomchain() { # BACKEND
+  rport=$(port); rae=DICOMCHAIN; mkdir -p "$work/r"
+  cat >"$work/r/dc.toml" <<TOML
 [node]
-listen = "127.0.0.1:$p"
+listen = "127.0.0.1:$rport"
 [ledger]
-path = "$work/dc/ledger"
+path = "$work/r/ledger"
+signing_key_file = "$work/r/key"
+event_spool = "$work/r/spool"
+[store]
+backend = "$1"
 [store.fs]
-root = "$work/dc/objects"
+root = "$work/r/objects"
+[store.s3]
+endpoint = "$s3_endpoint"
+bucket = "$s3_bucket"
+access_key = "$s3_access"
+secret_key = "$s3_secret"
 TOML
-RUST_LOG=warn "$bin" serve --config "$work/dc.toml" &
-pid=$!
-wait_port "$p"
-t_dc=$(send DICOMCHAIN "$p")
-kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+  RUST_LOG=warn "$bin" serve --config "$work/r/dc.toml" 2>"$work/node.log" & rpid=$!
+  wait_port "$rport"
+}
+start() {
+  case $1 in
+    storescp) start_storescp ;;
+    orthanc) start_orthanc ;;
+    dicomchain-fs) start_dicomchain fs ;;
+    dicomchain-s3) start_dicomchain s3 ;;
+  esac
+}
+stop_receiver() {
+  rss=$(peak_rss_mib "$rpid")
+  kill -TERM "$rpid"; wait "$rpid" 2>/dev/null || true
+  rm -rf "$work/r" "$work/s3/$s3_bucket"; mkdir -p "$work/s3/$s3_bucket"
+}
+send() { # DIR... -> wall seconds; one storescu per DIR, in parallel
+  local t0 t1 pids=() d
+  t0=$(now)
+  for d in "$@"; do
+    /usr/bin/storescu -aec "$rae" +sd +r 127.0.0.1 "$rport" "$d" >/dev/null 2>>"$work/storescu.err" & pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || { cat "$work/storescu.err" >&2; return 1; }; done
+  t1=$(now)
+  elapsed "$t0" "$t1"
+}
 
-echo
-echo "$COUNT CT ${SIZE}x${SIZE} instances ($mb MB), DCMTK storescu, one association, loopback, $(nproc) cores"
-printf '%-34s %10s %15s %13s %8s\n' receiver "wall" "rate" "throughput" "vs storescp"
-row "DCMTK storescp (no fsync)" "$t_scp" "$t_scp"
-row "dicomchain fs (fsync both halves)" "$t_dc" "$t_scp"
+declare -A t1 t4 rss_max
+for count in $COUNTS; do
+  corpus="$work/corpus-$count"
+  python3 tests/support/make_series.py "$corpus/all" --modality CT --count "$count" --rows "$SIZE" --cols "$SIZE" --studies 10 >/dev/null
+  i=0
+  for f in "$corpus"/all/*; do
+    mkdir -p "$corpus/p$((i % 4))"; ln "$f" "$corpus/p$((i % 4))/"; i=$((i + 1))
+  done
+  mb=$(du -sm "$corpus/all" | cut -f1)
+  for r in $receivers; do t1[$r]=""; t4[$r]=""; rss_max[$r]=0; done
+  for _ in $(seq "$RUNS"); do
+    for r in $receivers; do
+      echo "  $count instances: $r" >&2
+      start "$r"; t1[$r]="${t1[$r]} $(send "$corpus/all")"; stop_receiver
+      [ "$rss" != "?" ] && [ "$rss" -gt "${rss_max[$r]}" ] && rss_max[$r]=$rss
+      start "$r"; t4[$r]="${t4[$r]} $(send "$corpus"/p0 "$corpus"/p1 "$corpus"/p2 "$corpus"/p3)"; stop_receiver
+      [ "$rss" != "?" ] && [ "$rss" -gt "${rss_max[$r]}" ] && rss_max[$r]=$rss
+    done
+  done
+  base=$(echo "${t1[storescp]}" | median)
+  echo
+  echo "$count CT ${SIZE}x${SIZE} instances ($mb MB), DCMTK storescu over loopback, $(nproc) cores, median of $RUNS"
+  printf '%-16s | %8s %9s %8s %6s | %8s %9s %6s | %8s\n' receiver "1 assoc" "inst/s" "MB/s" "ratio" "4 assoc" "inst/s" "ratio" "peak RSS"
+  for r in $receivers; do
+    a=$(echo "${t1[$r]}" | median); b=$(echo "${t4[$r]}" | median)
+    awk -v n="$r" -v a="$a" -v b="$b" -v base="$base" -v c="$count" -v mb="$mb" -v rss="${rss_max[$r]} MiB" \
+      'BEGIN { printf "%-16s | %7.2fs %9.0f %8.1f %5.2fx | %7.2fs %9.0f %5.2fx | %8s\n", n, a, c / a, mb / a, a / base, b, c / b, b / base, rss }'
+  done
+  for r in $receivers; do echo "  runs $r: 1 assoc:${t1[$r]} | 4 assoc:${t4[$r]}"; done
+  rm -rf "$corpus"
+done
+
+case " $COUNTS " in
+  *" 1000 "*) echo; benches/retrieve.sh 1000 "$SIZE" "$RUNS" ;;
+esac
