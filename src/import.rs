@@ -266,7 +266,7 @@ async fn import_all(
             Done::Imported(StoreOutcome::Duplicate { .. }) | Done::Skipped => summary.skipped += 1,
             Done::Invalid(why) => summary.invalid.push((path, why)),
         }
-        if progress && (n % 16 == 0 || n == total) {
+        if progress && (n.is_multiple_of(16) || n == total) {
             let secs = started.elapsed().as_secs_f64().max(0.001);
             let bytes = done_bytes.load(Ordering::Relaxed);
             let rate = bytes as f64 / secs;

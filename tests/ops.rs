@@ -252,7 +252,6 @@ fn accepted(node: &Node, proposals: &[(String, Vec<String>)]) -> Vec<(String, St
 
 #[test]
 fn conformance_statement_is_what_the_node_accepts() {
-    use dicom_encoding::TransferSyntaxIndex;
     use std::collections::BTreeSet;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let doc = std::fs::read_to_string(root.join("docs/CONFORMANCE.md")).unwrap();
