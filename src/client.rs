@@ -117,11 +117,7 @@ pub async fn echo(cfg: &Config, target: &Target) -> Result<(u16, Duration), Clie
         .await?;
     let (_, rsp, _) = scu.receive_message(TIMEOUT).await?;
     responds_to(&rsp, field::C_ECHO_RSP, message_id)?;
-    let status = rsp
-        .u16(tag::STATUS, "Status")
-        .ok()
-        .flatten()
-        .unwrap_or(0xFFFF);
+    let status = status_of(&rsp);
     scu.release(Duration::from_secs(10)).await;
     Ok((status, started.elapsed()))
 }
@@ -264,6 +260,44 @@ fn encode(obj: &InMemDicomObject, ts: &str) -> Result<Vec<u8>, ClientError> {
     Ok(out)
 }
 
+/// An association for one Q/R SOP class, its context and syntax, and the identifier of `keys`
+/// encoded in that syntax.
+async fn open_query(
+    cfg: &Config,
+    target: &Target,
+    class: &str,
+    keys: &[String],
+) -> Result<(Scu, u8, String, Vec<u8>), ClientError> {
+    let scu = target
+        .connect(
+            cfg,
+            &[(class.into(), vec![EXPLICIT_LE.into(), IMPLICIT_LE.into()])],
+        )
+        .await?;
+    let (ctx, ts) = context_for(&scu, class)?;
+    let id = encode(&identifier(keys)?, &ts)?;
+    Ok((scu, ctx, ts, id))
+}
+
+/// The Status of a response (FFFF when it has none).
+fn status_of(rsp: &crate::dimse::command::Command) -> u16 {
+    rsp.u16(tag::STATUS, "Status")
+        .ok()
+        .flatten()
+        .unwrap_or(0xFFFF)
+}
+
+/// The (remaining, completed, failed, warning) sub-operation counts of a C-MOVE/C-GET response.
+fn counts_of(rsp: &crate::dimse::command::Command) -> [u16; 4] {
+    let n = |t| rsp.u16(t, "count").ok().flatten().unwrap_or(0);
+    [
+        n(tag::REMAINING_SUBOPERATIONS),
+        n(tag::COMPLETED_SUBOPERATIONS),
+        n(tag::FAILED_SUBOPERATIONS),
+        n(tag::WARNING_SUBOPERATIONS),
+    ]
+}
+
 /// Checks that `rsp` is the `field` response to message `id`.
 fn responds_to(
     rsp: &crate::dimse::command::Command,
@@ -326,14 +360,7 @@ pub async fn find(
     mut on_match: impl FnMut(&str),
 ) -> Result<(usize, u16), ClientError> {
     let class = qr_class(study_root, field::C_FIND_RQ);
-    let mut scu = target
-        .connect(
-            cfg,
-            &[(class.into(), vec![EXPLICIT_LE.into(), IMPLICIT_LE.into()])],
-        )
-        .await?;
-    let (ctx, ts) = context_for(&scu, class)?;
-    let id = encode(&identifier(keys)?, &ts)?;
+    let (mut scu, ctx, ts, id) = open_query(cfg, target, class, keys).await?;
     let message_id = scu
         .request(ctx, field::C_FIND_RQ, class, Some(id), |b| {
             b.u16(tag::PRIORITY, 0)
@@ -343,11 +370,7 @@ pub async fn find(
     loop {
         let (_, rsp, data) = scu.receive_message(TIMEOUT).await?;
         responds_to(&rsp, field::C_FIND_RSP, message_id)?;
-        let status = rsp
-            .u16(tag::STATUS, "Status")
-            .ok()
-            .flatten()
-            .unwrap_or(0xFFFF);
+        let status = status_of(&rsp);
         if matches!(status, 0xFF00 | 0xFF01) {
             matches += 1;
             if let Some(d) = data {
@@ -481,18 +504,8 @@ pub async fn get(
             continue;
         }
         responds_to(&cmd, field::C_GET_RSP, message_id)?;
-        let status = cmd
-            .u16(tag::STATUS, "Status")
-            .ok()
-            .flatten()
-            .unwrap_or(0xFFFF);
-        let n = |t| cmd.u16(t, "count").ok().flatten().unwrap_or(0);
-        let counts = [
-            n(tag::REMAINING_SUBOPERATIONS),
-            n(tag::COMPLETED_SUBOPERATIONS),
-            n(tag::FAILED_SUBOPERATIONS),
-            n(tag::WARNING_SUBOPERATIONS),
-        ];
+        let status = status_of(&cmd);
+        let counts = counts_of(&cmd);
         if status == 0xFF00 {
             continue;
         }
@@ -511,14 +524,7 @@ pub async fn move_to(
     mut on_pending: impl FnMut([u16; 4]),
 ) -> Result<(u16, [u16; 4]), ClientError> {
     let class = qr_class(study_root, field::C_MOVE_RQ);
-    let mut scu = target
-        .connect(
-            cfg,
-            &[(class.into(), vec![EXPLICIT_LE.into(), IMPLICIT_LE.into()])],
-        )
-        .await?;
-    let (ctx, ts) = context_for(&scu, class)?;
-    let id = encode(&identifier(keys)?, &ts)?;
+    let (mut scu, ctx, _, id) = open_query(cfg, target, class, keys).await?;
     let message_id = scu
         .request(ctx, field::C_MOVE_RQ, class, Some(id), |b| {
             b.u16(tag::PRIORITY, 0)
@@ -528,18 +534,8 @@ pub async fn move_to(
     loop {
         let (_, rsp, _) = scu.receive_message(Duration::from_secs(3600)).await?;
         responds_to(&rsp, field::C_MOVE_RSP, message_id)?;
-        let status = rsp
-            .u16(tag::STATUS, "Status")
-            .ok()
-            .flatten()
-            .unwrap_or(0xFFFF);
-        let n = |t| rsp.u16(t, "count").ok().flatten().unwrap_or(0);
-        let counts = [
-            n(tag::REMAINING_SUBOPERATIONS),
-            n(tag::COMPLETED_SUBOPERATIONS),
-            n(tag::FAILED_SUBOPERATIONS),
-            n(tag::WARNING_SUBOPERATIONS),
-        ];
+        let status = status_of(&rsp);
+        let counts = counts_of(&rsp);
         if status == 0xFF00 {
             on_pending(counts);
             continue;

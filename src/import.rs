@@ -83,8 +83,8 @@ pub fn parse_header(head: &[u8]) -> Result<Part10Header, String> {
     };
     while pos + 8 <= head.len() && u16::from_le_bytes([head[pos], head[pos + 1]]) == 0x0002 {
         let element = u16::from_le_bytes([head[pos + 2], head[pos + 3]]);
-        let vr = &head[pos + 4..pos + 6];
-        let (len, header) = if matches!(vr, b"OB" | b"OW" | b"UN" | b"SQ" | b"UT" | b"UC" | b"UR") {
+        let vr = [head[pos + 4], head[pos + 5]];
+        let (len, header) = if crate::split::has_long_length(&vr) {
             let len = head
                 .get(pos + 8..pos + 12)
                 .ok_or("file meta information cut short")?;
@@ -391,18 +391,7 @@ async fn dataset_digest(path: &Path, offset: usize) -> std::io::Result<[u8; 32]>
 mod tests {
     use super::*;
 
-    fn element(out: &mut Vec<u8>, elem: u16, vr: &[u8; 2], value: &[u8]) {
-        out.extend_from_slice(&0x0002u16.to_le_bytes());
-        out.extend_from_slice(&elem.to_le_bytes());
-        out.extend_from_slice(vr);
-        if vr == b"OB" {
-            out.extend_from_slice(&[0, 0]);
-            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        } else {
-            out.extend_from_slice(&(value.len() as u16).to_le_bytes());
-        }
-        out.extend_from_slice(value);
-    }
+    use crate::retrieve::meta_element as element;
 
     fn file() -> Vec<u8> {
         let mut f = vec![0u8; 128];

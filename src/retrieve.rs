@@ -293,6 +293,20 @@ pub fn part10_header(record: &MetadataRecord, source_ae: &str) -> Vec<u8> {
     )
 }
 
+/// Appends one File Meta Information element (group 0002, Explicit VR Little Endian).
+pub(crate) fn meta_element(out: &mut Vec<u8>, elem: u16, vr: &[u8; 2], value: &[u8]) {
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&elem.to_le_bytes());
+    out.extend_from_slice(vr);
+    if crate::split::has_long_length(vr) {
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    } else {
+        out.extend_from_slice(&(value.len() as u16).to_le_bytes());
+    }
+    out.extend_from_slice(value);
+}
+
 /// [`part10_header`] from the three UIDs.
 pub fn part10_header_for(
     sop_class_uid: &str,
@@ -300,18 +314,7 @@ pub fn part10_header_for(
     transfer_syntax: &str,
     source_ae: &str,
 ) -> Vec<u8> {
-    fn element(out: &mut Vec<u8>, elem: u16, vr: &[u8; 2], value: &[u8]) {
-        out.extend_from_slice(&2u16.to_le_bytes());
-        out.extend_from_slice(&elem.to_le_bytes());
-        out.extend_from_slice(vr);
-        if vr == b"OB" {
-            out.extend_from_slice(&[0, 0]);
-            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        } else {
-            out.extend_from_slice(&(value.len() as u16).to_le_bytes());
-        }
-        out.extend_from_slice(value);
-    }
+    let element = meta_element;
     fn padded(s: &str, pad: u8) -> Vec<u8> {
         let mut v = s.as_bytes().to_vec();
         if v.len() % 2 == 1 {
