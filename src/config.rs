@@ -174,7 +174,8 @@ pub struct NodeConfig {
     /// Address and port to listen on.
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// Most associations served at once; further connections wait in the kernel's backlog.
+    /// Most associations served at once; a further association request is answered with
+    /// A-ASSOCIATE-RJ (rejected-transient, local limit exceeded) so that the peer retries later.
     #[serde(default = "default_max_associations")]
     pub max_associations: usize,
     /// The maximum PDU length we announce. Strict: a larger PDU from a peer aborts the association.
@@ -189,6 +190,15 @@ pub struct NodeConfig {
     /// Seconds a single PDU read or write may take before the association is aborted.
     #[serde(default = "default_io_timeout")]
     pub io_timeout_secs: u64,
+    /// ARTIM (PS3.8 §9.1.5): seconds a new connection may take to send its A-ASSOCIATE-RQ
+    /// before it is closed.
+    #[serde(default = "default_artim_timeout")]
+    pub artim_timeout_secs: u64,
+    /// Most bytes of incoming data sets held in memory across all associations at once
+    /// (metadata, and pixel data an S3 upload has not sent yet). A C-STORE that cannot get its
+    /// share within `io_timeout_secs` fails with A700; the association stays usable.
+    #[serde(default = "default_max_bytes_in_flight")]
+    pub max_bytes_in_flight: usize,
     /// On SIGINT/SIGTERM, seconds to let in-flight operations finish before aborting them.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout_secs: u64,
@@ -339,6 +349,12 @@ fn default_io_timeout() -> u64 {
 fn default_drain_timeout() -> u64 {
     30
 }
+fn default_artim_timeout() -> u64 {
+    30
+}
+fn default_max_bytes_in_flight() -> usize {
+    1024 * 1024 * 1024
+}
 fn default_max_metadata() -> usize {
     64 * 1024 * 1024
 }
@@ -396,6 +412,8 @@ impl Default for NodeConfig {
             idle_timeout_secs: default_idle_timeout(),
             io_timeout_secs: default_io_timeout(),
             drain_timeout_secs: default_drain_timeout(),
+            artim_timeout_secs: default_artim_timeout(),
+            max_bytes_in_flight: default_max_bytes_in_flight(),
             max_metadata_bytes: default_max_metadata(),
             max_find_results: default_max_find_results(),
             find_case_insensitive_names: false,
@@ -471,6 +489,9 @@ impl NodeConfig {
     }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
+    }
+    pub fn artim_timeout(&self) -> Duration {
+        Duration::from_secs(self.artim_timeout_secs)
     }
 }
 
@@ -568,7 +589,10 @@ impl Config {
                 "must be between 4096 and 16777216",
             ));
         }
-        if self.node.io_timeout_secs == 0 || self.node.idle_timeout_secs == 0 {
+        if self.node.io_timeout_secs == 0
+            || self.node.idle_timeout_secs == 0
+            || self.node.artim_timeout_secs == 0
+        {
             return Err(invalid(
                 "node.io_timeout_secs",
                 "timeouts must be at least 1 second",
@@ -576,6 +600,14 @@ impl Config {
         }
         if self.node.max_metadata_bytes < 64 * 1024 {
             return Err(invalid("node.max_metadata_bytes", "must be at least 65536"));
+        }
+        if self.node.max_bytes_in_flight < self.node.max_metadata_bytes
+            || self.node.max_bytes_in_flight > u32::MAX as usize
+        {
+            return Err(invalid(
+                "node.max_bytes_in_flight",
+                "must be at least node.max_metadata_bytes and at most 4294967295",
+            ));
         }
         if self.node.max_find_results == 0 {
             return Err(invalid("node.max_find_results", "must be at least 1"));
@@ -697,8 +729,8 @@ impl Config {
         let mut out = String::new();
         let n = &self.node;
         out += &format!(
-            "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\ndrain_timeout_secs = {}\nmax_metadata_bytes = {}\nmax_find_results = {}\nfind_case_insensitive_names = {}\nmax_retrieve_buffer_bytes = {}\nlog_format = {:?}\n\n",
-            n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.drain_timeout_secs, n.max_metadata_bytes, n.max_find_results, n.find_case_insensitive_names, n.max_retrieve_buffer_bytes, if n.log_format == LogFormat::Json { "json" } else { "text" }
+            "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\nartim_timeout_secs = {}\ndrain_timeout_secs = {}\nmax_bytes_in_flight = {}\nmax_metadata_bytes = {}\nmax_find_results = {}\nfind_case_insensitive_names = {}\nmax_retrieve_buffer_bytes = {}\nlog_format = {:?}\n\n",
+            n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.artim_timeout_secs, n.drain_timeout_secs, n.max_bytes_in_flight, n.max_metadata_bytes, n.max_find_results, n.find_case_insensitive_names, n.max_retrieve_buffer_bytes, if n.log_format == LogFormat::Json { "json" } else { "text" }
         );
         out += &format!(
             "[ledger]\npath = {:?}\nsigning_key_file = {:?}\norigin = {:?}\ncheckpoint_interval = {}\nevent_spool = {:?}\n\n",

@@ -36,6 +36,8 @@ pub enum IngestError {
     SopClassMismatch { command: String, dataset: String },
     #[error("data set exceeds {max} bytes of metadata (node.max_metadata_bytes)")]
     MetadataTooLarge { max: usize },
+    #[error("node is receiving too much at once: {max} bytes held across associations (node.max_bytes_in_flight); try again later")]
+    MemoryBudget { max: usize },
     #[error("object store: {0}")]
     Store(#[from] StoreError),
     #[error("ledger: {0}")]
@@ -129,6 +131,33 @@ pub struct Pipeline {
     max_metadata: usize,
     router: std::sync::Arc<crate::forward::Router>,
     activity: std::sync::Arc<Activity>,
+    budget: Option<std::sync::Arc<Budget>>,
+}
+
+/// The bytes of incoming data sets all associations may hold in memory together: each
+/// [`Incoming`] holds permits for what it keeps (its metadata, and pixel bytes an S3 upload
+/// has not sent yet), taken as it grows and given back as it shrinks or ends.
+#[derive(Debug)]
+pub struct Budget {
+    bytes: std::sync::Arc<tokio::sync::Semaphore>,
+    max: usize,
+    /// Longest a data set waits for its share before its C-STORE fails.
+    wait: Duration,
+}
+
+impl Budget {
+    pub fn new(max: usize, wait: Duration) -> Budget {
+        Budget {
+            bytes: std::sync::Arc::new(tokio::sync::Semaphore::new(max)),
+            max,
+            wait,
+        }
+    }
+
+    /// Bytes held right now.
+    pub fn held(&self) -> usize {
+        self.max - self.bytes.available_permits()
+    }
 }
 
 impl Pipeline {
@@ -147,7 +176,19 @@ impl Pipeline {
             max_metadata,
             router: Default::default(),
             activity: Default::default(),
+            budget: None,
         }
+    }
+
+    /// Bounds the bytes held in memory by all data sets being received at once.
+    pub fn with_budget(mut self, budget: Budget) -> Pipeline {
+        self.budget = Some(std::sync::Arc::new(budget));
+        self
+    }
+
+    /// The memory budget, if any (for metrics).
+    pub fn budget(&self) -> Option<std::sync::Arc<Budget>> {
+        self.budget.clone()
     }
 
     /// How busy this pipeline is (shared with whoever should give way to it).
@@ -188,6 +229,7 @@ impl Pipeline {
             pixel_length: 0,
             dataset_hash: Sha256::new(),
             dataset_length: 0,
+            charge: None,
         }
     }
 
@@ -236,6 +278,8 @@ pub struct Incoming {
     pixel_length: u64,
     dataset_hash: Sha256,
     dataset_length: u64,
+    /// This data set's share of the pipeline's [`Budget`].
+    charge: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Incoming {
@@ -250,7 +294,7 @@ impl Incoming {
                     return Err(IngestError::MetadataTooLarge { max });
                 }
                 self.meta.extend_from_slice(data);
-                return Ok(());
+                return self.account().await;
             }
             Mode::Split(s) => s,
         };
@@ -265,7 +309,7 @@ impl Incoming {
             return Err(IngestError::MetadataTooLarge { max });
         }
         if self.bulk.is_empty() {
-            return Ok(());
+            return self.account().await;
         }
         self.pixel_hash.update(&self.bulk);
         self.pixel_length += self.bulk.len() as u64;
@@ -278,6 +322,39 @@ impl Incoming {
             pipeline
                 .timed("write object", upload.write(&self.bulk))
                 .await?;
+        }
+        self.account().await
+    }
+
+    /// Brings this data set's share of the budget to what it holds now: more permits when it
+    /// grew (waiting up to the budget's wait), some given back when it shrank.
+    async fn account(&mut self) -> Result<(), IngestError> {
+        let Some(budget) = &self.pipeline.budget else {
+            return Ok(());
+        };
+        let held = self.meta.len() + self.upload.as_ref().map_or(0, Upload::buffered);
+        let charged = self.charge.as_ref().map_or(0, |p| p.num_permits());
+        if held > charged {
+            let max = budget.max;
+            if held > max {
+                return Err(IngestError::MemoryBudget { max });
+            }
+            let more =
+                u32::try_from(held - charged).map_err(|_| IngestError::MemoryBudget { max })?;
+            let got =
+                tokio::time::timeout(budget.wait, budget.bytes.clone().acquire_many_owned(more))
+                    .await;
+            match got {
+                Ok(Ok(permit)) => match &mut self.charge {
+                    Some(c) => c.merge(permit),
+                    None => self.charge = Some(permit),
+                },
+                _ => return Err(IngestError::MemoryBudget { max }),
+            }
+        } else if held < charged {
+            if let Some(c) = &mut self.charge {
+                drop(c.split(charged - held));
+            }
         }
         Ok(())
     }
@@ -355,6 +432,20 @@ impl Incoming {
         let object_name = match upload {
             Some(upload) => {
                 let name = instance::object_name(&key);
+                // Noted before the object becomes visible: a crash from here until the entry is
+                // written leaves the object findable by `reconcile` at the next start.
+                let ledger = self.pipeline.ledger.clone();
+                let noted = name.clone();
+                let intent =
+                    tokio::task::spawn_blocking(move || ledger.intend_object(&noted, &key)).await;
+                match intent {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err((e.into(), Some(upload))),
+                    Err(e) => {
+                        let e = LedgerError::Corrupt(format!("pending-object note: {e}"));
+                        return Err((e.into(), Some(upload)));
+                    }
+                }
                 // Committing a large object (an S3 multipart completion and server-side copy)
                 // takes time in proportion to its size: one timeout per started 16 MiB.
                 let p = &self.pipeline;
@@ -399,6 +490,34 @@ impl Incoming {
     }
 }
 
+/// Startup reconciliation after a crash: every pixel object that was about to be committed
+/// when the node stopped ([`Ledger::pending_objects`]) is kept if the ledger records its
+/// instance, and deleted otherwise (its C-STORE never got a success response). Each deletion
+/// is logged by opaque object name; one the store cannot delete now stays noted for the next
+/// start. Returns how many objects were deleted.
+pub async fn reconcile(ledger: &Ledger, store: &Store) -> Result<usize, IngestError> {
+    let pending = {
+        let ledger = ledger.clone();
+        tokio::task::spawn_blocking(move || ledger.pending_objects())
+            .await
+            .map_err(|e| LedgerError::Corrupt(e.to_string()))??
+    };
+    let mut deleted = 0;
+    for (name, _key, recorded) in pending {
+        if !recorded {
+            if let Err(e) = store.delete(&name).await {
+                // Kept noted: the next start tries again.
+                tracing::warn!(object = %name, error = %e, "cannot delete the object of an interrupted C-STORE");
+                continue;
+            }
+            tracing::warn!(object = %name, "deleted a pixel object no ledger entry names (a C-STORE interrupted before its success response)");
+            deleted += 1;
+        }
+        ledger.clear_pending(&name)?;
+    }
+    Ok(deleted)
+}
+
 /// Reads the index attributes of a record (inflating the start of a deflated data set first).
 /// `fallback` is the command's (SOP Class UID, SOP Instance UID), used where the data set lacks
 /// them.
@@ -436,4 +555,119 @@ pub(crate) fn inflate_start(deflated: &[u8]) -> Result<(Vec<u8>, bool), IngestEr
     let complete = out.len() as u64 <= MAX_INFLATED;
     out.truncate(MAX_INFLATED as usize);
     Ok((out, complete))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::split::testutil::elem;
+
+    const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+
+    fn dataset(uid: &str) -> Vec<u8> {
+        let enc = Encoding::ExplicitLittle;
+        let mut d = Vec::new();
+        elem(
+            enc,
+            &mut d,
+            0x0008_0016,
+            b"UI",
+            b"1.2.840.10008.5.1.4.1.1.2\0",
+        );
+        let mut u = uid.as_bytes().to_vec();
+        if u.len() % 2 == 1 {
+            u.push(0);
+        }
+        elem(enc, &mut d, 0x0008_0018, b"UI", &u);
+        elem(enc, &mut d, 0x0020_000D, b"UI", b"1.2.3.4\0");
+        elem(enc, &mut d, 0x0020_000E, b"UI", b"1.2.3.4.5\0");
+        elem(enc, &mut d, 0x7FE0_0010, b"OW", &[7u8; 4096]);
+        d
+    }
+
+    async fn pipeline(dir: &std::path::Path) -> Pipeline {
+        let ledger = Ledger::open(&dir.join("ledger")).unwrap();
+        let store = Store::Fs(
+            crate::store::fs::FsStore::open(&dir.join("objects"))
+                .await
+                .unwrap(),
+        );
+        Pipeline::new(ledger, store, Duration::from_secs(10), 1 << 20)
+    }
+
+    fn ctx(uid: &str) -> StoreContext {
+        StoreContext {
+            calling_ae: "TEST".into(),
+            called_ae: "DICOMCHAIN".into(),
+            sop_class_uid: CT.into(),
+            sop_instance_uid: uid.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn reconcile_deletes_only_objects_the_ledger_does_not_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pipeline(dir.path()).await;
+        let mut incoming = p.begin("1.2.840.10008.1.2.1");
+        incoming.feed(&dataset("1.2.3.4.5.6")).await.unwrap();
+        let stored = incoming.finish(&ctx("1.2.3.4.5.6")).await.unwrap();
+        // The entry's batch forgot the note.
+        assert!(p.ledger().pending_objects().unwrap().is_empty());
+        let kept = instance::object_name(&stored.instance_key);
+
+        // A crash after an object commit, before its entry: the note and the object remain.
+        let orphan_key = [9u8; 32];
+        let orphan = instance::object_name(&orphan_key);
+        p.ledger().intend_object(&orphan, &orphan_key).unwrap();
+        let mut up = p.store().begin().await.unwrap();
+        up.write(b"pixels").await.unwrap();
+        up.commit(&orphan).await.unwrap();
+        // A note whose deletion was lost, for an object the ledger does name.
+        p.ledger()
+            .intend_object(&kept, &stored.instance_key)
+            .unwrap();
+
+        assert_eq!(reconcile(p.ledger(), p.store()).await.unwrap(), 1);
+        assert!(!p.store().exists(&orphan).await.unwrap());
+        assert!(p.store().exists(&kept).await.unwrap());
+        assert!(p.ledger().pending_objects().unwrap().is_empty());
+        // Nothing left to do the second time.
+        assert_eq!(reconcile(p.ledger(), p.store()).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_budget_bounds_bytes_held_across_data_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = Budget::new(100_000, Duration::from_millis(200));
+        let p = pipeline(dir.path()).await.with_budget(budget);
+        let held = || p.budget().unwrap().held();
+        // Deflated data sets are kept whole in memory.
+        let mut a = p.begin(DEFLATED_EXPLICIT_VR_LE);
+        a.feed(&[0u8; 60_000]).await.unwrap();
+        assert_eq!(held(), 60_000);
+        let mut b = p.begin(DEFLATED_EXPLICIT_VR_LE);
+        b.feed(&[0u8; 30_000]).await.unwrap();
+        let started = std::time::Instant::now();
+        let err = b.feed(&[0u8; 30_000]).await.unwrap_err();
+        assert!(
+            matches!(err, IngestError::MemoryBudget { max: 100_000 }),
+            "{err}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        b.abort().await;
+        assert_eq!(held(), 60_000);
+        // Bytes come back when a data set ends, and a waiting one gets them.
+        let mut c = p.begin(DEFLATED_EXPLICIT_VR_LE);
+        let waiting = tokio::spawn(async move { c.feed(&[0u8; 50_000]).await.map(|_| c) });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        a.abort().await;
+        let c = waiting.await.unwrap().unwrap();
+        assert_eq!(held(), 50_000);
+        drop(c);
+        assert_eq!(held(), 0);
+        // One data set larger than the whole budget fails at once.
+        let mut d = p.begin(DEFLATED_EXPLICIT_VR_LE);
+        let err = d.feed(&vec![0u8; 100_001]).await.unwrap_err();
+        assert!(matches!(err, IngestError::MemoryBudget { .. }), "{err}");
+    }
 }

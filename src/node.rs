@@ -21,6 +21,8 @@ pub enum StartError {
     Ledger(#[from] LedgerError),
     #[error("object store: {0}")]
     Store(#[from] StoreError),
+    #[error("startup reconciliation of interrupted C-STOREs: {0}")]
+    Reconcile(String),
     #[error("forwarding: {0}")]
     Forward(String),
     #[error("checkpoint signing key: {0}")]
@@ -57,6 +59,11 @@ pub async fn run(
     info!(path = %cfg.ledger.path.display(), entries = head.map(|h| h.0).unwrap_or(0), "ledger open");
     let store = Store::open(&cfg.store).await?;
     info!(backend = ?cfg.store.backend, "object store open");
+    match crate::ingest::reconcile(&ledger, &store).await {
+        Ok(0) => {}
+        Ok(n) => info!(deleted = n, "reconciled objects of interrupted C-STOREs"),
+        Err(e) => return Err(StartError::Reconcile(e.to_string())),
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind {
@@ -82,7 +89,11 @@ pub async fn run(
         cfg.store.timeout(),
         cfg.node.max_metadata_bytes,
     )
-    .with_router(crate::forward::Router::new(&cfg.forward));
+    .with_router(crate::forward::Router::new(&cfg.forward))
+    .with_budget(crate::ingest::Budget::new(
+        cfg.node.max_bytes_in_flight,
+        cfg.node.io_timeout(),
+    ));
     // Everything that can fail to start comes before the forwarder's runtime exists.
     let admin_listener = match cfg.admin.listen_addr()? {
         Some(addr) => Some((

@@ -1,8 +1,12 @@
-//! The accept loop, in the shape of mini-redis's server: a semaphore permit is taken *before*
-//! `accept()` (so at most `max_associations` are served and the rest wait in the kernel backlog),
-//! every socket gets TCP_NODELAY (without it, Nagle against delayed ACK stalls each C-STORE-RSP
-//! by ~40 ms), accept errors back off instead of spinning, and shutdown drains: stop accepting, let
-//! every association finish the message it is in within the drain timeout, then abort the rest.
+//! The accept loop, in the shape of mini-redis's server: a semaphore bounds the associations
+//! served at once to `max_associations`; a connection beyond it is not left waiting in the
+//! kernel's backlog (a modality would hang until its own timeout) but gets its A-ASSOCIATE-RQ
+//! answered with A-ASSOCIATE-RJ rejected-transient "local limit exceeded", so it retries later.
+//! Those refusals are themselves bounded ([`MAX_REFUSING`]); beyond that a connection is closed
+//! at once. Every socket gets TCP_NODELAY (without it, Nagle against delayed ACK stalls each
+//! C-STORE-RSP by ~40 ms), accept errors back off instead of spinning, and shutdown drains: stop
+//! accepting, let every association finish the message it is in within the drain timeout, then
+//! abort the rest.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +18,9 @@ use tracing::{error, info, warn};
 
 use super::service::{self, NodeContext};
 
+/// Most connections being refused at once (each waits at most the ARTIM timeout for its request).
+const MAX_REFUSING: usize = 32;
+
 /// Serves associations on `listener` until `shutdown` completes, then drains.
 pub async fn run(
     listener: TcpListener,
@@ -21,18 +28,12 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let limit = Arc::new(Semaphore::new(ctx.node.max_associations));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let mut backoff = Duration::from_millis(50);
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = &mut shutdown => break,
-        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = &mut shutdown => break,
@@ -53,13 +54,31 @@ pub async fn run(
         if let Err(e) = socket.set_nodelay(true) {
             warn!(error = %e, "cannot set TCP_NODELAY");
         }
-        let ctx = ctx.clone();
-        let stop = stop_rx.clone();
-        tasks.spawn(async move {
-            service::serve(socket, ctx, stop).await;
-            drop(permit);
-        });
         while tasks.try_join_next().is_some() {}
+        let ctx = ctx.clone();
+        match limit.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let stop = stop_rx.clone();
+                tasks.spawn(async move {
+                    service::serve(socket, ctx, stop).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => match refusing.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tasks.spawn(async move {
+                        service::refuse_busy(socket, &ctx).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    warn!("association limit reached and too many refusals pending: connection closed");
+                    crate::metrics::global()
+                        .associations_rejected
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            },
+        }
     }
     drop(listener);
     let open = tasks.len();

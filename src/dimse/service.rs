@@ -95,9 +95,45 @@ pub async fn serve(socket: TcpStream, ctx: Arc<NodeContext>, shutdown: watch::Re
     .await
 }
 
-/// Reads the A-ASSOCIATE-RQ and answers it. `None` when no association results.
+/// Answers a connection that came while `max_associations` were being served: its
+/// A-ASSOCIATE-RQ (awaited up to the ARTIM timeout) gets A-ASSOCIATE-RJ rejected-transient,
+/// service provider (presentation), local limit exceeded (PS3.8 §9.3.4), and the socket is closed.
+pub async fn refuse_busy(socket: TcpStream, ctx: &NodeContext) {
+    let peer = socket
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let mut conn = Connection::new(socket, ctx.node.max_pdu_length, ctx.node.io_timeout());
+    crate::metrics::global()
+        .associations_rejected
+        .fetch_add(1, Relaxed);
+    match conn.receive(ctx.node.artim_timeout()).await {
+        Ok(Pdu::AssociationRQ(rq)) => {
+            info!(peer = %peer, calling = %rq.calling_ae_title.trim(), limit = ctx.node.max_associations,
+                "association rejected (transient): association limit reached");
+            let rj = dicom_ul::pdu::AssociationRJ {
+                result: dicom_ul::pdu::AssociationRJResult::Transient,
+                source: dicom_ul::pdu::AssociationRJSource::ServiceProviderPresentation(
+                    dicom_ul::pdu::AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+                ),
+            };
+            let _ = conn.send(&Pdu::AssociationRJ(rj)).await;
+        }
+        Ok(other) => {
+            warn!(peer = %peer, pdu = pdu_name(&other), "expected A-ASSOCIATE-RQ");
+            conn.abort(AbortRQServiceProviderReason::UnexpectedPdu)
+                .await;
+            return;
+        }
+        Err(e) => debug!(peer = %peer, error = %e, "no association request"),
+    }
+    conn.close().await;
+}
+
+/// Reads the A-ASSOCIATE-RQ (within the ARTIM timeout) and answers it. `None` when no
+/// association results.
 async fn accept(conn: &mut Connection, ctx: &NodeContext) -> Option<Negotiated> {
-    let rq = match conn.receive(ctx.node.io_timeout()).await {
+    let rq = match conn.receive(ctx.node.artim_timeout()).await {
         Ok(Pdu::AssociationRQ(rq)) => rq,
         Ok(other) => {
             warn!(pdu = pdu_name(&other), "expected A-ASSOCIATE-RQ");

@@ -58,9 +58,10 @@ pub fn store_failure(e: &IngestError) -> Failure {
             CANNOT_UNDERSTAND
         }
         IngestError::SopClassMismatch { .. } => DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-        IngestError::MetadataTooLarge { .. } | IngestError::Store(_) | IngestError::Ledger(_) => {
-            OUT_OF_RESOURCES
-        }
+        IngestError::MetadataTooLarge { .. }
+        | IngestError::MemoryBudget { .. }
+        | IngestError::Store(_)
+        | IngestError::Ledger(_) => OUT_OF_RESOURCES,
     };
     let comment = match e {
         IngestError::Store(_) => "object store unavailable".to_string(),

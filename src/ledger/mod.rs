@@ -19,6 +19,9 @@
 //! - `forward`: the store-and-forward queue (see [`forward`]): `q\0DEST\0seq` for each stored
 //!   entry waiting to be forwarded to destination DEST, written in the same batch as the entry;
 //!   `f\0DEST\0seq` → why, for those given up; `e\0DEST` → time and text of the last error.
+//! - `pending`: object name → instance key, for each pixel object about to be committed whose
+//!   entry is not written yet (see [`Ledger::intend_object`]). Deleted in the batch that records
+//!   the instance; what is left after a crash names the objects to check at the next start.
 //!
 //! **One writer, group commits.** All writes go through a single committer thread: associations
 //! send requests over a channel and wait for a reply. The committer takes every request waiting,
@@ -53,6 +56,7 @@ const CF_INDEX: &str = "index";
 const CF_TREE: &str = "tree";
 const CF_CHECKPOINTS: &str = "checkpoints";
 const CF_FORWARD: &str = "forward";
+const CF_PENDING: &str = "pending";
 /// Longest an association waits for its ledger write.
 const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 /// How often the committer reads the event spool.
@@ -185,6 +189,7 @@ fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
         CF_TREE,
         CF_CHECKPOINTS,
         CF_FORWARD,
+        CF_PENDING,
     ]
     .into_iter()
     .map(|name| {
@@ -369,6 +374,51 @@ impl Ledger {
             .db
             .cf_handle(name)
             .ok_or_else(|| LedgerError::Corrupt(format!("missing column family {name}")))
+    }
+
+    /// Notes, before the pixel object `name` of instance `key` is committed to the object store,
+    /// that it is about to exist, so that a crash between the object and its ledger entry leaves
+    /// a trace for [`Ledger::pending_objects`]. Written to the WAL without its own fsync (the
+    /// next group commit syncs it): it survives a killed process; after a power loss an object
+    /// whose note was lost is an orphan that only `verify`'s full scan finds.
+    pub fn intend_object(&self, name: &str, key: &Digest32) -> Result<(), LedgerError> {
+        if self.inner.secondary {
+            return Err(LedgerError::ReadOnly);
+        }
+        self.inner
+            .db
+            .put_cf(self.cf(CF_PENDING)?, name.as_bytes(), key)
+            .map_err(LedgerError::Write)
+    }
+
+    /// Objects noted by [`Ledger::intend_object`] whose instance was not recorded since: for
+    /// each, the object name, the instance key, and whether the ledger holds that instance
+    /// after all (a duplicate, or an entry whose note deletion was lost).
+    pub fn pending_objects(&self) -> Result<Vec<(String, Digest32, bool)>, LedgerError> {
+        let cf = self.cf(CF_PENDING)?;
+        let mut out = Vec::new();
+        for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(LedgerError::Read)?;
+            let name = String::from_utf8(k.to_vec())
+                .map_err(|_| LedgerError::Corrupt("pending object name is not UTF-8".into()))?;
+            let key: Digest32 = v[..]
+                .try_into()
+                .map_err(|_| LedgerError::Corrupt(format!("pending object {name}: bad key")))?;
+            let named = self.record(&key)?.is_some();
+            out.push((name, key, named));
+        }
+        Ok(out)
+    }
+
+    /// Forgets a pending-object note (after the object was found recorded, or deleted).
+    pub fn clear_pending(&self, name: &str) -> Result<(), LedgerError> {
+        if self.inner.secondary {
+            return Err(LedgerError::ReadOnly);
+        }
+        self.inner
+            .db
+            .delete_cf(self.cf(CF_PENDING)?, name.as_bytes())
+            .map_err(LedgerError::Write)
     }
 
     /// The last entry's sequence number and hash, if any.
@@ -1215,11 +1265,21 @@ impl Committer {
                 Job::Forward { update, .. } => Planned::Forward(plan.forward(update)),
             })
             .collect();
+        // Only pending-object notes to forget (duplicates): no fsync needed, a lost deletion
+        // is found recorded at the next start.
+        let sync = !plan.batch.is_empty();
+        for (job, planned) in jobs.iter().zip(&planned) {
+            if let (Job::Store { req, .. }, Planned::Store(Ok(_))) = (job, planned) {
+                if let Some(name) = &req.object_name {
+                    plan.batch.delete_cf(plan.cf_pending, name.as_bytes());
+                }
+            }
+        }
         if plan.batch.is_empty() {
             return planned;
         }
         let mut wo = WriteOptions::default();
-        wo.set_sync(true);
+        wo.set_sync(sync);
         let enqueued = plan.enqueued;
         match self.db.write_opt(plan.batch, &wo) {
             Ok(()) => {
@@ -1260,6 +1320,7 @@ struct Group<'a> {
     cf_index: &'a rocksdb::ColumnFamily,
     cf_tree: &'a rocksdb::ColumnFamily,
     cf_forward: &'a rocksdb::ColumnFamily,
+    cf_pending: &'a rocksdb::ColumnFamily,
     batch: WriteBatch,
     /// Something was put on the forward queue.
     enqueued: bool,
@@ -1286,6 +1347,7 @@ impl<'a> Group<'a> {
             cf_index: cf(CF_INDEX)?,
             cf_tree: cf(CF_TREE)?,
             cf_forward: cf(CF_FORWARD)?,
+            cf_pending: cf(CF_PENDING)?,
             batch: WriteBatch::default(),
             enqueued: false,
             settled: Default::default(),

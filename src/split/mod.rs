@@ -22,7 +22,7 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 pub use encoding::{has_long_length, is_deflated_transfer_syntax, Encoding};
 pub use error::{SplitError, Tag, VrBytes};

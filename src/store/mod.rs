@@ -97,7 +97,6 @@ impl Store {
         }
     }
 
-    /// Deletes an object; deleting a missing object is not an error.
     /// Names of every object in the store (for the audit's orphan scan).
     pub async fn list(&self) -> Result<Vec<String>, StoreError> {
         match self {
@@ -106,6 +105,7 @@ impl Store {
         }
     }
 
+    /// Deletes an object; deleting a missing object is not an error.
     pub async fn delete(&self, name: &str) -> Result<(), StoreError> {
         match self {
             Store::Fs(s) => s.delete(name).await,
@@ -115,6 +115,14 @@ impl Store {
 }
 
 impl Upload {
+    /// Bytes of the object this upload holds in memory (not yet handed to the backend).
+    pub fn buffered(&self) -> usize {
+        match self {
+            Upload::Fs(_) => 0,
+            Upload::S3(u) => u.buffered(),
+        }
+    }
+
     /// Appends bytes to the staged object.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
         match self {

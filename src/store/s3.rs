@@ -516,6 +516,17 @@ impl S3Store {
 }
 
 impl S3Upload {
+    /// Bytes held in memory: the part being filled (the whole object while it is small) and
+    /// the part being uploaded in the background.
+    pub fn buffered(&self) -> usize {
+        let sending = self
+            .multipart
+            .as_ref()
+            .filter(|m| m.in_flight.is_some())
+            .map_or(0, |_| self.store.inner.part_size);
+        self.buf.len() + sending
+    }
+
     /// Appends bytes to the staged object.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
         if self.poisoned {
