@@ -314,6 +314,11 @@ pub struct S3StoreConfig {
     /// Values larger than this go up as S3 multipart uploads of this part size (≥ 5 MiB).
     #[serde(default = "default_part_size")]
     pub part_size: u64,
+    /// Times a request that failed in a way that may pass (unreachable server, broken
+    /// connection, 5xx, SlowDown) is sent again, after 200 ms doubling, all within
+    /// `store.timeout_secs`.
+    #[serde(default = "default_s3_retries")]
+    pub retries: u32,
 }
 
 /// `[peers.NAME]`: a known application entity.
@@ -397,6 +402,9 @@ fn default_s3_bucket() -> String {
 fn default_s3_region() -> String {
     "us-east-1".into()
 }
+fn default_s3_retries() -> u32 {
+    3
+}
 fn default_part_size() -> u64 {
     16 * 1024 * 1024
 }
@@ -461,6 +469,7 @@ impl Default for S3StoreConfig {
             secret_key: String::new(),
             secret_key_file: None,
             part_size: default_part_size(),
+            retries: default_s3_retries(),
         }
     }
 }
@@ -755,8 +764,8 @@ impl Config {
         );
         let s3 = &st.s3;
         out += &format!(
-            "[store.s3]\nendpoint = {:?}\nbucket = {:?}\nregion = {:?}\naccess_key = {}\nsecret_key = {}\npart_size = {}\n",
-            s3.endpoint, s3.bucket, s3.region, mask(&s3.access_key), mask(&s3.secret_key), s3.part_size
+            "[store.s3]\nendpoint = {:?}\nbucket = {:?}\nregion = {:?}\naccess_key = {}\nsecret_key = {}\npart_size = {}\nretries = {}\n",
+            s3.endpoint, s3.bucket, s3.region, mask(&s3.access_key), mask(&s3.secret_key), s3.part_size, s3.retries
         );
         if let Some(p) = &s3.access_key_file {
             out += &format!("access_key_file = {:?}\n", p.display().to_string());

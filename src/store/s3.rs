@@ -51,6 +51,9 @@ use tokio::task::JoinHandle;
 use super::StoreError;
 use crate::config::S3StoreConfig;
 
+/// First wait before retrying a failed request; doubled after each further failure.
+const RETRY_INITIAL: Duration = Duration::from_millis(200);
+
 /// Key prefix of in-progress multipart uploads (see the module documentation).
 const STAGING_PREFIX: &str = "staging/";
 
@@ -66,6 +69,8 @@ struct Inner {
     bucket: String,
     part_size: usize,
     timeout: Duration,
+    /// Retries of a request that failed in a way that may pass.
+    retries: u32,
 }
 
 // Hand-written: the client's Debug would print the credential provider.
@@ -171,6 +176,7 @@ impl S3Store {
                 bucket: cfg.bucket.clone(),
                 part_size,
                 timeout,
+                retries: cfg.retries,
             }),
         };
         store.ensure_bucket().await?;
@@ -192,7 +198,7 @@ impl S3Store {
         let what = self.what("GetObject", name);
         let inner = &self.inner;
         let response = self
-            .timed(&what, inner.timeout, async {
+            .timed(&what, inner.timeout, || async {
                 inner
                     .client
                     .get_object(&inner.bucket, name)?
@@ -229,7 +235,7 @@ impl S3Store {
         let what = self.what("HeadObject", name);
         let inner = &self.inner;
         let response = self
-            .timed(&what, inner.timeout, async {
+            .timed(&what, inner.timeout, || async {
                 inner
                     .client
                     .stat_object(&inner.bucket, name)?
@@ -288,7 +294,7 @@ impl S3Store {
         let what = self.what("DeleteObject", name);
         let inner = &self.inner;
         let response = self
-            .timed(&what, inner.timeout, async {
+            .timed(&what, inner.timeout, || async {
                 inner
                     .client
                     .delete_object(&inner.bucket, name)?
@@ -312,7 +318,7 @@ impl S3Store {
         let inner = &self.inner;
         let what = format!("CreateBucket {} at {}", inner.bucket, inner.endpoint);
         let created = self
-            .timed(&what, inner.timeout, async {
+            .timed(&what, inner.timeout, || async {
                 inner
                     .client
                     .create_bucket(&inner.bucket)?
@@ -338,7 +344,7 @@ impl S3Store {
         let inner = &self.inner;
         let what = format!("HeadBucket {} at {}", inner.bucket, inner.endpoint);
         let response = self
-            .timed(&what, inner.timeout, async {
+            .timed(&what, inner.timeout, || async {
                 inner
                     .client
                     .bucket_exists(&inner.bucket)?
@@ -355,10 +361,10 @@ impl S3Store {
         let what = self.what("PutObject", name);
         let inner = &self.inner;
         let response = self
-            .timed(&what, inner.timeout, async {
+            .timed(&what, inner.timeout, || async {
                 inner
                     .client
-                    .put_object(&inner.bucket, name, SegmentedBytes::from(data))?
+                    .put_object(&inner.bucket, name, SegmentedBytes::from(data.clone()))?
                     .build()
                     .send()
                     .await
@@ -372,7 +378,7 @@ impl S3Store {
         let what = self.what("CreateMultipartUpload", key);
         let inner = &self.inner;
         let response = self
-            .timed(&what, inner.timeout, async {
+            .timed(&what, inner.timeout, || async {
                 let response = inner
                     .client
                     .create_multipart_upload(&inner.bucket, key)?
@@ -397,7 +403,7 @@ impl S3Store {
         let size = data.len() as u64;
         let inner = &self.inner;
         let response = self
-            .timed(&what, inner.timeout, async {
+            .timed(&what, inner.timeout, || async {
                 let response = inner
                     .client
                     .upload_part(
@@ -405,7 +411,7 @@ impl S3Store {
                         key,
                         upload_id,
                         number,
-                        SegmentedBytes::from(data),
+                        SegmentedBytes::from(data.clone()),
                     )?
                     .build()
                     .send()
@@ -427,10 +433,10 @@ impl S3Store {
         let inner = &self.inner;
         let after = self.scaled_timeout(parts.len());
         let response = self
-            .timed(&what, after, async {
+            .timed(&what, after, || async {
                 inner
                     .client
-                    .complete_multipart_upload(&inner.bucket, key, upload_id, parts)?
+                    .complete_multipart_upload(&inner.bucket, key, upload_id, parts.clone())?
                     .build()
                     .send()
                     .await
@@ -444,7 +450,7 @@ impl S3Store {
         let what = format!("{} from {source}", self.what("CopyObject", name));
         let inner = &self.inner;
         let response = self
-            .timed(&what, self.scaled_timeout(parts), async {
+            .timed(&what, self.scaled_timeout(parts), || async {
                 // `compose_object` with one source is a plain CopyObject up to 5 GiB and switches
                 // to UploadPartCopy above. (`copy_object` itself is unusable above 5 GiB in
                 // minio 0.4: that path composes onto the *source* key.)
@@ -464,7 +470,7 @@ impl S3Store {
         let what = self.what("AbortMultipartUpload", key);
         let inner = &self.inner;
         let response = self
-            .timed(&what, inner.timeout, async {
+            .timed(&what, inner.timeout, || async {
                 inner
                     .client
                     .abort_multipart_upload(&inner.bucket, key, upload_id)?
@@ -484,20 +490,45 @@ impl S3Store {
         }
     }
 
-    /// Runs one network operation under a time limit. The outer error is the timeout; the inner
-    /// result is the client's, for the caller to classify (NotFound, …).
-    async fn timed<T>(
+    /// Runs one network operation under a time limit, retrying it while it fails in a way that
+    /// may pass (no connection, a reset, a 5xx, SlowDown) — at most `retries` more times, waiting
+    /// [`RETRY_INITIAL`] doubled after each failure — as long as the next attempt can start
+    /// before the limit. The outer error is the timeout; the inner result is the client's last
+    /// answer, for the caller to classify (NotFound, …).
+    async fn timed<T, F, Fut>(
         &self,
         what: &str,
         after: Duration,
-        operation: impl Future<Output = Result<T, MinioError>>,
-    ) -> Result<Result<T, MinioError>, StoreError> {
-        tokio::time::timeout(after, operation)
-            .await
-            .map_err(|_| StoreError::Timeout {
-                what: what.to_string(),
-                after,
-            })
+        mut attempt: F,
+    ) -> Result<Result<T, MinioError>, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, MinioError>>,
+    {
+        let deadline = tokio::time::Instant::now() + after;
+        let mut wait = RETRY_INITIAL;
+        let mut retries_left = self.inner.retries;
+        loop {
+            let result = tokio::time::timeout_at(deadline, attempt())
+                .await
+                .map_err(|_| StoreError::Timeout {
+                    what: what.to_string(),
+                    after,
+                })?;
+            match result {
+                Err(e)
+                    if retries_left > 0
+                        && is_transient(&e)
+                        && tokio::time::Instant::now() + wait < deadline =>
+                {
+                    tracing::debug!(operation = %what, error = %describe(&e), retry_in = ?wait, "S3 request failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    retries_left -= 1;
+                }
+                result => return Ok(result),
+            }
+        }
     }
 
     /// The time limit for an operation whose server-side work grows with the number of parts.
@@ -833,6 +864,33 @@ fn staging_key() -> String {
 }
 
 /// Whether the server answered with this S3 error code.
+/// Whether a failed request may succeed if sent again: the server was unreachable or the
+/// connection broke, or the server says it is busy or failed internally (HTTP 5xx).
+fn is_transient(error: &MinioError) -> bool {
+    use minio::s3::error::{NetworkError, ValidationErr};
+    match error {
+        MinioError::Network(NetworkError::ServerError(status)) => *status >= 500,
+        MinioError::Network(NetworkError::ReqwestError(_)) => true,
+        // Where minio 0.4 puts a request that could not be sent (connection refused, reset).
+        MinioError::Validation(ValidationErr::HttpError(e)) => {
+            e.is_connect() || e.is_request() || e.is_timeout() || e.is_body()
+        }
+        MinioError::Validation(ValidationErr::IOError(_)) => true,
+        MinioError::S3Server(S3ServerError::S3Error(response)) => {
+            let code = response.code().to_string();
+            matches!(
+                code.as_str(),
+                "InternalError" | "SlowDown" | "ServiceUnavailable" | "RequestTimeout"
+            ) || code.starts_with("HTTP 5")
+        }
+        MinioError::S3Server(S3ServerError::HttpError(status, _)) => *status >= 500,
+        MinioError::S3Server(S3ServerError::InvalidServerResponse {
+            http_status_code, ..
+        }) => *http_status_code >= 500,
+        _ => false,
+    }
+}
+
 fn is_code(error: &MinioError, code: &MinioErrorCode) -> bool {
     matches!(error, MinioError::S3Server(S3ServerError::S3Error(response)) if response.code() == *code)
 }
@@ -1096,6 +1154,74 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_request_is_retried_until_the_server_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = S3Server::start(dir.path());
+        let store = open(&server).await;
+        server.stop();
+        // Back after the first two retries (200 + 400 ms): the third gets through.
+        let back = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(450));
+            server.restart();
+            server
+        });
+        put(&store, "0a", b"after the outage").await;
+        let server = back.join().unwrap();
+        assert_eq!(read_all(&store, "0a").await, b"after the outage");
+        // With no retries the same outage fails at once.
+        let mut server = server;
+        server.stop();
+        let cfg = S3StoreConfig {
+            retries: 0,
+            ..config(&server)
+        };
+        let once = S3Store {
+            inner: Arc::new(Inner {
+                retries: cfg.retries,
+                ..clone_inner(&store)
+            }),
+        };
+        let started = Instant::now();
+        let mut up = once.begin().await.unwrap();
+        up.write(b"x").await.unwrap();
+        let err = up.commit("0b").await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_millis(150), "{err}");
+        assert!(matches!(err, StoreError::S3 { .. }), "{err}");
+    }
+
+    fn clone_inner(store: &S3Store) -> Inner {
+        Inner {
+            client: store.inner.client.clone(),
+            endpoint: store.inner.endpoint.clone(),
+            bucket: store.inner.bucket.clone(),
+            part_size: store.inner.part_size,
+            timeout: store.inner.timeout,
+            retries: store.inner.retries,
+        }
+    }
+
+    #[test]
+    fn only_failures_that_may_pass_are_transient() {
+        let http =
+            |status: u16| MinioError::S3Server(S3ServerError::HttpError(status, String::new()));
+        assert!(is_transient(&http(503)));
+        assert!(is_transient(&http(500)));
+        assert!(!is_transient(&http(404)));
+        assert!(!is_transient(&http(403)));
+        let response = |status: u16| {
+            MinioError::S3Server(S3ServerError::S3Error(Box::new(
+                minio::s3::minio_error_response::MinioErrorResponse::from_status_and_message(
+                    status,
+                    String::new(),
+                ),
+            )))
+        };
+        assert!(is_transient(&response(502)));
+        assert!(!is_transient(&response(404)));
+        assert!(!is_transient(&response(400)));
     }
 
     #[tokio::test(flavor = "multi_thread")]
