@@ -40,9 +40,21 @@ fn the_called_ae_check_can_be_turned_off() {
     assert_ok(&out, "echoscu with another called AE");
 }
 
-fn associate(port: u16, max_pdu: u32) -> TcpStream {
+pub(crate) fn associate(port: u16, max_pdu: u32) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(&association_rq(max_pdu)).unwrap();
+    let mut header = [0u8; 6];
+    s.read_exact(&mut header).unwrap();
+    assert_eq!(header[0], 0x02, "expected A-ASSOCIATE-AC");
+    let len = u32::from_be_bytes(header[2..6].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    s
+}
+
+/// An A-ASSOCIATE-RQ for CT Image Storage in Implicit VR Little Endian (context 1).
+fn association_rq(max_pdu: u32) -> Vec<u8> {
     let rq = Pdu::AssociationRQ(AssociationRQ {
         protocol_version: 1,
         calling_ae_title: "RAWTEST".into(),
@@ -57,14 +69,75 @@ fn associate(port: u16, max_pdu: u32) -> TcpStream {
     });
     let mut buf = Vec::new();
     dicom_ul::write_pdu(&mut buf, &rq).unwrap();
-    s.write_all(&buf).unwrap();
+    buf
+}
+
+/// Sends an A-ASSOCIATE-RQ and returns the whole answer PDU (header and body).
+pub(crate) fn request_association(port: u16) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(&association_rq(16384)).unwrap();
+    read_pdu(&mut s)
+        .map(|(t, body)| {
+            let mut pdu = vec![t, 0];
+            pdu.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            pdu.extend_from_slice(&body);
+            pdu
+        })
+        .expect("an answer to the association request")
+}
+
+/// The next PDU (type, body), or `None` when the node closed the connection.
+pub(crate) fn read_pdu(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     let mut header = [0u8; 6];
-    s.read_exact(&mut header).unwrap();
-    assert_eq!(header[0], 0x02, "expected A-ASSOCIATE-AC");
+    s.read_exact(&mut header).ok()?;
     let len = u32::from_be_bytes(header[2..6].try_into().unwrap()) as usize;
     let mut body = vec![0u8; len];
-    s.read_exact(&mut body).unwrap();
-    s
+    s.read_exact(&mut body).ok()?;
+    Some((header[0], body))
+}
+
+/// A command set in Implicit VR Little Endian, with its group length, fields in tag order.
+pub(crate) fn command(fields: &[(u32, Vec<u8>)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    let mut fields = fields.to_vec();
+    fields.sort_by_key(|f| f.0);
+    for (tag, mut value) in fields {
+        if value.len() % 2 == 1 {
+            value.push(0);
+        }
+        body.extend_from_slice(&implicit(tag, &value));
+    }
+    let mut out = implicit(0x0000_0000, &(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// An Implicit VR Little Endian element.
+fn implicit(tag: u32, value: &[u8]) -> Vec<u8> {
+    implicit_header(tag, value.len() as u32)
+        .into_iter()
+        .chain(value.iter().copied())
+        .collect()
+}
+
+fn implicit_header(tag: u32, len: u32) -> Vec<u8> {
+    let mut out = ((tag >> 16) as u16).to_le_bytes().to_vec();
+    out.extend_from_slice(&(tag as u16).to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out
+}
+
+/// Sends one PDV in one P-DATA-TF PDU.
+pub(crate) fn pdv(s: &mut TcpStream, context: u8, is_command: bool, last: bool, data: &[u8]) {
+    let header = u8::from(is_command) | (u8::from(last) << 1);
+    let mut pdu = vec![0x04, 0];
+    pdu.extend_from_slice(&(data.len() as u32 + 6).to_be_bytes());
+    pdu.extend_from_slice(&(data.len() as u32 + 2).to_be_bytes());
+    pdu.push(context);
+    pdu.push(header);
+    pdu.extend_from_slice(data);
+    s.write_all(&pdu).unwrap();
 }
 
 #[test]
@@ -238,4 +311,233 @@ fn a_data_set_beyond_the_metadata_bound_gets_a700_and_nothing_is_kept() {
         .export(&["--instance", "1.2.3.9.1"], out.path())
         .status
         .success());
+}
+
+/// How an exchange on a raw association ended.
+#[derive(Debug, PartialEq)]
+enum Ending {
+    /// A DIMSE response with this status.
+    Status(u16),
+    /// An A-ABORT from the node.
+    Abort,
+    /// The node closed the connection.
+    Closed,
+}
+
+/// Reads until the node answers with a response command, aborts, or closes.
+fn ending(s: &mut TcpStream) -> Ending {
+    loop {
+        match read_pdu(s) {
+            None => return Ending::Closed,
+            Some((0x07, _)) => return Ending::Abort,
+            Some((0x04, body)) => {
+                // One PDV per PDU from the node: length(4), context(1), header(1), data.
+                if body.len() > 6 && body[5] & 1 == 1 {
+                    return Ending::Status(status_of(&body[6..]));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// Status (0000,0900) of an Implicit VR LE command set.
+fn status_of(cmd: &[u8]) -> u16 {
+    let mut pos = 0;
+    while pos + 8 <= cmd.len() {
+        let tag = u32::from(u16::from_le_bytes([cmd[pos], cmd[pos + 1]])) << 16
+            | u32::from(u16::from_le_bytes([cmd[pos + 2], cmd[pos + 3]]));
+        let len = u32::from_le_bytes(cmd[pos + 4..pos + 8].try_into().unwrap()) as usize;
+        if tag == 0x0000_0900 {
+            return u16::from_le_bytes([cmd[pos + 8], cmd[pos + 9]]);
+        }
+        pos += 8 + len;
+    }
+    panic!("no status in the response");
+}
+
+fn store_command(uid: &str) -> Vec<u8> {
+    command(&[
+        (0x0000_0002, CT.as_bytes().to_vec()),
+        (0x0000_0100, 1u16.to_le_bytes().to_vec()),
+        (0x0000_0110, 5u16.to_le_bytes().to_vec()),
+        (0x0000_0700, 0u16.to_le_bytes().to_vec()),
+        (0x0000_0800, 0u16.to_le_bytes().to_vec()),
+        (0x0000_1000, uid.as_bytes().to_vec()),
+    ])
+}
+
+/// The start of an Implicit VR LE CT data set.
+fn implicit_start(uid: &str) -> Vec<u8> {
+    let pad = |s: &str| {
+        let mut v = s.as_bytes().to_vec();
+        if v.len() % 2 == 1 {
+            v.push(0);
+        }
+        v
+    };
+    [
+        implicit(0x0008_0016, &pad(CT)),
+        implicit(0x0008_0018, &pad(uid)),
+        implicit(0x0020_000D, &pad("1.2.3.77")),
+        implicit(0x0020_000E, &pad("1.2.3.77.1")),
+    ]
+    .concat()
+}
+
+/// A C-STORE on a fresh association of `data` (sent in PDVs of at most 16 KiB); how it ended.
+fn store_raw(port: u16, uid: &str, data: &[u8]) -> Ending {
+    let mut s = associate(port, 16384);
+    pdv(&mut s, 1, true, true, &store_command(uid));
+    let chunks: Vec<&[u8]> = data.chunks(16000).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        pdv(&mut s, 1, false, i + 1 == chunks.len(), c);
+    }
+    ending(&mut s)
+}
+
+fn is_failure(e: &Ending) -> bool {
+    match e {
+        Ending::Status(s) => *s != 0 && !(0xFF00..=0xFF01).contains(s) && (*s & 0xF000) != 0xB000,
+        Ending::Abort | Ending::Closed => true,
+    }
+}
+
+fn vm_hwm_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        / 1024
+}
+
+#[test]
+fn malformed_input_ends_in_an_abort_or_a_failure_and_the_node_keeps_serving() {
+    let node = Node::start_with_env(&[("DICOMCHAIN__NODE__IO_TIMEOUT_SECS", "5")]);
+    let port = node.port;
+    let connect = || {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    };
+    let mut cases: Vec<(&str, Ending)> = Vec::new();
+
+    // Before any association.
+    let mut s = connect();
+    s.write_all(&[0x0A, 0, 0, 0, 0, 4, 1, 2, 3, 4]).unwrap();
+    cases.push(("unknown PDU type before association", ending(&mut s)));
+    let mut s = connect();
+    pdv(&mut s, 1, true, true, &store_command("1.2.3.77.0"));
+    cases.push(("P-DATA before association", ending(&mut s)));
+    let mut s = connect();
+    let mut huge = vec![0x01, 0];
+    huge.extend_from_slice(&(1024u32 * 1024 + 1).to_be_bytes());
+    s.write_all(&huge).unwrap();
+    cases.push(("association PDU over its bound", ending(&mut s)));
+
+    // Inside an association, at the PDU level.
+    let mut s = associate(port, 16384);
+    let mut truncated = vec![0x04, 0];
+    truncated.extend_from_slice(&1000u32.to_be_bytes());
+    truncated.extend_from_slice(&[0u8; 10]);
+    s.write_all(&truncated).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    cases.push(("truncated PDU", ending(&mut s)));
+    let mut s = associate(port, 16384);
+    s.write_all(&[0x0A, 0, 0, 0, 0, 2, 0, 0]).unwrap();
+    cases.push(("unknown PDU type in an association", ending(&mut s)));
+    let mut s = associate(port, 16384);
+    pdv(&mut s, 99, true, true, &store_command("1.2.3.77.1"));
+    cases.push(("wrong presentation context ID", ending(&mut s)));
+    let mut s = associate(port, 16384);
+    let mut bad_pdv = vec![0x04, 0, 0, 0, 0, 10];
+    bad_pdv.extend_from_slice(&100u32.to_be_bytes());
+    bad_pdv.extend_from_slice(&[1, 3, 0, 0]);
+    s.write_all(&bad_pdv).unwrap();
+    cases.push(("PDV longer than its PDU", ending(&mut s)));
+
+    // Command sets.
+    let mut s = associate(port, 16384);
+    let bare = command(&[
+        (0x0000_0100, 1u16.to_le_bytes().to_vec()),
+        (0x0000_0800, 0x0101u16.to_le_bytes().to_vec()),
+    ]);
+    pdv(&mut s, 1, true, true, &bare);
+    cases.push(("C-STORE-RQ without mandatory fields", ending(&mut s)));
+    let mut s = associate(port, 16384);
+    pdv(&mut s, 1, true, true, &[0xFF; 37]);
+    cases.push(("undecodable command set", ending(&mut s)));
+
+    // Data sets.
+    let mut cut = implicit_start("1.2.3.77.2");
+    cut.extend_from_slice(&implicit_header(0x0010_0010, 20));
+    cut.extend_from_slice(b"DOE^");
+    cases.push((
+        "data set cut mid-element",
+        store_raw(port, "1.2.3.77.2", &cut),
+    ));
+    let mut beyond = implicit_start("1.2.3.77.3");
+    beyond.extend_from_slice(&implicit_header(0x0010_0010, 0x7FFF_0000));
+    beyond.extend_from_slice(b"DOE^JOHN");
+    cases.push((
+        "element length beyond the data set",
+        store_raw(port, "1.2.3.77.3", &beyond),
+    ));
+    // 200 000 undefined-length sequences and items opened inside each other, never closed (3 MB).
+    let mut bomb = implicit_start("1.2.3.77.4");
+    for _ in 0..200_000 {
+        bomb.extend_from_slice(&implicit_header(0x0040_A730, u32::MAX));
+        bomb.extend_from_slice(&implicit_header(0xFFFE_E000, u32::MAX));
+    }
+    cases.push((
+        "undefined-length sequence bomb",
+        store_raw(port, "1.2.3.77.4", &bomb),
+    ));
+    // 10 000 levels of nesting, every one closed: well formed, but deeper than anyone needs.
+    let mut deep = implicit_start("1.2.3.77.5");
+    for _ in 0..10_000 {
+        deep.extend_from_slice(&implicit_header(0x0040_A730, u32::MAX));
+        deep.extend_from_slice(&implicit_header(0xFFFE_E000, u32::MAX));
+    }
+    for _ in 0..10_000 {
+        deep.extend_from_slice(&implicit_header(0xFFFE_E00D, 0));
+        deep.extend_from_slice(&implicit_header(0xFFFE_E0DD, 0));
+    }
+    cases.push(("10 000-deep nesting", store_raw(port, "1.2.3.77.5", &deep)));
+
+    let log = node.log();
+    for (what, e) in &cases {
+        assert!(is_failure(e), "{what}: {e:?}\n{log}");
+    }
+    // The C-STOREs with a bad data set got statuses (the association survived them).
+    for (what, e) in &cases[9..] {
+        assert!(
+            matches!(e, Ending::Status(s) if *s >= 0xA000),
+            "{what}: {e:?}"
+        );
+    }
+    // Nothing of it was stored, memory stayed bounded, and the node serves others.
+    let out = tempfile::tempdir().unwrap();
+    for uid in ["1.2.3.77.2", "1.2.3.77.3", "1.2.3.77.4", "1.2.3.77.5"] {
+        assert!(!node
+            .export(&["--instance", uid], out.path())
+            .status
+            .success());
+    }
+    let rss = vm_hwm_mib(node.pid().unwrap());
+    assert!(rss < 256, "peak RSS {rss} MiB");
+    assert_ok(&node.echoscu(), "echoscu after the malformed input");
+    let good = [
+        implicit_start("1.2.3.77.9"),
+        implicit(0x7FE0_0010, &[1u8; 512]),
+    ]
+    .concat();
+    assert_eq!(
+        store_raw(port, "1.2.3.77.9", &good),
+        Ending::Status(0),
+        "{}",
+        node.log()
+    );
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use crate::roundtrip::{assert_no_identifiers, ct_and_mr_series_round_trip};
 use crate::support::{self, assert_ok, s3server::S3Server, Node};
 
-fn s3_node(server: &S3Server, timeout_secs: &str) -> Node {
+pub(crate) fn s3_node(server: &S3Server, timeout_secs: &str) -> Node {
     Node::start_with_env(&[
         ("DICOMCHAIN__STORE__BACKEND", "s3"),
         ("DICOMCHAIN__STORE__S3__ENDPOINT", &server.endpoint),

@@ -9,6 +9,7 @@ mod forward;
 mod ledger;
 mod network;
 mod ops;
+mod reliability;
 mod retrieve;
 mod roundtrip;
 mod s3;

@@ -8,7 +8,9 @@
 //! Data value goes out as one slice per input chunk.
 //!
 //! Undefined-length constructs are tracked on an explicit stack (no recursion, so hostile
-//! nesting cannot overflow the call stack; each level costs at least 16 input bytes).
+//! nesting cannot overflow the call stack; each level costs at least 16 input bytes), and more
+//! than [`MAX_SEQUENCE_DEPTH`] undefined-length sequences inside each other is refused, as the
+//! index parser refuses it (`instance::MAX_DEPTH`): no real object nests that deep.
 //!
 //! Choices where the standard leaves room or input is malformed:
 //! - A delimiter item, (FFFE,E00D) or (FFFE,E0DD), whose length field is not 0 (PS3.5 §7.5.2
@@ -21,6 +23,9 @@
 //!   undefined length on an explicit VR other than SQ, UN, OB, OW.
 //! - Any other (FFFE,xxxx) tag, an item outside a sequence, an element directly inside a
 //!   sequence, a fragment of undefined length, or a delimiter that closes nothing is an error.
+
+/// Most undefined-length sequences open inside each other.
+pub const MAX_SEQUENCE_DEPTH: usize = 64;
 
 use super::encoding::Encoding;
 use super::error::{SplitError, Tag, VrBytes};
@@ -471,6 +476,14 @@ impl Splitter {
                 // §7.5.1, §6.2.2. OB/OW: encapsulated pixel data nested in a sequence, which is
                 // plain metadata but has to be walked to find its end (PS3.5 A.4).
                 None | Some([b'S', b'Q'] | [b'U', b'N'] | [b'O', b'B'] | [b'O', b'W']) => {
+                    let open = self
+                        .stack
+                        .iter()
+                        .filter(|f| matches!(f.kind, FrameKind::Sequence))
+                        .count();
+                    if open >= MAX_SEQUENCE_DEPTH {
+                        return Err(self.structure(tag, "sequences nested more than 64 deep"));
+                    }
                     self.push(FrameKind::Sequence, inner, tag);
                     Ok(())
                 }

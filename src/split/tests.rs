@@ -748,3 +748,28 @@ fn error_messages_are_short() {
         assert!(m.len() <= 72, "{} chars: {m}", m.len());
     }
 }
+
+/// Undefined-length sequences nested up to the limit split; one more is refused.
+#[test]
+fn nesting_beyond_the_limit_is_refused() {
+    for enc in ALL {
+        let nest = |depth: usize| {
+            let mut d = Vec::new();
+            patient(enc, &mut d);
+            for _ in 0..depth {
+                header(enc, &mut d, 0x0040_A730, b"SQ", UNDEF);
+                item(enc, &mut d, ITEM, UNDEF);
+            }
+            for _ in 0..depth {
+                item(enc, &mut d, 0xFFFE_E00D, 0);
+                item(enc, &mut d, 0xFFFE_E0DD, 0);
+            }
+            d
+        };
+        let ok = nest(splitter::MAX_SEQUENCE_DEPTH);
+        assert_eq!(split_whole(enc, &ok).unwrap().meta, ok);
+        let e = split_whole(enc, &nest(splitter::MAX_SEQUENCE_DEPTH + 1)).unwrap_err();
+        assert!(matches!(e, SplitError::Structure { .. }), "{e}");
+        assert!(e.to_string().contains("nested more than 64 deep"), "{e}");
+    }
+}
