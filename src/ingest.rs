@@ -122,6 +122,38 @@ impl Drop for InFlight {
     }
 }
 
+/// Permits of the [`Budget`] held by one data set, shown in the `bytes_in_flight` gauge.
+struct Charge(tokio::sync::OwnedSemaphorePermit);
+
+impl Charge {
+    fn bytes(&self) -> usize {
+        self.0.num_permits()
+    }
+
+    fn grow(&mut self, more: tokio::sync::OwnedSemaphorePermit) {
+        gauge(more.num_permits() as i64);
+        self.0.merge(more);
+    }
+
+    fn shrink(&mut self, less: usize) {
+        if let Some(given_back) = self.0.split(less) {
+            gauge(-(given_back.num_permits() as i64));
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        gauge(-(self.0.num_permits() as i64));
+    }
+}
+
+fn gauge(delta: i64) {
+    crate::metrics::global()
+        .bytes_in_flight
+        .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The shared pipeline: a cheap handle.
 #[derive(Clone)]
 pub struct Pipeline {
@@ -279,7 +311,7 @@ pub struct Incoming {
     dataset_hash: Sha256,
     dataset_length: u64,
     /// This data set's share of the pipeline's [`Budget`].
-    charge: Option<tokio::sync::OwnedSemaphorePermit>,
+    charge: Option<Charge>,
 }
 
 impl Incoming {
@@ -333,7 +365,7 @@ impl Incoming {
             return Ok(());
         };
         let held = self.meta.len() + self.upload.as_ref().map_or(0, Upload::buffered);
-        let charged = self.charge.as_ref().map_or(0, |p| p.num_permits());
+        let charged = self.charge.as_ref().map_or(0, Charge::bytes);
         if held > charged {
             let max = budget.max;
             if held > max {
@@ -346,14 +378,17 @@ impl Incoming {
                     .await;
             match got {
                 Ok(Ok(permit)) => match &mut self.charge {
-                    Some(c) => c.merge(permit),
-                    None => self.charge = Some(permit),
+                    Some(c) => c.grow(permit),
+                    None => {
+                        gauge(permit.num_permits() as i64);
+                        self.charge = Some(Charge(permit));
+                    }
                 },
                 _ => return Err(IngestError::MemoryBudget { max }),
             }
         } else if held < charged {
             if let Some(c) = &mut self.charge {
-                drop(c.split(charged - held));
+                c.shrink(charged - held);
             }
         }
         Ok(())

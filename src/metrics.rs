@@ -32,6 +32,8 @@ pub struct Metrics {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub object_store_errors: AtomicU64,
+    /// Bytes of incoming data sets held in memory now (see `node.max_bytes_in_flight`).
+    pub bytes_in_flight: AtomicI64,
     store_buckets: [AtomicU64; BUCKETS.len()],
     store_count: AtomicU64,
     store_micros: AtomicU64,
@@ -117,6 +119,12 @@ impl Metrics {
             "counter",
             "PDU bytes sent on DICOM associations.",
             c(&self.bytes_out),
+        );
+        metric(
+            "dicomchain_bytes_in_flight",
+            "gauge",
+            "Bytes of incoming data sets held in memory across associations.",
+            self.bytes_in_flight.load(Relaxed).to_string(),
         );
         metric(
             "dicomchain_object_store_errors_total",
