@@ -618,6 +618,16 @@ impl Config {
                 "must be at least node.max_metadata_bytes and at most 4294967295",
             ));
         }
+        // S3 uploads hold up to about three parts in memory besides the metadata.
+        if self.store.backend == StoreBackend::S3
+            && (self.node.max_bytes_in_flight as u64)
+                < self.node.max_metadata_bytes as u64 + 3 * self.store.s3.part_size
+        {
+            return Err(invalid(
+                "node.max_bytes_in_flight",
+                "must be at least node.max_metadata_bytes + 3 x store.s3.part_size with the S3 backend",
+            ));
+        }
         if self.node.max_find_results == 0 {
             return Err(invalid("node.max_find_results", "must be at least 1"));
         }

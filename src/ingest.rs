@@ -358,13 +358,16 @@ impl Incoming {
         self.account().await
     }
 
-    /// Brings this data set's share of the budget to what it holds now: more permits when it
-    /// grew (waiting up to the budget's wait), some given back when it shrank.
+    /// Brings this data set's share of the budget to what it holds now (allocated capacity,
+    /// so growth by doubling counts): more permits when it grew, some given back when it shrank.
+    /// Only a data set that holds nothing yet waits for its share (in arrival order, up to the
+    /// budget's wait); one that already holds some and needs more fails at once when the bytes
+    /// are not free, so that data sets never wait on each other while holding memory.
     async fn account(&mut self) -> Result<(), IngestError> {
         let Some(budget) = &self.pipeline.budget else {
             return Ok(());
         };
-        let held = self.meta.len() + self.upload.as_ref().map_or(0, Upload::buffered);
+        let held = self.meta.capacity() + self.upload.as_ref().map_or(0, Upload::buffered);
         let charged = self.charge.as_ref().map_or(0, Charge::bytes);
         if held > charged {
             let max = budget.max;
@@ -373,18 +376,23 @@ impl Incoming {
             }
             let more =
                 u32::try_from(held - charged).map_err(|_| IngestError::MemoryBudget { max })?;
-            let got =
+            let got = if charged == 0 {
                 tokio::time::timeout(budget.wait, budget.bytes.clone().acquire_many_owned(more))
-                    .await;
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            } else {
+                budget.bytes.clone().try_acquire_many_owned(more).ok()
+            };
             match got {
-                Ok(Ok(permit)) => match &mut self.charge {
+                Some(permit) => match &mut self.charge {
                     Some(c) => c.grow(permit),
                     None => {
                         gauge(permit.num_permits() as i64);
                         self.charge = Some(Charge(permit));
                     }
                 },
-                _ => return Err(IngestError::MemoryBudget { max }),
+                None => return Err(IngestError::MemoryBudget { max }),
             }
         } else if held < charged {
             if let Some(c) = &mut self.charge {
@@ -680,16 +688,23 @@ mod tests {
         let mut a = p.begin(DEFLATED_EXPLICIT_VR_LE);
         a.feed(&[0u8; 60_000]).await.unwrap();
         assert_eq!(held(), 60_000);
+        // A data set that holds some and needs more than is free fails at once.
         let mut b = p.begin(DEFLATED_EXPLICIT_VR_LE);
         b.feed(&[0u8; 30_000]).await.unwrap();
-        let started = std::time::Instant::now();
         let err = b.feed(&[0u8; 30_000]).await.unwrap_err();
         assert!(
             matches!(err, IngestError::MemoryBudget { max: 100_000 }),
             "{err}"
         );
-        assert!(started.elapsed() >= Duration::from_millis(200));
         b.abort().await;
+        assert_eq!(held(), 60_000);
+        // One that holds nothing waits up to the budget's wait, then fails.
+        let mut e = p.begin(DEFLATED_EXPLICIT_VR_LE);
+        let started = std::time::Instant::now();
+        let err = e.feed(&[0u8; 50_000]).await.unwrap_err();
+        assert!(matches!(err, IngestError::MemoryBudget { .. }), "{err}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        e.abort().await;
         assert_eq!(held(), 60_000);
         // Bytes come back when a data set ends, and a waiting one gets them.
         let mut c = p.begin(DEFLATED_EXPLICIT_VR_LE);

@@ -479,7 +479,7 @@ fn a_connection_beyond_the_association_limit_is_rejected_transiently() {
     let node = Node::start_with_env(&[
         ("DICOMCHAIN__NODE__MAX_ASSOCIATIONS", "2"),
         ("DICOMCHAIN__NODE__ARTIM_TIMEOUT_SECS", "2"),
-        ("DICOMCHAIN__NODE__IDLE_TIMEOUT_SECS", "3"),
+        ("DICOMCHAIN__NODE__IDLE_TIMEOUT_SECS", "10"),
     ]);
     let held: Vec<TcpStream> = (0..2)
         .map(|_| crate::network::associate(node.port, 16384))
@@ -522,7 +522,7 @@ fn a_connection_beyond_the_association_limit_is_rejected_transiently() {
     );
     // The two held associations are idle: aborted after the idle timeout, freeing their slots.
     for mut s in held {
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut header = [0u8; 1];
         let n = s.read(&mut header).unwrap_or(0);
         assert!(

@@ -31,6 +31,8 @@ pub async fn run(
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    // Refusals wait for a request, not for work in progress: aborted at once on shutdown.
+    let mut refusals = JoinSet::new();
     let mut backoff = Duration::from_millis(50);
     tokio::pin!(shutdown);
     loop {
@@ -55,6 +57,7 @@ pub async fn run(
             warn!(error = %e, "cannot set TCP_NODELAY");
         }
         while tasks.try_join_next().is_some() {}
+        while refusals.try_join_next().is_some() {}
         let ctx = ctx.clone();
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -66,7 +69,7 @@ pub async fn run(
             }
             Err(_) => match refusing.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    tasks.spawn(async move {
+                    refusals.spawn(async move {
                         service::refuse_busy(socket, &ctx).await;
                         drop(permit);
                     });
@@ -81,6 +84,7 @@ pub async fn run(
         }
     }
     drop(listener);
+    refusals.abort_all();
     let open = tasks.len();
     info!(associations = open, drain = ?ctx.node.drain_timeout(), "shutting down: no new associations");
     let _ = stop_tx.send(true);

@@ -107,7 +107,7 @@ pub async fn refuse_busy(socket: TcpStream, ctx: &NodeContext) {
     crate::metrics::global()
         .associations_rejected
         .fetch_add(1, Relaxed);
-    match conn.receive(ctx.node.artim_timeout()).await {
+    match receive_request(&mut conn, ctx).await {
         Ok(Pdu::AssociationRQ(rq)) => {
             info!(peer = %peer, calling = %rq.calling_ae_title.trim(), limit = ctx.node.max_associations,
                 "association rejected (transient): association limit reached");
@@ -130,10 +130,20 @@ pub async fn refuse_busy(socket: TcpStream, ctx: &NodeContext) {
     conn.close().await;
 }
 
+/// The first PDU of a connection, all of it within the ARTIM timeout (a peer trickling bytes
+/// does not get a fresh I/O timeout per read).
+async fn receive_request(conn: &mut Connection, ctx: &NodeContext) -> Result<Pdu, ConnError> {
+    let artim = ctx.node.artim_timeout();
+    match tokio::time::timeout(artim, conn.receive(artim)).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnError::Timeout(artim)),
+    }
+}
+
 /// Reads the A-ASSOCIATE-RQ (within the ARTIM timeout) and answers it. `None` when no
 /// association results.
 async fn accept(conn: &mut Connection, ctx: &NodeContext) -> Option<Negotiated> {
-    let rq = match conn.receive(ctx.node.artim_timeout()).await {
+    let rq = match receive_request(conn, ctx).await {
         Ok(Pdu::AssociationRQ(rq)) => rq,
         Ok(other) => {
             warn!(pdu = pdu_name(&other), "expected A-ASSOCIATE-RQ");

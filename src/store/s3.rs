@@ -442,7 +442,13 @@ impl S3Store {
                     .await
             })
             .await?;
-        response.map(drop).map_err(|e| s3_error(what, &e))
+        match response {
+            Ok(_) => Ok(()),
+            // A retry after a completion whose answer was lost: the upload is gone because it
+            // became the (randomly named, so ours) staging object.
+            Err(e) if has_code(&e, "nosuchupload") && self.exists(key).await? => Ok(()),
+            Err(e) => Err(s3_error(what, &e)),
+        }
     }
 
     /// Server-side copy of `source` to `name`, in the same bucket.
@@ -547,15 +553,15 @@ impl S3Store {
 }
 
 impl S3Upload {
-    /// Bytes held in memory: the part being filled (the whole object while it is small) and
-    /// the part being uploaded in the background.
+    /// Bytes held in memory: the buffer of the part being filled (the whole object while it is
+    /// small), allocated capacity included, and the part being uploaded in the background.
     pub fn buffered(&self) -> usize {
         let sending = self
             .multipart
             .as_ref()
             .filter(|m| m.in_flight.is_some())
             .map_or(0, |_| self.store.inner.part_size);
-        self.buf.len() + sending
+        self.buf.capacity() + sending
     }
 
     /// Appends bytes to the staged object.
@@ -877,11 +883,12 @@ fn is_transient(error: &MinioError) -> bool {
         }
         MinioError::Validation(ValidationErr::IOError(_)) => true,
         MinioError::S3Server(S3ServerError::S3Error(response)) => {
-            let code = response.code().to_string();
+            // Codes minio 0.4 has no variant for arrive lowercased in `OtherError`.
+            let code = response.code().to_string().to_ascii_lowercase();
             matches!(
                 code.as_str(),
-                "InternalError" | "SlowDown" | "ServiceUnavailable" | "RequestTimeout"
-            ) || code.starts_with("HTTP 5")
+                "internalerror" | "slowdown" | "serviceunavailable" | "requesttimeout"
+            ) || code.starts_with("http 5")
         }
         MinioError::S3Server(S3ServerError::HttpError(status, _)) => *status >= 500,
         MinioError::S3Server(S3ServerError::InvalidServerResponse {
@@ -889,6 +896,13 @@ fn is_transient(error: &MinioError) -> bool {
         }) => *http_status_code >= 500,
         _ => false,
     }
+}
+
+/// Whether the server answered with this S3 error code (lowercase), for the codes minio 0.4 has
+/// no [`MinioErrorCode`] variant for.
+fn has_code(error: &MinioError, code: &str) -> bool {
+    matches!(error, MinioError::S3Server(S3ServerError::S3Error(response))
+        if response.code().to_string().eq_ignore_ascii_case(code))
 }
 
 fn is_code(error: &MinioError, code: &MinioErrorCode) -> bool {
@@ -1220,6 +1234,20 @@ mod tests {
             )))
         };
         assert!(is_transient(&response(502)));
+        let coded = |code: &str| {
+            let body = format!("<Error><Code>{code}</Code><Message>m</Message></Error>");
+            MinioError::S3Server(S3ServerError::S3Error(Box::new(
+                minio::s3::minio_error_response::MinioErrorResponse::new_from_body(
+                    Bytes::from(body),
+                    Default::default(),
+                )
+                .unwrap(),
+            )))
+        };
+        assert!(is_transient(&coded("SlowDown")));
+        assert!(is_transient(&coded("InternalError")));
+        assert!(!is_transient(&coded("AccessDenied")));
+        assert!(has_code(&coded("NoSuchUpload"), "nosuchupload"));
         assert!(!is_transient(&response(404)));
         assert!(!is_transient(&response(400)));
     }
