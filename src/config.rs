@@ -223,6 +223,42 @@ pub struct NodeConfig {
     /// Log lines as text (default) or as one JSON object per line (for log shippers).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// `[node.tls]`: an optional second listener speaking DICOM over TLS.
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// `[node.tls]`: DICOM over TLS (PS3.15 B.1 / BCP 195) on its own port, beside the plain one.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address and port of the TLS listener; empty = no TLS listener.
+    #[serde(default)]
+    pub listen: String,
+    /// PEM file with our certificate chain (leaf first).
+    #[serde(default)]
+    pub cert: PathBuf,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key: PathBuf,
+    /// PEM file with the CA certificates that sign client certificates. When set, every client
+    /// must present a certificate chaining to one of them (mutual TLS); empty = no client
+    /// certificate asked for.
+    #[serde(default)]
+    pub client_ca: PathBuf,
+}
+
+impl TlsConfig {
+    /// The TLS listener's address, if one is configured.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen
+            .parse()
+            .map(Some)
+            .map_err(|_| invalid("node.tls.listen", "must be host:port, e.g. 0.0.0.0:2762"))
+    }
 }
 
 /// How `serve` writes its log (to stderr).
@@ -427,6 +463,7 @@ impl Default for NodeConfig {
             find_case_insensitive_names: false,
             max_retrieve_buffer_bytes: default_max_retrieve_buffer(),
             log_format: LogFormat::Text,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -587,6 +624,15 @@ impl Config {
             ));
         }
         self.node.listen_addr()?;
+        if self.node.tls.listen_addr()?.is_some()
+            && (self.node.tls.cert.as_os_str().is_empty()
+                || self.node.tls.key.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                "node.tls.cert",
+                "node.tls.cert and node.tls.key are required with node.tls.listen",
+            ));
+        }
         if self.node.max_associations == 0 {
             return Err(invalid("node.max_associations", "must be at least 1"));
         }
@@ -750,6 +796,14 @@ impl Config {
         out += &format!(
             "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\nartim_timeout_secs = {}\ndrain_timeout_secs = {}\nmax_bytes_in_flight = {}\nmax_metadata_bytes = {}\nmax_find_results = {}\nfind_case_insensitive_names = {}\nmax_retrieve_buffer_bytes = {}\nlog_format = {:?}\n\n",
             n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.artim_timeout_secs, n.drain_timeout_secs, n.max_bytes_in_flight, n.max_metadata_bytes, n.max_find_results, n.find_case_insensitive_names, n.max_retrieve_buffer_bytes, if n.log_format == LogFormat::Json { "json" } else { "text" }
+        );
+        let t = &n.tls;
+        out += &format!(
+            "[node.tls]\nlisten = {:?}\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\n",
+            t.listen,
+            t.cert.display().to_string(),
+            t.key.display().to_string(),
+            t.client_ca.display().to_string()
         );
         out += &format!(
             "[ledger]\npath = {:?}\nsigning_key_file = {:?}\norigin = {:?}\ncheckpoint_interval = {}\nevent_spool = {:?}\n\n",

@@ -21,6 +21,8 @@ pub enum StartError {
     Ledger(#[from] LedgerError),
     #[error("object store: {0}")]
     Store(#[from] StoreError),
+    #[error("DICOM TLS: {0}")]
+    Tls(String),
     #[error("startup reconciliation of interrupted C-STOREs: {0}")]
     Reconcile(String),
     #[error("forwarding: {0}")]
@@ -70,6 +72,21 @@ pub async fn run(
             addr: addr.to_string(),
             source,
         })?;
+    let tls = match cfg.node.tls.listen_addr()? {
+        Some(addr) => {
+            let acceptor = crate::dimse::tls::acceptor(&cfg.node.tls)
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            info!(listen = %addr, mutual = !cfg.node.tls.client_ca.as_os_str().is_empty(), "DICOM TLS listener");
+            Some((l, acceptor))
+        }
+        None => None,
+    };
     let local = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -137,7 +154,7 @@ pub async fn run(
         shutdown.await;
         crate::notify::notify("STOPPING=1\nSTATUS=draining associations");
     };
-    crate::dimse::listener::run(listener, ctx, shutdown).await;
+    crate::dimse::listener::run(listener, tls, ctx, shutdown).await;
     // What is not recorded as delivered stays queued for the next start.
     forwarder.stop(std::time::Duration::from_secs(10)).await;
     if let Some(a) = admin {

@@ -13,3 +13,4 @@ mod reliability;
 mod retrieve;
 mod roundtrip;
 mod s3;
+mod tls;

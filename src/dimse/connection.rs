@@ -7,8 +7,11 @@
 use std::time::Duration;
 
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PDataValue, PDataValueType, Pdu};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+
+/// What an association runs over: a TCP socket, or TLS over one.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// PDU-level failures; every one ends the association.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +30,7 @@ pub enum ConnError {
 
 /// One read of at least a byte, cancel-safe; end of stream is [`ConnError::Closed`].
 async fn read_some(
-    socket: &mut BufReader<TcpStream>,
+    socket: &mut BufReader<Box<dyn Stream>>,
     buf: &mut [u8],
     limit: Duration,
 ) -> Result<usize, ConnError> {
@@ -45,7 +48,7 @@ const MAX_CONTROL_PDU: u32 = 1024 * 1024;
 
 /// One association's socket.
 pub struct Connection {
-    socket: BufReader<TcpStream>,
+    socket: BufReader<Box<dyn Stream>>,
     /// The PDU being read: its header, then header and body in `buf`; `got` bytes so far.
     header: [u8; 6],
     got: usize,
@@ -56,9 +59,13 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(socket: TcpStream, max_receive: u32, io_timeout: Duration) -> Connection {
+    pub fn new(
+        socket: impl Stream + 'static,
+        max_receive: u32,
+        io_timeout: Duration,
+    ) -> Connection {
         Connection {
-            socket: BufReader::with_capacity(256 * 1024, socket),
+            socket: BufReader::with_capacity(256 * 1024, Box::new(socket) as Box<dyn Stream>),
             header: [0; 6],
             got: 0,
             buf: Vec::new(),

@@ -11,19 +11,52 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
 
+use super::connection::Stream;
 use super::service::{self, NodeContext};
+
+/// The connection as the association will use it: the TCP socket itself, or TLS over it once
+/// the handshake (bounded by the ARTIM timeout) succeeded. `None` when it failed (logged).
+async fn secure(
+    socket: TcpStream,
+    acceptor: Option<TlsAcceptor>,
+    addr: &SocketAddr,
+    ctx: &NodeContext,
+) -> Option<Box<dyn Stream>> {
+    let Some(acceptor) = acceptor else {
+        return Some(Box::new(socket));
+    };
+    match tokio::time::timeout(ctx.node.artim_timeout(), acceptor.accept(socket)).await {
+        Ok(Ok(tls)) => Some(Box::new(tls)),
+        Ok(Err(e)) => {
+            info!(peer = %addr, error = %e, "TLS handshake failed");
+            crate::metrics::global()
+                .associations_rejected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            None
+        }
+        Err(_) => {
+            info!(peer = %addr, "TLS handshake timed out");
+            None
+        }
+    }
+}
 
 /// Most connections being refused at once (each waits at most the ARTIM timeout for its request).
 const MAX_REFUSING: usize = 32;
 
-/// Serves associations on `listener` until `shutdown` completes, then drains.
+/// Serves associations on `listener` (and, if given, DICOM over TLS on the second listener)
+/// until `shutdown` completes, then drains. Both share the association limit.
 pub async fn run(
     listener: TcpListener,
+    tls: Option<(TcpListener, TlsAcceptor)>,
     ctx: Arc<NodeContext>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -36,11 +69,18 @@ pub async fn run(
     let mut backoff = Duration::from_millis(50);
     tokio::pin!(shutdown);
     loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
+        let tls_accept = async {
+            match &tls {
+                Some((l, acceptor)) => (l.accept().await, Some(acceptor.clone())),
+                None => std::future::pending().await,
+            }
+        };
+        let (accepted, acceptor) = tokio::select! {
+            r = listener.accept() => (r, None),
+            r = tls_accept => r,
             _ = &mut shutdown => break,
         };
-        let (socket, _addr) = match accepted {
+        let (socket, addr) = match accepted {
             Ok(s) => {
                 backoff = Duration::from_millis(50);
                 s
@@ -63,14 +103,19 @@ pub async fn run(
             Ok(permit) => {
                 let stop = stop_rx.clone();
                 tasks.spawn(async move {
-                    service::serve(socket, ctx, stop).await;
+                    let tls = acceptor.is_some();
+                    if let Some(stream) = secure(socket, acceptor, &addr, &ctx).await {
+                        service::serve(stream, addr.to_string(), tls, ctx, stop).await;
+                    }
                     drop(permit);
                 });
             }
             Err(_) => match refusing.clone().try_acquire_owned() {
                 Ok(permit) => {
                     refusals.spawn(async move {
-                        service::refuse_busy(socket, &ctx).await;
+                        if let Some(stream) = secure(socket, acceptor, &addr, &ctx).await {
+                            service::refuse_busy(stream, addr.to_string(), &ctx).await;
+                        }
                         drop(permit);
                     });
                 }

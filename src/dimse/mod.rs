@@ -17,3 +17,4 @@ pub mod qr;
 pub mod scu;
 pub mod service;
 pub mod status;
+pub mod tls;

@@ -13,12 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValue, PDataValueType, Pdu};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
 use super::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
-use super::connection::{ConnError, Connection};
+use super::connection::{ConnError, Connection, Stream};
 use super::negotiate::{self, Negotiated, Policy, VERIFICATION};
 use super::qr::{self, Outgoing, Services};
 use super::status::{self, Failure};
@@ -48,14 +47,16 @@ pub struct NodeContext {
 
 /// Serves one accepted TCP connection to the end. `shutdown` turns true when the node stops:
 /// the association then finishes the message in progress and is aborted.
-pub async fn serve(socket: TcpStream, ctx: Arc<NodeContext>, shutdown: watch::Receiver<bool>) {
-    let peer = socket
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
+pub async fn serve(
+    socket: impl Stream + 'static,
+    peer: String,
+    tls: bool,
+    ctx: Arc<NodeContext>,
+    shutdown: watch::Receiver<bool>,
+) {
     static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let span = tracing::info_span!("association", id, peer = %peer, calling = tracing::field::Empty, called = tracing::field::Empty);
+    let span = tracing::info_span!("association", id, peer = %peer, tls, calling = tracing::field::Empty, called = tracing::field::Empty);
     async move {
         let mut conn = Connection::new(socket, ctx.node.max_pdu_length, ctx.node.io_timeout());
         let negotiated = match accept(&mut conn, &ctx).await {
@@ -98,11 +99,7 @@ pub async fn serve(socket: TcpStream, ctx: Arc<NodeContext>, shutdown: watch::Re
 /// Answers a connection that came while `max_associations` were being served: its
 /// A-ASSOCIATE-RQ (awaited up to the ARTIM timeout) gets A-ASSOCIATE-RJ rejected-transient,
 /// service provider (presentation), local limit exceeded (PS3.8 §9.3.4), and the socket is closed.
-pub async fn refuse_busy(socket: TcpStream, ctx: &NodeContext) {
-    let peer = socket
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
+pub async fn refuse_busy(socket: impl Stream + 'static, peer: String, ctx: &NodeContext) {
     let mut conn = Connection::new(socket, ctx.node.max_pdu_length, ctx.node.io_timeout());
     crate::metrics::global()
         .associations_rejected

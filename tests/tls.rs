@@ -1,0 +1,252 @@
+//! DICOM over TLS with DCMTK: storescu and findscu with client certificates (mutual TLS), a
+//! client whose certificate another CA signed and one without a certificate refused, the plain
+//! port unaffected.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::support::{self, assert_ok, Node, AE};
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it signs (openssl CLI).
+struct Pki {
+    dir: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert_ok(&out, &format!("openssl {}", args.join(" ")));
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Pki {
+        let ca = |name: &str| {
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.crt"),
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
+            )
+        };
+        ca("ca");
+        ca("other-ca");
+        let leaf = |name: &str, issuer: &str, ext: &str| {
+            std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
+            );
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    &format!("{issuer}.crt"),
+                    "-CAkey",
+                    &format!("{issuer}.key"),
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-out",
+                    &format!("{name}.crt"),
+                    "-extfile",
+                    &format!("{name}.ext"),
+                ],
+            );
+        };
+        let server = "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n";
+        let client = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n";
+        leaf("server", "ca", server);
+        leaf("client", "ca", client);
+        leaf("intruder", "other-ca", client);
+        Pki {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+/// A DCMTK tool over TLS as `who` (a key/certificate pair name, or None for anonymous TLS).
+fn dcmtk_tls(tool: &str, pki: &Pki, who: Option<&str>, port: u16, args: &[&str]) -> Output {
+    let mut c = Command::new(format!("/usr/bin/{tool}"));
+    match who {
+        Some(w) => c.args([
+            "+tls",
+            &pki.path(&format!("{w}.key")),
+            &pki.path(&format!("{w}.crt")),
+        ]),
+        None => c.arg("+tla"),
+    };
+    c.args(["-pw", "+cf", &pki.path("ca.crt"), "-aec", AE])
+        .args(args)
+        .args(["127.0.0.1", &port.to_string()]);
+    c.output().expect("run DCMTK")
+}
+
+/// The log without its ANSI colours.
+fn plain(log: &str) -> String {
+    let mut out = String::new();
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[test]
+fn dcmtk_stores_and_finds_over_mutual_tls_and_strangers_are_refused() {
+    let keys = tempfile::tempdir().unwrap();
+    let pki = Pki::new(keys.path());
+    let tls_port = support::free_port();
+    let node = Node::start_with_env(&[
+        (
+            "DICOMCHAIN__NODE__TLS__LISTEN",
+            &format!("127.0.0.1:{tls_port}"),
+        ),
+        ("DICOMCHAIN__NODE__TLS__CERT", &pki.path("server.crt")),
+        ("DICOMCHAIN__NODE__TLS__KEY", &pki.path("server.key")),
+        ("DICOMCHAIN__NODE__TLS__CLIENT_CA", &pki.path("ca.crt")),
+    ]);
+    let src = tempfile::tempdir().unwrap();
+    let files = support::make_series(src.path(), "CT", 3, 64, &[]);
+
+    // storescu over TLS with the client certificate: stored, and exported byte for byte.
+    let mut c = Command::new("/usr/bin/storescu");
+    c.args(["+tls", &pki.path("client.key"), &pki.path("client.crt")])
+        .args(["-pw", "+cf", &pki.path("ca.crt"), "-aec", AE])
+        .args(["127.0.0.1", &tls_port.to_string()])
+        .args(&files);
+    let out = c.output().unwrap();
+    assert_ok(&out, "storescu +tls");
+    let log = plain(&node.log());
+    assert!(log.contains("tls=true calling=\"STORESCU\""), "{log}");
+    for f in &files {
+        let p = support::read_part10(f).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        assert_ok(
+            &node.export(&["--instance", &p.sop_instance_uid], dir.path()),
+            "export",
+        );
+        let got = support::read_part10(&support::files_under(dir.path())[0]).unwrap();
+        assert_eq!(got.dataset, p.dataset, "{}", f.display());
+    }
+
+    // findscu over TLS finds the study.
+    let qdir = tempfile::tempdir().unwrap();
+    let qd = qdir.path().display().to_string();
+    let find = dcmtk_tls(
+        "findscu",
+        &pki,
+        Some("client"),
+        tls_port,
+        &[
+            "-S",
+            "-X",
+            "-od",
+            &qd,
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "StudyInstanceUID",
+        ],
+    );
+    assert_ok(&find, "findscu +tls");
+    assert_eq!(
+        support::files_under(qdir.path()).len(),
+        1,
+        "one study found over TLS"
+    );
+
+    // A certificate from another CA, and no certificate at all: no association.
+    let echo = |who: Option<&str>| dcmtk_tls("echoscu", &pki, who, tls_port, &[]);
+    assert!(
+        !echo(Some("intruder")).status.success(),
+        "a stranger's certificate was accepted"
+    );
+    assert!(
+        !echo(None).status.success(),
+        "a client without a certificate was accepted"
+    );
+    assert_ok(
+        &echo(Some("client")),
+        "echoscu +tls with the right certificate",
+    );
+    assert!(
+        node.log().contains("TLS handshake failed"),
+        "{}",
+        node.log()
+    );
+    // Plain DICOM goes on as before on its own port.
+    assert_ok(&node.echoscu(), "plain echoscu");
+}
+
+#[test]
+fn a_missing_certificate_file_stops_startup_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.crt").display().to_string();
+    let config = dir.path().join("dicomchain.toml");
+    std::fs::write(&config, "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dicomchain"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .current_dir(dir.path())
+        .env(
+            "DICOMCHAIN__NODE__LISTEN",
+            format!("127.0.0.1:{}", support::free_port()),
+        )
+        .env(
+            "DICOMCHAIN__NODE__TLS__LISTEN",
+            format!("127.0.0.1:{}", support::free_port()),
+        )
+        .env("DICOMCHAIN__NODE__TLS__CERT", &missing)
+        .env("DICOMCHAIN__NODE__TLS__KEY", &missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("node.tls.cert") && err.contains("nope.crt"),
+        "{err}"
+    );
+}
