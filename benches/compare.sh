@@ -50,6 +50,7 @@ start_dicomchain() { # BACKEND
   cat >"$work/r/dc.toml" <<TOML
 [node]
 listen = "127.0.0.1:$rport"
+allow_unknown_peers = true
 [ledger]
 path = "$work/r/ledger"
 signing_key_file = "$work/r/key"

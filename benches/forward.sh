@@ -41,6 +41,7 @@ run() { # FORWARD(0|1) -> "ingest_seconds forwarded_seconds"
   cat > "$dir/dc.toml" <<TOML
 [node]
 listen = "127.0.0.1:$dc_port"
+allow_unknown_peers = true
 [ledger]
 path = "$dir/ledger"
 [store.fs]

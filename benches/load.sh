@@ -39,6 +39,7 @@ rport=$(port); mkdir -p "$work/r"
 cat >"$work/r/dc.toml" <<TOML
 [node]
 listen = "127.0.0.1:$rport"
+allow_unknown_peers = true
 [ledger]
 path = "$work/r/ledger"
 signing_key_file = "$work/r/key"

@@ -34,6 +34,7 @@ dc_port=$(port)
 cat > "$work/dc.toml" <<TOML
 [node]
 listen = "127.0.0.1:$dc_port"
+allow_unknown_peers = true
 [ledger]
 path = "$work/dc/ledger"
 [store.fs]

@@ -223,6 +223,10 @@ pub struct NodeConfig {
     /// Log lines as text (default) or as one JSON object per line (for log shippers).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Accept associations from calling AE titles that are not a `[peers.NAME]` (they may then
+    /// do everything). Off by default: unknown AEs get A-ASSOCIATE-RJ.
+    #[serde(default)]
+    pub allow_unknown_peers: bool,
     /// `[node.tls]`: an optional second listener speaking DICOM over TLS.
     #[serde(default)]
     pub tls: TlsConfig,
@@ -364,6 +368,37 @@ pub struct PeerConfig {
     pub ae_title: String,
     pub host: String,
     pub port: u16,
+    /// What this AE may ask for (`echo`, `store`, `find`, `move` — which also lets it receive
+    /// C-MOVE sub-operations —, `get`); absent = all of them.
+    #[serde(default)]
+    pub permissions: Option<Vec<crate::acl::Permission>>,
+    /// Addresses or CIDR networks this AE may connect from; empty = any.
+    #[serde(default)]
+    pub allowed_addresses: Vec<String>,
+}
+
+impl Config {
+    /// The access rules of `[peers.*]` and `node.allow_unknown_peers` (addresses were checked
+    /// by `validate`).
+    pub fn acl(&self) -> crate::acl::Acl {
+        crate::acl::Acl::new(
+            self.peers.values().map(|p| {
+                (
+                    p.ae_title.clone(),
+                    p.permissions
+                        .clone()
+                        .unwrap_or_else(|| crate::acl::Permission::ALL.to_vec())
+                        .into_iter()
+                        .collect(),
+                    p.allowed_addresses
+                        .iter()
+                        .filter_map(|a| crate::acl::Network::parse(a).ok())
+                        .collect(),
+                )
+            }),
+            self.node.allow_unknown_peers,
+        )
+    }
 }
 
 fn default_ae_title() -> String {
@@ -463,6 +498,7 @@ impl Default for NodeConfig {
             find_case_insensitive_names: false,
             max_retrieve_buffer_bytes: default_max_retrieve_buffer(),
             log_format: LogFormat::Text,
+            allow_unknown_peers: false,
             tls: TlsConfig::default(),
         }
     }
@@ -735,6 +771,10 @@ impl Config {
             if peer.host.is_empty() {
                 return Err(invalid(&format!("peers.{name}.host"), "must not be empty"));
             }
+            for a in &peer.allowed_addresses {
+                crate::acl::Network::parse(a)
+                    .map_err(|e| invalid(&format!("peers.{name}.allowed_addresses"), e))?;
+            }
             if name.contains('\0') || name.contains('*') {
                 return Err(invalid(
                     &format!("peers.{name}"),
@@ -794,8 +834,8 @@ impl Config {
         let mut out = String::new();
         let n = &self.node;
         out += &format!(
-            "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\nartim_timeout_secs = {}\ndrain_timeout_secs = {}\nmax_bytes_in_flight = {}\nmax_metadata_bytes = {}\nmax_find_results = {}\nfind_case_insensitive_names = {}\nmax_retrieve_buffer_bytes = {}\nlog_format = {:?}\n\n",
-            n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.artim_timeout_secs, n.drain_timeout_secs, n.max_bytes_in_flight, n.max_metadata_bytes, n.max_find_results, n.find_case_insensitive_names, n.max_retrieve_buffer_bytes, if n.log_format == LogFormat::Json { "json" } else { "text" }
+            "[node]\nae_title = {:?}\nlisten = {:?}\nmax_associations = {}\nmax_pdu_length = {}\ncheck_called_ae = {}\nidle_timeout_secs = {}\nio_timeout_secs = {}\nartim_timeout_secs = {}\ndrain_timeout_secs = {}\nmax_bytes_in_flight = {}\nmax_metadata_bytes = {}\nmax_find_results = {}\nfind_case_insensitive_names = {}\nmax_retrieve_buffer_bytes = {}\nlog_format = {:?}\nallow_unknown_peers = {}\n\n",
+            n.ae_title, n.listen, n.max_associations, n.max_pdu_length, n.check_called_ae, n.idle_timeout_secs, n.io_timeout_secs, n.artim_timeout_secs, n.drain_timeout_secs, n.max_bytes_in_flight, n.max_metadata_bytes, n.max_find_results, n.find_case_insensitive_names, n.max_retrieve_buffer_bytes, if n.log_format == LogFormat::Json { "json" } else { "text" }, n.allow_unknown_peers
         );
         let t = &n.tls;
         out += &format!(
@@ -839,8 +879,17 @@ impl Config {
         }
         for (name, p) in &self.peers {
             out += &format!(
-                "\n[peers.{name}]\nae_title = {:?}\nhost = {:?}\nport = {}\n",
-                p.ae_title, p.host, p.port
+                "\n[peers.{name}]\nae_title = {:?}\nhost = {:?}\nport = {}\npermissions = {:?}\nallowed_addresses = {:?}\n",
+                p.ae_title,
+                p.host,
+                p.port,
+                p.permissions
+                    .as_deref()
+                    .unwrap_or(&crate::acl::Permission::ALL)
+                    .iter()
+                    .map(|p| p.name())
+                    .collect::<Vec<_>>(),
+                p.allowed_addresses
             );
         }
         let f = &self.forwarding;

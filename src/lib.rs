@@ -21,6 +21,7 @@
 //! [`node`] starts and stops it all. [`forward`] passes stored instances on to other
 //! destinations (store-and-forward), from a queue kept on the ledger.
 
+pub mod acl;
 pub mod audit;
 pub mod client;
 pub mod config;

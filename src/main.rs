@@ -18,6 +18,9 @@ struct Cli {
     /// Configuration file (TOML); DICOMCHAIN__SECTION__KEY environment variables override it.
     #[arg(long, global = true, default_value = "conf/dicomchain.toml")]
     config: PathBuf,
+    /// Calling AE title of echo/store/find/move/get (default: node.ae_title).
+    #[arg(long, global = true)]
+    aet: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -144,13 +147,31 @@ enum ForwardAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cfg = match Config::load(&cli.config) {
+    let mut cfg = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("dicomchain: {e}");
             return ExitCode::from(2);
         }
     };
+    if let Some(aet) = cli.aet {
+        if !matches!(
+            cli.command,
+            Command::Echo { .. }
+                | Command::Store { .. }
+                | Command::Find { .. }
+                | Command::Move { .. }
+                | Command::Get { .. }
+        ) {
+            eprintln!("dicomchain: --aet applies to echo, store, find, move and get only");
+            return ExitCode::from(2);
+        }
+        if !dicomchain::config::valid_ae_title(&aet) {
+            eprintln!("dicomchain: --aet {aet:?}: an AE title is 1-16 printable ASCII characters, no backslash");
+            return ExitCode::from(2);
+        }
+        cfg.node.ae_title = aet;
+    }
     match cli.command {
         Command::CheckConfig => {
             println!("# effective configuration from {}", cli.config.display());

@@ -136,6 +136,7 @@ pub async fn run(
             max_pdu_length: cfg.node.max_pdu_length,
         },
         node: cfg.node.clone(),
+        acl: cfg.acl(),
     });
     let admin = admin_listener.map(|(addr, l)| {
         info!(listen = %addr, "admin listener: /metrics, /health");

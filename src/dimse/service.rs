@@ -21,6 +21,7 @@ use super::connection::{ConnError, Connection, Stream};
 use super::negotiate::{self, Negotiated, Policy, VERIFICATION};
 use super::qr::{self, Outgoing, Services};
 use super::status::{self, Failure};
+use crate::acl::Permission;
 use crate::config::NodeConfig;
 use crate::find::{dataset, query, FindOptions};
 use crate::ingest::{Incoming, Pipeline, StoreContext};
@@ -43,6 +44,8 @@ pub struct NodeContext {
     pub node: NodeConfig,
     /// What C-FIND, C-MOVE and C-GET need (ledger, store, peers, event spool).
     pub services: Services,
+    /// Who may associate and ask for what.
+    pub acl: crate::acl::Acl,
 }
 
 /// Serves one accepted TCP connection to the end. `shutdown` turns true when the node stops:
@@ -59,7 +62,8 @@ pub async fn serve(
     let span = tracing::info_span!("association", id, peer = %peer, tls, calling = tracing::field::Empty, called = tracing::field::Empty);
     async move {
         let mut conn = Connection::new(socket, ctx.node.max_pdu_length, ctx.node.io_timeout());
-        let negotiated = match accept(&mut conn, &ctx).await {
+        let ip = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+        let negotiated = match accept(&mut conn, &ctx, ip).await {
             Some(n) => n,
             None => {
                 conn.close().await;
@@ -139,7 +143,11 @@ async fn receive_request(conn: &mut Connection, ctx: &NodeContext) -> Result<Pdu
 
 /// Reads the A-ASSOCIATE-RQ (within the ARTIM timeout) and answers it. `None` when no
 /// association results.
-async fn accept(conn: &mut Connection, ctx: &NodeContext) -> Option<Negotiated> {
+async fn accept(
+    conn: &mut Connection,
+    ctx: &NodeContext,
+    ip: Option<std::net::IpAddr>,
+) -> Option<Negotiated> {
     let rq = match receive_request(conn, ctx).await {
         Ok(Pdu::AssociationRQ(rq)) => rq,
         Ok(other) => {
@@ -158,7 +166,21 @@ async fn accept(conn: &mut Connection, ctx: &NodeContext) -> Option<Negotiated> 
             return None;
         }
     };
-    match negotiate::negotiate(&ctx.policy, &rq) {
+    let negotiated = negotiate::negotiate(&ctx.policy, &rq).and_then(|ok| {
+        match ctx.acl.association(&rq.calling_ae_title, ip) {
+            Ok(()) => Ok(ok),
+            Err(refusal) => {
+                warn!(%refusal, "association refused by access control");
+                Err(dicom_ul::pdu::AssociationRJ {
+                    result: dicom_ul::pdu::AssociationRJResult::Permanent,
+                    source: dicom_ul::pdu::AssociationRJSource::ServiceUser(
+                        dicom_ul::pdu::AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+                    ),
+                })
+            }
+        }
+    });
+    match negotiated {
         Ok((ac, negotiated)) => {
             if let Err(e) = conn.send(&Pdu::AssociationAC(ac)).await {
                 warn!(error = %e, "cannot send A-ASSOCIATE-AC");
@@ -197,6 +219,32 @@ enum Operation {
     Find,
     Move { destination: String },
     Get,
+}
+
+impl Operation {
+    fn permission(&self) -> Permission {
+        match self {
+            Operation::Find => Permission::Find,
+            Operation::Move { .. } => Permission::Move,
+            Operation::Get => Permission::Get,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Operation::Find => "C-FIND",
+            Operation::Move { .. } => "C-MOVE",
+            Operation::Get => "C-GET",
+        }
+    }
+}
+
+/// 0124 for an operation the calling AE may not ask for.
+fn not_authorized(operation: &str) -> Failure {
+    Failure::new(
+        status::NOT_AUTHORIZED,
+        format!("{operation} is not permitted to this calling AE title"),
+    )
 }
 
 struct IdentifierRequest {
@@ -480,6 +528,18 @@ impl Association {
         self.dispatch(pdv.presentation_context_id, command).await
     }
 
+    /// Whether the calling AE may ask for this (logged when not).
+    fn allowed(&self, what: Permission) -> bool {
+        let ok = self.ctx.acl.allows(&self.negotiated.calling_ae, what);
+        if !ok {
+            warn!(
+                operation = what.name(),
+                "operation refused by access control"
+            );
+        }
+        ok
+    }
+
     async fn dispatch(&mut self, context_id: u8, cmd: Command) -> Result<(), Abort> {
         let bad = |e: super::command::CommandError| {
             Abort(
@@ -516,6 +576,10 @@ impl Association {
             failure,
         };
         match command_field {
+            field::C_ECHO_RQ if !has_data && !self.allowed(Permission::Echo) => {
+                let reply = reply_failure(not_authorized("C-ECHO"));
+                self.send_reply(context_id, reply).await
+            }
             field::C_ECHO_RQ if !has_data => {
                 let rsp = CommandBuilder::new()
                     .uid(tag::AFFECTED_SOP_CLASS_UID, VERIFICATION)
@@ -563,6 +627,14 @@ impl Association {
                         status::MOVE_DESTINATION_UNKNOWN,
                         "command lacks Move Destination",
                     ))
+                } else if !self.allowed(operation.permission()) {
+                    Some(not_authorized(operation.name()))
+                } else if matches!(&operation, Operation::Move { destination } if !self.ctx.acl.allows(destination, Permission::Move))
+                {
+                    Some(Failure::new(
+                        status::NOT_AUTHORIZED,
+                        "the move destination may not receive instances by C-MOVE",
+                    ))
                 } else {
                     None
                 };
@@ -594,6 +666,8 @@ impl Association {
                         status::CANNOT_UNDERSTAND,
                         "command lacks Affected SOP Instance UID",
                     ))
+                } else if !self.allowed(Permission::Store) {
+                    Some(not_authorized("C-STORE"))
                 } else {
                     None
                 };

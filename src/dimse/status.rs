@@ -9,6 +9,9 @@ pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
 /// Failure: Processing failure (PS3.7 C.4) — used on the ledger when an instance never reached
 /// a forward destination.
 pub const PROCESSING_FAILURE: u16 = 0x0110;
+/// PS3.7 §C.5.x (general status): Refused: Not Authorized — the calling AE may not ask for this
+/// operation (or, for C-MOVE, the destination may not receive it).
+pub const NOT_AUTHORIZED: u16 = 0x0124;
 /// PS3.7 §C.5.14.
 pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
 /// PS3.4 §B.2.3: Refused: Out of Resources.

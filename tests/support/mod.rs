@@ -66,7 +66,7 @@ impl Node {
         std::fs::write(
             dir.join("dicomchain.toml"),
             format!(
-                "[node]\nlisten = \"127.0.0.1:{port}\"\ndrain_timeout_secs = 10\n[ledger]\npath = \"{}\"\n[store.fs]\nroot = \"{}\"\n{extra_toml}",
+                "[node]\nlisten = \"127.0.0.1:{port}\"\ndrain_timeout_secs = 10\nallow_unknown_peers = true\n[ledger]\npath = \"{}\"\n[store.fs]\nroot = \"{}\"\n{extra_toml}",
                 dir.join("ledger").display(),
                 dir.join("objects").display()
             ),
