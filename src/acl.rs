@@ -11,7 +11,9 @@ use std::net::IpAddr;
 use serde::Deserialize;
 
 /// An operation a peer may be allowed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Permission {
     /// C-ECHO.
@@ -34,6 +36,22 @@ impl Permission {
         Permission::Move,
         Permission::Get,
     ];
+
+    pub fn from_name(name: &str) -> Option<Permission> {
+        Permission::ALL
+            .into_iter()
+            .find(|p| p.name() == name.trim())
+    }
+
+    /// Parses "store,find" (the `detail` of a grant or revoke entry).
+    pub fn parse_list(list: &str) -> Option<Vec<Permission>> {
+        list.split(',').map(Permission::from_name).collect()
+    }
+
+    /// "store,find".
+    pub fn list(perms: &[Permission]) -> String {
+        perms.iter().map(|p| p.name()).collect::<Vec<_>>().join(",")
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -101,6 +119,12 @@ impl Network {
     }
 }
 
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 /// What one known AE title may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rights {
@@ -118,12 +142,23 @@ pub enum Refusal {
     Address { ae: String, from: IpAddr },
 }
 
+/// One grant or revocation recorded on the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Change {
+    /// Sequence number of its ledger entry.
+    pub seq: u64,
+    pub grant: bool,
+    pub permissions: Vec<Permission>,
+}
+
 /// The access rules, by calling AE title (compared without padding, case-sensitively as
-/// PS3.8 compares AE titles).
+/// PS3.8 compares AE titles): the configuration's baseline, then every grant and revocation on
+/// the ledger in order.
 #[derive(Debug, Clone, Default)]
 pub struct Acl {
     peers: BTreeMap<String, Rights>,
     allow_unknown: bool,
+    changes: BTreeMap<String, Vec<Change>>,
 }
 
 impl Acl {
@@ -161,7 +196,49 @@ impl Acl {
         Acl {
             peers: map,
             allow_unknown,
+            changes: BTreeMap::new(),
         }
+    }
+
+    /// Applies a grant or revocation. An AE title the configuration does not know becomes
+    /// known, from any address, starting from what unknown AEs may do.
+    pub fn apply(&mut self, ae: &str, change: Change) {
+        let ae = ae.trim().to_string();
+        let start = if self.allow_unknown {
+            Permission::ALL.into_iter().collect()
+        } else {
+            BTreeSet::new()
+        };
+        let r = self.peers.entry(ae.clone()).or_insert(Rights {
+            permissions: start,
+            addresses: Vec::new(),
+        });
+        if change.grant {
+            r.permissions.extend(change.permissions.iter().copied());
+        } else {
+            for p in &change.permissions {
+                r.permissions.remove(p);
+            }
+        }
+        self.changes.entry(ae).or_default().push(change);
+    }
+
+    /// Every known AE title: its effective rights and the ledger changes that made them.
+    pub fn entries(&self) -> Vec<(String, Rights, Vec<Change>)> {
+        self.peers
+            .iter()
+            .map(|(ae, r)| {
+                (
+                    ae.clone(),
+                    r.clone(),
+                    self.changes.get(ae).cloned().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn allow_unknown(&self) -> bool {
+        self.allow_unknown
     }
 
     /// Whether an association from `ae` at `from` may be accepted.
@@ -191,6 +268,45 @@ impl Acl {
             Some(r) => r.permissions.contains(&what),
             None => self.allow_unknown,
         }
+    }
+}
+
+/// The rules the running node enforces, changed by grants and revocations while it runs:
+/// every check reads the current state, so a change applies to the next operation and to the
+/// next sub-operation of a C-MOVE or C-GET in progress.
+#[derive(Debug, Default)]
+pub struct LiveAcl {
+    inner: std::sync::RwLock<Acl>,
+}
+
+impl LiveAcl {
+    pub fn new(acl: Acl) -> LiveAcl {
+        LiveAcl {
+            inner: std::sync::RwLock::new(acl),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Acl> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn association(&self, ae: &str, from: Option<IpAddr>) -> Result<(), Refusal> {
+        self.read().association(ae, from)
+    }
+
+    pub fn allows(&self, ae: &str, what: Permission) -> bool {
+        self.read().allows(ae, what)
+    }
+
+    pub fn apply(&self, ae: &str, change: Change) {
+        self.inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(ae, change)
+    }
+
+    pub fn snapshot(&self) -> Acl {
+        self.read().clone()
     }
 }
 
@@ -270,5 +386,44 @@ mod tests {
             !open.allows("CT1", Permission::Store),
             "a known AE keeps its own limits"
         );
+    }
+
+    #[test]
+    fn grants_and_revocations_apply_in_order() {
+        let mut acl = Acl::new(
+            [("CT1".to_string(), perms(&[Permission::Echo]), vec![])],
+            false,
+        );
+        let change = |seq, grant, p: &[Permission]| Change {
+            seq,
+            grant,
+            permissions: p.to_vec(),
+        };
+        acl.apply("CT1", change(7, true, &[Permission::Store]));
+        assert!(acl.allows("CT1", Permission::Store));
+        acl.apply(
+            "CT1",
+            change(9, false, &[Permission::Store, Permission::Echo]),
+        );
+        assert!(!acl.allows("CT1", Permission::Store) && !acl.allows("CT1", Permission::Echo));
+        // A new AE title becomes known through a grant, from any address.
+        acl.apply("NEW", change(11, true, &[Permission::Find]));
+        assert_eq!(
+            acl.association("NEW", Some("10.0.0.1".parse().unwrap())),
+            Ok(())
+        );
+        assert!(acl.allows("NEW", Permission::Find) && !acl.allows("NEW", Permission::Get));
+        let entries = acl.entries();
+        let ct1 = entries.iter().find(|e| e.0 == "CT1").unwrap();
+        assert_eq!(ct1.2.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![7, 9]);
+        assert_eq!(
+            Permission::parse_list("store,find"),
+            Some(vec![Permission::Store, Permission::Find])
+        );
+        assert_eq!(Permission::parse_list("store,nope"), None);
+        // With unknown peers allowed, a revocation limits an AE that was unknown.
+        let mut open = Acl::new([], true);
+        open.apply("X", change(1, false, &[Permission::Store]));
+        assert!(!open.allows("X", Permission::Store) && open.allows("X", Permission::Find));
     }
 }

@@ -61,14 +61,31 @@ pub struct Config {
     pub admin: AdminConfig,
 }
 
-/// `[admin]`: the node's HTTP listener for operators: `GET /metrics` (Prometheus) and
-/// `GET /health`. Keep it on loopback or a management network.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[admin]`: the node's HTTP listener for operators: `GET /metrics` (Prometheus),
+/// `GET /health`, and the admin API under `/v1/` (bearer token). Keep it on loopback or a
+/// management network.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address and port, e.g. "127.0.0.1:8787"; empty = no admin listener.
     #[serde(default)]
     pub listen: String,
+    /// The admin API's bearer token; created (mode 0600) on first start. The CLI reads it.
+    #[serde(default = "default_admin_token_file")]
+    pub token_file: PathBuf,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: String::new(),
+            token_file: default_admin_token_file(),
+        }
+    }
+}
+
+fn default_admin_token_file() -> PathBuf {
+    "var/admin-token".into()
 }
 
 impl AdminConfig {
@@ -897,7 +914,11 @@ impl Config {
             "\n[forwarding]\nmax_attempts = {}\nretry_initial_ms = {}\nretry_max_secs = {}\nidle_release_secs = {}\nniceness = {}\nyield_to_ingest_secs = {}\n",
             f.max_attempts, f.retry_initial_ms, f.retry_max_secs, f.idle_release_secs, f.niceness, f.yield_to_ingest_secs
         );
-        out += &format!("\n[admin]\nlisten = {:?}\n", self.admin.listen);
+        out += &format!(
+            "\n[admin]\nlisten = {:?}\ntoken_file = {:?}\n",
+            self.admin.listen,
+            self.admin.token_file.display().to_string()
+        );
         for r in &self.forward {
             out += &format!(
                 "\n[[forward]]\ndestination = {:?}\ncalling_ae = {:?}\ncalled_ae = {:?}\nmodality = {:?}\nsop_class = {:?}\n",

@@ -22,6 +22,7 @@
 //! destinations (store-and-forward), from a queue kept on the ledger.
 
 pub mod acl;
+pub mod admin;
 pub mod audit;
 pub mod client;
 pub mod config;

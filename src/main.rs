@@ -123,6 +123,25 @@ enum Command {
         keys: Vec<String>,
     },
     /// Store-and-forward: the queue of each destination, and re-queueing of given-up items.
+    /// Grant permissions (echo, store, find, move, get) to an AE title: a ledger entry, in
+    /// force at once on the running node (through its admin API).
+    Grant {
+        ae: String,
+        #[arg(required = true)]
+        permissions: Vec<String>,
+    },
+    /// Revoke permissions from an AE title: a ledger entry, in force at once, C-MOVE and C-GET
+    /// sub-operations in progress included.
+    Revoke {
+        ae: String,
+        #[arg(required = true)]
+        permissions: Vec<String>,
+    },
+    /// The effective access rules of the running node, with the ledger entry of each change.
+    Permissions {
+        #[arg(long)]
+        json: bool,
+    },
     Forward {
         #[command(subcommand)]
         action: ForwardAction,
@@ -179,6 +198,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => serve(cfg),
+        Command::Grant { ae, permissions } => run_acl_change(cfg, true, &ae, &permissions),
+        Command::Revoke { ae, permissions } => run_acl_change(cfg, false, &ae, &permissions),
+        Command::Permissions { json } => run_permissions(cfg, json),
         Command::Forward { action } => run_forward(cfg, action),
         Command::Import { paths, jobs } => run_import(cfg, &paths, jobs),
         Command::Echo { target } => run_client(cfg, Client::Echo, &target),
@@ -466,6 +488,111 @@ fn print_or_fail(r: Result<String, dicomchain::audit::AuditError>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_acl_change(cfg: Config, grant: bool, ae: &str, names: &[String]) -> ExitCode {
+    use dicomchain::acl::Permission;
+    let mut permissions = Vec::new();
+    for n in names.iter().flat_map(|n| n.split(',')) {
+        match Permission::from_name(n) {
+            Some(p) => permissions.push(p),
+            None => {
+                eprintln!("dicomchain: unknown permission {n:?} (echo, store, find, move, get)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let body = serde_json::json!({ "ae": ae, "permissions": permissions }).to_string();
+    let path = if grant { "/v1/grant" } else { "/v1/revoke" };
+    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| {
+        rt.block_on(dicomchain::admin::request(
+            &cfg,
+            hyper::Method::POST,
+            path,
+            Some(body),
+        ))
+        .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(v) => {
+            println!(
+                "{} {} {ae}: ledger entry {}",
+                if grant { "granted" } else { "revoked" },
+                Permission::list(&permissions),
+                v["seq"]
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dicomchain: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run_permissions(cfg: Config, json: bool) -> ExitCode {
+    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| {
+        rt.block_on(dicomchain::admin::request(
+            &cfg,
+            hyper::Method::GET,
+            "/v1/permissions",
+            None,
+        ))
+        .map_err(|e| e.to_string())
+    });
+    let v = match result {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("dicomchain: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        println!("{v:#}");
+        return ExitCode::SUCCESS;
+    }
+    let view: dicomchain::admin::PermissionsView = match serde_json::from_value(v) {
+        Ok(view) => view,
+        Err(e) => {
+            eprintln!("dicomchain: unexpected answer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!(
+        "unknown AE titles: {}",
+        if view.allow_unknown_peers {
+            "allowed (everything)"
+        } else {
+            "refused"
+        }
+    );
+    for p in view.peers {
+        let perms: Vec<&str> = p.permissions.iter().map(|x| x.name()).collect();
+        let from = if p.allowed_addresses.is_empty() {
+            "any address".to_string()
+        } else {
+            p.allowed_addresses.join(", ")
+        };
+        println!(
+            "{:<16} {:<26} from {from}",
+            p.ae,
+            if perms.is_empty() {
+                "-".to_string()
+            } else {
+                perms.join(",")
+            }
+        );
+        for c in p.changes {
+            let names: Vec<&str> = c.permissions.iter().map(|x| x.name()).collect();
+            println!(
+                "    entry {}: {} {}",
+                c.seq,
+                if c.grant { "granted" } else { "revoked" },
+                names.join(",")
+            );
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {

@@ -210,7 +210,14 @@ async fn handle(
     req: Request<hyper::body::Incoming>,
     ledger: Ledger,
     store: Store,
+    api: Option<crate::admin::Api>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path().starts_with("/v1/") {
+        return Ok(match &api {
+            Some(api) => crate::admin::handle(req, api).await,
+            None => reply(StatusCode::NOT_FOUND, "text/plain", "no admin API\n".into()),
+        });
+    }
     if req.method() != hyper::Method::GET {
         return Ok(reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -248,8 +255,14 @@ async fn handle(
     })
 }
 
-/// Serves `/metrics` and `/health` on `listener` until the task is dropped.
-pub async fn serve_admin(listener: tokio::net::TcpListener, ledger: Ledger, store: Store) {
+/// Serves `/metrics`, `/health` and (with `api`) the admin API on `listener` until the task is
+/// dropped.
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    ledger: Ledger,
+    store: Store,
+    api: Option<crate::admin::Api>,
+) {
     // A few operators and a scraper: more connections than this wait in the backlog.
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
     loop {
@@ -265,11 +278,12 @@ pub async fn serve_admin(listener: tokio::net::TcpListener, ledger: Ledger, stor
             }
         };
         let _ = socket.set_nodelay(true);
-        let (ledger, store) = (ledger.clone(), store.clone());
+        let (ledger, store, api) = (ledger.clone(), store.clone(), api.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let service =
-                hyper::service::service_fn(move |req| handle(req, ledger.clone(), store.clone()));
+            let service = hyper::service::service_fn(move |req| {
+                handle(req, ledger.clone(), store.clone(), api.clone())
+            });
             let io = hyper_util::rt::TokioIo::new(socket);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())

@@ -21,6 +21,8 @@ pub enum StartError {
     Ledger(#[from] LedgerError),
     #[error("object store: {0}")]
     Store(#[from] StoreError),
+    #[error("admin API token: {0}")]
+    Admin(String),
     #[error("DICOM TLS: {0}")]
     Tls(String),
     #[error("startup reconciliation of interrupted C-STOREs: {0}")]
@@ -91,6 +93,11 @@ pub async fn run(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    let mut rules = cfg.acl();
+    for (ae, change) in ledger.acl_history()? {
+        rules.apply(&ae, change);
+    }
+    let acl = Arc::new(crate::acl::LiveAcl::new(rules));
     let services = crate::dimse::qr::Services {
         ledger: ledger.clone(),
         store: store.clone(),
@@ -99,6 +106,7 @@ pub async fn run(
         peers: cfg.peers.values().cloned().collect(),
         event_spool: cfg.ledger.event_spool.clone(),
         stream_above: cfg.node.max_retrieve_buffer_bytes,
+        acl: acl.clone(),
     };
     let pipeline = Pipeline::new(
         ledger.clone(),
@@ -121,6 +129,7 @@ pub async fn run(
                     addr: addr.to_string(),
                     source,
                 })?,
+            crate::admin::load_or_create_token(&cfg.admin.token_file).map_err(StartError::Admin)?,
         )),
         None => None,
     };
@@ -136,14 +145,20 @@ pub async fn run(
             max_pdu_length: cfg.node.max_pdu_length,
         },
         node: cfg.node.clone(),
-        acl: cfg.acl(),
+        acl: acl.clone(),
     });
-    let admin = admin_listener.map(|(addr, l)| {
-        info!(listen = %addr, "admin listener: /metrics, /health");
+    let admin = admin_listener.map(|(addr, l, token)| {
+        info!(listen = %addr, "admin listener: /metrics, /health, /v1/ (admin API)");
+        let api = crate::admin::Api {
+            token: Arc::new(token),
+            ledger: ledger.clone(),
+            acl: acl.clone(),
+        };
         tokio::spawn(crate::metrics::serve_admin(
             l,
             ledger.clone(),
             ctx.services.store.clone(),
+            Some(api),
         ))
     });
     info!(ae_title = %cfg.node.ae_title, listen = %local, "listening");

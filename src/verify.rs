@@ -50,6 +50,8 @@ pub struct Report {
     pub events: Vec<String>,
     /// Forward outcome entries (audit records; checked as part of the chain and tree).
     pub forward_outcomes: u64,
+    /// Grant and revoke entries (access control changes).
+    pub acl_changes: u64,
 }
 
 pub struct Options {
@@ -214,6 +216,20 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
                         "forward outcome names entry {}, which is not an earlier stored instance with the same commitments",
                         entry.subject_seq
                     ),
+                });
+            }
+            return;
+        }
+        if matches!(
+            entry.event,
+            crate::ledger::Event::Grant | crate::ledger::Event::Revoke
+        ) {
+            report.acl_changes += 1;
+            if crate::ledger::acl::change_of(&entry).is_none() {
+                problems.push(Problem {
+                    subject: format!("entry {seq}"),
+                    what: "grant or revocation without an AE title or with unknown permissions"
+                        .into(),
                 });
             }
             return;

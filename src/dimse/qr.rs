@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use super::command::{field, store_rq, tag, Command, CommandBuilder, NO_DATA_SET};
 use super::scu::Scu;
 use super::status::{self, Failure};
+use crate::acl::Permission;
 use crate::config::PeerConfig;
 use crate::find::{self, dataset, query, FindError, FindOptions};
 use crate::ledger::{Entry, Ledger, SpooledEvent};
@@ -101,6 +102,9 @@ pub struct Services {
     /// end held back until the whole data set has passed its check
     /// (`node.max_retrieve_buffer_bytes`).
     pub stream_above: u64,
+    /// Access rules, checked again before every sub-operation (a revocation stops a retrieval
+    /// in progress).
+    pub acl: Arc<crate::acl::LiveAcl>,
 }
 
 /// The request a retrieval answers.
@@ -621,8 +625,20 @@ pub async fn run_move(
     };
     let mut ready = prefetch(services.clone(), uids.clone(), "c-move", cancel.clone());
     let mut unreachable = false;
+    let mut revoked = None;
     while let Some((uid, instance)) = ready.recv().await {
         if cancel.load(Ordering::Relaxed) {
+            break;
+        }
+        revoked = revocation(
+            &services,
+            &[
+                (&req.calling_ae, "requester"),
+                (&peer.ae_title, "destination"),
+            ],
+            Permission::Move,
+        );
+        if revoked.is_some() {
             break;
         }
         counts.remaining = counts.remaining.saturating_sub(1);
@@ -752,9 +768,20 @@ pub async fn run_move(
             field::C_MOVE_RSP,
             &counts,
             cancelled,
-            None,
+            revoked,
         ))
         .await;
+}
+
+/// Checked before every sub-operation: a failure (0124) when one of `who` lost `what` since
+/// the retrieval started; the remaining sub-operations are then not performed.
+fn revocation(services: &Services, who: &[(&str, &str)], what: Permission) -> Option<Failure> {
+    let (ae, role) = who.iter().find(|(ae, _)| !services.acl.allows(ae, what))?;
+    info!(ae = %ae, role, permission = what.name(), "retrieval stopped: permission revoked");
+    Some(Failure::new(
+        status::NOT_AUTHORIZED,
+        format!("permission {} of the {role} {ae} was revoked", what.name()),
+    ))
 }
 
 pub(crate) enum SendError {
@@ -948,8 +975,17 @@ pub async fn run_get(
     let mut ready = prefetch(services.clone(), uids.clone(), "c-get", cancel.clone());
     let mut message_id: u16 = 1;
     let mut gone = false;
+    let mut revoked = None;
     while let Some((uid, instance)) = ready.recv().await {
         if cancel.load(Ordering::Relaxed) {
+            break;
+        }
+        revoked = revocation(
+            &services,
+            &[(&req.calling_ae, "requester")],
+            Permission::Get,
+        );
+        if revoked.is_some() {
             break;
         }
         counts.remaining = counts.remaining.saturating_sub(1);
@@ -1050,7 +1086,7 @@ pub async fn run_get(
             field::C_GET_RSP,
             &counts,
             cancelled,
-            None,
+            revoked,
         ))
         .await;
 }

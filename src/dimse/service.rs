@@ -44,8 +44,8 @@ pub struct NodeContext {
     pub node: NodeConfig,
     /// What C-FIND, C-MOVE and C-GET need (ledger, store, peers, event spool).
     pub services: Services,
-    /// Who may associate and ask for what.
-    pub acl: crate::acl::Acl,
+    /// Who may associate and ask for what (changed at run time by grants and revocations).
+    pub acl: Arc<crate::acl::LiveAcl>,
 }
 
 /// Serves one accepted TCP connection to the end. `shutdown` turns true when the node stops:

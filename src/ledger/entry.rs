@@ -41,6 +41,10 @@ pub enum Event {
     IntegrityFailure = 2,
     /// The final outcome of forwarding a stored instance to a destination (an audit event).
     Forward = 3,
+    /// Permissions granted to an AE title (`peer`), listed in `detail` (e.g. "store,find").
+    Grant = 4,
+    /// Permissions revoked from an AE title (`peer`), listed in `detail`.
+    Revoke = 5,
 }
 
 /// What an integrity failure found.
@@ -168,6 +172,8 @@ impl Entry {
             1 => Event::Store,
             2 => Event::IntegrityFailure,
             3 => Event::Forward,
+            4 => Event::Grant,
+            5 => Event::Revoke,
             _ => return Err(EntryError("unknown event")),
         };
         let mut e = Entry {

@@ -30,6 +30,7 @@
 //! always follows a durable ledger write, and concurrent associations share fsyncs instead of
 //! queueing behind each other's. Being the only writer also makes duplicate detection race-free.
 
+pub mod acl;
 pub mod checkpoint;
 pub mod entry;
 pub mod forward;
@@ -142,12 +143,17 @@ enum Job {
         update: ForwardUpdate,
         reply: oneshot::Sender<Result<u64, LedgerError>>,
     },
+    Acl {
+        change: acl::AclChange,
+        reply: oneshot::Sender<Result<u64, LedgerError>>,
+    },
 }
 
 /// What planning a job gave, before the group is written.
 enum Planned {
     Store(Result<StoreOutcome, LedgerError>),
     Forward(Result<u64, LedgerError>),
+    Acl(Result<u64, LedgerError>),
 }
 
 /// Signing of checkpoints by the node.
@@ -1078,6 +1084,9 @@ impl Committer {
                     (Job::Forward { reply, .. }, Planned::Forward(r)) => {
                         let _ = reply.send(r);
                     }
+                    (Job::Acl { reply, .. }, Planned::Acl(r)) => {
+                        let _ = reply.send(r);
+                    }
                     _ => unreachable!("results follow their jobs"),
                 }
             }
@@ -1254,6 +1263,7 @@ impl Committer {
                     .map(|job| match job {
                         Job::Store { .. } => Planned::Store(Err(err())),
                         Job::Forward { .. } => Planned::Forward(Err(err())),
+                        Job::Acl { .. } => Planned::Acl(Err(err())),
                     })
                     .collect();
             }
@@ -1263,6 +1273,7 @@ impl Committer {
             .map(|job| match job {
                 Job::Store { req, .. } => Planned::Store(plan.add(req)),
                 Job::Forward { update, .. } => Planned::Forward(plan.forward(update)),
+                Job::Acl { change, .. } => Planned::Acl(plan.acl(change)),
             })
             .collect();
         // Only pending-object notes to forget (duplicates): no fsync needed, a lost deletion
@@ -1303,6 +1314,7 @@ impl Committer {
                         Planned::Forward(Ok(_)) => {
                             Planned::Forward(Err(LedgerError::Write(e.clone())))
                         }
+                        Planned::Acl(Ok(_)) => Planned::Acl(Err(LedgerError::Write(e.clone()))),
                         other => other,
                     })
                     .collect()

@@ -319,6 +319,11 @@ impl Storescp {
             .collect()
     }
 
+    /// How many files storescp has written so far (cheap: no parsing).
+    pub fn count(&self) -> usize {
+        files_under(self.dir.path()).len()
+    }
+
     pub fn clear(&self) {
         for f in files_under(self.dir.path()) {
             std::fs::remove_file(f).unwrap();

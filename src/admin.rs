@@ -1,0 +1,307 @@
+//! The admin API: what must go through the running node (RocksDB has one writer), on the admin
+//! listener under `/v1/`, each request with `Authorization: Bearer <token>` (the token file is
+//! created, mode 0600, on first start). `docs/ADMIN.md` documents it.
+//!
+//! - `GET /v1/permissions`: the effective access rules (JSON);
+//! - `POST /v1/grant`, `POST /v1/revoke` with `{"ae": "CT1", "permissions": ["store"]}`: a grant
+//!   or revoke entry on the ledger, applied to the running node once durable; answers
+//!   `{"seq": N}`.
+//!
+//! The client half is here too: `dicomchain grant|revoke|permissions` send these requests.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use crate::acl::{LiveAcl, Permission};
+use crate::ledger::acl::AclChange;
+use crate::ledger::Ledger;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What the API handlers need.
+#[derive(Clone)]
+pub struct Api {
+    pub token: Arc<String>,
+    pub ledger: Ledger,
+    pub acl: Arc<LiveAcl>,
+}
+
+/// Reads the token, or creates a random one (mode 0600) when the file does not exist.
+pub fn load_or_create_token(path: &Path) -> Result<String, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(t) if t.trim().len() >= 16 => Ok(t.trim().to_string()),
+        Ok(_) => Err(format!(
+            "{}: the admin token must be at least 16 characters",
+            path.display()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut raw = [0u8; 32];
+            getrandom::getrandom(&mut raw).map_err(|e| format!("no randomness: {e}"))?;
+            let token = hex::encode(raw);
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            f.write_all(format!("{token}\n").as_bytes())
+                .and_then(|_| f.sync_all())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            tracing::info!(path = %path.display(), "created the admin API token");
+            Ok(token)
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess matched.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct ChangeRequest {
+    pub ae: String,
+    pub permissions: Vec<Permission>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct PeerView {
+    pub ae: String,
+    pub permissions: Vec<Permission>,
+    pub allowed_addresses: Vec<String>,
+    /// Ledger entries that changed it: (seq, grant?, permissions).
+    pub changes: Vec<ChangeView>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct ChangeView {
+    pub seq: u64,
+    pub grant: bool,
+    pub permissions: Vec<Permission>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct PermissionsView {
+    pub allow_unknown_peers: bool,
+    pub peers: Vec<PeerView>,
+}
+
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, why: &str) -> Response<Full<Bytes>> {
+    json(status, serde_json::json!({ "error": why }).to_string())
+}
+
+/// Answers a request under `/v1/`.
+pub async fn handle(req: Request<hyper::body::Incoming>, api: &Api) -> Response<Full<Bytes>> {
+    let authorized = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| same(t.trim().as_bytes(), api.token.as_bytes()));
+    if !authorized {
+        tracing::warn!(path = %req.uri().path(), "admin API request without a valid token");
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let path = req.uri().path().to_string();
+    match (req.method().clone(), path.as_str()) {
+        (hyper::Method::GET, "/v1/permissions") => {
+            json(StatusCode::OK, permissions_view(&api.acl).to_string())
+        }
+        (hyper::Method::POST, "/v1/grant" | "/v1/revoke") => {
+            let grant = path == "/v1/grant";
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+            };
+            let change: ChangeRequest = match serde_json::from_slice(&body) {
+                Ok(c) => c,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+            };
+            if !crate::config::valid_ae_title(&change.ae) || change.permissions.is_empty() {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "need an AE title (1-16 characters) and at least one permission",
+                );
+            }
+            let recorded = api
+                .ledger
+                .acl_change(AclChange {
+                    grant,
+                    ae: change.ae.trim().to_string(),
+                    permissions: change.permissions.clone(),
+                    by: "admin-api".into(),
+                })
+                .await;
+            match recorded {
+                Ok(seq) => {
+                    api.acl.apply(
+                        &change.ae,
+                        crate::acl::Change {
+                            seq,
+                            grant,
+                            permissions: change.permissions.clone(),
+                        },
+                    );
+                    tracing::info!(ae = %change.ae.trim(), grant, permissions = %Permission::list(&change.permissions), seq, "access rules changed");
+                    json(
+                        StatusCode::OK,
+                        serde_json::json!({ "seq": seq }).to_string(),
+                    )
+                }
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("ledger: {e}")),
+            }
+        }
+        _ => error(StatusCode::NOT_FOUND, "unknown admin API path"),
+    }
+}
+
+fn permissions_view(acl: &LiveAcl) -> serde_json::Value {
+    let acl = acl.snapshot();
+    let view = PermissionsView {
+        allow_unknown_peers: acl.allow_unknown(),
+        peers: acl
+            .entries()
+            .into_iter()
+            .map(|(ae, rights, changes)| PeerView {
+                ae,
+                permissions: rights.permissions.into_iter().collect(),
+                allowed_addresses: rights.addresses.iter().map(|n| n.to_string()).collect(),
+                changes: changes
+                    .into_iter()
+                    .map(|c| ChangeView {
+                        seq: c.seq,
+                        grant: c.grant,
+                        permissions: c.permissions,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    };
+    serde_json::to_value(view).unwrap_or_default()
+}
+
+/// Why a CLI request to the admin API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("cannot reach the node's admin API at {addr} (is the node running with [admin] listen?): {why}")]
+    Unreachable { addr: String, why: String },
+    #[error("admin API answered {status}: {body}")]
+    Refused { status: u16, body: String },
+}
+
+/// Sends one request to the running node's admin API; returns the JSON body.
+pub async fn request(
+    cfg: &crate::config::Config,
+    method: hyper::Method,
+    path: &str,
+    body: Option<String>,
+) -> Result<serde_json::Value, ClientError> {
+    let addr = cfg
+        .admin
+        .listen_addr()
+        .map_err(|e| ClientError::Setup(e.to_string()))?
+        .ok_or_else(|| {
+            ClientError::Setup("[admin] listen is empty: the node serves no admin API".into())
+        })?;
+    let token = std::fs::read_to_string(&cfg.admin.token_file)
+        .map_err(|e| {
+            ClientError::Setup(format!(
+                "admin token {}: {e}",
+                cfg.admin.token_file.display()
+            ))
+        })?
+        .trim()
+        .to_string();
+    let unreachable = |why: String| ClientError::Unreachable {
+        addr: addr.to_string(),
+        why,
+    };
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .map_err(|_| unreachable("no answer within 10 s".into()))?
+    .map_err(|e| unreachable(e.to_string()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| ClientError::Setup(e.to_string()))?;
+    let rsp = tokio::time::timeout(
+        std::time::Duration::from_secs(150),
+        sender.send_request(req),
+    )
+    .await
+    .map_err(|_| unreachable("no answer within 150 s".into()))?
+    .map_err(|e| unreachable(e.to_string()))?;
+    let status = rsp.status().as_u16();
+    let bytes = rsp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?
+        .to_bytes();
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    if status != 200 {
+        return Err(ClientError::Refused { status, body: text });
+    }
+    serde_json::from_str(&text).map_err(|e| ClientError::Refused {
+        status,
+        body: format!("not JSON ({e}): {text}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison_and_creation() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"abcd"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/token");
+        let t = load_or_create_token(&path).unwrap();
+        assert_eq!(t.len(), 64);
+        assert_eq!(load_or_create_token(&path).unwrap(), t);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::write(&path, "short").unwrap();
+        assert!(load_or_create_token(&path).is_err());
+    }
+}

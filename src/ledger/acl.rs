@@ -1,0 +1,129 @@
+//! Grants and revocations of permissions as ledger entries: event 4 (grant) and 5 (revoke),
+//! the AE title in `peer`, the permissions in `detail` ("store,find"), who asked in
+//! `calling_ae`. Each is indexed by `acl\0seq` (u64 BE) in the `index` column family, written in
+//! the entry's batch, so the node rebuilds the effective rules at start without reading the
+//! whole chain.
+
+use rocksdb::{Direction, IteratorMode};
+
+use super::{read_entry, Entry, Event, Group, Ledger, LedgerError, Reason, CF_INDEX};
+use crate::acl::{Change, Permission};
+
+const ACL_PREFIX: &[u8] = b"acl\0";
+
+/// A grant or revocation to record.
+#[derive(Debug, Clone)]
+pub struct AclChange {
+    pub grant: bool,
+    /// The AE title it applies to.
+    pub ae: String,
+    pub permissions: Vec<Permission>,
+    /// Who asked (recorded as the entry's calling AE).
+    pub by: String,
+}
+
+fn acl_key(seq: u64) -> Vec<u8> {
+    let mut k = ACL_PREFIX.to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The AE title and change a grant or revoke entry records; `None` for other entries and for
+/// one whose permissions do not parse.
+pub fn change_of(e: &Entry) -> Option<(String, Change)> {
+    let grant = match e.event {
+        Event::Grant => true,
+        Event::Revoke => false,
+        _ => return None,
+    };
+    let permissions = Permission::parse_list(&e.detail)?;
+    (!e.peer.trim().is_empty()).then(|| {
+        (
+            e.peer.clone(),
+            Change {
+                seq: e.seq,
+                grant,
+                permissions,
+            },
+        )
+    })
+}
+
+impl Ledger {
+    /// Records a grant or revocation; returns its entry's sequence number once durable.
+    pub async fn acl_change(&self, change: AclChange) -> Result<u64, LedgerError> {
+        if self.inner.secondary {
+            return Err(LedgerError::ReadOnly);
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.submit(super::Job::Acl { change, reply })?;
+        match tokio::time::timeout(super::STORE_WAIT, rx).await {
+            Ok(r) => r.map_err(|_| LedgerError::Closed)?,
+            Err(_) => Err(LedgerError::Timeout(super::STORE_WAIT)),
+        }
+    }
+
+    /// Every grant and revocation, in ledger order.
+    pub fn acl_history(&self) -> Result<Vec<(String, Change)>, LedgerError> {
+        let cf = self.cf(CF_INDEX)?;
+        let mut out = Vec::new();
+        let it = self
+            .inner
+            .db
+            .iterator_cf(cf, IteratorMode::From(ACL_PREFIX, Direction::Forward));
+        for item in it {
+            let (k, _) = item.map_err(LedgerError::Read)?;
+            let Some(seq) = k.strip_prefix(ACL_PREFIX) else {
+                break;
+            };
+            let seq = u64::from_be_bytes(
+                seq.try_into()
+                    .map_err(|_| LedgerError::Corrupt("bad acl index key".into()))?,
+            );
+            let entry = read_entry(&self.inner.db, seq)?.ok_or_else(|| {
+                LedgerError::Corrupt(format!("acl index names missing entry {seq}"))
+            })?;
+            let change = change_of(&entry).ok_or_else(|| {
+                LedgerError::Corrupt(format!("entry {seq} is not a valid grant or revocation"))
+            })?;
+            out.push(change);
+        }
+        Ok(out)
+    }
+}
+
+impl Group<'_> {
+    /// Plans a grant or revoke entry and its index key.
+    pub(super) fn acl(&mut self, c: &AclChange) -> Result<u64, LedgerError> {
+        if c.ae.trim().is_empty() || c.permissions.is_empty() {
+            return Err(LedgerError::Corrupt(
+                "a grant or revocation needs an AE title and permissions".into(),
+            ));
+        }
+        let (seq, prev_hash) = self.next_position();
+        let entry = Entry {
+            seq,
+            prev_hash,
+            time_micros: self.time_micros,
+            event: if c.grant { Event::Grant } else { Event::Revoke },
+            calling_ae: c.by.chars().take(64).collect(),
+            sop_class_uid: String::new(),
+            transfer_syntax: String::new(),
+            instance_key: [0; 32],
+            pixel_sha256: [0; 32],
+            pixel_length: 0,
+            dataset_sha256: [0; 32],
+            dataset_length: 0,
+            object_name: String::new(),
+            version: 0,
+            subject_seq: 0,
+            reason: Reason::None,
+            status: 0,
+            peer: c.ae.trim().to_string(),
+            detail: Permission::list(&c.permissions),
+        };
+        self.append(&entry)?;
+        self.batch.put_cf(self.cf_index, acl_key(seq), []);
+        Ok(seq)
+    }
+}
