@@ -2,7 +2,7 @@
 # Load: COUNT CT instances of SIZExSIZE (default 10 000 of 512x512x16-bit, 5 GB) dealt out to 16
 # DCMTK storescu sending at once, to dicomchain (fs backend, release build) and to DCMTK storescp
 # (same run, same corpus). Prints wall time, instances/s, MB/s, how many the receiver holds
-# afterwards (dicomchain: its ledger entries; storescp: its files), the senders' failures and
+# afterwards (dicomchain: stored-instance entries on its ledger; storescp: its files), the senders' failures and
 # each receiver's peak RSS (goal for dicomchain: < 256 MiB).
 #
 # usage: benches/load.sh [COUNT] [SIZE] [ASSOCIATIONS]
@@ -54,7 +54,7 @@ wait_port "$rport"
 read -r dc_t dc_fail < <(send DICOMCHAIN "$rport")
 dc_rss=$(peak_rss_mib "$rpid")
 kill -TERM "$rpid"; wait "$rpid" || true
-dc_held=$("$bin" verify --ledger-only --config "$work/r/dc.toml" 2>&1 | grep -oE '[0-9]+ entries' | head -1 | cut -d' ' -f1)
+dc_held=$("$bin" audit --event 110104 --config "$work/r/dc.toml" 2>/dev/null | grep -c "C-STORE received" || true)
 rm -rf "$work/r"
 
 rport=$(port); mkdir -p "$work/r"

@@ -114,3 +114,160 @@ pub fn consistency_proof(
         "consistency": proof.iter().map(|h| b64(h)).collect::<Vec<_>>(),
     }))
 }
+
+/// Filters of `dicomchain audit`.
+#[derive(Debug, Default)]
+pub struct TrailFilter {
+    /// Only entries at or after this time (µs since the Unix epoch).
+    pub since_micros: Option<i64>,
+    /// Only entries whose calling AE title or peer is this AE title.
+    pub ae: Option<String>,
+    /// Only this DICOM audit event ID (e.g. 110112).
+    pub event: Option<u32>,
+}
+
+/// The audit trail: every ledger entry as an audit event (its DICOM audit event ID, time,
+/// calling AE, peer, outcome, description), filtered, oldest first; one JSON object per line
+/// with `json`, else one text line per event.
+pub fn trail(cfg: &Config, filter: &TrailFilter, json: bool) -> Result<String, AuditError> {
+    use crate::ledger::trail::{atna, event_name};
+    use crate::ledger::Event;
+    let (ledger, _scratch) = open(cfg)?;
+    let mut out = String::new();
+    let mut failure = None;
+    ledger.for_each_entry(|seq, entry| {
+        let e = match entry {
+            Ok(e) => e,
+            Err(err) => {
+                failure.get_or_insert(err);
+                return;
+            }
+        };
+        let id = atna(&e);
+        if filter.since_micros.is_some_and(|t| e.time_micros < t)
+            || filter.event.is_some_and(|want| want != id)
+            || filter
+                .ae
+                .as_deref()
+                .is_some_and(|ae| e.calling_ae.trim() != ae.trim() && e.peer.trim() != ae.trim())
+        {
+            return;
+        }
+        let (what, detail) = match e.event {
+            Event::Store => (
+                "C-STORE received".to_string(),
+                format!("version {}, {} bytes", e.version, e.dataset_length),
+            ),
+            Event::Forward => ("forwarded".to_string(), e.detail.clone()),
+            Event::IntegrityFailure => (
+                "integrity failure".to_string(),
+                format!("{} in entry {}", e.reason.describe(), e.subject_seq),
+            ),
+            Event::Grant => ("permissions granted".to_string(), e.detail.clone()),
+            Event::Revoke => ("permissions revoked".to_string(), e.detail.clone()),
+            Event::Audit => (String::new(), e.detail.clone()),
+        };
+        let time = chrono_like(e.time_micros);
+        let outcome = if e.status == 0 { "success".to_string() } else { format!("{:04X}", e.status) };
+        if json {
+            out += &json!({
+                "seq": seq,
+                "time": time,
+                "event_id": id,
+                "event": event_name(id),
+                "calling_ae": e.calling_ae,
+                "peer": e.peer,
+                "outcome": e.status,
+                "detail": if what.is_empty() { detail.clone() } else { format!("{what}: {detail}") },
+                "identifier_sha256": (e.event == Event::Audit && e.instance_key != [0; 32])
+                    .then(|| hex::encode(e.instance_key)),
+                "count": (e.event == Event::Audit).then_some(e.subject_seq),
+            })
+            .to_string();
+            out.push('\n');
+        } else {
+            let desc = if what.is_empty() { detail } else { format!("{what}: {detail}") };
+            out += &format!(
+                "{seq:>8} {time} {id} {:<28} calling={} peer={} outcome={outcome} {desc}\n",
+                event_name(id),
+                e.calling_ae,
+                e.peer
+            );
+        }
+    })?;
+    match failure {
+        Some(e) => Err(e.into()),
+        None => Ok(out),
+    }
+}
+
+/// `2026-11-26T01:02:03.456789Z` from µs since the epoch (UTC, proleptic Gregorian).
+fn chrono_like(micros: i64) -> String {
+    let secs = micros.div_euclid(1_000_000);
+    let frac = micros.rem_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Parses `--since`: seconds since the epoch, or `YYYY-MM-DD[THH:MM:SS]` (UTC).
+pub fn parse_since(s: &str) -> Option<i64> {
+    if let Ok(secs) = s.parse::<i64>() {
+        return Some(secs * 1_000_000);
+    }
+    let (date, time) = s
+        .trim_end_matches('Z')
+        .split_once('T')
+        .unwrap_or((s, "00:00:00"));
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time.split(':').map(|p| p.parse::<i64>().ok());
+    let (hh, mm, ss) = (
+        t.next()??,
+        t.next().flatten().unwrap_or(0),
+        t.next().flatten().unwrap_or(0),
+    );
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days from civil (inverse of the above).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2.rem_euclid(400);
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400) + hh * 3600 + mm * 60 + ss) * 1_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_print_and_parse_back() {
+        assert_eq!(chrono_like(0), "1970-01-01T00:00:00.000000Z");
+        let t = parse_since("2026-11-26T01:02:03").unwrap();
+        assert_eq!(chrono_like(t + 456_789), "2026-11-26T01:02:03.456789Z");
+        assert_eq!(parse_since("2024-02-29"), Some(1_709_164_800 * 1_000_000));
+        assert_eq!(parse_since("1700000000"), Some(1_700_000_000 * 1_000_000));
+        assert_eq!(parse_since("2024-13-01"), None);
+        assert_eq!(parse_since("yesterday"), None);
+    }
+}

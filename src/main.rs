@@ -137,6 +137,22 @@ enum Command {
         #[arg(required = true)]
         permissions: Vec<String>,
     },
+    /// The audit trail kept on the ledger: associations, stores, queries, retrievals, forwards,
+    /// grants, revocations and security alerts, each with its DICOM audit event ID (1101xx).
+    Audit {
+        /// From this time on: YYYY-MM-DD[THH:MM:SS] (UTC) or seconds since the epoch.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events whose calling AE title or peer is this AE title.
+        #[arg(long)]
+        ae: Option<String>,
+        /// Only this audit event ID, e.g. 110112 (Query).
+        #[arg(long)]
+        event: Option<u32>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// The effective access rules of the running node, with the ledger entry of each change.
     Permissions {
         #[arg(long)]
@@ -201,6 +217,27 @@ fn main() -> ExitCode {
         Command::Grant { ae, permissions } => run_acl_change(cfg, true, &ae, &permissions),
         Command::Revoke { ae, permissions } => run_acl_change(cfg, false, &ae, &permissions),
         Command::Permissions { json } => run_permissions(cfg, json),
+        Command::Audit {
+            since,
+            ae,
+            event,
+            json,
+        } => {
+            let since_micros = match since.as_deref().map(dicomchain::audit::parse_since) {
+                Some(None) => {
+                    eprintln!("dicomchain: --since: use YYYY-MM-DD[THH:MM:SS] (UTC) or seconds since the epoch");
+                    return ExitCode::from(2);
+                }
+                Some(t) => t,
+                None => None,
+            };
+            let filter = dicomchain::audit::TrailFilter {
+                since_micros,
+                ae,
+                event,
+            };
+            print_or_fail(dicomchain::audit::trail(&cfg, &filter, json))
+        }
         Command::Forward { action } => run_forward(cfg, action),
         Command::Import { paths, jobs } => run_import(cfg, &paths, jobs),
         Command::Echo { target } => run_client(cfg, Client::Echo, &target),

@@ -52,6 +52,8 @@ pub struct Report {
     pub forward_outcomes: u64,
     /// Grant and revoke entries (access control changes).
     pub acl_changes: u64,
+    /// Audit records (associations, queries, retrievals).
+    pub audit_records: u64,
 }
 
 pub struct Options {
@@ -218,6 +220,10 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
                     ),
                 });
             }
+            return;
+        }
+        if entry.event == crate::ledger::Event::Audit {
+            report.audit_records += 1;
             return;
         }
         if matches!(

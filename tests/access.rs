@@ -353,3 +353,152 @@ permissions = ["find", "move"]
         "verify with grant and revoke entries",
     );
 }
+
+#[test]
+fn the_audit_trail_records_every_operation_type_without_patient_data() {
+    let scp = Storescp::start();
+    let admin = support::free_port();
+    let node = Node::start_with(
+        &[("DICOMCHAIN__ADMIN__LISTEN", &format!("127.0.0.1:{admin}"))],
+        &format!(
+            "[peers.archive]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n",
+            scp.port
+        ),
+    );
+    let port = node.port;
+    let target = format!("{AE}@127.0.0.1:{port}");
+    let cli = |args: &[&str]| node.command().args(args).output().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let files = support::make_series(src.path(), "CT", 2, 32, &[]);
+
+    assert_ok(&node.echoscu(), "echoscu");
+    let wrong = Command::new("/usr/bin/echoscu")
+        .args(["-aec", "NOT-US", "127.0.0.1", &port.to_string()])
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    assert_ok(&node.storescu(&[], &files), "storescu");
+    let found = cli(&[
+        "find",
+        &target,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID",
+        "-k",
+        "PatientName=DOE*",
+    ]);
+    assert_ok(&found, "find");
+    let study_uid = String::from_utf8_lossy(&found.stdout)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("(0020,000D) StudyInstanceUID = ")
+                .map(str::to_string)
+        })
+        .unwrap();
+    let study_key = format!("StudyInstanceUID={study_uid}");
+    assert_ok(
+        &cli(&[
+            "move",
+            &target,
+            "--dest",
+            "STORESCP",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            &study_key,
+        ]),
+        "move",
+    );
+    let got = tempfile::tempdir().unwrap();
+    assert_ok(
+        &cli(&[
+            "get",
+            &target,
+            "--out",
+            got.path().to_str().unwrap(),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            &study_key,
+        ]),
+        "get",
+    );
+    assert_ok(&cli(&["grant", "VIEWER", "find"]), "grant");
+
+    // Audit records are written beside the operations: wait until the last one is there.
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        let out = cli(&["audit", "--json"]);
+        assert_ok(&out, "dicomchain audit --json");
+        events = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let gets = events
+            .iter()
+            .filter(|e| e["detail"].as_str().unwrap_or("").starts_with("C-GET"))
+            .count();
+        if gets == 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let with = |id: u64, part: &str| -> Vec<&serde_json::Value> {
+        events
+            .iter()
+            .filter(|e| e["event_id"] == id && e["detail"].as_str().unwrap_or("").contains(part))
+            .collect()
+    };
+    let all = format!("{events:#?}");
+    // Associations, accepted and rejected (User Authentication).
+    assert!(
+        with(110114, "association accepted")
+            .iter()
+            .any(|e| e["outcome"] == 0),
+        "{all}"
+    );
+    assert!(
+        with(110114, "association rejected")
+            .iter()
+            .any(|e| e["outcome"] == 1),
+        "{all}"
+    );
+    // Stores (DICOM Instances Transferred), one per instance.
+    assert_eq!(with(110104, "C-STORE received").len(), 2, "{all}");
+    // The query: level, match count, a hash of the identifier, never its values.
+    let q = with(110112, "C-FIND at STUDY level");
+    assert_eq!(q.len(), 1, "{all}");
+    assert_eq!(q[0]["count"], 1);
+    assert_eq!(q[0]["identifier_sha256"].as_str().map(str::len), Some(64));
+    // Retrievals: which destination, how many, the outcome.
+    let m = with(110104, "C-MOVE to STORESCP at STUDY level: 2 completed");
+    assert_eq!(m.len(), 1, "{all}");
+    assert_eq!(
+        (m[0]["peer"].as_str(), m[0]["outcome"].as_u64()),
+        (Some("STORESCP"), Some(0))
+    );
+    assert_eq!(
+        with(110104, "C-GET at STUDY level: 2 completed").len(),
+        1,
+        "{all}"
+    );
+    // The grant is a security alert.
+    assert_eq!(with(110113, "permissions granted").len(), 1, "{all}");
+    // No patient name or ID anywhere in the trail.
+    let text = String::from_utf8_lossy(&cli(&["audit"]).stdout).to_string();
+    assert!(!text.contains("DOE") && !text.contains("PID0001"), "{text}");
+    // Filters.
+    let queries = String::from_utf8_lossy(&cli(&["audit", "--event", "110112"]).stdout).to_string();
+    assert_eq!(queries.lines().count(), 1, "{queries}");
+    let to_scp = String::from_utf8_lossy(&cli(&["audit", "--ae", "STORESCP"]).stdout).to_string();
+    assert!(
+        to_scp.lines().count() >= 1 && to_scp.lines().all(|l| l.contains("STORESCP")),
+        "{to_scp}"
+    );
+    let future = cli(&["audit", "--since", "2999-01-01"]);
+    assert_ok(&future, "audit --since");
+    assert!(future.stdout.is_empty());
+    assert_ok(&cli(&["verify"]), "verify with audit records");
+}

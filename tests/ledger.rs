@@ -55,19 +55,20 @@ fn proofs_from_the_cli_verify_with_independent_code() {
         0o600
     );
 
-    // The newest checkpoint covers all 12 entries within a couple of intervals.
+    // The newest checkpoint covers all 13 entries (the association's audit record and 12
+    // stored instances) within a couple of intervals.
     let deadline = Instant::now() + Duration::from_secs(20);
     let (size, root) = loop {
         let out = node.command().arg("checkpoint").output().unwrap();
         if out.status.success() {
             let cp = verified_checkpoint(&String::from_utf8(out.stdout).unwrap(), &vkey);
-            if cp.0 == 12 {
+            if cp.0 == 13 {
                 break cp;
             }
         }
         assert!(
             Instant::now() < deadline,
-            "no checkpoint of 12 entries:\n{}",
+            "no checkpoint of 13 entries:\n{}",
             node.log()
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -109,14 +110,14 @@ fn proofs_from_the_cli_verify_with_independent_code() {
     }
 
     let c: serde_json::Value =
-        serde_json::from_str(&run(&node, &["proof", "--consistency", "5", "12"])).unwrap();
+        serde_json::from_str(&run(&node, &["proof", "--consistency", "5", "13"])).unwrap();
     let path: Vec<Hash> = c["consistency"]
         .as_array()
         .unwrap()
         .iter()
         .map(hash)
         .collect();
-    check_tree(&path, 12, root, 5, hash(&c["old_root"])).unwrap();
+    check_tree(&path, 13, root, 5, hash(&c["old_root"])).unwrap();
     assert_eq!(hash(&c["new_root"]), root);
 
     let out = node
@@ -158,11 +159,12 @@ fn verify_finds_tampering_in_every_layer() {
     let src = tempfile::tempdir().unwrap();
     let files = support::make_series(src.path(), "CT", 6, 32, &[]);
     assert_ok(&node.storescu(&[], &files), "storescu");
-    wait_for_checkpoint(&node, 6);
+    // The association's audit record, then the 6 stored instances.
+    wait_for_checkpoint(&node, 7);
     let (code, text) = verify(&node, &[]);
     assert_eq!(code, 0, "{text}");
     assert!(
-        text.contains("6 entries") && text.contains("everything intact"),
+        text.contains("7 entries") && text.contains("everything intact"),
         "{text}"
     );
 
@@ -248,13 +250,13 @@ fn verify_finds_tampering_in_every_layer() {
 
     // 5. The newest entry dropped while the node is down: verify names the signed checkpoint
     // that now covers more than the chain (and the node refuses to start, see the unit tests).
-    wait_for_checkpoint(&node, 6);
+    wait_for_checkpoint(&node, 7);
     node.stop();
     {
         let path = node.dir.join("ledger");
         let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &path).unwrap();
         let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, cfs).unwrap();
-        db.delete_cf(db.cf_handle("entries").unwrap(), 6u64.to_be_bytes())
+        db.delete_cf(db.cf_handle("entries").unwrap(), 7u64.to_be_bytes())
             .unwrap();
     }
     let (code, text) = verify(&node, &["--ledger-only"]);

@@ -25,6 +25,7 @@ use crate::acl::Permission;
 use crate::config::NodeConfig;
 use crate::find::{dataset, query, FindOptions};
 use crate::ingest::{Incoming, Pipeline, StoreContext};
+use crate::ledger::trail::{self, AuditRecord};
 use crate::ledger::StoreOutcome;
 use crate::split::Encoding;
 
@@ -63,7 +64,7 @@ pub async fn serve(
     async move {
         let mut conn = Connection::new(socket, ctx.node.max_pdu_length, ctx.node.io_timeout());
         let ip = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
-        let negotiated = match accept(&mut conn, &ctx, ip).await {
+        let negotiated = match accept(&mut conn, &ctx, ip, &peer, tls).await {
             Some(n) => n,
             None => {
                 conn.close().await;
@@ -89,6 +90,7 @@ pub async fn serve(
         let assoc = Association {
             conn,
             ctx,
+            peer: peer.clone(),
             negotiated,
             state: State::Idle,
             stored: 0,
@@ -112,6 +114,17 @@ pub async fn refuse_busy(socket: impl Stream + 'static, peer: String, ctx: &Node
         Ok(Pdu::AssociationRQ(rq)) => {
             info!(peer = %peer, calling = %rq.calling_ae_title.trim(), limit = ctx.node.max_associations,
                 "association rejected (transient): association limit reached");
+            ctx.services.ledger.audit(AuditRecord {
+                event_id: trail::id::USER_AUTHENTICATION,
+                calling_ae: rq.calling_ae_title.trim().to_string(),
+                peer: peer.clone(),
+                status: 1,
+                detail: format!(
+                    "association rejected (transient): {} associations open",
+                    ctx.node.max_associations
+                ),
+                ..Default::default()
+            });
             let rj = dicom_ul::pdu::AssociationRJ {
                 result: dicom_ul::pdu::AssociationRJResult::Transient,
                 source: dicom_ul::pdu::AssociationRJSource::ServiceProviderPresentation(
@@ -147,6 +160,8 @@ async fn accept(
     conn: &mut Connection,
     ctx: &NodeContext,
     ip: Option<std::net::IpAddr>,
+    peer: &str,
+    tls: bool,
 ) -> Option<Negotiated> {
     let rq = match receive_request(conn, ctx).await {
         Ok(Pdu::AssociationRQ(rq)) => rq,
@@ -180,8 +195,27 @@ async fn accept(
             }
         }
     });
+    let audit = |status: u16, detail: String| {
+        ctx.services.ledger.audit(AuditRecord {
+            event_id: trail::id::USER_AUTHENTICATION,
+            calling_ae: rq.calling_ae_title.trim().to_string(),
+            peer: peer.to_string(),
+            status,
+            detail,
+            ..Default::default()
+        })
+    };
     match negotiated {
         Ok((ac, negotiated)) => {
+            audit(
+                0,
+                format!(
+                    "association accepted: called {}, {} presentation context(s){}",
+                    rq.called_ae_title.trim(),
+                    negotiated.contexts.len(),
+                    if tls { ", TLS" } else { "" }
+                ),
+            );
             if let Err(e) = conn.send(&Pdu::AssociationAC(ac)).await {
                 warn!(error = %e, "cannot send A-ASSOCIATE-AC");
                 return None;
@@ -189,6 +223,7 @@ async fn accept(
             Some(negotiated)
         }
         Err(rj) => {
+            audit(1, format!("association rejected: {:?}", rj.source));
             info!(calling = %rq.calling_ae_title.trim(), called = %rq.called_ae_title.trim(), reason = ?rj.source, "association rejected");
             crate::metrics::global()
                 .associations_rejected
@@ -256,6 +291,10 @@ struct IdentifierRequest {
 }
 
 struct Running {
+    /// The audit record written when the final response goes out (status and count filled in).
+    audit: AuditRecord,
+    /// Pending responses sent so far (C-FIND matches).
+    pending: u64,
     context_id: u8,
     message_id: u16,
     /// The response command field, for a failure if the task ends without its final response.
@@ -305,6 +344,8 @@ struct Abort(AbortRQServiceProviderReason, String);
 struct Association {
     conn: Connection,
     ctx: Arc<NodeContext>,
+    /// The peer's address, for the audit trail.
+    peer: String,
     negotiated: Negotiated,
     state: State,
     stored: u64,
@@ -526,6 +567,31 @@ impl Association {
             )
         })?;
         self.dispatch(pdv.presentation_context_id, command).await
+    }
+
+    /// Writes the audit record of a finished query or retrieval, with the final status and the
+    /// number of matches (C-FIND) or of instances sent (C-MOVE, C-GET).
+    fn audit_final(&self, mut r: Running, final_command: &[u8]) {
+        let mut audit = std::mem::take(&mut r.audit);
+        if let Ok(cmd) = Command::decode(final_command) {
+            audit.status = cmd.u16(tag::STATUS, "Status").ok().flatten().unwrap_or(0);
+            audit.count = if audit.event_id == trail::id::QUERY {
+                r.pending
+            } else {
+                let n = |t| cmd.u16(t, "count").ok().flatten().unwrap_or(0);
+                let (done, warned, failed) = (
+                    n(tag::COMPLETED_SUBOPERATIONS),
+                    n(tag::WARNING_SUBOPERATIONS),
+                    n(tag::FAILED_SUBOPERATIONS),
+                );
+                audit.detail = format!(
+                    "{}: {done} completed, {warned} with warnings, {failed} failed",
+                    audit.detail
+                );
+                u64::from(done) + u64::from(warned)
+            };
+        }
+        self.ctx.services.ledger.audit(audit);
     }
 
     /// Whether the calling AE may ask for this (logged when not).
@@ -860,6 +926,25 @@ impl Association {
                 .contains(&req.sop_class_uid),
         };
         let retrieval = req.operation != Operation::Find;
+        let mut audit = AuditRecord {
+            event_id: if retrieval {
+                trail::id::INSTANCES_TRANSFERRED
+            } else {
+                trail::id::QUERY
+            },
+            calling_ae: self.negotiated.calling_ae.clone(),
+            peer: match &req.operation {
+                Operation::Move { destination } => destination.trim().to_string(),
+                _ => self.peer.clone(),
+            },
+            sop_class_uid: req.sop_class_uid.clone(),
+            identifier_sha256: <sha2::Sha256 as sha2::Digest>::digest(&req.bytes).into(),
+            detail: match &req.operation {
+                Operation::Move { destination } => format!("C-MOVE to {}", destination.trim()),
+                other => other.name().to_string(),
+            },
+            ..Default::default()
+        };
         let parsed = match (Encoding::from_transfer_syntax(&transfer_syntax), model) {
             (Some(enc), Some(model)) => dataset::parse(&req.bytes, enc, false)
                 .map_err(|e| Failure::new(status::CANNOT_UNDERSTAND, e.to_string()))
@@ -883,6 +968,9 @@ impl Association {
             Ok(p) => p,
             Err(failure) => {
                 info!(status = format!("{:04X}", failure.status), reason = %failure.comment, "request refused");
+                audit.status = failure.status;
+                audit.detail = format!("{} refused: {}", audit.detail, failure.comment);
+                self.ctx.services.ledger.audit(audit);
                 let reply = Reply {
                     command_field: request_field(&req.operation) | 0x8000,
                     message_id: req.message_id,
@@ -893,6 +981,7 @@ impl Association {
                 return self.send_reply(req.context_id, reply).await;
             }
         };
+        audit.detail = format!("{} at {} level", audit.detail, q.level.name());
         let (tx, rx) = mpsc::channel(OP_QUEUE);
         let cancel = Arc::new(AtomicBool::new(false));
         let services = self.ctx.services.clone();
@@ -948,6 +1037,8 @@ impl Association {
             }
         }
         self.state = State::Running(Box::new(Running {
+            audit,
+            pending: 0,
             context_id: req.context_id,
             message_id: req.message_id,
             response_field: request_field(&req.operation) | 0x8000,
@@ -985,7 +1076,11 @@ impl Association {
                 last,
             } => {
                 if last {
-                    self.state = State::Idle;
+                    if let State::Running(r) = std::mem::replace(&mut self.state, State::Idle) {
+                        self.audit_final(*r, &command);
+                    }
+                } else if let State::Running(r) = &mut self.state {
+                    r.pending += 1;
                 }
                 match data {
                     Some(data) => self.conn.send_message(context_id, command, data, max).await,

@@ -45,6 +45,9 @@ pub enum Event {
     Grant = 4,
     /// Permissions revoked from an AE title (`peer`), listed in `detail`.
     Revoke = 5,
+    /// An audit record (association, query, retrieval): `version` holds its DICOM audit event
+    /// ID (DCM 1101xx), `status` the outcome, `peer` the peer address or destination.
+    Audit = 6,
 }
 
 /// What an integrity failure found.
@@ -174,6 +177,7 @@ impl Entry {
             3 => Event::Forward,
             4 => Event::Grant,
             5 => Event::Revoke,
+            6 => Event::Audit,
             _ => return Err(EntryError("unknown event")),
         };
         let mut e = Entry {

@@ -35,6 +35,7 @@ pub mod checkpoint;
 pub mod entry;
 pub mod forward;
 pub mod merkle;
+pub mod trail;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -147,6 +148,10 @@ enum Job {
         change: acl::AclChange,
         reply: oneshot::Sender<Result<u64, LedgerError>>,
     },
+    Audit {
+        record: trail::AuditRecord,
+        reply: oneshot::Sender<Result<u64, LedgerError>>,
+    },
 }
 
 /// What planning a job gave, before the group is written.
@@ -154,6 +159,7 @@ enum Planned {
     Store(Result<StoreOutcome, LedgerError>),
     Forward(Result<u64, LedgerError>),
     Acl(Result<u64, LedgerError>),
+    Audit(Result<u64, LedgerError>),
 }
 
 /// Signing of checkpoints by the node.
@@ -1087,6 +1093,9 @@ impl Committer {
                     (Job::Acl { reply, .. }, Planned::Acl(r)) => {
                         let _ = reply.send(r);
                     }
+                    (Job::Audit { reply, .. }, Planned::Audit(r)) => {
+                        let _ = reply.send(r);
+                    }
                     _ => unreachable!("results follow their jobs"),
                 }
             }
@@ -1264,6 +1273,7 @@ impl Committer {
                         Job::Store { .. } => Planned::Store(Err(err())),
                         Job::Forward { .. } => Planned::Forward(Err(err())),
                         Job::Acl { .. } => Planned::Acl(Err(err())),
+                        Job::Audit { .. } => Planned::Audit(Err(err())),
                     })
                     .collect();
             }
@@ -1274,6 +1284,7 @@ impl Committer {
                 Job::Store { req, .. } => Planned::Store(plan.add(req)),
                 Job::Forward { update, .. } => Planned::Forward(plan.forward(update)),
                 Job::Acl { change, .. } => Planned::Acl(plan.acl(change)),
+                Job::Audit { record, .. } => Planned::Audit(plan.audit(record)),
             })
             .collect();
         // Only pending-object notes to forget (duplicates): no fsync needed, a lost deletion
@@ -1315,6 +1326,7 @@ impl Committer {
                             Planned::Forward(Err(LedgerError::Write(e.clone())))
                         }
                         Planned::Acl(Ok(_)) => Planned::Acl(Err(LedgerError::Write(e.clone()))),
+                        Planned::Audit(Ok(_)) => Planned::Audit(Err(LedgerError::Write(e.clone()))),
                         other => other,
                     })
                     .collect()

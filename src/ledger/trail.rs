@@ -1,0 +1,130 @@
+//! The audit trail on the ledger: associations, queries and retrievals become entries of their
+//! own (event 6), beside what the chain records anyway (stored instances, forward outcomes,
+//! integrity failures, grants and revocations). Each carries its DICOM audit event ID (PS3.15
+//! A.5, DCM codes 110100–110114) in `version`, the calling AE title, the peer, the outcome
+//! status and a description without patient data; a query's identifier only as its SHA-256 (in
+//! `instance_key`), never its values. [`atna`] maps every entry to its audit event.
+
+use super::{Entry, Event, Group, Ledger, LedgerError, Reason};
+
+/// DICOM audit event IDs (PS3.16 CID 400, "Audit Event ID").
+pub mod id {
+    pub const APPLICATION_ACTIVITY: u32 = 110100;
+    pub const INSTANCES_ACCESSED: u32 = 110103;
+    pub const INSTANCES_TRANSFERRED: u32 = 110104;
+    pub const STUDY_DELETED: u32 = 110105;
+    pub const EXPORT: u32 = 110106;
+    pub const QUERY: u32 = 110112;
+    pub const SECURITY_ALERT: u32 = 110113;
+    pub const USER_AUTHENTICATION: u32 = 110114;
+}
+
+/// The name of an audit event ID.
+pub fn event_name(id: u32) -> &'static str {
+    match id {
+        id::APPLICATION_ACTIVITY => "Application Activity",
+        110101 => "Audit Log Used",
+        110102 => "Begin Transferring DICOM Instances",
+        id::INSTANCES_ACCESSED => "DICOM Instances Accessed",
+        id::INSTANCES_TRANSFERRED => "DICOM Instances Transferred",
+        id::STUDY_DELETED => "DICOM Study Deleted",
+        id::EXPORT => "Export",
+        110107 => "Import",
+        110108 => "Network Entry",
+        id::QUERY => "Query",
+        id::SECURITY_ALERT => "Security Alert",
+        id::USER_AUTHENTICATION => "User Authentication",
+        _ => "Unknown",
+    }
+}
+
+/// The audit event an entry stands for: its own ID for an audit record; stored instances and
+/// forward outcomes are instance transfers; integrity failures, grants and revocations are
+/// security alerts.
+pub fn atna(e: &Entry) -> u32 {
+    match e.event {
+        Event::Audit => e.version,
+        Event::Store | Event::Forward => id::INSTANCES_TRANSFERRED,
+        Event::IntegrityFailure | Event::Grant | Event::Revoke => id::SECURITY_ALERT,
+    }
+}
+
+/// One audit record to append.
+#[derive(Debug, Clone, Default)]
+pub struct AuditRecord {
+    /// DICOM audit event ID ([`id`]).
+    pub event_id: u32,
+    pub calling_ae: String,
+    /// The peer: its address for an association, the destination AE title of a C-MOVE.
+    pub peer: String,
+    /// DIMSE status of the outcome (0 = success); for an association, 0 accepted, 1 rejected.
+    pub status: u16,
+    /// What happened, without patient data.
+    pub detail: String,
+    /// The SOP Class of the operation, if any.
+    pub sop_class_uid: String,
+    /// SHA-256 of the request's identifier (queries and retrievals), else zero.
+    pub identifier_sha256: [u8; 32],
+    /// Matches of a query, or instances sent by a retrieval.
+    pub count: u64,
+}
+
+impl Ledger {
+    /// Appends an audit record without waiting for it (the operation it records is not held up
+    /// by the ledger); a failure to record it is logged.
+    pub fn audit(&self, record: AuditRecord) {
+        if self.inner.secondary {
+            return;
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        if let Err(e) = self.submit(super::Job::Audit { record, reply }) {
+            tracing::warn!(error = %e, "audit record not written");
+            return;
+        }
+        drop(rx);
+    }
+
+    /// Appends an audit record and waits until it is durable.
+    pub async fn audit_durable(&self, record: AuditRecord) -> Result<u64, LedgerError> {
+        if self.inner.secondary {
+            return Err(LedgerError::ReadOnly);
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.submit(super::Job::Audit { record, reply })?;
+        rx.await.map_err(|_| LedgerError::Closed)?
+    }
+}
+
+impl Group<'_> {
+    pub(super) fn audit(&mut self, r: &AuditRecord) -> Result<u64, LedgerError> {
+        let (seq, prev_hash) = self.next_position();
+        let entry = Entry {
+            seq,
+            prev_hash,
+            time_micros: self.time_micros,
+            event: Event::Audit,
+            calling_ae: r.calling_ae.chars().take(64).collect(),
+            sop_class_uid: r.sop_class_uid.chars().take(64).collect(),
+            transfer_syntax: String::new(),
+            instance_key: r.identifier_sha256,
+            pixel_sha256: [0; 32],
+            pixel_length: 0,
+            dataset_sha256: [0; 32],
+            dataset_length: 0,
+            object_name: String::new(),
+            version: r.event_id,
+            subject_seq: r.count,
+            reason: Reason::None,
+            status: r.status,
+            // Never empty, so the entry always takes the version-2 encoding its fields need.
+            peer: if r.peer.is_empty() {
+                "-".into()
+            } else {
+                r.peer.chars().take(128).collect()
+            },
+            detail: r.detail.chars().take(512).collect(),
+        };
+        self.append(&entry)?;
+        Ok(seq)
+    }
+}
