@@ -100,7 +100,37 @@ pub async fn run(cfg: &Config, selection: &Selection, out: &Path) -> Result<Repo
             }
         }
     }
+    audit(cfg, selection, &report);
     Ok(report)
+}
+
+/// Leaves the export's audit record (110106 Export) for the node: what was selected (as the
+/// SHA-256 of its UID: UIDs can identify a patient), how many instances were written, how many
+/// failed their check.
+fn audit(cfg: &Config, selection: &Selection, report: &Report) {
+    use crate::ledger::trail::{id, AuditRecord};
+    let (level, uid) = match selection {
+        Selection::Study(u) => ("study", u),
+        Selection::Series(u) => ("series", u),
+        Selection::Instance(u) => ("instance", u),
+    };
+    let record = AuditRecord {
+        event_id: id::EXPORT,
+        calling_ae: "dicomchain export".into(),
+        peer: "-".into(),
+        status: if report.failed.is_empty() { 0 } else { 1 },
+        detail: format!(
+            "export of a {level}: {} written to files, {} failed the ledger check",
+            report.written.len(),
+            report.failed.len()
+        ),
+        identifier_sha256: <sha2::Sha256 as sha2::Digest>::digest(uid.as_bytes()).into(),
+        count: report.written.len() as u64,
+        ..Default::default()
+    };
+    if let Err(e) = record.spool(&cfg.ledger.event_spool) {
+        tracing::warn!(error = %e, spool = %cfg.ledger.event_spool.display(), "cannot leave the export's audit record");
+    }
 }
 
 async fn export_one(

@@ -332,6 +332,13 @@ fn run_verify(cfg: Config, ledger_only: bool, verifier_key: Option<String>) -> E
                     format!("{} problem(s)", report.problems.len())
                 }
             );
+            let record = dicomchain::verify::audit_record(&report, ledger_only);
+            if let Err(e) = record.spool(&cfg.ledger.event_spool) {
+                eprintln!(
+                    "dicomchain: cannot leave the verify result for the ledger in {}: {e}",
+                    cfg.ledger.event_spool.display()
+                );
+            }
             if report.problems.is_empty() {
                 ExitCode::SUCCESS
             } else {

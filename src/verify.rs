@@ -455,3 +455,30 @@ mod tests {
         }
     }
 }
+
+/// The audit record of a verify run, for the ledger: 110101 Audit Log Used when everything was
+/// intact, 110113 Security Alert (outcome 1) when damage was found; the counts, never a UID.
+pub fn audit_record(report: &Report, ledger_only: bool) -> crate::ledger::trail::AuditRecord {
+    use crate::ledger::trail::{id, AuditRecord};
+    let damaged = !report.problems.is_empty();
+    AuditRecord {
+        event_id: if damaged { id::SECURITY_ALERT } else { 110101 },
+        calling_ae: "dicomchain verify".into(),
+        peer: "-".into(),
+        status: u16::from(damaged),
+        detail: format!(
+            "verify{}: {} entries, {} checkpoints, {} pixel objects checked: {}",
+            if ledger_only { " --ledger-only" } else { "" },
+            report.entries,
+            report.checkpoints,
+            report.objects_checked,
+            if damaged {
+                format!("{} problem(s)", report.problems.len())
+            } else {
+                "everything intact".to_string()
+            }
+        ),
+        count: report.problems.len() as u64,
+        ..Default::default()
+    }
+}

@@ -425,6 +425,13 @@ fn the_audit_trail_records_every_operation_type_without_patient_data() {
         "get",
     );
     assert_ok(&cli(&["grant", "VIEWER", "find"]), "grant");
+    // Export and verify run beside the node: their records come through the event spool.
+    let exported = tempfile::tempdir().unwrap();
+    assert_ok(
+        &node.export(&["--study", &study_uid], exported.path()),
+        "export",
+    );
+    assert_ok(&cli(&["verify", "--ledger-only"]), "verify");
 
     // Audit records are written beside the operations: wait until the last one is there.
     let mut events: Vec<serde_json::Value> = Vec::new();
@@ -436,11 +443,7 @@ fn the_audit_trail_records_every_operation_type_without_patient_data() {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        let gets = events
-            .iter()
-            .filter(|e| e["detail"].as_str().unwrap_or("").starts_with("C-GET"))
-            .count();
-        if gets == 1 {
+        if events.iter().any(|e| e["event_id"] == 110101) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
@@ -486,6 +489,11 @@ fn the_audit_trail_records_every_operation_type_without_patient_data() {
     );
     // The grant is a security alert.
     assert_eq!(with(110113, "permissions granted").len(), 1, "{all}");
+    // Export (which study: only as a hash) and the verify run.
+    let x = with(110106, "export of a study: 2 written to files, 0 failed");
+    assert_eq!(x.len(), 1, "{all}");
+    assert!(!x[0].to_string().contains(&study_uid), "{all}");
+    assert_eq!(with(110101, "verify --ledger-only").len(), 1, "{all}");
     // No patient name or ID anywhere in the trail.
     let text = String::from_utf8_lossy(&cli(&["audit"]).stdout).to_string();
     assert!(!text.contains("DOE") && !text.contains("PID0001"), "{text}");

@@ -1114,10 +1114,12 @@ impl Committer {
         };
         let mut files: Vec<PathBuf> = Vec::new();
         let mut retries: Vec<PathBuf> = Vec::new();
+        let mut audits: Vec<PathBuf> = Vec::new();
         for p in rd.flatten().map(|e| e.path()) {
             match p.extension().and_then(|x| x.to_str()) {
                 Some("event") => files.push(p),
                 Some(forward::RETRY_EXTENSION) => retries.push(p),
+                Some(trail::SPOOL_EXTENSION) => audits.push(p),
                 _ => {}
             }
         }
@@ -1125,9 +1127,11 @@ impl Committer {
         for f in retries {
             self.apply_retry_request(&f);
         }
-        if files.is_empty() {
+        if files.is_empty() && audits.is_empty() {
             return;
         }
+        // Oldest first (the names start with the time), so the trail keeps their order.
+        audits.sort();
         let mut group = match Group::new(&self.db, self.head) {
             Ok(g) => g,
             Err(e) => return tracing::error!(error = %e, "cannot record security events"),
@@ -1160,6 +1164,20 @@ impl Committer {
                     done.push(f.clone());
                 }
                 Err(e) => tracing::error!(error = %e, "cannot record a security event"),
+            }
+        }
+        for f in &audits {
+            let parsed = std::fs::read_to_string(f)
+                .ok()
+                .and_then(|t| serde_json::from_str::<trail::AuditRecord>(&t).ok());
+            let Some(record) = parsed else {
+                tracing::error!(file = %f.display(), "unreadable audit record file; renamed to .bad");
+                let _ = std::fs::rename(f, f.with_extension("bad"));
+                continue;
+            };
+            match group.audit(&record) {
+                Ok(_) => done.push(f.clone()),
+                Err(e) => tracing::error!(error = %e, "cannot record an audit record"),
             }
         }
         if done.is_empty() {

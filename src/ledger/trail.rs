@@ -49,8 +49,11 @@ pub fn atna(e: &Entry) -> u32 {
     }
 }
 
+/// File extension of an audit record another process (export, verify) left in the event spool.
+pub const SPOOL_EXTENSION: &str = "audit";
+
 /// One audit record to append.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AuditRecord {
     /// DICOM audit event ID ([`id`]).
     pub event_id: u32,
@@ -67,6 +70,24 @@ pub struct AuditRecord {
     pub identifier_sha256: [u8; 32],
     /// Matches of a query, or instances sent by a retrieval.
     pub count: u64,
+}
+
+impl AuditRecord {
+    /// Leaves the record in the event spool `dir` for the running node (the ledger's only
+    /// writer) to append, as security events are: temp file, fsync, rename, fsync directory.
+    pub fn spool(&self, dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+        use std::io::Write;
+        std::fs::create_dir_all(dir)?;
+        let stamp = format!("{}-{}", super::now_micros(), std::process::id());
+        let tmp = dir.join(format!("{stamp}.audit-tmp"));
+        let dest = dir.join(format!("{stamp}.{SPOOL_EXTENSION}"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(serde_json::to_string(self)?.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &dest)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(dest)
+    }
 }
 
 impl Ledger {
