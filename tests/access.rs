@@ -172,6 +172,18 @@ permissions = ["echo"]
     assert_eq!(moved.status.code(), Some(1), "{}", text(&moved));
     assert!(text(&moved).contains("status 0124"), "{}", text(&moved));
     assert!(scp.received().is_empty());
+    // A destination that is no known peer at all stays A801 (Move Destination unknown).
+    let nowhere = cli(&[
+        "move",
+        &target,
+        "--dest",
+        "NOWHERE",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        &format!("StudyInstanceUID={study_uid}"),
+    ]);
+    assert!(text(&nowhere).contains("status A801"), "{}", text(&nowhere));
     // Its C-ECHO is not permitted either (WS has no echo): 0124, the association stays up.
     let echo = cli(&["echo", &target]);
     assert!(!echo.status.success(), "{}", text(&echo));

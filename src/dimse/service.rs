@@ -695,7 +695,10 @@ impl Association {
                     ))
                 } else if !self.allowed(operation.permission()) {
                     Some(not_authorized(operation.name()))
-                } else if matches!(&operation, Operation::Move { destination } if !self.ctx.acl.allows(destination, Permission::Move))
+                } else if matches!(&operation, Operation::Move { destination }
+                    // An unknown destination is A801 (Move Destination unknown), from run_move.
+                    if self.ctx.services.peers.iter().any(|p| p.ae_title.trim() == destination.trim())
+                        && !self.ctx.acl.allows(destination, Permission::Move))
                 {
                     Some(Failure::new(
                         status::NOT_AUTHORIZED,
