@@ -202,6 +202,10 @@ pub fn trail(cfg: &Config, filter: &TrailFilter, json: bool) -> Result<String, A
 }
 
 /// `2026-11-26T01:02:03.456789Z` from µs since the epoch (UTC, proleptic Gregorian).
+pub fn timestamp(micros: i64) -> String {
+    chrono_like(micros)
+}
+
 fn chrono_like(micros: i64) -> String {
     let secs = micros.div_euclid(1_000_000);
     let frac = micros.rem_euclid(1_000_000);

@@ -59,6 +59,32 @@ pub struct Config {
     pub forwarding: ForwardingConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`: where else the audit trail goes, besides the ledger.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// A syslog collector (host:port, UDP) that gets every ledger entry as an RFC 5424 message
+    /// with its DICOM audit event ID; empty = none.
+    #[serde(default)]
+    pub syslog: String,
+}
+
+impl AuditConfig {
+    pub fn syslog_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.syslog.is_empty() {
+            return Ok(None);
+        }
+        self.syslog.parse().map(Some).map_err(|_| {
+            invalid(
+                "audit.syslog",
+                "must be ADDRESS:PORT (UDP), e.g. 10.0.0.9:514",
+            )
+        })
+    }
 }
 
 /// `[admin]`: the node's HTTP listener for operators: `GET /metrics` (Prometheus),
@@ -817,6 +843,7 @@ impl Config {
             }
         }
         self.admin.listen_addr()?;
+        self.audit.syslog_addr()?;
         let f = &self.forwarding;
         if !(0..=19).contains(&f.niceness) {
             return Err(invalid("forwarding.niceness", "must be between 0 and 19"));
@@ -914,6 +941,7 @@ impl Config {
             "\n[forwarding]\nmax_attempts = {}\nretry_initial_ms = {}\nretry_max_secs = {}\nidle_release_secs = {}\nniceness = {}\nyield_to_ingest_secs = {}\n",
             f.max_attempts, f.retry_initial_ms, f.retry_max_secs, f.idle_release_secs, f.niceness, f.yield_to_ingest_secs
         );
+        out += &format!("\n[audit]\nsyslog = {:?}\n", self.audit.syslog);
         out += &format!(
             "\n[admin]\nlisten = {:?}\ntoken_file = {:?}\n",
             self.admin.listen,

@@ -40,4 +40,5 @@ pub mod notify;
 pub mod retrieve;
 pub mod split;
 pub mod store;
+pub mod syslog;
 pub mod verify;

@@ -21,6 +21,8 @@ pub enum StartError {
     Ledger(#[from] LedgerError),
     #[error("object store: {0}")]
     Store(#[from] StoreError),
+    #[error("audit syslog: {0}")]
+    Syslog(String),
     #[error("admin API token: {0}")]
     Admin(String),
     #[error("DICOM TLS: {0}")]
@@ -133,6 +135,17 @@ pub async fn run(
         )),
         None => None,
     };
+    let syslog_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let syslog = match cfg.audit.syslog_addr()? {
+        Some(to) => {
+            info!(to = %to, "audit trail to syslog (RFC 5424, UDP)");
+            Some(
+                crate::syslog::start(ledger.clone(), to, syslog_stop.clone())
+                    .map_err(|e| StartError::Syslog(e.to_string()))?,
+            )
+        }
+        None => None,
+    };
     let forwarder =
         crate::forward::worker::Forwarder::start(services.clone(), &cfg, pipeline.activity())
             .map_err(|e| StartError::Forward(e.to_string()))?;
@@ -175,6 +188,10 @@ pub async fn run(
     forwarder.stop(std::time::Duration::from_secs(10)).await;
     if let Some(a) = admin {
         a.abort();
+    }
+    syslog_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = syslog {
+        let _ = t.join();
     }
     ledger.close();
     info!("ledger closed; node stopped");

@@ -522,3 +522,26 @@ fn the_audit_trail_records_every_operation_type_without_patient_data() {
     assert!(future.stdout.is_empty());
     assert_ok(&cli(&["verify"]), "verify with audit records");
 }
+
+#[test]
+fn the_audit_trail_goes_to_syslog_as_rfc_5424() {
+    let collector = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    collector
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let to = collector.local_addr().unwrap().to_string();
+    let node = Node::start_with_env(&[("DICOMCHAIN__AUDIT__SYSLOG", &to)]);
+    assert_ok(&node.echoscu(), "echoscu");
+    let mut buf = [0u8; 4096];
+    let n = collector.recv(&mut buf).expect("a syslog datagram");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    // Facility 13 (log audit), severity 5: <109>, version 1, then our structured data.
+    assert!(msg.starts_with("<109>1 "), "{msg}");
+    assert!(
+        msg.contains(
+            " 110114 [dicomchain@32473 seq=\"1\" event=\"User Authentication\" calling=\"ECHOSCU\""
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("association accepted"), "{msg}");
+}
