@@ -92,6 +92,16 @@ impl Network {
                 .filter(|p| *p <= max)
                 .ok_or_else(|| format!("{s:?}: prefix length must be 0-{max}"))?,
         };
+        // An IPv4-mapped network (::ffff:a.b.c.d/104) is the IPv4 network it maps, since client
+        // addresses are compared as IPv4.
+        if let IpAddr::V6(v6) = addr {
+            if let Some(v4) = v6.to_ipv4_mapped().filter(|_| prefix >= 96) {
+                return Ok(Network {
+                    addr: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                });
+            }
+        }
         Ok(Network { addr, prefix })
     }
 
@@ -140,6 +150,8 @@ pub enum Refusal {
     UnknownAe(String),
     #[error("calling AE title {ae:?} may not connect from {from}")]
     Address { ae: String, from: IpAddr },
+    #[error("calling AE title {0:?} is restricted to addresses and the peer address is unknown")]
+    UnknownAddress(String),
 }
 
 /// One grant or revocation recorded on the ledger.
@@ -247,16 +259,15 @@ impl Acl {
         match self.peers.get(ae) {
             None if self.allow_unknown => Ok(()),
             None => Err(Refusal::UnknownAe(ae.to_string())),
+            Some(r) if r.addresses.is_empty() => Ok(()),
+            // An AE restricted to addresses is refused when the address is unknown.
             Some(r) => match from {
-                Some(ip)
-                    if !r.addresses.is_empty() && !r.addresses.iter().any(|n| n.contains(ip)) =>
-                {
-                    Err(Refusal::Address {
-                        ae: ae.to_string(),
-                        from: ip,
-                    })
-                }
-                _ => Ok(()),
+                Some(ip) if r.addresses.iter().any(|n| n.contains(ip)) => Ok(()),
+                Some(ip) => Err(Refusal::Address {
+                    ae: ae.to_string(),
+                    from: ip,
+                }),
+                None => Err(Refusal::UnknownAddress(ae.to_string())),
             },
         }
     }

@@ -30,6 +30,9 @@ pub struct Api {
     pub token: Arc<String>,
     pub ledger: Ledger,
     pub acl: Arc<LiveAcl>,
+    /// Held from a change's ledger write until it is applied, so the running rules apply
+    /// changes in ledger order.
+    pub changing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Reads the token, or creates a random one (mode 0600) when the file does not exist.
@@ -145,6 +148,7 @@ pub async fn handle(req: Request<hyper::body::Incoming>, api: &Api) -> Response<
                     "need an AE title (1-16 characters) and at least one permission",
                 );
             }
+            let _in_order = api.changing.lock().await;
             let recorded = api
                 .ledger
                 .acl_change(AclChange {

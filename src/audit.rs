@@ -229,27 +229,41 @@ fn chrono_like(micros: i64) -> String {
     )
 }
 
-/// Parses `--since`: seconds since the epoch, or `YYYY-MM-DD[THH:MM:SS]` (UTC).
+/// Parses `--since`: seconds since the epoch, or `YYYY-MM-DD[THH[:MM[:SS]]][Z]` (UTC). Strict:
+/// a date that does not exist (February 31), a part that is not a number, or a year outside
+/// 1970–9999 is refused rather than guessed.
 pub fn parse_since(s: &str) -> Option<i64> {
-    if let Ok(secs) = s.parse::<i64>() {
-        return Some(secs * 1_000_000);
+    let s = s.trim();
+    // All digits and not a YYYYMMDD-looking 8: seconds since the epoch.
+    if !s.is_empty() && s.len() != 8 && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse::<i64>().ok()?.checked_mul(1_000_000);
     }
-    let (date, time) = s
-        .trim_end_matches('Z')
-        .split_once('T')
-        .unwrap_or((s, "00:00:00"));
-    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let mut t = time.split(':').map(|p| p.parse::<i64>().ok());
-    let (hh, mm, ss) = (
-        t.next()??,
-        t.next().flatten().unwrap_or(0),
-        t.next().flatten().unwrap_or(0),
-    );
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
+    let s = s.strip_suffix('Z').unwrap_or(s);
+    let (date, time) = s.split_once('T').unwrap_or((s, "00"));
+    let num = |p: &str| -> Option<i64> {
+        (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| p.parse().ok())
+            .flatten()
+    };
+    let d: Vec<&str> = date.split('-').collect();
+    let t: Vec<&str> = time.split(':').collect();
+    if d.len() != 3 || t.is_empty() || t.len() > 3 {
         return None;
     }
-    // Days from civil (inverse of the above).
+    let (y, m, day) = (num(d[0])?, num(d[1])?, num(d[2])?);
+    let hh = num(t[0])?;
+    let mm = t.get(1).map_or(Some(0), |p| num(p))?;
+    let ss = t.get(2).map_or(Some(0), |p| num(p))?;
+    if !(1970..=9999).contains(&y)
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || hh > 23
+        || mm > 59
+        || ss > 59
+    {
+        return None;
+    }
+    // Days from civil (the inverse of `chrono_like`).
     let y2 = if m <= 2 { y - 1 } else { y };
     let era = y2.div_euclid(400);
     let yoe = y2.rem_euclid(400);
@@ -257,7 +271,9 @@ pub fn parse_since(s: &str) -> Option<i64> {
     let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
-    Some(((days * 86_400) + hh * 3600 + mm * 60 + ss) * 1_000_000)
+    let micros = (days * 86_400 + hh * 3600 + mm * 60 + ss) * 1_000_000;
+    // February 31 would roll into March: refuse a date that does not come back unchanged.
+    (chrono_like(micros)[..10] == format!("{y:04}-{m:02}-{day:02}")).then_some(micros)
 }
 
 #[cfg(test)]
@@ -273,5 +289,14 @@ mod tests {
         assert_eq!(parse_since("1700000000"), Some(1_700_000_000 * 1_000_000));
         assert_eq!(parse_since("2024-13-01"), None);
         assert_eq!(parse_since("yesterday"), None);
+        assert_eq!(parse_since("2024-02-29Z"), parse_since("2024-02-29"));
+        assert_eq!(parse_since("2026-02-31"), None);
+        assert_eq!(parse_since("2026-01-01T10:xx"), None);
+        assert_eq!(parse_since("20260101"), None);
+        assert_eq!(parse_since("99999999999999999"), None);
+        assert_eq!(
+            parse_since("2026-11-26T01"),
+            parse_since("2026-11-26T01:00:00")
+        );
     }
 }

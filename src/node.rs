@@ -135,6 +135,9 @@ pub async fn run(
         )),
         None => None,
     };
+    let forwarder =
+        crate::forward::worker::Forwarder::start(services.clone(), &cfg, pipeline.activity())
+            .map_err(|e| StartError::Forward(e.to_string()))?;
     let syslog_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let syslog = match cfg.audit.syslog_addr()? {
         Some(to) => {
@@ -146,9 +149,6 @@ pub async fn run(
         }
         None => None,
     };
-    let forwarder =
-        crate::forward::worker::Forwarder::start(services.clone(), &cfg, pipeline.activity())
-            .map_err(|e| StartError::Forward(e.to_string()))?;
     let ctx = Arc::new(NodeContext {
         services,
         pipeline,
@@ -166,6 +166,7 @@ pub async fn run(
             token: Arc::new(token),
             ledger: ledger.clone(),
             acl: acl.clone(),
+            changing: Default::default(),
         };
         tokio::spawn(crate::metrics::serve_admin(
             l,

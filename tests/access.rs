@@ -187,6 +187,7 @@ permissions = ["echo"]
     // Its C-ECHO is not permitted either (WS has no echo): 0124, the association stays up.
     let echo = cli(&["echo", &target]);
     assert!(!echo.status.success(), "{}", text(&echo));
+    assert!(text(&echo).contains("0124"), "{}", text(&echo));
     let log = node.log();
     assert!(log.contains("operation refused by access control"), "{log}");
 }

@@ -215,11 +215,12 @@ impl Connection {
             source: AbortRQSource::ServiceProvider(reason),
         };
         let _ = self.send(&pdu).await;
-        let _ = self.socket.get_mut().shutdown().await;
+        // Bounded: over TLS a shutdown flushes to a peer that may have stopped reading.
+        let _ = tokio::time::timeout(self.io_timeout, self.socket.get_mut().shutdown()).await;
     }
 
     /// Closes the socket after a release or rejection.
     pub async fn close(mut self) {
-        let _ = self.socket.get_mut().shutdown().await;
+        let _ = tokio::time::timeout(self.io_timeout, self.socket.get_mut().shutdown()).await;
     }
 }

@@ -291,8 +291,10 @@ struct IdentifierRequest {
 }
 
 struct Running {
-    /// The audit record written when the final response goes out (status and count filled in).
-    audit: AuditRecord,
+    /// The audit record written when the final response goes out (status and count filled in),
+    /// or, if the operation ends without one, when this is dropped.
+    audit: Option<AuditRecord>,
+    ledger: crate::ledger::Ledger,
     /// Pending responses sent so far (C-FIND matches).
     pending: u64,
     context_id: u8,
@@ -307,9 +309,19 @@ struct Running {
 }
 
 impl Drop for Running {
-    /// However the association ends (release, abort, drain timeout), the operation stops.
+    /// However the association ends (release, abort, drain timeout), the operation stops, and
+    /// it is on the audit trail even without its final response.
     fn drop(&mut self) {
         self.cancel.store(true, Ordering::Relaxed);
+        if let Some(mut audit) = self.audit.take() {
+            audit.status = status::UNABLE_TO_PROCESS;
+            audit.count = self.pending;
+            audit.detail = format!(
+                "{}: ended before its final response (association aborted, closed or shut down; {} pending responses sent)",
+                audit.detail, self.pending
+            );
+            self.ledger.audit(audit);
+        }
     }
 }
 
@@ -572,7 +584,9 @@ impl Association {
     /// Writes the audit record of a finished query or retrieval, with the final status and the
     /// number of matches (C-FIND) or of instances sent (C-MOVE, C-GET).
     fn audit_final(&self, mut r: Running, final_command: &[u8]) {
-        let mut audit = std::mem::take(&mut r.audit);
+        let Some(mut audit) = r.audit.take() else {
+            return;
+        };
         if let Ok(cmd) = Command::decode(final_command) {
             audit.status = cmd.u16(tag::STATUS, "Status").ok().flatten().unwrap_or(0);
             audit.count = if audit.event_id == trail::id::QUERY {
@@ -602,6 +616,17 @@ impl Association {
                 operation = what.name(),
                 "operation refused by access control"
             );
+            self.ctx.services.ledger.audit(AuditRecord {
+                event_id: trail::id::SECURITY_ALERT,
+                calling_ae: self.negotiated.calling_ae.clone(),
+                peer: self.peer.clone(),
+                status: status::NOT_AUTHORIZED,
+                detail: format!(
+                    "{} refused: not permitted to this calling AE title",
+                    what.name()
+                ),
+                ..Default::default()
+            });
         }
         ok
     }
@@ -1040,7 +1065,8 @@ impl Association {
             }
         }
         self.state = State::Running(Box::new(Running {
-            audit,
+            audit: Some(audit),
+            ledger: self.ctx.services.ledger.clone(),
             pending: 0,
             context_id: req.context_id,
             message_id: req.message_id,

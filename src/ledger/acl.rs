@@ -57,10 +57,9 @@ impl Ledger {
         }
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.submit(super::Job::Acl { change, reply })?;
-        match tokio::time::timeout(super::STORE_WAIT, rx).await {
-            Ok(r) => r.map_err(|_| LedgerError::Closed)?,
-            Err(_) => Err(LedgerError::Timeout(super::STORE_WAIT)),
-        }
+        // No timeout once queued: the committer always answers, and a change reported as failed
+        // must not become durable afterwards.
+        rx.await.map_err(|_| LedgerError::Closed)?
     }
 
     /// Every grant and revocation, in ledger order.
