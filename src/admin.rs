@@ -37,8 +37,6 @@ pub struct Api {
 
 /// Reads the token, or creates a random one (mode 0600) when the file does not exist.
 pub fn load_or_create_token(path: &Path) -> Result<String, String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     match std::fs::read_to_string(path) {
         Ok(t) if t.trim().len() >= 16 => Ok(t.trim().to_string()),
         Ok(_) => Err(format!(
@@ -49,18 +47,7 @@ pub fn load_or_create_token(path: &Path) -> Result<String, String> {
             let mut raw = [0u8; 32];
             getrandom::getrandom(&mut raw).map_err(|e| format!("no randomness: {e}"))?;
             let token = hex::encode(raw);
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            }
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            f.write_all(format!("{token}\n").as_bytes())
-                .and_then(|_| f.sync_all())
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            crate::ledger::checkpoint::create_secret_file(path, &token)?;
             tracing::info!(path = %path.display(), "created the admin API token");
             Ok(token)
         }

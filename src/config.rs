@@ -31,6 +31,14 @@ pub enum ConfigError {
     },
 }
 
+/// An ADDRESS:PORT setting where empty means "off".
+fn optional_addr(value: &str, key: &str, why: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| invalid(key, why))
+}
+
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
@@ -75,15 +83,11 @@ pub struct AuditConfig {
 
 impl AuditConfig {
     pub fn syslog_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        if self.syslog.is_empty() {
-            return Ok(None);
-        }
-        self.syslog.parse().map(Some).map_err(|_| {
-            invalid(
-                "audit.syslog",
-                "must be ADDRESS:PORT (UDP), e.g. 10.0.0.9:514",
-            )
-        })
+        optional_addr(
+            &self.syslog,
+            "audit.syslog",
+            "must be ADDRESS:PORT (UDP), e.g. 10.0.0.9:514",
+        )
     }
 }
 
@@ -116,13 +120,11 @@ fn default_admin_token_file() -> PathBuf {
 
 impl AdminConfig {
     pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        if self.listen.is_empty() {
-            return Ok(None);
-        }
-        self.listen
-            .parse()
-            .map(Some)
-            .map_err(|_| invalid("admin.listen", "must be ADDRESS:PORT, e.g. 127.0.0.1:8787"))
+        optional_addr(
+            &self.listen,
+            "admin.listen",
+            "must be ADDRESS:PORT, e.g. 127.0.0.1:8787",
+        )
     }
 }
 
@@ -298,13 +300,11 @@ pub struct TlsConfig {
 impl TlsConfig {
     /// The TLS listener's address, if one is configured.
     pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        if self.listen.is_empty() {
-            return Ok(None);
-        }
-        self.listen
-            .parse()
-            .map(Some)
-            .map_err(|_| invalid("node.tls.listen", "must be host:port, e.g. 0.0.0.0:2762"))
+        optional_addr(
+            &self.listen,
+            "node.tls.listen",
+            "must be ADDRESS:PORT, e.g. 0.0.0.0:2762",
+        )
     }
 }
 

@@ -91,30 +91,16 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::Reason;
 
     #[test]
     fn messages_follow_rfc_5424() {
         let e = Entry {
-            seq: 7,
-            prev_hash: [0; 32],
-            time_micros: 1_700_000_000_123_456,
-            event: Event::Audit,
             calling_ae: "CT1".into(),
-            sop_class_uid: String::new(),
-            transfer_syntax: String::new(),
-            instance_key: [0; 32],
-            pixel_sha256: [0; 32],
-            pixel_length: 0,
-            dataset_sha256: [0; 32],
-            dataset_length: 0,
-            object_name: String::new(),
             version: 110112,
             subject_seq: 3,
-            reason: Reason::None,
-            status: 0,
             peer: "10.0.0.1:4000".into(),
             detail: "C-FIND at STUDY level".into(),
+            ..Entry::event(7, [0; 32], 1_700_000_000_123_456, Event::Audit)
         };
         let m = format(&e, "pacs");
         assert!(

@@ -14,6 +14,17 @@ fn dcmtk(tool: &str, aet: &str, port: u16, args: &[&str]) -> Output {
         .expect("run DCMTK")
 }
 
+/// The Study Instance UID in the output of `dicomchain find`.
+fn study_uid_in(found: &Output) -> String {
+    String::from_utf8_lossy(&found.stdout)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("(0020,000D) StudyInstanceUID = ")
+                .map(str::to_string)
+        })
+        .expect("the study UID in the match")
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -152,13 +163,7 @@ permissions = ["echo"]
     ]);
     assert_ok(&found, "find as WS");
     assert!(text(&found).contains("1 match(es)"), "{}", text(&found));
-    let study_uid = String::from_utf8_lossy(&found.stdout)
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("(0020,000D) StudyInstanceUID = ")
-                .map(str::to_string)
-        })
-        .expect("the study UID in the match");
+    let study_uid = study_uid_in(&found);
     let moved = cli(&[
         "move",
         &target,
@@ -265,13 +270,7 @@ permissions = ["find", "move"]
         ],
     );
     assert_ok(&found, "find as WS");
-    let study_uid = String::from_utf8_lossy(&found.stdout)
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("(0020,000D) StudyInstanceUID = ")
-                .map(str::to_string)
-        })
-        .expect("the study UID in the match");
+    let study_uid = study_uid_in(&found);
     let mover = node
         .command()
         .args([
@@ -402,13 +401,7 @@ fn the_audit_trail_records_every_operation_type_without_patient_data() {
         "PatientName=DOE*",
     ]);
     assert_ok(&found, "find");
-    let study_uid = String::from_utf8_lossy(&found.stdout)
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("(0020,000D) StudyInstanceUID = ")
-                .map(str::to_string)
-        })
-        .unwrap();
+    let study_uid = study_uid_in(&found);
     let study_key = format!("StudyInstanceUID={study_uid}");
     assert_ok(
         &cli(&[

@@ -6,7 +6,7 @@
 
 use rocksdb::{Direction, IteratorMode};
 
-use super::{read_entry, Entry, Event, Group, Ledger, LedgerError, Reason, CF_INDEX};
+use super::{read_entry, Entry, Event, Group, Ledger, LedgerError, CF_INDEX};
 use crate::acl::{Change, Permission};
 
 const ACL_PREFIX: &[u8] = b"acl\0";
@@ -100,26 +100,12 @@ impl Group<'_> {
             ));
         }
         let (seq, prev_hash) = self.next_position();
+        let event = if c.grant { Event::Grant } else { Event::Revoke };
         let entry = Entry {
-            seq,
-            prev_hash,
-            time_micros: self.time_micros,
-            event: if c.grant { Event::Grant } else { Event::Revoke },
             calling_ae: c.by.chars().take(64).collect(),
-            sop_class_uid: String::new(),
-            transfer_syntax: String::new(),
-            instance_key: [0; 32],
-            pixel_sha256: [0; 32],
-            pixel_length: 0,
-            dataset_sha256: [0; 32],
-            dataset_length: 0,
-            object_name: String::new(),
-            version: 0,
-            subject_seq: 0,
-            reason: Reason::None,
-            status: 0,
             peer: c.ae.trim().to_string(),
             detail: Permission::list(&c.permissions),
+            ..Entry::event(seq, prev_hash, self.time_micros, event)
         };
         self.append(&entry)?;
         self.batch.put_cf(self.cf_index, acl_key(seq), []);

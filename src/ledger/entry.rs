@@ -123,6 +123,32 @@ pub struct Entry {
 pub struct EntryError(&'static str);
 
 impl Entry {
+    /// An entry that commits to no instance (every digest, length and name zero or empty):
+    /// the base of grants, revocations and audit records, which set their own fields on it.
+    pub fn event(seq: u64, prev_hash: Digest32, time_micros: i64, event: Event) -> Entry {
+        Entry {
+            seq,
+            prev_hash,
+            time_micros,
+            event,
+            calling_ae: String::new(),
+            sop_class_uid: String::new(),
+            transfer_syntax: String::new(),
+            instance_key: [0; 32],
+            pixel_sha256: [0; 32],
+            pixel_length: 0,
+            dataset_sha256: [0; 32],
+            dataset_length: 0,
+            object_name: String::new(),
+            version: 0,
+            subject_seq: 0,
+            reason: Reason::None,
+            status: 0,
+            peer: String::new(),
+            detail: String::new(),
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(320);
         let outcome = self.has_outcome();

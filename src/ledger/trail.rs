@@ -5,7 +5,7 @@
 //! status and a description without patient data; a query's identifier only as its SHA-256 (in
 //! `instance_key`), never its values. [`atna`] maps every entry to its audit event.
 
-use super::{Entry, Event, Group, Ledger, LedgerError, Reason};
+use super::{Entry, Event, Group, Ledger, LedgerError};
 
 /// DICOM audit event IDs (PS3.16 CID 400, "Audit Event ID").
 pub mod id {
@@ -120,22 +120,11 @@ impl Group<'_> {
     pub(super) fn audit(&mut self, r: &AuditRecord) -> Result<u64, LedgerError> {
         let (seq, prev_hash) = self.next_position();
         let entry = Entry {
-            seq,
-            prev_hash,
-            time_micros: self.time_micros,
-            event: Event::Audit,
             calling_ae: r.calling_ae.chars().take(64).collect(),
             sop_class_uid: r.sop_class_uid.chars().take(64).collect(),
-            transfer_syntax: String::new(),
             instance_key: r.identifier_sha256,
-            pixel_sha256: [0; 32],
-            pixel_length: 0,
-            dataset_sha256: [0; 32],
-            dataset_length: 0,
-            object_name: String::new(),
             version: r.event_id,
             subject_seq: r.count,
-            reason: Reason::None,
             status: r.status,
             // Never empty, so the entry always takes the version-2 encoding its fields need.
             peer: if r.peer.is_empty() {
@@ -144,6 +133,7 @@ impl Group<'_> {
                 r.peer.chars().take(128).collect()
             },
             detail: r.detail.chars().take(512).collect(),
+            ..Entry::event(seq, prev_hash, self.time_micros, Event::Audit)
         };
         self.append(&entry)?;
         Ok(seq)
