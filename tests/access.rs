@@ -3,6 +3,7 @@
 
 use std::process::{Command, Output};
 
+use crate::support::output_text as text;
 use crate::support::{self, assert_ok, Node, Storescp, AE};
 
 fn dcmtk(tool: &str, aet: &str, port: u16, args: &[&str]) -> Output {
@@ -23,14 +24,6 @@ fn study_uid_in(found: &Output) -> String {
                 .map(str::to_string)
         })
         .expect("the study UID in the match")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]

@@ -403,16 +403,6 @@ fn is_failure(e: &Ending) -> bool {
     }
 }
 
-fn vm_hwm_mib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        / 1024
-}
-
 #[test]
 fn malformed_input_ends_in_an_abort_or_a_failure_and_the_node_keeps_serving() {
     let node = Node::start_with_env(&[("DICOMCHAIN__NODE__IO_TIMEOUT_SECS", "5")]);
@@ -528,7 +518,7 @@ fn malformed_input_ends_in_an_abort_or_a_failure_and_the_node_keeps_serving() {
             .status
             .success());
     }
-    let rss = vm_hwm_mib(node.pid().unwrap());
+    let rss = support::peak_rss_mib(node.pid().unwrap());
     assert!(rss < 256, "peak RSS {rss} MiB");
     assert_ok(&node.echoscu(), "echoscu after the malformed input");
     let good = [

@@ -417,17 +417,6 @@ fn sigterm_drains_in_flight_stores_then_aborts_the_rest() {
     assert!(stop >= 30 + 10 + 5, "TimeoutStopSec={stop}");
 }
 
-/// Peak resident memory of a process (VmHWM), in MiB.
-fn peak_rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb / 1024)
-        .expect("VmHWM")
-}
-
 #[test]
 fn sixteen_associations_store_ten_thousand_instances() {
     let node = Node::start();
@@ -457,7 +446,7 @@ fn sixteen_associations_store_ten_thousand_instances() {
         &failures[..failures.len().min(5)]
     );
     assert_eq!(acked.len(), files.len());
-    let rss = peak_rss_mib(node.pid().unwrap());
+    let rss = support::peak_rss_mib(node.pid().unwrap());
     eprintln!(
         "16 associations, {} instances in {:.1} s; node peak RSS {rss} MiB",
         files.len(),

@@ -9,6 +9,7 @@ use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
+use crate::support::output_text as text;
 use crate::support::{self, support_file, Node, Storescp, AE};
 
 /// (SOP Instance UID, Study Instance UID) of a data set as the node indexes it: the data set's,
@@ -82,14 +83,6 @@ fn getscu(
         .filter_map(|p| support::read_part10(p))
         .collect();
     (out, received)
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn assert_identical(

@@ -627,6 +627,26 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// A process's stdout and stderr, one after the other.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Peak resident memory of a process (VmHWM), in MiB.
+pub fn peak_rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb / 1024)
+        .expect("VmHWM")
+}
+
 /// Asserts a process succeeded, showing its output otherwise.
 pub fn assert_ok(out: &Output, what: &str) {
     assert!(
