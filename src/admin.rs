@@ -6,6 +6,9 @@
 //! - `POST /v1/grant`, `POST /v1/revoke` with `{"ae": "CT1", "permissions": ["store"]}`: a grant
 //!   or revoke entry on the ledger, applied to the running node once durable; answers
 //!   `{"seq": N}`.
+//! - `POST /v1/erase` with `{"study": "UID"}` or `{"patient": "ID"}`: erases every instance of it
+//!   by crypto-shredding (see `ledger::erase`), then deletes its pixel objects; answers what was
+//!   erased (404 when nothing was found).
 //!
 //! The client half is here too: `dicomchain grant|revoke|permissions` send these requests.
 
@@ -19,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::acl::{LiveAcl, Permission};
 use crate::ledger::acl::AclChange;
-use crate::ledger::Ledger;
+use crate::ledger::erase::EraseScope;
+use crate::ledger::{Ledger, LedgerError};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -33,6 +37,31 @@ pub struct Api {
     /// Held from a change's ledger write until it is applied, so the running rules apply
     /// changes in ledger order.
     pub changing: Arc<tokio::sync::Mutex<()>>,
+    /// Where the pixel objects of erased instances are deleted.
+    pub store: crate::store::Store,
+}
+
+/// `POST /v1/erase`: exactly one of the two.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EraseRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub study: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
+}
+
+/// The answer to an erasure.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct EraseView {
+    /// The erasure entries on the ledger.
+    pub entries: Vec<u64>,
+    pub sop_instance_uids: Vec<String>,
+    /// Stored entries (instance versions) erased.
+    pub versions: u64,
+    pub objects_deleted: u64,
+    /// Objects the store could not delete now (already shredded; deleted at the next start).
+    pub objects_left: u64,
 }
 
 /// Reads the token, or creates a random one (mode 0600) when the file does not exist.
@@ -164,8 +193,73 @@ pub async fn handle(req: Request<hyper::body::Incoming>, api: &Api) -> Response<
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("ledger: {e}")),
             }
         }
+        (hyper::Method::POST, "/v1/erase") => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+            };
+            let scope = match serde_json::from_slice::<EraseRequest>(&body) {
+                Ok(EraseRequest {
+                    study: Some(uid),
+                    patient: None,
+                }) if !uid.trim().is_empty() => EraseScope::Study(uid.trim().to_string()),
+                Ok(EraseRequest {
+                    study: None,
+                    patient: Some(id),
+                }) if !id.trim().is_empty() => EraseScope::Patient(id.trim().to_string()),
+                Ok(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "give exactly one of \"study\" (a Study Instance UID) or \"patient\" (a Patient ID)",
+                    )
+                }
+                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+            };
+            erase(api, scope).await
+        }
         _ => error(StatusCode::NOT_FOUND, "unknown admin API path"),
     }
+}
+
+/// Records the erasure, then deletes the shredded objects (each one's pending note goes once
+/// it is deleted; one that cannot be deleted now is deleted at the next start).
+async fn erase(api: &Api, scope: EraseScope) -> Response<Full<Bytes>> {
+    let erased = match api.ledger.erase(scope, "admin-api".into()).await {
+        Ok(e) => e,
+        Err(LedgerError::NotFound(why)) => return error(StatusCode::NOT_FOUND, &why),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &format!("ledger: {e}")),
+    };
+    let (mut deleted, mut left) = (0, 0);
+    for (name, _) in &erased.objects {
+        let gone = tokio::time::timeout(std::time::Duration::from_secs(30), api.store.delete(name))
+            .await
+            .map_err(|_| "timed out".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match gone {
+            Ok(()) => {
+                deleted += 1;
+                if let Err(e) = api.ledger.clear_pending(name) {
+                    tracing::warn!(object = %name, error = %e, "cannot clear a pending-object note");
+                }
+            }
+            Err(e) => {
+                left += 1;
+                tracing::warn!(object = %name, error = %e, "cannot delete an erased instance's object now (shredded; deleted at the next start)");
+            }
+        }
+    }
+    tracing::info!(entries = ?erased.entries, instances = erased.instances.len(), versions = erased.versions, deleted, left, "erased");
+    let view = EraseView {
+        entries: erased.entries,
+        sop_instance_uids: erased.instances,
+        versions: erased.versions,
+        objects_deleted: deleted,
+        objects_left: left,
+    };
+    json(
+        StatusCode::OK,
+        serde_json::to_string(&view).unwrap_or_default(),
+    )
 }
 
 fn permissions_view(acl: &LiveAcl) -> serde_json::Value {

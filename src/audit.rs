@@ -166,6 +166,10 @@ pub fn trail(cfg: &Config, filter: &TrailFilter, json: bool) -> Result<String, A
             Event::Grant => ("permissions granted".to_string(), e.detail.clone()),
             Event::Revoke => ("permissions revoked".to_string(), e.detail.clone()),
             Event::Audit => (String::new(), e.detail.clone()),
+            Event::Erase => (
+                format!("{} erased", e.peer),
+                format!("{} stored entries ({})", e.subject_seq, e.detail),
+            ),
         };
         let time = chrono_like(e.time_micros);
         let outcome = if e.status == 0 { "success".to_string() } else { format!("{:04X}", e.status) };

@@ -69,6 +69,31 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub security: SecurityConfig,
+}
+
+/// `[security]`: encryption at rest of the pixel objects.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// The node master key (32 random bytes as 64 hex digits); created with mode 0600 on first
+    /// start. Every pixel object is sealed under a key derived from it: keep a backup apart from
+    /// the object store, or nothing stored can be read again.
+    #[serde(default = "default_master_key_file")]
+    pub master_key_file: PathBuf,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            master_key_file: default_master_key_file(),
+        }
+    }
+}
+
+fn default_master_key_file() -> PathBuf {
+    "var/master.key".into()
 }
 
 /// `[audit]`: where else the audit trail goes, besides the ledger.
@@ -942,6 +967,10 @@ impl Config {
             f.max_attempts, f.retry_initial_ms, f.retry_max_secs, f.idle_release_secs, f.niceness, f.yield_to_ingest_secs
         );
         out += &format!("\n[audit]\nsyslog = {:?}\n", self.audit.syslog);
+        out += &format!(
+            "\n[security]\nmaster_key_file = {:?}\n",
+            self.security.master_key_file.display().to_string()
+        );
         out += &format!(
             "\n[admin]\nlisten = {:?}\ntoken_file = {:?}\n",
             self.admin.listen,

@@ -56,7 +56,12 @@ pub async fn run(cfg: &Config, selection: &Selection, out: &Path) -> Result<Repo
         .tempdir()
         .map_err(io_err(&std::env::temp_dir()))?;
     let ledger = Ledger::open_secondary(&cfg.ledger.path, scratch.path())?;
-    let store = Store::open_read_only(&cfg.store).await?;
+    let store =
+        Store::open_read_only(&cfg.store)
+            .await?
+            .with_master_key(crate::store::read_master_key(
+                &cfg.security.master_key_file,
+            )?);
     let uids = match selection {
         Selection::Study(uid) => ledger.instances_in_study(uid)?,
         Selection::Series(uid) => ledger.instances_in_series(uid)?,
@@ -139,15 +144,18 @@ async fn export_one(
     entry: &crate::ledger::Entry,
     dest: &Path,
 ) -> Result<(), RetrieveError> {
-    let record = retrieve::load_record(ledger, entry)?;
+    let instance = retrieve::load_instance(ledger, entry)?;
     let dir = dest.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
         .prefix(".export-")
         .tempfile_in(dir)?;
     {
         let mut w = std::io::BufWriter::with_capacity(1024 * 1024, tmp.as_file_mut());
-        w.write_all(&retrieve::part10_header(&record, &entry.calling_ae))?;
-        retrieve::rebuild(store, entry, &record, &mut w).await?;
+        w.write_all(&retrieve::part10_header(
+            &instance.record,
+            &entry.calling_ae,
+        ))?;
+        retrieve::rebuild(store, entry, &instance, &mut w).await?;
         w.flush()?;
     }
     // Only now, with every digest checked, does the file get its name; on error the temp file

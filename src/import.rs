@@ -34,6 +34,8 @@ pub enum ImportError {
     Ledger(#[from] LedgerError),
     #[error("object store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("object master key (security.master_key_file): {0}")]
+    MasterKey(String),
     #[error("{path}: {source}")]
     Walk {
         path: String,
@@ -191,7 +193,11 @@ pub fn run(cfg: &Config, paths: &[PathBuf], jobs: usize) -> Result<Summary, Impo
         Err(e) => return Err(e.into()),
     };
     let result = rt.block_on(async {
-        let store = Store::open(&cfg.store).await?;
+        let master = crate::store::MasterKey::load_or_create(&cfg.security.master_key_file)
+            .map_err(ImportError::MasterKey)?;
+        let store = Store::open(&cfg.store)
+            .await?
+            .with_master_key(Some(std::sync::Arc::new(master)));
         let pipeline = Pipeline::new(
             ledger.clone(),
             store,

@@ -472,9 +472,9 @@ impl Incoming {
         record.sop_instance_uid = attrs.sop_instance_uid.clone();
         let encoded = record.encode();
         let key = instance::instance_key(&encoded);
-        let object_name = match upload {
+        let (object_name, object_key) = match upload {
             Some(upload) => {
-                let name = instance::object_name(&key);
+                let (name, object_key) = upload.name_for(&key);
                 // Noted before the object becomes visible: a crash from here until the entry is
                 // written leaves the object findable by `reconcile` at the next start.
                 let ledger = self.pipeline.ledger.clone();
@@ -496,9 +496,9 @@ impl Incoming {
                 p.timed_scaled("commit object", scale, upload.commit(&name))
                     .await
                     .map_err(|e| (IngestError::from(e), None))?;
-                Some(name)
+                (Some(name), object_key)
             }
-            None => None,
+            None => (None, None),
         };
         let dataset_length = record.dataset_length;
         let forward_to = self.pipeline.router.destinations(&crate::forward::Route {
@@ -512,7 +512,8 @@ impl Incoming {
             instance_key: key,
             summary: RecordSummary::of(&record),
             record: encoded,
-            object_name,
+            object_name: object_name.clone(),
+            object_key,
             attrs: attrs.clone(),
             forward_to,
         };
@@ -524,12 +525,38 @@ impl Incoming {
             .store(req)
             .await
             .map_err(|e| (IngestError::from(e), None))?;
+        if let (StoreOutcome::Duplicate { seq }, Some(name)) = (outcome, &object_name) {
+            self.pipeline.discard_duplicate_object(seq, name).await;
+        }
         Ok(Stored {
             outcome,
             instance_key: key,
             attrs,
             dataset_length,
         })
+    }
+}
+
+impl Pipeline {
+    /// A re-sent instance was a duplicate: the object just committed for it is named by no
+    /// entry (a sealed object has its own name), so it goes, and then its pending note. If the
+    /// deletion fails the note stays and [`reconcile`] deletes it at the next start.
+    async fn discard_duplicate_object(&self, seq: u64, name: &str) {
+        let ledger = self.ledger.clone();
+        let kept = tokio::task::spawn_blocking(move || ledger.entry(seq)).await;
+        let kept = matches!(kept, Ok(Ok(Some(e))) if e.object_name == name);
+        if !kept {
+            if let Err(e) = self
+                .timed("delete duplicate object", self.store.delete(name))
+                .await
+            {
+                tracing::warn!(object = %name, error = %e, "cannot delete the object of a duplicate C-STORE; deleted at the next start");
+                return;
+            }
+        }
+        if let Err(e) = self.ledger.clear_pending(name) {
+            tracing::warn!(object = %name, error = %e, "cannot clear a pending-object note");
+        }
     }
 }
 
@@ -630,11 +657,14 @@ mod tests {
 
     async fn pipeline(dir: &std::path::Path) -> Pipeline {
         let ledger = Ledger::open(&dir.join("ledger")).unwrap();
-        let store = Store::Fs(
+        let store = Store::from_fs(
             crate::store::fs::FsStore::open(&dir.join("objects"))
                 .await
                 .unwrap(),
-        );
+        )
+        .with_master_key(Some(std::sync::Arc::new(
+            crate::store::MasterKey::from_bytes([4; 32]),
+        )));
         Pipeline::new(ledger, store, Duration::from_secs(10), 1 << 20)
     }
 
@@ -648,6 +678,73 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn plaintext_objects_from_before_sealing_stay_readable_and_sealed_ones_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("ledger")).unwrap();
+        let objects = dir.path().join("objects");
+        let plain = Store::from_fs(crate::store::fs::FsStore::open(&objects).await.unwrap());
+        let sealed = plain.clone().with_master_key(Some(std::sync::Arc::new(
+            crate::store::MasterKey::from_bytes([4; 32]),
+        )));
+        let mut seqs = Vec::new();
+        for (store, uid) in [(&plain, "1.2.3.4.5.7"), (&sealed, "1.2.3.4.5.8")] {
+            let p = Pipeline::new(
+                ledger.clone(),
+                store.clone(),
+                Duration::from_secs(10),
+                1 << 20,
+            );
+            let mut incoming = p.begin("1.2.840.10008.1.2.1");
+            incoming.feed(&dataset(uid)).await.unwrap();
+            match incoming.finish(&ctx(uid)).await.unwrap().outcome {
+                StoreOutcome::Stored { seq, .. } => seqs.push((seq, uid)),
+                other => panic!("{other:?}"),
+            }
+        }
+        let rebuild = |seq: u64| {
+            let (ledger, sealed) = (ledger.clone(), sealed.clone());
+            async move {
+                let entry = ledger.entry(seq).unwrap().unwrap();
+                let inst = crate::retrieve::load_instance(&ledger, &entry)?;
+                let mut out = Vec::new();
+                crate::retrieve::rebuild(&sealed, &entry, &inst, &mut out).await?;
+                Ok::<_, crate::retrieve::RetrieveError>(out)
+            }
+        };
+        // The node with a master key reads both: the old object as it is, the new one sealed.
+        for &(seq, uid) in &seqs {
+            assert_eq!(rebuild(seq).await.unwrap(), dataset(uid));
+        }
+        let old = ledger.entry(seqs[0].0).unwrap().unwrap();
+        let new = ledger.entry(seqs[1].0).unwrap().unwrap();
+        assert_eq!(old.object_name, instance::object_name(&old.instance_key));
+        assert!(ledger.object_key(&old.object_name).unwrap().is_none());
+        let key = ledger
+            .object_key(&new.object_name)
+            .unwrap()
+            .expect("key record");
+        // The sealed object holds none of the pixel bytes ([7; 4096]) in the clear.
+        let path = objects.join(&new.object_name[..2]).join(&new.object_name);
+        let body = std::fs::read(&path).unwrap();
+        assert!(!body.windows(32).any(|w| w == [7u8; 32]));
+        // Without the master key it cannot be read, and says why.
+        assert!(matches!(
+            plain.open_read(&new.object_name, Some(&key)).await,
+            Err(StoreError::NoMasterKey { .. })
+        ));
+        // An altered sealed object is damage (an integrity failure), not an outage.
+        let mut altered = body.clone();
+        altered[40] ^= 1;
+        std::fs::write(&path, altered).unwrap();
+        let e = rebuild(seqs[1].0).await.unwrap_err();
+        assert_eq!(
+            e.integrity_reason(),
+            Some(crate::ledger::Reason::Pixel),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
     async fn reconcile_deletes_only_objects_the_ledger_does_not_name() {
         let dir = tempfile::tempdir().unwrap();
         let p = pipeline(dir.path()).await;
@@ -656,7 +753,18 @@ mod tests {
         let stored = incoming.finish(&ctx("1.2.3.4.5.6")).await.unwrap();
         // The entry's batch forgot the note.
         assert!(p.ledger().pending_objects().unwrap().is_empty());
-        let kept = instance::object_name(&stored.instance_key);
+        let StoreOutcome::Stored { seq, .. } = stored.outcome else {
+            panic!("stored")
+        };
+        let kept = p.ledger().entry(seq).unwrap().unwrap().object_name;
+        assert!(p.ledger().object_key(&kept).unwrap().is_some());
+        // A re-send is a duplicate: its own (sealed, differently named) object is deleted.
+        let mut again = p.begin("1.2.840.10008.1.2.1");
+        again.feed(&dataset("1.2.3.4.5.6")).await.unwrap();
+        let dup = again.finish(&ctx("1.2.3.4.5.6")).await.unwrap();
+        assert_eq!(dup.outcome, StoreOutcome::Duplicate { seq });
+        assert_eq!(p.store().list().await.unwrap(), vec![kept.clone()]);
+        assert!(p.ledger().pending_objects().unwrap().is_empty());
 
         // A crash after an object commit, before its entry: the note and the object remain.
         let orphan_key = [9u8; 32];

@@ -122,7 +122,6 @@ enum Command {
         #[arg(short = 'k', long = "key", required = true)]
         keys: Vec<String>,
     },
-    /// Store-and-forward: the queue of each destination, and re-queueing of given-up items.
     /// Grant permissions (echo, store, find, move, get) to an AE title: a ledger entry, in
     /// force at once on the running node (through its admin API).
     Grant {
@@ -158,9 +157,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Store-and-forward: the queue of each destination, and re-queueing of given-up items.
     Forward {
         #[command(subcommand)]
         action: ForwardAction,
+    },
+    /// Erase every instance of a study or a patient (all versions) by crypto-shredding: their
+    /// metadata, index entries and object keys are deleted and the pixel objects with them;
+    /// an erasure entry is appended (the chain still verifies). Through the running node.
+    #[command(group(clap::ArgGroup::new("scope").required(true).args(["study", "patient"])))]
+    Erase {
+        /// Study Instance UID.
+        #[arg(long)]
+        study: Option<String>,
+        /// Patient ID.
+        #[arg(long)]
+        patient: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -217,6 +231,11 @@ fn main() -> ExitCode {
         Command::Grant { ae, permissions } => run_acl_change(cfg, true, &ae, &permissions),
         Command::Revoke { ae, permissions } => run_acl_change(cfg, false, &ae, &permissions),
         Command::Permissions { json } => run_permissions(cfg, json),
+        Command::Erase {
+            study,
+            patient,
+            json,
+        } => run_erase(cfg, study, patient, json),
         Command::Audit {
             since,
             ae,
@@ -316,11 +335,21 @@ fn run_verify(cfg: Config, ledger_only: bool, verifier_key: Option<String>) -> E
             for e in &report.events {
                 println!("SECURITY EVENT {e}");
             }
+            for e in &report.erasures {
+                println!("ERASED {e}");
+            }
             for p in &report.problems {
                 println!("DAMAGED {}: {}", p.subject, p.what);
             }
+            let erased = match (report.erased, report.erased_objects_left) {
+                (0, _) => String::new(),
+                (n, 0) => format!(", {n} erased"),
+                (n, left) => format!(
+                    ", {n} erased ({left} shredded object(s) deleted at the node's next start)"
+                ),
+            };
             println!(
-                "verify: {} entries, {} checkpoints, {} pixel objects ({} bytes) checked{}: {}",
+                "verify: {} entries, {} checkpoints, {} pixel objects ({} bytes) checked{}{erased}: {}",
                 report.entries,
                 report.checkpoints,
                 report.objects_checked,
@@ -569,6 +598,64 @@ fn run_acl_change(cfg: Config, grant: bool, ae: &str, names: &[String]) -> ExitC
         }
         Err(e) => {
             eprintln!("dicomchain: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run_erase(cfg: Config, study: Option<String>, patient: Option<String>, json: bool) -> ExitCode {
+    let what = match (&study, &patient) {
+        (Some(uid), _) => format!("study {uid}"),
+        (_, Some(id)) => format!("patient {id}"),
+        _ => unreachable!("clap requires one"),
+    };
+    let body = serde_json::to_string(&dicomchain::admin::EraseRequest { study, patient })
+        .unwrap_or_default();
+    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| {
+        rt.block_on(dicomchain::admin::request(
+            &cfg,
+            hyper::Method::POST,
+            "/v1/erase",
+            Some(body),
+        ))
+        .map_err(|e| e.to_string())
+    });
+    let v = match result {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("dicomchain: erase {what}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        println!("{v}");
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_value::<dicomchain::admin::EraseView>(v) {
+        Ok(view) => {
+            println!(
+                "erased {what}: {} instance(s), {} stored version(s), {} pixel object(s) deleted{}; erasure entry {}",
+                view.sop_instance_uids.len(),
+                view.versions,
+                view.objects_deleted,
+                if view.objects_left > 0 {
+                    format!(
+                        " ({} shredded, deleted at the node's next start)",
+                        view.objects_left
+                    )
+                } else {
+                    String::new()
+                },
+                view.entries
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dicomchain: erase {what}: unexpected answer: {e}");
             ExitCode::from(2)
         }
     }

@@ -33,6 +33,8 @@ pub enum StartError {
     Forward(String),
     #[error("checkpoint signing key: {0}")]
     Key(String),
+    #[error("object master key (security.master_key_file): {0}")]
+    MasterKey(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -63,7 +65,11 @@ pub async fn run(
     )?;
     let head = ledger.head()?;
     info!(path = %cfg.ledger.path.display(), entries = head.map(|h| h.0).unwrap_or(0), "ledger open");
-    let store = Store::open(&cfg.store).await?;
+    let master = crate::store::MasterKey::load_or_create(&cfg.security.master_key_file)
+        .map_err(StartError::MasterKey)?;
+    let store = Store::open(&cfg.store)
+        .await?
+        .with_master_key(Some(std::sync::Arc::new(master)));
     info!(backend = ?cfg.store.backend, "object store open");
     match crate::ingest::reconcile(&ledger, &store).await {
         Ok(0) => {}
@@ -167,6 +173,7 @@ pub async fn run(
             ledger: ledger.clone(),
             acl: acl.clone(),
             changing: Default::default(),
+            store: ctx.services.store.clone(),
         };
         tokio::spawn(crate::metrics::serve_admin(
             l,

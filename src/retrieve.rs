@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use crate::instance::{self, Digest32, MetadataRecord};
 use crate::ledger::{Entry, Ledger, LedgerError, Reason};
 use crate::split::{self, Segment};
-use crate::store::{ObjectReader, Store, StoreError};
+use crate::store::{ObjectKey, ObjectReader, Store, StoreError};
 
 /// Why an instance could not be rebuilt. `Integrity` means the halves no longer match the ledger.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,9 @@ pub enum RetrieveError {
     Integrity(Reason, String),
     #[error("writing output: {0}")]
     Io(#[from] std::io::Error),
+    /// The instance was erased (not damage: nothing of it is left to send).
+    #[error("the instance of ledger entry {seq} was erased by entry {by}")]
+    Erased { seq: u64, by: u64 },
 }
 
 impl RetrieveError {
@@ -40,14 +43,45 @@ fn integrity(reason: Reason, msg: impl Into<String>) -> RetrieveError {
     RetrieveError::Integrity(reason, msg.into())
 }
 
+/// What rebuilding an instance needs besides the object store: its checked metadata record
+/// and the key record of its pixel object (none for a plaintext object).
+pub struct Instance {
+    pub record: MetadataRecord,
+    pub object_key: Option<ObjectKey>,
+}
+
+/// [`load_record`] and the key record of the entry's pixel object.
+pub fn load_instance(ledger: &Ledger, entry: &Entry) -> Result<Instance, RetrieveError> {
+    let record = load_record(ledger, entry)?;
+    let object_key = if entry.object_name.is_empty() {
+        None
+    } else {
+        ledger.object_key(&entry.object_name)?
+    };
+    Ok(Instance { record, object_key })
+}
+
+/// A read error of a pixel object: one that fails authentication is damage, not an outage.
+fn read_error(e: StoreError) -> RetrieveError {
+    match e {
+        StoreError::Damaged { name, reason } => {
+            integrity(Reason::Pixel, format!("pixel object {name}: {reason}"))
+        }
+        e => e.into(),
+    }
+}
+
 /// Loads and checks the metadata record an entry commits to.
 pub fn load_record(ledger: &Ledger, entry: &Entry) -> Result<MetadataRecord, RetrieveError> {
-    let raw = ledger.record(&entry.instance_key)?.ok_or_else(|| {
-        integrity(
+    let Some(raw) = ledger.record(&entry.instance_key)? else {
+        if let Some(by) = ledger.erased_by(entry.seq)? {
+            return Err(RetrieveError::Erased { seq: entry.seq, by });
+        }
+        return Err(integrity(
             Reason::Metadata,
             format!("metadata of ledger entry {} is missing", entry.seq),
-        )
-    })?;
+        ));
+    };
     if instance::instance_key(&raw) != entry.instance_key {
         return Err(integrity(
             Reason::Metadata,
@@ -68,17 +102,17 @@ pub fn load_record(ledger: &Ledger, entry: &Entry) -> Result<MetadataRecord, Ret
     Ok(record)
 }
 
-/// Rebuilds the data set of `entry` into `out` (any `std::io::Write`) from its `record`, which
-/// the caller got from [`load_record`] (already checked against the instance key), checking the
+/// Rebuilds the data set of `entry` into `out` (any `std::io::Write`) from its `instance`, which
+/// the caller got from [`load_instance`] (already checked against the instance key), checking the
 /// pixel and data set digests on the way. On error, `out` may hold partial data: callers must
 /// discard it.
 pub async fn rebuild<W: std::io::Write + Send>(
     store: &Store,
     entry: &Entry,
-    record: &MetadataRecord,
+    instance: &Instance,
     out: &mut W,
 ) -> Result<(), RetrieveError> {
-    rebuild_into(store, entry, record, &mut WriteSink(out)).await
+    rebuild_into(store, entry, instance, &mut WriteSink(out)).await
 }
 
 /// Where rebuilt bytes go.
@@ -146,9 +180,11 @@ impl Sink for ChunkSink {
 pub async fn rebuild_into<S: Sink>(
     store: &Store,
     entry: &Entry,
-    record: &MetadataRecord,
+    instance: &Instance,
     out: &mut S,
 ) -> Result<(), RetrieveError> {
+    let record = &instance.record;
+    let key = instance.object_key.as_ref();
     // One digest over everything sent: the data set digest covers the pixel bytes too, so the
     // pixel digest is computed only to name the damaged part once the data set one fails.
     let mut dataset_hash = Sha256::new();
@@ -162,7 +198,7 @@ pub async fn rebuild_into<S: Sink>(
                 "entry has pixel data but no object name",
             ))
         }
-        (_, name) => match store.open_read(name).await {
+        (_, name) => match store.open_read(name, key).await {
             Ok(r) => Some(BulkReader::new(r)),
             Err(StoreError::NotFound { name }) => {
                 return Err(integrity(
@@ -204,7 +240,7 @@ pub async fn rebuild_into<S: Sink>(
     }
     let dataset: Digest32 = dataset_hash.finalize().into();
     if dataset != record.dataset_sha256 {
-        if record.pixel_length > 0 && !pixel_object_matches(store, entry, record).await {
+        if record.pixel_length > 0 && !pixel_object_matches(store, entry, instance).await {
             return Err(integrity(
                 Reason::Pixel,
                 "pixel data does not match the ledger (SHA-256 differs)",
@@ -220,8 +256,12 @@ pub async fn rebuild_into<S: Sink>(
 
 /// Whether the pixel object still hashes to the recorded pixel digest (read again: only after
 /// a failed data set check, to say which half is damaged).
-async fn pixel_object_matches(store: &Store, entry: &Entry, record: &MetadataRecord) -> bool {
-    let Ok(r) = store.open_read(&entry.object_name).await else {
+async fn pixel_object_matches(store: &Store, entry: &Entry, instance: &Instance) -> bool {
+    let record = &instance.record;
+    let Ok(r) = store
+        .open_read(&entry.object_name, instance.object_key.as_ref())
+        .await
+    else {
         return false;
     };
     let mut reader = BulkReader::new(r);
@@ -257,7 +297,7 @@ impl BulkReader {
     /// Up to `max` next bytes (at least one); an integrity error at a premature end.
     async fn take(&mut self, max: u64) -> Result<Bytes, RetrieveError> {
         while self.pending.is_empty() {
-            match self.reader.next_chunk().await? {
+            match self.reader.next_chunk().await.map_err(read_error)? {
                 Some(c) => self.pending = c,
                 None => {
                     return Err(integrity(
@@ -273,7 +313,7 @@ impl BulkReader {
 
     async fn at_end(&mut self) -> Result<bool, RetrieveError> {
         while self.pending.is_empty() {
-            match self.reader.next_chunk().await? {
+            match self.reader.next_chunk().await.map_err(read_error)? {
                 Some(c) => self.pending = c,
                 None => return Ok(true),
             }

@@ -54,6 +54,14 @@ pub struct Report {
     pub acl_changes: u64,
     /// Audit records (associations, queries, retrievals).
     pub audit_records: u64,
+    /// Erasure entries, and the stored entries they erased (reported as erased, not damaged).
+    pub erase_entries: u64,
+    pub erased: u64,
+    /// One line per erasure entry: what it erased.
+    pub erasures: Vec<String>,
+    /// Pixel objects of erased instances still in the store (shredded: their key records are
+    /// gone; the node deletes them at its next start).
+    pub erased_objects_left: u64,
 }
 
 pub struct Options {
@@ -142,6 +150,10 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
     let mut prev = [0u8; 32];
     let mut named: HashSet<String> = HashSet::new();
     let mut with_objects: Vec<(String, crate::ledger::Entry)> = Vec::new();
+    // Stored entries, the ones erased since, and the problems of stored entries.
+    let mut stored: HashSet<u64> = HashSet::new();
+    let mut erased: HashSet<u64> = HashSet::new();
+    let mut deferred: Vec<(u64, Problem)> = Vec::new();
     let check_checkpoint = |size: u64, note: &str, root: Digest32, problems: &mut Vec<Problem>| {
         match checkpoint::verify(note, &vkey) {
             Err(e) => problems.push(Problem {
@@ -240,6 +252,34 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
             }
             return;
         }
+        if entry.event == crate::ledger::Event::Erase {
+            report.erase_entries += 1;
+            match crate::ledger::erase::erased_of(&entry) {
+                None => problems.push(Problem {
+                    subject: format!("entry {seq}"),
+                    what: "erasure entry with malformed or inconsistent sequence ranges".into(),
+                }),
+                Some(seqs) => {
+                    report.erasures.push(format!(
+                        "entry {seq} erased a {} ({} stored entries: {}), asked by {}",
+                        entry.peer, entry.subject_seq, entry.detail, entry.calling_ae
+                    ));
+                    for s in seqs {
+                        if stored.contains(&s) {
+                            erased.insert(s);
+                        } else {
+                            problems.push(Problem {
+                                subject: format!("entry {seq}"),
+                                what: format!(
+                                    "erasure names entry {s}, which is not an earlier stored instance"
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+            return;
+        }
         if entry.event == crate::ledger::Event::IntegrityFailure {
             report.events.push(format!(
                 "entry {}: {} in entry {}, found by {}",
@@ -250,20 +290,22 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
             ));
             return;
         }
+        // Problems of a stored entry count unless a later erasure entry erased it.
+        stored.insert(seq);
         let subject = match records.get(&entry.instance_key) {
             None => {
-                problems.push(Problem {
+                deferred.push((seq, Problem {
                     subject: format!("entry {seq}"),
                     what: "metadata record is missing".into(),
-                });
+                }));
                 format!("entry {seq}")
             }
             Some(RecordCheck::Bad { subject, what }) => {
                 let subject = subject.clone().unwrap_or_else(|| format!("entry {seq}"));
-                problems.push(Problem {
+                deferred.push((seq, Problem {
                     subject: subject.clone(),
                     what: what.clone(),
-                });
+                }));
                 subject
             }
             Some(RecordCheck::Good {
@@ -272,10 +314,10 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
                 dataset,
             }) => {
                 if *pixel != entry.pixel_sha256 || *dataset != entry.dataset_sha256 {
-                    problems.push(Problem {
+                    deferred.push((seq, Problem {
                         subject: sop.clone(),
                         what: "entry and metadata record disagree".into(),
-                    });
+                    }));
                 }
                 sop.clone()
             }
@@ -294,15 +336,48 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         });
     }
     progress.end();
+    problems.extend(
+        deferred
+            .into_iter()
+            .filter(|(seq, _)| !erased.contains(seq))
+            .map(|(_, p)| p),
+    );
+    // An erased instance keeps its entry; nothing else of it may remain on the ledger.
+    let mut erased_names = HashSet::new();
+    for (_, e) in with_objects.iter().filter(|(_, e)| erased.contains(&e.seq)) {
+        erased_names.insert(e.object_name.clone());
+        if ledger.object_key(&e.object_name)?.is_some() {
+            problems.push(Problem {
+                subject: format!("entry {}", e.seq),
+                what: "erased, but the key record of its pixel object is still on the ledger"
+                    .into(),
+            });
+        }
+    }
+    for &seq in &erased {
+        if let Some(e) = ledger.entry(seq)? {
+            if records.contains_key(&e.instance_key) {
+                problems.push(Problem {
+                    subject: format!("entry {seq}"),
+                    what: "erased, but its metadata record is still on the ledger".into(),
+                });
+            }
+        }
+    }
+    with_objects.retain(|(_, e)| !erased.contains(&e.seq));
+    report.erased = erased.len() as u64;
     if !opts.ledger_only {
-        let store = Store::open_read_only(&cfg.store).await?;
+        let store = Store::open_read_only(&cfg.store).await?.with_master_key(
+            crate::store::read_master_key(&cfg.security.master_key_file)?,
+        );
         let progress = Progress {
             on: progress.on,
             total: with_objects.len() as u64,
         };
         for (i, (subject, entry)) in with_objects.iter().enumerate() {
             progress.tick("pixel objects", i as u64 + 1);
-            match hash_object(&store, &entry.object_name).await {
+            let key = ledger.object_key(&entry.object_name)?;
+            match hash_object(&store, &entry.object_name, key.as_ref()).await {
                 Ok((len, digest)) => {
                     report.objects_checked += 1;
                     report.bytes_checked += len;
@@ -316,6 +391,13 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
                         });
                     }
                 }
+                Err(StoreError::Damaged { reason, .. }) => problems.push(Problem {
+                    subject: subject.clone(),
+                    what: format!(
+                        "pixel object {} differs from the ledger ({reason})",
+                        entry.object_name
+                    ),
+                }),
                 Err(StoreError::NotFound { .. }) => problems.push(Problem {
                     subject: subject.clone(),
                     what: format!("pixel object {} is missing", entry.object_name),
@@ -325,7 +407,10 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         }
         progress.end();
         for name in store.list().await? {
-            if !named.contains(&name) {
+            if erased_names.contains(&name) {
+                // Shredded (its key record is gone); deleted at the node's next start.
+                report.erased_objects_left += 1;
+            } else if !named.contains(&name) {
                 problems.push(Problem {
                     subject: format!("object {name}"),
                     what: if name.starts_with("staging/") {
@@ -410,8 +495,12 @@ fn check_records(
     Ok(out)
 }
 
-async fn hash_object(store: &Store, name: &str) -> Result<(u64, Digest32), StoreError> {
-    let mut r = store.open_read(name).await?;
+async fn hash_object(
+    store: &Store,
+    name: &str,
+    key: Option<&crate::store::ObjectKey>,
+) -> Result<(u64, Digest32), StoreError> {
+    let mut r = store.open_read(name, key).await?;
     let mut h = Sha256::new();
     let mut len = 0u64;
     while let Some(chunk) = r.next_chunk().await? {

@@ -292,6 +292,8 @@ fn no_patient_identifiers_reach_the_object_store() {
     assert_ok(&node.storescu(&[], &files), "storescu");
     let sent = support::read_part10(&files[0]).unwrap();
     let study_uid = dicom_study_uid(&files[0]);
+    // The objects are sealed: not even the pixel data is there in the clear.
+    let pixels = &sent.dataset[sent.dataset.len() - 64..];
     assert_no_identifiers(
         &node.dir.join("objects"),
         &[
@@ -300,7 +302,17 @@ fn no_patient_identifiers_reach_the_object_store() {
             b"PID-7734-XQ",
             study_uid.as_bytes(),
             sent.sop_instance_uid.as_bytes(),
+            pixels,
         ],
+    );
+    // Under a master key the node created for itself, readable by its owner only.
+    use std::os::unix::fs::PermissionsExt;
+    let key = std::fs::metadata(node.dir.join("var/master.key")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+    // And every instance still comes back byte for byte.
+    assert_eq!(
+        export_instance(&node, &sent.sop_instance_uid).dataset,
+        sent.dataset
     );
 }
 

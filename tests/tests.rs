@@ -10,6 +10,7 @@ mod forward;
 mod ledger;
 mod network;
 mod ops;
+mod privacy;
 mod reliability;
 mod retrieve;
 mod roundtrip;

@@ -237,6 +237,8 @@ pub(crate) enum PrepareError {
     Integrity(String),
     /// It cannot be rebuilt now (object store or ledger unavailable): may work later.
     Unavailable(String),
+    /// It was erased meanwhile: nothing to send, ever.
+    Erased(String),
 }
 
 /// Piece size of a streamed instance.
@@ -278,19 +280,20 @@ pub(crate) async fn prepare_entry(
     uid: Option<&str>,
     detector: &str,
 ) -> Result<Ready, PrepareError> {
-    let record = match retrieve::load_record(&services.ledger, &entry) {
+    let instance = match retrieve::load_instance(&services.ledger, &entry) {
         Ok(r) => r,
         Err(e) => return Err(failed_check(services, &entry, &e, detector)),
     };
     let (class, syntax) = (entry.sop_class_uid.clone(), entry.transfer_syntax.clone());
-    let uid = uid.map_or_else(|| record.sop_instance_uid.clone(), str::to_string);
+    let uid = uid.map_or_else(|| instance.record.sop_instance_uid.clone(), str::to_string);
     let ready = move |body| Ready {
         uid,
         sop_class_uid: class,
         transfer_syntax: syntax,
         body,
     };
-    if record.dataset_length > services.stream_above {
+    let dataset_length = instance.record.dataset_length;
+    if dataset_length > services.stream_above {
         let (tx, chunks) = mpsc::channel(2);
         let (done, verified) = tokio::sync::oneshot::channel();
         let services = services.clone();
@@ -298,7 +301,7 @@ pub(crate) async fn prepare_entry(
         tokio::spawn(async move {
             let mut sink = retrieve::ChunkSink::new(tx, STREAM_CHUNK);
             let result =
-                match retrieve::rebuild_into(&services.store, &entry, &record, &mut sink).await {
+                match retrieve::rebuild_into(&services.store, &entry, &instance, &mut sink).await {
                     Ok(()) => sink.finish().await.map_err(retrieve::RetrieveError::from),
                     Err(e) => Err(e),
                 };
@@ -318,8 +321,8 @@ pub(crate) async fn prepare_entry(
         });
         return Ok(ready(Body::Stream { chunks, verified }));
     }
-    let mut bytes = Vec::with_capacity(record.dataset_length as usize);
-    match retrieve::rebuild(&services.store, &entry, &record, &mut bytes).await {
+    let mut bytes = Vec::with_capacity(dataset_length as usize);
+    match retrieve::rebuild(&services.store, &entry, &instance, &mut bytes).await {
         Ok(()) => Ok(ready(Body::Whole(bytes))),
         Err(e) => Err(failed_check(services, &entry, &e, detector)),
     }
@@ -343,6 +346,9 @@ fn failed_check(
             warn!(error = %e, "cannot record the security event");
         }
         PrepareError::Integrity(reason.describe().to_string())
+    } else if let retrieve::RetrieveError::Erased { .. } = e {
+        info!(seq = entry.seq, "instance erased; not sent");
+        PrepareError::Erased(e.to_string())
     } else {
         warn!(seq = entry.seq, error = %e, "instance cannot be rebuilt");
         PrepareError::Unavailable(e.to_string())

@@ -628,6 +628,10 @@ impl Worker {
                     detail: format!("instance fails its ledger check: {why}"),
                     broken: false,
                 },
+                Err(PrepareError::Erased(why)) => Sent::GiveUp {
+                    detail: why,
+                    broken: false,
+                },
                 Err(PrepareError::Unavailable(why)) => Sent::Later {
                     detail: format!("cannot rebuild a queued instance: {why}"),
                     broken: false,

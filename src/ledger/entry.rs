@@ -48,6 +48,9 @@ pub enum Event {
     /// An audit record (association, query, retrieval): `version` holds its DICOM audit event
     /// ID (DCM 1101xx), `status` the outcome, `peer` the peer address or destination.
     Audit = 6,
+    /// Stored entries whose instances were erased (see `ledger::erase`): `peer` "study" or
+    /// "patient", `detail` their sequence numbers as ranges, `subject_seq` how many.
+    Erase = 7,
 }
 
 /// What an integrity failure found.
@@ -204,6 +207,7 @@ impl Entry {
             4 => Event::Grant,
             5 => Event::Revoke,
             6 => Event::Audit,
+            7 => Event::Erase,
             _ => return Err(EntryError("unknown event")),
         };
         let mut e = Entry {

@@ -89,7 +89,7 @@ fn error_key(destination: &str) -> Vec<u8> {
 }
 
 /// Splits `q\0DEST\0seq` / `f\0DEST\0seq` into (kind, DEST, seq).
-fn split_item(k: &[u8]) -> Option<(u8, &str, u64)> {
+pub(super) fn split_item(k: &[u8]) -> Option<(u8, &str, u64)> {
     if k.len() < 2 + 1 + 8 || k[1] != 0 {
         return None;
     }

@@ -33,6 +33,7 @@
 pub mod acl;
 pub mod checkpoint;
 pub mod entry;
+pub mod erase;
 pub mod forward;
 pub mod merkle;
 pub mod trail;
@@ -51,6 +52,7 @@ pub use entry::{Entry, Event, Reason};
 pub use forward::{ForwardOutcome, ForwardSummary, ForwardUpdate};
 
 use crate::instance::{Digest32, IndexAttrs, MetadataRecord};
+use crate::store::ObjectKey;
 
 const CF_ENTRIES: &str = "entries";
 const CF_META: &str = "meta";
@@ -59,6 +61,8 @@ const CF_TREE: &str = "tree";
 const CF_CHECKPOINTS: &str = "checkpoints";
 const CF_FORWARD: &str = "forward";
 const CF_PENDING: &str = "pending";
+/// Object name → key record of a sealed pixel object (see `store::sealed`): erasable.
+const CF_KEYS: &str = "keys";
 /// Longest an association waits for its ledger write.
 const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 /// How often the committer reads the event spool.
@@ -87,6 +91,8 @@ pub enum LedgerError {
     Timeout(std::time::Duration),
     #[error("ledger is open read-only")]
     ReadOnly,
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// A request to record one stored instance.
@@ -97,6 +103,8 @@ pub struct StoreRequest {
     pub record: Vec<u8>,
     pub summary: RecordSummary,
     pub object_name: Option<String>,
+    /// The key record of a sealed pixel object (kept under its name in the `keys` column family).
+    pub object_key: Option<ObjectKey>,
     pub attrs: IndexAttrs,
     /// Destinations (peer names) the new entry is queued for, in the same batch.
     pub forward_to: Vec<String>,
@@ -152,6 +160,12 @@ enum Job {
         record: trail::AuditRecord,
         reply: oneshot::Sender<Result<u64, LedgerError>>,
     },
+    /// Runs alone in its group.
+    Erase {
+        scope: erase::EraseScope,
+        by: String,
+        reply: oneshot::Sender<Result<erase::Erased, LedgerError>>,
+    },
 }
 
 /// What planning a job gave, before the group is written.
@@ -160,6 +174,7 @@ enum Planned {
     Forward(Result<u64, LedgerError>),
     Acl(Result<u64, LedgerError>),
     Audit(Result<u64, LedgerError>),
+    Erase(Result<erase::Erased, LedgerError>),
 }
 
 /// Signing of checkpoints by the node.
@@ -193,29 +208,32 @@ struct Inner {
     forward_wakeup: Arc<tokio::sync::Notify>,
 }
 
+const ALL_CFS: [&str; 8] = [
+    CF_ENTRIES,
+    CF_META,
+    CF_INDEX,
+    CF_TREE,
+    CF_CHECKPOINTS,
+    CF_FORWARD,
+    CF_PENDING,
+    CF_KEYS,
+];
+
 fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
-    [
-        CF_ENTRIES,
-        CF_META,
-        CF_INDEX,
-        CF_TREE,
-        CF_CHECKPOINTS,
-        CF_FORWARD,
-        CF_PENDING,
-    ]
-    .into_iter()
-    .map(|name| {
-        let mut o = Options::default();
-        o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        // Every new instance looks up its SOP Instance UID, which is usually absent: a bloom
-        // filter answers that without reading index blocks.
-        let mut table = rocksdb::BlockBasedOptions::default();
-        table.set_bloom_filter(10.0, false);
-        o.set_block_based_table_factory(&table);
-        o.set_write_buffer_size(64 * 1024 * 1024);
-        ColumnFamilyDescriptor::new(name, o)
-    })
-    .collect()
+    ALL_CFS
+        .into_iter()
+        .map(|name| {
+            let mut o = Options::default();
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            // Every new instance looks up its SOP Instance UID, which is usually absent: a bloom
+            // filter answers that without reading index blocks.
+            let mut table = rocksdb::BlockBasedOptions::default();
+            table.set_bloom_filter(10.0, false);
+            o.set_block_based_table_factory(&table);
+            o.set_write_buffer_size(64 * 1024 * 1024);
+            ColumnFamilyDescriptor::new(name, o)
+        })
+        .collect()
 }
 
 fn db_options() -> Options {
@@ -416,10 +434,37 @@ impl Ledger {
             let key: Digest32 = v[..]
                 .try_into()
                 .map_err(|_| LedgerError::Corrupt(format!("pending object {name}: bad key")))?;
-            let named = self.record(&key)?.is_some();
+            let named = self.names_object(&name, &key)?;
             out.push((name, key, named));
         }
         Ok(out)
+    }
+
+    /// Whether a ledger entry names object `name` of instance `key`: a sealed object has its
+    /// key record (written in the same batch as its entry); a plaintext one (written before
+    /// sealing) is named by the instance key alone.
+    fn names_object(&self, name: &str, key: &Digest32) -> Result<bool, LedgerError> {
+        if self.object_key(name)?.is_some() {
+            return Ok(true);
+        }
+        Ok(crate::instance::object_name(key) == name && self.record(key)?.is_some())
+    }
+
+    /// The key record of a sealed pixel object, if the ledger holds one under this name.
+    pub fn object_key(&self, name: &str) -> Result<Option<ObjectKey>, LedgerError> {
+        let Some(cf) = self.inner.db.cf_handle(CF_KEYS) else {
+            // A secondary view of a ledger the node has not opened since sealing began.
+            return Ok(None);
+        };
+        self.inner
+            .db
+            .get_cf(cf, name.as_bytes())
+            .map_err(LedgerError::Read)?
+            .map(|v| {
+                ObjectKey::decode(&v)
+                    .map_err(|e| LedgerError::Corrupt(format!("key record of object {name}: {e}")))
+            })
+            .transpose()
     }
 
     /// Forgets a pending-object note (after the object was found recorded, or deleted).
@@ -1061,22 +1106,32 @@ impl Committer {
         self.drain_spool();
         let mut last_drain = std::time::Instant::now();
         self.maybe_checkpoint(true);
+        let mut held: Option<Job> = None;
         loop {
             if last_drain.elapsed() >= SPOOL_INTERVAL {
                 self.drain_spool();
                 last_drain = std::time::Instant::now();
             }
-            let first = match rx.recv_timeout(tick) {
-                Ok(job) => job,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.maybe_checkpoint(false);
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            let first = match held.take() {
+                Some(job) => job,
+                None => match rx.recv_timeout(tick) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.maybe_checkpoint(false);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                },
             };
+            // An erasure reads the index as the database has it: it runs in a group of its own.
+            let alone = matches!(first, Job::Erase { .. });
             let mut jobs = vec![first];
-            while jobs.len() < MAX_GROUP {
+            while !alone && jobs.len() < MAX_GROUP {
                 match rx.try_recv() {
+                    Ok(j @ Job::Erase { .. }) => {
+                        held = Some(j);
+                        break;
+                    }
                     Ok(j) => jobs.push(j),
                     Err(_) => break,
                 }
@@ -1094,6 +1149,9 @@ impl Committer {
                         let _ = reply.send(r);
                     }
                     (Job::Audit { reply, .. }, Planned::Audit(r)) => {
+                        let _ = reply.send(r);
+                    }
+                    (Job::Erase { reply, .. }, Planned::Erase(r)) => {
                         let _ = reply.send(r);
                     }
                     _ => unreachable!("results follow their jobs"),
@@ -1292,6 +1350,7 @@ impl Committer {
                         Job::Forward { .. } => Planned::Forward(Err(err())),
                         Job::Acl { .. } => Planned::Acl(Err(err())),
                         Job::Audit { .. } => Planned::Audit(Err(err())),
+                        Job::Erase { .. } => Planned::Erase(Err(err())),
                     })
                     .collect();
             }
@@ -1303,13 +1362,19 @@ impl Committer {
                 Job::Forward { update, .. } => Planned::Forward(plan.forward(update)),
                 Job::Acl { change, .. } => Planned::Acl(plan.acl(change)),
                 Job::Audit { record, .. } => Planned::Audit(plan.audit(record)),
+                Job::Erase { scope, by, .. } => Planned::Erase(plan.erase(scope, by)),
             })
             .collect();
-        // Only pending-object notes to forget (duplicates): no fsync needed, a lost deletion
-        // is found recorded at the next start.
-        let sync = !plan.batch.is_empty();
+        // A failed erasure may have planned part of its entries: nothing of it is written
+        // (it runs alone, so the batch holds nothing else).
+        if matches!(planned.as_slice(), [Planned::Erase(Err(_))]) {
+            return planned;
+        }
+        // A duplicate's object is named by no entry: its note stays until ingest deleted it.
         for (job, planned) in jobs.iter().zip(&planned) {
-            if let (Job::Store { req, .. }, Planned::Store(Ok(_))) = (job, planned) {
+            if let (Job::Store { req, .. }, Planned::Store(Ok(StoreOutcome::Stored { .. }))) =
+                (job, planned)
+            {
                 if let Some(name) = &req.object_name {
                     plan.batch.delete_cf(plan.cf_pending, name.as_bytes());
                 }
@@ -1319,11 +1384,15 @@ impl Committer {
             return planned;
         }
         let mut wo = WriteOptions::default();
-        wo.set_sync(sync);
+        wo.set_sync(true);
         let enqueued = plan.enqueued;
+        let erased = plan.erased;
         match self.db.write_opt(plan.batch, &wo) {
             Ok(()) => {
                 self.head = plan.head;
+                if erased {
+                    Ledger::compact_after_erasure(&self.db);
+                }
                 if enqueued {
                     self.forward_wakeup.notify_waiters();
                 }
@@ -1345,6 +1414,7 @@ impl Committer {
                         }
                         Planned::Acl(Ok(_)) => Planned::Acl(Err(LedgerError::Write(e.clone()))),
                         Planned::Audit(Ok(_)) => Planned::Audit(Err(LedgerError::Write(e.clone()))),
+                        Planned::Erase(Ok(_)) => Planned::Erase(Err(LedgerError::Write(e.clone()))),
                         other => other,
                     })
                     .collect()
@@ -1363,9 +1433,12 @@ struct Group<'a> {
     cf_tree: &'a rocksdb::ColumnFamily,
     cf_forward: &'a rocksdb::ColumnFamily,
     cf_pending: &'a rocksdb::ColumnFamily,
+    cf_keys: &'a rocksdb::ColumnFamily,
     batch: WriteBatch,
     /// Something was put on the forward queue.
     enqueued: bool,
+    /// An erasure is planned (its values are compacted away after the write).
+    erased: bool,
     /// Forward queue keys settled in this group (so a second outcome for one is ignored).
     settled: std::collections::HashSet<Vec<u8>>,
     head: Option<(u64, Digest32)>,
@@ -1390,8 +1463,10 @@ impl<'a> Group<'a> {
             cf_tree: cf(CF_TREE)?,
             cf_forward: cf(CF_FORWARD)?,
             cf_pending: cf(CF_PENDING)?,
+            cf_keys: cf(CF_KEYS)?,
             batch: WriteBatch::default(),
             enqueued: false,
+            erased: false,
             settled: Default::default(),
             head,
             pending: HashMap::new(),
@@ -1518,6 +1593,10 @@ impl<'a> Group<'a> {
         // From here on nothing fails.
         self.batch
             .put_cf(self.cf_meta, req.instance_key, &req.record);
+        if let (Some(name), Some(key)) = (&req.object_name, &req.object_key) {
+            self.batch
+                .put_cf(self.cf_keys, name.as_bytes(), key.encode());
+        }
         let mut latest = seq.to_be_bytes().to_vec();
         latest.extend_from_slice(&version.to_be_bytes());
         self.batch.put_cf(self.cf_index, sop_key(uid), latest);
@@ -1572,6 +1651,7 @@ mod tests {
                 dataset_length: 10,
             },
             object_name: None,
+            object_key: None,
             attrs: IndexAttrs {
                 sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
                 sop_instance_uid: sop.into(),
@@ -1582,6 +1662,92 @@ mod tests {
             },
             forward_to: vec![],
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn erasure_removes_all_but_the_entries_and_records_what_it_erased() {
+        use erase::{EraseScope, Erased};
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let with_object = |sop: &str, study: &str, key: u8| StoreRequest {
+            object_name: Some(format!("obj{key}")),
+            object_key: Some(ObjectKey { salt: [key; 32] }),
+            forward_to: vec!["archive".into()],
+            ..request(sop, study, key)
+        };
+        for (sop, study, key) in [
+            ("1.1", "9", 1),
+            ("1.2", "9", 2),
+            ("2.1", "8", 3),
+            ("1.1", "9", 4),
+        ] {
+            ledger.store(with_object(sop, study, key)).await.unwrap();
+        }
+        let erased = ledger
+            .erase(EraseScope::Study("9".into()), "admin-api".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            erased,
+            Erased {
+                entries: vec![5],
+                instances: vec!["1.1".into(), "1.2".into()],
+                versions: 3,
+                objects: vec![
+                    ("obj1".into(), [1; 32]),
+                    ("obj2".into(), [2; 32]),
+                    ("obj4".into(), [4; 32]),
+                ],
+            }
+        );
+        let e = ledger.entry(5).unwrap().unwrap();
+        assert_eq!(
+            (e.event, e.peer.as_str(), e.detail.as_str()),
+            (Event::Erase, "study", "1-2,4")
+        );
+        assert_eq!(erase::erased_of(&e), Some(vec![1, 2, 4]));
+        for (seq, key) in [(1u64, 1u8), (2, 2), (4, 4)] {
+            assert_eq!(ledger.erased_by(seq).unwrap(), Some(5));
+            assert!(ledger.record(&[key; 32]).unwrap().is_none());
+            assert!(ledger.object_key(&format!("obj{key}")).unwrap().is_none());
+        }
+        assert!(ledger.instances_in_study("9").unwrap().is_empty());
+        assert!(
+            ledger.latest("1.1").unwrap().is_none() && ledger.versions("1.1").unwrap().is_empty()
+        );
+        let mut pending: Vec<String> = ledger
+            .pending_objects()
+            .unwrap()
+            .into_iter()
+            .map(|p| {
+                assert!(!p.2, "an erased object is not named any more");
+                p.0
+            })
+            .collect();
+        pending.sort();
+        assert_eq!(pending, ["obj1", "obj2", "obj4"]);
+        // The forward queue keeps only the other study's item.
+        let queued = ledger.forward_pending("archive", 0, 100).unwrap();
+        assert_eq!(queued, vec![3]);
+        // The other study is untouched; nothing left to erase is an error, and writes nothing.
+        assert_eq!(
+            ledger.instances_in_study("8").unwrap(),
+            vec!["2.1".to_string()]
+        );
+        assert_eq!(ledger.erased_by(3).unwrap(), None);
+        assert!(matches!(
+            ledger
+                .erase(EraseScope::Study("9".into()), "x".into())
+                .await,
+            Err(LedgerError::NotFound(_))
+        ));
+        assert_eq!(ledger.len().unwrap(), 5);
+        let erased = ledger
+            .erase(EraseScope::Patient("P".into()), "admin-api".into())
+            .await
+            .unwrap();
+        assert_eq!((erased.entries, erased.versions), (vec![6], 1));
+        assert!(ledger.instances_in_study("8").unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread")]

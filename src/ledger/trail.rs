@@ -40,12 +40,13 @@ pub fn event_name(id: u32) -> &'static str {
 
 /// The audit event an entry stands for: its own ID for an audit record; stored instances and
 /// forward outcomes are instance transfers; integrity failures, grants and revocations are
-/// security alerts.
+/// security alerts; erasures are study deletions.
 pub fn atna(e: &Entry) -> u32 {
     match e.event {
         Event::Audit => e.version,
         Event::Store | Event::Forward => id::INSTANCES_TRANSFERRED,
         Event::IntegrityFailure | Event::Grant | Event::Revoke => id::SECURITY_ALERT,
+        Event::Erase => id::STUDY_DELETED,
     }
 }
 

@@ -1,7 +1,8 @@
 //! Object storage for the pixel half of every instance.
 //!
-//! The store only ever sees opaque names (hex digests derived from the instance key) and pixel bytes:
-//! no patient data, no UIDs. Two backends share one interface:
+//! The store only ever sees opaque names and sealed pixel bytes: no patient data, no UIDs, no
+//! plaintext (see [`sealed`]: AES-256-GCM in chunks, a data key and a keyed name per object, the
+//! key records kept on the ledger). Two backends share one interface:
 //! - [`fs`]: the embedded default, a local directory (temp file → fsync → rename → fsync directory);
 //! - [`s3`]: MinIO or any S3-compatible server, over HTTP(S), through the `minio` crate.
 //!
@@ -11,12 +12,16 @@
 
 pub mod fs;
 pub mod s3;
+pub mod sealed;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::config::{StoreBackend, StoreConfig};
+use crate::instance::Digest32;
+pub use sealed::{MasterKey, ObjectKey};
 
 /// Errors of the object store. Every variant says which object (by opaque name) and what failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,23 +40,60 @@ pub enum StoreError {
     Timeout { what: String, after: Duration },
     #[error("invalid object store configuration: {0}")]
     Config(String),
+    /// The object's bytes are not what was sealed: altered, truncated, or another key.
+    #[error("object {name} is damaged: {reason}")]
+    Damaged {
+        name: String,
+        reason: sealed::SealError,
+    },
+    #[error("object {name} is encrypted and no master key is loaded ({hint})")]
+    NoMasterKey { name: String, hint: String },
 }
 
-/// A cheap, cloneable handle on the configured backend.
+/// Reads the master key for a command beside the node (export, verify): `None` when the file
+/// does not exist (then only plaintext objects can be read, and a sealed one says why not).
+pub fn read_master_key(path: &std::path::Path) -> Result<Option<Arc<MasterKey>>, StoreError> {
+    MasterKey::load(path)
+        .map(|k| k.map(Arc::new))
+        .map_err(|e| StoreError::Config(format!("security.master_key_file: {e}")))
+}
+
+/// A cheap, cloneable handle on the configured backend, with the master key that seals new
+/// objects and opens sealed ones.
 #[derive(Clone, Debug)]
-pub enum Store {
+pub struct Store {
+    backend: Backend,
+    master: Option<Arc<MasterKey>>,
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
     Fs(fs::FsStore),
     S3(s3::S3Store),
 }
 
 /// A staged write of one object.
-pub enum Upload {
+pub struct Upload {
+    inner: UploadBackend,
+    /// Sealing state and the key record that goes on the ledger (none: a plaintext object).
+    sealing: Option<(sealed::Sealer, ObjectKey, Arc<MasterKey>)>,
+    out: Vec<u8>,
+}
+
+enum UploadBackend {
     Fs(fs::FsUpload),
     S3(s3::S3Upload),
 }
 
-/// A streaming read of one object.
-pub enum ObjectReader {
+/// A streaming read of one object (decrypted when it is sealed).
+pub struct ObjectReader {
+    inner: ReaderBackend,
+    opener: Option<sealed::Opener>,
+    name: String,
+    done: bool,
+}
+
+enum ReaderBackend {
     Fs(fs::FsReader),
     S3(s3::S3Reader),
 }
@@ -59,57 +101,113 @@ pub enum ObjectReader {
 impl Store {
     /// Opens the backend named by the configuration, creating the directory or checking the bucket.
     pub async fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
-        match cfg.backend {
-            StoreBackend::Fs => Ok(Store::Fs(fs::FsStore::open(&cfg.fs.root).await?)),
-            StoreBackend::S3 => Ok(Store::S3(s3::S3Store::open(&cfg.s3, cfg.timeout()).await?)),
-        }
+        let backend = match cfg.backend {
+            StoreBackend::Fs => Backend::Fs(fs::FsStore::open(&cfg.fs.root).await?),
+            StoreBackend::S3 => Backend::S3(s3::S3Store::open(&cfg.s3, cfg.timeout()).await?),
+        };
+        Ok(Store {
+            backend,
+            master: None,
+        })
     }
 
     /// Opens the backend for reading only, beside a node that may be running (no cleanup).
     pub async fn open_read_only(cfg: &StoreConfig) -> Result<Store, StoreError> {
-        match cfg.backend {
-            StoreBackend::Fs => Ok(Store::Fs(fs::FsStore::open_read_only(&cfg.fs.root).await?)),
-            StoreBackend::S3 => Ok(Store::S3(s3::S3Store::open(&cfg.s3, cfg.timeout()).await?)),
+        let backend = match cfg.backend {
+            StoreBackend::Fs => Backend::Fs(fs::FsStore::open_read_only(&cfg.fs.root).await?),
+            StoreBackend::S3 => Backend::S3(s3::S3Store::open(&cfg.s3, cfg.timeout()).await?),
+        };
+        Ok(Store {
+            backend,
+            master: None,
+        })
+    }
+
+    /// A local directory store (tests and tools).
+    pub fn from_fs(store: fs::FsStore) -> Store {
+        Store {
+            backend: Backend::Fs(store),
+            master: None,
         }
     }
 
-    /// Starts a staged upload.
+    /// Seals every new object under this master key and opens sealed ones with it. Without a
+    /// master key new objects are plaintext (format 1) and sealed ones cannot be read.
+    pub fn with_master_key(mut self, master: Option<Arc<MasterKey>>) -> Store {
+        self.master = master;
+        self
+    }
+
+    /// Starts a staged upload (sealed when a master key is set).
     pub async fn begin(&self) -> Result<Upload, StoreError> {
-        match self {
-            Store::Fs(s) => Ok(Upload::Fs(s.begin().await?)),
-            Store::S3(s) => Ok(Upload::S3(s.begin().await?)),
+        let inner = match &self.backend {
+            Backend::Fs(s) => UploadBackend::Fs(s.begin().await?),
+            Backend::S3(s) => UploadBackend::S3(s.begin().await?),
+        };
+        let mut upload = Upload {
+            inner,
+            sealing: None,
+            out: Vec::new(),
+        };
+        if let Some(master) = &self.master {
+            let (key, sealer) = master.sealer();
+            let header = sealer.header();
+            upload.sealing = Some((sealer, key, master.clone()));
+            upload.inner_write(&header).await?;
         }
+        Ok(upload)
     }
 
-    /// Opens an object for a streaming read.
-    pub async fn open_read(&self, name: &str) -> Result<ObjectReader, StoreError> {
-        match self {
-            Store::Fs(s) => Ok(ObjectReader::Fs(s.open_read(name).await?)),
-            Store::S3(s) => Ok(ObjectReader::S3(s.open_read(name).await?)),
-        }
+    /// Opens an object for a streaming read; `key` is its key record from the ledger (none for
+    /// a plaintext object written before sealing).
+    pub async fn open_read(
+        &self,
+        name: &str,
+        key: Option<&ObjectKey>,
+    ) -> Result<ObjectReader, StoreError> {
+        let opener = match (key, &self.master) {
+            (None, _) => None,
+            (Some(k), Some(m)) => Some(m.opener(k)),
+            (Some(_), None) => {
+                return Err(StoreError::NoMasterKey {
+                    name: name.into(),
+                    hint: "set security.master_key_file to the node's key file".into(),
+                })
+            }
+        };
+        let inner = match &self.backend {
+            Backend::Fs(s) => ReaderBackend::Fs(s.open_read(name).await?),
+            Backend::S3(s) => ReaderBackend::S3(s.open_read(name).await?),
+        };
+        Ok(ObjectReader {
+            inner,
+            opener,
+            name: name.into(),
+            done: false,
+        })
     }
 
     /// Whether an object exists under this name.
     pub async fn exists(&self, name: &str) -> Result<bool, StoreError> {
-        match self {
-            Store::Fs(s) => s.exists(name).await,
-            Store::S3(s) => s.exists(name).await,
+        match &self.backend {
+            Backend::Fs(s) => s.exists(name).await,
+            Backend::S3(s) => s.exists(name).await,
         }
     }
 
     /// Names of every object in the store (for the audit's orphan scan).
     pub async fn list(&self) -> Result<Vec<String>, StoreError> {
-        match self {
-            Store::Fs(s) => s.list().await,
-            Store::S3(s) => s.list().await,
+        match &self.backend {
+            Backend::Fs(s) => s.list().await,
+            Backend::S3(s) => s.list().await,
         }
     }
 
     /// Deletes an object; deleting a missing object is not an error.
     pub async fn delete(&self, name: &str) -> Result<(), StoreError> {
-        match self {
-            Store::Fs(s) => s.delete(name).await,
-            Store::S3(s) => s.delete(name).await,
+        match &self.backend {
+            Backend::Fs(s) => s.delete(name).await,
+            Backend::S3(s) => s.delete(name).await,
         }
     }
 }
@@ -117,44 +215,112 @@ impl Store {
 impl Upload {
     /// Bytes of the object this upload holds in memory (not yet handed to the backend).
     pub fn buffered(&self) -> usize {
-        match self {
-            Upload::Fs(_) => 0,
-            Upload::S3(u) => u.buffered(),
+        let sealing = self.sealing.as_ref().map(|s| s.0.buffered()).unwrap_or(0);
+        let backend = match &self.inner {
+            UploadBackend::Fs(_) => 0,
+            UploadBackend::S3(u) => u.buffered(),
+        };
+        backend + sealing + self.out.capacity()
+    }
+
+    async fn inner_write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        match &mut self.inner {
+            UploadBackend::Fs(u) => u.write(data).await,
+            UploadBackend::S3(u) => u.write(data).await,
         }
     }
 
     /// Appends bytes to the staged object.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
-        match self {
-            Upload::Fs(u) => u.write(data).await,
-            Upload::S3(u) => u.write(data).await,
+        match &mut self.sealing {
+            None => self.inner_write(data).await,
+            Some((sealer, _, _)) => {
+                let mut out = std::mem::take(&mut self.out);
+                sealer.push(data, &mut out);
+                let r = if out.is_empty() {
+                    Ok(())
+                } else {
+                    self.inner_write(&out).await
+                };
+                out.clear();
+                self.out = out;
+                r
+            }
+        }
+    }
+
+    /// The name this object will have as the pixel data of `instance_key`, and its key record
+    /// for the ledger (none for a plaintext object).
+    pub fn name_for(&self, instance_key: &Digest32) -> (String, Option<ObjectKey>) {
+        match &self.sealing {
+            Some((_, key, master)) => (master.object_name(instance_key, key), Some(key.clone())),
+            None => (crate::instance::object_name(instance_key), None),
         }
     }
 
     /// Makes the object durable and visible under `name`. Committing the same bytes under an
     /// existing name is allowed and leaves one object.
-    pub async fn commit(self, name: &str) -> Result<(), StoreError> {
-        match self {
-            Upload::Fs(u) => u.commit(name).await,
-            Upload::S3(u) => u.commit(name).await,
+    pub async fn commit(mut self, name: &str) -> Result<(), StoreError> {
+        if let Some((sealer, _, _)) = self.sealing.take() {
+            let mut out = std::mem::take(&mut self.out);
+            sealer.finish(&mut out);
+            self.inner_write(&out).await?;
+        }
+        match self.inner {
+            UploadBackend::Fs(u) => u.commit(name).await,
+            UploadBackend::S3(u) => u.commit(name).await,
         }
     }
 
     /// Discards the staged bytes. Best effort: errors are logged, not returned.
     pub async fn abort(self) {
-        match self {
-            Upload::Fs(u) => u.abort().await,
-            Upload::S3(u) => u.abort().await,
+        match self.inner {
+            UploadBackend::Fs(u) => u.abort().await,
+            UploadBackend::S3(u) => u.abort().await,
         }
     }
 }
 
 impl ObjectReader {
-    /// The next chunk of the object, or `None` at the end.
+    async fn inner_next(&mut self) -> Result<Option<Bytes>, StoreError> {
+        match &mut self.inner {
+            ReaderBackend::Fs(r) => r.next_chunk().await,
+            ReaderBackend::S3(r) => r.next_chunk().await,
+        }
+    }
+
+    /// The next chunk of the object (plaintext), or `None` at the end. A sealed object that
+    /// fails authentication gives [`StoreError::Damaged`].
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoreError> {
-        match self {
-            ObjectReader::Fs(r) => r.next_chunk().await,
-            ObjectReader::S3(r) => r.next_chunk().await,
+        loop {
+            if self.opener.is_none() {
+                // Plaintext, or a sealed object already read to its end.
+                return if self.done {
+                    Ok(None)
+                } else {
+                    self.inner_next().await
+                };
+            }
+            let next = self.inner_next().await?;
+            let damaged = |reason| StoreError::Damaged {
+                name: self.name.clone(),
+                reason,
+            };
+            match next {
+                Some(sealed) => {
+                    let opener = self.opener.as_mut().expect("checked above");
+                    let plain = opener.push(&sealed).map_err(damaged)?;
+                    if !plain.is_empty() {
+                        return Ok(Some(plain.into()));
+                    }
+                }
+                None => {
+                    let opener = self.opener.take().expect("checked above");
+                    self.done = true;
+                    let plain = opener.finish().map_err(damaged)?;
+                    return Ok((!plain.is_empty()).then(|| plain.into()));
+                }
+            }
         }
     }
 }
