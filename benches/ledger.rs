@@ -36,6 +36,8 @@ fn request(i: u64) -> StoreRequest {
         summary: RecordSummary::of(&record),
         record: encoded,
         object_name: Some(object_name(&key)),
+        // Every new object is sealed: its key record goes in the entry's batch.
+        object_key: Some(dicomchain::store::ObjectKey { salt: key }),
         attrs: IndexAttrs {
             sop_class_uid: record.sop_class_uid.clone(),
             sop_instance_uid: uid,

@@ -6,6 +6,8 @@
 //! - `POST /v1/grant`, `POST /v1/revoke` with `{"ae": "CT1", "permissions": ["store"]}`: a grant
 //!   or revoke entry on the ledger, applied to the running node once durable; answers
 //!   `{"seq": N}`.
+//! - `GET /v1/audit?since=…&ae=…&event=…`: the audit trail as `{"events": [...]}` (the objects
+//!   of `dicomchain audit --json`);
 //! - `POST /v1/erase` with `{"study": "UID"}` or `{"patient": "ID"}`: erases every instance of it
 //!   by crypto-shredding (see `ledger::erase`), then deletes its pixel objects; answers what was
 //!   erased (404 when nothing was found).
@@ -193,6 +195,30 @@ pub async fn handle(req: Request<hyper::body::Incoming>, api: &Api) -> Response<
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("ledger: {e}")),
             }
         }
+        (hyper::Method::GET, "/v1/audit") => {
+            let filter = match audit_filter(req.uri().query().unwrap_or("")) {
+                Ok(f) => f,
+                Err(why) => return error(StatusCode::BAD_REQUEST, &why),
+            };
+            let ledger = api.ledger.clone();
+            let lines =
+                tokio::task::spawn_blocking(move || crate::audit::trail_of(&ledger, &filter, true))
+                    .await;
+            match lines {
+                Ok(Ok(text)) => {
+                    let events: Vec<serde_json::Value> = text
+                        .lines()
+                        .filter_map(|l| serde_json::from_str(l).ok())
+                        .collect();
+                    json(
+                        StatusCode::OK,
+                        serde_json::json!({ "events": events }).to_string(),
+                    )
+                }
+                Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("ledger: {e}")),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
+        }
         (hyper::Method::POST, "/v1/erase") => {
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
@@ -221,45 +247,192 @@ pub async fn handle(req: Request<hyper::body::Incoming>, api: &Api) -> Response<
     }
 }
 
-/// Records the erasure, then deletes the shredded objects (each one's pending note goes once
-/// it is deleted; one that cannot be deleted now is deleted at the next start).
-async fn erase(api: &Api, scope: EraseScope) -> Response<Full<Bytes>> {
-    let erased = match api.ledger.erase(scope, "admin-api".into()).await {
-        Ok(e) => e,
-        Err(LedgerError::NotFound(why)) => return error(StatusCode::NOT_FOUND, &why),
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &format!("ledger: {e}")),
-    };
-    let (mut deleted, mut left) = (0, 0);
-    for (name, _) in &erased.objects {
-        let gone = tokio::time::timeout(std::time::Duration::from_secs(30), api.store.delete(name))
-            .await
-            .map_err(|_| "timed out".to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        match gone {
-            Ok(()) => {
-                deleted += 1;
-                if let Err(e) = api.ledger.clear_pending(name) {
-                    tracing::warn!(object = %name, error = %e, "cannot clear a pending-object note");
-                }
+/// `since=…&ae=…&event=…` (each optional; `since` as `dicomchain audit --since` takes it).
+fn audit_filter(query: &str) -> Result<crate::audit::TrailFilter, String> {
+    let mut f = crate::audit::TrailFilter::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v).ok_or_else(|| format!("{k}: bad percent-encoding"))?;
+        match k {
+            "since" => {
+                f.since_micros =
+                    Some(crate::audit::parse_since(&v).ok_or(
+                        "since: use YYYY-MM-DD[THH:MM:SS] (UTC) or seconds since the epoch",
+                    )?)
             }
-            Err(e) => {
-                left += 1;
-                tracing::warn!(object = %name, error = %e, "cannot delete an erased instance's object now (shredded; deleted at the next start)");
+            "ae" => f.ae = Some(v),
+            "event" => {
+                f.event = Some(
+                    v.parse()
+                        .map_err(|_| "event: an audit event ID such as 110112")?,
+                )
+            }
+            other => {
+                return Err(format!(
+                    "unknown query parameter {other:?} (since, ae, event)"
+                ))
             }
         }
     }
-    tracing::info!(entries = ?erased.entries, instances = erased.instances.len(), versions = erased.versions, deleted, left, "erased");
+    Ok(f)
+}
+
+/// `%XX` and `+` decoding of a query value; `None` for a malformed escape or non-UTF-8 result.
+fn percent_decode(v: &str) -> Option<String> {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Records the erasure, then deletes the shredded objects (each one's pending note goes once
+/// it is deleted; one that cannot be deleted now is deleted at the next start).
+async fn erase(api: &Api, scope: EraseScope) -> Response<Full<Bytes>> {
+    if let Err(why) = valid_scope(&scope) {
+        return error(StatusCode::BAD_REQUEST, &why);
+    }
+    let erased = match api.ledger.erase(scope, "admin-api".into()).await {
+        Ok(e) => e,
+        Err(LedgerError::NotFound(why)) => return error(StatusCode::NOT_FOUND, &why),
+        Err(LedgerError::Invalid(why)) => return error(StatusCode::BAD_REQUEST, &why),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &format!("ledger: {e}")),
+    };
+    // The objects go in the background (the answer must come before the admin connection's
+    // limit, a large study on S3 may take longer); the answer says how far it got by then.
+    let total = erased.objects.len() as u64;
+    let (first_pass, done) = tokio::sync::oneshot::channel();
+    tokio::spawn(delete_erased_objects(
+        api.store.clone(),
+        api.ledger.clone(),
+        erased.objects,
+        first_pass,
+    ));
+    let deleted = match tokio::time::timeout(ERASE_ANSWER_WITHIN, done).await {
+        Ok(Ok(n)) => n,
+        _ => 0,
+    };
+    tracing::info!(entries = ?erased.entries, instances = erased.instances.len(), versions = erased.versions, deleted, left = total - deleted, "erased");
     let view = EraseView {
         entries: erased.entries,
         sop_instance_uids: erased.instances,
         versions: erased.versions,
         objects_deleted: deleted,
-        objects_left: left,
+        objects_left: total - deleted,
     };
     json(
         StatusCode::OK,
         serde_json::to_string(&view).unwrap_or_default(),
     )
+}
+
+/// Longest an erase request waits for its objects' deletion before it answers.
+const ERASE_ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(40);
+
+/// A Study Instance UID (digits and dots, at most 64) or a Patient ID (at most 64 characters,
+/// no control characters or backslash).
+fn valid_scope(scope: &EraseScope) -> Result<(), String> {
+    match scope {
+        EraseScope::Study(uid) => {
+            if uid.is_empty()
+                || uid.len() > 64
+                || !uid.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            {
+                return Err(format!(
+                    "{uid:?} is not a Study Instance UID (digits and dots, at most 64)"
+                ));
+            }
+        }
+        EraseScope::Patient(id) => {
+            if id.is_empty()
+                || id.chars().count() > 64
+                || id.chars().any(|c| c.is_control() || c == '\\')
+            {
+                return Err(format!(
+                    "{id:?} is not a Patient ID (at most 64 characters, no control characters or backslash)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the objects of erased instances, eight at a time, and forgets each one's pending
+/// note once it is gone. `first_pass` gets how many the first attempt deleted; the others are
+/// tried again every 30 s for 10 minutes, then left to the startup reconciliation. They are
+/// shredded already (their key records are gone).
+async fn delete_erased_objects(
+    store: crate::store::Store,
+    ledger: Ledger,
+    mut objects: Vec<(String, [u8; 32])>,
+    first_pass: tokio::sync::oneshot::Sender<u64>,
+) {
+    use futures_util::StreamExt;
+    let mut first_pass = Some(first_pass);
+    let mut deleted = 0u64;
+    for attempt in 0..=20 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        }
+        let results: Vec<(String, [u8; 32], Result<(), String>)> =
+            futures_util::stream::iter(std::mem::take(&mut objects))
+                .map(|(name, key)| {
+                    let store = store.clone();
+                    async move {
+                        let r = tokio::time::timeout(
+                            std::time::Duration::from_secs(30),
+                            store.delete(&name),
+                        )
+                        .await
+                        .map_err(|_| "timed out".to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                        (name, key, r)
+                    }
+                })
+                .buffer_unordered(8)
+                .collect()
+                .await;
+        for (name, key, r) in results {
+            match r {
+                Ok(()) => {
+                    deleted += 1;
+                    if let Err(e) = ledger.clear_pending(&name) {
+                        tracing::warn!(object = %name, error = %e, "cannot clear a pending-object note");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(object = %name, error = %e, attempt, "cannot delete an erased instance's object yet (already shredded)");
+                    objects.push((name, key));
+                }
+            }
+        }
+        if let Some(tx) = first_pass.take() {
+            let _ = tx.send(deleted);
+        }
+        if objects.is_empty() {
+            return;
+        }
+    }
+    tracing::warn!(
+        left = objects.len(),
+        "objects of erased instances left for the next start"
+    );
 }
 
 fn permissions_view(acl: &LiveAcl) -> serde_json::Value {
@@ -388,5 +561,17 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         std::fs::write(&path, "short").unwrap();
         assert!(load_or_create_token(&path).is_err());
+    }
+
+    #[test]
+    fn audit_query_parameters() {
+        let f = audit_filter("since=2026-11-01&ae=CT%201&event=110112").unwrap();
+        assert_eq!(f.ae.as_deref(), Some("CT 1"));
+        assert_eq!(f.event, Some(110112));
+        assert!(f.since_micros.is_some());
+        assert!(audit_filter("").unwrap().ae.is_none());
+        for bad in ["since=yesterday", "event=x", "ae=%zz", "ae=%4", "limit=3"] {
+            assert!(audit_filter(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -130,9 +130,14 @@ pub struct TrailFilter {
 /// calling AE, peer, outcome, description), filtered, oldest first; one JSON object per line
 /// with `json`, else one text line per event.
 pub fn trail(cfg: &Config, filter: &TrailFilter, json: bool) -> Result<String, AuditError> {
+    let (ledger, _scratch) = open(cfg)?;
+    trail_of(&ledger, filter, json)
+}
+
+/// [`trail`] of an open ledger (the running node's, for the admin API).
+pub fn trail_of(ledger: &Ledger, filter: &TrailFilter, json: bool) -> Result<String, AuditError> {
     use crate::ledger::trail::{atna, event_name};
     use crate::ledger::Event;
-    let (ledger, _scratch) = open(cfg)?;
     let mut out = String::new();
     let mut failure = None;
     ledger.for_each_entry(|seq, entry| {

@@ -56,12 +56,10 @@ pub async fn run(cfg: &Config, selection: &Selection, out: &Path) -> Result<Repo
         .tempdir()
         .map_err(io_err(&std::env::temp_dir()))?;
     let ledger = Ledger::open_secondary(&cfg.ledger.path, scratch.path())?;
-    let store =
-        Store::open_read_only(&cfg.store)
-            .await?
-            .with_master_key(crate::store::read_master_key(
-                &cfg.security.master_key_file,
-            )?);
+    let store = Store::open_read_only(&cfg.store).await?.with_master_key(
+        crate::ingest::read_master_key(&ledger, &cfg.security.master_key_file)
+            .map_err(|e| ExportError::Store(crate::store::StoreError::Config(e)))?,
+    );
     let uids = match selection {
         Selection::Study(uid) => ledger.instances_in_study(uid)?,
         Selection::Series(uid) => ledger.instances_in_series(uid)?,
@@ -84,8 +82,12 @@ pub async fn run(cfg: &Config, selection: &Selection, out: &Path) -> Result<Repo
             Ok(()) => report.written.push(dest),
             Err(e) => {
                 let mut why = e.to_string();
+                let erased = retrieve::erased_meanwhile(&ledger, &entry, &e);
+                if let Some(by) = erased {
+                    why = format!("erased (ledger entry {by})");
+                }
                 // A damaged instance is a security event: the node records it on the ledger.
-                if let Some(reason) = e.integrity_reason() {
+                if let (Some(reason), None) = (e.integrity_reason(), erased) {
                     let ev = crate::ledger::SpooledEvent {
                         subject_seq: entry.seq,
                         reason,

@@ -193,7 +193,7 @@ pub fn run(cfg: &Config, paths: &[PathBuf], jobs: usize) -> Result<Summary, Impo
         Err(e) => return Err(e.into()),
     };
     let result = rt.block_on(async {
-        let master = crate::store::MasterKey::load_or_create(&cfg.security.master_key_file)
+        let master = crate::ingest::master_key(&ledger, &cfg.security.master_key_file)
             .map_err(ImportError::MasterKey)?;
         let store = Store::open(&cfg.store)
             .await?

@@ -560,6 +560,61 @@ impl Pipeline {
     }
 }
 
+/// The node master key for a writer (the node, `import`), held to the ledger: a key file that
+/// does not match the check value the ledger keeps, or a missing one while the ledger holds
+/// sealed objects, stops the start (a new key would make every stored object unreadable). A
+/// new key is created only for a ledger without sealed objects.
+pub fn master_key(
+    ledger: &Ledger,
+    path: &std::path::Path,
+) -> Result<crate::store::MasterKey, String> {
+    let check = ledger.master_check().map_err(|e| e.to_string())?;
+    let key = match crate::store::MasterKey::load(path)? {
+        Some(k) => k,
+        None if check.is_some() || ledger.has_sealed_objects().map_err(|e| e.to_string())? => {
+            return Err(format!(
+                "{} is missing, but this ledger holds objects sealed under a master key: restore \
+                 that key file (a new key would leave every stored object unreadable)",
+                path.display()
+            ))
+        }
+        None => crate::store::MasterKey::load_or_create(path)?,
+    };
+    match check {
+        Some(c) if c[..] != key.check_value() => Err(format!(
+            "{} is not the master key this ledger's objects are sealed with: restore the right \
+             key file",
+            path.display()
+        )),
+        Some(_) => Ok(key),
+        None => {
+            ledger
+                .set_master_check(&key.check_value())
+                .map_err(|e| e.to_string())?;
+            Ok(key)
+        }
+    }
+}
+
+/// The master key for a reader beside the node (export, verify): `None` when the file does not
+/// exist (then only plaintext objects can be read, and a sealed one says why not); an error
+/// when it is not the key the ledger's objects are sealed with.
+pub fn read_master_key(
+    ledger: &Ledger,
+    path: &std::path::Path,
+) -> Result<Option<std::sync::Arc<crate::store::MasterKey>>, String> {
+    let Some(key) = crate::store::MasterKey::load(path)? else {
+        return Ok(None);
+    };
+    match ledger.master_check().map_err(|e| e.to_string())? {
+        Some(c) if c[..] != key.check_value() => Err(format!(
+            "{} is not the master key this ledger's objects are sealed with",
+            path.display()
+        )),
+        _ => Ok(Some(std::sync::Arc::new(key))),
+    }
+}
+
 /// Startup reconciliation after a crash: every pixel object that was about to be committed
 /// when the node stopped ([`Ledger::pending_objects`]) is kept if the ledger records its
 /// instance, and deleted otherwise (its C-STORE never got a success response). Each deletion
@@ -742,6 +797,36 @@ mod tests {
             Some(crate::ledger::Reason::Pixel),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_master_key_is_held_to_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("ledger")).unwrap();
+        let path = dir.path().join("master.key");
+        // First start: created, and its check value kept.
+        let key = master_key(&ledger, &path).unwrap();
+        assert_eq!(
+            ledger.master_check().unwrap().as_deref(),
+            Some(&key.check_value()[..])
+        );
+        assert_eq!(
+            master_key(&ledger, &path).unwrap().check_value(),
+            key.check_value()
+        );
+        // Another key file, or none at all: refused, nothing created.
+        std::fs::write(&path, "11".repeat(32)).unwrap();
+        let e = master_key(&ledger, &path).unwrap_err();
+        assert!(
+            e.contains("master.key") && e.contains("not the master key"),
+            "{e}"
+        );
+        assert!(read_master_key(&ledger, &path).is_err());
+        std::fs::remove_file(&path).unwrap();
+        let e = master_key(&ledger, &path).unwrap_err();
+        assert!(e.contains("missing"), "{e}");
+        assert!(!path.exists());
+        assert!(read_master_key(&ledger, &path).unwrap().is_none());
     }
 
     #[tokio::test]

@@ -65,7 +65,7 @@ pub async fn run(
     )?;
     let head = ledger.head()?;
     info!(path = %cfg.ledger.path.display(), entries = head.map(|h| h.0).unwrap_or(0), "ledger open");
-    let master = crate::store::MasterKey::load_or_create(&cfg.security.master_key_file)
+    let master = crate::ingest::master_key(&ledger, &cfg.security.master_key_file)
         .map_err(StartError::MasterKey)?;
     let store = Store::open(&cfg.store)
         .await?

@@ -58,7 +58,36 @@ pub fn load_instance(ledger: &Ledger, entry: &Entry) -> Result<Instance, Retriev
     } else {
         ledger.object_key(&entry.object_name)?
     };
+    // Only an object written before sealing (named by the instance key alone) is read without
+    // a key record: never read a sealed object as plaintext.
+    if object_key.is_none()
+        && !entry.object_name.is_empty()
+        && entry.object_name != instance::object_name(&entry.instance_key)
+    {
+        if let Some(by) = ledger.erased_by(entry.seq)? {
+            return Err(RetrieveError::Erased { seq: entry.seq, by });
+        }
+        return Err(integrity(
+            Reason::Pixel,
+            format!(
+                "the key record of pixel object {} is missing",
+                entry.object_name
+            ),
+        ));
+    }
     Ok(Instance { record, object_key })
+}
+
+/// What looks like damage may be an erasure that happened while the instance was being read
+/// (its object deleted, its key record gone): the erasure entry, if the ledger (caught up with
+/// the node when this is a read-only view) now says the instance was erased.
+pub fn erased_meanwhile(ledger: &Ledger, entry: &Entry, e: &RetrieveError) -> Option<u64> {
+    if let RetrieveError::Erased { by, .. } = e {
+        return Some(*by);
+    }
+    e.integrity_reason()?;
+    ledger.catch_up();
+    ledger.erased_by(entry.seq).ok().flatten()
 }
 
 /// A read error of a pixel object: one that fails authentication is damage, not an outage.

@@ -154,6 +154,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
     let mut stored: HashSet<u64> = HashSet::new();
     let mut erased: HashSet<u64> = HashSet::new();
     let mut deferred: Vec<(u64, Problem)> = Vec::new();
+    let mut stored_keys: std::collections::HashMap<u64, u32> = Default::default();
     let check_checkpoint = |size: u64, note: &str, root: Digest32, problems: &mut Vec<Problem>| {
         match checkpoint::verify(note, &vkey) {
             Err(e) => problems.push(Problem {
@@ -292,6 +293,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         }
         // Problems of a stored entry count unless a later erasure entry erased it.
         stored.insert(seq);
+        *stored_keys.entry(key_prefix(&entry.instance_key)).or_default() += 1;
         let subject = match records.get(&entry.instance_key) {
             None => {
                 deferred.push((seq, Problem {
@@ -342,6 +344,13 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
             .filter(|(seq, _)| !erased.contains(seq))
             .map(|(_, p)| p),
     );
+    // How many stored entries, and erased ones, have each instance key (by a 64-bit prefix).
+    let mut erased_keys: std::collections::HashMap<u64, u32> = Default::default();
+    for &seq in &erased {
+        if let Some(e) = ledger.entry(seq)? {
+            *erased_keys.entry(key_prefix(&e.instance_key)).or_default() += 1;
+        }
+    }
     // An erased instance keeps its entry; nothing else of it may remain on the ledger.
     let mut erased_names = HashSet::new();
     for (_, e) in with_objects.iter().filter(|(_, e)| erased.contains(&e.seq)) {
@@ -356,7 +365,14 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
     }
     for &seq in &erased {
         if let Some(e) = ledger.entry(seq)? {
-            if records.contains_key(&e.instance_key) {
+            // The same content stored again after the erasure has the same record.
+            let erased_with_key = erased_keys.get(&key_prefix(&e.instance_key)).copied();
+            let live = stored_keys
+                .get(&key_prefix(&e.instance_key))
+                .copied()
+                .unwrap_or(0)
+                > erased_with_key.unwrap_or(0);
+            if !live && records.contains_key(&e.instance_key) {
                 problems.push(Problem {
                     subject: format!("entry {seq}"),
                     what: "erased, but its metadata record is still on the ledger".into(),
@@ -368,49 +384,72 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
     report.erased = erased.len() as u64;
     if !opts.ledger_only {
         let store = Store::open_read_only(&cfg.store).await?.with_master_key(
-            crate::store::read_master_key(&cfg.security.master_key_file)?,
+            crate::ingest::read_master_key(&ledger, &cfg.security.master_key_file)
+                .map_err(VerifyError::Setup)?,
         );
         let progress = Progress {
             on: progress.on,
             total: with_objects.len() as u64,
         };
+        // Problems of objects are confirmed once the ledger has caught up with the node: an
+        // instance erased meanwhile has lost its object and key record, and that is no damage.
+        let mut object_problems: Vec<(u64, Problem)> = Vec::new();
         for (i, (subject, entry)) in with_objects.iter().enumerate() {
             progress.tick("pixel objects", i as u64 + 1);
+            let problem = |what: String| {
+                (
+                    entry.seq,
+                    Problem {
+                        subject: subject.clone(),
+                        what,
+                    },
+                )
+            };
             let key = ledger.object_key(&entry.object_name)?;
+            if key.is_none() && entry.object_name != instance::object_name(&entry.instance_key) {
+                object_problems.push(problem(format!(
+                    "the key record of pixel object {} is missing (it cannot be decrypted)",
+                    entry.object_name
+                )));
+                continue;
+            }
             match hash_object(&store, &entry.object_name, key.as_ref()).await {
                 Ok((len, digest)) => {
                     report.objects_checked += 1;
                     report.bytes_checked += len;
                     if len != entry.pixel_length || digest != entry.pixel_sha256 {
-                        problems.push(Problem {
-                            subject: subject.clone(),
-                            what: format!(
-                                "pixel object {} differs from the ledger (SHA-256 or length)",
-                                entry.object_name
-                            ),
-                        });
+                        object_problems.push(problem(format!(
+                            "pixel object {} differs from the ledger (SHA-256 or length)",
+                            entry.object_name
+                        )));
                     }
                 }
-                Err(StoreError::Damaged { reason, .. }) => problems.push(Problem {
-                    subject: subject.clone(),
-                    what: format!(
-                        "pixel object {} differs from the ledger ({reason})",
-                        entry.object_name
-                    ),
-                }),
-                Err(StoreError::NotFound { .. }) => problems.push(Problem {
-                    subject: subject.clone(),
-                    what: format!("pixel object {} is missing", entry.object_name),
-                }),
+                Err(StoreError::Damaged { reason, .. }) => object_problems.push(problem(format!(
+                    "pixel object {} differs from the ledger ({reason})",
+                    entry.object_name
+                ))),
+                Err(StoreError::NotFound { .. }) => object_problems.push(problem(format!(
+                    "pixel object {} is missing",
+                    entry.object_name
+                ))),
                 Err(e) => return Err(e.into()),
             }
         }
         progress.end();
-        for name in store.list().await? {
+        let listed = store.list().await?;
+        ledger.catch_up();
+        for (seq, p) in object_problems {
+            if ledger.erased_by(seq)?.is_some() {
+                report.erased += 1;
+            } else {
+                problems.push(p);
+            }
+        }
+        for name in listed {
             if erased_names.contains(&name) {
                 // Shredded (its key record is gone); deleted at the node's next start.
                 report.erased_objects_left += 1;
-            } else if !named.contains(&name) {
+            } else if !named.contains(&name) && !ledger.knows_object(&name)? {
                 problems.push(Problem {
                     subject: format!("object {name}"),
                     what: if name.starts_with("staging/") {
@@ -493,6 +532,10 @@ fn check_records(
         out.extend(results.into_iter().flatten());
     })?;
     Ok(out)
+}
+
+fn key_prefix(key: &Digest32) -> u64 {
+    u64::from_be_bytes(key[..8].try_into().expect("8 bytes"))
 }
 
 async fn hash_object(

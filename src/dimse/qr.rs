@@ -335,6 +335,10 @@ fn failed_check(
     e: &retrieve::RetrieveError,
     detector: &str,
 ) -> PrepareError {
+    if retrieve::erased_meanwhile(&services.ledger, entry, e).is_some() {
+        info!(seq = entry.seq, "instance erased; not sent");
+        return PrepareError::Erased(e.to_string());
+    }
     if let Some(reason) = e.integrity_reason() {
         warn!(seq = entry.seq, error = %e, "instance fails its ledger check; not sent");
         let ev = SpooledEvent {
@@ -346,9 +350,6 @@ fn failed_check(
             warn!(error = %e, "cannot record the security event");
         }
         PrepareError::Integrity(reason.describe().to_string())
-    } else if let retrieve::RetrieveError::Erased { .. } = e {
-        info!(seq = entry.seq, "instance erased; not sent");
-        PrepareError::Erased(e.to_string())
     } else {
         warn!(seq = entry.seq, error = %e, "instance cannot be rebuilt");
         PrepareError::Unavailable(e.to_string())

@@ -492,7 +492,11 @@ fn load(ledger: &Ledger, sop: &str) -> Result<Option<Loaded>, FindError> {
     let Some(entry) = ledger.latest(sop)? else {
         return Ok(None);
     };
-    let record = retrieve::load_record(ledger, &entry)?;
+    let record = match retrieve::load_record(ledger, &entry) {
+        // Erased while the query ran: no longer a match.
+        Err(RetrieveError::Erased { .. }) => return Ok(None),
+        r => r?,
+    };
     Ok(Some(
         match (
             Encoding::from_transfer_syntax(&record.transfer_syntax),

@@ -1,6 +1,7 @@
 //! Erasure by crypto-shredding: event 7.
 //!
-//! Erasing a study or a patient deletes, in one batch with the erasure entry, everything the
+//! Erasing a study or a patient (every version of every SOP Instance any version of which was
+//! filed under it) deletes, in one batch with the erasure entry, everything the
 //! ledger holds about its instances that is not a commitment: the metadata records (the only
 //! place patient attributes live), every index key (C-FIND, C-MOVE/C-GET and export find them no
 //! more), forward queue items, and the key records of their pixel objects — without which the
@@ -20,8 +21,8 @@ use std::collections::{BTreeSet, HashSet};
 use rocksdb::{Direction, IteratorMode};
 
 use super::{
-    decode_keys, forward, key2, latest_of, loc_key, read_entry, sop_key, Entry, Event, Group,
-    Ledger, LedgerError, CF_INDEX,
+    decode_keys, forward, key2, latest_of, loc_key, read_entry, sop_key, vloc_key, Entry, Event,
+    Group, Ledger, LedgerError, CF_INDEX, ERASED_NOTE,
 };
 
 const ERASED_PREFIX: &[u8] = b"erased\0";
@@ -141,40 +142,65 @@ impl Ledger {
             .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
             .map(u64::from_be_bytes))
     }
+}
 
-    /// Compacts the column families that held erased values, so they leave the files on disk
-    /// (RocksDB keeps deleted values until a compaction rewrites their files). In the
-    /// background: a large ledger takes a while, and nothing waits for it.
-    pub(super) fn compact_after_erasure(db: &std::sync::Arc<rocksdb::DB>) {
-        let db = db.clone();
-        let spawned = std::thread::Builder::new()
+/// Flushes and compacts the ledger after erasures, on one background thread: requests made
+/// while it works are folded into one more round. Finished (joined) when the committer stops.
+pub(super) struct Compactor {
+    tx: std::sync::mpsc::Sender<()>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Compactor {
+    pub(super) fn start(db: std::sync::Arc<rocksdb::DB>) -> Compactor {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let handle = std::thread::Builder::new()
             .name("ledger-erasure-compaction".into())
             .spawn(move || {
-                // Every column family is flushed, so no live write-ahead log file still holds
-                // the erased values (RocksDB deletes a log once all it holds is flushed).
-                for name in super::ALL_CFS {
-                    if let Some(cf) = db.cf_handle(name) {
-                        if let Err(e) = db.flush_cf(cf) {
-                            tracing::error!(error = %e, "cannot flush the ledger after an erasure");
-                        }
-                    }
+                while rx.recv().is_ok() {
+                    while rx.try_recv().is_ok() {}
+                    compact(&db);
                 }
-                for name in [
-                    super::CF_META,
-                    super::CF_KEYS,
-                    super::CF_INDEX,
-                    super::CF_FORWARD,
-                ] {
-                    if let Some(cf) = db.cf_handle(name) {
-                        db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
-                    }
-                }
-                tracing::info!("erased values compacted out of the ledger files");
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the compaction after an erasure");
+            })
+            .map_err(|e| tracing::error!(error = %e, "cannot start the compaction after erasures"))
+            .ok();
+        Compactor { tx, handle }
+    }
+
+    pub(super) fn request(&self) {
+        let _ = self.tx.send(());
+    }
+
+    pub(super) fn finish(self) {
+        drop(self.tx);
+        if let Some(h) = self.handle {
+            let _ = h.join();
         }
     }
+}
+
+/// RocksDB keeps deleted values until a compaction rewrites their files, and a log file until
+/// everything in it is flushed: flush every column family, then compact those that held erased
+/// values.
+fn compact(db: &rocksdb::DB) {
+    for name in super::ALL_CFS {
+        if let Some(cf) = db.cf_handle(name) {
+            if let Err(e) = db.flush_cf(cf) {
+                tracing::error!(error = %e, "cannot flush the ledger after an erasure");
+            }
+        }
+    }
+    for name in [
+        super::CF_META,
+        super::CF_KEYS,
+        super::CF_INDEX,
+        super::CF_FORWARD,
+    ] {
+        if let Some(cf) = db.cf_handle(name) {
+            db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        }
+    }
+    tracing::info!("erased values compacted out of the ledger files");
 }
 
 impl Group<'_> {
@@ -186,24 +212,27 @@ impl Group<'_> {
             EraseScope::Patient(v) => ("patient", v.trim()),
         };
         if value.is_empty() || value.contains('\0') {
-            return Err(LedgerError::Corrupt(format!(
-                "erase needs a {kind} identifier"
+            return Err(LedgerError::Invalid(format!(
+                "erase needs a {kind} identifier without NUL"
             )));
         }
-        // Index keys `study\0UID\0series\0sop` / `patient\0ID\0study\0sop`: the SOP Instance
-        // UID is the last part.
-        let prefix = key2(kind, value, "");
+        // Every SOP Instance any version of which was filed under it (`vstudy\0UID\0sop`,
+        // `vpatient\0ID\0sop`), and, for instances stored before those keys existed, the ones
+        // whose latest version is (`study\0UID\0series\0sop`, `patient\0ID\0study\0sop`).
+        // The SOP Instance UID is the last part. All their versions are erased.
         let mut sops = BTreeSet::new();
-        for item in self.db.iterator_cf(
-            self.cf_index,
-            IteratorMode::From(&prefix, Direction::Forward),
-        ) {
-            let (k, _) = item.map_err(LedgerError::Read)?;
-            let Some(rest) = k.strip_prefix(&prefix[..]) else {
-                break;
-            };
-            if let Some(sop) = rest.rsplit(|&b| b == 0).next() {
-                sops.insert(String::from_utf8_lossy(sop).into_owned());
+        for prefix in [key2(&format!("v{kind}"), value, ""), key2(kind, value, "")] {
+            for item in self.db.iterator_cf(
+                self.cf_index,
+                IteratorMode::From(&prefix, Direction::Forward),
+            ) {
+                let (k, _) = item.map_err(LedgerError::Read)?;
+                let Some(rest) = k.strip_prefix(&prefix[..]) else {
+                    break;
+                };
+                if let Some(sop) = rest.rsplit(|&b| b == 0).next() {
+                    sops.insert(String::from_utf8_lossy(sop).into_owned());
+                }
             }
         }
         let mut index_deletes: Vec<Vec<u8>> = Vec::new();
@@ -212,15 +241,17 @@ impl Group<'_> {
             if latest_of(self.db, sop)?.is_none() {
                 continue;
             }
-            index_deletes.push(sop_key(sop));
-            index_deletes.push(loc_key(sop));
-            if let Some(v) = self
-                .db
-                .get_cf(self.cf_index, loc_key(sop))
-                .map_err(LedgerError::Read)?
-            {
-                index_deletes.extend(decode_keys(&v));
+            for listing in [loc_key(sop), vloc_key(sop)] {
+                if let Some(v) = self
+                    .db
+                    .get_cf(self.cf_index, &listing)
+                    .map_err(LedgerError::Read)?
+                {
+                    index_deletes.extend(decode_keys(&v));
+                }
+                index_deletes.push(listing);
             }
+            index_deletes.push(sop_key(sop));
             let ver_prefix = key2("ver", sop, "");
             for item in self.db.iterator_cf(
                 self.cf_index,
@@ -289,8 +320,10 @@ impl Group<'_> {
                 self.batch.delete_cf(self.cf_keys, e.object_name.as_bytes());
                 // Deleted from the store after the commit; a deletion that fails or is cut
                 // short is finished by the startup reconciliation.
+                let mut note = e.instance_key.to_vec();
+                note.push(ERASED_NOTE);
                 self.batch
-                    .put_cf(self.cf_pending, e.object_name.as_bytes(), e.instance_key);
+                    .put_cf(self.cf_pending, e.object_name.as_bytes(), note);
                 out.objects.push((e.object_name.clone(), e.instance_key));
             }
         }

@@ -63,6 +63,10 @@ const CF_FORWARD: &str = "forward";
 const CF_PENDING: &str = "pending";
 /// Object name → key record of a sealed pixel object (see `store::sealed`): erasable.
 const CF_KEYS: &str = "keys";
+/// Key of the master key's check value in the `keys` column family (object names are hex).
+const MASTER_CHECK: &[u8] = b"\0master-key-check";
+/// The byte after the instance key in a `pending` note for the object of an erased instance.
+const ERASED_NOTE: u8 = b'E';
 /// Longest an association waits for its ledger write.
 const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 /// How often the committer reads the event spool.
@@ -93,6 +97,9 @@ pub enum LedgerError {
     ReadOnly,
     #[error("{0}")]
     NotFound(String),
+    /// A request the ledger refuses as it stands (bad input, not a failure of the ledger).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A request to record one stored instance.
@@ -285,6 +292,7 @@ impl Ledger {
                 spool,
                 last_checkpoint,
                 last_signed: None,
+                compactor: None,
             };
             std::thread::Builder::new()
                 .name("ledger-committer".into())
@@ -322,12 +330,29 @@ impl Ledger {
         // Only the column families the primary has: a ledger written by an older version may
         // lack newer ones until the node opens it.
         let present = DB::list_cf(&o, path).map_err(open_err)?;
-        let cfs: Vec<ColumnFamilyDescriptor> = cf_descriptors()
+        let cfs: Vec<&str> = ALL_CFS
             .into_iter()
-            .filter(|d| present.iter().any(|p| p == d.name()))
+            .filter(|name| present.iter().any(|p| p == name))
             .collect();
-        let db = DB::open_cf_descriptors_as_secondary(&o, path, scratch, cfs).map_err(open_err)?;
-        db.try_catch_up_with_primary().map_err(open_err)?;
+        // The primary deletes table files as it compacts; a secondary that read the manifest
+        // just before may not find one. Such a race passes on the next attempt.
+        let mut attempt = 0;
+        let db = loop {
+            let descriptors: Vec<ColumnFamilyDescriptor> = cf_descriptors()
+                .into_iter()
+                .filter(|d| cfs.contains(&d.name()))
+                .collect();
+            let opened = DB::open_cf_descriptors_as_secondary(&o, path, scratch, descriptors)
+                .and_then(|db| db.try_catch_up_with_primary().map(|()| db));
+            match opened {
+                Ok(db) => break db,
+                Err(e) if attempt < 20 && e.to_string().contains("No such file or directory") => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100 * attempt));
+                }
+                Err(e) => return Err(open_err(e)),
+            }
+        };
         Ok(Ledger {
             inner: Arc::new(Inner {
                 db: Arc::new(db),
@@ -342,6 +367,15 @@ impl Ledger {
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// A read-only view reads what the node wrote since it was opened; no-op for the writer.
+    pub fn catch_up(&self) {
+        if self.inner.secondary {
+            if let Err(e) = self.inner.db.try_catch_up_with_primary() {
+                tracing::debug!(error = %e, "cannot catch up with the node's ledger");
+            }
+        }
     }
 
     /// Records a stored instance; returns once the entry is durable (or was a duplicate).
@@ -431,10 +465,14 @@ impl Ledger {
             let (k, v) = item.map_err(LedgerError::Read)?;
             let name = String::from_utf8(k.to_vec())
                 .map_err(|_| LedgerError::Corrupt("pending object name is not UTF-8".into()))?;
-            let key: Digest32 = v[..]
-                .try_into()
-                .map_err(|_| LedgerError::Corrupt(format!("pending object {name}: bad key")))?;
-            let named = self.names_object(&name, &key)?;
+            let key: Digest32 = v
+                .get(..32)
+                .and_then(|k| k.try_into().ok())
+                .ok_or_else(|| LedgerError::Corrupt(format!("pending object {name}: bad key")))?;
+            // The object of an erased instance: no entry that is still live names it (a re-send
+            // gets a new object), so it goes whatever the index says.
+            let erased = v.get(32) == Some(&ERASED_NOTE);
+            let named = !erased && self.names_object(&name, &key)?;
             out.push((name, key, named));
         }
         Ok(out)
@@ -448,6 +486,44 @@ impl Ledger {
             return Ok(true);
         }
         Ok(crate::instance::object_name(key) == name && self.record(key)?.is_some())
+    }
+
+    /// The check value of the master key the objects are sealed with (see
+    /// `MasterKey::check_value`), once a node has started with one.
+    pub fn master_check(&self) -> Result<Option<Vec<u8>>, LedgerError> {
+        let Some(cf) = self.inner.db.cf_handle(CF_KEYS) else {
+            return Ok(None);
+        };
+        self.inner
+            .db
+            .get_cf(cf, MASTER_CHECK)
+            .map_err(LedgerError::Read)
+    }
+
+    pub fn set_master_check(&self, value: &[u8]) -> Result<(), LedgerError> {
+        if self.inner.secondary {
+            return Err(LedgerError::ReadOnly);
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.inner
+            .db
+            .put_cf_opt(self.cf(CF_KEYS)?, MASTER_CHECK, value, &wo)
+            .map_err(LedgerError::Write)
+    }
+
+    /// Whether any object key record exists (objects sealed under some master key).
+    pub fn has_sealed_objects(&self) -> Result<bool, LedgerError> {
+        let Some(cf) = self.inner.db.cf_handle(CF_KEYS) else {
+            return Ok(false);
+        };
+        for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, _) = item.map_err(LedgerError::Read)?;
+            if k[..] != *MASTER_CHECK {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The key record of a sealed pixel object, if the ledger holds one under this name.
@@ -465,6 +541,20 @@ impl Ledger {
                     .map_err(|e| LedgerError::Corrupt(format!("key record of object {name}: {e}")))
             })
             .transpose()
+    }
+
+    /// Whether an object the entries read so far do not name is known all the same: a sealed
+    /// object recorded since (its key record), or one being stored right now (its pending note).
+    pub fn knows_object(&self, name: &str) -> Result<bool, LedgerError> {
+        if self.object_key(name)?.is_some() {
+            return Ok(true);
+        }
+        Ok(self
+            .inner
+            .db
+            .get_cf(self.cf(CF_PENDING)?, name.as_bytes())
+            .map_err(LedgerError::Read)?
+            .is_some())
     }
 
     /// Forgets a pending-object note (after the object was found recorded, or deleted).
@@ -750,6 +840,23 @@ fn loc_key(uid: &str) -> Vec<u8> {
     let mut k = b"loc\0".to_vec();
     k.extend_from_slice(uid.as_bytes());
     k
+}
+
+/// `vloc\0SOP`: the [`version_keys`] of every version of a SOP Instance (never shrinks).
+fn vloc_key(uid: &str) -> Vec<u8> {
+    let mut k = b"vloc\0".to_vec();
+    k.extend_from_slice(uid.as_bytes());
+    k
+}
+
+/// `vstudy\0STUDY\0SOP` and `vpatient\0PID\0SOP`: a version of SOP was filed under this study
+/// and patient. Unlike the hierarchy keys they stay when a newer version moves elsewhere, so an
+/// erasure finds every instance that was ever part of a study or a patient.
+fn version_keys(a: &IndexAttrs) -> [Vec<u8>; 2] {
+    [
+        key2("vstudy", &a.study_instance_uid, &a.sop_instance_uid),
+        key2("vpatient", &a.patient_id, &a.sop_instance_uid),
+    ]
 }
 
 /// Escapes an index value so that it holds no NUL (the key separator) and keeps its order and
@@ -1090,6 +1197,8 @@ struct Committer {
     /// Tree size of the newest stored checkpoint.
     last_checkpoint: u64,
     last_signed: Option<std::time::Instant>,
+    /// The background compaction after erasures, started with the first one.
+    compactor: Option<erase::Compactor>,
 }
 
 impl Committer {
@@ -1161,6 +1270,9 @@ impl Committer {
         }
         // The last entries before a shutdown are covered too.
         self.maybe_checkpoint(true);
+        if let Some(c) = self.compactor.take() {
+            c.finish();
+        }
     }
 
     /// Records the security events other processes left in the spool directory, then deletes
@@ -1391,7 +1503,9 @@ impl Committer {
             Ok(()) => {
                 self.head = plan.head;
                 if erased {
-                    Ledger::compact_after_erasure(&self.db);
+                    self.compactor
+                        .get_or_insert_with(|| erase::Compactor::start(self.db.clone()))
+                        .request();
                 }
                 if enqueued {
                     self.forward_wakeup.notify_waiters();
@@ -1444,6 +1558,8 @@ struct Group<'a> {
     head: Option<(u64, Digest32)>,
     /// Latest (seq, version, key, hierarchy keys) per SOP Instance planned in this group.
     pending: HashMap<String, (u64, u32, Digest32, Vec<Vec<u8>>)>,
+    /// Every-version hierarchy keys per SOP Instance planned in this group (see `vloc_key`).
+    pending_vloc: HashMap<String, Vec<Vec<u8>>>,
     /// Tree nodes planned in this group, not yet readable from the database.
     new_nodes: HashMap<(u8, u64), Digest32>,
     time_micros: i64,
@@ -1470,6 +1586,7 @@ impl<'a> Group<'a> {
             settled: Default::default(),
             head,
             pending: HashMap::new(),
+            pending_vloc: HashMap::new(),
             new_nodes: HashMap::new(),
             time_micros: now_micros(),
         })
@@ -1565,6 +1682,23 @@ impl<'a> Group<'a> {
                 return Ok(StoreOutcome::Duplicate { seq: *seq });
             }
         }
+        // Every study and patient any version was filed under, so an erasure finds them all
+        // (the hierarchy keys follow the latest version only).
+        let mut vloc = match self.pending_vloc.get(uid) {
+            Some(v) => v.clone(),
+            None if previous.is_some() => self
+                .db
+                .get_cf(self.cf_index, vloc_key(uid))
+                .map_err(LedgerError::Read)?
+                .map(|v| decode_keys(&v))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        for k in version_keys(&req.attrs) {
+            if !vloc.contains(&k) {
+                vloc.push(k);
+            }
+        }
         let (seq, prev_hash) = self.next_position();
         let version = previous.as_ref().map(|p| p.1 + 1).unwrap_or(1);
         let s = &req.summary;
@@ -1622,6 +1756,12 @@ impl<'a> Group<'a> {
         }
         self.batch
             .put_cf(self.cf_index, loc_key(uid), encode_keys(&keys));
+        for k in &vloc {
+            self.batch.put_cf(self.cf_index, k, []);
+        }
+        self.batch
+            .put_cf(self.cf_index, vloc_key(uid), encode_keys(&vloc));
+        self.pending_vloc.insert(uid.to_string(), vloc);
         self.pending
             .insert(uid.to_string(), (seq, version, req.instance_key, keys));
         for destination in &req.forward_to {
@@ -1742,12 +1882,21 @@ mod tests {
             Err(LedgerError::NotFound(_))
         ));
         assert_eq!(ledger.len().unwrap(), 5);
+        // A newer version filed under another study: erasing the study of the older one takes
+        // every version (the older one holds that study's data).
+        ledger.store(with_object("2.1", "7", 5)).await.unwrap();
         let erased = ledger
-            .erase(EraseScope::Patient("P".into()), "admin-api".into())
+            .erase(EraseScope::Study("8".into()), "admin-api".into())
             .await
             .unwrap();
-        assert_eq!((erased.entries, erased.versions), (vec![6], 1));
-        assert!(ledger.instances_in_study("8").unwrap().is_empty());
+        assert_eq!((erased.entries, erased.versions), (vec![7], 2));
+        assert!(ledger.instances_in_study("7").unwrap().is_empty());
+        assert!(matches!(
+            ledger
+                .erase(EraseScope::Patient("P".into()), "x".into())
+                .await,
+            Err(LedgerError::NotFound(_))
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread")]

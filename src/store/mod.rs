@@ -50,14 +50,6 @@ pub enum StoreError {
     NoMasterKey { name: String, hint: String },
 }
 
-/// Reads the master key for a command beside the node (export, verify): `None` when the file
-/// does not exist (then only plaintext objects can be read, and a sealed one says why not).
-pub fn read_master_key(path: &std::path::Path) -> Result<Option<Arc<MasterKey>>, StoreError> {
-    MasterKey::load(path)
-        .map(|k| k.map(Arc::new))
-        .map_err(|e| StoreError::Config(format!("security.master_key_file: {e}")))
-}
-
 /// A cheap, cloneable handle on the configured backend, with the master key that seals new
 /// objects and opens sealed ones.
 #[derive(Clone, Debug)]

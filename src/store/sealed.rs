@@ -109,6 +109,15 @@ impl MasterKey {
         Ok(Some(MasterKey::from_bytes(bytes)))
     }
 
+    /// A value that identifies this key without revealing it (kept on the ledger, so a node
+    /// started with the wrong key file refuses to run instead of sealing under a new key).
+    pub fn check_value(&self) -> [u8; 32] {
+        hmac::sign(&self.name_key, b"dicomchain master key check v2")
+            .as_ref()
+            .try_into()
+            .expect("HMAC-SHA256 is 32 bytes")
+    }
+
     fn data_key(&self, salt: &[u8; 32]) -> aead::LessSafeKey {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(&self.key);
         let okm = prk
