@@ -151,10 +151,9 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
     let mut named: HashSet<String> = HashSet::new();
     let mut with_objects: Vec<(String, crate::ledger::Entry)> = Vec::new();
     // Stored entries, the ones erased since, and the problems of stored entries.
-    let mut stored: HashSet<u64> = HashSet::new();
+    let mut stored: Vec<u64> = vec![0; (n / 64 + 1) as usize];
     let mut erased: HashSet<u64> = HashSet::new();
     let mut deferred: Vec<(u64, Problem)> = Vec::new();
-    let mut stored_keys: std::collections::HashMap<u64, u32> = Default::default();
     let check_checkpoint = |size: u64, note: &str, root: Digest32, problems: &mut Vec<Problem>| {
         match checkpoint::verify(note, &vkey) {
             Err(e) => problems.push(Problem {
@@ -266,7 +265,10 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
                         entry.peer, entry.subject_seq, entry.detail, entry.calling_ae
                     ));
                     for s in seqs {
-                        if stored.contains(&s) {
+                        if stored
+                            .get((s / 64) as usize)
+                            .is_some_and(|w| w & (1 << (s % 64)) != 0)
+                        {
                             erased.insert(s);
                         } else {
                             problems.push(Problem {
@@ -292,8 +294,9 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
             return;
         }
         // Problems of a stored entry count unless a later erasure entry erased it.
-        stored.insert(seq);
-        *stored_keys.entry(key_prefix(&entry.instance_key)).or_default() += 1;
+        if let Some(w) = stored.get_mut((seq / 64) as usize) {
+            *w |= 1 << (seq % 64);
+        }
         let subject = match records.get(&entry.instance_key) {
             None => {
                 deferred.push((seq, Problem {
@@ -344,13 +347,6 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
             .filter(|(seq, _)| !erased.contains(seq))
             .map(|(_, p)| p),
     );
-    // How many stored entries, and erased ones, have each instance key (by a 64-bit prefix).
-    let mut erased_keys: std::collections::HashMap<u64, u32> = Default::default();
-    for &seq in &erased {
-        if let Some(e) = ledger.entry(seq)? {
-            *erased_keys.entry(key_prefix(&e.instance_key)).or_default() += 1;
-        }
-    }
     // An erased instance keeps its entry; nothing else of it may remain on the ledger.
     let mut erased_names = HashSet::new();
     for (_, e) in with_objects.iter().filter(|(_, e)| erased.contains(&e.seq)) {
@@ -365,14 +361,26 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
     }
     for &seq in &erased {
         if let Some(e) = ledger.entry(seq)? {
-            // The same content stored again after the erasure has the same record.
-            let erased_with_key = erased_keys.get(&key_prefix(&e.instance_key)).copied();
-            let live = stored_keys
-                .get(&key_prefix(&e.instance_key))
-                .copied()
-                .unwrap_or(0)
-                > erased_with_key.unwrap_or(0);
-            if !live && records.contains_key(&e.instance_key) {
+            // The same content stored again after the erasure has the same record: fine while
+            // a version of its SOP Instance that is not erased commits to it.
+            let live = |sop: &str| -> Result<bool, LedgerError> {
+                for v in ledger.versions(sop)? {
+                    if !erased.contains(&v)
+                        && ledger
+                            .entry(v)?
+                            .is_some_and(|x| x.instance_key == e.instance_key)
+                    {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            };
+            let present = match records.get(&e.instance_key) {
+                Some(RecordCheck::Good { sop, .. }) => !live(sop)?,
+                Some(RecordCheck::Bad { .. }) => true,
+                None => false,
+            };
+            if present {
                 problems.push(Problem {
                     subject: format!("entry {seq}"),
                     what: "erased, but its metadata record is still on the ledger".into(),
@@ -532,10 +540,6 @@ fn check_records(
         out.extend(results.into_iter().flatten());
     })?;
     Ok(out)
-}
-
-fn key_prefix(key: &Digest32) -> u64 {
-    u64::from_be_bytes(key[..8].try_into().expect("8 bytes"))
 }
 
 async fn hash_object(

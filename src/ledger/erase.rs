@@ -216,10 +216,10 @@ impl Group<'_> {
                 "erase needs a {kind} identifier without NUL"
             )));
         }
-        // Every SOP Instance any version of which was filed under it (`vstudy\0UID\0sop`,
-        // `vpatient\0ID\0sop`), and, for instances stored before those keys existed, the ones
-        // whose latest version is (`study\0UID\0series\0sop`, `patient\0ID\0study\0sop`).
-        // The SOP Instance UID is the last part. All their versions are erased.
+        // Every SOP Instance whose latest version is filed under it (`study\0UID\0series\0sop`,
+        // `patient\0ID\0study\0sop`) or an older one was before a newer one moved
+        // (`vstudy\0UID\0sop`, `vpatient\0ID\0sop`). The SOP Instance UID is the last part. All
+        // their versions are erased.
         let mut sops = BTreeSet::new();
         for prefix in [key2(&format!("v{kind}"), value, ""), key2(kind, value, "")] {
             for item in self.db.iterator_cf(

@@ -849,14 +849,25 @@ fn vloc_key(uid: &str) -> Vec<u8> {
     k
 }
 
-/// `vstudy\0STUDY\0SOP` and `vpatient\0PID\0SOP`: a version of SOP was filed under this study
-/// and patient. Unlike the hierarchy keys they stay when a newer version moves elsewhere, so an
-/// erasure finds every instance that was ever part of a study or a patient.
-fn version_keys(a: &IndexAttrs) -> [Vec<u8>; 2] {
-    [
-        key2("vstudy", &a.study_instance_uid, &a.sop_instance_uid),
-        key2("vpatient", &a.patient_id, &a.sop_instance_uid),
-    ]
+/// `vstudy\0STUDY\0SOP` / `vpatient\0PID\0SOP` for the study and patient an older version of
+/// SOP was filed under (from its hierarchy keys `old`), when the new version `a` is filed
+/// elsewhere. Unlike the hierarchy keys they stay, so an erasure finds every instance that was
+/// ever part of a study or a patient.
+fn moved_from(old: &[Vec<u8>], a: &IndexAttrs) -> Vec<Vec<u8>> {
+    let part = |prefix: &[u8]| {
+        old.iter()
+            .find_map(|k| k.strip_prefix(prefix))
+            .and_then(|rest| rest.split(|&b| b == 0).next())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    let mut out = Vec::new();
+    if let Some(study) = part(b"study\0").filter(|s| *s != a.study_instance_uid) {
+        out.push(key2("vstudy", &study, &a.sop_instance_uid));
+    }
+    if let Some(pid) = part(b"patient\0").filter(|p| *p != a.patient_id) {
+        out.push(key2("vpatient", &pid, &a.sop_instance_uid));
+    }
+    out
 }
 
 /// Escapes an index value so that it holds no NUL (the key separator) and keeps its order and
@@ -1682,23 +1693,32 @@ impl<'a> Group<'a> {
                 return Ok(StoreOutcome::Duplicate { seq: *seq });
             }
         }
-        // Every study and patient any version was filed under, so an erasure finds them all
-        // (the hierarchy keys follow the latest version only).
-        let mut vloc = match self.pending_vloc.get(uid) {
-            Some(v) => v.clone(),
-            None if previous.is_some() => self
-                .db
-                .get_cf(self.cf_index, vloc_key(uid))
-                .map_err(LedgerError::Read)?
-                .map(|v| decode_keys(&v))
-                .unwrap_or_default(),
+        // A version that moves to another study or patient leaves a trace of where the older
+        // one was, so an erasure of that study or patient still finds it (the hierarchy keys
+        // follow the latest version only). Nothing to write for the usual first version.
+        let moved = match &previous {
+            Some((_, _, _, old)) => moved_from(old, &req.attrs),
             None => Vec::new(),
         };
-        for k in version_keys(&req.attrs) {
-            if !vloc.contains(&k) {
-                vloc.push(k);
+        let vloc = if moved.is_empty() {
+            None
+        } else {
+            let mut v = match self.pending_vloc.get(uid) {
+                Some(v) => v.clone(),
+                None => self
+                    .db
+                    .get_cf(self.cf_index, vloc_key(uid))
+                    .map_err(LedgerError::Read)?
+                    .map(|v| decode_keys(&v))
+                    .unwrap_or_default(),
+            };
+            for k in moved {
+                if !v.contains(&k) {
+                    v.push(k);
+                }
             }
-        }
+            Some(v)
+        };
         let (seq, prev_hash) = self.next_position();
         let version = previous.as_ref().map(|p| p.1 + 1).unwrap_or(1);
         let s = &req.summary;
@@ -1756,12 +1776,14 @@ impl<'a> Group<'a> {
         }
         self.batch
             .put_cf(self.cf_index, loc_key(uid), encode_keys(&keys));
-        for k in &vloc {
-            self.batch.put_cf(self.cf_index, k, []);
+        if let Some(vloc) = vloc {
+            for k in &vloc {
+                self.batch.put_cf(self.cf_index, k, []);
+            }
+            self.batch
+                .put_cf(self.cf_index, vloc_key(uid), encode_keys(&vloc));
+            self.pending_vloc.insert(uid.to_string(), vloc);
         }
-        self.batch
-            .put_cf(self.cf_index, vloc_key(uid), encode_keys(&vloc));
-        self.pending_vloc.insert(uid.to_string(), vloc);
         self.pending
             .insert(uid.to_string(), (seq, version, req.instance_key, keys));
         for destination in &req.forward_to {
