@@ -89,6 +89,11 @@ def main():
     # C-FIND identifiers (selector 0: implicit VR, Patient Root; 2: implicit, Study Root).
     study = b"".join([el(0x00080020, b"20200101-20201231"), el(0x00080052, b"STUDY"),
                       el(0x00100010, b"DOE*"), el(0x00100020, b""), el(0x0020000D, b"")])
+    # sealed: a piece-size byte, then bytes taken as a sealed object (a well-formed header with
+    # a forged chunk) and as plaintext to seal and open again.
+    header = b"DCPXL2" + bytes([2, 1]) + struct.pack(">I", 65536) + bytes(4)
+    write("sealed", "header", bytes([3]) + header + bytes(100))
+    write("sealed", "text", bytes([0]) + b"pixel data " * 50)
     write("identifier", "study_level", b"\x02" + study)
     seq = el(0x00081110, el(0xFFFEE000, el(0x00081150, b"")))
     write("identifier", "with_sequence", b"\x00" + el(0x00080052, b"IMAGE") + seq)
