@@ -85,7 +85,7 @@ send() { # DIR... -> wall seconds; one storescu per DIR, in parallel
   local t0 t1 pids=() d
   t0=$(now)
   for d in "$@"; do
-    /usr/bin/storescu -aec "$rae" +sd +r 127.0.0.1 "$rport" "$d" >/dev/null 2>>"$work/storescu.err" & pids+=($!)
+    /usr/bin/storescu -ta 3600 -aec "$rae" +sd +r 127.0.0.1 "$rport" "$d" >/dev/null 2>>"$work/storescu.err" & pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p" || { cat "$work/storescu.err" >&2; return 1; }; done
   t1=$(now)

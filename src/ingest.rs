@@ -544,8 +544,13 @@ impl Pipeline {
     async fn discard_duplicate_object(&self, seq: u64, name: &str) {
         let ledger = self.ledger.clone();
         let kept = tokio::task::spawn_blocking(move || ledger.entry(seq)).await;
-        let kept = matches!(kept, Ok(Ok(Some(e))) if e.object_name == name);
-        if !kept {
+        // Deleted only when the entry is known to name another object; otherwise the note stays
+        // for `reconcile`, which checks at the next start.
+        let other = match kept {
+            Ok(Ok(Some(e))) => e.object_name != name,
+            _ => return,
+        };
+        if other {
             if let Err(e) = self
                 .timed("delete duplicate object", self.store.delete(name))
                 .await

@@ -237,10 +237,13 @@ impl Group<'_> {
         }
         let mut index_deletes: Vec<Vec<u8>> = Vec::new();
         let mut versions: Vec<(u64, Entry)> = Vec::new();
-        for sop in &sops {
-            if latest_of(self.db, sop)?.is_none() {
+        let mut found = Vec::new();
+        for sop in sops {
+            if latest_of(self.db, &sop)?.is_none() {
                 continue;
             }
+            found.push(sop);
+            let sop = found.last().expect("just pushed");
             for listing in [loc_key(sop), vloc_key(sop)] {
                 if let Some(v) = self
                     .db
@@ -289,7 +292,7 @@ impl Group<'_> {
         // any write of theirs; the erasure entries are appended first.
         let seqs: Vec<u64> = versions.iter().map(|(s, _)| *s).collect();
         let mut out = Erased {
-            instances: sops.into_iter().collect(),
+            instances: found,
             versions: seqs.len() as u64,
             ..Erased::default()
         };
