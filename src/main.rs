@@ -345,7 +345,7 @@ fn run_verify(cfg: Config, ledger_only: bool, verifier_key: Option<String>) -> E
                 (0, _) => String::new(),
                 (n, 0) => format!(", {n} erased"),
                 (n, left) => format!(
-                    ", {n} erased ({left} shredded object(s) deleted at the node's next start)"
+                    ", {n} erased ({left} shredded object(s) still to be deleted by the node)"
                 ),
             };
             println!(
@@ -640,7 +640,7 @@ fn run_erase(cfg: Config, study: Option<String>, patient: Option<String>, json: 
                 view.objects_deleted,
                 if view.objects_left > 0 {
                     format!(
-                        " ({} shredded, deleted at the node's next start)",
+                        " ({} more shredded, still being deleted by the node)",
                         view.objects_left
                     )
                 } else {
