@@ -585,19 +585,28 @@ pub fn master_key(
         }
         None => crate::store::MasterKey::load_or_create(path)?,
     };
+    matches_check(check.as_deref(), &key, path)?;
+    if check.is_none() {
+        ledger
+            .set_master_check(&key.check_value())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(key)
+}
+
+/// Err unless `key` matches the check value the ledger keeps (if it keeps one yet).
+fn matches_check(
+    check: Option<&[u8]>,
+    key: &crate::store::MasterKey,
+    path: &std::path::Path,
+) -> Result<(), String> {
     match check {
-        Some(c) if c[..] != key.check_value() => Err(format!(
+        Some(c) if c != key.check_value() => Err(format!(
             "{} is not the master key this ledger's objects are sealed with: restore the right \
              key file",
             path.display()
         )),
-        Some(_) => Ok(key),
-        None => {
-            ledger
-                .set_master_check(&key.check_value())
-                .map_err(|e| e.to_string())?;
-            Ok(key)
-        }
+        _ => Ok(()),
     }
 }
 
@@ -611,13 +620,9 @@ pub fn read_master_key(
     let Some(key) = crate::store::MasterKey::load(path)? else {
         return Ok(None);
     };
-    match ledger.master_check().map_err(|e| e.to_string())? {
-        Some(c) if c[..] != key.check_value() => Err(format!(
-            "{} is not the master key this ledger's objects are sealed with",
-            path.display()
-        )),
-        _ => Ok(Some(std::sync::Arc::new(key))),
-    }
+    let check = ledger.master_check().map_err(|e| e.to_string())?;
+    matches_check(check.as_deref(), &key, path)?;
+    Ok(Some(std::sync::Arc::new(key)))
 }
 
 /// Startup reconciliation after a crash: every pixel object that was about to be committed

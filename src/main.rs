@@ -577,15 +577,7 @@ fn run_acl_change(cfg: Config, grant: bool, ae: &str, names: &[String]) -> ExitC
     }
     let body = serde_json::json!({ "ae": ae, "permissions": permissions }).to_string();
     let path = if grant { "/v1/grant" } else { "/v1/revoke" };
-    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| {
-        rt.block_on(dicomchain::admin::request(
-            &cfg,
-            hyper::Method::POST,
-            path,
-            Some(body),
-        ))
-        .map_err(|e| e.to_string())
-    });
+    let result = admin_call(&cfg, hyper::Method::POST, path, Some(body));
     match result {
         Ok(v) => {
             println!(
@@ -603,6 +595,18 @@ fn run_acl_change(cfg: Config, grant: bool, ae: &str, names: &[String]) -> ExitC
     }
 }
 
+/// One request to the running node's admin API, from a runtime of its own.
+fn admin_call(
+    cfg: &Config,
+    method: hyper::Method,
+    path: &str,
+    body: Option<String>,
+) -> Result<serde_json::Value, String> {
+    let rt = runtime().map_err(|e| e.to_string())?;
+    rt.block_on(dicomchain::admin::request(cfg, method, path, body))
+        .map_err(|e| e.to_string())
+}
+
 fn run_erase(cfg: Config, study: Option<String>, patient: Option<String>, json: bool) -> ExitCode {
     let what = match (&study, &patient) {
         (Some(uid), _) => format!("study {uid}"),
@@ -611,15 +615,7 @@ fn run_erase(cfg: Config, study: Option<String>, patient: Option<String>, json: 
     };
     let body = serde_json::to_string(&dicomchain::admin::EraseRequest { study, patient })
         .unwrap_or_default();
-    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| {
-        rt.block_on(dicomchain::admin::request(
-            &cfg,
-            hyper::Method::POST,
-            "/v1/erase",
-            Some(body),
-        ))
-        .map_err(|e| e.to_string())
-    });
+    let result = admin_call(&cfg, hyper::Method::POST, "/v1/erase", Some(body));
     let v = match result {
         Ok(v) => v,
         Err(e) => {
@@ -662,15 +658,7 @@ fn run_erase(cfg: Config, study: Option<String>, patient: Option<String>, json: 
 }
 
 fn run_permissions(cfg: Config, json: bool) -> ExitCode {
-    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| {
-        rt.block_on(dicomchain::admin::request(
-            &cfg,
-            hyper::Method::GET,
-            "/v1/permissions",
-            None,
-        ))
-        .map_err(|e| e.to_string())
-    });
+    let result = admin_call(&cfg, hyper::Method::GET, "/v1/permissions", None);
     let v = match result {
         Ok(v) => v,
         Err(e) => {

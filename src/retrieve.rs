@@ -60,10 +60,7 @@ pub fn load_instance(ledger: &Ledger, entry: &Entry) -> Result<Instance, Retriev
     };
     // Only an object written before sealing (named by the instance key alone) is read without
     // a key record: never read a sealed object as plaintext.
-    if object_key.is_none()
-        && !entry.object_name.is_empty()
-        && entry.object_name != instance::object_name(&entry.instance_key)
-    {
+    if object_key.is_none() && needs_key_record(entry) {
         if let Some(by) = ledger.erased_by(entry.seq)? {
             return Err(RetrieveError::Erased { seq: entry.seq, by });
         }
@@ -76,6 +73,12 @@ pub fn load_instance(ledger: &Ledger, entry: &Entry) -> Result<Instance, Retriev
         ));
     }
     Ok(Instance { record, object_key })
+}
+
+/// Whether the entry's pixel object is sealed, so that it cannot be read without its key record:
+/// every object but one written before sealing (named by the instance key alone).
+pub fn needs_key_record(entry: &Entry) -> bool {
+    !entry.object_name.is_empty() && entry.object_name != instance::object_name(&entry.instance_key)
 }
 
 /// What looks like damage may be an erasure that happened while the instance was being read

@@ -414,7 +414,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
                 )
             };
             let key = ledger.object_key(&entry.object_name)?;
-            if key.is_none() && entry.object_name != instance::object_name(&entry.instance_key) {
+            if key.is_none() && crate::retrieve::needs_key_record(entry) {
                 object_problems.push(problem(format!(
                     "the key record of pixel object {} is missing (it cannot be decrypted)",
                     entry.object_name

@@ -5,7 +5,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{assert_ok, Node};
+use crate::support::{self, assert_ok, Node};
 
 #[test]
 fn systemd_hears_ready_once_listening_and_stopping_on_sigterm() {
@@ -336,33 +336,8 @@ fn conformance_statement_is_what_the_node_accepts() {
     );
 }
 
-/// A plain HTTP/1.1 GET: (status, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {text}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    (status, body)
-}
-
 fn metrics(port: u16) -> std::collections::BTreeMap<String, f64> {
-    let (status, body) = http_get(port, "/metrics");
+    let (status, body) = support::http_get(port, "/metrics");
     assert_eq!(status, 200, "{body}");
     body.lines()
         .filter(|l| !l.starts_with('#'))
@@ -390,8 +365,11 @@ fn metrics_count_what_happened_and_health_follows_the_object_store() {
         ],
         "",
     );
-    assert_eq!(http_get(admin, "/health"), (200, "ready\n".to_string()));
-    assert_eq!(http_get(admin, "/nothing").0, 404);
+    assert_eq!(
+        support::http_get(admin, "/health"),
+        (200, "ready\n".to_string())
+    );
+    assert_eq!(support::http_get(admin, "/nothing").0, 404);
     let tmp = tempfile::tempdir().unwrap();
     let files = crate::support::make_series(&tmp.path().join("mr"), "MR", 5, 64, &[]);
     assert_ok(&node.storescu(&[], &files), "storescu");
@@ -425,7 +403,7 @@ fn metrics_count_what_happened_and_health_follows_the_object_store() {
 
     // The object store goes away: not ready, and a C-STORE fails and is counted.
     server.stop();
-    let (status, body) = http_get(admin, "/health");
+    let (status, body) = support::http_get(admin, "/health");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("object store"), "{body}");
     let more = crate::support::make_series(&tmp.path().join("more"), "MR", 1, 32, &[]);
@@ -434,7 +412,7 @@ fn metrics_count_what_happened_and_health_follows_the_object_store() {
     assert_eq!(m["dicomchain_instances_failed_total"], 1.0, "{m:?}");
     assert_eq!(m["dicomchain_object_store_errors_total"], 1.0);
     server.restart();
-    assert_eq!(http_get(admin, "/health").0, 200);
+    assert_eq!(support::http_get(admin, "/health").0, 200);
 }
 
 #[test]

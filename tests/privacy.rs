@@ -17,29 +17,6 @@ fn any_file_contains(dir: &Path, needle: &[u8]) -> Option<String> {
     })
 }
 
-/// A GET on the admin API with a bearer token: (status, body).
-fn admin_get(port: u16, token: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let status = raw
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 #[test]
 fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
     let scp = Storescp::start();
@@ -131,19 +108,22 @@ fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
     // C-FIND, C-MOVE, C-GET and export no longer find it; the other study is untouched.
     assert_eq!(study_of(&node, "PID-GONE-1"), None);
     let study_key = format!("StudyInstanceUID={study}");
-    let moved = cli(
-        &node,
-        &[
-            "move",
-            &target,
-            "--dest",
-            "STORESCP",
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            &study_key,
-        ],
-    );
+    let move_study = |node: &Node, uid: &str| -> Output {
+        cli(
+            node,
+            &[
+                "move",
+                &target,
+                "--dest",
+                "STORESCP",
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                &format!("StudyInstanceUID={uid}"),
+            ],
+        )
+    };
+    let moved = move_study(&node, &study);
     assert!(
         text(&moved).contains("completed 0,") || !moved.status.success(),
         "{}",
@@ -173,22 +153,7 @@ fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
     let export = node.export(&["--instance", &secret.sop_instance_uid], out.path());
     assert!(!export.status.success(), "{}", text(&export));
     let kept_study = study_of(&node, "PID-KEPT-2").expect("the other study");
-    assert_ok(
-        &cli(
-            &node,
-            &[
-                "move",
-                &target,
-                "--dest",
-                "STORESCP",
-                "-k",
-                "QueryRetrieveLevel=STUDY",
-                "-k",
-                &format!("StudyInstanceUID={kept_study}"),
-            ],
-        ),
-        "move of the other study",
-    );
+    assert_ok(&move_study(&node, &kept_study), "move of the other study");
     assert_eq!(scp.count(), 2);
 
     // The chain and the tree still verify; the erased entries are reported as erased.
@@ -229,15 +194,17 @@ fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
 
     // The same trail from the admin API; a bad parameter is refused.
     let token = std::fs::read_to_string(node.dir.join("var/admin-token")).unwrap();
-    let (status, body) = admin_get(admin, token.trim(), "/v1/audit?event=110105");
+    let (status, body) =
+        support::http_get_with(admin, "/v1/audit?event=110105", Some(token.trim()));
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["events"].as_array().map(Vec::len), Some(2), "{body}");
     assert_eq!(v["events"][0]["event"], "DICOM Study Deleted", "{body}");
-    let (status, body) = admin_get(admin, token.trim(), "/v1/audit?since=someday");
+    let (status, body) =
+        support::http_get_with(admin, "/v1/audit?since=someday", Some(token.trim()));
     assert_eq!(status, 400, "{body}");
     assert_eq!(
-        admin_get(admin, "wrong-token-0123456789", "/v1/audit").0,
+        support::http_get_with(admin, "/v1/audit", Some("wrong-token-0123456789")).0,
         401
     );
 

@@ -18,11 +18,11 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use rocksdb::{Direction, IteratorMode};
+use rocksdb::IteratorMode;
 
 use super::{
-    decode_keys, forward, key2, latest_of, loc_key, read_entry, sop_key, vloc_key, Entry, Event,
-    Group, Ledger, LedgerError, CF_INDEX, ERASED_NOTE,
+    decode_keys, forward, key2, keys_under, latest_of, loc_key, read_entry, sop_key, vloc_key,
+    Entry, Event, Group, Ledger, LedgerError, CF_INDEX, ERASED_NOTE,
 };
 
 const ERASED_PREFIX: &[u8] = b"erased\0";
@@ -222,14 +222,7 @@ impl Group<'_> {
         // their versions are erased.
         let mut sops = BTreeSet::new();
         for prefix in [key2(&format!("v{kind}"), value, ""), key2(kind, value, "")] {
-            for item in self.db.iterator_cf(
-                self.cf_index,
-                IteratorMode::From(&prefix, Direction::Forward),
-            ) {
-                let (k, _) = item.map_err(LedgerError::Read)?;
-                let Some(rest) = k.strip_prefix(&prefix[..]) else {
-                    break;
-                };
+            for rest in keys_under(self.db, self.cf_index, &prefix)? {
                 if let Some(sop) = rest.rsplit(|&b| b == 0).next() {
                     sops.insert(String::from_utf8_lossy(sop).into_owned());
                 }
@@ -256,21 +249,14 @@ impl Group<'_> {
             }
             index_deletes.push(sop_key(sop));
             let ver_prefix = key2("ver", sop, "");
-            for item in self.db.iterator_cf(
-                self.cf_index,
-                IteratorMode::From(&ver_prefix, Direction::Forward),
-            ) {
-                let (k, _) = item.map_err(LedgerError::Read)?;
-                let Some(rest) = k.strip_prefix(&ver_prefix[..]) else {
-                    break;
-                };
-                let seq = <[u8; 8]>::try_from(rest)
+            for rest in keys_under(self.db, self.cf_index, &ver_prefix)? {
+                let seq = <[u8; 8]>::try_from(&rest[..])
                     .map(u64::from_be_bytes)
                     .map_err(|_| LedgerError::Corrupt("bad version index key".into()))?;
                 let entry = read_entry(self.db, seq)?.ok_or_else(|| {
                     LedgerError::Corrupt(format!("version index names missing entry {seq}"))
                 })?;
-                index_deletes.push(k.to_vec());
+                index_deletes.push([&ver_prefix[..], &rest[..]].concat());
                 versions.push((seq, entry));
             }
         }

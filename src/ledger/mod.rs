@@ -791,21 +791,25 @@ impl Ledger {
 
     /// Keys under `prefix` in the index, with the prefix removed.
     fn scan_index(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, LedgerError> {
-        let cf = self.cf(CF_INDEX)?;
-        let mut out = Vec::new();
-        for item in self
-            .inner
-            .db
-            .iterator_cf(cf, IteratorMode::From(prefix, Direction::Forward))
-        {
-            let (k, _) = item.map_err(LedgerError::Read)?;
-            if !k.starts_with(prefix) {
-                break;
-            }
-            out.push(k[prefix.len()..].to_vec());
-        }
-        Ok(out)
+        keys_under(&self.inner.db, self.cf(CF_INDEX)?, prefix)
     }
+}
+
+/// Keys of `cf` that start with `prefix`, with the prefix removed, in key order.
+fn keys_under(
+    db: &DB,
+    cf: &rocksdb::ColumnFamily,
+    prefix: &[u8],
+) -> Result<Vec<Vec<u8>>, LedgerError> {
+    let mut out = Vec::new();
+    for item in db.iterator_cf(cf, IteratorMode::From(prefix, Direction::Forward)) {
+        let (k, _) = item.map_err(LedgerError::Read)?;
+        if !k.starts_with(prefix) {
+            break;
+        }
+        out.push(k[prefix.len()..].to_vec());
+    }
+    Ok(out)
 }
 
 impl Drop for Inner {

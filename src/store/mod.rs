@@ -93,32 +93,29 @@ enum ReaderBackend {
 impl Store {
     /// Opens the backend named by the configuration, creating the directory or checking the bucket.
     pub async fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
-        let backend = match cfg.backend {
+        Ok(Store::on(match cfg.backend {
             StoreBackend::Fs => Backend::Fs(fs::FsStore::open(&cfg.fs.root).await?),
             StoreBackend::S3 => Backend::S3(s3::S3Store::open(&cfg.s3, cfg.timeout()).await?),
-        };
-        Ok(Store {
-            backend,
-            master: None,
-        })
+        }))
     }
 
     /// Opens the backend for reading only, beside a node that may be running (no cleanup).
     pub async fn open_read_only(cfg: &StoreConfig) -> Result<Store, StoreError> {
-        let backend = match cfg.backend {
+        Ok(Store::on(match cfg.backend {
             StoreBackend::Fs => Backend::Fs(fs::FsStore::open_read_only(&cfg.fs.root).await?),
             StoreBackend::S3 => Backend::S3(s3::S3Store::open(&cfg.s3, cfg.timeout()).await?),
-        };
-        Ok(Store {
-            backend,
-            master: None,
-        })
+        }))
     }
 
     /// A local directory store (tests and tools).
     pub fn from_fs(store: fs::FsStore) -> Store {
+        Store::on(Backend::Fs(store))
+    }
+
+    /// A backend without a master key (see [`Store::with_master_key`]).
+    fn on(backend: Backend) -> Store {
         Store {
-            backend: Backend::Fs(store),
+            backend,
             master: None,
         }
     }
