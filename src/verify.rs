@@ -70,35 +70,6 @@ pub struct Options {
     pub verifier_key: Option<String>,
 }
 
-/// Right-folded stack of complete subtrees: the RFC 9162 root of the leaves seen so far.
-#[derive(Default)]
-struct CompactRange {
-    /// (size, hash) of complete subtrees, sizes strictly decreasing.
-    stack: Vec<(u64, Digest32)>,
-}
-
-impl CompactRange {
-    fn push(&mut self, leaf: Digest32) {
-        let mut cur = (1u64, leaf);
-        while let Some(&(size, hash)) = self.stack.last() {
-            if size != cur.0 {
-                break;
-            }
-            self.stack.pop();
-            cur = (size * 2, merkle::node_hash(&hash, &cur.1));
-        }
-        self.stack.push(cur);
-    }
-
-    fn root(&self) -> Digest32 {
-        let mut it = self.stack.iter().rev();
-        match it.next() {
-            None => merkle::empty_root(),
-            Some(&(_, last)) => it.fold(last, |acc, (_, h)| merkle::node_hash(h, &acc)),
-        }
-    }
-}
-
 struct Progress {
     on: bool,
     total: u64,
@@ -146,7 +117,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
     let checkpoints = ledger.checkpoints()?;
     report.checkpoints = checkpoints.len();
     let mut next_cp = checkpoints.iter().peekable();
-    let mut range = CompactRange::default();
+    let mut range = merkle::CompactRange::default();
     let mut prev = [0u8; 32];
     let mut named: HashSet<String> = HashSet::new();
     let mut with_objects: Vec<(String, crate::ledger::Entry)> = Vec::new();
@@ -571,7 +542,7 @@ mod tests {
             }
         }
         let mut mem = Mem(Default::default());
-        let mut range = CompactRange::default();
+        let mut range = merkle::CompactRange::default();
         assert_eq!(range.root(), merkle::empty_root());
         for i in 0..300u64 {
             let leaf = merkle::leaf_hash(&i.to_be_bytes());

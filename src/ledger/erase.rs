@@ -21,8 +21,8 @@ use std::collections::{BTreeSet, HashSet};
 use rocksdb::IteratorMode;
 
 use super::{
-    decode_keys, forward, key2, keys_under, latest_of, loc_key, read_entry, sop_key, vloc_key,
-    Entry, Event, Group, Ledger, LedgerError, CF_INDEX, ERASED_NOTE,
+    decode_keys, forward, key2, keys_under, legacy_ver_key, loc_key, read_entry, read_sop, sop_key,
+    vloc_key, Entry, Event, Group, Ledger, LedgerError, CF_INDEX, ERASED_NOTE,
 };
 
 const ERASED_PREFIX: &[u8] = b"erased\0";
@@ -232,31 +232,31 @@ impl Group<'_> {
         let mut versions: Vec<(u64, Entry)> = Vec::new();
         let mut found = Vec::new();
         for sop in sops {
-            if latest_of(self.db, &sop)?.is_none() {
+            let Some(idx) = read_sop(self.db, self.cf_index, &sop)? else {
                 continue;
-            }
+            };
             found.push(sop);
             let sop = found.last().expect("just pushed");
-            for listing in [loc_key(sop), vloc_key(sop)] {
-                if let Some(v) = self
-                    .db
-                    .get_cf(self.cf_index, &listing)
-                    .map_err(LedgerError::Read)?
-                {
-                    index_deletes.extend(decode_keys(&v));
-                }
-                index_deletes.push(listing);
+            index_deletes.extend(idx.keys);
+            if let Some(v) = self
+                .db
+                .get_cf(self.cf_index, vloc_key(sop))
+                .map_err(LedgerError::Read)?
+            {
+                index_deletes.extend(decode_keys(&v));
+                index_deletes.push(vloc_key(sop));
             }
             index_deletes.push(sop_key(sop));
-            let ver_prefix = key2("ver", sop, "");
-            for rest in keys_under(self.db, self.cf_index, &ver_prefix)? {
-                let seq = <[u8; 8]>::try_from(&rest[..])
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| LedgerError::Corrupt("bad version index key".into()))?;
+            if idx.legacy {
+                index_deletes.push(loc_key(sop));
+            }
+            for seq in idx.versions {
                 let entry = read_entry(self.db, seq)?.ok_or_else(|| {
                     LedgerError::Corrupt(format!("version index names missing entry {seq}"))
                 })?;
-                index_deletes.push([&ver_prefix[..], &rest[..]].concat());
+                if idx.legacy {
+                    index_deletes.push(legacy_ver_key(sop, seq));
+                }
                 versions.push((seq, entry));
             }
         }

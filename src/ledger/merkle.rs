@@ -228,6 +228,36 @@ pub fn verify_consistency(
     fr == *old_root && sr == *new_root && s_n == 0
 }
 
+/// Right-folded stack of complete subtrees: the RFC 9162 root of the leaves seen so far, in
+/// O(log n) memory (verify, and the check before a tree is rewritten).
+#[derive(Default)]
+pub struct CompactRange {
+    /// (size, hash) of complete subtrees, sizes strictly decreasing.
+    stack: Vec<(u64, Digest32)>,
+}
+
+impl CompactRange {
+    pub fn push(&mut self, leaf: Digest32) {
+        let mut cur = (1u64, leaf);
+        while let Some(&(size, hash)) = self.stack.last() {
+            if size != cur.0 {
+                break;
+            }
+            self.stack.pop();
+            cur = (size * 2, node_hash(&hash, &cur.1));
+        }
+        self.stack.push(cur);
+    }
+
+    pub fn root(&self) -> Digest32 {
+        let mut it = self.stack.iter().rev();
+        match it.next() {
+            None => empty_root(),
+            Some(&(_, last)) => it.fold(last, |acc, (_, h)| node_hash(h, &acc)),
+        }
+    }
+}
+
 /// The nodes an append of leaf number `size` (0-based) creates, given its leaf hash: the leaf
 /// itself, then every complete subtree it closes. `left(level, index)` yields stored siblings.
 pub fn append_nodes<E>(

@@ -5,16 +5,18 @@
 //! - `entries`: u64 BE sequence number → encoded [`Entry`] (the chain);
 //! - `meta`: instance key → encoded [`MetadataRecord`] (separate, so a record can later be erased
 //!   without breaking the chain, which only holds its hash);
-//! - `index`: `sop\0UID` → latest (seq, version); `ver\0UID\0seq` → (); `study\0S\0SE\0UID`,
-//!   `series\0SE\0UID`, `patient\0PID\0S\0UID` → (); `loc\0UID` → the hierarchy keys of the latest
-//!   version (to move an instance when a new version changes its study or series). The value of
+//! - `index`: `sop\0UID` → latest (seq, version, instance key), every version's seq and the
+//!   hierarchy keys of the latest version (to move an instance when a new version changes its
+//!   study or series), see [`SopIndex`]; `study\0S\0SE\0UID`, `series\0SE\0UID`,
+//!   `patient\0PID\0S\0UID` → (). The value of
 //!   a `study` key is `SOP Class UID\0Modality` (for the computed C-FIND attributes). C-FIND's
 //!   attribute index: `a\0TTTTTTTT\0value\0S\0SE\0UID` → () for each attribute of
 //!   [`crate::find::query::INDEXED`] (tag in hex, value normalised and escaped, see
 //!   [`find_key`]), kept with the hierarchy keys so a new version moves them too;
-//! - `tree`: (level u8, index u64 BE) → hash of a complete subtree of the RFC 9162 Merkle tree
-//!   over the entries (leaf i = entry with sequence number i + 1), see [`merkle`]. Written in the
-//!   same batch as the entries, so the tree always covers exactly the chain;
+//! - `tree`: leaf index u64 BE → the hashes of the complete subtrees of the RFC 9162 Merkle tree
+//!   over the entries (leaf i = entry with sequence number i + 1) that appending leaf i created:
+//!   its own hash, then one per level it completed (see [`merkle`], [`node_slot`]). Written in
+//!   the same batch as the entries, so the tree always covers exactly the chain;
 //! - `checkpoints`: tree size u64 → signed checkpoint note (see [`checkpoint`]); all are kept.
 //! - `forward`: the store-and-forward queue (see [`forward`]): `q\0DEST\0seq` for each stored
 //!   entry waiting to be forwarded to destination DEST, written in the same batch as the entry;
@@ -38,7 +40,8 @@ pub mod forward;
 pub mod merkle;
 pub mod trail;
 
-use std::collections::HashMap;
+// Group-local maps keyed by our own numbers and UIDs of at most one group: no need for SipHash.
+use rustc_hash::FxHashMap as HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -73,6 +76,9 @@ const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 const SPOOL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most requests folded into one group commit.
 const MAX_GROUP: usize = 512;
+/// Batch bytes reserved per request of a group: an entry, its tree nodes, a metadata record of
+/// a typical CT/MR header and its index keys.
+const BATCH_BYTES_PER_REQUEST: usize = 2048;
 
 /// Ledger failures. Writes that fail leave the ledger as it was.
 #[derive(Debug, thiserror::Error)]
@@ -602,12 +608,11 @@ impl Ledger {
 
     /// Sequence numbers of every version of a SOP Instance, oldest first.
     pub fn versions(&self, sop_instance_uid: &str) -> Result<Vec<u64>, LedgerError> {
-        let prefix = key2("ver", sop_instance_uid, "");
-        Ok(self
-            .scan_index(&prefix)?
-            .into_iter()
-            .filter_map(|rest| rest.try_into().ok().map(u64::from_be_bytes))
-            .collect())
+        Ok(
+            read_sop(&self.inner.db, self.cf(CF_INDEX)?, sop_instance_uid)?
+                .map(|i| i.versions)
+                .unwrap_or_default(),
+        )
     }
 
     /// SOP Instance UIDs of a study (latest versions only).
@@ -780,13 +785,11 @@ impl Ledger {
 
     /// The hierarchy keys of the latest version of an instance (study key first).
     pub fn location(&self, sop_instance_uid: &str) -> Result<Vec<Vec<u8>>, LedgerError> {
-        Ok(self
-            .inner
-            .db
-            .get_cf(self.cf(CF_INDEX)?, loc_key(sop_instance_uid))
-            .map_err(LedgerError::Read)?
-            .map(|v| decode_keys(&v))
-            .unwrap_or_default())
+        Ok(
+            read_sop(&self.inner.db, self.cf(CF_INDEX)?, sop_instance_uid)?
+                .map(|i| i.keys)
+                .unwrap_or_default(),
+        )
     }
 
     /// Keys under `prefix` in the index, with the prefix removed.
@@ -850,6 +853,134 @@ fn loc_key(uid: &str) -> Vec<u8> {
 fn vloc_key(uid: &str) -> Vec<u8> {
     let mut k = b"vloc\0".to_vec();
     k.extend_from_slice(uid.as_bytes());
+    k
+}
+
+/// What the index holds about one SOP Instance under `sop\0UID`.
+///
+/// Value: latest seq u64 ‖ its version u32 ‖ its instance key [32] ‖ count u32 ‖ the seq u64 of
+/// every version, oldest first ‖ the latest version's hierarchy keys ([`encode_keys`]). One key
+/// per instance: the committer is bound by RocksDB memtable inserts. Ledgers written before
+/// this kept only (seq, version) there, the versions as `ver\0UID\0seq` keys and the hierarchy
+/// keys under `loc\0UID` ([`SopIndex::legacy`]); they are read as they are and rewritten in
+/// this form by the instance's next version.
+#[derive(Clone, Debug, PartialEq)]
+struct SopIndex {
+    seq: u64,
+    version: u32,
+    /// `None` in the legacy form (read from the entry when needed).
+    instance_key: Option<Digest32>,
+    versions: Vec<u64>,
+    keys: Vec<Vec<u8>>,
+    legacy: bool,
+}
+
+impl SopIndex {
+    fn encode(&self, instance_key: &Digest32) -> Vec<u8> {
+        let keys = encode_keys(&self.keys);
+        let mut v = Vec::with_capacity(48 + self.versions.len() * 8 + keys.len());
+        v.extend_from_slice(&self.seq.to_be_bytes());
+        v.extend_from_slice(&self.version.to_be_bytes());
+        v.extend_from_slice(instance_key);
+        v.extend_from_slice(&(self.versions.len() as u32).to_be_bytes());
+        for seq in &self.versions {
+            v.extend_from_slice(&seq.to_be_bytes());
+        }
+        v.extend_from_slice(&keys);
+        v
+    }
+
+    /// Decodes a `sop` value; the legacy form (12 bytes) comes back with no versions or keys.
+    fn decode(uid: &str, v: &[u8]) -> Result<SopIndex, LedgerError> {
+        let bad = || LedgerError::Corrupt(format!("index value for {uid}"));
+        let u64_at = |at: usize| -> Result<u64, LedgerError> {
+            Ok(u64::from_be_bytes(
+                v.get(at..at + 8)
+                    .ok_or_else(bad)?
+                    .try_into()
+                    .map_err(|_| bad())?,
+            ))
+        };
+        let u32_at = |at: usize| -> Result<u32, LedgerError> {
+            Ok(u32::from_be_bytes(
+                v.get(at..at + 4)
+                    .ok_or_else(bad)?
+                    .try_into()
+                    .map_err(|_| bad())?,
+            ))
+        };
+        let (seq, version) = (u64_at(0)?, u32_at(8)?);
+        if v.len() == 12 {
+            return Ok(SopIndex {
+                seq,
+                version,
+                instance_key: None,
+                versions: Vec::new(),
+                keys: Vec::new(),
+                legacy: true,
+            });
+        }
+        let key: Digest32 = v
+            .get(12..44)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?;
+        let count = u32_at(44)? as usize;
+        let keys_at = count
+            .checked_mul(8)
+            .and_then(|n| n.checked_add(48))
+            .filter(|&end| end <= v.len())
+            .ok_or_else(bad)?;
+        let versions = (0..count)
+            .map(|i| u64_at(48 + i * 8))
+            .collect::<Result<Vec<_>, _>>()?;
+        let keys = decode_keys(&v[keys_at..]);
+        // Every byte accounted for: a cut key list would leave keys an erasure misses.
+        if encode_keys(&keys).len() != v.len() - keys_at || versions.last() != Some(&seq) {
+            return Err(bad());
+        }
+        Ok(SopIndex {
+            seq,
+            version,
+            instance_key: Some(key),
+            versions,
+            keys,
+            legacy: false,
+        })
+    }
+}
+
+/// The index of one SOP Instance, the legacy form completed from its `ver` and `loc` keys.
+fn read_sop(
+    db: &DB,
+    cf_index: &rocksdb::ColumnFamily,
+    uid: &str,
+) -> Result<Option<SopIndex>, LedgerError> {
+    let Some(v) = db
+        .get_pinned_cf(cf_index, sop_key(uid))
+        .map_err(LedgerError::Read)?
+    else {
+        return Ok(None);
+    };
+    let mut idx = SopIndex::decode(uid, &v)?;
+    if idx.legacy {
+        idx.versions = keys_under(db, cf_index, &key2("ver", uid, ""))?
+            .into_iter()
+            .filter_map(|rest| rest.try_into().ok().map(u64::from_be_bytes))
+            .collect();
+        idx.keys = db
+            .get_cf(cf_index, loc_key(uid))
+            .map_err(LedgerError::Read)?
+            .map(|b| decode_keys(&b))
+            .unwrap_or_default();
+    }
+    Ok(Some(idx))
+}
+
+/// The `ver\0UID\0seq` key of a legacy index (see [`SopIndex`]).
+fn legacy_ver_key(uid: &str, seq: u64) -> Vec<u8> {
+    let mut k = key2("ver", uid, "");
+    k.extend_from_slice(&seq.to_be_bytes());
     k
 }
 
@@ -954,19 +1085,16 @@ fn latest_of(db: &DB, uid: &str) -> Result<Option<(u64, u32)>, LedgerError> {
     let cf = db
         .cf_handle(CF_INDEX)
         .ok_or_else(|| LedgerError::Corrupt("missing index".into()))?;
-    match db.get_cf(cf, sop_key(uid)).map_err(LedgerError::Read)? {
-        Some(v) if v.len() == 12 => {
-            let seq = u64::from_be_bytes(
-                v[..8]
-                    .try_into()
-                    .map_err(|_| LedgerError::Corrupt("index".into()))?,
-            );
-            let ver = u32::from_be_bytes(
-                v[8..]
-                    .try_into()
-                    .map_err(|_| LedgerError::Corrupt("index".into()))?,
-            );
-            Ok(Some((seq, ver)))
+    // Only the leading (seq, version) of either form (see `SopIndex`): this runs for every
+    // instance a query or retrieval touches.
+    match db
+        .get_pinned_cf(cf, sop_key(uid))
+        .map_err(LedgerError::Read)?
+    {
+        Some(v) if v.len() == 12 || v.len() >= 48 => {
+            let seq = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+            let version = u32::from_be_bytes(v[8..12].try_into().expect("4 bytes"));
+            Ok(Some((seq, version)))
         }
         Some(_) => Err(LedgerError::Corrupt(format!("index value for {uid}"))),
         None => Ok(None),
@@ -988,11 +1116,16 @@ fn read_head(db: &DB) -> Result<Option<(u64, Digest32)>, LedgerError> {
     }
 }
 
-fn node_key(level: u8, index: u64) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = level;
-    k[1..].copy_from_slice(&index.to_be_bytes());
-    k
+/// The `tree` key of the nodes leaf `leaf` completed (its own hash first, then one per level).
+fn tree_key(leaf: u64) -> [u8; 8] {
+    leaf.to_be_bytes()
+}
+
+/// Where node (level, index) is stored: under the leaf that completed it, the last one it
+/// covers, at position `level` of that leaf's value.
+fn node_slot(level: u8, index: u64) -> Option<u64> {
+    let width = 1u64.checked_shl(u32::from(level))?;
+    index.checked_add(1)?.checked_mul(width)?.checked_sub(1)
 }
 
 fn read_node(
@@ -1001,12 +1134,26 @@ fn read_node(
     level: u8,
     index: u64,
 ) -> Result<Digest32, LedgerError> {
-    db.get_cf(cf, node_key(level, index))
+    let missing =
+        || LedgerError::Corrupt(format!("Merkle tree node ({level}, {index}) is missing"));
+    let leaf = node_slot(level, index).ok_or_else(missing)?;
+    let at = usize::from(level) * 32;
+    let grouped = db
+        .get_pinned_cf(cf, tree_key(leaf))
         .map_err(LedgerError::Read)?
-        .and_then(|v| <Digest32>::try_from(v.as_slice()).ok())
-        .ok_or_else(|| {
-            LedgerError::Corrupt(format!("Merkle tree node ({level}, {index}) is missing"))
-        })
+        .and_then(|v| {
+            v.get(at..at + 32)
+                .and_then(|h| <Digest32>::try_from(h).ok())
+        });
+    if let Some(hash) = grouped {
+        return Ok(hash);
+    }
+    // A tree still in the earlier layout (one key per node: level u8 ‖ index u64), as a
+    // read-only view sees it before the node was restarted on this version and rewrote it.
+    db.get_pinned_cf(cf, legacy_node_key(level, index))
+        .map_err(LedgerError::Read)?
+        .and_then(|v| <Digest32>::try_from(&v[..]).ok())
+        .ok_or_else(missing)
 }
 
 fn read_entry(db: &DB, seq: u64) -> Result<Option<Entry>, LedgerError> {
@@ -1082,17 +1229,24 @@ fn plan_tree_nodes(
     })
 }
 
-/// Puts planned tree nodes into a batch and remembers them as pending.
+/// Puts the nodes one leaf's append created into a batch, as one value under that leaf (see
+/// [`tree_key`]), and remembers them as pending.
 fn put_tree_nodes(
     batch: &mut WriteBatch,
     cf_tree: &rocksdb::ColumnFamily,
     pending: &mut HashMap<(u8, u64), Digest32>,
     nodes: Vec<(u8, u64, Digest32)>,
 ) {
+    let Some(&(_, leaf, _)) = nodes.first() else {
+        return;
+    };
+    let mut value = Vec::with_capacity(nodes.len() * 32);
     for (level, index, hash) in nodes {
-        batch.put_cf(cf_tree, node_key(level, index), hash);
+        debug_assert_eq!(node_slot(level, index), Some(leaf));
+        value.extend_from_slice(&hash);
         pending.insert((level, index), hash);
     }
+    batch.put_cf(cf_tree, tree_key(leaf), value);
 }
 
 /// The tree as the committer reads it.
@@ -1153,11 +1307,15 @@ fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
     let cf_tree = db
         .cf_handle(CF_TREE)
         .ok_or_else(|| LedgerError::Corrupt("missing tree".into()))?;
-    let cf_entries = db
-        .cf_handle(CF_ENTRIES)
-        .ok_or_else(|| LedgerError::Corrupt("missing entries".into()))?;
+    let old_layout = match db.iterator_cf(cf_tree, IteratorMode::Start).next() {
+        Some(item) => item.map_err(LedgerError::Read)?.0.len() == 9,
+        None => false,
+    };
+    if old_layout {
+        rewrite_legacy_tree(db, cf_tree, entries)?;
+    }
     let has_leaf = |i: u64| {
-        db.get_cf(cf_tree, node_key(0, i))
+        db.get_pinned_cf(cf_tree, tree_key(i))
             .map(|v| v.is_some())
             .map_err(LedgerError::Read)
     };
@@ -1179,19 +1337,113 @@ fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
         to = entries,
         "Merkle tree behind the chain: adding the missing leaves"
     );
+    // Written in leaf order, a synced batch every BACKFILL_CHUNK leaves (memory stays bounded
+    // on a large ledger; after a crash the search above resumes where the leaves stop).
     let mut batch = WriteBatch::default();
-    let mut new_nodes: HashMap<(u8, u64), Digest32> = HashMap::new();
-    for i in lo..entries {
-        let raw = db
-            .get_cf(cf_entries, (i + 1).to_be_bytes())
-            .map_err(LedgerError::Read)?
-            .ok_or_else(|| LedgerError::Corrupt(format!("entry {} is missing", i + 1)))?;
-        let created = plan_tree_nodes(db, cf_tree, &new_nodes, i, merkle::leaf_hash(&raw))?;
-        put_tree_nodes(&mut batch, cf_tree, &mut new_nodes, created);
-    }
+    let mut new_nodes: HashMap<(u8, u64), Digest32> = HashMap::default();
     let mut wo = WriteOptions::default();
     wo.set_sync(true);
+    for_each_entry_from(db, lo, entries, |i, raw| {
+        let created = plan_tree_nodes(db, cf_tree, &new_nodes, i, merkle::leaf_hash(raw))?;
+        put_tree_nodes(&mut batch, cf_tree, &mut new_nodes, created);
+        if (i + 1 - lo) % BACKFILL_CHUNK == 0 {
+            db.write_opt(std::mem::take(&mut batch), &wo)
+                .map_err(LedgerError::Write)?;
+            new_nodes.clear();
+        }
+        Ok(())
+    })?;
     db.write_opt(batch, &wo).map_err(LedgerError::Write)
+}
+
+/// Leaves per synced batch when the tree is (re)built at open.
+const BACKFILL_CHUNK: u64 = 65_536;
+
+/// Calls `f(leaf index, entry bytes)` for entries seq `from + 1` ..= `to`, in order; a missing
+/// entry is an error.
+fn for_each_entry_from(
+    db: &DB,
+    from: u64,
+    to: u64,
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), LedgerError>,
+) -> Result<(), LedgerError> {
+    let cf_entries = db
+        .cf_handle(CF_ENTRIES)
+        .ok_or_else(|| LedgerError::Corrupt("missing entries".into()))?;
+    let start = (from + 1).to_be_bytes();
+    let mut it = db.iterator_cf(cf_entries, IteratorMode::From(&start, Direction::Forward));
+    for i in from..to {
+        let (key, raw) = it
+            .next()
+            .transpose()
+            .map_err(LedgerError::Read)?
+            .ok_or_else(|| LedgerError::Corrupt(format!("entry {} is missing", i + 1)))?;
+        if key[..] != (i + 1).to_be_bytes() {
+            return Err(LedgerError::Corrupt(format!("entry {} is missing", i + 1)));
+        }
+        f(i, &raw)?;
+    }
+    Ok(())
+}
+
+/// The key of node (level, index) in the tree layout before nodes were grouped by leaf.
+fn legacy_node_key(level: u8, index: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = level;
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Replaces a tree in the earlier layout (one key per node) by the grouped one. First the
+/// entries must still hash to the root the old tree has over the leaves it holds: if not,
+/// nothing is touched and the ledger does not open (the old tree is evidence). Then the old
+/// nodes are dropped; [`backfill_tree`] rebuilds the tree from the entries, and the newest
+/// checkpoint is checked against it as at every open.
+fn rewrite_legacy_tree(
+    db: &DB,
+    cf_tree: &rocksdb::ColumnFamily,
+    entries: u64,
+) -> Result<(), LedgerError> {
+    let has_leaf = |i: u64| {
+        db.get_pinned_cf(cf_tree, legacy_node_key(0, i))
+            .map(|v| v.is_some())
+            .map_err(LedgerError::Read)
+    };
+    // Leaves the old tree holds (a prefix; fewer than the entries if it lagged behind them).
+    let (mut lo, mut hi) = (0u64, entries);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if has_leaf(mid)? {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    let covered = lo;
+    let old_root = merkle::root(&DbNodes(db), covered)?;
+    let mut range = merkle::CompactRange::default();
+    for_each_entry_from(db, 0, covered, |_, raw| {
+        range.push(merkle::leaf_hash(raw));
+        Ok(())
+    })?;
+    if range.root() != old_root {
+        return Err(LedgerError::Corrupt(format!(
+            "the entries no longer hash to the root of the stored Merkle tree over the first \
+             {covered}: entries were altered (the tree is left as it is)"
+        )));
+    }
+    tracing::warn!(
+        leaves = covered,
+        "rewriting the Merkle tree in its new layout (one key per leaf)"
+    );
+    let mut batch = WriteBatch::default();
+    batch.delete_range_cf(cf_tree, Vec::new(), vec![0xffu8; 10]);
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    db.write_opt(batch, &wo).map_err(LedgerError::Write)?;
+    // The old nodes leave the table files now rather than at some later compaction.
+    db.compact_range_cf(cf_tree, None::<&[u8]>, None::<&[u8]>);
+    Ok(())
 }
 
 fn now_micros() -> i64 {
@@ -1317,7 +1569,7 @@ impl Committer {
         }
         // Oldest first (the names start with the time), so the trail keeps their order.
         audits.sort();
-        let mut group = match Group::new(&self.db, self.head) {
+        let mut group = match Group::new(&self.db, self.head, 0) {
             Ok(g) => g,
             Err(e) => return tracing::error!(error = %e, "cannot record security events"),
         };
@@ -1396,7 +1648,7 @@ impl Committer {
             let _ = std::fs::rename(file, file.with_extension("bad"));
             return;
         };
-        let mut group = match Group::new(&self.db, self.head) {
+        let mut group = match Group::new(&self.db, self.head, 0) {
             Ok(g) => g,
             Err(e) => return tracing::error!(error = %e, "cannot re-queue forwards"),
         };
@@ -1466,7 +1718,7 @@ impl Committer {
     /// version is unreadable) fails alone; if the write itself fails every planned request gets
     /// the error.
     fn commit_group(&mut self, jobs: &[Job]) -> Vec<Planned> {
-        let mut plan = match Group::new(&self.db, self.head) {
+        let mut plan = match Group::new(&self.db, self.head, jobs.len()) {
             Ok(g) => g,
             Err(e) => {
                 let err = || LedgerError::Corrupt(e.to_string());
@@ -1497,7 +1749,10 @@ impl Committer {
         if matches!(planned.as_slice(), [Planned::Erase(Err(_))]) {
             return planned;
         }
-        // A duplicate's object is named by no entry: its note stays until ingest deleted it.
+        // The stored instances' objects are named by their entries now: their notes go in the
+        // same batch (a duplicate's object is named by no entry: its note stays until ingest
+        // deleted it). Here rather than by ingest: at tens of thousands of instances a second,
+        // one small write per instance from many threads costs more than the batch's delete.
         for (job, planned) in jobs.iter().zip(&planned) {
             if let (Job::Store { req, .. }, Planned::Store(Ok(StoreOutcome::Stored { .. }))) =
                 (job, planned)
@@ -1571,8 +1826,8 @@ struct Group<'a> {
     /// Forward queue keys settled in this group (so a second outcome for one is ignored).
     settled: std::collections::HashSet<Vec<u8>>,
     head: Option<(u64, Digest32)>,
-    /// Latest (seq, version, key, hierarchy keys) per SOP Instance planned in this group.
-    pending: HashMap<String, (u64, u32, Digest32, Vec<Vec<u8>>)>,
+    /// The index of each SOP Instance planned in this group, with its instance key.
+    pending: HashMap<String, (SopIndex, Digest32)>,
     /// Every-version hierarchy keys per SOP Instance planned in this group (see `vloc_key`).
     pending_vloc: HashMap<String, Vec<Vec<u8>>>,
     /// Tree nodes planned in this group, not yet readable from the database.
@@ -1581,7 +1836,13 @@ struct Group<'a> {
 }
 
 impl<'a> Group<'a> {
-    fn new(db: &'a DB, head: Option<(u64, Digest32)>) -> Result<Group<'a>, LedgerError> {
+    /// A group of about `requests` requests (its batch is sized for them up front: growing a
+    /// megabyte batch by doubling showed up in profiles).
+    fn new(
+        db: &'a DB,
+        head: Option<(u64, Digest32)>,
+        requests: usize,
+    ) -> Result<Group<'a>, LedgerError> {
         let cf = |n| {
             db.cf_handle(n)
                 .ok_or_else(|| LedgerError::Corrupt(format!("missing column family {n}")))
@@ -1595,42 +1856,43 @@ impl<'a> Group<'a> {
             cf_forward: cf(CF_FORWARD)?,
             cf_pending: cf(CF_PENDING)?,
             cf_keys: cf(CF_KEYS)?,
-            batch: WriteBatch::default(),
+            batch: WriteBatch::with_capacity_bytes(requests * BATCH_BYTES_PER_REQUEST),
             enqueued: false,
             erased: false,
             settled: Default::default(),
             head,
-            pending: HashMap::new(),
-            pending_vloc: HashMap::new(),
-            new_nodes: HashMap::new(),
+            pending: HashMap::default(),
+            pending_vloc: HashMap::default(),
+            new_nodes: HashMap::default(),
             time_micros: now_micros(),
         })
     }
 
-    /// The latest version of a SOP Instance: (seq, version, instance key, hierarchy keys).
-    fn previous(
-        &self,
-        uid: &str,
-    ) -> Result<Option<(u64, u32, Digest32, Vec<Vec<u8>>)>, LedgerError> {
+    /// The index of a SOP Instance and its latest version's instance key.
+    fn previous(&self, uid: &str) -> Result<Option<(SopIndex, Digest32)>, LedgerError> {
         if let Some(p) = self.pending.get(uid) {
             return Ok(Some(p.clone()));
         }
-        let Some((seq, ver)) = latest_of(self.db, uid)? else {
+        let Some(idx) = read_sop(self.db, self.cf_index, uid)? else {
             return Ok(None);
         };
-        let raw = self
-            .db
-            .get_cf(self.cf_entries, seq.to_be_bytes())
-            .map_err(LedgerError::Read)?
-            .ok_or_else(|| LedgerError::Corrupt(format!("index names missing entry {seq}")))?;
-        let e = Entry::decode(&raw).map_err(|e| LedgerError::Corrupt(e.to_string()))?;
-        let loc = self
-            .db
-            .get_cf(self.cf_index, loc_key(uid))
-            .map_err(LedgerError::Read)?
-            .map(|b| decode_keys(&b))
-            .unwrap_or_default();
-        Ok(Some((seq, ver, e.instance_key, loc)))
+        let key = match idx.instance_key {
+            Some(k) => k,
+            None => {
+                let seq = idx.seq;
+                let raw = self
+                    .db
+                    .get_cf(self.cf_entries, seq.to_be_bytes())
+                    .map_err(LedgerError::Read)?
+                    .ok_or_else(|| {
+                        LedgerError::Corrupt(format!("index names missing entry {seq}"))
+                    })?;
+                Entry::decode(&raw)
+                    .map_err(|e| LedgerError::Corrupt(e.to_string()))?
+                    .instance_key
+            }
+        };
+        Ok(Some((idx, key)))
     }
 
     /// Plans a security event about entry `subject`, detected by `detector`.
@@ -1692,16 +1954,16 @@ impl<'a> Group<'a> {
     fn add(&mut self, req: &StoreRequest) -> Result<StoreOutcome, LedgerError> {
         let uid = req.attrs.sop_instance_uid.as_str();
         let previous = self.previous(uid)?;
-        if let Some((seq, _, key, _)) = &previous {
+        if let Some((idx, key)) = &previous {
             if *key == req.instance_key {
-                return Ok(StoreOutcome::Duplicate { seq: *seq });
+                return Ok(StoreOutcome::Duplicate { seq: idx.seq });
             }
         }
         // A version that moves to another study or patient leaves a trace of where the older
         // one was, so an erasure of that study or patient still finds it (the hierarchy keys
         // follow the latest version only). Nothing to write for the usual first version.
         let moved = match &previous {
-            Some((_, _, _, old)) => moved_from(old, &req.attrs),
+            Some((idx, _)) => moved_from(&idx.keys, &req.attrs),
             None => Vec::new(),
         };
         let vloc = if moved.is_empty() {
@@ -1724,7 +1986,7 @@ impl<'a> Group<'a> {
             Some(v)
         };
         let (seq, prev_hash) = self.next_position();
-        let version = previous.as_ref().map(|p| p.1 + 1).unwrap_or(1);
+        let version = previous.as_ref().map(|p| p.0.version + 1).unwrap_or(1);
         let s = &req.summary;
         let entry = Entry {
             seq,
@@ -1755,18 +2017,22 @@ impl<'a> Group<'a> {
             self.batch
                 .put_cf(self.cf_keys, name.as_bytes(), key.encode());
         }
-        let mut latest = seq.to_be_bytes().to_vec();
-        latest.extend_from_slice(&version.to_be_bytes());
-        self.batch.put_cf(self.cf_index, sop_key(uid), latest);
-        let mut ver_key = key2("ver", uid, "");
-        ver_key.extend_from_slice(&seq.to_be_bytes());
-        self.batch.put_cf(self.cf_index, ver_key, []);
         let keys = hierarchy_keys(&req.attrs);
-        if let Some((_, _, _, old)) = &previous {
-            for k in old.iter().filter(|k| !keys.contains(k)) {
+        let mut versions = Vec::new();
+        if let Some((old, _)) = &previous {
+            for k in old.keys.iter().filter(|k| !keys.contains(k)) {
                 self.batch.delete_cf(self.cf_index, k);
             }
+            if old.legacy {
+                // Rewritten in the one-key form (see `SopIndex`).
+                for &v in &old.versions {
+                    self.batch.delete_cf(self.cf_index, legacy_ver_key(uid, v));
+                }
+                self.batch.delete_cf(self.cf_index, loc_key(uid));
+            }
+            versions.clone_from(&old.versions);
         }
+        versions.push(seq);
         let mut study_value = req.attrs.sop_class_uid.as_bytes().to_vec();
         study_value.push(0);
         study_value.extend_from_slice(req.attrs.modality.as_bytes());
@@ -1778,8 +2044,16 @@ impl<'a> Group<'a> {
             };
             self.batch.put_cf(self.cf_index, k, value);
         }
+        let idx = SopIndex {
+            seq,
+            version,
+            instance_key: Some(req.instance_key),
+            versions,
+            keys,
+            legacy: false,
+        };
         self.batch
-            .put_cf(self.cf_index, loc_key(uid), encode_keys(&keys));
+            .put_cf(self.cf_index, sop_key(uid), idx.encode(&req.instance_key));
         if let Some(vloc) = vloc {
             for k in &vloc {
                 self.batch.put_cf(self.cf_index, k, []);
@@ -1789,7 +2063,7 @@ impl<'a> Group<'a> {
             self.pending_vloc.insert(uid.to_string(), vloc);
         }
         self.pending
-            .insert(uid.to_string(), (seq, version, req.instance_key, keys));
+            .insert(uid.to_string(), (idx, req.instance_key));
         for destination in &req.forward_to {
             self.batch
                 .put_cf(self.cf_forward, forward::queue_key(destination, seq), []);
@@ -1925,6 +2199,91 @@ mod tests {
         ));
     }
 
+    /// Every index key (as text, lossy) that mentions `needle`.
+    fn index_keys_with(ledger: &Ledger, needle: &str) -> Vec<String> {
+        let cf = ledger.cf(CF_INDEX).unwrap();
+        ledger
+            .inner
+            .db
+            .iterator_cf(cf, IteratorMode::Start)
+            .map(|kv| String::from_utf8_lossy(&kv.unwrap().0).into_owned())
+            .filter(|k| k.contains(needle))
+            .collect()
+    }
+
+    /// Rewrites the index of `uid` the way ledgers before `SopIndex` kept it: (seq, version)
+    /// under `sop`, one `ver` key per version, the hierarchy keys under `loc`.
+    fn make_legacy(ledger: &Ledger, uid: &str) {
+        let db = &ledger.inner.db;
+        let cf = ledger.cf(CF_INDEX).unwrap();
+        let idx = read_sop(db, cf, uid).unwrap().unwrap();
+        assert!(!idx.legacy);
+        let mut v = idx.seq.to_be_bytes().to_vec();
+        v.extend_from_slice(&idx.version.to_be_bytes());
+        db.put_cf(cf, sop_key(uid), v).unwrap();
+        for seq in &idx.versions {
+            db.put_cf(cf, legacy_ver_key(uid, *seq), []).unwrap();
+        }
+        db.put_cf(cf, loc_key(uid), encode_keys(&idx.keys)).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_index_in_the_legacy_form_is_read_and_rewritten_by_the_next_version() {
+        use erase::EraseScope;
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger.store(request("1.1", "9", 1)).await.unwrap();
+        ledger.store(request("1.1", "9", 2)).await.unwrap();
+        ledger.store(request("1.2", "9", 3)).await.unwrap();
+        let location = ledger.location("1.1").unwrap();
+        assert_eq!(location.len(), 3, "study, series and patient keys");
+        make_legacy(&ledger, "1.1");
+        make_legacy(&ledger, "1.2");
+        // Read as it is.
+        assert_eq!(ledger.versions("1.1").unwrap(), vec![1, 2]);
+        assert_eq!(ledger.location("1.1").unwrap(), location);
+        assert_eq!(ledger.latest("1.1").unwrap().unwrap().seq, 2);
+        // A duplicate is still recognised (its instance key comes from the entry).
+        assert_eq!(
+            ledger.store(request("1.1", "9", 2)).await.unwrap(),
+            StoreOutcome::Duplicate { seq: 2 }
+        );
+        // The next version, filed under another study, rewrites it in the one-key form.
+        assert_eq!(
+            ledger.store(request("1.1", "8", 4)).await.unwrap(),
+            StoreOutcome::Stored { seq: 4, version: 3 }
+        );
+        let idx = read_sop(&ledger.inner.db, ledger.cf(CF_INDEX).unwrap(), "1.1")
+            .unwrap()
+            .unwrap();
+        assert!(!idx.legacy);
+        assert_eq!(
+            (idx.versions, idx.instance_key),
+            (vec![1, 2, 4], Some([4; 32]))
+        );
+        assert!(ledger.instances_in_study("9").unwrap() == vec!["1.2".to_string()]);
+        assert_eq!(
+            ledger.instances_in_study("8").unwrap(),
+            vec!["1.1".to_string()]
+        );
+        let left = index_keys_with(&ledger, "1.1");
+        assert!(
+            left.iter()
+                .all(|k| !k.starts_with("ver\0") && !k.starts_with("loc\0")),
+            "{left:?}"
+        );
+        // An instance still in the legacy form is erased with all its keys.
+        ledger
+            .erase(EraseScope::Study("9".into()), "admin-api".into())
+            .await
+            .unwrap();
+        assert!(ledger.latest("1.2").unwrap().is_none());
+        assert_eq!(index_keys_with(&ledger, "1.2"), Vec::<String>::new());
+        // Erasing the study of its older versions takes 1.1 too (moved from 9), every key of it.
+        assert!(ledger.latest("1.1").unwrap().is_none());
+        assert_eq!(index_keys_with(&ledger, "1.1"), Vec::<String>::new());
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn chain_versions_duplicates_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -2054,7 +2413,7 @@ mod tests {
                 .collect();
             for k in keys
                 .iter()
-                .filter(|k| k[0] == 0 && u64::from_be_bytes(k[1..].try_into().unwrap()) >= 20)
+                .filter(|k| u64::from_be_bytes(k[..].try_into().unwrap()) >= 20)
             {
                 ledger.inner.db.delete_cf(cf, k).unwrap();
             }
@@ -2063,6 +2422,75 @@ mod tests {
         drop(ledger);
         let ledger = Ledger::open(dir.path()).unwrap();
         assert_eq!(ledger.tree_root(37).unwrap(), root);
+        // A tree in the layout before nodes were grouped by leaf (one key per node: level u8 ‖
+        // index u64) is rebuilt at open, with the same root.
+        {
+            let cf = ledger.cf(CF_TREE).unwrap();
+            let db = &ledger.inner.db;
+            let rows: Vec<_> = db
+                .iterator_cf(cf, IteratorMode::Start)
+                .map(|kv| kv.unwrap())
+                .collect();
+            assert!(rows.iter().all(|(k, v)| k.len() == 8 && v.len() % 32 == 0));
+            for (k, v) in rows {
+                let leaf = u64::from_be_bytes(k[..].try_into().unwrap());
+                for (level, hash) in v.chunks(32).enumerate() {
+                    let old = legacy_node_key(level as u8, ((leaf + 1) >> level) - 1);
+                    db.put_cf(cf, old, hash).unwrap();
+                }
+                db.delete_cf(cf, k).unwrap();
+            }
+        }
+        // Readable as it is (a read-only view before the node rewrote it).
+        assert_eq!(ledger.tree_root(37).unwrap(), root);
+        ledger.close();
+        drop(ledger);
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(ledger.tree_root(37).unwrap(), root);
+        let cf = ledger.cf(CF_TREE).unwrap();
+        let keys: Vec<_> = ledger
+            .inner
+            .db
+            .iterator_cf(cf, IteratorMode::Start)
+            .map(|kv| kv.unwrap().0)
+            .collect();
+        assert_eq!(keys.len(), 37, "one key per leaf");
+        assert!(keys.iter().all(|k| k.len() == 8));
+        // An old tree the entries no longer match is evidence: the ledger refuses to open
+        // rather than rewrite it.
+        {
+            let cf = ledger.cf(CF_TREE).unwrap();
+            let db = &ledger.inner.db;
+            for (k, v) in db
+                .iterator_cf(cf, IteratorMode::Start)
+                .map(|kv| kv.unwrap())
+                .collect::<Vec<_>>()
+            {
+                let leaf = u64::from_be_bytes(k[..].try_into().unwrap());
+                for (level, hash) in v.chunks(32).enumerate() {
+                    let old = legacy_node_key(level as u8, ((leaf + 1) >> level) - 1);
+                    db.put_cf(cf, old, hash).unwrap();
+                }
+                db.delete_cf(cf, k).unwrap();
+            }
+            let mut e = ledger.entry(5).unwrap().unwrap();
+            e.calling_ae = "MALLORY".into();
+            db.put_cf(
+                ledger.cf(CF_ENTRIES).unwrap(),
+                5u64.to_be_bytes(),
+                e.encode(),
+            )
+            .unwrap();
+        }
+        ledger.close();
+        drop(ledger);
+        match Ledger::open(dir.path()) {
+            Err(LedgerError::Corrupt(m)) => assert!(m.contains("entries were altered"), "{m}"),
+            other => panic!(
+                "opened a ledger the old tree contradicts: {:?}",
+                other.is_ok()
+            ),
+        }
     }
 
     fn checkpointing(seed: u8) -> Checkpointing {
