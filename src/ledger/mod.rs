@@ -31,6 +31,8 @@
 //! synced WAL (one fsync for the whole group) and only then replies. So a C-STORE-RSP success
 //! always follows a durable ledger write, and concurrent associations share fsyncs instead of
 //! queueing behind each other's. Being the only writer also makes duplicate detection race-free.
+//! Pending-object notes, written before the entry exists, have a writer thread of their own
+//! that batches them the same way (unsynced: the next group commit syncs them).
 
 pub mod acl;
 pub mod checkpoint;
@@ -216,6 +218,9 @@ struct Inner {
     path: PathBuf,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Pending-object notes go through one writer thread too (see [`note_writer`]).
+    notes: Mutex<Option<mpsc::Sender<Note>>>,
+    note_writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     secondary: bool,
     /// Woken after a commit that queued something for forwarding.
     forward_wakeup: Arc<tokio::sync::Notify>,
@@ -305,12 +310,22 @@ impl Ledger {
                 .spawn(move || committer.run(rx))
                 .map_err(|e| LedgerError::Corrupt(format!("cannot start committer thread: {e}")))?
         };
+        let (notes, notes_rx) = mpsc::channel::<Note>();
+        let noter = {
+            let db = db.clone();
+            std::thread::Builder::new()
+                .name("ledger-notes".into())
+                .spawn(move || note_writer(&db, notes_rx))
+                .map_err(|e| LedgerError::Corrupt(format!("cannot start note writer: {e}")))?
+        };
         Ok(Ledger {
             inner: Arc::new(Inner {
                 db,
                 path: path.to_path_buf(),
                 tx: Mutex::new(Some(tx)),
                 committer: Mutex::new(Some(committer)),
+                notes: Mutex::new(Some(notes)),
+                note_writer: Mutex::new(Some(noter)),
                 secondary: false,
                 forward_wakeup,
             }),
@@ -365,6 +380,8 @@ impl Ledger {
                 path: path.to_path_buf(),
                 tx: Mutex::new(None),
                 committer: Mutex::new(None),
+                notes: Mutex::new(None),
+                note_writer: Mutex::new(None),
                 secondary: true,
                 forward_wakeup: Arc::new(tokio::sync::Notify::new()),
             }),
@@ -428,12 +445,7 @@ impl Ledger {
 
     /// Stops the committer after it has finished the requests already queued, and flushes.
     pub fn close(&self) {
-        if let Ok(mut tx) = self.inner.tx.lock() {
-            tx.take();
-        }
-        if let Some(handle) = self.inner.committer.lock().ok().and_then(|mut c| c.take()) {
-            let _ = handle.join();
-        }
+        self.inner.stop_writers();
         if !self.inner.secondary {
             let _ = self.inner.db.flush_wal(true);
         }
@@ -451,14 +463,22 @@ impl Ledger {
     /// a trace for [`Ledger::pending_objects`]. Written to the WAL without its own fsync (the
     /// next group commit syncs it): it survives a killed process; after a power loss an object
     /// whose note was lost is an orphan that only `verify`'s full scan finds.
+    ///
+    /// Blocks until the note is written (call it off the async runtime).
     pub fn intend_object(&self, name: &str, key: &Digest32) -> Result<(), LedgerError> {
         if self.inner.secondary {
             return Err(LedgerError::ReadOnly);
         }
+        let (reply, written) = mpsc::sync_channel(1);
         self.inner
-            .db
-            .put_cf(self.cf(CF_PENDING)?, name.as_bytes(), key)
-            .map_err(LedgerError::Write)
+            .notes
+            .lock()
+            .map_err(|_| LedgerError::Closed)?
+            .as_ref()
+            .ok_or(LedgerError::Closed)?
+            .send((name.to_string(), *key, reply))
+            .map_err(|_| LedgerError::Closed)?;
+        written.recv().map_err(|_| LedgerError::Closed)?
     }
 
     /// Objects noted by [`Ledger::intend_object`] whose instance was not recorded since: for
@@ -815,14 +835,27 @@ fn keys_under(
     Ok(out)
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
+impl Inner {
+    /// Lets the committer and the note writer finish what is queued, and waits for them.
+    fn stop_writers(&self) {
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }
         if let Some(handle) = self.committer.lock().ok().and_then(|mut c| c.take()) {
             let _ = handle.join();
         }
+        if let Ok(mut notes) = self.notes.lock() {
+            notes.take();
+        }
+        if let Some(handle) = self.note_writer.lock().ok().and_then(|mut c| c.take()) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop_writers();
     }
 }
 
@@ -1444,6 +1477,37 @@ fn rewrite_legacy_tree(
     // The old nodes leave the table files now rather than at some later compaction.
     db.compact_range_cf(cf_tree, None::<&[u8]>, None::<&[u8]>);
     Ok(())
+}
+
+/// A pending-object note to write, and where to say it was.
+type Note = (String, Digest32, mpsc::SyncSender<Result<(), LedgerError>>);
+
+/// Writes pending-object notes, every note waiting as one batch (unsynced, like a single note:
+/// see [`Ledger::intend_object`]). One write per note from each association's thread made
+/// RocksDB's write queue the bottleneck at tens of thousands of instances a second; from one
+/// thread, a batch of notes joins the committer's writes and RocksDB inserts both into the
+/// memtables in parallel.
+fn note_writer(db: &DB, rx: mpsc::Receiver<Note>) {
+    let Some(cf) = db.cf_handle(CF_PENDING) else {
+        return;
+    };
+    while let Ok(first) = rx.recv() {
+        let mut notes = vec![first];
+        while notes.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(n) => notes.push(n),
+                Err(_) => break,
+            }
+        }
+        let mut batch = WriteBatch::default();
+        for (name, key, _) in &notes {
+            batch.put_cf(cf, name.as_bytes(), key);
+        }
+        let result = db.write(batch);
+        for (_, _, reply) in notes {
+            let _ = reply.send(result.clone().map_err(LedgerError::Write));
+        }
+    }
 }
 
 fn now_micros() -> i64 {
