@@ -31,8 +31,6 @@
 //! synced WAL (one fsync for the whole group) and only then replies. So a C-STORE-RSP success
 //! always follows a durable ledger write, and concurrent associations share fsyncs instead of
 //! queueing behind each other's. Being the only writer also makes duplicate detection race-free.
-//! Pending-object notes, written before the entry exists, have a writer thread of their own
-//! that batches them the same way (unsynced: the next group commit syncs them).
 
 pub mod acl;
 pub mod checkpoint;
@@ -218,9 +216,6 @@ struct Inner {
     path: PathBuf,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Pending-object notes go through one writer thread too (see [`note_writer`]).
-    notes: Mutex<Option<mpsc::Sender<Note>>>,
-    note_writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     secondary: bool,
     /// Woken after a commit that queued something for forwarding.
     forward_wakeup: Arc<tokio::sync::Notify>,
@@ -310,22 +305,12 @@ impl Ledger {
                 .spawn(move || committer.run(rx))
                 .map_err(|e| LedgerError::Corrupt(format!("cannot start committer thread: {e}")))?
         };
-        let (notes, notes_rx) = mpsc::channel::<Note>();
-        let noter = {
-            let db = db.clone();
-            std::thread::Builder::new()
-                .name("ledger-notes".into())
-                .spawn(move || note_writer(&db, notes_rx))
-                .map_err(|e| LedgerError::Corrupt(format!("cannot start note writer: {e}")))?
-        };
         Ok(Ledger {
             inner: Arc::new(Inner {
                 db,
                 path: path.to_path_buf(),
                 tx: Mutex::new(Some(tx)),
                 committer: Mutex::new(Some(committer)),
-                notes: Mutex::new(Some(notes)),
-                note_writer: Mutex::new(Some(noter)),
                 secondary: false,
                 forward_wakeup,
             }),
@@ -380,8 +365,6 @@ impl Ledger {
                 path: path.to_path_buf(),
                 tx: Mutex::new(None),
                 committer: Mutex::new(None),
-                notes: Mutex::new(None),
-                note_writer: Mutex::new(None),
                 secondary: true,
                 forward_wakeup: Arc::new(tokio::sync::Notify::new()),
             }),
@@ -445,7 +428,12 @@ impl Ledger {
 
     /// Stops the committer after it has finished the requests already queued, and flushes.
     pub fn close(&self) {
-        self.inner.stop_writers();
+        if let Ok(mut tx) = self.inner.tx.lock() {
+            tx.take();
+        }
+        if let Some(handle) = self.inner.committer.lock().ok().and_then(|mut c| c.take()) {
+            let _ = handle.join();
+        }
         if !self.inner.secondary {
             let _ = self.inner.db.flush_wal(true);
         }
@@ -463,22 +451,14 @@ impl Ledger {
     /// a trace for [`Ledger::pending_objects`]. Written to the WAL without its own fsync (the
     /// next group commit syncs it): it survives a killed process; after a power loss an object
     /// whose note was lost is an orphan that only `verify`'s full scan finds.
-    ///
-    /// Blocks until the note is written (call it off the async runtime).
     pub fn intend_object(&self, name: &str, key: &Digest32) -> Result<(), LedgerError> {
         if self.inner.secondary {
             return Err(LedgerError::ReadOnly);
         }
-        let (reply, written) = mpsc::sync_channel(1);
         self.inner
-            .notes
-            .lock()
-            .map_err(|_| LedgerError::Closed)?
-            .as_ref()
-            .ok_or(LedgerError::Closed)?
-            .send((name.to_string(), *key, reply))
-            .map_err(|_| LedgerError::Closed)?;
-        written.recv().map_err(|_| LedgerError::Closed)?
+            .db
+            .put_cf(self.cf(CF_PENDING)?, name.as_bytes(), key)
+            .map_err(LedgerError::Write)
     }
 
     /// Objects noted by [`Ledger::intend_object`] whose instance was not recorded since: for
@@ -835,27 +815,14 @@ fn keys_under(
     Ok(out)
 }
 
-impl Inner {
-    /// Lets the committer and the note writer finish what is queued, and waits for them.
-    fn stop_writers(&self) {
+impl Drop for Inner {
+    fn drop(&mut self) {
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }
         if let Some(handle) = self.committer.lock().ok().and_then(|mut c| c.take()) {
             let _ = handle.join();
         }
-        if let Ok(mut notes) = self.notes.lock() {
-            notes.take();
-        }
-        if let Some(handle) = self.note_writer.lock().ok().and_then(|mut c| c.take()) {
-            let _ = handle.join();
-        }
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.stop_writers();
     }
 }
 
@@ -1335,7 +1302,9 @@ impl merkle::NodeSource for Ledger {
 
 /// Makes the Merkle tree cover every entry. Leaves are appended in order, so the tree covers a
 /// prefix of the chain; a ledger written before the tree existed (or by a version that lacked it)
-/// gets the missing leaves added here, in one batch.
+/// gets the missing leaves added here, in synced batches of [`BACKFILL_CHUNK`] leaves. A tree in
+/// the earlier layout is rewritten first ([`rewrite_legacy_tree`]); a tree with leaves past the
+/// last entry refuses to open.
 fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
     let cf_tree = db
         .cf_handle(CF_TREE)
@@ -1352,6 +1321,11 @@ fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
             .map(|v| v.is_some())
             .map_err(LedgerError::Read)
     };
+    // Tree and entries are written in one batch: a leaf past the last entry means entries
+    // were cut from the end of the chain.
+    if has_leaf(entries)? {
+        return Err(beyond_the_chain(entries));
+    }
     if entries == 0 || has_leaf(entries - 1)? {
         return Ok(());
     }
@@ -1387,6 +1361,12 @@ fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
         Ok(())
     })?;
     db.write_opt(batch, &wo).map_err(LedgerError::Write)
+}
+
+fn beyond_the_chain(entries: u64) -> LedgerError {
+    LedgerError::Corrupt(format!(
+        "the Merkle tree has leaves beyond the chain's {entries} entries: entries were removed"
+    ))
 }
 
 /// Leaves per synced batch when the tree is (re)built at open.
@@ -1452,6 +1432,9 @@ fn rewrite_legacy_tree(
             hi = mid;
         }
     }
+    if has_leaf(entries)? {
+        return Err(beyond_the_chain(entries));
+    }
     let covered = lo;
     let old_root = merkle::root(&DbNodes(db), covered)?;
     let mut range = merkle::CompactRange::default();
@@ -1477,37 +1460,6 @@ fn rewrite_legacy_tree(
     // The old nodes leave the table files now rather than at some later compaction.
     db.compact_range_cf(cf_tree, None::<&[u8]>, None::<&[u8]>);
     Ok(())
-}
-
-/// A pending-object note to write, and where to say it was.
-type Note = (String, Digest32, mpsc::SyncSender<Result<(), LedgerError>>);
-
-/// Writes pending-object notes, every note waiting as one batch (unsynced, like a single note:
-/// see [`Ledger::intend_object`]). One write per note from each association's thread made
-/// RocksDB's write queue the bottleneck at tens of thousands of instances a second; from one
-/// thread, a batch of notes joins the committer's writes and RocksDB inserts both into the
-/// memtables in parallel.
-fn note_writer(db: &DB, rx: mpsc::Receiver<Note>) {
-    let Some(cf) = db.cf_handle(CF_PENDING) else {
-        return;
-    };
-    while let Ok(first) = rx.recv() {
-        let mut notes = vec![first];
-        while notes.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(n) => notes.push(n),
-                Err(_) => break,
-            }
-        }
-        let mut batch = WriteBatch::default();
-        for (name, key, _) in &notes {
-            batch.put_cf(cf, name.as_bytes(), key);
-        }
-        let result = db.write(batch);
-        for (_, _, reply) in notes {
-            let _ = reply.send(result.clone().map_err(LedgerError::Write));
-        }
-    }
 }
 
 fn now_micros() -> i64 {
@@ -2346,6 +2298,26 @@ mod tests {
         // Erasing the study of its older versions takes 1.1 too (moved from 9), every key of it.
         assert!(ledger.latest("1.1").unwrap().is_none());
         assert_eq!(index_keys_with(&ledger, "1.1"), Vec::<String>::new());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_chain_cut_from_its_end_does_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        for i in 0..5u8 {
+            ledger
+                .store(request(&format!("4.{i}"), "4", i + 1))
+                .await
+                .unwrap();
+        }
+        let cf = ledger.cf(CF_ENTRIES).unwrap();
+        ledger.inner.db.delete_cf(cf, 5u64.to_be_bytes()).unwrap();
+        ledger.close();
+        drop(ledger);
+        match Ledger::open(dir.path()) {
+            Err(LedgerError::Corrupt(m)) => assert!(m.contains("beyond the chain"), "{m}"),
+            other => panic!("opened a cut chain: {:?}", other.is_ok()),
+        }
     }
 
     #[tokio::test(flavor = "multi_thread")]
