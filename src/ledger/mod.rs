@@ -1316,28 +1316,13 @@ fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
     if old_layout {
         rewrite_legacy_tree(db, cf_tree, entries)?;
     }
-    let has_leaf = |i: u64| {
+    let lo = leaves_held(entries, |i| {
         db.get_pinned_cf(cf_tree, tree_key(i))
             .map(|v| v.is_some())
             .map_err(LedgerError::Read)
-    };
-    // Tree and entries are written in one batch: a leaf past the last entry means entries
-    // were cut from the end of the chain.
-    if has_leaf(entries)? {
-        return Err(beyond_the_chain(entries));
-    }
-    if entries == 0 || has_leaf(entries - 1)? {
+    })?;
+    if lo == entries {
         return Ok(());
-    }
-    // The first leaf index without a node.
-    let (mut lo, mut hi) = (0u64, entries - 1);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if has_leaf(mid)? {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
     }
     tracing::warn!(
         from = lo,
@@ -1363,10 +1348,32 @@ fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
     db.write_opt(batch, &wo).map_err(LedgerError::Write)
 }
 
-fn beyond_the_chain(entries: u64) -> LedgerError {
-    LedgerError::Corrupt(format!(
-        "the Merkle tree has leaves beyond the chain's {entries} entries: entries were removed"
-    ))
+/// How many leaves the tree holds, counted from leaf 0 (they are always a prefix), given whether
+/// it holds leaf i (in either layout). Tree and entries are written in one batch: a leaf past
+/// the last entry means entries were cut from the end of the chain.
+fn leaves_held(
+    entries: u64,
+    has_leaf: impl Fn(u64) -> Result<bool, LedgerError>,
+) -> Result<u64, LedgerError> {
+    if has_leaf(entries)? {
+        return Err(LedgerError::Corrupt(format!(
+            "the Merkle tree has leaves beyond the chain's {entries} entries: entries were removed"
+        )));
+    }
+    if entries == 0 || has_leaf(entries - 1)? {
+        return Ok(entries);
+    }
+    // The first leaf index without a node.
+    let (mut lo, mut hi) = (0u64, entries - 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if has_leaf(mid)? {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
 }
 
 /// Leaves per synced batch when the tree is (re)built at open.
@@ -1417,25 +1424,12 @@ fn rewrite_legacy_tree(
     cf_tree: &rocksdb::ColumnFamily,
     entries: u64,
 ) -> Result<(), LedgerError> {
-    let has_leaf = |i: u64| {
+    // Fewer than the entries if the old tree lagged behind them.
+    let covered = leaves_held(entries, |i| {
         db.get_pinned_cf(cf_tree, legacy_node_key(0, i))
             .map(|v| v.is_some())
             .map_err(LedgerError::Read)
-    };
-    // Leaves the old tree holds (a prefix; fewer than the entries if it lagged behind them).
-    let (mut lo, mut hi) = (0u64, entries);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if has_leaf(mid)? {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    if has_leaf(entries)? {
-        return Err(beyond_the_chain(entries));
-    }
-    let covered = lo;
+    })?;
     let old_root = merkle::root(&DbNodes(db), covered)?;
     let mut range = merkle::CompactRange::default();
     for_each_entry_from(db, 0, covered, |_, raw| {
@@ -2320,6 +2314,26 @@ mod tests {
         }
     }
 
+    /// Rewrites the tree in the layout before nodes were grouped by leaf (one key per node:
+    /// level u8 ‖ index u64).
+    fn to_legacy_tree(ledger: &Ledger) {
+        let cf = ledger.cf(CF_TREE).unwrap();
+        let db = &ledger.inner.db;
+        let rows: Vec<_> = db
+            .iterator_cf(cf, IteratorMode::Start)
+            .map(|kv| kv.unwrap())
+            .collect();
+        assert!(rows.iter().all(|(k, v)| k.len() == 8 && v.len() % 32 == 0));
+        for (k, v) in rows {
+            let leaf = u64::from_be_bytes(k[..].try_into().unwrap());
+            for (level, hash) in v.chunks(32).enumerate() {
+                let old = legacy_node_key(level as u8, ((leaf + 1) >> level) - 1);
+                db.put_cf(cf, old, hash).unwrap();
+            }
+            db.delete_cf(cf, k).unwrap();
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn chain_versions_duplicates_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -2460,23 +2474,7 @@ mod tests {
         assert_eq!(ledger.tree_root(37).unwrap(), root);
         // A tree in the layout before nodes were grouped by leaf (one key per node: level u8 ‖
         // index u64) is rebuilt at open, with the same root.
-        {
-            let cf = ledger.cf(CF_TREE).unwrap();
-            let db = &ledger.inner.db;
-            let rows: Vec<_> = db
-                .iterator_cf(cf, IteratorMode::Start)
-                .map(|kv| kv.unwrap())
-                .collect();
-            assert!(rows.iter().all(|(k, v)| k.len() == 8 && v.len() % 32 == 0));
-            for (k, v) in rows {
-                let leaf = u64::from_be_bytes(k[..].try_into().unwrap());
-                for (level, hash) in v.chunks(32).enumerate() {
-                    let old = legacy_node_key(level as u8, ((leaf + 1) >> level) - 1);
-                    db.put_cf(cf, old, hash).unwrap();
-                }
-                db.delete_cf(cf, k).unwrap();
-            }
-        }
+        to_legacy_tree(&ledger);
         // Readable as it is (a read-only view before the node rewrote it).
         assert_eq!(ledger.tree_root(37).unwrap(), root);
         ledger.close();
@@ -2495,28 +2493,18 @@ mod tests {
         // An old tree the entries no longer match is evidence: the ledger refuses to open
         // rather than rewrite it.
         {
-            let cf = ledger.cf(CF_TREE).unwrap();
-            let db = &ledger.inner.db;
-            for (k, v) in db
-                .iterator_cf(cf, IteratorMode::Start)
-                .map(|kv| kv.unwrap())
-                .collect::<Vec<_>>()
-            {
-                let leaf = u64::from_be_bytes(k[..].try_into().unwrap());
-                for (level, hash) in v.chunks(32).enumerate() {
-                    let old = legacy_node_key(level as u8, ((leaf + 1) >> level) - 1);
-                    db.put_cf(cf, old, hash).unwrap();
-                }
-                db.delete_cf(cf, k).unwrap();
-            }
+            to_legacy_tree(&ledger);
             let mut e = ledger.entry(5).unwrap().unwrap();
             e.calling_ae = "MALLORY".into();
-            db.put_cf(
-                ledger.cf(CF_ENTRIES).unwrap(),
-                5u64.to_be_bytes(),
-                e.encode(),
-            )
-            .unwrap();
+            ledger
+                .inner
+                .db
+                .put_cf(
+                    ledger.cf(CF_ENTRIES).unwrap(),
+                    5u64.to_be_bytes(),
+                    e.encode(),
+                )
+                .unwrap();
         }
         ledger.close();
         drop(ledger);
