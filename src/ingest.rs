@@ -13,7 +13,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::instance::{self, IndexAttrs, Layout, MetadataRecord, ParseError};
-use crate::ledger::{Ledger, LedgerError, RecordSummary, StoreOutcome, StoreRequest};
+use crate::ledger::{Ledger, LedgerError, NoteId, RecordSummary, StoreOutcome, StoreRequest};
 use crate::split::{Encoding, Piece, SplitError, Splitter};
 use crate::store::{Store, StoreError, Upload};
 
@@ -472,23 +472,15 @@ impl Incoming {
         record.sop_instance_uid = attrs.sop_instance_uid.clone();
         let encoded = record.encode();
         let key = instance::instance_key(&encoded);
-        let (object_name, object_key) = match upload {
+        let (object_name, object_key, note) = match upload {
             Some(upload) => {
                 let (name, object_key) = upload.name_for(&key);
                 // Noted before the object becomes visible: a crash from here until the entry is
                 // written leaves the object findable by `reconcile` at the next start.
-                let ledger = self.pipeline.ledger.clone();
-                let noted = name.clone();
-                let intent =
-                    tokio::task::spawn_blocking(move || ledger.intend_object(&noted, &key)).await;
-                match intent {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err((e.into(), Some(upload))),
-                    Err(e) => {
-                        let e = LedgerError::Corrupt(format!("pending-object note: {e}"));
-                        return Err((e.into(), Some(upload)));
-                    }
-                }
+                let note = match self.pipeline.ledger.intend_object(&name, &key).await {
+                    Ok(note) => note,
+                    Err(e) => return Err((e.into(), Some(upload))),
+                };
                 // Committing a large object (an S3 multipart completion and server-side copy)
                 // takes time in proportion to its size: one timeout per started 16 MiB.
                 let p = &self.pipeline;
@@ -496,9 +488,9 @@ impl Incoming {
                 p.timed_scaled("commit object", scale, upload.commit(&name))
                     .await
                     .map_err(|e| (IngestError::from(e), None))?;
-                (Some(name), object_key)
+                (Some(name), object_key, Some(note))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         let dataset_length = record.dataset_length;
         let forward_to = self.pipeline.router.destinations(&crate::forward::Route {
@@ -516,6 +508,7 @@ impl Incoming {
             object_key,
             attrs: attrs.clone(),
             forward_to,
+            note,
         };
         // The encoded copy travels on; the metadata need not stay in memory twice meanwhile.
         drop(record);
@@ -525,8 +518,12 @@ impl Incoming {
             .store(req)
             .await
             .map_err(|e| (IngestError::from(e), None))?;
-        if let (StoreOutcome::Duplicate { seq }, Some(name)) = (outcome, &object_name) {
-            self.pipeline.discard_duplicate_object(seq, name).await;
+        if let (StoreOutcome::Duplicate { seq }, Some(name), Some(note)) =
+            (outcome, &object_name, note)
+        {
+            self.pipeline
+                .discard_duplicate_object(seq, name, note)
+                .await;
         }
         Ok(Stored {
             outcome,
@@ -541,7 +538,7 @@ impl Pipeline {
     /// A re-sent instance was a duplicate: the object just committed for it is named by no
     /// entry (a sealed object has its own name), so it goes, and then its pending note. If the
     /// deletion fails the note stays and [`reconcile`] deletes it at the next start.
-    async fn discard_duplicate_object(&self, seq: u64, name: &str) {
+    async fn discard_duplicate_object(&self, seq: u64, name: &str, note: NoteId) {
         let ledger = self.ledger.clone();
         let kept = tokio::task::spawn_blocking(move || ledger.entry(seq)).await;
         // Deleted only when the entry is known to name another object; otherwise the note stays
@@ -559,7 +556,7 @@ impl Pipeline {
                 return;
             }
         }
-        if let Err(e) = self.ledger.clear_pending(name) {
+        if let Err(e) = self.ledger.clear_note(note) {
             tracing::warn!(object = %name, error = %e, "cannot clear a pending-object note");
         }
     }
@@ -638,9 +635,10 @@ pub async fn reconcile(ledger: &Ledger, store: &Store) -> Result<usize, IngestEr
             .map_err(|e| LedgerError::Corrupt(e.to_string()))??
     };
     let mut deleted = 0;
-    for (name, _key, recorded) in pending {
-        if !recorded {
-            if let Err(e) = store.delete(&name).await {
+    for p in pending {
+        let name = &p.name;
+        if !p.recorded {
+            if let Err(e) = store.delete(name).await {
                 // Kept noted: the next start tries again.
                 tracing::warn!(object = %name, error = %e, "cannot delete the object of an interrupted C-STORE");
                 continue;
@@ -648,7 +646,7 @@ pub async fn reconcile(ledger: &Ledger, store: &Store) -> Result<usize, IngestEr
             tracing::warn!(object = %name, "deleted a pixel object no ledger entry names (a C-STORE interrupted before its success response)");
             deleted += 1;
         }
-        ledger.clear_pending(&name)?;
+        ledger.clear_pending_object(&p)?;
     }
     Ok(deleted)
 }
@@ -864,13 +862,17 @@ mod tests {
         // A crash after an object commit, before its entry: the note and the object remain.
         let orphan_key = [9u8; 32];
         let orphan = instance::object_name(&orphan_key);
-        p.ledger().intend_object(&orphan, &orphan_key).unwrap();
+        p.ledger()
+            .intend_object(&orphan, &orphan_key)
+            .await
+            .unwrap();
         let mut up = p.store().begin().await.unwrap();
         up.write(b"pixels").await.unwrap();
         up.commit(&orphan).await.unwrap();
         // A note whose deletion was lost, for an object the ledger does name.
         p.ledger()
             .intend_object(&kept, &stored.instance_key)
+            .await
             .unwrap();
 
         assert_eq!(reconcile(p.ledger(), p.store()).await.unwrap(), 1);

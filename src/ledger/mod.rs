@@ -21,9 +21,11 @@
 //! - `forward`: the store-and-forward queue (see [`forward`]): `q\0DEST\0seq` for each stored
 //!   entry waiting to be forwarded to destination DEST, written in the same batch as the entry;
 //!   `f\0DEST\0seq` → why, for those given up; `e\0DEST` → time and text of the last error.
-//! - `pending`: object name → instance key, for each pixel object about to be committed whose
-//!   entry is not written yet (see [`Ledger::intend_object`]). Deleted in the batch that records
-//!   the instance; what is left after a crash names the objects to check at the next start.
+//! - `pending`: a note for each pixel object about to be committed whose entry is not written
+//!   yet (see [`pending`]): `0x00 ‖ n` (u64 BE) → instance key ‖ object name, settled by a range
+//!   deletion in the batch that records the instance; or object name → instance key (written by
+//!   an erasure, by earlier versions, and for notes nobody settled). What is left after a crash
+//!   names the objects to check at the next start.
 //!
 //! **One writer, group commits.** All writes go through a single committer thread: associations
 //! send requests over a channel and wait for a reply. The committer takes every request waiting,
@@ -38,6 +40,7 @@ pub mod entry;
 pub mod erase;
 pub mod forward;
 pub mod merkle;
+pub mod pending;
 pub mod trail;
 
 // Group-local maps keyed by our own numbers and UIDs of at most one group: no need for SipHash.
@@ -53,6 +56,7 @@ use tokio::sync::oneshot;
 
 pub use entry::{Entry, Event, Reason};
 pub use forward::{ForwardOutcome, ForwardSummary, ForwardUpdate};
+pub use pending::{NoteId, PendingObject};
 
 use crate::instance::{Digest32, IndexAttrs, MetadataRecord};
 use crate::store::ObjectKey;
@@ -121,6 +125,9 @@ pub struct StoreRequest {
     pub attrs: IndexAttrs,
     /// Destinations (peer names) the new entry is queued for, in the same batch.
     pub forward_to: Vec<String>,
+    /// The pending-object note of `object_name` ([`Ledger::intend_object`]), settled in the
+    /// batch that records the instance.
+    pub note: Option<NoteId>,
 }
 
 /// The fields of a record the entry commits to (taken from the record, not re-parsed).
@@ -173,6 +180,12 @@ enum Job {
         record: trail::AuditRecord,
         reply: oneshot::Sender<Result<u64, LedgerError>>,
     },
+    /// A pending-object note (see [`pending`]).
+    Note {
+        name: String,
+        key: Digest32,
+        reply: oneshot::Sender<Result<NoteId, LedgerError>>,
+    },
     /// Runs alone in its group.
     Erase {
         scope: erase::EraseScope,
@@ -187,6 +200,7 @@ enum Planned {
     Forward(Result<u64, LedgerError>),
     Acl(Result<u64, LedgerError>),
     Audit(Result<u64, LedgerError>),
+    Note(Result<NoteId, LedgerError>),
     Erase(Result<erase::Erased, LedgerError>),
 }
 
@@ -219,6 +233,8 @@ struct Inner {
     secondary: bool,
     /// Woken after a commit that queued something for forwarding.
     forward_wakeup: Arc<tokio::sync::Notify>,
+    /// The pending-object notes not settled yet (the writer only).
+    notes: Option<Arc<Mutex<pending::NoteBook>>>,
 }
 
 const ALL_CFS: [&str; 8] = [
@@ -286,6 +302,9 @@ impl Ledger {
         let head = read_head(&db)?;
         backfill_tree(&db, head.map(|h| h.0).unwrap_or(0))?;
         let last_checkpoint = check_last_checkpoint(&db, head.map(|h| h.0).unwrap_or(0))?;
+        let book = pending::NoteBook::open(&db)?;
+        let note_floor = book.first();
+        let notes = Arc::new(Mutex::new(book));
         let (tx, rx) = mpsc::channel::<Job>();
         let forward_wakeup = Arc::new(tokio::sync::Notify::new());
         let committer = {
@@ -299,6 +318,8 @@ impl Ledger {
                 last_checkpoint,
                 last_signed: None,
                 compactor: None,
+                notes: notes.clone(),
+                note_floor,
             };
             std::thread::Builder::new()
                 .name("ledger-committer".into())
@@ -313,6 +334,7 @@ impl Ledger {
                 committer: Mutex::new(Some(committer)),
                 secondary: false,
                 forward_wakeup,
+                notes: Some(notes),
             }),
         })
     }
@@ -367,6 +389,7 @@ impl Ledger {
                 committer: Mutex::new(None),
                 secondary: true,
                 forward_wakeup: Arc::new(tokio::sync::Notify::new()),
+                notes: None,
             }),
         })
     }
@@ -446,44 +469,6 @@ impl Ledger {
             .ok_or_else(|| LedgerError::Corrupt(format!("missing column family {name}")))
     }
 
-    /// Notes, before the pixel object `name` of instance `key` is committed to the object store,
-    /// that it is about to exist, so that a crash between the object and its ledger entry leaves
-    /// a trace for [`Ledger::pending_objects`]. Written to the WAL without its own fsync (the
-    /// next group commit syncs it): it survives a killed process; after a power loss an object
-    /// whose note was lost is an orphan that only `verify`'s full scan finds.
-    pub fn intend_object(&self, name: &str, key: &Digest32) -> Result<(), LedgerError> {
-        if self.inner.secondary {
-            return Err(LedgerError::ReadOnly);
-        }
-        self.inner
-            .db
-            .put_cf(self.cf(CF_PENDING)?, name.as_bytes(), key)
-            .map_err(LedgerError::Write)
-    }
-
-    /// Objects noted by [`Ledger::intend_object`] whose instance was not recorded since: for
-    /// each, the object name, the instance key, and whether the ledger holds that instance
-    /// after all (a duplicate, or an entry whose note deletion was lost).
-    pub fn pending_objects(&self) -> Result<Vec<(String, Digest32, bool)>, LedgerError> {
-        let cf = self.cf(CF_PENDING)?;
-        let mut out = Vec::new();
-        for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
-            let (k, v) = item.map_err(LedgerError::Read)?;
-            let name = String::from_utf8(k.to_vec())
-                .map_err(|_| LedgerError::Corrupt("pending object name is not UTF-8".into()))?;
-            let key: Digest32 = v
-                .get(..32)
-                .and_then(|k| k.try_into().ok())
-                .ok_or_else(|| LedgerError::Corrupt(format!("pending object {name}: bad key")))?;
-            // The object of an erased instance: no entry that is still live names it (a re-send
-            // gets a new object), so it goes whatever the index says.
-            let erased = v.get(32) == Some(&ERASED_NOTE);
-            let named = !erased && self.names_object(&name, &key)?;
-            out.push((name, key, named));
-        }
-        Ok(out)
-    }
-
     /// Whether a ledger entry names object `name` of instance `key`: a sealed object has its
     /// key record (written in the same batch as its entry); a plaintext one (written before
     /// sealing) is named by the instance key alone.
@@ -547,31 +532,6 @@ impl Ledger {
                     .map_err(|e| LedgerError::Corrupt(format!("key record of object {name}: {e}")))
             })
             .transpose()
-    }
-
-    /// Whether an object the entries read so far do not name is known all the same: a sealed
-    /// object recorded since (its key record), or one being stored right now (its pending note).
-    pub fn knows_object(&self, name: &str) -> Result<bool, LedgerError> {
-        if self.object_key(name)?.is_some() {
-            return Ok(true);
-        }
-        Ok(self
-            .inner
-            .db
-            .get_cf(self.cf(CF_PENDING)?, name.as_bytes())
-            .map_err(LedgerError::Read)?
-            .is_some())
-    }
-
-    /// Forgets a pending-object note (after the object was found recorded, or deleted).
-    pub fn clear_pending(&self, name: &str) -> Result<(), LedgerError> {
-        if self.inner.secondary {
-            return Err(LedgerError::ReadOnly);
-        }
-        self.inner
-            .db
-            .delete_cf(self.cf(CF_PENDING)?, name.as_bytes())
-            .map_err(LedgerError::Write)
     }
 
     /// The last entry's sequence number and hash, if any.
@@ -1476,6 +1436,9 @@ struct Committer {
     last_signed: Option<std::time::Instant>,
     /// The background compaction after erasures, started with the first one.
     compactor: Option<erase::Compactor>,
+    notes: Arc<Mutex<pending::NoteBook>>,
+    /// Numbered pending-object notes below this are deleted (see [`pending`]).
+    note_floor: u64,
 }
 
 impl Committer {
@@ -1496,6 +1459,7 @@ impl Committer {
         loop {
             if last_drain.elapsed() >= SPOOL_INTERVAL {
                 self.drain_spool();
+                self.abandon_old_notes();
                 last_drain = std::time::Instant::now();
             }
             let first = match held.take() {
@@ -1535,6 +1499,9 @@ impl Committer {
                         let _ = reply.send(r);
                     }
                     (Job::Audit { reply, .. }, Planned::Audit(r)) => {
+                        let _ = reply.send(r);
+                    }
+                    (Job::Note { reply, .. }, Planned::Note(r)) => {
                         let _ = reply.send(r);
                     }
                     (Job::Erase { reply, .. }, Planned::Erase(r)) => {
@@ -1739,6 +1706,7 @@ impl Committer {
                         Job::Forward { .. } => Planned::Forward(Err(err())),
                         Job::Acl { .. } => Planned::Acl(Err(err())),
                         Job::Audit { .. } => Planned::Audit(Err(err())),
+                        Job::Note { .. } => Planned::Note(Err(err())),
                         Job::Erase { .. } => Planned::Erase(Err(err())),
                     })
                     .collect();
@@ -1751,6 +1719,7 @@ impl Committer {
                 Job::Forward { update, .. } => Planned::Forward(plan.forward(update)),
                 Job::Acl { change, .. } => Planned::Acl(plan.acl(change)),
                 Job::Audit { record, .. } => Planned::Audit(plan.audit(record)),
+                Job::Note { name, key, .. } => Planned::Note(plan.note(name, key, &self.notes)),
                 Job::Erase { scope, by, .. } => Planned::Erase(plan.erase(scope, by)),
             })
             .collect();
@@ -1760,28 +1729,46 @@ impl Committer {
             return planned;
         }
         // The stored instances' objects are named by their entries now: their notes go in the
-        // same batch (a duplicate's object is named by no entry: its note stays until ingest
-        // deleted it). Here rather than by ingest: at tens of thousands of instances a second,
-        // one small write per instance from many threads costs more than the batch's delete.
-        for (job, planned) in jobs.iter().zip(&planned) {
-            if let (Job::Store { req, .. }, Planned::Store(Ok(StoreOutcome::Stored { .. }))) =
-                (job, planned)
-            {
-                if let Some(name) = &req.object_name {
-                    plan.batch.delete_cf(plan.cf_pending, name.as_bytes());
+        // same batch, as one range deletion of every settled note (a duplicate's object is
+        // named by no entry: its note stays until ingest deleted the object).
+        let mut settling: Vec<u64> = jobs
+            .iter()
+            .zip(&planned)
+            .filter_map(|(job, planned)| match (job, planned) {
+                (Job::Store { req, .. }, Planned::Store(Ok(StoreOutcome::Stored { .. }))) => {
+                    req.note.map(|n| n.number())
                 }
-            }
+                _ => None,
+            })
+            .collect();
+        settling.sort_unstable();
+        let watermark = self
+            .notes
+            .lock()
+            .map(|b| b.watermark(&settling))
+            .unwrap_or(self.note_floor);
+        if watermark > self.note_floor {
+            plan.batch.delete_range_cf(
+                plan.cf_pending,
+                pending::note_key(self.note_floor),
+                pending::note_key(watermark),
+            );
         }
         if plan.batch.is_empty() {
             return planned;
         }
+        // Notes alone are not synced (see `Ledger::intend_object`); anything else is.
         let mut wo = WriteOptions::default();
-        wo.set_sync(true);
+        wo.set_sync(jobs.iter().any(|j| !matches!(j, Job::Note { .. })));
         let enqueued = plan.enqueued;
         let erased = plan.erased;
         match self.db.write_opt(plan.batch, &wo) {
             Ok(()) => {
                 self.head = plan.head;
+                if let Ok(mut b) = self.notes.lock() {
+                    b.settle(&settling);
+                }
+                self.note_floor = self.note_floor.max(watermark);
                 if erased {
                     self.compactor
                         .get_or_insert_with(|| erase::Compactor::start(self.db.clone()))
@@ -1808,6 +1795,13 @@ impl Committer {
                         }
                         Planned::Acl(Ok(_)) => Planned::Acl(Err(LedgerError::Write(e.clone()))),
                         Planned::Audit(Ok(_)) => Planned::Audit(Err(LedgerError::Write(e.clone()))),
+                        Planned::Note(Ok(n)) => {
+                            // Never written: nothing for a range deletion to wait for.
+                            if let Ok(mut b) = self.notes.lock() {
+                                b.settle(&[n.number()]);
+                            }
+                            Planned::Note(Err(LedgerError::Write(e.clone())))
+                        }
                         Planned::Erase(Ok(_)) => Planned::Erase(Err(LedgerError::Write(e.clone()))),
                         other => other,
                     })
@@ -2111,6 +2105,7 @@ mod tests {
                 ..Default::default()
             },
             forward_to: vec![],
+            note: None,
         }
     }
 
@@ -2170,8 +2165,9 @@ mod tests {
             .unwrap()
             .into_iter()
             .map(|p| {
-                assert!(!p.2, "an erased object is not named any more");
-                p.0
+                assert!(!p.recorded, "an erased object is not named any more");
+                assert_eq!(p.note, None);
+                p.name
             })
             .collect();
         pending.sort();
@@ -2332,6 +2328,85 @@ mod tests {
             }
             db.delete_cf(cf, k).unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn pending_notes_go_with_their_entries_and_never_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let pending = |ledger: &Ledger| {
+            let mut p: Vec<(String, bool)> = ledger
+                .pending_objects()
+                .unwrap()
+                .into_iter()
+                .map(|p| (p.name, p.recorded))
+                .collect();
+            p.sort();
+            p
+        };
+        async fn noted(ledger: &Ledger, sop: &str, key: u8, name: &str) -> StoreRequest {
+            let mut r = request(sop, "1", key);
+            r.object_name = Some(name.into());
+            r.object_key = Some(ObjectKey { salt: [key; 32] });
+            r.note = Some(ledger.intend_object(name, &[key; 32]).await.unwrap());
+            r
+        }
+        {
+            let ledger = Ledger::open(dir.path()).unwrap();
+            // A note taken first and never settled holds back the range deletion: the next
+            // instance's note stays (and says its object is recorded) until it is cleared.
+            let stuck = ledger.intend_object("stuck", &[9; 32]).await.unwrap();
+            let a = noted(&ledger, "1.1", 1, "obj1").await;
+            ledger.store(a).await.unwrap();
+            assert_eq!(
+                pending(&ledger),
+                [("obj1".to_string(), true), ("stuck".to_string(), false)]
+            );
+            ledger.clear_note(stuck).unwrap();
+            let b = noted(&ledger, "1.2", 2, "obj2").await;
+            ledger.store(b).await.unwrap();
+            assert!(
+                pending(&ledger).is_empty(),
+                "one range deletion settles both"
+            );
+            // A duplicate's note stays: its object is named by no entry.
+            let c = noted(&ledger, "1.2", 2, "obj2b").await;
+            assert!(matches!(
+                ledger.store(c).await.unwrap(),
+                StoreOutcome::Duplicate { .. }
+            ));
+            assert_eq!(pending(&ledger), [("obj2b".to_string(), false)]);
+            ledger.close();
+        }
+        let ledger = Ledger::open(dir.path()).unwrap();
+        // The notes of an earlier run are left to `reconcile`: this run's range deletions
+        // start at its own first number.
+        let d = noted(&ledger, "1.3", 3, "obj3").await;
+        ledger.store(d).await.unwrap();
+        assert_eq!(pending(&ledger), [("obj2b".to_string(), false)]);
+        // A note nobody settles becomes a named one and stops holding the range back.
+        let e = noted(&ledger, "1.4", 4, "obj4").await;
+        let n = e.note.unwrap().number();
+        assert_eq!(pending::keep_named(&ledger.inner.db, &[n]).unwrap(), 1);
+        ledger
+            .inner
+            .notes
+            .as_ref()
+            .unwrap()
+            .lock()
+            .unwrap()
+            .settle(&[n]);
+        let f = noted(&ledger, "1.5", 5, "obj5").await;
+        ledger.store(f).await.unwrap();
+        let all = ledger.pending_objects().unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert!(all.iter().all(|p| !p.recorded));
+        assert!(all.iter().any(|p| p.name == "obj4" && p.note.is_none()));
+        assert!(ledger.knows_object("obj4").unwrap() && ledger.knows_object("obj2b").unwrap());
+        assert!(!ledger.knows_object("nothing").unwrap());
+        for p in &all {
+            ledger.clear_pending_object(p).unwrap();
+        }
+        assert!(pending(&ledger).is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread")]

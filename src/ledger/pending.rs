@@ -1,0 +1,349 @@
+//! Pending-object notes: before a pixel object is committed to the object store, ingest notes
+//! in the `pending` column family that it is about to exist, so that a crash between the object
+//! and its ledger entry leaves a trace for the next start ([`Ledger::pending_objects`]).
+//!
+//! Two forms share the column family:
+//! - **numbered** (what ingest writes): `0x00 ‖ n` (u64 BE, one number per note, increasing) →
+//!   instance key (32 bytes) ‖ object name. A group commit settles the notes of the instances it
+//!   records with one range deletion `[first unsettled before, first unsettled now)` in the
+//!   entries' batch, instead of one deletion per instance: at tens of thousands of instances a
+//!   second, a deletion per note cost the committer a skip-list insert each, with random keys.
+//!   The numbers of this run that are not settled yet live in a [`NoteBook`]; a range deletion
+//!   never reaches below the first number of this run (older notes are for `reconcile`), nor
+//!   an unsettled note.
+//! - **named**: object name (never starts with 0x00) → instance key (32 bytes), optionally
+//!   followed by [`ERASED_NOTE`]. Written by an erasure for the objects it deletes, by earlier
+//!   versions for every object, and for a numbered note nobody settled within [`ABANDON_AFTER`]
+//!   (a failed commit, a duplicate whose object could not be deleted), so that it no longer
+//!   holds back the range deletions; `reconcile` handles it at the next start.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// First byte of a numbered note's key.
+const NUMBERED: u8 = 0;
+
+/// A numbered note no group settled (or ingest cleared) for this long becomes a named one.
+pub(super) const ABANDON_AFTER: Duration = Duration::from_secs(600);
+
+/// A numbered pending-object note (see [`Ledger::intend_object`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NoteId(u64);
+
+impl NoteId {
+    pub(super) fn number(self) -> u64 {
+        self.0
+    }
+}
+
+/// What [`Ledger::pending_objects`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingObject {
+    pub name: String,
+    pub instance_key: Digest32,
+    /// The ledger holds that instance after all (a duplicate, or an entry whose note was not
+    /// deleted in time).
+    pub recorded: bool,
+    /// Numbered notes; `None` for named ones.
+    pub note: Option<NoteId>,
+}
+
+pub(super) fn note_key(n: u64) -> [u8; 9] {
+    let mut k = [NUMBERED; 9];
+    k[1..].copy_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn note_number(key: &[u8]) -> Option<u64> {
+    match key {
+        [NUMBERED, rest @ ..] => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+/// The numbered notes of this run that are not settled yet.
+pub(super) struct NoteBook {
+    /// The first number of this run: range deletions never reach below it.
+    first: u64,
+    next: u64,
+    live: BTreeMap<u64, Instant>,
+}
+
+impl NoteBook {
+    /// Numbers continue after the highest one in the column family.
+    pub(super) fn open(db: &DB) -> Result<NoteBook, LedgerError> {
+        let cf = db
+            .cf_handle(CF_PENDING)
+            .ok_or_else(|| LedgerError::Corrupt("missing column family pending".into()))?;
+        let mut it = db.raw_iterator_cf(cf);
+        it.seek_for_prev(note_key(u64::MAX));
+        let last = it.key().and_then(note_number);
+        it.status().map_err(LedgerError::Read)?;
+        let first = last.map_or(1, |n| n + 1);
+        Ok(NoteBook {
+            first,
+            next: first,
+            live: BTreeMap::new(),
+        })
+    }
+
+    pub(super) fn first(&self) -> u64 {
+        self.first
+    }
+
+    fn take(&mut self) -> u64 {
+        let n = self.next;
+        self.next += 1;
+        self.live.insert(n, Instant::now());
+        n
+    }
+
+    /// Where a range deletion may end if the notes `settling` (sorted) are settled: the first
+    /// unsettled note, or the next number.
+    pub(super) fn watermark(&self, settling: &[u64]) -> u64 {
+        self.live
+            .keys()
+            .find(|n| settling.binary_search(n).is_err())
+            .copied()
+            .unwrap_or(self.next)
+    }
+
+    pub(super) fn settle(&mut self, notes: &[u64]) {
+        for n in notes {
+            self.live.remove(n);
+        }
+    }
+
+    /// Takes the notes older than `age` out of the book.
+    pub(super) fn take_older(&mut self, age: Duration) -> Vec<u64> {
+        let old: Vec<u64> = self
+            .live
+            .iter()
+            .filter(|(_, t)| t.elapsed() >= age)
+            .map(|(n, _)| *n)
+            .collect();
+        self.settle(&old);
+        old
+    }
+}
+
+impl Ledger {
+    /// Notes, before the pixel object `name` of instance `key` is committed to the object store,
+    /// that it is about to exist. Pass the note on in [`StoreRequest::note`]: the group commit
+    /// that records the instance settles it. Notes go through the committer like everything
+    /// else (many small writes from many threads queued in RocksDB's write path behind each
+    /// other and the group commits), in the next group's batch; a group of notes alone is
+    /// written without an fsync of its own (the next group commit syncs it): a note survives a
+    /// killed process; after a power loss an object whose note was lost is an orphan that only
+    /// `verify`'s full scan finds.
+    pub async fn intend_object(&self, name: &str, key: &Digest32) -> Result<NoteId, LedgerError> {
+        if self.inner.secondary {
+            return Err(LedgerError::ReadOnly);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::Note {
+            name: name.to_string(),
+            key: *key,
+            reply,
+        })?;
+        match tokio::time::timeout(STORE_WAIT, rx).await {
+            Ok(r) => r.map_err(|_| LedgerError::Closed)?,
+            Err(_) => Err(LedgerError::Timeout(STORE_WAIT)),
+        }
+    }
+
+    /// Forgets a numbered note whose object was deleted (or found recorded).
+    pub fn clear_note(&self, note: NoteId) -> Result<(), LedgerError> {
+        let book = self.inner.notes.as_ref().ok_or(LedgerError::ReadOnly)?;
+        self.inner
+            .db
+            .delete_cf(self.cf(CF_PENDING)?, note_key(note.0))
+            .map_err(LedgerError::Write)?;
+        if let Ok(mut b) = book.lock() {
+            b.settle(&[note.0]);
+        }
+        Ok(())
+    }
+
+    /// Forgets a named note (after the object was found recorded, or deleted).
+    pub fn clear_pending(&self, name: &str) -> Result<(), LedgerError> {
+        if self.inner.secondary {
+            return Err(LedgerError::ReadOnly);
+        }
+        self.inner
+            .db
+            .delete_cf(self.cf(CF_PENDING)?, name.as_bytes())
+            .map_err(LedgerError::Write)
+    }
+
+    /// Forgets the note of a [`PendingObject`], whichever its form.
+    pub fn clear_pending_object(&self, p: &PendingObject) -> Result<(), LedgerError> {
+        match p.note {
+            Some(note) => self.clear_note(note),
+            None => self.clear_pending(&p.name),
+        }
+    }
+
+    /// Objects noted by [`Ledger::intend_object`] (or an erasure) whose note is still there:
+    /// for each, whether the ledger holds its instance after all.
+    pub fn pending_objects(&self) -> Result<Vec<PendingObject>, LedgerError> {
+        let cf = self.cf(CF_PENDING)?;
+        let mut out = Vec::new();
+        for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(LedgerError::Read)?;
+            let (note, name, rest) = match note_number(&k) {
+                Some(n) => (Some(NoteId(n)), v.get(32..).unwrap_or_default(), &[][..]),
+                None => (None, &k[..], v.get(32..).unwrap_or_default()),
+            };
+            let name = String::from_utf8(name.to_vec())
+                .map_err(|_| LedgerError::Corrupt("pending object name is not UTF-8".into()))?;
+            let instance_key: Digest32 = v
+                .get(..32)
+                .and_then(|k| k.try_into().ok())
+                .ok_or_else(|| LedgerError::Corrupt(format!("pending object {name}: bad key")))?;
+            // The object of an erased instance: no entry that is still live names it (a re-send
+            // gets a new object), so it goes whatever the index says.
+            let erased = rest.first() == Some(&ERASED_NOTE);
+            let recorded = !erased && self.names_object(&name, &instance_key)?;
+            out.push(PendingObject {
+                name,
+                instance_key,
+                recorded,
+                note,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether an object the entries read so far do not name is known all the same: a sealed
+    /// object recorded since (its key record), or one being stored right now (its pending note).
+    pub fn knows_object(&self, name: &str) -> Result<bool, LedgerError> {
+        if self.object_key(name)?.is_some() {
+            return Ok(true);
+        }
+        let cf = self.cf(CF_PENDING)?;
+        if self
+            .inner
+            .db
+            .get_cf(cf, name.as_bytes())
+            .map_err(LedgerError::Read)?
+            .is_some()
+        {
+            return Ok(true);
+        }
+        // Numbered notes are few: those of the instances being stored, and those no range
+        // deletion reached yet.
+        let mut it = self.inner.db.raw_iterator_cf(cf);
+        it.seek([NUMBERED]);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if note_number(k).is_none() {
+                break;
+            }
+            if v.get(32..) == Some(name.as_bytes()) {
+                return Ok(true);
+            }
+            it.next();
+        }
+        it.status().map_err(LedgerError::Read)?;
+        Ok(false)
+    }
+}
+
+impl Group<'_> {
+    /// Plans a numbered note: its number, and its put.
+    pub(super) fn note(
+        &mut self,
+        name: &str,
+        key: &Digest32,
+        book: &Mutex<NoteBook>,
+    ) -> Result<NoteId, LedgerError> {
+        let n = book.lock().map_err(|_| LedgerError::Closed)?.take();
+        let mut value = Vec::with_capacity(32 + name.len());
+        value.extend_from_slice(key);
+        value.extend_from_slice(name.as_bytes());
+        self.batch.put_cf(self.cf_pending, note_key(n), value);
+        Ok(NoteId(n))
+    }
+}
+
+impl Committer {
+    /// Turns the numbered notes nobody settled within [`ABANDON_AFTER`] into named ones, so they
+    /// stop holding back the range deletions; `reconcile` checks them at the next start.
+    pub(super) fn abandon_old_notes(&mut self) {
+        let old = match self.notes.lock() {
+            Ok(mut b) => b.take_older(ABANDON_AFTER),
+            Err(_) => return,
+        };
+        if old.is_empty() {
+            return;
+        }
+        match keep_named(&self.db, &old) {
+            Ok(n) => tracing::warn!(
+                notes = n,
+                "pending-object notes of C-STOREs that never finished; their objects are checked at the next start"
+            ),
+            Err(e) => tracing::error!(error = %e, "cannot keep pending-object notes"),
+        }
+    }
+}
+
+/// Rewrites the numbered notes `numbers` as named ones (those still there); returns how many.
+pub(super) fn keep_named(db: &DB, numbers: &[u64]) -> Result<usize, LedgerError> {
+    let cf = db
+        .cf_handle(CF_PENDING)
+        .ok_or_else(|| LedgerError::Corrupt("missing column family pending".into()))?;
+    let mut batch = WriteBatch::default();
+    let mut kept = 0;
+    for &n in numbers {
+        if let Some(v) = db.get_cf(cf, note_key(n)).map_err(LedgerError::Read)? {
+            if v.len() > 32 {
+                batch.put_cf(cf, &v[32..], &v[..32]);
+                kept += 1;
+            }
+            batch.delete_cf(cf, note_key(n));
+        }
+    }
+    db.write(batch).map_err(LedgerError::Write)?;
+    Ok(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watermark_stops_at_the_first_unsettled_note() {
+        let mut b = NoteBook {
+            first: 5,
+            next: 5,
+            live: BTreeMap::new(),
+        };
+        assert_eq!(b.watermark(&[]), 5);
+        let (a, c, d) = (b.take(), b.take(), b.take());
+        assert_eq!((a, c, d), (5, 6, 7));
+        assert_eq!(b.watermark(&[]), 5);
+        // Settling 5 and 7 in one group: 6 still holds the range back.
+        assert_eq!(b.watermark(&[5, 7]), 6);
+        b.settle(&[5, 7]);
+        assert_eq!(b.watermark(&[]), 6);
+        assert_eq!(b.watermark(&[6]), 8);
+        b.settle(&[6]);
+        assert_eq!(b.watermark(&[]), 8);
+        assert!(b.take_older(Duration::from_secs(3600)).is_empty());
+        let e = b.take();
+        assert_eq!(b.take_older(Duration::ZERO), vec![e]);
+        assert_eq!(b.watermark(&[]), 9);
+    }
+
+    #[test]
+    fn note_keys_sort_by_number_and_before_every_object_name() {
+        assert!(note_key(1) < note_key(2));
+        assert!(note_key(255) < note_key(256));
+        assert!(note_key(u64::MAX)[..] < b"0"[..]);
+        assert_eq!(note_number(&note_key(77)), Some(77));
+        assert_eq!(note_number(b"abc"), None);
+        assert_eq!(note_number(&[0, 1]), None);
+    }
+}
