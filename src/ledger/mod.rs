@@ -1486,28 +1486,15 @@ impl Committer {
                     Err(_) => break,
                 }
             }
-            let results = self.commit_group(&jobs);
-            for (job, result) in jobs.into_iter().zip(results) {
-                match (job, result) {
-                    (Job::Store { reply, .. }, Planned::Store(r)) => {
-                        let _ = reply.send(r);
-                    }
-                    (Job::Forward { reply, .. }, Planned::Forward(r)) => {
-                        let _ = reply.send(r);
-                    }
-                    (Job::Acl { reply, .. }, Planned::Acl(r)) => {
-                        let _ = reply.send(r);
-                    }
-                    (Job::Audit { reply, .. }, Planned::Audit(r)) => {
-                        let _ = reply.send(r);
-                    }
-                    (Job::Note { reply, .. }, Planned::Note(r)) => {
-                        let _ = reply.send(r);
-                    }
-                    (Job::Erase { reply, .. }, Planned::Erase(r)) => {
-                        let _ = reply.send(r);
-                    }
-                    _ => unreachable!("results follow their jobs"),
+            // Notes first, in a group of their own: written without an fsync, they need not
+            // wait for the one the stores' group makes.
+            let (notes, rest): (Vec<Job>, Vec<Job>) = jobs
+                .into_iter()
+                .partition(|j| matches!(j, Job::Note { .. }));
+            for jobs in [notes, rest] {
+                if !jobs.is_empty() {
+                    let results = self.commit_group(&jobs);
+                    reply(jobs, results);
                 }
             }
             self.maybe_checkpoint(false);
@@ -1757,7 +1744,8 @@ impl Committer {
         if plan.batch.is_empty() {
             return planned;
         }
-        // Notes alone are not synced (see `Ledger::intend_object`); anything else is.
+        // Notes alone are not synced (see `Ledger::intend_object`; `run` gives them groups of
+        // their own); anything else is.
         let mut wo = WriteOptions::default();
         wo.set_sync(jobs.iter().any(|j| !matches!(j, Job::Note { .. })));
         let enqueued = plan.enqueued;
@@ -1807,6 +1795,33 @@ impl Committer {
                     })
                     .collect()
             }
+        }
+    }
+}
+
+/// Sends each job its result.
+fn reply(jobs: Vec<Job>, results: Vec<Planned>) {
+    for (job, result) in jobs.into_iter().zip(results) {
+        match (job, result) {
+            (Job::Store { reply, .. }, Planned::Store(r)) => {
+                let _ = reply.send(r);
+            }
+            (Job::Forward { reply, .. }, Planned::Forward(r)) => {
+                let _ = reply.send(r);
+            }
+            (Job::Acl { reply, .. }, Planned::Acl(r)) => {
+                let _ = reply.send(r);
+            }
+            (Job::Audit { reply, .. }, Planned::Audit(r)) => {
+                let _ = reply.send(r);
+            }
+            (Job::Note { reply, .. }, Planned::Note(r)) => {
+                let _ = reply.send(r);
+            }
+            (Job::Erase { reply, .. }, Planned::Erase(r)) => {
+                let _ = reply.send(r);
+            }
+            _ => unreachable!("results follow their jobs"),
         }
     }
 }
