@@ -30,7 +30,8 @@
 //! **One writer, group commits.** All writes go through a single committer thread: associations
 //! send requests over a channel and wait for a reply. The committer takes every request waiting,
 //! assigns sequence numbers and chain hashes in order, writes them as one `WriteBatch` with a
-//! synced WAL (one fsync for the whole group) and only then replies. So a C-STORE-RSP success
+//! synced WAL (one fsync for the whole group) and only then replies (pending-object notes
+//! waiting with them go first, in a batch of their own without an fsync: see [`pending`]). So a C-STORE-RSP success
 //! always follows a durable ledger write, and concurrent associations share fsyncs instead of
 //! queueing behind each other's. Being the only writer also makes duplicate detection race-free.
 
@@ -1437,7 +1438,9 @@ struct Committer {
     /// The background compaction after erasures, started with the first one.
     compactor: Option<erase::Compactor>,
     notes: Arc<Mutex<pending::NoteBook>>,
-    /// Numbered pending-object notes below this are deleted (see [`pending`]).
+    /// Where the next range deletion of numbered pending-object notes starts: the end of the
+    /// last one written, never below this run's first number (see [`pending`]). Notes below it
+    /// that are still unsettled were stepped around.
     note_floor: u64,
 }
 
@@ -1494,7 +1497,7 @@ impl Committer {
             for jobs in [notes, rest] {
                 if !jobs.is_empty() {
                     let results = self.commit_group(&jobs);
-                    reply(jobs, results);
+                    reply(jobs, results, &self.notes);
                 }
             }
             self.maybe_checkpoint(false);
@@ -1678,10 +1681,12 @@ impl Committer {
         }
     }
 
-    /// Writes a group as one synced batch. A request that cannot be planned (say, its previous
-    /// version is unreadable) fails alone; if the write itself fails every planned request gets
-    /// the error.
+    /// Writes a group as one batch, synced unless it holds notes only. A request that cannot be
+    /// planned (say, its previous version is unreadable) fails alone; if the write itself fails
+    /// every planned request gets the error (a duplicate of an instance planned in the same
+    /// group too: what it duplicates was not written either).
     fn commit_group(&mut self, jobs: &[Job]) -> Vec<Planned> {
+        let first_new = self.head.map_or(1, |h| h.0 + 1);
         let mut plan = match Group::new(&self.db, self.head, jobs.len()) {
             Ok(g) => g,
             Err(e) => {
@@ -1729,17 +1734,21 @@ impl Committer {
             })
             .collect();
         settling.sort_unstable();
-        let watermark = self
+        let ranges = self
             .notes
             .lock()
-            .map(|b| b.watermark(&settling))
-            .unwrap_or(self.note_floor);
-        if watermark > self.note_floor {
+            .map(|b| b.settled_ranges(self.note_floor, &settling, pending::STEP_OVER_AFTER))
+            .unwrap_or_default();
+        for &(start, end) in &ranges {
             plan.batch.delete_range_cf(
                 plan.cf_pending,
-                pending::note_key(self.note_floor),
-                pending::note_key(watermark),
+                pending::note_key(start),
+                pending::note_key(end),
             );
+        }
+        // Notes the ranges stepped around earlier (stores that took long) go one by one.
+        for &n in settling.iter().filter(|&&n| n < self.note_floor) {
+            plan.batch.delete_cf(plan.cf_pending, pending::note_key(n));
         }
         if plan.batch.is_empty() {
             return planned;
@@ -1756,7 +1765,9 @@ impl Committer {
                 if let Ok(mut b) = self.notes.lock() {
                     b.settle(&settling);
                 }
-                self.note_floor = self.note_floor.max(watermark);
+                if let Some(&(_, end)) = ranges.last() {
+                    self.note_floor = self.note_floor.max(end);
+                }
                 if erased {
                     self.compactor
                         .get_or_insert_with(|| erase::Compactor::start(self.db.clone()))
@@ -1776,6 +1787,9 @@ impl Committer {
                     .into_iter()
                     .map(|r| match r {
                         Planned::Store(Ok(StoreOutcome::Stored { .. })) => {
+                            Planned::Store(Err(LedgerError::Write(e.clone())))
+                        }
+                        Planned::Store(Ok(StoreOutcome::Duplicate { seq })) if seq >= first_new => {
                             Planned::Store(Err(LedgerError::Write(e.clone())))
                         }
                         Planned::Forward(Ok(_)) => {
@@ -1799,8 +1813,9 @@ impl Committer {
     }
 }
 
-/// Sends each job its result.
-fn reply(jobs: Vec<Job>, results: Vec<Planned>) {
+/// Sends each job its result. A note nobody waits for any more (the C-STORE gave up before
+/// committing its object) is settled at once.
+fn reply(jobs: Vec<Job>, results: Vec<Planned>, notes: &Mutex<pending::NoteBook>) {
     for (job, result) in jobs.into_iter().zip(results) {
         match (job, result) {
             (Job::Store { reply, .. }, Planned::Store(r)) => {
@@ -1816,7 +1831,11 @@ fn reply(jobs: Vec<Job>, results: Vec<Planned>) {
                 let _ = reply.send(r);
             }
             (Job::Note { reply, .. }, Planned::Note(r)) => {
-                let _ = reply.send(r);
+                if let Err(Ok(n)) = reply.send(r) {
+                    if let Ok(mut b) = notes.lock() {
+                        b.settle(&[n.number()]);
+                    }
+                }
             }
             (Job::Erase { reply, .. }, Planned::Erase(r)) => {
                 let _ = reply.send(r);

@@ -10,7 +10,9 @@
 //!   second, a deletion per note cost the committer a skip-list insert each, with random keys.
 //!   The numbers of this run that are not settled yet live in a [`NoteBook`]; a range deletion
 //!   never reaches below the first number of this run (older notes are for `reconcile`), nor
-//!   an unsettled note.
+//!   an unsettled note: it ends at the first note still in flight, and steps around a note
+//!   unsettled for longer than [`STEP_OVER_AFTER`] (a store that failed or still runs) rather
+//!   than wait for it.
 //! - **named**: object name (never starts with 0x00) → instance key (32 bytes), optionally
 //!   followed by [`ERASED_NOTE`]. Written by an erasure for the objects it deletes, by earlier
 //!   versions for every object, and for a numbered note nobody settled within [`ABANDON_AFTER`]
@@ -27,6 +29,10 @@ const NUMBERED: u8 = 0;
 
 /// A numbered note no group settled (or ingest cleared) for this long becomes a named one.
 pub(super) const ABANDON_AFTER: Duration = Duration::from_secs(600);
+
+/// Range deletions end at an unsettled note younger than this (its store is in flight), and
+/// are split around older ones, so a store that failed holds back nothing but its own note.
+pub(super) const STEP_OVER_AFTER: Duration = Duration::from_secs(10);
 
 /// A numbered pending-object note (see [`Ledger::intend_object`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -100,14 +106,33 @@ impl NoteBook {
         n
     }
 
-    /// Where a range deletion may end if the notes `settling` (sorted) are settled: the first
-    /// unsettled note, or the next number.
-    pub(super) fn watermark(&self, settling: &[u64]) -> u64 {
-        self.live
-            .keys()
-            .find(|n| settling.binary_search(n).is_err())
-            .copied()
-            .unwrap_or(self.next)
+    /// The ranges `[start, end)` of notes from `floor` on that may be deleted once the notes
+    /// `settling` (sorted) are settled: up to the first unsettled note younger than `hold`, or
+    /// to the next number, around older unsettled ones.
+    pub(super) fn settled_ranges(
+        &self,
+        floor: u64,
+        settling: &[u64],
+        hold: Duration,
+    ) -> Vec<(u64, u64)> {
+        let mut ranges = Vec::new();
+        let mut start = floor;
+        for (&n, taken) in self.live.range(floor..) {
+            if settling.binary_search(&n).is_ok() {
+                continue;
+            }
+            if n > start {
+                ranges.push((start, n));
+            }
+            if taken.elapsed() < hold {
+                return ranges;
+            }
+            start = n + 1;
+        }
+        if self.next > start {
+            ranges.push((start, self.next));
+        }
+        ranges
     }
 
     pub(super) fn settle(&mut self, notes: &[u64]) {
@@ -116,16 +141,13 @@ impl NoteBook {
         }
     }
 
-    /// Takes the notes older than `age` out of the book.
-    pub(super) fn take_older(&mut self, age: Duration) -> Vec<u64> {
-        let old: Vec<u64> = self
-            .live
+    /// The notes older than `age`.
+    pub(super) fn older(&self, age: Duration) -> Vec<u64> {
+        self.live
             .iter()
             .filter(|(_, t)| t.elapsed() >= age)
             .map(|(n, _)| *n)
-            .collect();
-        self.settle(&old);
-        old
+            .collect()
     }
 }
 
@@ -154,7 +176,9 @@ impl Ledger {
         }
     }
 
-    /// Forgets a numbered note whose object was deleted (or found recorded).
+    /// Forgets a numbered note whose object was deleted (or found recorded). A note that was
+    /// rewritten in the named form meanwhile keeps that form: `reconcile` then finds the object
+    /// gone (deleting a missing object succeeds) and forgets it.
     pub fn clear_note(&self, note: NoteId) -> Result<(), LedgerError> {
         let book = self.inner.notes.as_ref().ok_or(LedgerError::ReadOnly)?;
         self.inner
@@ -273,18 +297,25 @@ impl Committer {
     /// stop holding back the range deletions; `reconcile` checks them at the next start.
     pub(super) fn abandon_old_notes(&mut self) {
         let old = match self.notes.lock() {
-            Ok(mut b) => b.take_older(ABANDON_AFTER),
+            Ok(b) => b.older(ABANDON_AFTER),
             Err(_) => return,
         };
         if old.is_empty() {
             return;
         }
+        // Out of the book only once the named form is written: until then a range deletion
+        // must not reach them.
         match keep_named(&self.db, &old) {
-            Ok(n) => tracing::warn!(
-                notes = n,
-                "pending-object notes of C-STOREs that never finished; their objects are checked at the next start"
-            ),
-            Err(e) => tracing::error!(error = %e, "cannot keep pending-object notes"),
+            Ok(n) => {
+                if let Ok(mut b) = self.notes.lock() {
+                    b.settle(&old);
+                }
+                tracing::warn!(
+                    notes = n,
+                    "pending-object notes unsettled for 10 minutes (C-STOREs that failed, or still commit a large object) kept by name; their objects are checked at the next start"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "cannot keep pending-object notes; retried"),
         }
     }
 }
@@ -314,27 +345,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_watermark_stops_at_the_first_unsettled_note() {
+    fn ranges_end_at_notes_in_flight_and_step_around_old_ones() {
+        let hold = Duration::from_secs(3600);
         let mut b = NoteBook {
             first: 5,
             next: 5,
             live: BTreeMap::new(),
         };
-        assert_eq!(b.watermark(&[]), 5);
+        assert!(b.settled_ranges(5, &[], hold).is_empty());
         let (a, c, d) = (b.take(), b.take(), b.take());
         assert_eq!((a, c, d), (5, 6, 7));
-        assert_eq!(b.watermark(&[]), 5);
-        // Settling 5 and 7 in one group: 6 still holds the range back.
-        assert_eq!(b.watermark(&[5, 7]), 6);
+        assert!(b.settled_ranges(5, &[], hold).is_empty());
+        // Settling 5 and 7 in one group: 6, in flight, holds the range back.
+        assert_eq!(b.settled_ranges(5, &[5, 7], hold), [(5, 6)]);
         b.settle(&[5, 7]);
-        assert_eq!(b.watermark(&[]), 6);
-        assert_eq!(b.watermark(&[6]), 8);
+        assert_eq!(b.settled_ranges(6, &[6], hold), [(6, 8)]);
+        // An old unsettled note is stepped around (held for zero seconds): 6 stays.
+        assert_eq!(b.settled_ranges(5, &[], Duration::ZERO), [(5, 6), (7, 8)]);
+        assert!(b.older(hold).is_empty());
+        assert_eq!(b.older(Duration::ZERO), vec![6]);
         b.settle(&[6]);
-        assert_eq!(b.watermark(&[]), 8);
-        assert!(b.take_older(Duration::from_secs(3600)).is_empty());
         let e = b.take();
-        assert_eq!(b.take_older(Duration::ZERO), vec![e]);
-        assert_eq!(b.watermark(&[]), 9);
+        assert_eq!(b.settled_ranges(8, &[], hold), []);
+        assert_eq!(b.settled_ranges(8, &[e], hold), [(8, 9)]);
     }
 
     #[test]
