@@ -31,9 +31,9 @@
 //! send requests over a channel and wait for a reply. The committer takes every request waiting,
 //! assigns sequence numbers and chain hashes in order, writes them as one `WriteBatch` with a
 //! synced WAL (one fsync for the whole group) and only then replies (pending-object notes
-//! waiting with them go first, in a batch of their own without an fsync: see [`pending`]). So a C-STORE-RSP success
-//! always follows a durable ledger write, and concurrent associations share fsyncs instead of
-//! queueing behind each other's. Being the only writer also makes duplicate detection race-free.
+//! waiting with them go first, in a batch of their own without an fsync: see [`pending`]). So
+//! a C-STORE-RSP success always follows a durable ledger write, and concurrent associations
+//! share fsyncs instead of queueing behind each other's. Being the only writer also makes duplicate detection race-free.
 
 pub mod acl;
 pub mod checkpoint;
@@ -410,27 +410,29 @@ impl Ledger {
 
     /// Records a stored instance; returns once the entry is durable (or was a duplicate).
     pub async fn store(&self, req: StoreRequest) -> Result<StoreOutcome, LedgerError> {
-        if self.inner.secondary {
-            return Err(LedgerError::ReadOnly);
-        }
         let (reply, rx) = oneshot::channel();
-        self.submit(Job::Store { req, reply })?;
-        // A stalled disk must not hold associations forever: they get A700 and may resend
-        // (a resend of what did land is then recognised as a duplicate).
-        match tokio::time::timeout(STORE_WAIT, rx).await {
-            Ok(r) => r.map_err(|_| LedgerError::Closed)?,
-            Err(_) => Err(LedgerError::Timeout(STORE_WAIT)),
-        }
+        self.ask(Job::Store { req, reply }, rx).await
     }
 
     /// Records forwarding progress (see [`ForwardUpdate`]); returns once it is durable, with the
     /// number of queue items it changed.
     pub async fn forward(&self, update: ForwardUpdate) -> Result<u64, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        self.ask(Job::Forward { update, reply }, rx).await
+    }
+
+    /// Hands `job` to the committer and waits for its answer on `rx`, at most [`STORE_WAIT`]:
+    /// a stalled disk must not hold associations forever (they get A700 and may resend; a
+    /// resend of what did land is then recognised as a duplicate).
+    async fn ask<T>(
+        &self,
+        job: Job,
+        rx: oneshot::Receiver<Result<T, LedgerError>>,
+    ) -> Result<T, LedgerError> {
         if self.inner.secondary {
             return Err(LedgerError::ReadOnly);
         }
-        let (reply, rx) = oneshot::channel();
-        self.submit(Job::Forward { update, reply })?;
+        self.submit(job)?;
         match tokio::time::timeout(STORE_WAIT, rx).await {
             Ok(r) => r.map_err(|_| LedgerError::Closed)?,
             Err(_) => Err(LedgerError::Timeout(STORE_WAIT)),

@@ -161,19 +161,13 @@ impl Ledger {
     /// killed process; after a power loss an object whose note was lost is an orphan that only
     /// `verify`'s full scan finds.
     pub async fn intend_object(&self, name: &str, key: &Digest32) -> Result<NoteId, LedgerError> {
-        if self.inner.secondary {
-            return Err(LedgerError::ReadOnly);
-        }
         let (reply, rx) = oneshot::channel();
-        self.submit(Job::Note {
+        let job = Job::Note {
             name: name.to_string(),
             key: *key,
             reply,
-        })?;
-        match tokio::time::timeout(STORE_WAIT, rx).await {
-            Ok(r) => r.map_err(|_| LedgerError::Closed)?,
-            Err(_) => Err(LedgerError::Timeout(STORE_WAIT)),
-        }
+        };
+        self.ask(job, rx).await
     }
 
     /// Forgets a numbered note whose object was deleted (or found recorded). A note that was
