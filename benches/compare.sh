@@ -92,6 +92,12 @@ send() { # DIR... -> wall seconds; one storescu per DIR, in parallel
   elapsed "$t0" "$t1"
 }
 
+rotate() { # K WORD... -> the words, starting with the K-th (from 0), wrapping around
+  local k=$1; shift
+  local a=("$@") i
+  for ((i = 0; i < ${#a[@]}; i++)); do echo -n "${a[$(((i + k) % ${#a[@]}))]} "; done
+}
+
 declare -A t1 t4 rss_max
 for count in $COUNTS; do
   corpus="$work/corpus-$count"
@@ -102,8 +108,11 @@ for count in $COUNTS; do
   done
   mb=$(du -sm "$corpus/all" | cut -f1)
   for r in $receivers; do t1[$r]=""; t4[$r]=""; rss_max[$r]=0; done
-  for _ in $(seq "$RUNS"); do
-    for r in $receivers; do
+  for run in $(seq "$RUNS"); do
+    # Each run starts with the next receiver: a receiver started right after another's files
+    # were deleted pays for it on this disk (see docs/PERFORMANCE.md, "Fairness").
+    order=$(rotate $((run - 1)) $receivers)
+    for r in $order; do
       echo "  $count instances: $r" >&2
       start "$r"; t1[$r]="${t1[$r]} $(send "$corpus/all")"; stop_receiver
       [ "$rss" != "?" ] && [ "$rss" -gt "${rss_max[$r]}" ] && rss_max[$r]=$rss
