@@ -8,6 +8,10 @@
 #
 # usage: benches/compare.sh [COUNTS] [RUNS] [SIZE]
 #        (default: "100 1000 10000" CT instances of 512x512x16-bit in 10 studies, 3 runs)
+#
+# BENCH_FRESH_FS=1 (root, mkfs.ext4, loop mounts): every measurement's receiver writes to a new
+# ext4 file system (with a journal, as mkfs makes it) mounted from an image under $work, made
+# before and removed after it; the S3 server's root gets one too. Without it receivers write under $work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
@@ -15,7 +19,7 @@ COUNTS=${1:-"100 1000 10000"}
 RUNS=${2:-3}
 SIZE=${3:-512}
 work=$(mktemp -d /tmp/dicomchain-compare.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; sleep 1; for m in "$work/r" "$work/s3"; do mountpoint -q "$m" && umount "$m"; done; rm -rf "$work"' EXIT
 
 cargo build --release --quiet
 cargo build --release --quiet --example s3_test_server
@@ -28,14 +32,28 @@ read -r s3_endpoint s3_bucket s3_access s3_secret <"$work/s3.info"
 receivers="storescp dicomchain-fs dicomchain-s3"
 [ -x /usr/sbin/Orthanc ] && receivers="storescp orthanc dicomchain-fs dicomchain-s3"
 
+# With BENCH_FRESH_FS=1, DIR becomes a new ext4 file system of SIZE_MB (see the header).
+fresh_fs() { # DIR SIZE_MB
+  mkdir -p "$1"
+  [ "${BENCH_FRESH_FS:-0}" = 1 ] || return 0
+  local img; img="$work/img.$(basename "$1")"
+  # Inode tables and journal written now, not by a kernel thread during the measurement.
+  truncate -s "${2}M" "$img" && mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$img" && mount -o loop "$img" "$1"
+}
+drop_fs() { # DIR
+  if mountpoint -q "$1"; then umount "$1" || umount -l "$1"; rm -f "$work/img.$(basename "$1")"; fi
+  rm -rf "$1"
+}
+fs_mb=1024
+
 # start_<receiver> sets rport, rpid and rae; stop_receiver records rss and wipes its state.
 start_storescp() {
-  rport=$(port); rae=STORESCP; mkdir -p "$work/r"
+  rport=$(port); rae=STORESCP; fresh_fs "$work/r" "$fs_mb"
   TCP_NODELAY=1 /usr/bin/storescp -aet STORESCP -od "$work/r" "$rport" & rpid=$!
   wait_port "$rport"
 }
 start_orthanc() {
-  rport=$(port); rae=ORTHANC; mkdir -p "$work/r"
+  rport=$(port); rae=ORTHANC; fresh_fs "$work/r" "$fs_mb"
   local http; http=$(port)
   cat >"$work/r/o.json" <<JSON
 { "Name": "bench", "StorageDirectory": "$work/r/db", "IndexDirectory": "$work/r/db",
@@ -46,7 +64,7 @@ JSON
   wait_port "$rport"
 }
 start_dicomchain() { # BACKEND
-  rport=$(port); rae=DICOMCHAIN; mkdir -p "$work/r"
+  rport=$(port); rae=DICOMCHAIN; fresh_fs "$work/r" "$fs_mb"
   cat >"$work/r/dc.toml" <<TOML
 [node]
 listen = "127.0.0.1:$rport"
@@ -73,13 +91,16 @@ start() {
     storescp) start_storescp ;;
     orthanc) start_orthanc ;;
     dicomchain-fs) start_dicomchain fs ;;
-    dicomchain-s3) start_dicomchain s3 ;;
+    dicomchain-s3) # the server's root, where it stages uploads before renaming them into the bucket
+      fresh_fs "$work/s3" "$fs_mb"; mkdir -p "$work/s3/$s3_bucket"; start_dicomchain s3 ;;
   esac
 }
 stop_receiver() {
   rss=$(peak_rss_mib "$rpid")
   kill -TERM "$rpid"; wait "$rpid" 2>/dev/null || true
-  rm -rf "$work/r" "$work/s3/$s3_bucket"; mkdir -p "$work/s3/$s3_bucket"
+  drop_fs "$work/r"
+  if mountpoint -q "$work/s3"; then umount "$work/s3" || umount -l "$work/s3"; rm -f "$work/img.s3"; fi
+  rm -rf "$work/s3/$s3_bucket"; mkdir -p "$work/s3/$s3_bucket"
 }
 send() { # DIR... -> wall seconds; one storescu per DIR, in parallel
   local t0 t1 pids=() d
@@ -107,6 +128,7 @@ for count in $COUNTS; do
     mkdir -p "$corpus/p$((i % 4))"; ln "$f" "$corpus/p$((i % 4))/"; i=$((i + 1))
   done
   mb=$(du -sm "$corpus/all" | cut -f1)
+  fs_mb=$((mb * 3 + 1024))
   for r in $receivers; do t1[$r]=""; t4[$r]=""; rss_max[$r]=0; done
   for run in $(seq "$RUNS"); do
     # Each run starts with the next receiver: a receiver started right after another's files
