@@ -19,7 +19,7 @@ COUNTS=${1:-"100 1000 10000"}
 RUNS=${2:-3}
 SIZE=${3:-512}
 work=$(mktemp -d /tmp/dicomchain-compare.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null || true; sleep 1; for m in "$work/r" "$work/s3"; do mountpoint -q "$m" && umount "$m"; done; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; sleep 1; for m in "$work/r" "$work/s3"; do mountpoint -q "$m" && { umount "$m" || umount -l "$m"; }; done; rm -rf "$work"' EXIT
 
 cargo build --release --quiet
 cargo build --release --quiet --example s3_test_server
