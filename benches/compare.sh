@@ -19,7 +19,7 @@ COUNTS=${1:-"100 1000 10000"}
 RUNS=${2:-3}
 SIZE=${3:-512}
 work=$(mktemp -d /tmp/dicomchain-compare.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null || true; sleep 1; for m in "$work/r" "$work/s3"; do mountpoint -q "$m" && { umount "$m" || umount -l "$m"; }; done; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; sleep 1; unmount_fs "$work/r"; unmount_fs "$work/s3"; rm -rf "$work"' EXIT
 
 cargo build --release --quiet
 cargo build --release --quiet --example s3_test_server
@@ -40,8 +40,14 @@ fresh_fs() { # DIR SIZE_MB
   # Inode tables and journal written now, not by a kernel thread during the measurement.
   truncate -s "${2}M" "$img" && mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$img" && mount -o loop "$img" "$1"
 }
+# Unmounts DIR if fresh_fs mounted it (lazily if still busy) and removes its image.
+unmount_fs() { # DIR
+  mountpoint -q "$1" || return 0
+  umount "$1" || umount -l "$1"
+  rm -f "$work/img.$(basename "$1")"
+}
 drop_fs() { # DIR
-  if mountpoint -q "$1"; then umount "$1" || umount -l "$1"; rm -f "$work/img.$(basename "$1")"; fi
+  unmount_fs "$1"
   rm -rf "$1"
 }
 fs_mb=1024
@@ -99,7 +105,7 @@ stop_receiver() {
   rss=$(peak_rss_mib "$rpid")
   kill -TERM "$rpid"; wait "$rpid" 2>/dev/null || true
   drop_fs "$work/r"
-  if mountpoint -q "$work/s3"; then umount "$work/s3" || umount -l "$work/s3"; rm -f "$work/img.s3"; fi
+  unmount_fs "$work/s3" # the S3 server's root stays: only its file system goes
   rm -rf "$work/s3/$s3_bucket"; mkdir -p "$work/s3/$s3_bucket"
 }
 send() { # DIR... -> wall seconds; one storescu per DIR, in parallel
