@@ -36,6 +36,7 @@
 //! share fsyncs instead of queueing behind each other's. Being the only writer also makes duplicate detection race-free.
 
 pub mod acl;
+mod batch;
 pub mod checkpoint;
 pub mod entry;
 pub mod erase;
@@ -273,6 +274,9 @@ fn db_options() -> Options {
     // Ledger writes are synced per group; keep the WAL fsync honest and bounded in size.
     o.set_max_total_wal_size(256 * 1024 * 1024);
     o.increase_parallelism(2);
+    // The committer is the only steady writer: inserting its batches one at a time lets the
+    // memtable start each insert where the previous one went (see `batch`).
+    o.set_allow_concurrent_memtable_write(false);
     o
 }
 
@@ -1194,9 +1198,9 @@ fn plan_tree_nodes(
 
 /// Puts the nodes one leaf's append created into a batch, as one value under that leaf (see
 /// [`tree_key`]), and remembers them as pending.
-fn put_tree_nodes(
-    batch: &mut WriteBatch,
-    cf_tree: &rocksdb::ColumnFamily,
+fn put_tree_nodes<'a>(
+    batch: &mut batch::SortedBatch<'a>,
+    cf_tree: &'a rocksdb::ColumnFamily,
     pending: &mut HashMap<(u8, u64), Digest32>,
     nodes: Vec<(u8, u64, Digest32)>,
 ) {
@@ -1294,7 +1298,7 @@ fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
     );
     // Written in leaf order, a synced batch every BACKFILL_CHUNK leaves (memory stays bounded
     // on a large ledger; after a crash the search above resumes where the leaves stop).
-    let mut batch = WriteBatch::default();
+    let mut batch = batch::SortedBatch::with_capacity_bytes(0);
     let mut new_nodes: HashMap<(u8, u64), Digest32> = HashMap::default();
     let mut wo = WriteOptions::default();
     wo.set_sync(true);
@@ -1302,13 +1306,15 @@ fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
         let created = plan_tree_nodes(db, cf_tree, &new_nodes, i, merkle::leaf_hash(raw))?;
         put_tree_nodes(&mut batch, cf_tree, &mut new_nodes, created);
         if (i + 1 - lo) % BACKFILL_CHUNK == 0 {
-            db.write_opt(std::mem::take(&mut batch), &wo)
+            let full = std::mem::replace(&mut batch, batch::SortedBatch::with_capacity_bytes(0));
+            db.write_opt(full.into_write_batch(), &wo)
                 .map_err(LedgerError::Write)?;
             new_nodes.clear();
         }
         Ok(())
     })?;
-    db.write_opt(batch, &wo).map_err(LedgerError::Write)
+    db.write_opt(batch.into_write_batch(), &wo)
+        .map_err(LedgerError::Write)
 }
 
 /// How many leaves the tree holds, counted from leaf 0 (they are always a prefix), given whether
@@ -1592,7 +1598,7 @@ impl Committer {
         let head = group.head;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        match self.db.write_opt(group.batch, &wo) {
+        match self.db.write_opt(group.batch.into_write_batch(), &wo) {
             Ok(()) => {
                 self.head = head;
                 for f in done {
@@ -1627,7 +1633,7 @@ impl Committer {
                 let mut wo = WriteOptions::default();
                 wo.set_sync(true);
                 self.db
-                    .write_opt(group.batch, &wo)
+                    .write_opt(group.batch.into_write_batch(), &wo)
                     .map_err(LedgerError::Write)
                     .map(|()| n)
             });
@@ -1761,7 +1767,7 @@ impl Committer {
         wo.set_sync(jobs.iter().any(|j| !matches!(j, Job::Note { .. })));
         let enqueued = plan.enqueued;
         let erased = plan.erased;
-        match self.db.write_opt(plan.batch, &wo) {
+        match self.db.write_opt(plan.batch.into_write_batch(), &wo) {
             Ok(()) => {
                 self.head = plan.head;
                 if let Ok(mut b) = self.notes.lock() {
@@ -1858,7 +1864,7 @@ struct Group<'a> {
     cf_forward: &'a rocksdb::ColumnFamily,
     cf_pending: &'a rocksdb::ColumnFamily,
     cf_keys: &'a rocksdb::ColumnFamily,
-    batch: WriteBatch,
+    batch: batch::SortedBatch<'a>,
     /// Something was put on the forward queue.
     enqueued: bool,
     /// An erasure is planned (its values are compacted away after the write).
@@ -1896,7 +1902,7 @@ impl<'a> Group<'a> {
             cf_forward: cf(CF_FORWARD)?,
             cf_pending: cf(CF_PENDING)?,
             cf_keys: cf(CF_KEYS)?,
-            batch: WriteBatch::with_capacity_bytes(requests * BATCH_BYTES_PER_REQUEST),
+            batch: batch::SortedBatch::with_capacity_bytes(requests * BATCH_BYTES_PER_REQUEST),
             enqueued: false,
             erased: false,
             settled: Default::default(),
