@@ -105,7 +105,7 @@ fn read_error(e: StoreError) -> RetrieveError {
 
 /// Loads and checks the metadata record an entry commits to.
 pub fn load_record(ledger: &Ledger, entry: &Entry) -> Result<MetadataRecord, RetrieveError> {
-    let Some(raw) = ledger.record(&entry.instance_key)? else {
+    let Some(raw) = ledger.record_of(entry)? else {
         if let Some(by) = ledger.erased_by(entry.seq)? {
             return Err(RetrieveError::Erased { seq: entry.seq, by });
         }

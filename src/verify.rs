@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 use crate::instance::{self, Digest32, MetadataRecord};
-use crate::ledger::{checkpoint, merkle, Ledger, LedgerError};
+use crate::ledger::{checkpoint, merkle, Ledger, LedgerError, RecordKey};
 use crate::store::{Store, StoreError};
 
 /// Why verify could not run at all.
@@ -268,7 +268,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         if let Some(w) = stored.get_mut((seq / 64) as usize) {
             *w |= 1 << (seq % 64);
         }
-        let subject = match records.get(&entry.instance_key) {
+        let subject = match record_for(&records, seq, &entry.instance_key).as_ref() {
             None => {
                 deferred.push((seq, Problem {
                     subject: format!("entry {seq}"),
@@ -288,6 +288,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
                 sop,
                 pixel,
                 dataset,
+                ..
             }) => {
                 if *pixel != entry.pixel_sha256 || *dataset != entry.dataset_sha256 {
                     deferred.push((seq, Problem {
@@ -346,11 +347,13 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
                 }
                 Ok(false)
             };
-            let present = match records.get(&e.instance_key) {
-                Some(RecordCheck::Good { sop, .. }) => !live(sop)?,
-                Some(RecordCheck::Bad { .. }) => true,
-                None => false,
-            };
+            // A record under the erased entry's own number is never shared.
+            let present = records.contains_key(&RecordKey::Seq(seq))
+                || match records.get(&RecordKey::Instance(e.instance_key)) {
+                    Some(RecordCheck::Good { sop, .. }) => !live(sop)?,
+                    Some(RecordCheck::Bad { .. }) => true,
+                    None => false,
+                };
             if present {
                 problems.push(Problem {
                     subject: format!("entry {seq}"),
@@ -446,8 +449,11 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
 }
 
 /// What the audit found for one metadata record.
+#[derive(Clone)]
 enum RecordCheck {
     Good {
+        /// What the record hashes to.
+        key: Digest32,
         sop: String,
         pixel: Digest32,
         dataset: Digest32,
@@ -459,17 +465,23 @@ enum RecordCheck {
     },
 }
 
-fn check_raw(key: &Digest32, raw: &[u8]) -> RecordCheck {
+const MISMATCH: &str = "metadata record does not match its instance key";
+
+/// Hashes and decodes a record; one filed under an instance key must hash to it (one filed
+/// under a sequence number is held to its entry by [`record_for`]).
+fn check_raw(filed: &RecordKey, raw: &[u8]) -> RecordCheck {
     let decoded = MetadataRecord::decode(raw);
     let subject = decoded.as_ref().ok().map(|r| r.sop_instance_uid.clone());
-    if instance::instance_key(raw) != *key {
+    let key = instance::instance_key(raw);
+    if matches!(filed, RecordKey::Instance(k) if *k != key) {
         return RecordCheck::Bad {
             subject,
-            what: "metadata record does not match its instance key".into(),
+            what: MISMATCH.into(),
         };
     }
     match decoded {
         Ok(r) => RecordCheck::Good {
+            key,
             sop: r.sop_instance_uid,
             pixel: r.pixel_sha256,
             dataset: r.dataset_sha256,
@@ -481,17 +493,34 @@ fn check_raw(key: &Digest32, raw: &[u8]) -> RecordCheck {
     }
 }
 
-/// Every record hashed against its key, in parallel batches.
+/// The check of the record entry `seq` commits to: the one under its sequence number, which
+/// must hash to the entry's instance key, or else (older ledgers) the one under that key.
+fn record_for(
+    records: &std::collections::HashMap<RecordKey, RecordCheck>,
+    seq: u64,
+    instance_key: &Digest32,
+) -> Option<RecordCheck> {
+    match records.get(&RecordKey::Seq(seq)) {
+        Some(RecordCheck::Good { key, sop, .. }) if key != instance_key => Some(RecordCheck::Bad {
+            subject: Some(sop.clone()),
+            what: MISMATCH.into(),
+        }),
+        Some(check) => Some(check.clone()),
+        None => records.get(&RecordKey::Instance(*instance_key)).cloned(),
+    }
+}
+
+/// Every record hashed (and checked against the key it is filed under), in parallel batches.
 fn check_records(
     ledger: &Ledger,
-) -> Result<std::collections::HashMap<Digest32, RecordCheck>, LedgerError> {
+) -> Result<std::collections::HashMap<RecordKey, RecordCheck>, LedgerError> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
     let mut out = std::collections::HashMap::new();
     ledger.for_each_record_batch(16_384, |batch| {
         let per = batch.len().div_ceil(threads).max(1);
-        let results: Vec<Vec<(Digest32, RecordCheck)>> = std::thread::scope(|s| {
+        let results: Vec<Vec<(RecordKey, RecordCheck)>> = std::thread::scope(|s| {
             let handles: Vec<_> = batch
                 .chunks(per)
                 .map(|chunk| {

@@ -173,7 +173,10 @@ mod tests {
             }
         }
         plain.write(b).unwrap();
-        let cfs = [sorted.cf_handle("a").unwrap(), sorted.cf_handle("b").unwrap()];
+        let cfs = [
+            sorted.cf_handle("a").unwrap(),
+            sorted.cf_handle("b").unwrap(),
+        ];
         let mut b = SortedBatch::with_capacity_bytes(16);
         for (cf, kind, k, v) in writes {
             match kind {

@@ -301,7 +301,10 @@ impl Group<'_> {
                 .put_cf(self.cf_index, erased_key(s), by_seq.to_be_bytes());
         }
         let mut seen_keys = HashSet::new();
-        for (_, e) in &versions {
+        for (seq, e) in &versions {
+            // Under its sequence number, and the copy under its instance key (older ledgers,
+            // plaintext objects).
+            self.batch.delete_cf(self.cf_meta, seq.to_be_bytes());
             if seen_keys.insert(e.instance_key) {
                 self.batch.delete_cf(self.cf_meta, e.instance_key);
             }

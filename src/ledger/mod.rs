@@ -3,8 +3,11 @@
 //!
 //! Column families:
 //! - `entries`: u64 BE sequence number → encoded [`Entry`] (the chain);
-//! - `meta`: instance key → encoded [`MetadataRecord`] (separate, so a record can later be erased
-//!   without breaking the chain, which only holds its hash);
+//! - `meta`: sequence number u64 BE → the encoded [`MetadataRecord`] of that entry (separate, so a
+//!   record can later be erased without breaking the chain, which only holds its hash). Keyed by
+//!   sequence number, a group's records are appended where the memtable and the table files
+//!   end instead of landing at random places; ledgers written before this keyed them by
+//!   instance key (32 bytes), and those records are read as they are (see [`RecordKey`]);
 //! - `index`: `sop\0UID` → latest (seq, version, instance key), every version's seq and the
 //!   hierarchy keys of the latest version (to move an instance when a new version changes its
 //!   study or series), see [`SopIndex`]; `study\0S\0SE\0UID`, `series\0SE\0UID`,
@@ -478,12 +481,13 @@ impl Ledger {
 
     /// Whether a ledger entry names object `name` of instance `key`: a sealed object has its
     /// key record (written in the same batch as its entry); a plaintext one (written before
-    /// sealing) is named by the instance key alone.
+    /// sealing, or by a store without a master key) is named by the instance key alone, and its
+    /// entry's batch also puts the record under that key.
     fn names_object(&self, name: &str, key: &Digest32) -> Result<bool, LedgerError> {
         if self.object_key(name)?.is_some() {
             return Ok(true);
         }
-        Ok(crate::instance::object_name(key) == name && self.record(key)?.is_some())
+        Ok(crate::instance::object_name(key) == name && self.legacy_record(key)?.is_some())
     }
 
     /// The check value of the master key the objects are sealed with (see
@@ -558,7 +562,26 @@ impl Ledger {
         .transpose()
     }
 
-    pub fn record(&self, key: &Digest32) -> Result<Option<Vec<u8>>, LedgerError> {
+    /// The metadata record a stored entry commits to: under its sequence number, or (ledgers
+    /// written before records were keyed so) under its instance key. The caller checks it
+    /// against the entry's instance key.
+    pub fn record_of(&self, entry: &Entry) -> Result<Option<Vec<u8>>, LedgerError> {
+        let cf = self.cf(CF_META)?;
+        match self
+            .inner
+            .db
+            .get_cf(cf, entry.seq.to_be_bytes())
+            .map_err(LedgerError::Read)?
+        {
+            Some(r) => Ok(Some(r)),
+            None => self.legacy_record(&entry.instance_key),
+        }
+    }
+
+    /// A record under its instance key: every record of a ledger written before records were
+    /// keyed by sequence number, and the second copy of a plaintext object's record (see
+    /// [`Ledger::names_object`]).
+    fn legacy_record(&self, key: &Digest32) -> Result<Option<Vec<u8>>, LedgerError> {
         self.inner
             .db
             .get_cf(self.cf(CF_META)?, key)
@@ -649,19 +672,25 @@ impl Ledger {
         Ok(())
     }
 
-    /// Visits every metadata record (in key order, not entry order) with one sequential scan,
-    /// in batches (for audits that hash them in parallel).
+    /// Visits every metadata record (in key order: those keyed by sequence number first) with
+    /// one sequential scan, in batches (for audits that hash them in parallel).
     pub fn for_each_record_batch(
         &self,
         batch: usize,
-        mut f: impl FnMut(Vec<(Digest32, Box<[u8]>)>),
+        mut f: impl FnMut(Vec<(RecordKey, Box<[u8]>)>),
     ) -> Result<(), LedgerError> {
         let cf = self.cf(CF_META)?;
         let mut buf = Vec::with_capacity(batch);
         for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item.map_err(LedgerError::Read)?;
-            let key = <Digest32>::try_from(&k[..])
-                .map_err(|_| LedgerError::Corrupt("record key".into()))?;
+            let key = if let Ok(seq) = <[u8; 8]>::try_from(&k[..]) {
+                RecordKey::Seq(u64::from_be_bytes(seq))
+            } else {
+                RecordKey::Instance(
+                    <Digest32>::try_from(&k[..])
+                        .map_err(|_| LedgerError::Corrupt("record key".into()))?,
+                )
+            };
             buf.push((key, v));
             if buf.len() == batch {
                 f(std::mem::replace(&mut buf, Vec::with_capacity(batch)));
@@ -989,6 +1018,15 @@ pub fn find_key(tag: u32, value: &str) -> Vec<u8> {
     let mut k = format!("a\0{tag:08X}\0").into_bytes();
     escape_value(value, &mut k);
     k
+}
+
+/// What a metadata record is filed under in the `meta` column family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RecordKey {
+    /// The sequence number of the entry that commits to it (records written since).
+    Seq(u64),
+    /// Its instance key (records of older ledgers, and plaintext objects' second copy).
+    Instance(Digest32),
 }
 
 /// A position in the index scanned by [`Ledger::scan`].
@@ -2058,10 +2096,19 @@ impl<'a> Group<'a> {
         self.append(&entry)?;
         // From here on nothing fails.
         self.batch
-            .put_cf(self.cf_meta, req.instance_key, &req.record);
-        if let (Some(name), Some(key)) = (&req.object_name, &req.object_key) {
-            self.batch
-                .put_cf(self.cf_keys, name.as_bytes(), key.encode());
+            .put_cf(self.cf_meta, seq.to_be_bytes(), &req.record);
+        match (&req.object_name, &req.object_key) {
+            (Some(name), Some(key)) => {
+                self.batch
+                    .put_cf(self.cf_keys, name.as_bytes(), key.encode());
+            }
+            // A plaintext object has no key record: the record under its instance key is what
+            // tells the startup reconciliation that an entry names it.
+            (Some(_), None) => {
+                self.batch
+                    .put_cf(self.cf_meta, req.instance_key, &req.record);
+            }
+            (None, _) => {}
         }
         let keys = hierarchy_keys(&req.attrs);
         let mut versions = Vec::new();
@@ -2195,7 +2242,9 @@ mod tests {
         assert_eq!(erase::erased_of(&e), Some(vec![1, 2, 4]));
         for (seq, key) in [(1u64, 1u8), (2, 2), (4, 4)] {
             assert_eq!(ledger.erased_by(seq).unwrap(), Some(5));
-            assert!(ledger.record(&[key; 32]).unwrap().is_none());
+            let erased = ledger.entry(seq).unwrap().unwrap();
+            assert!(ledger.record_of(&erased).unwrap().is_none());
+            assert!(ledger.legacy_record(&[key; 32]).unwrap().is_none());
             assert!(ledger.object_key(&format!("obj{key}")).unwrap().is_none());
         }
         assert!(ledger.instances_in_study("9").unwrap().is_empty());
@@ -2496,7 +2545,8 @@ mod tests {
         );
         assert_eq!(ledger.entry(4).unwrap().unwrap().prev_hash, head.1);
         assert_eq!(ledger.latest("1.1").unwrap().unwrap().seq, 3);
-        assert_eq!(ledger.record(&[3; 32]).unwrap().unwrap(), vec![3; 10]);
+        let e3 = ledger.entry(3).unwrap().unwrap();
+        assert_eq!(ledger.record_of(&e3).unwrap().unwrap(), vec![3; 10]);
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -2882,5 +2932,55 @@ mod tests {
             ledger.forward_pending("backup", 0, 10).unwrap(),
             vec![1, 2, 3]
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn records_are_filed_by_sequence_number_and_older_ones_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let mut sealed = request("1.1", "9", 1);
+        sealed.object_name = Some("sealed".into());
+        sealed.object_key = Some(ObjectKey { salt: [7; 32] });
+        ledger.store(sealed).await.unwrap();
+        // A plaintext object (a store without a master key) is named by its instance key.
+        let mut plain = request("1.2", "9", 2);
+        plain.object_name = Some(crate::instance::object_name(&[2; 32]));
+        ledger.store(plain).await.unwrap();
+        ledger.store(request("1.3", "9", 3)).await.unwrap();
+        let mut filed = Vec::new();
+        ledger
+            .for_each_record_batch(2, |b| filed.extend(b.into_iter().map(|(k, _)| k)))
+            .unwrap();
+        assert_eq!(
+            filed,
+            vec![
+                RecordKey::Seq(1),
+                RecordKey::Seq(2),
+                RecordKey::Seq(3),
+                RecordKey::Instance([2; 32]),
+            ]
+        );
+        assert!(ledger.names_object("sealed", &[1; 32]).unwrap());
+        assert!(ledger
+            .names_object(&crate::instance::object_name(&[2; 32]), &[2; 32])
+            .unwrap());
+        assert!(!ledger
+            .names_object(&crate::instance::object_name(&[4; 32]), &[4; 32])
+            .unwrap());
+
+        // A ledger written before: the record under the instance key only.
+        let e3 = ledger.entry(3).unwrap().unwrap();
+        let cf = ledger.cf(CF_META).unwrap();
+        ledger.inner.db.delete_cf(cf, 3u64.to_be_bytes()).unwrap();
+        assert!(ledger.record_of(&e3).unwrap().is_none());
+        ledger.inner.db.put_cf(cf, [3u8; 32], [3u8; 10]).unwrap();
+        assert_eq!(ledger.record_of(&e3).unwrap().unwrap(), vec![3; 10]);
+        // The record under the entry's own number comes first.
+        ledger
+            .inner
+            .db
+            .put_cf(cf, 3u64.to_be_bytes(), b"newer")
+            .unwrap();
+        assert_eq!(ledger.record_of(&e3).unwrap().unwrap(), b"newer".to_vec());
     }
 }
