@@ -10,6 +10,7 @@
 //!
 //! Exit status: 0 when everything is intact, 1 when damage was found, 2 when it could not run.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
 
@@ -268,7 +269,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         if let Some(w) = stored.get_mut((seq / 64) as usize) {
             *w |= 1 << (seq % 64);
         }
-        let subject = match record_for(&records, seq, &entry.instance_key).as_ref() {
+        let subject = match record_for(&records, seq, &entry.instance_key).as_deref() {
             None => {
                 deferred.push((seq, Problem {
                     subject: format!("entry {seq}"),
@@ -495,18 +496,23 @@ fn check_raw(filed: &RecordKey, raw: &[u8]) -> RecordCheck {
 
 /// The check of the record entry `seq` commits to: the one under its sequence number, which
 /// must hash to the entry's instance key, or else (older ledgers) the one under that key.
-fn record_for(
-    records: &std::collections::HashMap<RecordKey, RecordCheck>,
+/// Borrowed, except for the rare mismatch it finds (this runs for every entry).
+fn record_for<'r>(
+    records: &'r std::collections::HashMap<RecordKey, RecordCheck>,
     seq: u64,
     instance_key: &Digest32,
-) -> Option<RecordCheck> {
+) -> Option<Cow<'r, RecordCheck>> {
     match records.get(&RecordKey::Seq(seq)) {
-        Some(RecordCheck::Good { key, sop, .. }) if key != instance_key => Some(RecordCheck::Bad {
-            subject: Some(sop.clone()),
-            what: MISMATCH.into(),
-        }),
-        Some(check) => Some(check.clone()),
-        None => records.get(&RecordKey::Instance(*instance_key)).cloned(),
+        Some(RecordCheck::Good { key, sop, .. }) if key != instance_key => {
+            Some(Cow::Owned(RecordCheck::Bad {
+                subject: Some(sop.clone()),
+                what: MISMATCH.into(),
+            }))
+        }
+        Some(check) => Some(Cow::Borrowed(check)),
+        None => records
+            .get(&RecordKey::Instance(*instance_key))
+            .map(Cow::Borrowed),
     }
 }
 
