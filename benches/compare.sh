@@ -12,12 +12,29 @@
 # BENCH_FRESH_FS=1 (root, mkfs.ext4, loop mounts): every measurement's receiver writes to a new
 # ext4 file system (with a journal, as mkfs makes it) mounted from an image under $work, made
 # before and removed after it; the S3 server's root gets one too. Without it receivers write under $work.
+# BENCH_BASE_BIN=PATH adds "dicomchain-base": another dicomchain binary (say, the build before a
+# change) on the fs backend, measured in the same runs and rotation as the others.
+# BENCH_RECEIVERS="storescp dicomchain-fs ..." measures only those (storescp always: it is the base).
+# BENCH_RETRIEVE=0 skips the C-MOVE comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
 COUNTS=${1:-"100 1000 10000"}
 RUNS=${2:-3}
 SIZE=${3:-512}
+receivers="storescp dicomchain-fs dicomchain-s3"
+[ -x /usr/sbin/Orthanc ] && receivers="storescp orthanc dicomchain-fs dicomchain-s3"
+if [ -n "${BENCH_BASE_BIN:-}" ]; then
+  [ -x "$BENCH_BASE_BIN" ] || { echo "BENCH_BASE_BIN: $BENCH_BASE_BIN is not an executable" >&2; exit 2; }
+  receivers="$receivers dicomchain-base"
+fi
+if [ -n "${BENCH_RECEIVERS:-}" ]; then
+  for r in $BENCH_RECEIVERS; do
+    case " $receivers " in *" $r "*) ;; *) echo "BENCH_RECEIVERS: unknown receiver $r (known: $receivers)" >&2; exit 2 ;; esac
+  done
+  receivers="storescp ${BENCH_RECEIVERS//storescp/}"
+fi
+
 work=$(mktemp -d /tmp/dicomchain-compare.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; sleep 1; unmount_fs "$work/r"; unmount_fs "$work/s3"; rm -rf "$work"' EXIT
 
@@ -29,8 +46,6 @@ mkdir -p "$work/s3"
 target/release/examples/s3_test_server "$work/s3" >"$work/s3.info" &
 for _ in $(seq 100); do [ -s "$work/s3.info" ] && break; sleep 0.1; done
 read -r s3_endpoint s3_bucket s3_access s3_secret <"$work/s3.info"
-receivers="storescp dicomchain-fs dicomchain-s3"
-[ -x /usr/sbin/Orthanc ] && receivers="storescp orthanc dicomchain-fs dicomchain-s3"
 
 # With BENCH_FRESH_FS=1, DIR becomes a new ext4 file system of SIZE_MB (see the header).
 fresh_fs() { # DIR SIZE_MB
@@ -69,7 +84,7 @@ JSON
   TCP_NODELAY=1 /usr/sbin/Orthanc "$work/r/o.json" >"$work/o.log" 2>&1 & rpid=$!
   wait_port "$rport"
 }
-start_dicomchain() { # BACKEND
+start_dicomchain() { # BACKEND [BINARY]
   rport=$(port); rae=DICOMCHAIN; fresh_fs "$work/r" "$fs_mb"
   cat >"$work/r/dc.toml" <<TOML
 [node]
@@ -89,7 +104,7 @@ bucket = "$s3_bucket"
 access_key = "$s3_access"
 secret_key = "$s3_secret"
 TOML
-  RUST_LOG=warn "$bin" serve --config "$work/r/dc.toml" 2>"$work/node.log" & rpid=$!
+  RUST_LOG=warn "${2:-$bin}" serve --config "$work/r/dc.toml" 2>"$work/node.log" & rpid=$!
   wait_port "$rport"
 }
 start() {
@@ -97,6 +112,7 @@ start() {
     storescp) start_storescp ;;
     orthanc) start_orthanc ;;
     dicomchain-fs) start_dicomchain fs ;;
+    dicomchain-base) start_dicomchain fs "$BENCH_BASE_BIN" ;;
     dicomchain-s3) # the server's root, where it stages uploads before renaming them into the bucket
       fresh_fs "$work/s3" "$fs_mb"; mkdir -p "$work/s3/$s3_bucket"; start_dicomchain s3 ;;
   esac
@@ -161,6 +177,7 @@ for count in $COUNTS; do
   rm -rf "$corpus"
 done
 
+[ "${BENCH_RETRIEVE:-1}" = 0 ] && exit 0
 case " $COUNTS " in
   *" 1000 "*) echo; benches/retrieve.sh 1000 "$SIZE" "$RUNS" ;;
 esac

@@ -250,13 +250,15 @@ impl Upload {
     /// Makes the object durable and visible under `name`. Committing the same bytes under an
     /// existing name is allowed and leaves one object.
     pub async fn commit(mut self, name: &str) -> Result<(), StoreError> {
+        // A sealed object's name is salted at random: no other object can have it.
+        let fresh = self.sealing.is_some();
         if let Some((sealer, _, _)) = self.sealing.take() {
             let mut out = std::mem::take(&mut self.out);
             sealer.finish(&mut out);
             self.inner_write(&out).await?;
         }
         match self.inner {
-            UploadBackend::Fs(u) => u.commit(name).await,
+            UploadBackend::Fs(u) => u.commit(name, fresh).await,
             UploadBackend::S3(u) => u.commit(name).await,
         }
     }
