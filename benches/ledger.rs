@@ -7,7 +7,7 @@
 //! (default 512) concurrent writers, each entry with a 1 KiB metadata record and a sealed object's
 //! key record, like a busy node's ingest minus the network: each writer first takes the object's
 //! pending-object note (`Ledger::intend_object`, a committer round trip of its own), then stores
-//! the instance, whose batch settles the note. `BENCH_NOTES=0` leaves the notes out (appends
+//! the instance, and marks the object durable (a later group deletes the note). `BENCH_NOTES=0` leaves the notes out (appends
 //! alone). The CPU time of each thread during the appends is printed too.
 
 use std::time::Instant;
@@ -51,7 +51,6 @@ fn request(i: u64) -> StoreRequest {
             ..Default::default()
         },
         forward_to: vec![],
-        note: None,
     }
 }
 
@@ -87,13 +86,20 @@ fn main() {
         for queue in queues {
             let l = ledger.clone();
             tasks.push(tokio::spawn(async move {
-                for mut r in queue {
-                    if notes {
-                        // As ingest does before it commits the object.
-                        let name = r.object_name.clone().unwrap();
-                        r.note = Some(l.intend_object(&name, &r.instance_key).await.unwrap());
-                    }
+                for r in queue {
+                    // As ingest does before it places the object, and once the object and
+                    // the entry are both durable.
+                    let note = match notes {
+                        true => {
+                            let name = r.object_name.clone().unwrap();
+                            Some(l.intend_object(&name, &r.instance_key).await.unwrap())
+                        }
+                        false => None,
+                    };
                     l.store(r).await.unwrap();
+                    if let Some(n) = note {
+                        l.object_durable(n);
+                    }
                 }
             }));
         }

@@ -7,6 +7,7 @@
 //! commits the pixel object under its opaque name and records the instance on the ledger. It
 //! returns success only when both halves are durable; any failure leaves no ledger entry.
 
+use std::collections::HashSet;
 use std::io::Read;
 use std::time::Duration;
 
@@ -472,25 +473,27 @@ impl Incoming {
         record.sop_instance_uid = attrs.sop_instance_uid.clone();
         let encoded = record.encode();
         let key = instance::instance_key(&encoded);
-        let (object_name, object_key, note) = match upload {
+        let (object_name, object_key, note, placed) = match upload {
             Some(upload) => {
                 let (name, object_key) = upload.name_for(&key);
-                // Noted before the object becomes visible: a crash from here until the entry is
-                // written leaves the object findable by `reconcile` at the next start.
+                // Noted before the object becomes visible: a crash from here until the object
+                // and the entry are both durable leaves the object findable by `reconcile` at
+                // the next start.
                 let note = match self.pipeline.ledger.intend_object(&name, &key).await {
                     Ok(note) => note,
                     Err(e) => return Err((e.into(), Some(upload))),
                 };
-                // Committing a large object (an S3 multipart completion and server-side copy)
+                // Placing a large object (an S3 multipart completion and server-side copy)
                 // takes time in proportion to its size: one timeout per started 16 MiB.
                 let p = &self.pipeline;
                 let scale = 1 + (record.pixel_length / (16 * 1024 * 1024)) as u32;
-                p.timed_scaled("commit object", scale, upload.commit(&name))
+                let placed = p
+                    .timed_scaled("commit object", scale, upload.place(&name))
                     .await
                     .map_err(|e| (IngestError::from(e), None))?;
-                (Some(name), object_key, Some(note))
+                (Some(name), object_key, Some(note), Some(placed))
             }
-            None => (None, None, None),
+            None => (None, None, None, None),
         };
         let dataset_length = record.dataset_length;
         let forward_to = self.pipeline.router.destinations(&crate::forward::Route {
@@ -508,22 +511,41 @@ impl Incoming {
             object_key,
             attrs: attrs.clone(),
             forward_to,
-            note,
         };
         // The encoded copy travels on; the metadata need not stay in memory twice meanwhile.
         drop(record);
-        let outcome = self
-            .pipeline
-            .ledger
-            .store(req)
-            .await
-            .map_err(|e| (IngestError::from(e), None))?;
+        // The object's sync and the group commit run at once; the response waits for both.
+        // Until both are done the note stays: a crash between them leaves an entry whose
+        // object `reconcile` checks at the next start (see `ledger::unacked`).
+        let sync = async {
+            match placed {
+                Some(p) => self.pipeline.timed("sync object", p.sync()).await,
+                None => Ok(()),
+            }
+        };
+        let (synced, outcome) = tokio::join!(sync, self.pipeline.ledger.store(req));
+        let outcome = outcome.map_err(|e| (IngestError::from(e), None))?;
         if let (StoreOutcome::Duplicate { seq }, Some(name), Some(note)) =
             (outcome, &object_name, note)
         {
             self.pipeline
                 .discard_duplicate_object(seq, name, note)
                 .await;
+        }
+        // An object that did not become durable fails the C-STORE. Its entry is recorded as
+        // unacknowledged at once, so the sender's retry is stored as a new version rather than
+        // taken for a duplicate of an entry whose object may be lost; the note stays for
+        // `reconcile`, which deletes the object at the next start.
+        if let Err(e) = synced {
+            if let StoreOutcome::Stored { seq, .. } = outcome {
+                if let Err(le) = self.pipeline.ledger.record_unacknowledged(seq).await {
+                    tracing::error!(seq, error = %le, "cannot record an entry whose object did not become durable; the next start checks it");
+                }
+            }
+            return Err((IngestError::from(e), None));
+        }
+        if let (StoreOutcome::Stored { .. }, Some(note)) = (outcome, note) {
+            self.pipeline.ledger.object_durable(note);
         }
         Ok(Stored {
             outcome,
@@ -622,11 +644,17 @@ pub fn read_master_key(
     Ok(Some(std::sync::Arc::new(key)))
 }
 
+/// How far back from the head `reconcile` looks for the entries of recorded notes.
+const RECONCILE_WITHIN: u64 = 1_000_000;
+
 /// Startup reconciliation after a crash: every pixel object that was about to be committed
-/// when the node stopped ([`Ledger::pending_objects`]) is kept if the ledger records its
-/// instance, and deleted otherwise (its C-STORE never got a success response). Each deletion
-/// is logged by opaque object name; one the store cannot delete now stays noted for the next
-/// start. Returns how many objects were deleted.
+/// when the node stopped ([`Ledger::pending_objects`]) is deleted if the ledger does not record
+/// its instance (its C-STORE never got a success response). One it records is checked against
+/// its entry: ingest makes the object and the entry durable at the same time, so a crash can
+/// leave an entry whose object is missing or incomplete; that entry is recorded as
+/// unacknowledged (see `ledger::unacked`) and the object deleted. Each deletion is logged by
+/// opaque object name; a note the store cannot answer for now stays for the next start.
+/// Returns how many objects were deleted.
 pub async fn reconcile(ledger: &Ledger, store: &Store) -> Result<usize, IngestError> {
     let pending = {
         let ledger = ledger.clone();
@@ -634,19 +662,66 @@ pub async fn reconcile(ledger: &Ledger, store: &Store) -> Result<usize, IngestEr
             .await
             .map_err(|e| LedgerError::Corrupt(e.to_string()))??
     };
+    let entries = {
+        let ledger = ledger.clone();
+        let names: Vec<String> = pending
+            .iter()
+            .filter(|p| p.recorded)
+            .map(|p| p.name.clone())
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let names = names.iter().map(String::as_str).collect();
+            ledger.entries_naming(&names, RECONCILE_WITHIN)
+        })
+        .await
+        .map_err(|e| LedgerError::Corrupt(e.to_string()))??
+    };
     let mut deleted = 0;
+    // An object can have two notes (its own, and one a crash kept from deletion): once is enough.
+    let mut handled = HashSet::new();
     for p in pending {
         let name = &p.name;
-        if !p.recorded {
+        if handled.contains(name) {
+            ledger.clear_pending_object(&p)?;
+            continue;
+        }
+        let lost = match (p.recorded, entries.get(name)) {
+            (false, _) => true,
+            // Older than the entries looked at: from before objects and entries were made
+            // durable together, so the object was durable first.
+            (true, None) => false,
+            (true, Some(entry)) if ledger.is_unacknowledged(entry.seq)? => true,
+            (true, Some(entry)) => {
+                let key = ledger.object_key(name)?;
+                match store.digest(name, key.as_ref()).await {
+                    Ok((len, digest))
+                        if len == entry.pixel_length && digest == entry.pixel_sha256 =>
+                    {
+                        false
+                    }
+                    Ok(_) | Err(StoreError::NotFound { .. }) | Err(StoreError::Damaged { .. }) => {
+                        let event = ledger.record_unacknowledged(entry.seq).await?;
+                        tracing::warn!(seq = entry.seq, event, object = %name, "the pixel object of an entry did not survive a crash before its C-STORE was acknowledged; recorded on the ledger (a re-send stores it again)");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(object = %name, error = %e, "cannot check the object of an interrupted C-STORE; checked at the next start");
+                        continue;
+                    }
+                }
+            }
+        };
+        if lost {
             if let Err(e) = store.delete(name).await {
                 // Kept noted: the next start tries again.
                 tracing::warn!(object = %name, error = %e, "cannot delete the object of an interrupted C-STORE");
                 continue;
             }
-            tracing::warn!(object = %name, "deleted a pixel object no ledger entry names (a C-STORE interrupted before its success response)");
+            tracing::warn!(object = %name, "deleted a pixel object of a C-STORE interrupted before its success response");
             deleted += 1;
         }
         ledger.clear_pending_object(&p)?;
+        handled.insert(p.name);
     }
     Ok(deleted)
 }
@@ -844,13 +919,13 @@ mod tests {
         let mut incoming = p.begin("1.2.840.10008.1.2.1");
         incoming.feed(&dataset("1.2.3.4.5.6")).await.unwrap();
         let stored = incoming.finish(&ctx("1.2.3.4.5.6")).await.unwrap();
-        // The entry's batch forgot the note.
-        assert!(p.ledger().pending_objects().unwrap().is_empty());
         let StoreOutcome::Stored { seq, .. } = stored.outcome else {
             panic!("stored")
         };
         let kept = p.ledger().entry(seq).unwrap().unwrap().object_name;
         assert!(p.ledger().object_key(&kept).unwrap().is_some());
+        // The note stays until the next group, which deletes it: the object is durable now.
+        assert_eq!(p.ledger().pending_objects().unwrap().len(), 1);
         // A re-send is a duplicate: its own (sealed, differently named) object is deleted.
         let mut again = p.begin("1.2.840.10008.1.2.1");
         again.feed(&dataset("1.2.3.4.5.6")).await.unwrap();
@@ -874,11 +949,62 @@ mod tests {
             .intend_object(&kept, &stored.instance_key)
             .await
             .unwrap();
+        // A crash after the entries were written, before their objects were durable (a power
+        // loss): one object is gone, another cut short. Their notes are still there.
+        let path = |name: &str| dir.path().join("objects").join(&name[..2]).join(name);
+        let mut lost = Vec::new();
+        for uid in ["1.2.3.4.5.7", "1.2.3.4.5.8"] {
+            let mut incoming = p.begin("1.2.840.10008.1.2.1");
+            incoming.feed(&dataset(uid)).await.unwrap();
+            let s = incoming.finish(&ctx(uid)).await.unwrap();
+            let StoreOutcome::Stored { seq, .. } = s.outcome else {
+                panic!("stored")
+            };
+            let name = p.ledger().entry(seq).unwrap().unwrap().object_name;
+            p.ledger()
+                .intend_object(&name, &s.instance_key)
+                .await
+                .unwrap();
+            lost.push((uid, seq, name));
+        }
+        std::fs::remove_file(path(&lost[0].2)).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path(&lost[1].2))
+            .unwrap();
+        f.set_len(f.metadata().unwrap().len() - 20).unwrap();
 
-        assert_eq!(reconcile(p.ledger(), p.store()).await.unwrap(), 1);
+        assert_eq!(reconcile(p.ledger(), p.store()).await.unwrap(), 3);
         assert!(!p.store().exists(&orphan).await.unwrap());
         assert!(p.store().exists(&kept).await.unwrap());
         assert!(p.ledger().pending_objects().unwrap().is_empty());
+        assert!(!p.ledger().is_unacknowledged(seq).unwrap());
+        for (uid, seq, name) in &lost {
+            assert!(p.ledger().is_unacknowledged(*seq).unwrap(), "{uid}");
+            assert!(!p.store().exists(name).await.unwrap(), "{uid}");
+            // The sender got no success and sends it again: stored anew, as its next version.
+            let mut incoming = p.begin("1.2.840.10008.1.2.1");
+            incoming.feed(&dataset(uid)).await.unwrap();
+            let s = incoming.finish(&ctx(uid)).await.unwrap();
+            assert!(
+                matches!(s.outcome, StoreOutcome::Stored { version: 2, .. }),
+                "{uid}: {:?}",
+                s.outcome
+            );
+        }
+        let head = p.ledger().head().unwrap().unwrap().0;
+        let events: Vec<_> = (1..=head)
+            .filter_map(|s| p.ledger().entry(s).unwrap())
+            .filter(|e| e.event == crate::ledger::Event::IntegrityFailure)
+            .map(|e| (e.subject_seq, e.reason))
+            .collect();
+        assert_eq!(
+            events,
+            [
+                (lost[0].1, crate::ledger::Reason::Unacknowledged),
+                (lost[1].1, crate::ledger::Reason::Unacknowledged)
+            ]
+        );
         // Nothing left to do the second time.
         assert_eq!(reconcile(p.ledger(), p.store()).await.unwrap(), 0);
     }

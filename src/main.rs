@@ -348,8 +348,14 @@ fn run_verify(cfg: Config, ledger_only: bool, verifier_key: Option<String>) -> E
                     ", {n} erased ({left} shredded object(s) still to be deleted by the node)"
                 ),
             };
+            let unacked = match report.unacknowledged {
+                0 => String::new(),
+                n => format!(
+                    ", {n} object(s) lost in a crash before their C-STORE was acknowledged (recorded)"
+                ),
+            };
             println!(
-                "verify: {} entries, {} checkpoints, {} pixel objects ({} bytes) checked{}{erased}: {}",
+                "verify: {} entries, {} checkpoints, {} pixel objects ({} bytes) checked{}{erased}{unacked}: {}",
                 report.entries,
                 report.checkpoints,
                 report.objects_checked,

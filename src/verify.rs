@@ -14,8 +14,6 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
 
-use sha2::{Digest, Sha256};
-
 use crate::config::Config;
 use crate::instance::{self, Digest32, MetadataRecord};
 use crate::ledger::{checkpoint, merkle, Ledger, LedgerError, RecordKey};
@@ -63,6 +61,10 @@ pub struct Report {
     /// Pixel objects of erased instances still in the store (shredded: their key records are
     /// gone; the node deletes them at its next start).
     pub erased_objects_left: u64,
+    /// Stored entries whose pixel objects a crash took before their C-STORE was acknowledged,
+    /// as the node's startup reconciliation recorded on the ledger (`ledger::unacked`): their
+    /// missing objects are reported as that event, not as damage.
+    pub unacknowledged: u64,
 }
 
 pub struct Options {
@@ -125,6 +127,8 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
     // Stored entries, the ones erased since, and the problems of stored entries.
     let mut stored: Vec<u64> = vec![0; (n / 64 + 1) as usize];
     let mut erased: HashSet<u64> = HashSet::new();
+    // Stored entries recorded as unacknowledged by an integrity-failure entry after them.
+    let mut unacked: HashSet<u64> = HashSet::new();
     let mut deferred: Vec<(u64, Problem)> = Vec::new();
     let check_checkpoint = |size: u64, note: &str, root: Digest32, problems: &mut Vec<Problem>| {
         match checkpoint::verify(note, &vkey) {
@@ -256,6 +260,9 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
             return;
         }
         if entry.event == crate::ledger::Event::IntegrityFailure {
+            if entry.reason == crate::ledger::Reason::Unacknowledged && entry.subject_seq < seq {
+                unacked.insert(entry.subject_seq);
+            }
             report.events.push(format!(
                 "entry {}: {} in entry {}, found by {}",
                 entry.seq,
@@ -396,7 +403,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
                 )));
                 continue;
             }
-            match hash_object(&store, &entry.object_name, key.as_ref()).await {
+            match store.digest(&entry.object_name, key.as_ref()).await {
                 Ok((len, digest)) => {
                     report.objects_checked += 1;
                     report.bytes_checked += len;
@@ -424,6 +431,8 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         for (seq, p) in object_problems {
             if ledger.erased_by(seq)?.is_some() {
                 report.erased += 1;
+            } else if unacked.contains(&seq) {
+                report.unacknowledged += 1;
             } else {
                 problems.push(p);
             }
@@ -546,21 +555,6 @@ fn check_records(
         out.extend(results.into_iter().flatten());
     })?;
     Ok(out)
-}
-
-async fn hash_object(
-    store: &Store,
-    name: &str,
-    key: Option<&crate::store::ObjectKey>,
-) -> Result<(u64, Digest32), StoreError> {
-    let mut r = store.open_read(name, key).await?;
-    let mut h = Sha256::new();
-    let mut len = 0u64;
-    while let Some(chunk) = r.next_chunk().await? {
-        len += chunk.len() as u64;
-        h.update(&chunk);
-    }
-    Ok((len, h.finalize().into()))
 }
 
 #[cfg(test)]

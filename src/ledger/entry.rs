@@ -65,6 +65,9 @@ pub enum Reason {
     MissingObject = 3,
     /// The rebuilt data set does not hash to the recorded digest.
     Dataset = 4,
+    /// The pixel object did not survive a crash that came before the C-STORE was acknowledged
+    /// (found by the startup reconciliation; see `ledger::unacked`).
+    Unacknowledged = 5,
 }
 
 impl Reason {
@@ -75,6 +78,7 @@ impl Reason {
             2 => Reason::Pixel,
             3 => Reason::MissingObject,
             4 => Reason::Dataset,
+            5 => Reason::Unacknowledged,
             _ => return None,
         })
     }
@@ -86,6 +90,9 @@ impl Reason {
             Reason::Pixel => "pixel data does not match the ledger",
             Reason::MissingObject => "pixel object is missing",
             Reason::Dataset => "rebuilt data set does not match the ledger",
+            Reason::Unacknowledged => {
+                "pixel object lost in a crash before the C-STORE was acknowledged"
+            }
         }
     }
 }

@@ -47,6 +47,7 @@ pub mod forward;
 pub mod merkle;
 pub mod pending;
 pub mod trail;
+pub mod unacked;
 
 // Group-local maps keyed by our own numbers and UIDs of at most one group: no need for SipHash.
 use rustc_hash::FxHashMap as HashMap;
@@ -130,9 +131,6 @@ pub struct StoreRequest {
     pub attrs: IndexAttrs,
     /// Destinations (peer names) the new entry is queued for, in the same batch.
     pub forward_to: Vec<String>,
-    /// The pending-object note of `object_name` ([`Ledger::intend_object`]), settled in the
-    /// batch that records the instance.
-    pub note: Option<NoteId>,
 }
 
 /// The fields of a record the entry commits to (taken from the record, not re-parsed).
@@ -191,6 +189,11 @@ enum Job {
         key: Digest32,
         reply: oneshot::Sender<Result<NoteId, LedgerError>>,
     },
+    /// See [`unacked`].
+    Unacknowledged {
+        seq: u64,
+        reply: oneshot::Sender<Result<u64, LedgerError>>,
+    },
     /// Runs alone in its group.
     Erase {
         scope: erase::EraseScope,
@@ -206,6 +209,7 @@ enum Planned {
     Acl(Result<u64, LedgerError>),
     Audit(Result<u64, LedgerError>),
     Note(Result<NoteId, LedgerError>),
+    Unacknowledged(Result<u64, LedgerError>),
     Erase(Result<erase::Erased, LedgerError>),
 }
 
@@ -1548,6 +1552,11 @@ impl Committer {
             }
             self.maybe_checkpoint(false);
         }
+        // Notes settled since the last group go now, so the next start need not check their
+        // objects again.
+        if self.notes.lock().is_ok_and(|b| b.has_ready()) {
+            let _ = self.commit_group(&[]);
+        }
         // The last entries before a shutdown are covered too.
         self.maybe_checkpoint(true);
         if let Some(c) = self.compactor.take() {
@@ -1745,6 +1754,7 @@ impl Committer {
                         Job::Acl { .. } => Planned::Acl(Err(err())),
                         Job::Audit { .. } => Planned::Audit(Err(err())),
                         Job::Note { .. } => Planned::Note(Err(err())),
+                        Job::Unacknowledged { .. } => Planned::Unacknowledged(Err(err())),
                         Job::Erase { .. } => Planned::Erase(Err(err())),
                     })
                     .collect();
@@ -1758,6 +1768,9 @@ impl Committer {
                 Job::Acl { change, .. } => Planned::Acl(plan.acl(change)),
                 Job::Audit { record, .. } => Planned::Audit(plan.audit(record)),
                 Job::Note { name, key, .. } => Planned::Note(plan.note(name, key, &self.notes)),
+                Job::Unacknowledged { seq, .. } => {
+                    Planned::Unacknowledged(plan.unacknowledged(*seq))
+                }
                 Job::Erase { scope, by, .. } => Planned::Erase(plan.erase(scope, by)),
             })
             .collect();
@@ -1766,19 +1779,14 @@ impl Committer {
         if matches!(planned.as_slice(), [Planned::Erase(Err(_))]) {
             return planned;
         }
-        // The stored instances' objects are named by their entries now: their notes go in the
-        // same batch, as one range deletion of every settled note (a duplicate's object is
-        // named by no entry: its note stays until ingest deleted the object).
-        let mut settling: Vec<u64> = jobs
-            .iter()
-            .zip(&planned)
-            .filter_map(|(job, planned)| match (job, planned) {
-                (Job::Store { req, .. }, Planned::Store(Ok(StoreOutcome::Stored { .. }))) => {
-                    req.note.map(|n| n.number())
-                }
-                _ => None,
-            })
-            .collect();
+        // Notes whose objects are durable and named by entries now ([`Ledger::object_durable`])
+        // go in this batch, as one range deletion of every settled note (a duplicate's object
+        // is named by no entry: its note stays until ingest deleted the object).
+        let mut settling: Vec<u64> = self
+            .notes
+            .lock()
+            .map(|mut b| b.take_ready())
+            .unwrap_or_default();
         settling.sort_unstable();
         let ranges = self
             .notes
@@ -1797,6 +1805,10 @@ impl Committer {
             plan.batch.delete_cf(plan.cf_pending, pending::note_key(n));
         }
         if plan.batch.is_empty() {
+            // Nothing to delete yet: a later range covers the settled notes.
+            if let Ok(mut b) = self.notes.lock() {
+                b.settle(&settling);
+            }
             return planned;
         }
         // Notes alone are not synced (see `Ledger::intend_object`; `run` gives them groups of
@@ -1826,6 +1838,10 @@ impl Committer {
             }
             Err(e) => {
                 tracing::error!(error = %e, requests = jobs.len(), "ledger group commit failed");
+                // The settled notes were not deleted: the next group tries again.
+                if let Ok(mut b) = self.notes.lock() {
+                    b.put_back_ready(settling);
+                }
                 // RocksDB may have applied the batch without syncing it; follow the database
                 // rather than our guess, so the next sequence number never collides.
                 self.head = read_head(&self.db).unwrap_or(self.head);
@@ -1843,6 +1859,9 @@ impl Committer {
                         }
                         Planned::Acl(Ok(_)) => Planned::Acl(Err(LedgerError::Write(e.clone()))),
                         Planned::Audit(Ok(_)) => Planned::Audit(Err(LedgerError::Write(e.clone()))),
+                        Planned::Unacknowledged(Ok(_)) => {
+                            Planned::Unacknowledged(Err(LedgerError::Write(e.clone())))
+                        }
                         Planned::Note(Ok(n)) => {
                             // Never written: nothing for a range deletion to wait for.
                             if let Ok(mut b) = self.notes.lock() {
@@ -1882,6 +1901,9 @@ fn reply(jobs: Vec<Job>, results: Vec<Planned>, notes: &Mutex<pending::NoteBook>
                         b.settle(&[n.number()]);
                     }
                 }
+            }
+            (Job::Unacknowledged { reply, .. }, Planned::Unacknowledged(r)) => {
+                let _ = reply.send(r);
             }
             (Job::Erase { reply, .. }, Planned::Erase(r)) => {
                 let _ = reply.send(r);
@@ -2039,7 +2061,9 @@ impl<'a> Group<'a> {
         let uid = req.attrs.sop_instance_uid.as_str();
         let previous = self.previous(uid)?;
         if let Some((idx, key)) = &previous {
-            if *key == req.instance_key {
+            // The same content again is a duplicate, unless the latest entry's object was lost
+            // before it was acknowledged (see `unacked`): then this is its new version.
+            if *key == req.instance_key && !self.is_unacked(idx.seq)? {
                 return Ok(StoreOutcome::Duplicate { seq: idx.seq });
             }
         }
@@ -2194,7 +2218,6 @@ mod tests {
                 ..Default::default()
             },
             forward_to: vec![],
-            note: None,
         }
     }
 
@@ -2422,7 +2445,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn pending_notes_go_with_their_entries_and_never_before() {
+    async fn pending_notes_go_once_their_objects_are_durable_and_never_before() {
         let dir = tempfile::tempdir().unwrap();
         let pending = |ledger: &Ledger| {
             let mut p: Vec<(String, bool)> = ledger
@@ -2434,49 +2457,79 @@ mod tests {
             p.sort();
             p
         };
-        async fn noted(ledger: &Ledger, sop: &str, key: u8, name: &str) -> StoreRequest {
+        async fn noted(ledger: &Ledger, sop: &str, key: u8, name: &str) -> (StoreRequest, NoteId) {
             let mut r = request(sop, "1", key);
             r.object_name = Some(name.into());
             r.object_key = Some(ObjectKey { salt: [key; 32] });
-            r.note = Some(ledger.intend_object(name, &[key; 32]).await.unwrap());
-            r
+            let note = ledger.intend_object(name, &[key; 32]).await.unwrap();
+            (r, note)
         }
         {
             let ledger = Ledger::open(dir.path()).unwrap();
-            // A note taken first and never settled holds back the range deletion: the next
-            // instance's note stays (and says its object is recorded) until it is cleared.
             let stuck = ledger.intend_object("stuck", &[9; 32]).await.unwrap();
-            let a = noted(&ledger, "1.1", 1, "obj1").await;
+            let (a, na) = noted(&ledger, "1.1", 1, "obj1").await;
             ledger.store(a).await.unwrap();
+            // The entry alone settles nothing: its object may not be durable yet.
             assert_eq!(
                 pending(&ledger),
                 [("obj1".to_string(), true), ("stuck".to_string(), false)]
             );
-            ledger.clear_note(stuck).unwrap();
-            let b = noted(&ledger, "1.2", 2, "obj2").await;
-            ledger.store(b).await.unwrap();
-            assert!(
-                pending(&ledger).is_empty(),
-                "one range deletion settles both"
+            // Durable, but a note taken before it and never settled holds back the range.
+            ledger.object_durable(na);
+            let (b, nb) = noted(&ledger, "1.2", 2, "obj2").await;
+            assert_eq!(
+                pending(&ledger),
+                [
+                    ("obj1".to_string(), true),
+                    ("obj2".to_string(), false),
+                    ("stuck".to_string(), false)
+                ]
             );
-            // A duplicate's note stays: its object is named by no entry.
-            let c = noted(&ledger, "1.2", 2, "obj2b").await;
+            ledger.clear_note(stuck).unwrap();
+            ledger.store(b).await.unwrap();
+            assert_eq!(pending(&ledger), [("obj2".to_string(), true)]);
+            ledger.object_durable(nb);
+            // A duplicate's note stays: its object is named by no entry. Its note's group
+            // deletes the note settled before it.
+            let (c, _) = noted(&ledger, "1.2", 2, "obj2b").await;
             assert!(matches!(
                 ledger.store(c).await.unwrap(),
                 StoreOutcome::Duplicate { .. }
             ));
             assert_eq!(pending(&ledger), [("obj2b".to_string(), false)]);
+            // A note settled after the last group goes at shutdown, unless an unsettled one
+            // before it holds the range back (then `reconcile` checks its object).
+            let (d, nd) = noted(&ledger, "1.3", 3, "obj3").await;
+            ledger.store(d).await.unwrap();
+            ledger.object_durable(nd);
+            assert_eq!(pending(&ledger).len(), 2);
             ledger.close();
         }
         let ledger = Ledger::open(dir.path()).unwrap();
+        let held = [("obj2b".to_string(), false), ("obj3".to_string(), true)];
+        assert_eq!(pending(&ledger), held);
+        let obj3 = ledger.pending_objects().unwrap();
+        ledger.clear_pending_object(&obj3[1]).unwrap();
+        assert_eq!(pending(&ledger), [("obj2b".to_string(), false)]);
+        // With nothing of this run holding it back, the shutdown's range takes it.
+        let (g, ng) = noted(&ledger, "1.7", 7, "obj7").await;
+        ledger.store(g).await.unwrap();
+        ledger.object_durable(ng);
+        assert_eq!(pending(&ledger).len(), 2);
+        ledger.close();
+        drop(ledger);
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(pending(&ledger), [("obj2b".to_string(), false)]);
         // The notes of an earlier run are left to `reconcile`: this run's range deletions
         // start at its own first number.
-        let d = noted(&ledger, "1.3", 3, "obj3").await;
+        let (d, nd) = noted(&ledger, "1.4", 4, "obj4").await;
         ledger.store(d).await.unwrap();
+        ledger.object_durable(nd);
+        ledger.store(request("1.9", "1", 9)).await.unwrap();
         assert_eq!(pending(&ledger), [("obj2b".to_string(), false)]);
         // A note nobody settles becomes a named one and stops holding the range back.
-        let e = noted(&ledger, "1.4", 4, "obj4").await;
-        let n = e.note.unwrap().number();
+        let (e, ne) = noted(&ledger, "1.5", 5, "obj5").await;
+        let n = ne.number();
         assert_eq!(pending::keep_named(&ledger.inner.db, &[n]).unwrap(), 1);
         ledger
             .inner
@@ -2486,18 +2539,70 @@ mod tests {
             .lock()
             .unwrap()
             .settle(&[n]);
-        let f = noted(&ledger, "1.5", 5, "obj5").await;
+        drop(e);
+        let (f, nf) = noted(&ledger, "1.6", 6, "obj6").await;
         ledger.store(f).await.unwrap();
+        ledger.object_durable(nf);
+        ledger.store(request("1.8", "1", 8)).await.unwrap();
         let all = ledger.pending_objects().unwrap();
         assert_eq!(all.len(), 2, "{all:?}");
         assert!(all.iter().all(|p| !p.recorded));
-        assert!(all.iter().any(|p| p.name == "obj4" && p.note.is_none()));
-        assert!(ledger.knows_object("obj4").unwrap() && ledger.knows_object("obj2b").unwrap());
+        assert!(all.iter().any(|p| p.name == "obj5" && p.note.is_none()));
+        assert!(ledger.knows_object("obj5").unwrap() && ledger.knows_object("obj2b").unwrap());
         assert!(!ledger.knows_object("nothing").unwrap());
         for p in &all {
             ledger.clear_pending_object(p).unwrap();
         }
         assert!(pending(&ledger).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unacknowledged_entry_is_recorded_and_its_instance_stored_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let mut r = request("1.1", "9", 1);
+        r.object_name = Some("obj1".into());
+        r.object_key = Some(ObjectKey { salt: [1; 32] });
+        let again = r.clone();
+        assert_eq!(
+            ledger.store(r).await.unwrap(),
+            StoreOutcome::Stored { seq: 1, version: 1 }
+        );
+        assert!(!ledger.is_unacknowledged(1).unwrap());
+        let event = ledger.record_unacknowledged(1).await.unwrap();
+        assert_eq!(event, 2);
+        let e = ledger.entry(2).unwrap().unwrap();
+        assert_eq!(
+            (e.event, e.subject_seq, e.reason, e.calling_ae.as_str()),
+            (
+                Event::IntegrityFailure,
+                1,
+                Reason::Unacknowledged,
+                unacked::DETECTOR
+            )
+        );
+        assert!(ledger.is_unacknowledged(1).unwrap());
+        // Once only, and only for a stored instance with an object.
+        assert!(ledger.record_unacknowledged(1).await.is_err());
+        assert!(ledger.record_unacknowledged(2).await.is_err());
+        assert!(ledger.record_unacknowledged(99).await.is_err());
+        // The same content again is its new version, not a duplicate of the lost one; and
+        // that one is a duplicate again.
+        assert_eq!(
+            ledger.store(again.clone()).await.unwrap(),
+            StoreOutcome::Stored { seq: 3, version: 2 }
+        );
+        assert_eq!(ledger.latest("1.1").unwrap().unwrap().seq, 3);
+        assert_eq!(
+            ledger.store(again).await.unwrap(),
+            StoreOutcome::Duplicate { seq: 3 }
+        );
+        // The newest stored entries naming objects, by name.
+        let names = ["obj1", "nothing"].into_iter().collect();
+        let found = ledger.entries_naming(&names, 100).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found["obj1"].seq, 3);
+        assert!(ledger.entries_naming(&names, 0).unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -75,6 +75,8 @@ pub(super) struct NoteBook {
     first: u64,
     next: u64,
     live: BTreeMap<u64, Instant>,
+    /// Notes whose objects are durable and recorded, for the next group to delete.
+    ready: Vec<u64>,
 }
 
 impl NoteBook {
@@ -92,6 +94,7 @@ impl NoteBook {
             first,
             next: first,
             live: BTreeMap::new(),
+            ready: Vec::new(),
         })
     }
 
@@ -133,6 +136,27 @@ impl NoteBook {
             ranges.push((start, self.next));
         }
         ranges
+    }
+
+    /// A note whose object is durable and recorded: the next group deletes it.
+    pub(super) fn ready(&mut self, note: u64) {
+        self.ready.push(note);
+    }
+
+    /// The ready notes, sorted, for a group to delete (and then [`NoteBook::settle`]).
+    pub(super) fn take_ready(&mut self) -> Vec<u64> {
+        let mut r = std::mem::take(&mut self.ready);
+        r.sort_unstable();
+        r
+    }
+
+    pub(super) fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Ready notes a failed group did not delete.
+    pub(super) fn put_back_ready(&mut self, notes: Vec<u64>) {
+        self.ready.extend(notes);
     }
 
     pub(super) fn settle(&mut self, notes: &[u64]) {
@@ -345,6 +369,7 @@ mod tests {
             first: 5,
             next: 5,
             live: BTreeMap::new(),
+            ready: Vec::new(),
         };
         assert!(b.settled_ranges(5, &[], hold).is_empty());
         let (a, c, d) = (b.take(), b.take(), b.take());

@@ -13,13 +13,15 @@
 //! - **a fresh name is renamed before the `fsync`** ([`FsUpload::commit`] with `fresh`): on a
 //!   journaling file system one journal commit then carries the file's allocation and its new
 //!   directory entry, and the directory `fsync` that follows finds it already done (measured on
-//!   ext4: one commit instead of two). Both syncs still happen before `commit` returns, so the
-//!   object is as durable as before when the ledger entry is written; a crash in between leaves
-//!   a partial object under its final name, which its pending-object note sends to `reconcile`
-//!   (no entry names it). Only a name no other object can have may go first: a sealed object's
-//!   name is made with a random salt. A plaintext object's name is its instance key's, which a
-//!   durable object from an earlier identical C-STORE may already have; renaming over that
-//!   before the sync could leave a crash with neither, so such names keep the classic order.
+//!   ext4: one commit instead of two). [`FsUpload::place`] stops there, with the object readable
+//!   under its name, so that ingest can run the syncs ([`FsPlaced::sync`]) and the ledger's
+//!   group commit at the same time; the C-STORE response waits for both. A crash before the syncs
+//!   leaves a partial object under its final name, which its pending-object note sends to
+//!   `reconcile` (see `ledger::unacked`). Only a name no other object can have may go first: a
+//!   sealed object's name is made with a random salt. A plaintext object's name is its instance
+//!   key's, which a durable object from an earlier identical C-STORE may already have; renaming
+//!   over that before the sync could leave a crash with neither, so such names keep the classic
+//!   order.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +58,25 @@ pub struct FsUpload {
     /// Set once the temp file was renamed to its final name (nothing left to remove on drop).
     renamed: bool,
     writeback: Writeback,
+}
+
+/// An object under its final name whose durability [`FsPlaced::sync`] completes.
+pub struct FsPlaced {
+    /// The upload, renamed, while its data is not synced yet.
+    unsynced: Option<FsUpload>,
+    dest: PathBuf,
+    dir: PathBuf,
+}
+
+impl FsPlaced {
+    /// Syncs the object's data (if [`FsUpload::place`] did not) and its directory entry.
+    pub async fn sync(self) -> Result<(), StoreError> {
+        if let Some(u) = &self.unsynced {
+            let what = format!("writing {}", self.dest.display());
+            u.file.get_ref().sync_all().await.map_err(io(&what))?;
+        }
+        sync_dir(&self.dir).await
+    }
 }
 
 /// Bytes written between two starts of writeback.
@@ -287,21 +308,29 @@ impl FsUpload {
     /// Makes the object durable under `name`: its data, its directory entry, and then returns.
     /// `fresh` says that no other object can have this name (see the module's notes): it is
     /// renamed into place before the file is synced, so one journal commit carries both.
-    pub async fn commit(mut self, name: &str, fresh: bool) -> Result<(), StoreError> {
+    pub async fn commit(self, name: &str, fresh: bool) -> Result<(), StoreError> {
+        self.place(name, fresh).await?.sync().await
+    }
+
+    /// Puts the object under `name`. With `fresh` it is visible there at once and durable only
+    /// after [`FsPlaced::sync`] (so the caller can do other work meanwhile); otherwise it is
+    /// synced first, the classic order, and `sync` has nothing left to do but the directory.
+    pub async fn place(mut self, name: &str, fresh: bool) -> Result<FsPlaced, StoreError> {
         check_name(name)?;
         let what = format!("writing {}", self.path.display());
         self.file.flush().await.map_err(io(&what))?;
         let dest = self.store.path_of(name);
         let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
-        if fresh {
-            self.rename_to(&dest, &dir).await?;
-            let what = format!("writing {}", dest.display());
+        if !fresh {
             self.file.get_ref().sync_all().await.map_err(io(&what))?;
-        } else {
-            self.file.get_ref().sync_all().await.map_err(io(&what))?;
-            self.rename_to(&dest, &dir).await?;
         }
-        sync_dir(&dir).await
+        self.rename_to(&dest, &dir).await?;
+        Ok(FsPlaced {
+            // A fresh object's data is still to be synced, through the open descriptor.
+            unsynced: fresh.then_some(self),
+            dest,
+            dir,
+        })
     }
 
     async fn rename_to(&mut self, dest: &Path, dir: &Path) -> Result<(), StoreError> {

@@ -77,6 +77,23 @@ enum UploadBackend {
     S3(s3::S3Upload),
 }
 
+/// An object under its final name, readable, whose durability [`Placed::sync`] completes.
+pub enum Placed {
+    Fs(Box<fs::FsPlaced>),
+    /// Durable already (an S3 upload is once the server acknowledged it).
+    Durable,
+}
+
+impl Placed {
+    /// Returns once the object is durable.
+    pub async fn sync(self) -> Result<(), StoreError> {
+        match self {
+            Placed::Fs(p) => p.sync().await,
+            Placed::Durable => Ok(()),
+        }
+    }
+}
+
 /// A streaming read of one object (decrypted when it is sealed).
 pub struct ObjectReader {
     inner: ReaderBackend,
@@ -176,6 +193,23 @@ impl Store {
         })
     }
 
+    /// The length and SHA-256 of an object's content (decrypted when it is sealed).
+    pub async fn digest(
+        &self,
+        name: &str,
+        key: Option<&ObjectKey>,
+    ) -> Result<(u64, Digest32), StoreError> {
+        use sha2::Digest as _;
+        let mut r = self.open_read(name, key).await?;
+        let mut h = sha2::Sha256::new();
+        let mut len = 0u64;
+        while let Some(chunk) = r.next_chunk().await? {
+            len += chunk.len() as u64;
+            h.update(&chunk);
+        }
+        Ok((len, h.finalize().into()))
+    }
+
     /// Whether an object exists under this name.
     pub async fn exists(&self, name: &str) -> Result<bool, StoreError> {
         match &self.backend {
@@ -249,8 +283,15 @@ impl Upload {
 
     /// Makes the object durable and visible under `name`. Committing the same bytes under an
     /// existing name is allowed and leaves one object.
-    pub async fn commit(mut self, name: &str) -> Result<(), StoreError> {
-        // A sealed object's name is salted at random: no other object can have it.
+    pub async fn commit(self, name: &str) -> Result<(), StoreError> {
+        self.place(name).await?.sync().await
+    }
+
+    /// Makes the object visible under `name`; it is durable once [`Placed::sync`] returns, which
+    /// the caller may overlap with other work. Only a name no other object can have (a sealed
+    /// object's, salted at random) is placed before it is synced: an earlier object under the
+    /// same plaintext name stays durable until the new one is.
+    pub async fn place(mut self, name: &str) -> Result<Placed, StoreError> {
         let fresh = self.sealing.is_some();
         if let Some((sealer, _, _)) = self.sealing.take() {
             let mut out = std::mem::take(&mut self.out);
@@ -258,8 +299,8 @@ impl Upload {
             self.inner_write(&out).await?;
         }
         match self.inner {
-            UploadBackend::Fs(u) => u.commit(name, fresh).await,
-            UploadBackend::S3(u) => u.commit(name).await,
+            UploadBackend::Fs(u) => u.place(name, fresh).await.map(|p| Placed::Fs(Box::new(p))),
+            UploadBackend::S3(u) => u.commit(name).await.map(|()| Placed::Durable),
         }
     }
 

@@ -1,0 +1,125 @@
+//! Entries whose pixel object did not survive a crash before their C-STORE was acknowledged.
+//!
+//! Ingest makes a new instance's object and its ledger entry durable at the same time: the
+//! sealed object is placed under its final name, then its `fsync` and the group commit run
+//! together, and the success response waits for both (see `ingest`). The pending-object note
+//! taken before the object was placed stays until both are durable ([`Ledger::object_durable`]
+//! settles it; a later group's range deletion removes it). So a crash (a power loss: a killed
+//! process leaves the page cache, and the object with it) can leave an entry whose object is
+//! missing or incomplete, never acknowledged to the sender. The startup reconciliation finds it
+//! through the note, checks the object against the entry, and records on the ledger what
+//! happened: an integrity-failure entry with reason [`Reason::Unacknowledged`] about that
+//! entry, detected by "reconcile", together with an index mark `unacked\0seq`. With that mark:
+//! - the same instance sent again (the sender got no success, so it retries) is stored as a new
+//!   version, not taken for a duplicate of the entry whose object is gone;
+//! - `verify` reports the entry's missing object as this recorded event, not as damage.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{
+    read_entry, Entry, Event, Group, Ledger, LedgerError, NoteId, Reason, CF_ENTRIES, CF_INDEX,
+};
+
+const UNACKED_PREFIX: &[u8] = b"unacked\0";
+
+/// The detector named on the entries recorded here.
+pub const DETECTOR: &str = "reconcile";
+
+fn unacked_key(seq: u64) -> Vec<u8> {
+    let mut k = UNACKED_PREFIX.to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+impl Ledger {
+    /// Records that the object of stored entry `seq` was lost before its C-STORE was
+    /// acknowledged (see the module). Returns the new entry's number; durable on return.
+    pub async fn record_unacknowledged(&self, seq: u64) -> Result<u64, LedgerError> {
+        if self.inner.secondary {
+            return Err(LedgerError::ReadOnly);
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.submit(super::Job::Unacknowledged { seq, reply })?;
+        rx.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// The stored entries among the last `within` that name one of `names`, by name: the
+    /// entries of the objects whose notes a crash left (the newest entries, since a note lives
+    /// only until its object is durable).
+    pub fn entries_naming(
+        &self,
+        names: &HashSet<&str>,
+        within: u64,
+    ) -> Result<HashMap<String, Entry>, LedgerError> {
+        let mut found = HashMap::new();
+        if names.is_empty() {
+            return Ok(found);
+        }
+        let mut it = self.inner.db.raw_iterator_cf(self.cf(CF_ENTRIES)?);
+        it.seek_to_last();
+        let mut seen = 0;
+        while it.valid() && seen < within && found.len() < names.len() {
+            if let Some(raw) = it.value() {
+                let e = Entry::decode(raw).map_err(|e| LedgerError::Corrupt(e.to_string()))?;
+                if e.event == Event::Store && names.contains(e.object_name.as_str()) {
+                    found.entry(e.object_name.clone()).or_insert(e);
+                }
+            }
+            seen += 1;
+            it.prev();
+        }
+        it.status().map_err(LedgerError::Read)?;
+        Ok(found)
+    }
+
+    /// Whether stored entry `seq` was recorded as unacknowledged.
+    pub fn is_unacknowledged(&self, seq: u64) -> Result<bool, LedgerError> {
+        Ok(self
+            .inner
+            .db
+            .get_cf(self.cf(CF_INDEX)?, unacked_key(seq))
+            .map_err(LedgerError::Read)?
+            .is_some())
+    }
+
+    /// The object of a note is durable and its entry written (or not needed): the next group
+    /// commit's range deletion takes the note. In memory only; a note whose deletion a crash
+    /// loses is checked again by the startup reconciliation.
+    pub fn object_durable(&self, note: NoteId) {
+        if let Some(book) = self.inner.notes.as_ref() {
+            if let Ok(mut b) = book.lock() {
+                b.ready(note.number());
+            }
+        }
+    }
+}
+
+impl Group<'_> {
+    pub(super) fn unacknowledged(&mut self, seq: u64) -> Result<u64, LedgerError> {
+        let subject = read_entry(self.db, seq)?
+            .filter(|e| e.event == Event::Store && !e.object_name.is_empty())
+            .ok_or_else(|| {
+                LedgerError::Corrupt(format!(
+                    "entry {seq} is not a stored instance with an object"
+                ))
+            })?;
+        if self.is_unacked(seq)? {
+            return Err(LedgerError::Corrupt(format!(
+                "entry {seq} is already recorded as unacknowledged"
+            )));
+        }
+        let event = self.add_event(&subject, Reason::Unacknowledged, DETECTOR)?;
+        self.batch.put_cf(self.cf_index, unacked_key(seq), []);
+        Ok(event)
+    }
+
+    /// Whether entry `seq` carries the mark (an entry of the latest version: read only when a
+    /// C-STORE repeats it).
+    pub(super) fn is_unacked(&self, seq: u64) -> Result<bool, LedgerError> {
+        Ok(self
+            .db
+            .get_cf(self.cf_index, unacked_key(seq))
+            .map_err(LedgerError::Read)?
+            .is_some())
+    }
+}
