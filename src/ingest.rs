@@ -473,6 +473,10 @@ impl Incoming {
         record.sop_instance_uid = attrs.sop_instance_uid.clone();
         let encoded = record.encode();
         let key = instance::instance_key(&encoded);
+        // Placing and syncing a large object (an S3 multipart completion and server-side copy;
+        // the tail of a large file) takes time in proportion to its size: one timeout per
+        // started 16 MiB.
+        let scale = 1 + (record.pixel_length / (16 * 1024 * 1024)) as u32;
         let (object_name, object_key, note, placed) = match upload {
             Some(upload) => {
                 let (name, object_key) = upload.name_for(&key);
@@ -483,10 +487,7 @@ impl Incoming {
                     Ok(note) => note,
                     Err(e) => return Err((e.into(), Some(upload))),
                 };
-                // Placing a large object (an S3 multipart completion and server-side copy)
-                // takes time in proportion to its size: one timeout per started 16 MiB.
                 let p = &self.pipeline;
-                let scale = 1 + (record.pixel_length / (16 * 1024 * 1024)) as u32;
                 let placed = p
                     .timed_scaled("commit object", scale, upload.place(&name))
                     .await
@@ -519,7 +520,10 @@ impl Incoming {
         // object `reconcile` checks at the next start (see `ledger::unacked`).
         let sync = async {
             match placed {
-                Some(p) => self.pipeline.timed("sync object", p.sync()).await,
+                Some(p) => {
+                    let p = self.pipeline.timed_scaled("sync object", scale, p.sync());
+                    p.await
+                }
                 None => Ok(()),
             }
         };
