@@ -7,8 +7,9 @@
 //! (default 512) concurrent writers, each entry with a 1 KiB metadata record and a sealed object's
 //! key record, like a busy node's ingest minus the network: each writer first takes the object's
 //! pending-object note (`Ledger::intend_object`, a committer round trip of its own), then stores
-//! the instance, and marks the object durable (a later group deletes the note). `BENCH_NOTES=0` leaves the notes out (appends
-//! alone). The CPU time of each thread during the appends is printed too.
+//! the instance and marks the object durable (a later group deletes the note). `BENCH_NOTES=0`
+//! leaves the notes out (appends alone). The CPU time of each thread during the appends is
+//! printed too.
 
 use std::time::Instant;
 

@@ -4,8 +4,10 @@
 //! they arrive ([`Incoming::feed`]); they are split on the fly, the bulk pixel bytes stream into a
 //! staged object-store upload, everything is hashed on the way, and only the metadata is kept in
 //! memory. [`Incoming::finish`] then parses the metadata for the index, derives the instance key,
-//! commits the pixel object under its opaque name and records the instance on the ledger. It
-//! returns success only when both halves are durable; any failure leaves no ledger entry.
+//! places the pixel object under its opaque name, and makes the object and the ledger entry
+//! durable at the same time. It returns success only when both halves are durable. A failure
+//! before the entry leaves none; an object that fails to become durable after its entry was
+//! written leaves the entry recorded as unacknowledged (see `ledger::unacked`).
 
 use std::collections::HashSet;
 use std::io::Read;
