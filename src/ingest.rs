@@ -523,8 +523,9 @@ impl Incoming {
         let sync = async {
             match placed {
                 Some(p) => {
-                    let p = self.pipeline.timed_scaled("sync object", scale, p.sync());
-                    p.await
+                    self.pipeline
+                        .timed_scaled("sync object", scale, p.sync())
+                        .await
                 }
                 None => Ok(()),
             }

@@ -52,14 +52,10 @@ pub fn change_of(e: &Entry) -> Option<(String, Change)> {
 impl Ledger {
     /// Records a grant or revocation; returns its entry's sequence number once durable.
     pub async fn acl_change(&self, change: AclChange) -> Result<u64, LedgerError> {
-        if self.inner.secondary {
-            return Err(LedgerError::ReadOnly);
-        }
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.submit(super::Job::Acl { change, reply })?;
-        // No timeout once queued: the committer always answers, and a change reported as failed
-        // must not become durable afterwards.
-        rx.await.map_err(|_| LedgerError::Closed)?
+        // No timeout once queued: a change reported as failed must not become durable afterwards.
+        self.ask_until_done(super::Job::Acl { change, reply }, rx)
+            .await
     }
 
     /// Every grant and revocation, in ledger order.

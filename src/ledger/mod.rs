@@ -440,14 +440,25 @@ impl Ledger {
         job: Job,
         rx: oneshot::Receiver<Result<T, LedgerError>>,
     ) -> Result<T, LedgerError> {
+        match tokio::time::timeout(STORE_WAIT, self.ask_until_done(job, rx)).await {
+            Ok(r) => r,
+            Err(_) => Err(LedgerError::Timeout(STORE_WAIT)),
+        }
+    }
+
+    /// Hands `job` to the committer and waits for its answer however long it takes: for changes
+    /// that must not become durable after they were reported as failed (the committer always
+    /// answers).
+    async fn ask_until_done<T>(
+        &self,
+        job: Job,
+        rx: oneshot::Receiver<Result<T, LedgerError>>,
+    ) -> Result<T, LedgerError> {
         if self.inner.secondary {
             return Err(LedgerError::ReadOnly);
         }
         self.submit(job)?;
-        match tokio::time::timeout(STORE_WAIT, rx).await {
-            Ok(r) => r.map_err(|_| LedgerError::Closed)?,
-            Err(_) => Err(LedgerError::Timeout(STORE_WAIT)),
-        }
+        rx.await.map_err(|_| LedgerError::Closed)?
     }
 
     fn submit(&self, job: Job) -> Result<(), LedgerError> {

@@ -108,12 +108,9 @@ impl Ledger {
 
     /// Appends an audit record and waits until it is durable.
     pub async fn audit_durable(&self, record: AuditRecord) -> Result<u64, LedgerError> {
-        if self.inner.secondary {
-            return Err(LedgerError::ReadOnly);
-        }
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.submit(super::Job::Audit { record, reply })?;
-        rx.await.map_err(|_| LedgerError::Closed)?
+        self.ask_until_done(super::Job::Audit { record, reply }, rx)
+            .await
     }
 }
 

@@ -16,6 +16,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use rocksdb::{ColumnFamily, DB};
+
 use super::{
     read_entry, Entry, Event, Group, Ledger, LedgerError, NoteId, Reason, CF_ENTRIES, CF_INDEX,
 };
@@ -31,16 +33,21 @@ fn unacked_key(seq: u64) -> Vec<u8> {
     k
 }
 
+/// Whether entry `seq` carries the mark.
+fn marked(db: &DB, index: &ColumnFamily, seq: u64) -> Result<bool, LedgerError> {
+    Ok(db
+        .get_cf(index, unacked_key(seq))
+        .map_err(LedgerError::Read)?
+        .is_some())
+}
+
 impl Ledger {
     /// Records that the object of stored entry `seq` was lost before its C-STORE was
     /// acknowledged (see the module). Returns the new entry's number; durable on return.
     pub async fn record_unacknowledged(&self, seq: u64) -> Result<u64, LedgerError> {
-        if self.inner.secondary {
-            return Err(LedgerError::ReadOnly);
-        }
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.submit(super::Job::Unacknowledged { seq, reply })?;
-        rx.await.map_err(|_| LedgerError::Closed)?
+        self.ask_until_done(super::Job::Unacknowledged { seq, reply }, rx)
+            .await
     }
 
     /// The stored entries among the last `within` that name one of `names`, by name: the
@@ -74,12 +81,7 @@ impl Ledger {
 
     /// Whether stored entry `seq` was recorded as unacknowledged.
     pub fn is_unacknowledged(&self, seq: u64) -> Result<bool, LedgerError> {
-        Ok(self
-            .inner
-            .db
-            .get_cf(self.cf(CF_INDEX)?, unacked_key(seq))
-            .map_err(LedgerError::Read)?
-            .is_some())
+        marked(&self.inner.db, self.cf(CF_INDEX)?, seq)
     }
 
     /// The object of a note is durable and its entry written (or not needed): the next group
@@ -116,10 +118,6 @@ impl Group<'_> {
     /// Whether entry `seq` carries the mark (an entry of the latest version: read only when a
     /// C-STORE repeats it).
     pub(super) fn is_unacked(&self, seq: u64) -> Result<bool, LedgerError> {
-        Ok(self
-            .db
-            .get_cf(self.cf_index, unacked_key(seq))
-            .map_err(LedgerError::Read)?
-            .is_some())
+        marked(self.db, self.cf_index, seq)
     }
 }
