@@ -258,7 +258,6 @@ impl Pipeline {
             transfer_syntax: ts,
             mode,
             meta: Vec::new(),
-            bulk: Vec::new(),
             upload: None,
             pixel_hash: Sha256::new(),
             pixel_length: 0,
@@ -306,8 +305,6 @@ pub struct Incoming {
     transfer_syntax: String,
     mode: Mode,
     meta: Vec<u8>,
-    /// Bulk bytes of the current chunk, reused between chunks.
-    bulk: Vec<u8>,
     upload: Option<Upload>,
     pixel_hash: Sha256,
     pixel_length: u64,
@@ -333,30 +330,33 @@ impl Incoming {
             }
             Mode::Split(s) => s,
         };
-        self.bulk.clear();
-        let (meta, bulk) = (&mut self.meta, &mut self.bulk);
+        // The bulk pieces are slices of `data`: hashed and handed to the store without a copy.
+        let mut bulk: Vec<&[u8]> = Vec::new();
+        let meta = &mut self.meta;
         splitter.feed(data, |piece| match piece {
             Piece::Meta(b) => meta.extend_from_slice(b),
-            Piece::Bulk(b) => bulk.extend_from_slice(b),
+            Piece::Bulk(b) => bulk.push(b),
         })?;
         // Checked per chunk: the overshoot is at most one PDU.
         if self.meta.len() > max {
             return Err(IngestError::MetadataTooLarge { max });
         }
-        if self.bulk.is_empty() {
+        if bulk.is_empty() {
             return self.account().await;
         }
-        self.pixel_hash.update(&self.bulk);
-        self.pixel_length += self.bulk.len() as u64;
+        for piece in &bulk {
+            self.pixel_hash.update(piece);
+            self.pixel_length += piece.len() as u64;
+        }
         if self.upload.is_none() {
             let store = self.pipeline.store.clone();
             self.upload = Some(self.pipeline.timed("begin upload", store.begin()).await?);
         }
         if let Some(upload) = self.upload.as_mut() {
             let pipeline = &self.pipeline;
-            pipeline
-                .timed("write object", upload.write(&self.bulk))
-                .await?;
+            for piece in bulk {
+                pipeline.timed("write object", upload.write(piece)).await?;
+            }
         }
         self.account().await
     }

@@ -123,7 +123,7 @@ pub struct Splitter {
 }
 
 /// Coalesces consecutive bytes of the same side into one `emit` call.
-struct Runs<'a, F: FnMut(Piece<'_>)> {
+struct Runs<'a, F: FnMut(Piece<'a>)> {
     input: &'a [u8],
     start: usize,
     pos: usize,
@@ -131,7 +131,7 @@ struct Runs<'a, F: FnMut(Piece<'_>)> {
     emit: F,
 }
 
-impl<F: FnMut(Piece<'_>)> Runs<'_, F> {
+impl<'a, F: FnMut(Piece<'a>)> Runs<'a, F> {
     fn take(&mut self, n: usize, bulk: bool) {
         if bulk != self.bulk {
             self.flush();
@@ -196,7 +196,11 @@ impl Splitter {
     ///
     /// On error, the pieces before the offending header have been emitted; the splitter is then
     /// dead and every later `feed`/`finish` returns the same error.
-    pub fn feed(&mut self, input: &[u8], emit: impl FnMut(Piece<'_>)) -> Result<(), SplitError> {
+    pub fn feed<'a>(
+        &mut self,
+        input: &'a [u8],
+        emit: impl FnMut(Piece<'a>),
+    ) -> Result<(), SplitError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -215,7 +219,7 @@ impl Splitter {
         result
     }
 
-    fn run<F: FnMut(Piece<'_>)>(&mut self, runs: &mut Runs<'_, F>) -> Result<(), SplitError> {
+    fn run<'a, F: FnMut(Piece<'a>)>(&mut self, runs: &mut Runs<'a, F>) -> Result<(), SplitError> {
         let input = runs.input;
         while runs.pos < input.len() {
             let avail = input.len() - runs.pos;
