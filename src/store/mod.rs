@@ -80,7 +80,7 @@ pub struct Upload {
 }
 
 enum UploadBackend {
-    Fs(Box<fs::FsUpload>),
+    Fs(fs::FsUpload),
     S3(s3::S3Upload),
 }
 
@@ -164,10 +164,7 @@ impl Store {
         let header: &[u8] = header.as_ref().map_or(&[], |h| &h[..]);
         let coder = coder::Coder::new(sealer);
         let (inner, coder) = match &self.backend {
-            Backend::Fs(s) => (
-                UploadBackend::Fs(Box::new(s.begin(coder, header).await?)),
-                None,
-            ),
+            Backend::Fs(s) => (UploadBackend::Fs(s.begin(coder, header).await?), None),
             Backend::S3(s) => {
                 let mut u = s.begin().await?;
                 if !header.is_empty() {
