@@ -259,6 +259,7 @@ impl Pipeline {
             mode,
             meta: Vec::new(),
             upload: None,
+            pixel_hash: Sha256::new(),
             pixel_length: 0,
             dataset_hash: Sha256::new(),
             dataset_length: 0,
@@ -305,6 +306,7 @@ pub struct Incoming {
     mode: Mode,
     meta: Vec<u8>,
     upload: Option<Upload>,
+    pixel_hash: Sha256,
     pixel_length: u64,
     dataset_hash: Sha256,
     dataset_length: u64,
@@ -328,8 +330,7 @@ impl Incoming {
             }
             Mode::Split(s) => s,
         };
-        // The bulk pieces are slices of `data`: handed to the store without a copy (it hashes
-        // them, on its writer for the fs backend).
+        // The bulk pieces are slices of `data`: hashed and handed to the store without a copy.
         let mut bulk: Vec<&[u8]> = Vec::new();
         let meta = &mut self.meta;
         splitter.feed(data, |piece| match piece {
@@ -343,7 +344,10 @@ impl Incoming {
         if bulk.is_empty() {
             return self.account().await;
         }
-        self.pixel_length += bulk.iter().map(|p| p.len() as u64).sum::<u64>();
+        for piece in &bulk {
+            self.pixel_hash.update(piece);
+            self.pixel_length += piece.len() as u64;
+        }
         if self.upload.is_none() {
             let store = self.pipeline.store.clone();
             self.upload = Some(self.pipeline.timed("begin upload", store.begin()).await?);
@@ -424,7 +428,7 @@ impl Incoming {
     async fn finish_inner(
         self,
         ctx: &StoreContext,
-        mut upload: Option<Upload>,
+        upload: Option<Upload>,
     ) -> Result<Stored, (IngestError, Option<Upload>)> {
         if self.dataset_length == 0 {
             return Err((
@@ -432,22 +436,6 @@ impl Incoming {
                 upload,
             ));
         }
-        // The store hashed the pixel bytes on their way (no upload: there were none).
-        let finished = match upload.as_mut() {
-            None => Ok((0, Sha256::digest([]).into())),
-            Some(u) => self.pipeline.timed("finish object", u.finish()).await,
-        };
-        let pixel_sha256 = match finished {
-            Ok((len, _)) if len != self.pixel_length => {
-                let e = StoreError::Config(format!(
-                    "object holds {len} pixel bytes where {} were received",
-                    self.pixel_length
-                ));
-                return Err((e.into(), upload));
-            }
-            Ok((_, digest)) => digest,
-            Err(e) => return Err((e.into(), upload)),
-        };
         let (layout, splices) = match self.mode {
             Mode::Split(s) => match s.finish() {
                 Ok(splices) => (Layout::Split, splices),
@@ -462,7 +450,7 @@ impl Incoming {
             sop_instance_uid: String::new(),
             splices,
             pixel_length: self.pixel_length,
-            pixel_sha256,
+            pixel_sha256: self.pixel_hash.finalize().into(),
             dataset_length: self.dataset_length,
             dataset_sha256: self.dataset_hash.finalize().into(),
             meta: self.meta,

@@ -36,9 +36,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 
-use super::coder::Coder;
 use super::StoreError;
-use crate::instance::Digest32;
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
     let what = what.into();
@@ -61,7 +59,7 @@ struct Inner {
     buffers: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
-/// Most staging buffers kept for reuse (up to four per upload in flight).
+/// Most staging buffers kept for reuse (two per upload in flight).
 const KEPT_BUFFERS: usize = 16;
 
 impl Inner {
@@ -71,15 +69,6 @@ impl Inner {
             .ok()
             .and_then(|mut b| b.pop())
             .unwrap_or_else(|| Vec::with_capacity(STAGE_CAPACITY))
-    }
-
-    /// `buf` if it is a staging buffer already, else one from the kept ones (or a new one).
-    fn reuse(&self, buf: Vec<u8>) -> Vec<u8> {
-        if buf.capacity() >= STAGE_CAPACITY {
-            buf
-        } else {
-            self.buffer()
-        }
     }
 
     fn give_back(&self, mut buf: Vec<u8>) {
@@ -97,42 +86,22 @@ impl Inner {
 
 /// A staged object: a temp file being written.
 ///
-/// Plaintext is gathered in [`WRITE_STEP`]s; each step is hashed, sealed (see [`Coder`]) and
-/// written from the blocking pool, one step in flight while the next is gathered, so that this
-/// work runs beside the reception of the next bytes rather than on the association's task. The
-/// step hands its buffers back for reuse. Up to four buffers per upload (a fixed cost per
-/// association, like its PDU buffer, not counted in `node.max_bytes_in_flight`).
+/// Bytes are gathered in [`WRITE_STEP`]s and written from the blocking pool, one write in
+/// flight while the next step is gathered; its buffer comes back for reuse. Two buffers per
+/// upload, as the buffered writer before them held (a fixed cost per association, like its PDU
+/// buffer, not counted in `node.max_bytes_in_flight`).
 pub struct FsUpload {
     store: FsStore,
     path: PathBuf,
     file: Arc<std::fs::File>,
-    /// Plaintext gathered for the next step.
+    /// Bytes gathered for the next write.
     staged: Vec<u8>,
-    /// Coded bytes not written yet: a sealed object's header at first, its last chunk at the end.
-    coded: Vec<u8>,
-    /// Hashing and sealing; away with the step in flight, if there is one.
-    coder: Option<Coder>,
-    /// The buffers of the last step, back for reuse (plaintext, coded).
-    spare: (Vec<u8>, Vec<u8>),
-    /// The step in flight.
-    inflight: Option<tokio::task::JoinHandle<Step>>,
-    /// The plaintext's length and SHA-256, once [`FsUpload::finish`] ran.
-    digest: Option<(u64, Digest32)>,
+    /// The buffer of the last write, back for reuse.
+    spare: Vec<u8>,
+    /// The write in flight, which hands its buffer back with its result.
+    inflight: Option<tokio::task::JoinHandle<(Vec<u8>, std::io::Result<()>)>>,
     /// Set once the temp file was renamed to its final name (nothing left to remove on drop).
     renamed: bool,
-}
-
-/// The coder went down with a step that panicked: the upload cannot go on.
-fn failed_before() -> StoreError {
-    StoreError::Config("the object's upload failed before".into())
-}
-
-/// What a step hands back.
-struct Step {
-    coder: Coder,
-    plain: Vec<u8>,
-    coded: Vec<u8>,
-    result: std::io::Result<()>,
 }
 
 /// An object under its final name whose durability [`FsPlaced::sync`] completes.
@@ -170,17 +139,15 @@ const WRITE_STEP: usize = 256 * 1024;
 /// bytes, or a sealed chunk) without growing.
 const STAGE_CAPACITY: usize = WRITE_STEP + 128 * 1024;
 
-/// Appends `bufs` to the file, in order; with `writeback`, then asks the kernel to start writing
-/// the file's dirty pages out (Linux; `SYNC_FILE_RANGE_WRITE` waits for nothing but the request),
+/// Appends `buf` to the file; with `writeback`, then asks the kernel to start writing the
+/// file's dirty pages out (Linux; `SYNC_FILE_RANGE_WRITE` waits for nothing but the request),
 /// so that by the time the last byte is written most of the object is on its way to the disk
 /// and the final `fsync` waits for the tail. Best effort: the `fsync` is what makes the object
 /// durable and reports errors.
-fn write_out(file: &std::fs::File, bufs: &[&[u8]], writeback: bool) -> std::io::Result<()> {
+fn write_step(file: &std::fs::File, buf: &[u8], writeback: bool) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = file;
-    for buf in bufs {
-        f.write_all(buf)?;
-    }
+    f.write_all(buf)?;
     #[cfg(target_os = "linux")]
     if writeback {
         use std::os::fd::AsRawFd;
@@ -305,8 +272,7 @@ impl FsStore {
         self.inner.root.join(&name[..2]).join(name)
     }
 
-    /// Starts an object whose plaintext `coder` hashes (and seals), after `header`.
-    pub async fn begin(&self, coder: Coder, header: &[u8]) -> Result<FsUpload, StoreError> {
+    pub async fn begin(&self) -> Result<FsUpload, StoreError> {
         let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
         let path = self
             .inner
@@ -317,22 +283,13 @@ impl FsStore {
             std::fs::File::create(&at).map_err(io(format!("creating {}", at.display())))
         })
         .await?;
-        let mut coded = if coder.seals() {
-            self.inner.buffer()
-        } else {
-            Vec::new()
-        };
-        coded.extend_from_slice(header);
         Ok(FsUpload {
             store: self.clone(),
             path,
             file: Arc::new(file),
             staged: self.inner.buffer(),
-            coded,
-            coder: Some(coder),
-            spare: Default::default(),
+            spare: Vec::new(),
             inflight: None,
-            digest: None,
             renamed: false,
         })
     }
@@ -376,94 +333,54 @@ impl Drop for FsUpload {
         if !self.renamed {
             let _ = std::fs::remove_file(&self.path);
         }
-        let (plain, coded) = std::mem::take(&mut self.spare);
-        for buf in [
-            std::mem::take(&mut self.staged),
-            std::mem::take(&mut self.coded),
-            plain,
-            coded,
-        ] {
-            self.store.inner.give_back(buf);
-        }
+        self.store.inner.give_back(std::mem::take(&mut self.staged));
+        self.store.inner.give_back(std::mem::take(&mut self.spare));
     }
 }
 
 impl FsUpload {
-    /// Appends plaintext to the object. A step's worth goes to the writer, after the step in
-    /// flight (one at a time: the file grows in order).
+    /// Appends bytes to the object.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
-        if self.digest.is_some() {
-            return Err(StoreError::Config(
-                "write after the upload was finished".into(),
-            ));
-        }
         self.staged.extend_from_slice(data);
+        self.step().await
+    }
+
+    /// The bytes not written yet, to append to in place (the sealer seals into it rather than
+    /// into a buffer of its own); [`FsUpload::step`] then writes them.
+    pub fn staged(&mut self) -> &mut Vec<u8> {
+        &mut self.staged
+    }
+
+    /// Writes the staged bytes once a step's worth is gathered. The write runs in the
+    /// background; the next one waits for it (one in flight: the file grows in order).
+    pub async fn step(&mut self) -> Result<(), StoreError> {
         if self.staged.len() < WRITE_STEP {
             return Ok(());
         }
         self.settle().await?;
-        let mut coder = self.coder.take().ok_or_else(failed_before)?;
-        let (spare_plain, spare_coded) = std::mem::take(&mut self.spare);
-        let mut plain = std::mem::replace(&mut self.staged, self.store.inner.reuse(spare_plain));
-        // A plaintext object's bytes go as they are: its coded buffer stays empty.
-        let next_coded = if coder.seals() {
-            self.store.inner.reuse(spare_coded)
-        } else {
-            spare_coded
+        let spare = match std::mem::take(&mut self.spare) {
+            b if b.capacity() >= STAGE_CAPACITY => b,
+            _ => self.store.inner.buffer(),
         };
-        let mut coded = std::mem::replace(&mut self.coded, next_coded);
+        let mut buf = std::mem::replace(&mut self.staged, spare);
         let file = self.file.clone();
         self.inflight = Some(tokio::task::spawn_blocking(move || {
-            coder.push(&plain, &mut coded);
-            let result = if coder.seals() {
-                write_out(&file, &[&coded], true)
-            } else {
-                write_out(&file, &[&coded, &plain], true)
-            };
-            plain.clear();
-            coded.clear();
-            Step {
-                coder,
-                plain,
-                coded,
-                result,
-            }
+            let r = write_step(&file, &buf, true);
+            buf.clear();
+            (buf, r)
         }));
         Ok(())
     }
 
-    /// Waits for the step in flight, if any, and takes its coder and buffers back.
+    /// Waits for the write in flight, if any, and takes its buffer back.
     async fn settle(&mut self) -> Result<(), StoreError> {
         let Some(h) = self.inflight.take() else {
             return Ok(());
         };
         let what = format!("writing {}", self.path.display());
-        let step = h.await.map_err(|e| io(&what)(std::io::Error::other(e)))?;
-        self.coder = Some(step.coder);
-        self.spare = (step.plain, step.coded);
-        step.result.map_err(io(what))
-    }
-
-    /// Ends the plaintext: codes what is left (here: the tail is at most a step) and returns the
-    /// plaintext's length and SHA-256. [`FsUpload::place`] calls it if the caller did not.
-    pub async fn finish(&mut self) -> Result<(u64, Digest32), StoreError> {
-        if let Some(d) = self.digest {
-            return Ok(d);
-        }
-        self.settle().await?;
-        let mut coder = self.coder.take().ok_or_else(failed_before)?;
-        coder.push(&self.staged, &mut self.coded);
-        if !coder.seals() {
-            if self.coded.is_empty() {
-                std::mem::swap(&mut self.coded, &mut self.staged);
-            } else {
-                self.coded.extend_from_slice(&self.staged);
-            }
-        }
-        self.staged.clear();
-        let d = coder.finish(&mut self.coded);
-        self.digest = Some(d);
-        Ok(d)
+        let (buf, r) = h.await.map_err(|e| io(&what)(std::io::Error::other(e)))?;
+        self.spare = buf;
+        r.map_err(io(what))
     }
 
     /// Makes the object durable under `name`: its data, its directory entry, and then returns.
@@ -479,11 +396,11 @@ impl FsUpload {
     /// The last bytes, that sync and the rename make one trip to the blocking pool.
     pub async fn place(mut self, name: &str, fresh: bool) -> Result<FsPlaced, StoreError> {
         check_name(name)?;
-        self.finish().await?;
+        self.settle().await?;
         let dest = self.store.path_of(name);
         let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
         let file = self.file.clone();
-        let tail = std::mem::take(&mut self.coded);
+        let tail = std::mem::take(&mut self.staged);
         let (from, to, shard, root) = (
             self.path.clone(),
             dest.clone(),
@@ -492,7 +409,7 @@ impl FsUpload {
         );
         let tail = blocking(move || {
             let what = || format!("writing {}", from.display());
-            write_out(&file, &[&tail], fresh).map_err(io(what()))?;
+            write_step(&file, &tail, fresh).map_err(io(what()))?;
             if !fresh {
                 file.sync_all().map_err(io(what()))?;
             }
@@ -582,21 +499,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::open(dir.path()).await.unwrap();
         let name = "ab".repeat(32);
-        let mut up = store.begin(Coder::new(None), &[]).await.unwrap();
+        let mut up = store.begin().await.unwrap();
         up.write(b"hello ").await.unwrap();
         up.write(b"world").await.unwrap();
         assert!(!store.exists(&name).await.unwrap());
         up.commit(&name, false).await.unwrap();
         assert_eq!(read_all(&store, &name).await, b"hello world");
         // The same bytes again under the same name: still one object.
-        let mut up = store.begin(Coder::new(None), &[]).await.unwrap();
+        let mut up = store.begin().await.unwrap();
         up.write(b"hello world").await.unwrap();
         up.commit(&name, false).await.unwrap();
         // A fresh name goes into place before its sync; large enough to start writeback on
         // the way.
         let big: Vec<u8> = (0..3 * WRITE_STEP + 17).map(|i| (i % 251) as u8).collect();
         let fresh = "cd".repeat(32);
-        let mut up = store.begin(Coder::new(None), &[]).await.unwrap();
+        let mut up = store.begin().await.unwrap();
         for piece in big.chunks(64 * 1024 + 3) {
             up.write(piece).await.unwrap();
         }
@@ -615,10 +532,10 @@ mod tests {
     async fn abort_and_restart_leave_no_temp_files() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::open(dir.path()).await.unwrap();
-        let mut up = store.begin(Coder::new(None), &[]).await.unwrap();
+        let mut up = store.begin().await.unwrap();
         up.write(b"x").await.unwrap();
         up.abort().await;
-        let mut up = store.begin(Coder::new(None), &[]).await.unwrap();
+        let mut up = store.begin().await.unwrap();
         up.write(b"y").await.unwrap();
         drop(up); // a cancelled C-STORE
         assert_eq!(

@@ -10,7 +10,6 @@
 //! only made visible under its final name by [`Upload::commit`], because the name is derived from a
 //! digest that is known only once the whole instance has been received.
 
-pub mod coder;
 pub mod fs;
 pub mod s3;
 pub mod sealed;
@@ -68,15 +67,9 @@ enum Backend {
 /// A staged write of one object.
 pub struct Upload {
     inner: UploadBackend,
-    /// The key record that goes on the ledger, and the master key that names the object (none:
-    /// a plaintext object).
-    sealing: Option<(ObjectKey, Arc<MasterKey>)>,
-    /// Hashing and sealing, for the S3 backend (the fs backend runs its own on its writer).
-    coder: Option<coder::Coder>,
-    /// Sealed bytes on their way to the S3 backend.
+    /// Sealing state and the key record that goes on the ledger (none: a plaintext object).
+    sealing: Option<(sealed::Sealer, ObjectKey, Arc<MasterKey>)>,
     out: Vec<u8>,
-    /// The plaintext's length and SHA-256, once [`Upload::finish`] ran.
-    digest: Option<(u64, Digest32)>,
 }
 
 enum UploadBackend {
@@ -153,33 +146,22 @@ impl Store {
 
     /// Starts a staged upload (sealed when a master key is set).
     pub async fn begin(&self) -> Result<Upload, StoreError> {
-        let (sealing, sealer) = match &self.master {
-            Some(master) => {
-                let (key, sealer) = master.sealer();
-                (Some((key, master.clone())), Some(sealer))
-            }
-            None => (None, None),
+        let inner = match &self.backend {
+            Backend::Fs(s) => UploadBackend::Fs(s.begin().await?),
+            Backend::S3(s) => UploadBackend::S3(s.begin().await?),
         };
-        let header = sealer.as_ref().map(sealed::Sealer::header);
-        let header: &[u8] = header.as_ref().map_or(&[], |h| &h[..]);
-        let coder = coder::Coder::new(sealer);
-        let (inner, coder) = match &self.backend {
-            Backend::Fs(s) => (UploadBackend::Fs(s.begin(coder, header).await?), None),
-            Backend::S3(s) => {
-                let mut u = s.begin().await?;
-                if !header.is_empty() {
-                    u.write(header).await?;
-                }
-                (UploadBackend::S3(u), Some(coder))
-            }
-        };
-        Ok(Upload {
+        let mut upload = Upload {
             inner,
-            sealing,
-            coder,
+            sealing: None,
             out: Vec::new(),
-            digest: None,
-        })
+        };
+        if let Some(master) = &self.master {
+            let (key, sealer) = master.sealer();
+            let header = sealer.header();
+            upload.sealing = Some((sealer, key, master.clone()));
+            upload.inner_write(&header).await?;
+        }
+        Ok(upload)
     }
 
     /// Opens an object for a streaming read; `key` is its key record from the ledger (none for
@@ -254,77 +236,52 @@ impl Store {
 }
 
 impl Upload {
-    /// Bytes of the object this upload holds in memory (not yet handed to the backend; the fs
-    /// backend's staging buffers are a fixed cost per upload, see [`fs::FsUpload`]).
+    /// Bytes of the object this upload holds in memory (not yet handed to the backend).
     pub fn buffered(&self) -> usize {
+        let sealing = self.sealing.as_ref().map(|s| s.0.buffered()).unwrap_or(0);
         let backend = match &self.inner {
             UploadBackend::Fs(_) => 0,
             UploadBackend::S3(u) => u.buffered(),
         };
-        backend + self.coder.as_ref().map_or(0, coder::Coder::buffered) + self.out.capacity()
+        backend + sealing + self.out.capacity()
     }
 
-    /// Appends plaintext bytes to the staged object.
-    pub async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
-        if self.digest.is_some() {
-            return Err(StoreError::Config(
-                "write after the upload was finished".into(),
-            ));
-        }
+    async fn inner_write(&mut self, data: &[u8]) -> Result<(), StoreError> {
         match &mut self.inner {
             UploadBackend::Fs(u) => u.write(data).await,
-            UploadBackend::S3(u) => {
-                let Some(coder) = self.coder.as_mut() else {
-                    return Err(StoreError::Config(
-                        "the object's upload failed before".into(),
-                    ));
-                };
-                coder.push(data, &mut self.out);
-                if !coder.seals() {
-                    return u.write(data).await;
-                }
-                let r = if self.out.is_empty() {
+            UploadBackend::S3(u) => u.write(data).await,
+        }
+    }
+
+    /// Appends bytes to the staged object.
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        match (&mut self.sealing, &mut self.inner) {
+            (None, _) => self.inner_write(data).await,
+            // Sealed straight into the file's staging buffer: no copy in between.
+            (Some((sealer, _, _)), UploadBackend::Fs(u)) => {
+                sealer.push(data, u.staged());
+                u.step().await
+            }
+            (Some((sealer, _, _)), UploadBackend::S3(_)) => {
+                let mut out = std::mem::take(&mut self.out);
+                sealer.push(data, &mut out);
+                let r = if out.is_empty() {
                     Ok(())
                 } else {
-                    u.write(&self.out).await
+                    self.inner_write(&out).await
                 };
-                self.out.clear();
+                out.clear();
+                self.out = out;
                 r
             }
         }
-    }
-
-    /// Ends the plaintext: seals its last chunk and returns its length and SHA-256 (what the
-    /// ledger records as the pixel data's). [`Upload::place`] calls it if the caller did not.
-    pub async fn finish(&mut self) -> Result<(u64, Digest32), StoreError> {
-        if let Some(d) = self.digest {
-            return Ok(d);
-        }
-        let d = match &mut self.inner {
-            UploadBackend::Fs(u) => u.finish().await?,
-            UploadBackend::S3(u) => {
-                let Some(coder) = self.coder.take() else {
-                    return Err(StoreError::Config(
-                        "the object's upload failed before".into(),
-                    ));
-                };
-                let d = coder.finish(&mut self.out);
-                if !self.out.is_empty() {
-                    u.write(&self.out).await?;
-                }
-                self.out = Vec::new();
-                d
-            }
-        };
-        self.digest = Some(d);
-        Ok(d)
     }
 
     /// The name this object will have as the pixel data of `instance_key`, and its key record
     /// for the ledger (none for a plaintext object).
     pub fn name_for(&self, instance_key: &Digest32) -> (String, Option<ObjectKey>) {
         match &self.sealing {
-            Some((key, master)) => (master.object_name(instance_key, key), Some(key.clone())),
+            Some((_, key, master)) => (master.object_name(instance_key, key), Some(key.clone())),
             None => (crate::instance::object_name(instance_key), None),
         }
     }
@@ -341,7 +298,15 @@ impl Upload {
     /// same plaintext name stays durable until the new one is.
     pub async fn place(mut self, name: &str) -> Result<Placed, StoreError> {
         let fresh = self.sealing.is_some();
-        self.finish().await?;
+        if let Some((sealer, _, _)) = self.sealing.take() {
+            if let UploadBackend::Fs(u) = &mut self.inner {
+                sealer.finish(u.staged());
+            } else {
+                let mut out = std::mem::take(&mut self.out);
+                sealer.finish(&mut out);
+                self.inner_write(&out).await?;
+            }
+        }
         match self.inner {
             UploadBackend::Fs(u) => u.place(name, fresh).await.map(|p| Placed::Fs(Box::new(p))),
             UploadBackend::S3(u) => u.commit(name).await.map(|()| Placed::Durable),
@@ -405,8 +370,8 @@ impl ObjectReader {
 mod tests {
     use super::*;
 
-    /// A sealed object, hashed and sealed by the fs writer step by step from pieces of every
-    /// size, reads back as its plaintext, and the upload's digest is the plaintext's; an upload
+    /// A sealed object written straight into the file's staging buffers, in pieces of every
+    /// size across many write steps, reads back as its plaintext and digests to it; an upload
     /// dropped halfway leaves nothing, and the next one (on reused buffers) is whole too.
     #[tokio::test(flavor = "multi_thread")]
     async fn sealed_objects_read_back_whole_across_write_steps() {
@@ -430,16 +395,11 @@ mod tests {
                 at += n;
                 i += 1;
             }
-            let whole = (
-                plain.len() as u64,
-                <[u8; 32]>::from(sha2::Sha256::digest(&plain)),
-            );
-            // The digest the ledger records comes from the upload's own hashing.
-            assert_eq!(up.finish().await.unwrap(), whole);
-            assert!(up.write(b"more").await.is_err());
             let (name, key) = up.name_for(&[round as u8; 32]);
             up.commit(&name).await.unwrap();
-            assert_eq!(store.digest(&name, key.as_ref()).await.unwrap(), whole);
+            let (len, sha) = store.digest(&name, key.as_ref()).await.unwrap();
+            assert_eq!(len, plain.len() as u64);
+            assert_eq!(sha, <[u8; 32]>::from(sha2::Sha256::digest(&plain)));
         }
         assert_eq!(
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
