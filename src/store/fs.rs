@@ -72,7 +72,8 @@ impl Inner {
     }
 
     fn give_back(&self, mut buf: Vec<u8>) {
-        if buf.capacity() < STAGE_CAPACITY {
+        // One that grew far past a step (a very large PDU) is not kept.
+        if !(STAGE_CAPACITY..=4 * STAGE_CAPACITY).contains(&buf.capacity()) {
             return;
         }
         buf.clear();
@@ -88,8 +89,8 @@ impl Inner {
 ///
 /// Bytes are gathered in [`WRITE_STEP`]s and written from the blocking pool, one write in
 /// flight while the next step is gathered; its buffer comes back for reuse. Two buffers per
-/// upload, as the buffered writer before them held (a fixed cost per association, like its PDU
-/// buffer, not counted in `node.max_bytes_in_flight`).
+/// upload: a fixed cost per association, like its PDU buffer, not counted in
+/// `node.max_bytes_in_flight`.
 pub struct FsUpload {
     store: FsStore,
     path: PathBuf,
