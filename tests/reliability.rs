@@ -45,7 +45,12 @@ impl Sender {
                     continue;
                 };
                 let path = PathBuf::from(rest.split(' ').next().unwrap_or_default());
-                let _ = tx.send((u16::from_str_radix(code, 16).ok(), path));
+                let status = u16::from_str_radix(code, 16).ok();
+                if status.is_none() {
+                    // The sender's reason (no response, an abort, its exception) for the report.
+                    eprintln!("send_exact: {line}");
+                }
+                let _ = tx.send((status, path));
             }
         });
         Sender {
