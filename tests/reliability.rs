@@ -444,12 +444,26 @@ fn sixteen_associations_store_ten_thousand_instances() {
     for s in running {
         s.wait();
     }
-    assert!(
-        failures.is_empty(),
-        "{} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    if !failures.is_empty() {
+        // The node's log says which side stopped (an aborted association, a ledger request
+        // that timed out, ...).
+        let log = node.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let words = ["WARN", "ERROR", "bort", "ssociation"];
+        let notable: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| words.iter().any(|w| l.contains(w)))
+            .collect();
+        panic!(
+            "{} failed: {:?}\nnode log, {} lines; warnings, errors and association events (last 60 of {}):\n{}",
+            failures.len(),
+            &failures[..failures.len().min(5)],
+            lines.len(),
+            notable.len(),
+            notable[notable.len().saturating_sub(60)..].join("\n")
+        );
+    }
     assert_eq!(acked.len(), files.len());
     let rss = support::peak_rss_mib(node.pid().unwrap());
     eprintln!(
