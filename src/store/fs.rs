@@ -71,8 +71,17 @@ impl Inner {
             .unwrap_or_else(|| Vec::with_capacity(STAGE_CAPACITY))
     }
 
+    /// `buf` if it can serve as a staging buffer, else a kept or new one.
+    fn reuse(&self, buf: Vec<u8>) -> Vec<u8> {
+        if buf.capacity() >= STAGE_CAPACITY {
+            buf
+        } else {
+            self.buffer()
+        }
+    }
+
     fn give_back(&self, mut buf: Vec<u8>) {
-        // One that grew far past a step (a very large PDU) is not kept.
+        // Too small to stage a step, or grown far past one (a very large PDU): not kept.
         if !(STAGE_CAPACITY..=4 * STAGE_CAPACITY).contains(&buf.capacity()) {
             return;
         }
@@ -359,10 +368,7 @@ impl FsUpload {
             return Ok(());
         }
         self.settle().await?;
-        let spare = match std::mem::take(&mut self.spare) {
-            b if b.capacity() >= STAGE_CAPACITY => b,
-            _ => self.store.inner.buffer(),
-        };
+        let spare = self.store.inner.reuse(std::mem::take(&mut self.spare));
         let mut buf = std::mem::replace(&mut self.staged, spare);
         let file = self.file.clone();
         self.inflight = Some(tokio::task::spawn_blocking(move || {
