@@ -35,9 +35,16 @@ impl Sender {
             .args(files)
             .env("SEND_EXACT_DIMSE_TIMEOUT", dimse_timeout.to_string())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("run python3");
+        // pynetdicom's warnings (an unexpected message, a response put back) for the report.
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("send_exact stderr: {line}");
+            }
+        });
         let out = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {

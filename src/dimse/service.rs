@@ -765,6 +765,7 @@ impl Association {
                 } else {
                     None
                 };
+                debug!(message_id, "C-STORE request");
                 let incoming = failure
                     .is_none()
                     .then(|| self.ctx.pipeline.begin(&pc.transfer_syntax));
@@ -931,7 +932,9 @@ impl Association {
                 );
             }
         }
-        self.send_command(op.context_id, rsp.encode()).await
+        self.send_command(op.context_id, rsp.encode()).await?;
+        debug!(message_id = op.message_id, "C-STORE response sent");
+        Ok(())
     }
 
     /// Parses the identifier of a C-FIND, C-MOVE or C-GET and starts the operation beside the

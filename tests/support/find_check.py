@@ -42,6 +42,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pynetdicom import AE, _config
 from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+import pynetdicom_race  # noqa: F401  (mends a pynetdicom race that drops responses)
 
 warnings.simplefilter("ignore")
 _config.LOG_HANDLER_LEVEL = "none"

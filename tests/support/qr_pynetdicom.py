@@ -19,6 +19,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AE, StoragePresentationContexts, _config, evt, build_role
 from pynetdicom.sop_class import (CTImageStorage, StudyRootQueryRetrieveInformationModelGet,
                                   StudyRootQueryRetrieveInformationModelMove)
+import pynetdicom_race  # noqa: F401  (mends a pynetdicom race that drops responses)
 
 _config.LOG_HANDLER_LEVEL = "none"
 

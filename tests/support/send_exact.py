@@ -7,16 +7,20 @@ pynetdicom with STORE_SEND_CHUNKED_DATASET streams the file's data set unchanged
 transfer syntax (DCMTK's storescu may convert). Prints one line per file:
 "<status hex> <path>" (status "----" when the file could not be sent at all) and exits 0.
 """
+import logging
 import os
 import sys
 
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
+import pynetdicom_race  # noqa: F401  (mends a pynetdicom race that drops responses)
 
 _config.STORE_SEND_CHUNKED_DATASET = True
 
 
 def main():
+    # pynetdicom's own warnings (an unexpected message, an abort) go to stderr.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     host, port, called = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     files = []
     for path in sys.argv[4:]:
