@@ -20,10 +20,10 @@
 //!   journaling file system one journal commit then carries the file's allocation and its new
 //!   directory entry, and the directory `fsync` that follows finds it already done (measured on
 //!   ext4: one commit instead of two). [`FsUpload::place`] stops there, with the object readable
-//!   under its name, so that ingest can run the syncs ([`FsPlaced::sync`]) and the ledger's
-//!   group commit at the same time; the C-STORE response waits for both. A crash before the syncs
-//!   leaves a partial object under its final name, which its pending-object note sends to
-//!   `reconcile` (see `ledger::unacked`). Only a name no other object can have may go first: a
+//!   under its name, so that ingest can run the syncs ([`FsPlaced::sync`]) after the ledger's
+//!   group commit, which then carries the object's metadata in its journal commit too; the
+//!   C-STORE response waits for both. A crash before the syncs leaves a partial object under
+//!   its final name, which its pending-object note sends to `reconcile` (see `ledger::unacked`). Only a name no other object can have may go first: a
 //!   sealed object's name is made with a random salt. A plaintext object's name is its instance
 //!   key's, which a durable object from an earlier identical C-STORE may already have; renaming
 //!   over that before the sync could leave a crash with neither, so such names keep the classic
