@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValue, PDataValueType, Pdu};
+use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValueType, Pdu};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
 use super::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
-use super::connection::{ConnError, Connection, Stream};
+use super::connection::{ConnError, Connection, PData, Pdv, Received, Stream};
 use super::negotiate::{self, Negotiated, Policy, VERIFICATION};
 use super::qr::{self, Outgoing, Services};
 use super::status::{self, Failure};
@@ -327,7 +327,7 @@ impl Drop for Running {
 
 /// What woke the association loop.
 enum Next {
-    Pdu(Result<Pdu, ConnError>),
+    Pdu(Result<Received, ConnError>),
     Out(Option<Outgoing>),
     Shutdown,
 }
@@ -385,10 +385,10 @@ impl Association {
             let next = match &mut self.state {
                 State::Running(r) => tokio::select! {
                     msg = r.out.recv() => Next::Out(msg),
-                    pdu = self.conn.receive(wait) => Next::Pdu(pdu),
+                    pdu = self.conn.receive_data(wait) => Next::Pdu(pdu),
                 },
                 _ => tokio::select! {
-                    pdu = self.conn.receive(wait) => Next::Pdu(pdu),
+                    pdu = self.conn.receive_data(wait) => Next::Pdu(pdu),
                     _ = shutdown.changed(), if !stopping && is_idle => Next::Shutdown,
                 },
             };
@@ -402,12 +402,19 @@ impl Association {
                     continue;
                 }
             };
-            match pdu {
-                Ok(Pdu::PData { data }) => {
-                    if let Err(abort) = self.on_pdata(data).await {
+            let pdu = match pdu {
+                Ok(Received::Data(pdata)) => {
+                    let handled = self.on_pdata(&pdata).await;
+                    self.conn.recycle(pdata);
+                    if let Err(abort) = handled {
                         break Some(abort);
                     }
+                    continue;
                 }
+                Ok(Received::Other(pdu)) => Ok(pdu),
+                Err(e) => Err(e),
+            };
+            match pdu {
                 Ok(Pdu::ReleaseRQ) => {
                     if !matches!(self.state, State::Idle) {
                         break Some(Abort(
@@ -478,8 +485,8 @@ impl Association {
         }
     }
 
-    async fn on_pdata(&mut self, pdvs: Vec<PDataValue>) -> Result<(), Abort> {
-        for pdv in pdvs {
+    async fn on_pdata(&mut self, pdata: &PData) -> Result<(), Abort> {
+        for pdv in pdata.values() {
             if self
                 .negotiated
                 .context(pdv.presentation_context_id)
@@ -501,12 +508,12 @@ impl Association {
         Ok(())
     }
 
-    async fn on_command_fragment(&mut self, pdv: PDataValue) -> Result<(), Abort> {
+    async fn on_command_fragment(&mut self, pdv: Pdv<'_>) -> Result<(), Abort> {
         if let State::Running(r) = &mut self.state {
             // Only a C-CANCEL of the running request, or (C-GET) the requestor's C-STORE
             // responses, may come now: asynchronous operations are not negotiated.
             let command = if pdv.is_last {
-                Command::decode(&pdv.data).ok()
+                Command::decode(pdv.data).ok()
             } else {
                 None
             };
@@ -544,12 +551,12 @@ impl Association {
             }
         }
         let bytes = match std::mem::replace(&mut self.state, State::Idle) {
-            State::Idle => pdv.data,
+            State::Idle => pdv.data.to_vec(),
             State::Command {
                 context_id,
                 mut bytes,
             } if context_id == pdv.presentation_context_id => {
-                bytes.extend_from_slice(&pdv.data);
+                bytes.extend_from_slice(pdv.data);
                 bytes
             }
             _ => {
@@ -799,7 +806,7 @@ impl Association {
         }
     }
 
-    async fn on_data_fragment(&mut self, pdv: PDataValue) -> Result<(), Abort> {
+    async fn on_data_fragment(&mut self, pdv: Pdv<'_>) -> Result<(), Abort> {
         let out_of_sequence = || {
             Abort(
                 AbortRQServiceProviderReason::UnexpectedPduParameter,
@@ -809,7 +816,7 @@ impl Association {
         match &mut self.state {
             State::Store(op) if op.context_id == pdv.presentation_context_id => {
                 if let Some(incoming) = op.incoming.as_mut() {
-                    if let Err(e) = incoming.feed(&pdv.data).await {
+                    if let Err(e) = incoming.feed(pdv.data).await {
                         warn!(error = %e, "C-STORE failed while receiving");
                         op.failure = Some(status::store_failure(&e));
                         if let Some(i) = op.incoming.take() {
@@ -825,7 +832,7 @@ impl Association {
                 Ok(())
             }
             State::Identifier(req) if req.context_id == pdv.presentation_context_id => {
-                req.bytes.extend_from_slice(&pdv.data);
+                req.bytes.extend_from_slice(pdv.data);
                 if req.bytes.len() > MAX_IDENTIFIER_BYTES {
                     let reply = Reply {
                         command_field: request_field(&req.operation) | 0x8000,
