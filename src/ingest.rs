@@ -27,7 +27,7 @@ pub const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
 const MAX_INFLATED: u64 = 4 * 1024 * 1024;
 
 /// How long an object's sync waits for the ledger's group commit before it starts anyway (the
-/// order only lets both share a journal commit; see [`Incoming::finish`]).
+/// order only lets both share a journal commit; see `Incoming::finish_inner`).
 const SYNC_AFTER_LEDGER_WAIT: Duration = Duration::from_millis(500);
 
 /// Why an instance was not stored. Mapped to DIMSE statuses in `dimse::status`, nowhere else.

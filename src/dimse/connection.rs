@@ -39,13 +39,13 @@ pub enum ConnError {
     Io(#[from] std::io::Error),
 }
 
-/// One read of at least a byte, cancel-safe; end of stream is [`ConnError::Closed`].
+/// One read of at least a byte within `limit`, cancel-safe; end of stream is
+/// [`ConnError::Closed`].
 async fn read_some(
-    socket: &mut BufReader<Box<dyn Stream>>,
-    buf: &mut [u8],
+    read: impl std::future::Future<Output = std::io::Result<usize>>,
     limit: Duration,
 ) -> Result<usize, ConnError> {
-    match tokio::time::timeout(limit, socket.read(buf)).await {
+    match tokio::time::timeout(limit, read).await {
         Err(_) => Err(ConnError::Timeout(limit)),
         Ok(Ok(0)) => Err(ConnError::Closed),
         Ok(Ok(n)) => Ok(n),
@@ -204,7 +204,7 @@ impl Connection {
     pub async fn receive_data(&mut self, wait: Duration) -> Result<Received, ConnError> {
         while self.got < 6 {
             let limit = if self.got == 0 { wait } else { self.io_timeout };
-            let n = read_some(&mut self.socket, &mut self.header[self.got..], limit).await?;
+            let n = read_some(self.socket.read(&mut self.header[self.got..]), limit).await?;
             self.got += n;
             if self.got == 6 {
                 let length = u32::from_be_bytes([
@@ -235,16 +235,7 @@ impl Connection {
             // Into the buffer's spare capacity, without zero-filling it first; cancel-safe
             // (`read_buf` reads nothing unless it completes).
             let mut spare = (&mut self.buf).limit(rest);
-            let read = self.socket.read_buf(&mut spare);
-            match tokio::time::timeout(self.io_timeout, read).await {
-                Err(_) => return Err(ConnError::Timeout(self.io_timeout)),
-                Ok(Ok(0)) => return Err(ConnError::Closed),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    return Err(ConnError::Closed)
-                }
-                Ok(Err(e)) => return Err(e.into()),
-            }
+            read_some(self.socket.read_buf(&mut spare), self.io_timeout).await?;
         }
         self.got = 0;
         crate::metrics::global()
