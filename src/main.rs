@@ -55,6 +55,16 @@ enum Command {
         /// Verifier key for the checkpoints (default: derived from ledger.signing_key_file).
         #[arg(long)]
         verifier_key: Option<String>,
+        /// A checkpoint saved earlier (`dicomchain checkpoint > FILE`) the ledger must still
+        /// hold: its size and root. Repeatable. The checkpoint file beside the ledger is always
+        /// checked.
+        #[arg(long = "checkpoint", value_name = "FILE")]
+        checkpoints: Vec<PathBuf>,
+    },
+    /// Operator actions on the ledger itself; the node must be stopped.
+    Ledger {
+        #[command(subcommand)]
+        action: LedgerAction,
     },
     /// Rebuild stored instances as Part 10 files, checked against the ledger.
     #[command(group(ArgGroup::new("what").required(true).args(["study", "series", "instance"])))]
@@ -179,6 +189,15 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum LedgerAction {
+    /// Give up what a damaged write-ahead log or a rollback took: opens the ledger cutting its
+    /// log at the damage, sets the checkpoint file aside (kept as evidence), records a
+    /// security alert, and lets the node start on what is left. Checkpoints signed after this
+    /// may fork those given up. Keep a copy of the ledger directory before running it.
+    AcceptRollback,
+}
+
+#[derive(Subcommand)]
 enum ForwardAction {
     /// Queue depth, oldest pending item, given-up items and last error per destination.
     Status {
@@ -281,7 +300,11 @@ fn main() -> ExitCode {
         Command::Verify {
             ledger_only,
             verifier_key,
-        } => run_verify(cfg, ledger_only, verifier_key),
+            checkpoints,
+        } => run_verify(cfg, ledger_only, verifier_key, checkpoints),
+        Command::Ledger {
+            action: LedgerAction::AcceptRollback,
+        } => run_accept_rollback(&cfg),
         Command::Checkpoint { verifier_key } => {
             let r = if verifier_key {
                 dicomchain::audit::verifier_key(&cfg).map(|k| format!("{k}\n"))
@@ -318,7 +341,39 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_verify(cfg: Config, ledger_only: bool, verifier_key: Option<String>) -> ExitCode {
+fn run_accept_rollback(cfg: &Config) -> ExitCode {
+    match dicomchain::ledger::Ledger::accept_rollback(&cfg.ledger.path) {
+        Ok(a) => {
+            let given_up = match a.given_up {
+                Some(s) if s > a.entries => format!(
+                    "{} signed entries given up (the checkpoint file recorded {s})",
+                    s - a.entries
+                ),
+                Some(s) => format!("the checkpoint file recorded {s}"),
+                None => "no readable checkpoint file".into(),
+            };
+            println!(
+                "ledger: {} entries kept; {given_up}; old checkpoint file {}; newest checkpoint now {}",
+                a.entries,
+                a.set_aside
+                    .map_or("-".to_string(), |p| format!("set aside as {}", p.display())),
+                a.newest.map_or("none".to_string(), |s| s.to_string()),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dicomchain: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run_verify(
+    cfg: Config,
+    ledger_only: bool,
+    verifier_key: Option<String>,
+    checkpoint_files: Vec<PathBuf>,
+) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -329,6 +384,7 @@ fn run_verify(cfg: Config, ledger_only: bool, verifier_key: Option<String>) -> E
     let opts = dicomchain::verify::Options {
         ledger_only,
         verifier_key,
+        checkpoint_files,
     };
     match rt.block_on(dicomchain::verify::run(&cfg, &opts)) {
         Ok(report) => {
@@ -379,6 +435,11 @@ fn run_verify(cfg: Config, ledger_only: bool, verifier_key: Option<String>) -> E
             } else {
                 ExitCode::from(1)
             }
+        }
+        Err(e) if e.is_damage() => {
+            println!("DAMAGED ledger: {e}");
+            println!("verify: the ledger's files are damaged; nothing else could be checked");
+            ExitCode::from(1)
         }
         Err(e) => {
             eprintln!("dicomchain: verify could not run: {e}");

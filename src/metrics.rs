@@ -182,9 +182,13 @@ fn checkpoint_age(ledger: &Ledger, size: Option<u64>) -> Option<f64> {
     Some((now - entry.time_micros).max(0) as f64 / 1e6)
 }
 
-/// Whether the node can serve: the ledger reads and the object store answers.
+/// Whether the node can serve: the ledger reads, no damage was found in its files, and the
+/// object store answers.
 async fn health(ledger: &Ledger, store: &Store) -> Result<(), String> {
     ledger.head().map_err(|e| format!("ledger: {e}"))?;
+    if let Some(d) = ledger.damage().first() {
+        return Err(format!("ledger damaged: {d}"));
+    }
     match tokio::time::timeout(
         Duration::from_secs(5),
         store.exists("0000000000000000000000000000000000000000000000000000000000000000"),

@@ -65,6 +65,9 @@ pub async fn run(
     )?;
     let head = ledger.head()?;
     info!(path = %cfg.ledger.path.display(), entries = head.map(|h| h.0).unwrap_or(0), "ledger open");
+    // A damaged table file shows only when a block of it is read: read them all now, beside
+    // serving, so that damage is logged, recorded and reported by /health at once.
+    ledger.scrub_in_background();
     let master = crate::ingest::master_key(&ledger, &cfg.security.master_key_file)
         .map_err(StartError::MasterKey)?;
     let store = Store::open(&cfg.store)

@@ -7,6 +7,13 @@
 //! 3. Checks every metadata record against its instance key and its entry.
 //! 4. Unless `--ledger-only`: streams every pixel object through SHA-256 and compares it with its
 //!    entry, and lists objects that no entry names (both backends; S3 staging leftovers included).
+//! 5. Holds the chain to checkpoints signed earlier and kept outside the ledger: the checkpoint
+//!    file beside it (see `ledger::witness`) and any saved with `--checkpoint FILE`. The ledger
+//!    must still have their size and root; a shorter one was rolled back.
+//!
+//! Before all that, every column family is read back with its checksums (see `ledger::scrub`):
+//! a damaged table file is damage like any other, and the checks above go on with what can
+//! still be read (entries past a damaged block are read one by one).
 //!
 //! Exit status: 0 when everything is intact, 1 when damage was found, 2 when it could not run.
 
@@ -71,6 +78,63 @@ pub struct Options {
     pub ledger_only: bool,
     /// The verifier key to check checkpoints with; by default the node's own key file.
     pub verifier_key: Option<String>,
+    /// Checkpoints saved earlier (signed notes, as `dicomchain checkpoint` prints them) that
+    /// the ledger must still hold.
+    pub checkpoint_files: Vec<std::path::PathBuf>,
+}
+
+/// A checkpoint kept outside the ledger, to hold the chain to.
+struct Saved {
+    /// `checkpoint file PATH`, for problems.
+    subject: String,
+    cp: checkpoint::Checkpoint,
+}
+
+impl VerifyError {
+    /// Whether verify stopped because the ledger's files are damaged (RocksDB found a bad
+    /// checksum even to open them): that is damage, not an inability to run.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, VerifyError::Ledger(e) if is_damage(e))
+    }
+}
+
+/// The checkpoints to hold the chain to: the checkpoint file beside the ledger, if there is
+/// one, and `extra` (which must be readable). A signature that does not verify is a problem.
+fn saved_checkpoints(
+    cfg: &Config,
+    extra: &[std::path::PathBuf],
+    vkey: &str,
+    problems: &mut Vec<Problem>,
+) -> Result<Vec<Saved>, VerifyError> {
+    use crate::ledger::witness;
+    let mut out = Vec::new();
+    let beside = witness::path_for(&cfg.ledger.path);
+    let mut notes = Vec::new();
+    match witness::read(&beside) {
+        Ok(Some((note, _))) => notes.push((beside.clone(), note)),
+        Ok(None) => {}
+        Err(e) => problems.push(Problem {
+            subject: format!("checkpoint file {}", beside.display()),
+            what: e.to_string(),
+        }),
+    }
+    for f in extra {
+        let note = std::fs::read_to_string(f)
+            .map_err(|e| VerifyError::Setup(format!("--checkpoint {}: {e}", f.display())))?;
+        notes.push((f.clone(), note));
+    }
+    for (path, note) in notes {
+        let subject = format!("checkpoint file {}", path.display());
+        match checkpoint::verify(&note, vkey) {
+            Ok(cp) => out.push(Saved { subject, cp }),
+            Err(e) => problems.push(Problem {
+                subject,
+                what: format!("signature does not verify: {e}"),
+            }),
+        }
+    }
+    out.sort_by_key(|s| s.cp.size);
+    Ok(out)
 }
 
 struct Progress {
@@ -107,7 +171,21 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         Some(k) => k.clone(),
         None => crate::audit::verifier_key(cfg).map_err(|e| VerifyError::Setup(e.to_string()))?,
     };
-    let n = ledger.len()?;
+    let mut problems = Vec::new();
+    let scan = ledger.scrub();
+    for d in &scan.damage {
+        problems.push(Problem {
+            subject: "ledger".into(),
+            what: format!("damaged: {d}"),
+        });
+    }
+    let n = match ledger.len() {
+        Ok(n) => n,
+        // The newest entries are in a damaged block: the table files still say how far the
+        // chain reaches.
+        Err(e) if is_damage(&e) => ledger.entries_in_files()?,
+        Err(e) => return Err(e.into()),
+    };
     let mut report = Report {
         entries: n,
         ..Report::default()
@@ -116,8 +194,19 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         on: std::io::stderr().is_terminal(),
         total: n,
     };
-    let mut problems = Vec::new();
-    let checkpoints = ledger.checkpoints()?;
+    let saved = saved_checkpoints(cfg, &opts.checkpoint_files, &vkey, &mut problems)?;
+    let mut next_saved = saved.iter().peekable();
+    let checkpoints = match ledger.checkpoints() {
+        Ok(c) => c,
+        Err(e) if is_damage(&e) => {
+            problems.push(Problem {
+                subject: "checkpoints".into(),
+                what: format!("cannot all be read: {e}"),
+            });
+            Vec::new()
+        }
+        Err(e) => return Err(e.into()),
+    };
     report.checkpoints = checkpoints.len();
     let mut next_cp = checkpoints.iter().peekable();
     let mut range = merkle::CompactRange::default();
@@ -147,13 +236,35 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
             Ok(_) => {}
         }
     };
+    let check_saved = |s: &Saved, root: Digest32, problems: &mut Vec<Problem>| {
+        if s.cp.root != root {
+            problems.push(Problem {
+                subject: s.subject.clone(),
+                what: format!(
+                    "the ledger's first {} entries no longer hash to the root signed for them",
+                    s.cp.size
+                ),
+            });
+        }
+    };
     while let Some((size, note)) = next_cp.next_if(|(s, _)| *s == 0) {
         check_checkpoint(*size, note, merkle::empty_root(), &mut problems);
     }
+    while let Some(s) = next_saved.next_if(|s| s.cp.size == 0) {
+        check_saved(s, merkle::empty_root(), &mut problems);
+    }
     // Records first: one sequential scan, hashed against their keys on every core.
-    let records = check_records(&ledger)?;
+    let (records, records_damage) = check_records(&ledger)?;
+    if let Some(e) = &records_damage {
+        problems.push(Problem {
+            subject: "metadata records".into(),
+            what: format!(
+                "cannot all be read in one scan ({e}): the rest are read one by one"
+            ),
+        });
+    }
     let mut expected = 1u64;
-    ledger.for_each_entry(|seq, entry| {
+    let entries_damage = ledger.for_each_entry_salvaging(n, |seq, entry| {
         progress.tick("entries", seq);
         if seq != expected {
             problems.push(Problem {
@@ -186,6 +297,9 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         range.push(merkle::leaf_hash(&encoded));
         while let Some((size, note)) = next_cp.next_if(|(s, _)| *s == seq) {
             check_checkpoint(*size, note, range.root(), &mut problems);
+        }
+        while let Some(s) = next_saved.next_if(|s| s.cp.size == seq) {
+            check_saved(s, range.root(), &mut problems);
         }
         if entry.event == crate::ledger::Event::Forward {
             // An audit record about an earlier stored entry, whose commitments it copies.
@@ -276,7 +390,22 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         if let Some(w) = stored.get_mut((seq / 64) as usize) {
             *w |= 1 << (seq % 64);
         }
-        let subject = match record_for(&records, seq, &entry.instance_key).as_deref() {
+        // Records the scan could not reach are read one by one.
+        let salvaged = match (&records_damage, record_for(&records, seq, &entry.instance_key)) {
+            (Some(_), None) => match ledger.record_of(&entry) {
+                Ok(Some(raw)) => Some(Cow::Owned(check_raw(
+                    &RecordKey::Instance(entry.instance_key),
+                    &raw,
+                ))),
+                Ok(None) => None,
+                Err(e) => Some(Cow::Owned(RecordCheck::Bad {
+                    subject: None,
+                    what: format!("metadata record is unreadable: {e}"),
+                })),
+            },
+            (_, found) => found,
+        };
+        let subject = match salvaged.as_deref() {
             None => {
                 deferred.push((seq, Problem {
                     subject: format!("entry {seq}"),
@@ -312,6 +441,21 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
             with_objects.push((subject, entry));
         }
     })?;
+    if let Some(e) = entries_damage {
+        problems.push(Problem {
+            subject: "entries".into(),
+            what: format!("cannot all be read in one scan ({e}): the rest were read one by one"),
+        });
+    }
+    for s in next_saved {
+        problems.push(Problem {
+            subject: s.subject.clone(),
+            what: format!(
+                "signed for {} entries but the chain has only {n}: the ledger was rolled back",
+                s.cp.size
+            ),
+        });
+    }
     for (size, _) in next_cp {
         problems.push(Problem {
             subject: format!("checkpoint {size}"),
@@ -395,7 +539,17 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
                     },
                 )
             };
-            let key = ledger.object_key(&entry.object_name)?;
+            let key = match ledger.object_key(&entry.object_name) {
+                Ok(k) => k,
+                Err(e) if is_damage(&e) => {
+                    object_problems.push(problem(format!(
+                        "the key record of pixel object {} is unreadable: {e}",
+                        entry.object_name
+                    )));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if key.is_none() && crate::retrieve::needs_key_record(entry) {
                 object_problems.push(problem(format!(
                     "the key record of pixel object {} is missing (it cannot be decrypted)",
@@ -525,15 +679,35 @@ fn record_for<'r>(
     }
 }
 
-/// Every record hashed (and checked against the key it is filed under), in parallel batches.
+/// Whether a ledger error is damaged bytes (a bad checksum), which verify reports and reads
+/// around, rather than a reason to stop.
+fn is_damage(e: &LedgerError) -> bool {
+    match e {
+        LedgerError::Read(source) | LedgerError::Open { source, .. } => {
+            crate::ledger::scrub::is_corruption(source)
+        }
+        LedgerError::Damaged { .. } => true,
+        _ => false,
+    }
+}
+
+/// Every record hashed (and checked against the key it is filed under), in parallel batches;
+/// with the damage that stopped the scan early, if any (the records read before it are kept).
+#[allow(clippy::type_complexity)]
 fn check_records(
     ledger: &Ledger,
-) -> Result<std::collections::HashMap<RecordKey, RecordCheck>, LedgerError> {
+) -> Result<
+    (
+        std::collections::HashMap<RecordKey, RecordCheck>,
+        Option<LedgerError>,
+    ),
+    LedgerError,
+> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
     let mut out = std::collections::HashMap::new();
-    ledger.for_each_record_batch(16_384, |batch| {
+    let scanned = ledger.for_each_record_batch(16_384, |batch| {
         let per = batch.len().div_ceil(threads).max(1);
         let results: Vec<Vec<(RecordKey, RecordCheck)>> = std::thread::scope(|s| {
             let handles: Vec<_> = batch
@@ -553,8 +727,12 @@ fn check_records(
                 .collect()
         });
         out.extend(results.into_iter().flatten());
-    })?;
-    Ok(out)
+    });
+    match scanned {
+        Ok(()) => Ok((out, None)),
+        Err(e) if is_damage(&e) => Ok((out, Some(e))),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ mod ops;
 mod privacy;
 mod reliability;
 mod retrieve;
+mod rollback;
 mod roundtrip;
 mod s3;
 mod tls;

@@ -46,8 +46,10 @@ pub mod erase;
 pub mod forward;
 pub mod merkle;
 pub mod pending;
+pub mod scrub;
 pub mod trail;
 pub mod unacked;
+pub mod witness;
 
 // Group-local maps keyed by our own numbers and UIDs of at most one group: no need for SipHash.
 use rustc_hash::FxHashMap as HashMap;
@@ -99,6 +101,35 @@ pub enum LedgerError {
         #[source]
         source: rocksdb::Error,
     },
+    /// RocksDB found damaged bytes while opening (its write-ahead log is recovered with
+    /// absolute consistency: a damaged record stops the open instead of cutting the log there).
+    #[error(
+        "the ledger at {path} is damaged and was not opened, so nothing in it was dropped or \
+         deleted ({source}). Keep a copy of the directory; then restore the ledger from a backup, \
+         or accept the loss of everything after the damage with `dicomchain ledger \
+         accept-rollback` (see docs/LEDGER.md)"
+    )]
+    Damaged {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+    /// The ledger is shorter than, or differs from, the checkpoint last signed (kept in the
+    /// checkpoint file beside it, see [`witness`]).
+    #[error(
+        "the ledger at {path} does not hold the checkpoint signed last (recorded in {file}): \
+         {what}. The node refuses to run on it (it would sign a fork of its own log and could \
+         delete acknowledged objects). Keep copies of both; restore the ledger from a backup that \
+         holds that checkpoint, or accept the loss with `dicomchain ledger accept-rollback` (see \
+         docs/LEDGER.md)"
+    )]
+    RolledBack {
+        path: PathBuf,
+        file: PathBuf,
+        what: String,
+    },
+    #[error("{0}")]
+    Witness(#[from] witness::WitnessError),
     #[error("ledger write failed: {0}")]
     Write(#[source] rocksdb::Error),
     #[error("ledger read failed: {0}")]
@@ -244,6 +275,10 @@ struct Inner {
     forward_wakeup: Arc<tokio::sync::Notify>,
     /// The pending-object notes not settled yet (the writer only).
     notes: Option<Arc<Mutex<pending::NoteBook>>>,
+    /// Damage found in the ledger's files since it was opened (see [`scrub`]).
+    damage: Arc<Mutex<Vec<scrub::Damage>>>,
+    /// The background scrub: its stop flag and thread (stopped before the committer).
+    scrubber: Mutex<Option<(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>>,
 }
 
 const ALL_CFS: [&str; 8] = [
@@ -295,25 +330,73 @@ impl Ledger {
 
     /// Opens the ledger as its single writer; with `checkpointing`, the committer signs
     /// checkpoints of the tree as it grows.
+    ///
+    /// Refuses a ledger whose write-ahead log is damaged ([`LedgerError::Damaged`]), and one
+    /// that does not hold the checkpoint recorded in its checkpoint file
+    /// ([`LedgerError::RolledBack`], see [`witness`]).
     pub fn open_with(
         path: &Path,
         checkpointing: Option<Checkpointing>,
         spool: Option<PathBuf>,
     ) -> Result<Ledger, LedgerError> {
+        Ledger::open_writer(path, checkpointing, spool, false).map(|(l, _)| l)
+    }
+
+    /// The operator's way out of [`LedgerError::Damaged`] and [`LedgerError::RolledBack`]:
+    /// opens the ledger with RocksDB's point-in-time recovery (a damaged write-ahead log is cut
+    /// at the damage), sets the checkpoint file aside (renamed `….rejected-<time>`, kept as
+    /// evidence), writes a new one from the newest checkpoint the ledger still holds, and
+    /// records a security alert on the ledger. Checkpoints signed later may fork the ones given
+    /// up: whoever holds those must be told.
+    pub fn accept_rollback(path: &Path) -> Result<RollbackAccepted, LedgerError> {
+        let (ledger, accepted) = Ledger::open_writer(path, None, None, true)?;
+        ledger.close();
+        accepted.ok_or_else(|| LedgerError::Corrupt("rollback not recorded".into()))
+    }
+
+    fn open_writer(
+        path: &Path,
+        checkpointing: Option<Checkpointing>,
+        spool: Option<PathBuf>,
+        accept_rollback: bool,
+    ) -> Result<(Ledger, Option<RollbackAccepted>), LedgerError> {
         if let Some(parent) = path.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
-        let db =
-            DB::open_cf_descriptors(&db_options(), path, cf_descriptors()).map_err(|source| {
+        let mut options = db_options();
+        if !accept_rollback {
+            // The default, point-in-time recovery, replays the log up to the first damaged
+            // record and silently drops every record after it, acknowledged and signed ones
+            // included. A clean kill leaves whole records (a record is one write(2), and a
+            // C-STORE is answered only after its group's fsync), so only damage stops the open.
+            options.set_wal_recovery_mode(rocksdb::DBRecoveryMode::AbsoluteConsistency);
+        }
+        let db = DB::open_cf_descriptors(&options, path, cf_descriptors()).map_err(|source| {
+            if scrub::is_corruption(&source) {
+                LedgerError::Damaged {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            } else {
                 LedgerError::Open {
                     path: path.to_path_buf(),
                     source,
                 }
-            })?;
+            }
+        })?;
         let db = Arc::new(db);
         let head = read_head(&db)?;
         backfill_tree(&db, head.map(|h| h.0).unwrap_or(0))?;
-        let last_checkpoint = check_last_checkpoint(&db, head.map(|h| h.0).unwrap_or(0))?;
+        let stored_checkpoint = check_last_checkpoint(&db, head.map(|h| h.0).unwrap_or(0))?;
+        let witness_path = witness::path_for(path);
+        let (witnessed, alerts, accepted) = check_witness(
+            &db,
+            path,
+            &witness_path,
+            head.map(|h| h.0).unwrap_or(0),
+            accept_rollback,
+        )?;
+        let last_checkpoint = stored_checkpoint.max(witnessed);
         let book = pending::NoteBook::open(&db)?;
         let note_floor = book.first();
         let notes = Arc::new(Mutex::new(book));
@@ -327,6 +410,7 @@ impl Ledger {
                 head,
                 checkpointing,
                 spool,
+                witness: witness_path,
                 last_checkpoint,
                 last_signed: None,
                 compactor: None,
@@ -338,7 +422,7 @@ impl Ledger {
                 .spawn(move || committer.run(rx))
                 .map_err(|e| LedgerError::Corrupt(format!("cannot start committer thread: {e}")))?
         };
-        Ok(Ledger {
+        let ledger = Ledger {
             inner: Arc::new(Inner {
                 db,
                 path: path.to_path_buf(),
@@ -347,8 +431,78 @@ impl Ledger {
                 secondary: false,
                 forward_wakeup,
                 notes: Some(notes),
+                damage: Default::default(),
+                scrubber: Mutex::new(None),
             }),
-        })
+        };
+        for record in alerts {
+            ledger.audit(record);
+        }
+        Ok((ledger, accepted))
+    }
+
+    /// Reads every column family back in a thread of its own (see [`scrub`]); damage found is
+    /// logged, recorded on the ledger as a security alert and reported by [`Ledger::damage`].
+    pub fn scrub_in_background(&self) {
+        let Ok(mut slot) = self.inner.scrubber.lock() else {
+            return;
+        };
+        if self.inner.secondary || slot.is_some() {
+            return;
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let db = self.inner.db.clone();
+        let damage = self.inner.damage.clone();
+        let tx = self.inner.tx.lock().ok().and_then(|t| t.clone());
+        let flag = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ledger-scrub".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let scan = scrub::scan(&db, &ALL_CFS, &flag);
+                if scan.stopped {
+                    return;
+                }
+                if scan.damage.is_empty() {
+                    tracing::info!(keys = scan.keys, secs = started.elapsed().as_secs_f64(), "ledger read back: every block's checksum intact");
+                    return;
+                }
+                for d in &scan.damage {
+                    tracing::error!(damage = %d, "the ledger is damaged: a table file no longer matches its checksums; what it held cannot be served (run `dicomchain verify`, restore from a backup)");
+                    if let Some(tx) = &tx {
+                        let (reply, _) = oneshot::channel();
+                        let _ = tx.send(Job::Audit {
+                            record: damage_alert(d),
+                            reply,
+                        });
+                    }
+                }
+                if let Ok(mut slot) = damage.lock() {
+                    slot.extend(scan.damage);
+                }
+            });
+        match spawned {
+            Ok(handle) => *slot = Some((stop, handle)),
+            Err(e) => tracing::warn!(error = %e, "cannot start the ledger scrub"),
+        }
+    }
+
+    /// Damage found in the ledger's files since it was opened (empty when none).
+    pub fn damage(&self) -> Vec<scrub::Damage> {
+        self.inner
+            .damage
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default()
+    }
+
+    /// Reads every column family back now (for `verify`, on a read-only view).
+    pub fn scrub(&self) -> scrub::Scan {
+        scrub::scan(
+            &self.inner.db,
+            &ALL_CFS,
+            &std::sync::atomic::AtomicBool::new(false),
+        )
     }
 
     /// Opens a read-only view that follows a ledger another process (the running node) may be
@@ -402,6 +556,8 @@ impl Ledger {
                 secondary: true,
                 forward_wakeup: Arc::new(tokio::sync::Notify::new()),
                 notes: None,
+                damage: Default::default(),
+                scrubber: Mutex::new(None),
             }),
         })
     }
@@ -476,6 +632,7 @@ impl Ledger {
 
     /// Stops the committer after it has finished the requests already queued, and flushes.
     pub fn close(&self) {
+        self.inner.stop_scrub();
         if let Ok(mut tx) = self.inner.tx.lock() {
             tx.take();
         }
@@ -687,6 +844,59 @@ impl Ledger {
         Ok(())
     }
 
+    /// Like [`Ledger::for_each_entry`], but a read error (a damaged block) does not end the
+    /// walk: the entries after the last one read, up to `upper`, are then read one by one, and
+    /// those that cannot be are visited with their error. Returns the error that stopped the
+    /// sequential scan, if one did.
+    pub fn for_each_entry_salvaging(
+        &self,
+        upper: u64,
+        mut f: impl FnMut(u64, Result<Entry, LedgerError>),
+    ) -> Result<Option<LedgerError>, LedgerError> {
+        let cf = self.cf(CF_ENTRIES)?;
+        let decode = |seq: u64, v: &[u8]| {
+            Entry::decode(v).map_err(|e| LedgerError::Corrupt(format!("entry {seq}: {e}")))
+        };
+        let mut last = 0;
+        for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(stopped) => {
+                    for seq in last + 1..=upper {
+                        match self.inner.db.get_cf(cf, seq.to_be_bytes()) {
+                            Ok(Some(v)) => f(seq, decode(seq, &v)),
+                            Ok(None) => {}
+                            Err(e) => f(seq, Err(LedgerError::Read(e))),
+                        }
+                    }
+                    return Ok(Some(LedgerError::Read(stopped)));
+                }
+            };
+            let seq = <[u8; 8]>::try_from(&k[..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| LedgerError::Corrupt("entry key".into()))?;
+            last = seq;
+            f(seq, decode(seq, &v));
+        }
+        Ok(None)
+    }
+
+    /// The highest sequence number in the entries' table files: how far the chain reaches when
+    /// its newest entries cannot be read.
+    pub fn entries_in_files(&self) -> Result<u64, LedgerError> {
+        Ok(self
+            .inner
+            .db
+            .live_files()
+            .map_err(LedgerError::Read)?
+            .into_iter()
+            .filter(|f| f.column_family_name == CF_ENTRIES)
+            .filter_map(|f| f.end_key)
+            .filter_map(|k| <[u8; 8]>::try_from(&k[..]).ok().map(u64::from_be_bytes))
+            .max()
+            .unwrap_or(0))
+    }
+
     /// Visits every metadata record (in key order: those keyed by sequence number first) with
     /// one sequential scan, in batches (for audits that hash them in parallel).
     pub fn for_each_record_batch(
@@ -826,8 +1036,20 @@ fn keys_under(
     Ok(out)
 }
 
+impl Inner {
+    /// Stops the background scrub (it holds a sender of the committer's channel, so it must end
+    /// before the committer is told to).
+    fn stop_scrub(&self) {
+        if let Some((stop, handle)) = self.scrubber.lock().ok().and_then(|mut s| s.take()) {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = handle.join();
+        }
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
+        self.stop_scrub();
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }
@@ -1313,6 +1535,149 @@ fn check_last_checkpoint(db: &DB, entries: u64) -> Result<u64, LedgerError> {
     Ok(cp.size)
 }
 
+/// What `dicomchain ledger accept-rollback` did.
+#[derive(Debug, Clone)]
+pub struct RollbackAccepted {
+    /// Entries the ledger holds now.
+    pub entries: u64,
+    /// The size the checkpoint file recorded, if there was a readable one.
+    pub given_up: Option<u64>,
+    /// Where the old checkpoint file was moved.
+    pub set_aside: Option<PathBuf>,
+    /// The size of the newest checkpoint the ledger still holds (now in the checkpoint file).
+    pub newest: Option<u64>,
+}
+
+/// The newest stored checkpoint note and its checkpoint, if any.
+fn newest_stored_checkpoint(
+    db: &DB,
+) -> Result<Option<(String, checkpoint::Checkpoint)>, LedgerError> {
+    let cf = db
+        .cf_handle(CF_CHECKPOINTS)
+        .ok_or_else(|| LedgerError::Corrupt("missing checkpoints".into()))?;
+    let Some(item) = db.iterator_cf(cf, IteratorMode::End).next() else {
+        return Ok(None);
+    };
+    let (_, note) = item.map_err(LedgerError::Read)?;
+    let note = String::from_utf8_lossy(&note).into_owned();
+    let cp = witness::parse_note(&note)
+        .map_err(|e| LedgerError::Corrupt(format!("newest checkpoint: {e}")))?;
+    Ok(Some((note, cp)))
+}
+
+/// A security alert (110113, outcome 1) about the ledger itself, for the trail.
+fn ledger_alert(detail: String) -> trail::AuditRecord {
+    trail::AuditRecord {
+        event_id: trail::id::SECURITY_ALERT,
+        calling_ae: "dicomchain".into(),
+        peer: "-".into(),
+        status: 1,
+        detail,
+        ..Default::default()
+    }
+}
+
+fn damage_alert(d: &scrub::Damage) -> trail::AuditRecord {
+    ledger_alert(format!("ledger damaged: {d}"))
+}
+
+/// Deletes the pending-object notes (but those of erased instances' objects). After a rollback
+/// the notes of objects whose entries were lost survive, and the next start would delete those
+/// objects as interrupted C-STOREs although they were acknowledged; kept, they are orphans that
+/// `verify` lists, from which the instances can be recovered.
+fn keep_objects_of_lost_entries(db: &DB) -> Result<(), LedgerError> {
+    let cf = db
+        .cf_handle(CF_PENDING)
+        .ok_or_else(|| LedgerError::Corrupt("missing pending".into()))?;
+    let mut batch = WriteBatch::default();
+    for item in db.iterator_cf(cf, IteratorMode::Start) {
+        let (k, v) = item.map_err(LedgerError::Read)?;
+        let numbered = k.len() == 9 && k[0] == 0;
+        if numbered || v.get(32) != Some(&ERASED_NOTE) {
+            batch.delete_cf(cf, k);
+        }
+    }
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    db.write_opt(batch, &wo).map_err(LedgerError::Write)
+}
+
+/// Holds the ledger (of `entries` entries) to the checkpoint file at `file` (see [`witness`]):
+/// the size it records, the security alerts to append once the committer runs, and with
+/// `accept_rollback` what the operator gave up.
+fn check_witness(
+    db: &DB,
+    path: &Path,
+    file: &Path,
+    entries: u64,
+    accept_rollback: bool,
+) -> Result<(u64, Vec<trail::AuditRecord>, Option<RollbackAccepted>), LedgerError> {
+    let stored = newest_stored_checkpoint(db)?;
+    if accept_rollback {
+        // A damaged file is set aside like a readable one: the operator chose the ledger.
+        let old = witness::read(file).ok().flatten();
+        let set_aside = witness::set_aside(file)?;
+        keep_objects_of_lost_entries(db)?;
+        if let Some((note, _)) = &stored {
+            witness::write(file, note)?;
+        }
+        let accepted = RollbackAccepted {
+            entries,
+            given_up: old.as_ref().map(|(_, cp)| cp.size),
+            set_aside,
+            newest: stored.as_ref().map(|(_, cp)| cp.size),
+        };
+        let alert = ledger_alert(format!(
+            "rollback accepted by the operator: the ledger holds {entries} entries; the \
+             checkpoint file recorded {} (set aside as {})",
+            accepted
+                .given_up
+                .map_or("nothing readable".to_string(), |s| s.to_string()),
+            accepted
+                .set_aside
+                .as_ref()
+                .map_or("-".to_string(), |p| p.display().to_string()),
+        ));
+        tracing::warn!(entries, given_up = ?accepted.given_up, "rollback of the ledger accepted by the operator");
+        return Ok((accepted.newest.unwrap_or(0), vec![alert], Some(accepted)));
+    }
+    match witness::read(file)? {
+        None => {
+            let Some((note, cp)) = stored else {
+                return Ok((0, Vec::new(), None));
+            };
+            // Either the ledger was last run by a version that kept no such file, or the file
+            // was deleted: nothing tells the two apart, so the file is recreated from the
+            // ledger (which checked itself against its own newest checkpoint above), loudly.
+            tracing::warn!(file = %file.display(), size = cp.size, "the checkpoint file is missing although the ledger has signed checkpoints: recreated from the ledger's newest one (a rollback before now cannot be detected)");
+            witness::write(file, &note)?;
+            let alert = ledger_alert(format!(
+                "checkpoint file {} missing; recreated from the ledger's newest checkpoint at \
+                 size {}",
+                file.display(),
+                cp.size
+            ));
+            Ok((cp.size, vec![alert], None))
+        }
+        Some((_, cp)) => {
+            let standing = witness::standing(&cp, entries, |n| merkle::root(&DbNodes(db), n))?;
+            if let Some(what) = standing.describe() {
+                return Err(LedgerError::RolledBack {
+                    path: path.to_path_buf(),
+                    file: file.to_path_buf(),
+                    what,
+                });
+            }
+            // Signed and stored, but a crash came before the file was written.
+            if let Some((note, newer)) = stored.filter(|(_, s)| s.size > cp.size) {
+                witness::write(file, &note)?;
+                tracing::info!(from = cp.size, to = newer.size, "checkpoint file brought up to the ledger's newest checkpoint");
+            }
+            Ok((cp.size, Vec::new(), None))
+        }
+    }
+}
+
 impl merkle::NodeSource for Ledger {
     type Error = LedgerError;
     fn node(&self, level: u8, index: u64) -> Result<Digest32, LedgerError> {
@@ -1493,6 +1858,8 @@ struct Committer {
     checkpointing: Option<Checkpointing>,
     /// Directory where other processes (export) leave security events for the ledger.
     spool: Option<PathBuf>,
+    /// The checkpoint file, rewritten after each checkpoint is stored (see [`witness`]).
+    witness: PathBuf,
     /// Tree size of the newest stored checkpoint.
     last_checkpoint: u64,
     last_signed: Option<std::time::Instant>,
@@ -1744,12 +2111,18 @@ impl Committer {
             self.db
                 .put_cf_opt(cf, size.to_be_bytes(), note.as_bytes(), &wo)
                 .map_err(LedgerError::Write)
+                .map(|()| note)
         });
         match result {
-            Ok(()) => {
+            Ok(note) => {
                 self.last_checkpoint = size;
                 self.last_signed = Some(std::time::Instant::now());
                 tracing::debug!(size, "checkpoint signed");
+                // After the checkpoint is stored: a crash in between leaves the file one
+                // checkpoint behind, which the next open finds consistent and catches up.
+                if let Err(e) = witness::write(&self.witness, &note) {
+                    tracing::error!(error = %e, size, "checkpoint signed and stored, but the checkpoint file is not up to date: a rollback of the ledger past it would go unnoticed");
+                }
             }
             Err(e) => tracing::error!(error = %e, size, "cannot sign a checkpoint"),
         }
@@ -2827,9 +3200,12 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn checkpoints_are_signed_as_the_tree_grows_and_guard_against_truncation() {
-        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        // A directory inside: the checkpoint file goes beside the ledger.
+        let dir = tmp.path().join("l");
+        let dir = &dir;
         let vkey = checkpointing(3).signer.verifier_key();
-        let ledger = Ledger::open_with(dir.path(), Some(checkpointing(3)), None).unwrap();
+        let ledger = Ledger::open_with(dir, Some(checkpointing(3)), None).unwrap();
         for i in 0..5u8 {
             ledger
                 .store(request(&format!("6.{i}"), "1", i + 10))
@@ -2845,14 +3221,76 @@ mod tests {
         drop(ledger);
         // Remove the newest entry behind the node's back: it refuses to start.
         {
-            let db = DB::open_cf_descriptors(&db_options(), dir.path(), cf_descriptors()).unwrap();
+            let db = DB::open_cf_descriptors(&db_options(), dir, cf_descriptors()).unwrap();
             db.delete_cf(db.cf_handle(CF_ENTRIES).unwrap(), 5u64.to_be_bytes())
                 .unwrap();
         }
-        let err = Ledger::open_with(dir.path(), Some(checkpointing(3)), None)
+        let err = Ledger::open_with(dir, Some(checkpointing(3)), None)
             .err()
             .unwrap();
         assert!(err.to_string().contains("entries were removed"), "{err}");
+    }
+
+    /// A rollback the ledger cannot see in itself (its newest entries, their tree nodes and the
+    /// checkpoints that signed them all gone, as when recovery cuts a damaged write-ahead log)
+    /// is refused by the checkpoint file, until the operator accepts it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_checkpoint_file_refuses_a_consistent_rollback_until_it_is_accepted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("l");
+        let file = witness::path_for(&dir);
+        let ledger = Ledger::open_with(&dir, Some(checkpointing(3)), None).unwrap();
+        for i in 0..5u8 {
+            ledger
+                .store(request(&format!("9.{i}"), "1", i + 10))
+                .await
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        ledger.close();
+        drop(ledger);
+        let (_, cp) = witness::read(&file).unwrap().unwrap();
+        assert_eq!(cp.size, 5);
+        {
+            let db = DB::open_cf_descriptors(&db_options(), &dir, cf_descriptors()).unwrap();
+            let cf = |n| db.cf_handle(n).unwrap();
+            for n in [CF_ENTRIES, CF_CHECKPOINTS] {
+                db.delete_range_cf(cf(n), 4u64.to_be_bytes(), u64::MAX.to_be_bytes())
+                    .unwrap();
+            }
+            db.delete_range_cf(cf(CF_TREE), tree_key(3), tree_key(u64::MAX))
+                .unwrap();
+        }
+        match Ledger::open_with(&dir, Some(checkpointing(3)), None) {
+            Err(LedgerError::RolledBack { what, .. }) => {
+                assert!(what.contains("2 signed entries are gone"), "{what}")
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a rolled-back ledger opened"),
+        }
+        let accepted = Ledger::accept_rollback(&dir).unwrap();
+        assert_eq!(accepted.entries, 3);
+        assert_eq!(accepted.given_up, Some(5));
+        assert!(accepted.set_aside.unwrap().exists());
+        assert_eq!(witness::read(&file).unwrap().unwrap().1.size, 3);
+        let ledger = Ledger::open(&dir).unwrap();
+        ledger.close();
+        // The alert is on the ledger.
+        let alert = ledger.entry(4).unwrap().unwrap();
+        assert_eq!(alert.version, trail::id::SECURITY_ALERT);
+        assert!(alert.detail.contains("rollback accepted"), "{}", alert.detail);
+        drop(ledger);
+        // A missing file is recreated from the ledger (with an alert), not a reason to refuse.
+        std::fs::remove_file(&file).unwrap();
+        let ledger = Ledger::open(&dir).unwrap();
+        ledger.close();
+        assert_eq!(witness::read(&file).unwrap().unwrap().1.size, 3);
+        assert!(ledger
+            .entry(5)
+            .unwrap()
+            .unwrap()
+            .detail
+            .contains("missing; recreated"));
     }
 
     #[tokio::test(flavor = "multi_thread")]

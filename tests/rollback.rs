@@ -1,0 +1,342 @@
+//! A bad disk against the ledger: one flipped byte in RocksDB's write-ahead log after a crash,
+//! and one in a table file. Neither may roll the signed log back, delete an acknowledged
+//! object, or go unreported.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{self, assert_ok, Node};
+
+/// The newest signed checkpoint the CLI prints, and its size.
+fn checkpoint(node: &Node) -> Option<(String, u64)> {
+    let out = node.command().arg("checkpoint").output().unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    let note = String::from_utf8(out.stdout).unwrap();
+    let size = note.lines().nth(1)?.parse().ok()?;
+    Some((note, size))
+}
+
+/// Waits until the newest checkpoint covers at least `min` entries and has stopped growing.
+fn settled_checkpoint(node: &Node, min: u64) -> (String, u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    loop {
+        let now = checkpoint(node).filter(|(_, s)| *s >= min);
+        match (&last, &now) {
+            (Some((_, a)), Some((_, b))) if a == b => return now.unwrap(),
+            _ => last = now,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no settled checkpoint of {min}:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+}
+
+fn objects(node: &Node) -> BTreeSet<PathBuf> {
+    let root = node.dir.join("objects");
+    support::files_under(&root)
+        .into_iter()
+        .filter(|p| !p.strip_prefix(&root).unwrap().starts_with("tmp"))
+        .collect()
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+}
+
+/// The state a node leaves on disk: ledger, checkpoint file, objects.
+const STATE: [&str; 3] = ["ledger", "ledger.checkpoint", "objects"];
+
+fn snapshot(node: &Node, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for name in STATE {
+        if node.dir.join(name).exists() {
+            copy_tree(&node.dir.join(name), &to.join(name));
+        }
+    }
+}
+
+fn restore(node: &Node, from: &Path) {
+    for name in STATE {
+        let _ = std::fs::remove_dir_all(node.dir.join(name));
+        let _ = std::fs::remove_file(node.dir.join(name));
+        if from.join(name).exists() {
+            copy_tree(&from.join(name), &node.dir.join(name));
+        }
+    }
+}
+
+/// XORs one byte of `file` at `fraction` of its length.
+fn flip(file: &Path, fraction: f64) -> u64 {
+    let mut bytes = std::fs::read(file).unwrap();
+    assert!(!bytes.is_empty(), "{} is empty", file.display());
+    let at = ((bytes.len() as f64 * fraction) as usize).min(bytes.len() - 1);
+    bytes[at] ^= 0x5a;
+    std::fs::write(file, bytes).unwrap();
+    at as u64
+}
+
+/// The newest (highest-numbered) file of the ledger directory ending in `ext`, or the largest.
+fn ledger_file(node: &Node, ext: &str, largest: bool) -> PathBuf {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(node.dir.join("ledger"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    if largest {
+        files.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
+    } else {
+        files.sort();
+    }
+    files
+        .pop()
+        .unwrap_or_else(|| panic!("no *.{ext} in the ledger"))
+}
+
+/// Runs `serve` outside the harness: `Ok(child)` once it listens, `Err(log)` if it exits.
+fn try_serve(node: &Node, log: &Path) -> Result<std::process::Child, (i32, String)> {
+    let mut child = node
+        .command()
+        .arg("serve")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("listening") {
+            return Ok(child);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            return Err((status.code().unwrap_or(-1), text));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("node neither started nor exited:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn verify(node: &Node, extra: &[&str]) -> (i32, String) {
+    let out = node.command().arg("verify").args(extra).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The attack of issue 23, item 2: 20 instances stored and acknowledged, a checkpoint signed,
+/// kill -9, one byte flipped in the newest write-ahead log, at several offsets. Each time the
+/// node refuses to start (saying what to do) or starts with every acknowledged instance; no
+/// object is deleted, and no checkpoint that disagrees with the one signed before is signed.
+/// Then the operator's way out: accepting the rollback keeps every object, and verify holds
+/// the ledger to the checkpoint saved before.
+#[test]
+fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
+    let mut node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
+    let src = tempfile::tempdir().unwrap();
+    let files = support::make_series(src.path(), "CT", 20, 32, &[]);
+    assert_ok(&node.storescu(&[], &files), "storescu");
+    let uids: Vec<String> = files
+        .iter()
+        .map(|f| support::read_part10(f).unwrap().sop_instance_uid)
+        .collect();
+    // An association record and 20 stored instances at least.
+    let (note, signed) = settled_checkpoint(&node, 21);
+    let saved = node.dir.join("saved.checkpoint");
+    std::fs::write(&saved, &note).unwrap();
+    node.kill();
+    let stored = objects(&node);
+    assert_eq!(stored.len(), 20);
+    let snap = tempfile::tempdir().unwrap();
+    snapshot(&node, snap.path());
+
+    let mut refused = 0;
+    for (i, fraction) in [0.2, 0.5, 0.8].into_iter().enumerate() {
+        restore(&node, snap.path());
+        let wal = ledger_file(&node, "log", false);
+        let at = flip(&wal, fraction);
+        let log = node.dir.join(format!("flip-{i}.log"));
+        match try_serve(&node, &log) {
+            Err((code, text)) => {
+                refused += 1;
+                assert_ne!(code, 0, "{text}");
+                assert!(
+                    text.contains("accept-rollback") && text.contains("was not opened"),
+                    "byte {at} of {}: the refusal says what to do:\n{text}",
+                    wal.display()
+                );
+                assert!(!text.contains("reconciled"), "{text}");
+            }
+            Ok(mut child) => {
+                // Started: then with everything it acknowledged and signed.
+                let out = tempfile::tempdir().unwrap();
+                let lost: Vec<&String> = uids
+                    .iter()
+                    .filter(|uid| !node.export(&["--instance", uid], out.path()).status.success())
+                    .collect();
+                let _ = child.kill();
+                let _ = child.wait();
+                assert!(
+                    lost.is_empty(),
+                    "byte {at} of {}: {} acknowledged instances lost\n{}",
+                    wal.display(),
+                    lost.len(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                let (code, text) = verify(
+                    &node,
+                    &["--ledger-only", "--checkpoint", saved.to_str().unwrap()],
+                );
+                assert_eq!(code, 0, "byte {at}: {text}");
+            }
+        }
+        assert_eq!(
+            objects(&node),
+            stored,
+            "byte {at} of {}: objects deleted\n{}",
+            wal.display(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    assert!(refused > 0, "no flip was even noticed");
+
+    // The operator accepts the loss of the first flip: every object stays (the ones of lost
+    // entries as orphans), verify holds the ledger to the saved checkpoint and names the
+    // rollback, and the alert is on the trail.
+    restore(&node, snap.path());
+    flip(&ledger_file(&node, "log", false), 0.5);
+    let out = node
+        .command()
+        .args(["ledger", "accept-rollback"])
+        .output()
+        .unwrap();
+    assert_ok(&out, "ledger accept-rollback");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("signed entries given up"), "{said}");
+    let log = node.dir.join("accepted.log");
+    let mut child = try_serve(&node, &log).unwrap_or_else(|(c, t)| panic!("{c}: {t}"));
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(objects(&node), stored, "{}", std::fs::read_to_string(&log).unwrap());
+    let (code, text) = verify(
+        &node,
+        &["--ledger-only", "--checkpoint", saved.to_str().unwrap()],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains(&format!("signed for {signed} entries")) && text.contains("rolled back"),
+        "{text}"
+    );
+    let trail = node
+        .command()
+        .args(["audit", "--event", "110113"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&trail.stdout).contains("rollback accepted"),
+        "{}",
+        String::from_utf8_lossy(&trail.stdout)
+    );
+}
+
+/// A restored older copy of the ledger (every table file intact, the log clean) is a rollback
+/// RocksDB cannot see: the checkpoint file beside it refuses it, and `verify --checkpoint`
+/// finds it with a checkpoint saved earlier.
+#[test]
+fn a_ledger_older_than_its_checkpoint_file_is_refused() {
+    let mut node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
+    let src = tempfile::tempdir().unwrap();
+    let files = support::make_series(src.path(), "CT", 10, 32, &[]);
+    assert_ok(&node.storescu(&[], &files[..5]), "storescu");
+    node.stop();
+    let old = tempfile::tempdir().unwrap();
+    copy_tree(&node.dir.join("ledger"), &old.path().join("ledger"));
+    node.restart();
+    assert_ok(&node.storescu(&[], &files[5..]), "storescu");
+    let (note, _) = settled_checkpoint(&node, 12);
+    let saved = node.dir.join("saved.checkpoint");
+    std::fs::write(&saved, note).unwrap();
+    node.stop();
+    let stored = objects(&node);
+    copy_tree(&old.path().join("ledger"), &node.dir.join("ledger"));
+    let (code, text) = try_serve(&node, &node.dir.join("old.log")).map(|_| ()).unwrap_err();
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("does not hold the checkpoint signed last")
+            && text.contains("signed entries are gone")
+            && text.contains("accept-rollback"),
+        "{text}"
+    );
+    assert_eq!(objects(&node), stored);
+    let (code, text) = verify(
+        &node,
+        &["--ledger-only", "--checkpoint", saved.to_str().unwrap()],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("rolled back"), "{text}");
+}
+
+/// Issue 23, item 5: one byte changed in a table file. verify names the damage (exit 1) and
+/// checks everything else it can read; the node records a security alert, logs an error and
+/// reports the damage on /health.
+#[test]
+fn a_damaged_table_file_is_reported_by_verify_the_log_the_trail_and_health() {
+    let admin = support::free_port();
+    let mut node = Node::start_with(&[], &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"));
+    let src = tempfile::tempdir().unwrap();
+    let files = support::make_series(src.path(), "CT", 100, 32, &[]);
+    assert_ok(&node.storescu(&[], &files), "storescu");
+    // The next start writes the log's contents into table files.
+    node.restart();
+    node.stop();
+    let sst = ledger_file(&node, "sst", true);
+    flip(&sst, 0.5);
+
+    let (code, text) = verify(&node, &["--ledger-only"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("DAMAGED ledger") && text.contains("Corruption"),
+        "{text}"
+    );
+    // It went on: the entries were counted and checked.
+    assert!(text.contains("verify: "), "{text}");
+    assert!(!text.contains("could not run"), "{text}");
+
+    node.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let health = loop {
+        let (status, body) = support::http_get(admin, "/health");
+        if status == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "/health: {status} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(health.contains("ledger damaged"), "{health}");
+    assert!(node.log().contains("the ledger is damaged"), "{}", node.log());
+    let trail = node
+        .command()
+        .args(["audit", "--event", "110113"])
+        .output()
+        .unwrap();
+    let trail = String::from_utf8_lossy(&trail.stdout).into_owned();
+    assert!(trail.contains("ledger damaged"), "{trail}");
+}
