@@ -141,6 +141,18 @@ pub struct Rights {
     pub permissions: BTreeSet<Permission>,
     /// Empty: any address.
     pub addresses: Vec<Network>,
+    /// Only over DICOM TLS.
+    pub tls_required: bool,
+    /// Client certificate names (subject CN or DNS SAN) that may use the title; empty = any.
+    pub tls_names: Vec<String>,
+}
+
+/// How an association's connection came: plain, or TLS with the names of the client
+/// certificate the handshake verified (its subject CN and DNS SANs; empty without one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport<'a> {
+    Plain,
+    Tls { certificate_names: &'a [String] },
 }
 
 /// Why an association is refused.
@@ -152,6 +164,14 @@ pub enum Refusal {
     Address { ae: String, from: IpAddr },
     #[error("calling AE title {0:?} is restricted to addresses and the peer address is unknown")]
     UnknownAddress(String),
+    #[error("calling AE title {0:?} may associate only over DICOM TLS")]
+    TlsRequired(String),
+    #[error("calling AE title {ae:?} is bound to client certificates named {allowed:?}; this one is named {presented:?}")]
+    Certificate {
+        ae: String,
+        allowed: Vec<String>,
+        presented: Vec<String>,
+    },
 }
 
 /// One grant or revocation recorded on the ledger.
@@ -187,6 +207,8 @@ impl Acl {
                 Rights {
                     permissions: BTreeSet::new(),
                     addresses: Vec::new(),
+                    tls_required: false,
+                    tls_names: Vec::new(),
                 },
                 false,
             ));
@@ -212,6 +234,27 @@ impl Acl {
         }
     }
 
+    /// Binds a configured AE title to DICOM TLS (`required`) and, when `names` is not empty, to
+    /// client certificates with one of those names (which implies TLS). Over several peer
+    /// entries of one title the strictest wins: TLS if any entry asks for it, and the names of
+    /// all of them.
+    pub fn with_tls(mut self, ae: &str, required: bool, names: &[String]) -> Acl {
+        if let Some(r) = self.peers.get_mut(ae.trim()) {
+            r.tls_required |= required || !names.is_empty();
+            for n in names {
+                if !r.tls_names.contains(n) {
+                    r.tls_names.push(n.trim().to_string());
+                }
+            }
+        }
+        self
+    }
+
+    /// Whether `ae` is a configured peer or was made known by a grant or revocation.
+    pub fn is_known(&self, ae: &str) -> bool {
+        self.peers.contains_key(ae.trim())
+    }
+
     /// Applies a grant or revocation. An AE title the configuration does not know becomes
     /// known, from any address, starting from what unknown AEs may do.
     pub fn apply(&mut self, ae: &str, change: Change) {
@@ -224,6 +267,8 @@ impl Acl {
         let r = self.peers.entry(ae.clone()).or_insert(Rights {
             permissions: start,
             addresses: Vec::new(),
+            tls_required: false,
+            tls_names: Vec::new(),
         });
         if change.grant {
             r.permissions.extend(change.permissions.iter().copied());
@@ -253,15 +298,37 @@ impl Acl {
         self.allow_unknown
     }
 
-    /// Whether an association from `ae` at `from` may be accepted.
-    pub fn association(&self, ae: &str, from: Option<IpAddr>) -> Result<(), Refusal> {
+    /// Whether an association from `ae` at `from`, over `transport`, may be accepted.
+    pub fn association(
+        &self,
+        ae: &str,
+        from: Option<IpAddr>,
+        transport: Transport<'_>,
+    ) -> Result<(), Refusal> {
         let ae = ae.trim();
-        match self.peers.get(ae) {
-            None if self.allow_unknown => Ok(()),
-            None => Err(Refusal::UnknownAe(ae.to_string())),
-            Some(r) if r.addresses.is_empty() => Ok(()),
+        let r = match self.peers.get(ae) {
+            None if self.allow_unknown => return Ok(()),
+            None => return Err(Refusal::UnknownAe(ae.to_string())),
+            Some(r) => r,
+        };
+        match transport {
+            Transport::Plain if r.tls_required => return Err(Refusal::TlsRequired(ae.to_string())),
+            Transport::Tls { certificate_names }
+                if !r.tls_names.is_empty()
+                    && !certificate_names.iter().any(|n| r.tls_names.contains(n)) =>
+            {
+                return Err(Refusal::Certificate {
+                    ae: ae.to_string(),
+                    allowed: r.tls_names.clone(),
+                    presented: certificate_names.to_vec(),
+                })
+            }
+            _ => {}
+        }
+        match r {
+            r if r.addresses.is_empty() => Ok(()),
             // An AE restricted to addresses is refused when the address is unknown.
-            Some(r) => match from {
+            r => match from {
                 Some(ip) if r.addresses.iter().any(|n| n.contains(ip)) => Ok(()),
                 Some(ip) => Err(Refusal::Address {
                     ae: ae.to_string(),
@@ -301,8 +368,17 @@ impl LiveAcl {
         self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn association(&self, ae: &str, from: Option<IpAddr>) -> Result<(), Refusal> {
-        self.read().association(ae, from)
+    pub fn association(
+        &self,
+        ae: &str,
+        from: Option<IpAddr>,
+        transport: Transport<'_>,
+    ) -> Result<(), Refusal> {
+        self.read().association(ae, from, transport)
+    }
+
+    pub fn is_known(&self, ae: &str) -> bool {
+        self.read().is_known(ae)
     }
 
     pub fn allows(&self, ae: &str, what: Permission) -> bool {
@@ -370,17 +446,21 @@ mod tests {
             false,
         );
         let lo = Some("127.0.0.1".parse().unwrap());
-        assert_eq!(acl.association("CT1 ", lo), Ok(()));
+        assert_eq!(acl.association("CT1 ", lo, Transport::Plain), Ok(()));
         assert!(matches!(
-            acl.association("STRANGER", lo),
+            acl.association("STRANGER", lo, Transport::Plain),
             Err(Refusal::UnknownAe(_))
         ));
         assert!(matches!(
-            acl.association("VIEWER", lo),
+            acl.association("VIEWER", lo, Transport::Plain),
             Err(Refusal::Address { .. })
         ));
         assert_eq!(
-            acl.association("VIEWER", Some("10.9.9.9".parse().unwrap())),
+            acl.association(
+                "VIEWER",
+                Some("10.9.9.9".parse().unwrap()),
+                Transport::Plain
+            ),
             Ok(())
         );
         assert!(acl.allows("CT1", Permission::Store));
@@ -391,12 +471,82 @@ mod tests {
             [("CT1".to_string(), perms(&[Permission::Echo]), vec![])],
             true,
         );
-        assert_eq!(open.association("STRANGER", lo), Ok(()));
+        assert_eq!(open.association("STRANGER", lo, Transport::Plain), Ok(()));
         assert!(open.allows("STRANGER", Permission::Get));
         assert!(
             !open.allows("CT1", Permission::Store),
             "a known AE keeps its own limits"
         );
+    }
+
+    #[test]
+    fn tls_bindings_refuse_plain_and_foreign_certificates() {
+        let acl = Acl::new(
+            [
+                ("STOREONLY".to_string(), perms(&[Permission::Store]), vec![]),
+                ("ADMIN".to_string(), perms(&Permission::ALL), vec![]),
+                ("LEGACY".to_string(), perms(&[Permission::Echo]), vec![]),
+            ],
+            false,
+        )
+        .with_tls("STOREONLY", false, &["storeonly.example".to_string()])
+        .with_tls("ADMIN", true, &[])
+        .with_tls("LEGACY", false, &[]);
+        let lo = Some("127.0.0.1".parse().unwrap());
+        let admin_cert = ["ADMIN".to_string()];
+        let store_cert = ["modality".to_string(), "storeonly.example".to_string()];
+        assert_eq!(
+            acl.association("STOREONLY", lo, Transport::Plain),
+            Err(Refusal::TlsRequired("STOREONLY".into())),
+            "names imply TLS"
+        );
+        assert!(matches!(
+            acl.association(
+                "STOREONLY",
+                lo,
+                Transport::Tls {
+                    certificate_names: &admin_cert
+                }
+            ),
+            Err(Refusal::Certificate { .. })
+        ));
+        assert!(matches!(
+            acl.association(
+                "STOREONLY",
+                lo,
+                Transport::Tls {
+                    certificate_names: &[]
+                }
+            ),
+            Err(Refusal::Certificate { .. })
+        ));
+        assert_eq!(
+            acl.association(
+                "STOREONLY",
+                lo,
+                Transport::Tls {
+                    certificate_names: &store_cert
+                }
+            ),
+            Ok(()),
+            "a SAN matches"
+        );
+        assert!(matches!(
+            acl.association("ADMIN", lo, Transport::Plain),
+            Err(Refusal::TlsRequired(_))
+        ));
+        assert_eq!(
+            acl.association(
+                "ADMIN",
+                lo,
+                Transport::Tls {
+                    certificate_names: &store_cert
+                }
+            ),
+            Ok(()),
+            "TLS required, any certificate"
+        );
+        assert_eq!(acl.association("LEGACY", lo, Transport::Plain), Ok(()));
     }
 
     #[test]
@@ -420,7 +570,7 @@ mod tests {
         // A new AE title becomes known through a grant, from any address.
         acl.apply("NEW", change(11, true, &[Permission::Find]));
         assert_eq!(
-            acl.association("NEW", Some("10.0.0.1".parse().unwrap())),
+            acl.association("NEW", Some("10.0.0.1".parse().unwrap()), Transport::Plain),
             Ok(())
         );
         assert!(acl.allows("NEW", Permission::Find) && !acl.allows("NEW", Permission::Get));

@@ -241,13 +241,41 @@ pub struct NodeConfig {
     /// Our AE title; the called AE title of every association must equal it (see `check_called_ae`).
     #[serde(default = "default_ae_title")]
     pub ae_title: String,
-    /// Address and port to listen on.
+    /// Address and port of the plain (unencrypted) DICOM listener; empty = none, for a node
+    /// that speaks DICOM over TLS only (then `[node.tls] listen` is required).
     #[serde(default = "default_listen")]
     pub listen: String,
     /// Most associations served at once; a further association request is answered with
     /// A-ASSOCIATE-RJ (rejected-transient, local limit exceeded) so that the peer retries later.
+    /// A connection counts only once its A-ASSOCIATE-RQ has been accepted; before that it is
+    /// pending (see `max_pending_connections`).
     #[serde(default = "default_max_associations")]
     pub max_associations: usize,
+    /// Most associations of one calling AE title at once (default: half of `max_associations`),
+    /// so that one peer — or whoever uses its title — cannot hold every slot.
+    #[serde(default)]
+    pub max_associations_per_ae: Option<usize>,
+    /// Most associations from one source address at once (default: three quarters of
+    /// `max_associations`).
+    #[serde(default)]
+    pub max_associations_per_ip: Option<usize>,
+    /// With `allow_unknown_peers`: most associations of all unknown calling AE titles together
+    /// (default: half of `max_associations`); the rest stays for the configured peers.
+    #[serde(default)]
+    pub max_unknown_associations: Option<usize>,
+    /// Most connections that have not yet sent an accepted A-ASSOCIATE-RQ (TLS handshake
+    /// included). When full, the oldest pending connection of the source with the most of them
+    /// is closed to make room: a source that connects and stays silent only evicts its own.
+    #[serde(default = "default_max_pending_connections")]
+    pub max_pending_connections: usize,
+    /// Most pending connections from one source address (beyond it, that source's oldest
+    /// pending connection is closed).
+    #[serde(default = "default_max_pending_per_ip")]
+    pub max_pending_per_ip: usize,
+    /// New connections per second from one source address (a burst of twice as many is
+    /// allowed); a connection over the rate is closed at once. 0 = no limit.
+    #[serde(default = "default_max_connection_rate_per_ip")]
+    pub max_connection_rate_per_ip: u32,
     /// The maximum PDU length we announce. Strict: a larger PDU from a peer aborts the association.
     #[serde(default = "default_max_pdu_length")]
     pub max_pdu_length: u32,
@@ -260,8 +288,9 @@ pub struct NodeConfig {
     /// Seconds a single PDU read or write may take before the association is aborted.
     #[serde(default = "default_io_timeout")]
     pub io_timeout_secs: u64,
-    /// ARTIM (PS3.8 §9.1.5): seconds a new connection may take to send its A-ASSOCIATE-RQ
-    /// before it is closed.
+    /// ARTIM (PS3.8 §9.1.5): seconds a new connection may take, in all, to finish its TLS
+    /// handshake and send its whole A-ASSOCIATE-RQ before it is closed (a peer trickling bytes
+    /// gets no more time). Peers send their request within milliseconds of connecting.
     #[serde(default = "default_artim_timeout")]
     pub artim_timeout_secs: u64,
     /// Most bytes of incoming data sets held in memory across all associations at once
@@ -449,7 +478,17 @@ impl Config {
     /// The access rules of `[peers.*]` and `node.allow_unknown_peers` (addresses were checked
     /// by `validate`).
     pub fn acl(&self) -> crate::acl::Acl {
-        crate::acl::Acl::new(
+    /// This AE title may associate only over DICOM TLS (`[node.tls]`); a plain association
+    /// with it is rejected.
+    #[serde(default)]
+    pub tls_required: bool,
+    /// Client certificate names that may use this AE title: the certificate's subject CN or
+    /// one of its DNS subject alternative names must equal one of them (mutual TLS,
+    /// `[node.tls] client_ca`). Non-empty implies `tls_required`. Empty = any certificate the
+    /// client CA signed.
+    #[serde(default)]
+    pub tls_names: Vec<String>,
+        let acl = crate::acl::Acl::new(
             self.peers.values().map(|p| {
                 (
                     p.ae_title.clone(),
@@ -465,7 +504,10 @@ impl Config {
                 )
             }),
             self.node.allow_unknown_peers,
-        )
+        );
+        self.peers.values().fold(acl, |acl, p| {
+            acl.with_tls(&p.ae_title, p.tls_required, &p.tls_names)
+        })
     }
 }
 
@@ -484,6 +526,15 @@ fn default_max_pdu_length() -> u32 {
 fn default_true() -> bool {
     true
 }
+fn default_max_pending_connections() -> usize {
+    128
+}
+fn default_max_pending_per_ip() -> usize {
+    16
+}
+fn default_max_connection_rate_per_ip() -> u32 {
+    50
+}
 fn default_idle_timeout() -> u64 {
     300
 }
@@ -494,7 +545,7 @@ fn default_drain_timeout() -> u64 {
     30
 }
 fn default_artim_timeout() -> u64 {
-    30
+    10
 }
 fn default_max_bytes_in_flight() -> usize {
     1024 * 1024 * 1024
@@ -560,6 +611,12 @@ impl Default for NodeConfig {
             io_timeout_secs: default_io_timeout(),
             drain_timeout_secs: default_drain_timeout(),
             artim_timeout_secs: default_artim_timeout(),
+            max_associations_per_ae: None,
+            max_associations_per_ip: None,
+            max_unknown_associations: None,
+            max_pending_connections: default_max_pending_connections(),
+            max_pending_per_ip: default_max_pending_per_ip(),
+            max_connection_rate_per_ip: default_max_connection_rate_per_ip(),
             max_bytes_in_flight: default_max_bytes_in_flight(),
             max_metadata_bytes: default_max_metadata(),
             max_find_results: default_max_find_results(),
@@ -623,8 +680,12 @@ impl StoreConfig {
 }
 
 impl NodeConfig {
-    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.listen.parse().map_err(|e| {
+    /// The plain listener's address; `None` when it is off (`listen = ""`).
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|e| {
             invalid(
                 "node.listen",
                 format!("`{}` is not an address:port ({e})", self.listen),
@@ -656,6 +717,21 @@ impl S3StoreConfig {
     }
     /// The secret key, from the value or from `secret_key_file` (trailing newline trimmed).
     pub fn resolved_secret_key(&self) -> Result<String, ConfigError> {
+    /// The admission bounds, with the defaults that depend on `max_associations` filled in.
+    pub fn admission_limits(&self) -> crate::dimse::admission::Limits {
+        let max = self.max_associations;
+        crate::dimse::admission::Limits {
+            max_associations: max,
+            max_associations_per_ae: self.max_associations_per_ae.unwrap_or(max.div_ceil(2)),
+            max_associations_per_ip: self.max_associations_per_ip.unwrap_or((max * 3).div_ceil(4)),
+            max_unknown_associations: self
+                .max_unknown_associations
+                .unwrap_or(max.div_ceil(2)),
+            max_pending: self.max_pending_connections,
+            max_pending_per_ip: self.max_pending_per_ip,
+            connection_rate_per_ip: self.max_connection_rate_per_ip,
+        }
+    }
         resolve_secret(
             "store.s3.secret_key",
             &self.secret_key,
@@ -727,7 +803,24 @@ impl Config {
                 "must be 1-16 printable ASCII characters, no backslash",
             ));
         }
-        self.node.listen_addr()?;
+        let plain = self.node.listen_addr()?;
+        if plain.is_none() && self.node.tls.listen_addr()?.is_none() {
+            return Err(invalid(
+                "node.listen",
+                "is empty (plain listener off) and node.tls.listen is not set: the node would not listen at all",
+            ));
+        }
+        for (key, v) in [
+            ("node.max_associations_per_ae", self.node.max_associations_per_ae),
+            ("node.max_associations_per_ip", self.node.max_associations_per_ip),
+            ("node.max_unknown_associations", self.node.max_unknown_associations),
+            ("node.max_pending_connections", Some(self.node.max_pending_connections)),
+            ("node.max_pending_per_ip", Some(self.node.max_pending_per_ip)),
+        ] {
+            if v == Some(0) {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
         if self.node.tls.listen_addr()?.is_some()
             && (self.node.tls.cert.as_os_str().is_empty()
                 || self.node.tls.key.as_os_str().is_empty())
@@ -876,6 +969,23 @@ impl Config {
         if f.max_attempts == 0 {
             return Err(invalid("forwarding.max_attempts", "must be at least 1"));
         }
+            if (peer.tls_required || !peer.tls_names.is_empty())
+                && self.node.tls.listen.is_empty()
+            {
+                return Err(invalid(
+                    &format!("peers.{name}.tls_required"),
+                    "this peer may associate only over TLS, but node.tls.listen is not set",
+                ));
+            }
+            if !peer.tls_names.is_empty() && self.node.tls.client_ca.as_os_str().is_empty() {
+                return Err(invalid(
+                    &format!("peers.{name}.tls_names"),
+                    "names a client certificate, but node.tls.client_ca is not set (no client certificate is asked for)",
+                ));
+            }
+            if peer.tls_names.iter().any(|n| n.trim().is_empty()) {
+                return Err(invalid(&format!("peers.{name}.tls_names"), "a name must not be empty"));
+            }
         if f.retry_initial_ms == 0 || f.retry_initial_ms > 3_600_000 {
             return Err(invalid(
                 "forwarding.retry_initial_ms",

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub associations_open: AtomicI64,
     pub associations_total: AtomicU64,
     pub associations_rejected: AtomicU64,
+    /// Connections closed before an association request: over their source's rate, evicted
+    /// from the pending pool, or silent past the ARTIM timeout.
+    pub connections_dropped: AtomicU64,
     pub instances_stored: AtomicU64,
     pub instances_duplicate: AtomicU64,
     pub instances_failed: AtomicU64,
@@ -89,6 +92,12 @@ impl Metrics {
             "counter",
             "Association requests rejected since start.",
             c(&self.associations_rejected),
+        );
+        metric(
+            "dicomchain_connections_dropped_total",
+            "counter",
+            "Connections closed before an association request (rate limit, pending pool full, ARTIM timeout).",
+            c(&self.connections_dropped),
         );
         metric(
             "dicomchain_instances_stored_total",

@@ -79,12 +79,15 @@ pub async fn run(
         Ok(n) => info!(deleted = n, "reconciled objects of interrupted C-STOREs"),
         Err(e) => return Err(StartError::Reconcile(e.to_string())),
     }
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: addr.to_string(),
-            source,
-        })?;
+    let listener = match addr {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| {
+            StartError::Bind {
+                addr: addr.to_string(),
+                source,
+            }
+        })?),
+        None => None,
+    };
     let tls = match cfg.node.tls.listen_addr()? {
         Some(addr) => {
             let acceptor = crate::dimse::tls::acceptor(&cfg.node.tls)
@@ -100,10 +103,14 @@ pub async fn run(
         }
         None => None,
     };
-    let local = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let local = match (&listener, &tls) {
+        (Some(l), _) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        (None, Some((l, _))) => l
+            .local_addr()
+            .map(|a| format!("{a} (TLS only)"))
+            .unwrap_or_default(),
+        (None, None) => String::new(),
+    };
     let mut rules = cfg.acl();
     for (ae, change) in ledger.acl_history()? {
         rules.apply(&ae, change);
@@ -179,6 +186,8 @@ pub async fn run(
             store: ctx.services.store.clone(),
         };
         tokio::spawn(crate::metrics::serve_admin(
+        admission: crate::dimse::admission::Admission::new(cfg.node.admission_limits()),
+        rejections: Default::default(),
             l,
             ledger.clone(),
             ctx.services.store.clone(),

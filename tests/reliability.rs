@@ -500,6 +500,9 @@ fn sixteen_associations_store_ten_thousand_instances() {
 fn a_connection_beyond_the_association_limit_is_rejected_transiently() {
     let node = Node::start_with_env(&[
         ("DICOMCHAIN__NODE__MAX_ASSOCIATIONS", "2"),
+        // Both held associations come from one unknown AE title on one address.
+        ("DICOMCHAIN__NODE__MAX_ASSOCIATIONS_PER_AE", "2"),
+        ("DICOMCHAIN__NODE__MAX_UNKNOWN_ASSOCIATIONS", "2"),
         ("DICOMCHAIN__NODE__ARTIM_TIMEOUT_SECS", "2"),
         ("DICOMCHAIN__NODE__IDLE_TIMEOUT_SECS", "10"),
     ]);

@@ -8,6 +8,7 @@ mod cli;
 mod find;
 mod forward;
 mod ledger;
+mod lockout;
 mod network;
 mod ops;
 mod privacy;

@@ -1,6 +1,7 @@
 //! DICOM over TLS with DCMTK: storescu and findscu with client certificates (mutual TLS), a
 //! client whose certificate another CA signed and one without a certificate refused, the plain
-//! port unaffected.
+//! port unaffected; AE titles bound to TLS and to certificate names, and a node with no plain
+//! listener at all.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -88,6 +89,14 @@ impl Pki {
         leaf("server", "ca", server);
         leaf("client", "ca", client);
         leaf("intruder", "other-ca", client);
+        // For the AE-title bindings: a certificate named ADMIN, and one for a modality whose
+        // DNS name (a SAN) is what its AE title is bound to.
+        leaf("ADMIN", "ca", client);
+        leaf(
+            "storeonly",
+            "ca",
+            &format!("{client}subjectAltName=DNS:storeonly.example\n"),
+        );
         Pki {
             dir: dir.to_path_buf(),
         }
@@ -249,4 +258,108 @@ fn a_missing_certificate_file_stops_startup_naming_it() {
         err.contains("node.tls.cert") && err.contains("nope.crt"),
         "{err}"
     );
+}
+
+/// Issue 23, item 4: with mutual TLS on the TLS port, an AE title could still associate in
+/// plain text, and a certificate issued to CN=ADMIN was accepted for AE title STOREONLY.
+#[test]
+fn tls_bound_ae_titles_refuse_plain_text_and_other_certificates() {
+    let keys = tempfile::tempdir().unwrap();
+    let pki = Pki::new(keys.path());
+    let tls_port = support::free_port();
+    let peers = "[peers.admin]\nae_title = \"ADMIN\"\nhost = \"127.0.0.1\"\nport = 1\ntls_required = true\n\
+        [peers.storeonly]\nae_title = \"STOREONLY\"\nhost = \"127.0.0.1\"\nport = 1\npermissions = [\"echo\", \"store\"]\ntls_names = [\"storeonly.example\"]\n\
+        [peers.legacy]\nae_title = \"LEGACY\"\nhost = \"127.0.0.1\"\nport = 1\n";
+    let mut node = Node::start_with(
+        &[
+            ("DICOMCHAIN__NODE__ALLOW_UNKNOWN_PEERS", "false"),
+            (
+                "DICOMCHAIN__NODE__TLS__LISTEN",
+                &format!("127.0.0.1:{tls_port}"),
+            ),
+            ("DICOMCHAIN__NODE__TLS__CERT", &pki.path("server.crt")),
+            ("DICOMCHAIN__NODE__TLS__KEY", &pki.path("server.key")),
+            ("DICOMCHAIN__NODE__TLS__CLIENT_CA", &pki.path("ca.crt")),
+        ],
+        peers,
+    );
+    let port = node.port;
+    let plain_echo = |aet: &str| {
+        Command::new("/usr/bin/echoscu")
+            .args(["-aet", aet, "-aec", AE, "127.0.0.1", &port.to_string()])
+            .output()
+            .unwrap()
+    };
+    let tls_echo = |who: &str, aet: &str| dcmtk_tls("echoscu", &pki, Some(who), tls_port, &["-aet", aet]);
+
+    // TLS required: refused in plain text, accepted over TLS.
+    let out = plain_echo("ADMIN");
+    assert!(!out.status.success(), "ADMIN associated in plain text");
+    assert!(support::output_text(&out).contains("Association Rejected"), "{}", support::output_text(&out));
+    assert_ok(&tls_echo("client", "ADMIN"), "ADMIN over TLS");
+    // Bound to certificate names: the ADMIN certificate cannot speak for STOREONLY, the
+    // certificate whose SAN is bound to it can; nor can STOREONLY use plain text.
+    assert!(
+        !tls_echo("ADMIN", "STOREONLY").status.success(),
+        "a certificate for CN=ADMIN was accepted for AE title STOREONLY"
+    );
+    assert!(!plain_echo("STOREONLY").status.success());
+    assert_ok(&tls_echo("storeonly", "STOREONLY"), "STOREONLY with its own certificate");
+    // A peer without TLS settings keeps plain DICOM.
+    assert_ok(&plain_echo("LEGACY"), "LEGACY in plain text");
+    // The first refusal from an address is logged and recorded with its reason; the rest of
+    // the minute's are summed up on the audit trail (written at the latest when the node stops).
+    let log = plain(&node.log());
+    assert!(log.contains("may associate only over DICOM TLS"), "{log}");
+    node.stop();
+    let out = node.command().args(["audit", "--json"]).output().unwrap();
+    assert_ok(&out, "dicomchain audit --json");
+    let trail = String::from_utf8_lossy(&out.stdout);
+    assert!(trail.contains("association rejected: access control: calling AE title \\\"ADMIN\\\" may associate only over DICOM TLS"), "{trail}");
+    assert!(
+        trail.contains("2 further association(s) rejected from 127.0.0.1")
+            && trail.contains("1x TLS required")
+            && trail.contains("1x client certificate not bound to the AE title"),
+        "{trail}"
+    );
+}
+
+/// Issue 23, item 4: `listen = ""` turns the plain listener off.
+#[test]
+fn the_plain_listener_can_be_turned_off() {
+    let keys = tempfile::tempdir().unwrap();
+    let pki = Pki::new(keys.path());
+    let tls_port = support::free_port();
+    let node = Node::start_with_env(&[
+        ("DICOMCHAIN__NODE__LISTEN", ""),
+        (
+            "DICOMCHAIN__NODE__TLS__LISTEN",
+            &format!("127.0.0.1:{tls_port}"),
+        ),
+        ("DICOMCHAIN__NODE__TLS__CERT", &pki.path("server.crt")),
+        ("DICOMCHAIN__NODE__TLS__KEY", &pki.path("server.key")),
+        ("DICOMCHAIN__NODE__TLS__CLIENT_CA", &pki.path("ca.crt")),
+    ]);
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err(),
+        "something listens on the plain port"
+    );
+    assert_ok(
+        &dcmtk_tls("echoscu", &pki, Some("client"), tls_port, &[]),
+        "echoscu over TLS with the plain listener off",
+    );
+    assert!(plain(&node.log()).contains("TLS only"), "{}", node.log());
+    // With neither listener the node refuses to start, naming the key.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dicomchain.toml");
+    std::fs::write(&config, "[node]\nlisten = \"\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dicomchain"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node.listen") && err.contains("would not listen at all"), "{err}");
 }

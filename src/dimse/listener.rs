@@ -1,74 +1,107 @@
-//! The accept loop, in the shape of mini-redis's server: a semaphore bounds the associations
-//! served at once to `max_associations`; a connection beyond it is not left waiting in the
-//! kernel's backlog (a modality would hang until its own timeout) but gets its A-ASSOCIATE-RQ
-//! answered with A-ASSOCIATE-RJ rejected-transient "local limit exceeded", so it retries later.
-//! Those refusals are themselves bounded ([`MAX_REFUSING`]); beyond that a connection is closed
-//! at once. Every socket gets TCP_NODELAY (without it, Nagle against delayed ACK stalls each
-//! C-STORE-RSP by ~40 ms), accept errors back off instead of spinning, and shutdown drains: stop
-//! accepting, let every association finish the message it is in within the drain timeout, then
-//! abort the rest.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! The accept loop, in the shape of mini-redis's server, with the admission rules of
+//! [`admission`](super::admission): a new connection is *pending* until its A-ASSOCIATE-RQ has
+//! been accepted, and only then takes an association slot. Pending connections live in their
+//! own bounded pool under the ARTIM deadline (TLS handshake included), so connections that
+//! never send a byte — to either port — cannot keep a known peer out. Each source address has
+//! a connection rate; a connection over it is closed at once.
+//!
+//! Every socket gets TCP_NODELAY (without it, Nagle against delayed ACK stalls each
+//! C-STORE-RSP by ~40 ms), accept errors back off instead of spinning, and shutdown drains:
+//! stop accepting, close the pending connections, let every association finish the message it
+//! is in within the drain timeout, then abort the rest.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
+use super::admission::Pending;
 use super::connection::Stream;
 use super::service::{self, NodeContext};
+use crate::acl::Transport;
+
+/// How an accepted connection's stream came to be.
+pub struct Secured {
+    pub stream: Box<dyn Stream>,
+    /// `None`: plain TCP; `Some(names)`: TLS, with the client certificate's names.
+    pub tls: Option<Vec<String>>,
+}
+
+impl Secured {
+    pub fn transport(&self) -> Transport<'_> {
+        match &self.tls {
+            None => Transport::Plain,
+            Some(names) => Transport::Tls {
+                certificate_names: names,
+            },
+        }
+    }
+}
 
 /// The connection as the association will use it: the TCP socket itself, or TLS over it once
-/// the handshake (bounded by the ARTIM timeout) succeeded. `None` when it failed (logged).
+/// the handshake succeeded. `None` when it failed (logged). The caller bounds the time.
 async fn secure(
     socket: TcpStream,
     acceptor: Option<TlsAcceptor>,
     addr: &SocketAddr,
-    ctx: &NodeContext,
-) -> Option<Box<dyn Stream>> {
+) -> Option<Secured> {
     let Some(acceptor) = acceptor else {
-        return Some(Box::new(socket));
+        return Some(Secured {
+            stream: Box::new(socket),
+            tls: None,
+        });
     };
-    match tokio::time::timeout(ctx.node.artim_timeout(), acceptor.accept(socket)).await {
-        Ok(Ok(tls)) => Some(Box::new(tls)),
-        Ok(Err(e)) => {
+    match acceptor.accept(socket).await {
+        Ok(tls) => {
+            let names = super::tls::certificate_names(
+                tls.get_ref().1.peer_certificates().and_then(|c| c.first()),
+            );
+            Some(Secured {
+                stream: Box::new(tls),
+                tls: Some(names),
+            })
+        }
+        Err(e) => {
             info!(peer = %addr, error = %e, "TLS handshake failed");
             crate::metrics::global()
                 .associations_rejected
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            None
-        }
-        Err(_) => {
-            info!(peer = %addr, "TLS handshake timed out");
+                .fetch_add(1, Relaxed);
             None
         }
     }
 }
 
-/// Most connections being refused at once (each waits at most the ARTIM timeout for its request).
-const MAX_REFUSING: usize = 32;
-
-/// Serves associations on `listener` (and, if given, DICOM over TLS on the second listener)
-/// until `shutdown` completes, then drains. Both share the association limit.
+/// Serves associations on the plain `listener` and the TLS one, whichever are configured,
+/// until `shutdown` completes, then drains. Both share the admission rules.
 pub async fn run(
-    listener: TcpListener,
+    listener: Option<TcpListener>,
     tls: Option<(TcpListener, TlsAcceptor)>,
     ctx: Arc<NodeContext>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let limit = Arc::new(Semaphore::new(ctx.node.max_associations));
-    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    // Refusals wait for a request, not for work in progress: aborted at once on shutdown.
-    let mut refusals = JoinSet::new();
     let mut backoff = Duration::from_millis(50);
+    // Rejections summed up per source go to the audit trail every few seconds.
+    let mut flush = tokio::time::interval(Duration::from_secs(5));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Warnings about dropped connections: at most one per interval, with the count.
+    let mut dropped_since_warning: u64 = 0;
+    let mut last_warning: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
+        let plain_accept = async {
+            match &listener {
+                Some(l) => l.accept().await,
+                None => std::future::pending().await,
+            }
+        };
         let tls_accept = async {
             match &tls {
                 Some((l, acceptor)) => (l.accept().await, Some(acceptor.clone())),
@@ -76,8 +109,12 @@ pub async fn run(
             }
         };
         let (accepted, acceptor) = tokio::select! {
-            r = listener.accept() => (r, None),
+            r = plain_accept => (r, None),
             r = tls_accept => r,
+            _ = flush.tick() => {
+                service::flush_rejections(&ctx, false);
+                continue;
+            }
             _ = &mut shutdown => break,
         };
         let (socket, addr) = match accepted {
@@ -93,45 +130,35 @@ pub async fn run(
                 continue;
             }
         };
+        while tasks.try_join_next().is_some() {}
+        let pending = match ctx.admission.enter(addr.ip(), Instant::now()) {
+            Ok(p) => p,
+            Err(why) => {
+                crate::metrics::global()
+                    .connections_dropped
+                    .fetch_add(1, Relaxed);
+                dropped_since_warning += 1;
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    warn!(peer = %addr, reason = %why, dropped = dropped_since_warning, "connections closed before their association request");
+                    dropped_since_warning = 0;
+                    last_warning = Some(Instant::now());
+                }
+                drop(socket);
+                continue;
+            }
+        };
         if let Err(e) = socket.set_nodelay(true) {
             warn!(error = %e, "cannot set TCP_NODELAY");
         }
-        while tasks.try_join_next().is_some() {}
-        while refusals.try_join_next().is_some() {}
         let ctx = ctx.clone();
-        match limit.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let stop = stop_rx.clone();
-                tasks.spawn(async move {
-                    let tls = acceptor.is_some();
-                    if let Some(stream) = secure(socket, acceptor, &addr, &ctx).await {
-                        service::serve(stream, addr.to_string(), tls, ctx, stop).await;
-                    }
-                    drop(permit);
-                });
-            }
-            Err(_) => match refusing.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    refusals.spawn(async move {
-                        if let Some(stream) = secure(socket, acceptor, &addr, &ctx).await {
-                            service::refuse_busy(stream, addr.to_string(), &ctx).await;
-                        }
-                        drop(permit);
-                    });
-                }
-                Err(_) => {
-                    warn!("association limit reached and too many refusals pending: connection closed");
-                    crate::metrics::global()
-                        .associations_rejected
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            },
-        }
+        let stop = stop_rx.clone();
+        tasks.spawn(connection(socket, addr, acceptor, pending, ctx, stop));
     }
     drop(listener);
-    refusals.abort_all();
+    drop(tls);
+    service::flush_rejections(&ctx, true);
     let open = tasks.len();
-    info!(associations = open, drain = ?ctx.node.drain_timeout(), "shutting down: no new associations");
+    info!(connections = open, drain = ?ctx.node.drain_timeout(), "shutting down: no new associations");
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(ctx.node.drain_timeout(), async {
         while tasks.join_next().await.is_some() {}
@@ -145,4 +172,41 @@ pub async fn run(
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
+}
+
+/// One connection from accept to close: TLS handshake and A-ASSOCIATE-RQ while pending (all
+/// within the ARTIM timeout, and ended early when a newer connection evicts it or the node
+/// stops), then the association.
+async fn connection(
+    socket: TcpStream,
+    addr: SocketAddr,
+    acceptor: Option<TlsAcceptor>,
+    pending: Pending,
+    ctx: Arc<NodeContext>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let artim = ctx.node.artim_timeout();
+    let deadline = tokio::time::Instant::now() + artim;
+    let handshake = async {
+        let secured = secure(socket, acceptor, &addr).await?;
+        service::receive_association_request(secured, addr, &ctx, deadline).await
+    };
+    let request = tokio::select! {
+        r = tokio::time::timeout_at(deadline, handshake) => match r {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(_) => {
+                debug!(peer = %addr, timeout = ?artim, "no association request within the ARTIM timeout");
+                crate::metrics::global().connections_dropped.fetch_add(1, Relaxed);
+                return;
+            }
+        },
+        _ = pending.evicted() => {
+            debug!(peer = %addr, "pending connection closed to make room for a newer one");
+            crate::metrics::global().connections_dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        _ = stop.wait_for(|s| *s) => return,
+    };
+    service::serve(request, pending, ctx, stop).await;
 }

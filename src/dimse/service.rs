@@ -16,12 +16,19 @@ use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValueType, Pdu};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
+use std::net::SocketAddr;
+
+use dicom_ul::pdu::AssociationRQ;
+
+use super::admission::{Admission, Pending, Slot};
 use super::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
-use super::connection::{ConnError, Connection, PData, Pdv, Received, Stream};
+use super::connection::{ConnError, Connection, PData, Pdv, Received};
+use super::listener::Secured;
+use super::rejections::{self, Rejections};
 use super::negotiate::{self, Negotiated, Policy, VERIFICATION};
 use super::qr::{self, Outgoing, Services};
 use super::status::{self, Failure};
-use crate::acl::Permission;
+use crate::acl::{Permission, Transport};
 use crate::config::NodeConfig;
 use crate::find::{dataset, query, FindOptions};
 use crate::ingest::{Incoming, Pipeline, StoreContext};
@@ -47,35 +54,80 @@ pub struct NodeContext {
     pub services: Services,
     /// Who may associate and ask for what (changed at run time by grants and revocations).
     pub acl: Arc<crate::acl::LiveAcl>,
+    /// The pending pool and the association slots.
+    pub admission: Admission,
+    /// Rejected associations, summed up per source for the audit trail.
+    pub rejections: Rejections,
 }
 
-/// Serves one accepted TCP connection to the end. `shutdown` turns true when the node stops:
-/// the association then finishes the message in progress and is aborted.
+/// A connection that sent its A-ASSOCIATE-RQ, not yet answered.
+pub struct Request {
+    conn: Connection,
+    rq: AssociationRQ,
+    addr: SocketAddr,
+    /// `None`: plain TCP; `Some`: TLS, with the client certificate's names.
+    tls: Option<Vec<String>>,
+}
+
+/// Reads the first PDU of a connection, all of it by `deadline` (a peer trickling bytes does
+/// not get a fresh I/O timeout per read). `None` when no A-ASSOCIATE-RQ came (logged; an
+/// unexpected PDU is answered with A-ABORT).
+pub async fn receive_association_request(
+    secured: Secured,
+    addr: SocketAddr,
+    ctx: &NodeContext,
+    deadline: tokio::time::Instant,
+) -> Option<Request> {
+    let mut conn = Connection::new(secured.stream, ctx.node.max_pdu_length, ctx.node.io_timeout());
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let first = match tokio::time::timeout_at(deadline, conn.receive(left)).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnError::Timeout(left)),
+    };
+    match first {
+        Ok(Pdu::AssociationRQ(rq)) => Some(Request {
+            conn,
+            rq,
+            addr,
+            tls: secured.tls,
+        }),
+        Ok(other) => {
+            warn!(peer = %addr, pdu = pdu_name(&other), "expected A-ASSOCIATE-RQ");
+            conn.abort(AbortRQServiceProviderReason::UnexpectedPdu).await;
+            None
+        }
+        Err(e) => {
+            debug!(peer = %addr, error = %e, "no association request");
+            None
+        }
+    }
+}
+
+/// Answers an association request and, when it is accepted, serves the association to the
+/// end. `pending` is the connection's place in the pending pool: given up for an association
+/// slot once the request is accepted. `shutdown` turns true when the node stops: the
+/// association then finishes the message in progress and is aborted.
 pub async fn serve(
-    socket: impl Stream + 'static,
-    peer: String,
-    tls: bool,
+    request: Request,
+    pending: Pending,
     ctx: Arc<NodeContext>,
     shutdown: watch::Receiver<bool>,
 ) {
     static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let span = tracing::info_span!("association", id, peer = %peer, tls, calling = tracing::field::Empty, called = tracing::field::Empty);
+    let peer = request.addr.to_string();
+    let span = tracing::info_span!("association", id, peer = %peer, tls = request.tls.is_some(), calling = tracing::field::Empty, called = tracing::field::Empty);
     async move {
-        let mut conn = Connection::new(socket, ctx.node.max_pdu_length, ctx.node.io_timeout());
-        let ip = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
-        let negotiated = match accept(&mut conn, &ctx, ip, &peer, tls).await {
-            Some(n) => n,
-            None => {
-                conn.close().await;
-                return;
-            }
+        let Some((conn, negotiated, slot)) = accept(request, &ctx).await else {
+            return;
         };
+        // The association holds its slot now; its place among pending connections is free.
+        drop(pending);
         let metrics = crate::metrics::global();
         metrics.associations_total.fetch_add(1, Relaxed);
         metrics.associations_open.fetch_add(1, Relaxed);
         /// Counts the association as open until it ends, however it ends.
-        struct Open;
+        struct Open(#[allow(dead_code)] Slot);
         impl Drop for Open {
             fn drop(&mut self) {
                 crate::metrics::global()
@@ -83,9 +135,9 @@ pub async fn serve(
                     .fetch_sub(1, Relaxed);
             }
         }
-        let _open = Open;
-        tracing::Span::current().record("calling", negotiated.calling_ae.as_str());
-        tracing::Span::current().record("called", negotiated.called_ae.as_str());
+        let _open = Open(slot);
+        tracing::Span::current().record("calling", tracing::field::debug(negotiated.calling_ae.as_str()));
+        tracing::Span::current().record("called", tracing::field::debug(negotiated.called_ae.as_str()));
         info!(contexts = negotiated.contexts.len(), "association accepted");
         let assoc = Association {
             conn,
@@ -102,135 +154,137 @@ pub async fn serve(
     .await
 }
 
-/// Answers a connection that came while `max_associations` were being served: its
-/// A-ASSOCIATE-RQ (awaited up to the ARTIM timeout) gets A-ASSOCIATE-RJ rejected-transient,
-/// service provider (presentation), local limit exceeded (PS3.8 §9.3.4), and the socket is closed.
-pub async fn refuse_busy(socket: impl Stream + 'static, peer: String, ctx: &NodeContext) {
-    let mut conn = Connection::new(socket, ctx.node.max_pdu_length, ctx.node.io_timeout());
-    crate::metrics::global()
-        .associations_rejected
-        .fetch_add(1, Relaxed);
-    match receive_request(&mut conn, ctx).await {
-        Ok(Pdu::AssociationRQ(rq)) => {
-            info!(peer = %peer, calling = %rq.calling_ae_title.trim(), limit = ctx.node.max_associations,
-                "association rejected (transient): association limit reached");
-            ctx.services.ledger.audit(AuditRecord {
-                event_id: trail::id::USER_AUTHENTICATION,
-                calling_ae: rq.calling_ae_title.trim().to_string(),
-                peer: peer.clone(),
-                status: 1,
-                detail: format!(
-                    "association rejected (transient): {} associations open",
-                    ctx.node.max_associations
-                ),
-                ..Default::default()
-            });
-            let rj = dicom_ul::pdu::AssociationRJ {
-                result: dicom_ul::pdu::AssociationRJResult::Transient,
-                source: dicom_ul::pdu::AssociationRJSource::ServiceProviderPresentation(
-                    dicom_ul::pdu::AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
-                ),
-            };
-            let _ = conn.send(&Pdu::AssociationRJ(rj)).await;
-        }
-        Ok(other) => {
-            warn!(peer = %peer, pdu = pdu_name(&other), "expected A-ASSOCIATE-RQ");
-            conn.abort(AbortRQServiceProviderReason::UnexpectedPdu)
-                .await;
-            return;
-        }
-        Err(e) => debug!(peer = %peer, error = %e, "no association request"),
-    }
-    conn.close().await;
-}
-
-/// The first PDU of a connection, all of it within the ARTIM timeout (a peer trickling bytes
-/// does not get a fresh I/O timeout per read).
-async fn receive_request(conn: &mut Connection, ctx: &NodeContext) -> Result<Pdu, ConnError> {
-    let artim = ctx.node.artim_timeout();
-    match tokio::time::timeout(artim, conn.receive(artim)).await {
-        Ok(r) => r,
-        Err(_) => Err(ConnError::Timeout(artim)),
+/// Writes the rejection summaries that are due (`all`: every one, at shutdown).
+pub fn flush_rejections(ctx: &NodeContext, all: bool) {
+    for summary in ctx.rejections.flush(std::time::Instant::now(), all) {
+        info!(
+            source = %summary.source.map(|ip| ip.to_string()).unwrap_or_else(|| "other sources".into()),
+            count = summary.count,
+            "associations rejected (summary)"
+        );
+        ctx.services.ledger.audit(AuditRecord {
+            event_id: trail::id::USER_AUTHENTICATION,
+            calling_ae: summary.last_calling_ae.clone(),
+            peer: summary
+                .source
+                .map(|ip| ip.to_string())
+                .unwrap_or_else(|| "other sources".into()),
+            status: 1,
+            detail: summary.detail(),
+            count: summary.count,
+            ..Default::default()
+        });
     }
 }
 
-/// Reads the A-ASSOCIATE-RQ (within the ARTIM timeout) and answers it. `None` when no
-/// association results.
-async fn accept(
-    conn: &mut Connection,
-    ctx: &NodeContext,
-    ip: Option<std::net::IpAddr>,
-    peer: &str,
-    tls: bool,
-) -> Option<Negotiated> {
-    let rq = match receive_request(conn, ctx).await {
-        Ok(Pdu::AssociationRQ(rq)) => rq,
-        Ok(other) => {
-            warn!(pdu = pdu_name(&other), "expected A-ASSOCIATE-RQ");
-            let _ = conn
-                .send(&Pdu::AbortRQ {
-                    source: dicom_ul::pdu::AbortRQSource::ServiceProvider(
-                        AbortRQServiceProviderReason::UnexpectedPdu,
-                    ),
-                })
-                .await;
-            return None;
-        }
-        Err(e) => {
-            debug!(error = %e, "no association request");
-            return None;
-        }
+/// Negotiates, checks access control and takes an association slot, then answers with
+/// A-ASSOCIATE-AC; or answers with A-ASSOCIATE-RJ. `None` when no association results.
+async fn accept(request: Request, ctx: &NodeContext) -> Option<(Connection, Negotiated, Slot)> {
+    let Request {
+        mut conn,
+        rq,
+        addr,
+        tls,
+    } = request;
+    let transport = match &tls {
+        None => Transport::Plain,
+        Some(names) => Transport::Tls {
+            certificate_names: names,
+        },
     };
-    let negotiated = negotiate::negotiate(&ctx.policy, &rq).and_then(|ok| {
-        match ctx.acl.association(&rq.calling_ae_title, ip) {
+    let calling = rq.calling_ae_title.trim().to_string();
+    let rejected_transient = || dicom_ul::pdu::AssociationRJ {
+        result: dicom_ul::pdu::AssociationRJResult::Transient,
+        source: dicom_ul::pdu::AssociationRJSource::ServiceProviderPresentation(
+            dicom_ul::pdu::AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+        ),
+    };
+    let outcome = negotiate::negotiate(&ctx.policy, &rq)
+        .map_err(|rj| (rj, "negotiation".to_string()))
+        .and_then(|ok| match ctx.acl.association(&calling, Some(addr.ip()), transport) {
             Ok(()) => Ok(ok),
-            Err(refusal) => {
-                warn!(%refusal, "association refused by access control");
-                Err(dicom_ul::pdu::AssociationRJ {
+            Err(refusal) => Err((
+                dicom_ul::pdu::AssociationRJ {
                     result: dicom_ul::pdu::AssociationRJResult::Permanent,
                     source: dicom_ul::pdu::AssociationRJSource::ServiceUser(
                         dicom_ul::pdu::AssociationRJServiceUserReason::CallingAETitleNotRecognized,
                     ),
-                })
-            }
-        }
-    });
-    let audit = |status: u16, detail: String| {
-        ctx.services.ledger.audit(AuditRecord {
-            event_id: trail::id::USER_AUTHENTICATION,
-            calling_ae: rq.calling_ae_title.trim().to_string(),
-            peer: peer.to_string(),
-            status,
-            detail,
-            ..Default::default()
+                },
+                format!("access control: {refusal}"),
+            )),
         })
-    };
-    match negotiated {
-        Ok((ac, negotiated)) => {
-            audit(
-                0,
-                format!(
+        .and_then(|(ac, negotiated)| {
+            match ctx.admission.admit(addr.ip(), &calling, ctx.acl.is_known(&calling)) {
+                Ok(slot) => Ok((ac, negotiated, slot)),
+                Err(busy) => Err((rejected_transient(), format!("busy: {busy}"))),
+            }
+        });
+    match outcome {
+        Ok((ac, negotiated, slot)) => {
+            ctx.services.ledger.audit(AuditRecord {
+                event_id: trail::id::USER_AUTHENTICATION,
+                calling_ae: calling.clone(),
+                peer: addr.to_string(),
+                status: 0,
+                detail: format!(
                     "association accepted: called {}, {} presentation context(s){}",
                     rq.called_ae_title.trim(),
                     negotiated.contexts.len(),
-                    if tls { ", TLS" } else { "" }
+                    if tls.is_some() { ", TLS" } else { "" }
                 ),
-            );
+                ..Default::default()
+            });
             if let Err(e) = conn.send(&Pdu::AssociationAC(ac)).await {
                 warn!(error = %e, "cannot send A-ASSOCIATE-AC");
                 return None;
             }
-            Some(negotiated)
+            Some((conn, negotiated, slot))
         }
-        Err(rj) => {
-            audit(1, format!("association rejected: {:?}", rj.source));
-            info!(calling = %rq.calling_ae_title.trim(), called = %rq.called_ae_title.trim(), reason = ?rj.source, "association rejected");
+        Err((rj, reason)) => {
             crate::metrics::global()
                 .associations_rejected
                 .fetch_add(1, Relaxed);
+            let note = ctx.rejections.note(
+                Some(addr.ip()),
+                &calling,
+                reason_class(&reason),
+                std::time::Instant::now(),
+            );
+            if note == rejections::Note::Counted {
+                debug!(calling = ?calling, reason = %reason, "association rejected (counted toward the source's summary)");
+            } else {
+                info!(calling = ?calling, called = ?rq.called_ae_title.trim(), reason = %reason, "association rejected");
+                ctx.services.ledger.audit(AuditRecord {
+                    event_id: trail::id::USER_AUTHENTICATION,
+                    calling_ae: calling.clone(),
+                    peer: addr.to_string(),
+                    status: 1,
+                    detail: format!("association rejected: {reason} ({:?})", rj.source),
+                    ..Default::default()
+                });
+            }
             let _ = conn.send(&Pdu::AssociationRJ(rj)).await;
+            conn.close().await;
             None
         }
+    }
+}
+
+/// The reason a summary counts a rejection under: the kind, without the peer-chosen parts
+/// (an AE title in the refusal's text would let a flood vary it without bound).
+fn reason_class(reason: &str) -> &'static str {
+    if reason.starts_with("busy") {
+        "busy (association limits)"
+    } else if reason.contains("only over DICOM TLS") {
+        "TLS required"
+    } else if reason.contains("client certificates named") {
+        "client certificate not bound to the AE title"
+    } else if reason.contains("may not connect from") || reason.contains("restricted to addresses") {
+        "address not allowed"
+    } else if reason.starts_with("access control") {
+        "calling AE title not recognized"
+    } else {
+        "negotiation"
     }
 }
 

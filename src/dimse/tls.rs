@@ -76,3 +76,48 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
         .map_err(|e| TlsError::Rustls(format!("certificate and key: {e}")))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
+
+/// The names a client certificate goes by: its subject's common names and its DNS subject
+/// alternative names (RFC 5280 §4.1.2.6, §4.2.1.6), to match `[peers.NAME] tls_names`. Empty
+/// without a certificate, or for one that does not parse (so no binding can match it). The
+/// certificate is the leaf rustls has already verified against `client_ca`.
+pub fn certificate_names(leaf: Option<&CertificateDer<'_>>) -> Vec<String> {
+    use x509_cert::der::asn1::{Ia5StringRef, PrintableStringRef, Utf8StringRef};
+    use x509_cert::der::Decode;
+    use x509_cert::ext::pkix::name::GeneralName;
+    use x509_cert::ext::pkix::SubjectAltName;
+    let Some(der) = leaf else {
+        return Vec::new();
+    };
+    let Ok(cert) = x509_cert::Certificate::from_der(der.as_ref()) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    for rdn in cert.tbs_certificate.subject.0.iter() {
+        for atv in rdn.0.iter() {
+            if atv.oid != x509_cert::der::oid::db::rfc4519::CN {
+                continue;
+            }
+            let v = &atv.value;
+            let text = v
+                .decode_as::<Utf8StringRef<'_>>()
+                .map(|s| s.to_string())
+                .or_else(|_| {
+                    v.decode_as::<PrintableStringRef<'_>>()
+                        .map(|s| s.to_string())
+                })
+                .or_else(|_| v.decode_as::<Ia5StringRef<'_>>().map(|s| s.to_string()));
+            if let Ok(t) = text {
+                names.push(t);
+            }
+        }
+    }
+    if let Ok(Some((_, san))) = cert.tbs_certificate.get::<SubjectAltName>() {
+        for name in san.0 {
+            if let GeneralName::DnsName(dns) = name {
+                names.push(dns.to_string());
+            }
+        }
+    }
+    names
+}

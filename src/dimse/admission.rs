@@ -1,0 +1,456 @@
+//! Who gets in, and when: the bounds that keep one source from locking everyone else out.
+//!
+//! A new TCP connection has proven nothing yet, so it does not get an association slot. It
+//! enters the *pending pool* — bounded in total (`max_pending_connections`) and per source
+//! address (`max_pending_per_ip`) — and has the ARTIM timeout, all of it, to finish its TLS
+//! handshake and send a whole A-ASSOCIATE-RQ. When the pool (or the source's share of it) is
+//! full, the newcomer is not turned away: the *oldest* pending connection of the source with
+//! the most pending ones is evicted instead. A real peer sends its request within milliseconds
+//! of connecting, so it is never the oldest; a source that opens connections and sends nothing
+//! only ever evicts its own. Before that, each source address has a connection rate
+//! (`max_connection_rate_per_ip`, a token bucket with a burst of twice the rate); a connection
+//! over it is closed at once.
+//!
+//! Only an A-ASSOCIATE-RQ that negotiation and access control accept asks for an
+//! *association slot*: at most `max_associations` in all, `max_associations_per_ae` per calling
+//! AE title, `max_associations_per_ip` per source address, and — when unknown AE titles are
+//! allowed — `max_unknown_associations` for all unknown titles together, so that the known
+//! peers always keep room. A request over a cap gets A-ASSOCIATE-RJ rejected-transient, local
+//! limit exceeded (PS3.8 §9.3.4), and retries later.
+//!
+//! A *source* is an IPv4 address, or an IPv6 /64 (one host's usual share, so that an attacker
+//! with a /64 does not get billions of sources); see [`source`].
+//!
+//! The state is a few counters behind a std `Mutex`: every critical section is a handful of
+//! map operations with no `.await` inside, so an async lock would only add overhead.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+/// The bounds, from `[node]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_associations: usize,
+    pub max_associations_per_ae: usize,
+    pub max_associations_per_ip: usize,
+    pub max_unknown_associations: usize,
+    pub max_pending: usize,
+    pub max_pending_per_ip: usize,
+    /// New connections per second per source address; 0 = no limit.
+    pub connection_rate_per_ip: u32,
+}
+
+/// Why a connection was closed before it could send its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Dropped {
+    #[error("connection rate limit of the source address reached")]
+    RateLimited,
+}
+
+/// Why an accepted request gets no association slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Busy {
+    #[error("{0} associations open (node.max_associations)")]
+    Total(usize),
+    #[error("{0} associations open for this calling AE title (node.max_associations_per_ae)")]
+    PerAe(usize),
+    #[error("{0} associations open from this address (node.max_associations_per_ip)")]
+    PerIp(usize),
+    #[error("{0} associations open for unknown AE titles (node.max_unknown_associations)")]
+    Unknown(usize),
+}
+
+/// The shared admission state: a cheap handle.
+#[derive(Clone)]
+pub struct Admission {
+    inner: Arc<Mutex<State>>,
+    limits: Arc<Limits>,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    /// Pending connections by id; ids grow, so the first of a source is its oldest.
+    pending: BTreeMap<u64, (IpAddr, Arc<Notify>)>,
+    pending_by_ip: HashMap<IpAddr, usize>,
+    open: usize,
+    open_unknown: usize,
+    open_by_ae: HashMap<String, usize>,
+    open_by_ip: HashMap<IpAddr, usize>,
+    buckets: HashMap<IpAddr, Bucket>,
+}
+
+/// A token bucket: `tokens` refill at the rate up to the burst; a connection takes one.
+#[derive(Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Buckets kept before full ones (sources that went quiet) are forgotten.
+const MAX_BUCKETS: usize = 4096;
+
+impl Admission {
+    pub fn new(limits: Limits) -> Admission {
+        Admission {
+            inner: Arc::default(),
+            limits: Arc::new(limits),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // No critical section can panic half-way through an update that matters more than
+        // serving on; a poisoned lock keeps its counters.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new connection from `ip`: into the pending pool, or refused by the source's rate.
+    pub fn enter(&self, ip: IpAddr, now: Instant) -> Result<Pending, Dropped> {
+        let ip = source(ip);
+        let mut s = self.state();
+        if !s.take_token(ip, now, self.limits.connection_rate_per_ip) {
+            return Err(Dropped::RateLimited);
+        }
+        if s.pending_by_ip.get(&ip).copied().unwrap_or(0) >= self.limits.max_pending_per_ip {
+            s.evict_oldest_of(ip);
+        } else if s.pending.len() >= self.limits.max_pending {
+            if let Some(busiest) = s.busiest_pending_source() {
+                s.evict_oldest_of(busiest);
+            }
+        }
+        s.next_id += 1;
+        let id = s.next_id;
+        let evicted = Arc::new(Notify::new());
+        s.pending.insert(id, (ip, evicted.clone()));
+        *s.pending_by_ip.entry(ip).or_default() += 1;
+        Ok(Pending {
+            admission: self.clone(),
+            id,
+            evicted,
+        })
+    }
+
+    /// An association slot for an accepted request (`known`: the calling AE title is a
+    /// configured peer or has been granted rights).
+    pub fn admit(&self, ip: IpAddr, ae: &str, known: bool) -> Result<Slot, Busy> {
+        let ip = source(ip);
+        let l = &self.limits;
+        let mut s = self.state();
+        if s.open >= l.max_associations {
+            return Err(Busy::Total(s.open));
+        }
+        if !known && s.open_unknown >= l.max_unknown_associations {
+            return Err(Busy::Unknown(s.open_unknown));
+        }
+        let ae = ae.trim();
+        let by_ae = s.open_by_ae.get(ae).copied().unwrap_or(0);
+        if by_ae >= l.max_associations_per_ae {
+            return Err(Busy::PerAe(by_ae));
+        }
+        let by_ip = s.open_by_ip.get(&ip).copied().unwrap_or(0);
+        if by_ip >= l.max_associations_per_ip {
+            return Err(Busy::PerIp(by_ip));
+        }
+        s.open += 1;
+        if !known {
+            s.open_unknown += 1;
+        }
+        *s.open_by_ae.entry(ae.to_string()).or_default() += 1;
+        *s.open_by_ip.entry(ip).or_default() += 1;
+        Ok(Slot {
+            admission: self.clone(),
+            ip,
+            ae: ae.to_string(),
+            known,
+        })
+    }
+
+    /// Pending connections now (for tests and metrics).
+    pub fn pending(&self) -> usize {
+        self.state().pending.len()
+    }
+
+    /// Open associations now.
+    pub fn open(&self) -> usize {
+        self.state().open
+    }
+}
+
+impl State {
+    fn take_token(&mut self, ip: IpAddr, now: Instant, rate: u32) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        let rate = f64::from(rate);
+        let burst = 2.0 * rate;
+        if self.buckets.len() >= MAX_BUCKETS && !self.buckets.contains_key(&ip) {
+            // Forget sources whose bucket has refilled: they are where a new one would start.
+            self.buckets.retain(|_, b| {
+                b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst
+            });
+            if self.buckets.len() >= MAX_BUCKETS {
+                // Every bucket is in use: a flood from very many addresses. The newcomer
+                // competes for the bucket of the one used longest ago.
+                if let Some(oldest) = self
+                    .buckets
+                    .iter()
+                    .min_by_key(|(_, b)| b.at)
+                    .map(|(k, _)| *k)
+                {
+                    self.buckets.remove(&oldest);
+                }
+            }
+        }
+        let b = self.buckets.entry(ip).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        b.tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn busiest_pending_source(&self) -> Option<IpAddr> {
+        self.pending_by_ip
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(ip, _)| *ip)
+    }
+
+    fn evict_oldest_of(&mut self, ip: IpAddr) {
+        let Some(id) = self
+            .pending
+            .iter()
+            .find(|(_, (from, _))| *from == ip)
+            .map(|(id, _)| *id)
+        else {
+            return;
+        };
+        if let Some((_, notify)) = self.remove_pending(id) {
+            // A stored permit: the connection's task sees it whenever it next waits.
+            notify.notify_one();
+        }
+    }
+
+    fn remove_pending(&mut self, id: u64) -> Option<(IpAddr, Arc<Notify>)> {
+        let (ip, notify) = self.pending.remove(&id)?;
+        decrement(&mut self.pending_by_ip, &ip);
+        Some((ip, notify))
+    }
+}
+
+/// The source an address counts toward: an IPv4 address (also when it arrives IPv4-mapped on a
+/// dual-stack socket), or the /64 an IPv6 address belongs to.
+pub fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
+fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+/// A connection in the pending pool; leaves it when dropped.
+pub struct Pending {
+    admission: Admission,
+    id: u64,
+    evicted: Arc<Notify>,
+}
+
+impl Pending {
+    /// Completes when a newer connection took this one's place in the pool.
+    pub async fn evicted(&self) {
+        self.evicted.notified().await
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.admission.state().remove_pending(self.id);
+    }
+}
+
+/// An association slot; given back when dropped, however the association ends.
+pub struct Slot {
+    admission: Admission,
+    ip: IpAddr,
+    ae: String,
+    known: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = self.admission.state();
+        s.open -= 1;
+        if !self.known {
+            s.open_unknown -= 1;
+        }
+        decrement(&mut s.open_by_ae, &self.ae);
+        decrement(&mut s.open_by_ip, &self.ip);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn limits() -> Limits {
+        Limits {
+            max_associations: 6,
+            max_associations_per_ae: 3,
+            max_associations_per_ip: 4,
+            max_unknown_associations: 2,
+            max_pending: 4,
+            max_pending_per_ip: 2,
+            connection_rate_per_ip: 0,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn is_evicted(p: &Pending) -> bool {
+        let fut = p.evicted();
+        futures_util::pin_mut!(fut);
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        fut.poll(&mut cx).is_ready()
+    }
+
+    use std::future::Future;
+
+    #[test]
+    fn a_source_over_its_pending_share_evicts_its_own_oldest() {
+        let a = Admission::new(limits());
+        let now = Instant::now();
+        let first = a.enter(ip("10.0.0.1"), now).unwrap();
+        let second = a.enter(ip("10.0.0.1"), now).unwrap();
+        let other = a.enter(ip("10.0.0.2"), now).unwrap();
+        let third = a.enter(ip("10.0.0.1"), now).unwrap();
+        assert!(is_evicted(&first), "the source's oldest made room");
+        assert!(!is_evicted(&second) && !is_evicted(&third) && !is_evicted(&other));
+        assert_eq!(a.pending(), 3);
+        drop(first);
+        assert_eq!(
+            a.pending(),
+            3,
+            "an evicted connection was already counted out"
+        );
+        drop((second, third, other));
+        assert_eq!(a.pending(), 0);
+    }
+
+    #[test]
+    fn a_full_pool_evicts_from_the_busiest_source_not_the_newcomer() {
+        let a = Admission::new(limits());
+        let now = Instant::now();
+        let f1 = a.enter(ip("10.0.0.9"), now).unwrap();
+        let f2 = a.enter(ip("10.0.0.9"), now).unwrap();
+        let g1 = a.enter(ip("10.0.0.8"), now).unwrap();
+        let h1 = a.enter(ip("10.0.0.7"), now).unwrap();
+        // The pool holds 4: a fifth source's connection evicts 10.0.0.9's oldest.
+        let newcomer = a.enter(ip("192.168.1.5"), now).unwrap();
+        assert!(is_evicted(&f1));
+        assert!(![&f2, &g1, &h1, &newcomer].iter().any(|p| is_evicted(p)));
+    }
+
+    #[test]
+    fn rate_limit_is_a_token_bucket_per_source() {
+        let a = Admission::new(Limits {
+            connection_rate_per_ip: 5,
+            max_pending: 100,
+            max_pending_per_ip: 100,
+            ..limits()
+        });
+        let t0 = Instant::now();
+        let held: Vec<_> = (0..10)
+            .map(|_| a.enter(ip("10.0.0.1"), t0).unwrap())
+            .collect();
+        assert_eq!(
+            a.enter(ip("10.0.0.1"), t0).err(),
+            Some(Dropped::RateLimited)
+        );
+        assert!(
+            a.enter(ip("10.0.0.2"), t0).is_ok(),
+            "other sources are not limited"
+        );
+        let later = t0 + Duration::from_millis(300);
+        assert!(
+            a.enter(ip("10.0.0.1"), later).is_ok(),
+            "refilled at 5/s: 1.5 tokens"
+        );
+        assert_eq!(
+            a.enter(ip("10.0.0.1"), later).err(),
+            Some(Dropped::RateLimited)
+        );
+        drop(held);
+    }
+
+    #[test]
+    fn an_ipv6_64_is_one_source() {
+        assert_eq!(source(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(source(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(source(ip("10.1.2.3")), ip("10.1.2.3"));
+        let a = Admission::new(limits());
+        let now = Instant::now();
+        let first = a.enter(ip("2001:db8::1"), now).unwrap();
+        let _second = a.enter(ip("2001:db8::2"), now).unwrap();
+        let _third = a.enter(ip("2001:db8::3"), now).unwrap();
+        assert!(is_evicted(&first), "three addresses of one /64 share its pending share");
+    }
+
+    #[test]
+    fn association_caps_per_ae_per_ip_unknown_and_total() {
+        let a = Admission::new(limits());
+        let lo = ip("127.0.0.1");
+        let idle: Vec<_> = (0..3)
+            .map(|_| a.admit(lo, "IDLER", true).unwrap())
+            .collect();
+        assert_eq!(a.admit(lo, "IDLER ", true).err(), Some(Busy::PerAe(3)));
+        let other = a.admit(lo, "OTHER", true).unwrap();
+        assert_eq!(a.admit(lo, "THIRD", true).err(), Some(Busy::PerIp(4)));
+        let u1 = a.admit(ip("10.0.0.1"), "U1", false).unwrap();
+        let u2 = a.admit(ip("10.0.0.2"), "U2", false).unwrap();
+        assert_eq!(
+            a.admit(ip("10.0.0.5"), "ADMIN", true).err(),
+            Some(Busy::Total(6))
+        );
+        drop(other);
+        // A slot is free, but not for a third unknown title: it stays for the known peers.
+        assert_eq!(
+            a.admit(ip("10.0.0.3"), "U3", false).err(),
+            Some(Busy::Unknown(2))
+        );
+        let admin = a.admit(ip("10.0.0.5"), "ADMIN", true).unwrap();
+        assert_eq!(a.open(), 6);
+        drop((idle, u1, u2, admin));
+        assert_eq!(a.open(), 0);
+        let s = a.state();
+        assert!(s.open_by_ae.is_empty() && s.open_by_ip.is_empty() && s.open_unknown == 0);
+    }
+}
