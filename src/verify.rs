@@ -258,9 +258,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
     if let Some(e) = &records_damage {
         problems.push(Problem {
             subject: "metadata records".into(),
-            what: format!(
-                "cannot all be read in one scan ({e}): the rest are read one by one"
-            ),
+            what: format!("cannot all be read in one scan ({e}): the rest are read one by one"),
         });
     }
     let mut expected = 1u64;

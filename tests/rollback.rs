@@ -49,7 +49,12 @@ fn objects(node: &Node) -> BTreeSet<PathBuf> {
 
 fn copy_tree(from: &Path, to: &Path) {
     let _ = std::fs::remove_dir_all(to);
-    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
     assert!(st.success(), "cp -a {} {}", from.display(), to.display());
 }
 
@@ -175,6 +180,7 @@ fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
         let log = node.dir.join(format!("flip-{i}.log"));
         match try_serve(&node, &log) {
             Err((code, text)) => {
+                eprintln!("byte {at} of {}: refused", wal.display());
                 refused += 1;
                 assert_ne!(code, 0, "{text}");
                 assert!(
@@ -185,11 +191,17 @@ fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
                 assert!(!text.contains("reconciled"), "{text}");
             }
             Ok(mut child) => {
+                eprintln!("byte {at} of {}: started", wal.display());
                 // Started: then with everything it acknowledged and signed.
                 let out = tempfile::tempdir().unwrap();
                 let lost: Vec<&String> = uids
                     .iter()
-                    .filter(|uid| !node.export(&["--instance", uid], out.path()).status.success())
+                    .filter(|uid| {
+                        !node
+                            .export(&["--instance", uid], out.path())
+                            .status
+                            .success()
+                    })
                     .collect();
                 let _ = child.kill();
                 let _ = child.wait();
@@ -235,7 +247,12 @@ fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
     std::thread::sleep(Duration::from_secs(2));
     let _ = child.kill();
     let _ = child.wait();
-    assert_eq!(objects(&node), stored, "{}", std::fs::read_to_string(&log).unwrap());
+    assert_eq!(
+        objects(&node),
+        stored,
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
     let (code, text) = verify(
         &node,
         &["--ledger-only", "--checkpoint", saved.to_str().unwrap()],
@@ -277,7 +294,9 @@ fn a_ledger_older_than_its_checkpoint_file_is_refused() {
     node.stop();
     let stored = objects(&node);
     copy_tree(&old.path().join("ledger"), &node.dir.join("ledger"));
-    let (code, text) = try_serve(&node, &node.dir.join("old.log")).map(|_| ()).unwrap_err();
+    let (code, text) = try_serve(&node, &node.dir.join("old.log"))
+        .map(|_| ())
+        .unwrap_err();
     assert_ne!(code, 0);
     assert!(
         text.contains("does not hold the checkpoint signed last")
@@ -331,7 +350,11 @@ fn a_damaged_table_file_is_reported_by_verify_the_log_the_trail_and_health() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(health.contains("ledger damaged"), "{health}");
-    assert!(node.log().contains("the ledger is damaged"), "{}", node.log());
+    assert!(
+        node.log().contains("the ledger is damaged"),
+        "{}",
+        node.log()
+    );
     let trail = node
         .command()
         .args(["audit", "--event", "110113"])

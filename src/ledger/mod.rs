@@ -278,8 +278,14 @@ struct Inner {
     /// Damage found in the ledger's files since it was opened (see [`scrub`]).
     damage: Arc<Mutex<Vec<scrub::Damage>>>,
     /// The background scrub: its stop flag and thread (stopped before the committer).
-    scrubber: Mutex<Option<(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>>,
+    scrubber: Mutex<Option<Scrubber>>,
 }
+
+/// The background scrub's stop flag and thread.
+type Scrubber = (
+    Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+);
 
 const ALL_CFS: [&str; 8] = [
     CF_ENTRIES,
@@ -1671,7 +1677,11 @@ fn check_witness(
             // Signed and stored, but a crash came before the file was written.
             if let Some((note, newer)) = stored.filter(|(_, s)| s.size > cp.size) {
                 witness::write(file, &note)?;
-                tracing::info!(from = cp.size, to = newer.size, "checkpoint file brought up to the ledger's newest checkpoint");
+                tracing::info!(
+                    from = cp.size,
+                    to = newer.size,
+                    "checkpoint file brought up to the ledger's newest checkpoint"
+                );
             }
             Ok((cp.size, Vec::new(), None))
         }
@@ -3278,7 +3288,11 @@ mod tests {
         // The alert is on the ledger.
         let alert = ledger.entry(4).unwrap().unwrap();
         assert_eq!(alert.version, trail::id::SECURITY_ALERT);
-        assert!(alert.detail.contains("rollback accepted"), "{}", alert.detail);
+        assert!(
+            alert.detail.contains("rollback accepted"),
+            "{}",
+            alert.detail
+        );
         drop(ledger);
         // A missing file is recreated from the ledger (with an alert), not a reason to refuse.
         std::fs::remove_file(&file).unwrap();

@@ -22,11 +22,7 @@ pub struct Damage {
 
 impl std::fmt::Display for Damage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "column family {}: {}",
-            self.column_family, self.error
-        )
+        write!(f, "column family {}: {}", self.column_family, self.error)
     }
 }
 
