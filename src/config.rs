@@ -472,12 +472,6 @@ pub struct PeerConfig {
     /// Addresses or CIDR networks this AE may connect from; empty = any.
     #[serde(default)]
     pub allowed_addresses: Vec<String>,
-}
-
-impl Config {
-    /// The access rules of `[peers.*]` and `node.allow_unknown_peers` (addresses were checked
-    /// by `validate`).
-    pub fn acl(&self) -> crate::acl::Acl {
     /// This AE title may associate only over DICOM TLS (`[node.tls]`); a plain association
     /// with it is rejected.
     #[serde(default)]
@@ -488,6 +482,12 @@ impl Config {
     /// client CA signed.
     #[serde(default)]
     pub tls_names: Vec<String>,
+}
+
+impl Config {
+    /// The access rules of `[peers.*]` and `node.allow_unknown_peers` (addresses were checked
+    /// by `validate`).
+    pub fn acl(&self) -> crate::acl::Acl {
         let acl = crate::acl::Acl::new(
             self.peers.values().map(|p| {
                 (
@@ -520,12 +520,6 @@ fn default_listen() -> String {
 fn default_max_associations() -> usize {
     64
 }
-fn default_max_pdu_length() -> u32 {
-    65536
-}
-fn default_true() -> bool {
-    true
-}
 fn default_max_pending_connections() -> usize {
     128
 }
@@ -534,6 +528,12 @@ fn default_max_pending_per_ip() -> usize {
 }
 fn default_max_connection_rate_per_ip() -> u32 {
     50
+}
+fn default_max_pdu_length() -> u32 {
+    65536
+}
+fn default_true() -> bool {
+    true
 }
 fn default_idle_timeout() -> u64 {
     300
@@ -605,18 +605,18 @@ impl Default for NodeConfig {
             ae_title: default_ae_title(),
             listen: default_listen(),
             max_associations: default_max_associations(),
-            max_pdu_length: default_max_pdu_length(),
-            check_called_ae: true,
-            idle_timeout_secs: default_idle_timeout(),
-            io_timeout_secs: default_io_timeout(),
-            drain_timeout_secs: default_drain_timeout(),
-            artim_timeout_secs: default_artim_timeout(),
             max_associations_per_ae: None,
             max_associations_per_ip: None,
             max_unknown_associations: None,
             max_pending_connections: default_max_pending_connections(),
             max_pending_per_ip: default_max_pending_per_ip(),
             max_connection_rate_per_ip: default_max_connection_rate_per_ip(),
+            max_pdu_length: default_max_pdu_length(),
+            check_called_ae: true,
+            idle_timeout_secs: default_idle_timeout(),
+            io_timeout_secs: default_io_timeout(),
+            drain_timeout_secs: default_drain_timeout(),
+            artim_timeout_secs: default_artim_timeout(),
             max_bytes_in_flight: default_max_bytes_in_flight(),
             max_metadata_bytes: default_max_metadata(),
             max_find_results: default_max_find_results(),
@@ -692,6 +692,21 @@ impl NodeConfig {
             )
         })
     }
+    /// The admission bounds, with the defaults that depend on `max_associations` filled in.
+    pub fn admission_limits(&self) -> crate::dimse::admission::Limits {
+        let max = self.max_associations;
+        crate::dimse::admission::Limits {
+            max_associations: max,
+            max_associations_per_ae: self.max_associations_per_ae.unwrap_or(max.div_ceil(2)),
+            max_associations_per_ip: self.max_associations_per_ip.unwrap_or((max * 3).div_ceil(4)),
+            max_unknown_associations: self
+                .max_unknown_associations
+                .unwrap_or(max.div_ceil(2)),
+            max_pending: self.max_pending_connections,
+            max_pending_per_ip: self.max_pending_per_ip,
+            connection_rate_per_ip: self.max_connection_rate_per_ip,
+        }
+    }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
     }
@@ -717,21 +732,6 @@ impl S3StoreConfig {
     }
     /// The secret key, from the value or from `secret_key_file` (trailing newline trimmed).
     pub fn resolved_secret_key(&self) -> Result<String, ConfigError> {
-    /// The admission bounds, with the defaults that depend on `max_associations` filled in.
-    pub fn admission_limits(&self) -> crate::dimse::admission::Limits {
-        let max = self.max_associations;
-        crate::dimse::admission::Limits {
-            max_associations: max,
-            max_associations_per_ae: self.max_associations_per_ae.unwrap_or(max.div_ceil(2)),
-            max_associations_per_ip: self.max_associations_per_ip.unwrap_or((max * 3).div_ceil(4)),
-            max_unknown_associations: self
-                .max_unknown_associations
-                .unwrap_or(max.div_ceil(2)),
-            max_pending: self.max_pending_connections,
-            max_pending_per_ip: self.max_pending_per_ip,
-            connection_rate_per_ip: self.max_connection_rate_per_ip,
-        }
-    }
         resolve_secret(
             "store.s3.secret_key",
             &self.secret_key,
@@ -936,6 +936,23 @@ impl Config {
                 crate::acl::Network::parse(a)
                     .map_err(|e| invalid(&format!("peers.{name}.allowed_addresses"), e))?;
             }
+            if (peer.tls_required || !peer.tls_names.is_empty())
+                && self.node.tls.listen.is_empty()
+            {
+                return Err(invalid(
+                    &format!("peers.{name}.tls_required"),
+                    "this peer may associate only over TLS, but node.tls.listen is not set",
+                ));
+            }
+            if !peer.tls_names.is_empty() && self.node.tls.client_ca.as_os_str().is_empty() {
+                return Err(invalid(
+                    &format!("peers.{name}.tls_names"),
+                    "names a client certificate, but node.tls.client_ca is not set (no client certificate is asked for)",
+                ));
+            }
+            if peer.tls_names.iter().any(|n| n.trim().is_empty()) {
+                return Err(invalid(&format!("peers.{name}.tls_names"), "a name must not be empty"));
+            }
             if name.contains('\0') || name.contains('*') {
                 return Err(invalid(
                     &format!("peers.{name}"),
@@ -969,23 +986,6 @@ impl Config {
         if f.max_attempts == 0 {
             return Err(invalid("forwarding.max_attempts", "must be at least 1"));
         }
-            if (peer.tls_required || !peer.tls_names.is_empty())
-                && self.node.tls.listen.is_empty()
-            {
-                return Err(invalid(
-                    &format!("peers.{name}.tls_required"),
-                    "this peer may associate only over TLS, but node.tls.listen is not set",
-                ));
-            }
-            if !peer.tls_names.is_empty() && self.node.tls.client_ca.as_os_str().is_empty() {
-                return Err(invalid(
-                    &format!("peers.{name}.tls_names"),
-                    "names a client certificate, but node.tls.client_ca is not set (no client certificate is asked for)",
-                ));
-            }
-            if peer.tls_names.iter().any(|n| n.trim().is_empty()) {
-                return Err(invalid(&format!("peers.{name}.tls_names"), "a name must not be empty"));
-            }
         if f.retry_initial_ms == 0 || f.retry_initial_ms > 3_600_000 {
             return Err(invalid(
                 "forwarding.retry_initial_ms",

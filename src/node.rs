@@ -175,6 +175,8 @@ pub async fn run(
         },
         node: cfg.node.clone(),
         acl: acl.clone(),
+        admission: crate::dimse::admission::Admission::new(cfg.node.admission_limits()),
+        rejections: Default::default(),
     });
     let admin = admin_listener.map(|(addr, l, token)| {
         info!(listen = %addr, "admin listener: /metrics, /health, /v1/ (admin API)");
@@ -186,8 +188,6 @@ pub async fn run(
             store: ctx.services.store.clone(),
         };
         tokio::spawn(crate::metrics::serve_admin(
-        admission: crate::dimse::admission::Admission::new(cfg.node.admission_limits()),
-        rejections: Default::default(),
             l,
             ledger.clone(),
             ctx.services.store.clone(),
