@@ -171,6 +171,7 @@ fn main() {
                 .unwrap()
                 .verifier_key(),
         ),
+        checkpoint_files: Vec::new(),
     };
     let t = Instant::now();
     let report = rt.block_on(dicomchain::verify::run(&cfg, &opts)).unwrap();
