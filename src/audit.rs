@@ -196,11 +196,15 @@ pub fn trail_of(ledger: &Ledger, filter: &TrailFilter, json: bool) -> Result<Str
             out.push('\n');
         } else {
             let desc = if what.is_empty() { detail } else { format!("{what}: {detail}") };
+            // One line per event, whatever a peer put in its fields (entries written before
+            // the ledger escaped them may hold control characters).
+            use crate::escape::Escaped;
             out += &format!(
-                "{seq:>8} {time} {id} {:<28} calling={} peer={} outcome={outcome} {desc}\n",
+                "{seq:>8} {time} {id} {:<28} calling={} peer={} outcome={outcome} {}\n",
                 event_name(id),
-                e.calling_ae,
-                e.peer
+                Escaped(&e.calling_ae),
+                Escaped(&e.peer),
+                Escaped(&desc)
             );
         }
     })?;

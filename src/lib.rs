@@ -27,6 +27,7 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod dimse;
+pub mod escape;
 pub mod export;
 pub mod find;
 pub mod forward;

@@ -796,7 +796,10 @@ fn serve(cfg: Config) -> ExitCode {
     match cfg.node.log_format {
         // One JSON object per line, with the association span's fields, for log shippers.
         dicomchain::config::LogFormat::Json => logs.json().with_current_span(true).init(),
-        dicomchain::config::LogFormat::Text => logs.init(),
+        // Peer-supplied values escaped, so that none can add a line (JSON escapes them itself).
+        dicomchain::config::LogFormat::Text => {
+            logs.fmt_fields(dicomchain::escape::log_fields()).init()
+        }
     }
     // A panicking task must not leave a half-alive node behind (as Garage does): abort, and let
     // systemd restart us. Acknowledged data is already durable.

