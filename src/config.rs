@@ -293,16 +293,22 @@ pub struct NodeConfig {
     /// gets no more time). Peers send their request within milliseconds of connecting.
     #[serde(default = "default_artim_timeout")]
     pub artim_timeout_secs: u64,
-    /// Most bytes of incoming data sets held in memory across all associations at once
-    /// (metadata, and pixel data an S3 upload has not sent yet). A C-STORE that cannot get its
-    /// share within `io_timeout_secs` fails with A700; the association stays usable.
+    /// Most bytes of incoming data sets held in memory across all associations at once, every
+    /// copy counted: each data set's metadata three times (its buffer, the ledger's write batch,
+    /// the memtable's copy), pixel data an S3 upload has not sent yet, and the ledger's own part
+    /// (its memtables, 64 MiB, and two copies of the largest record; see `ingest_budget`). A
+    /// C-STORE that cannot get its share within `io_timeout_secs` fails with A700; the
+    /// association stays usable.
     #[serde(default = "default_max_bytes_in_flight")]
     pub max_bytes_in_flight: usize,
     /// On SIGINT/SIGTERM, seconds to let in-flight operations finish before aborting them.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout_secs: u64,
     /// Most bytes of one data set kept in memory: everything except the pixel data, which streams
-    /// to the object store. A larger data set is refused with A700.
+    /// to the object store. A larger data set is refused with A700 (Error Comment naming this
+    /// key) and the association stays usable. It is also the per-association cap: an association
+    /// receives one data set at a time, so it holds at most three times this (see
+    /// `max_bytes_in_flight`) plus S3 parts not yet sent.
     #[serde(default = "default_max_metadata")]
     pub max_metadata_bytes: usize,
     /// Most matches one C-FIND answers; a query with more ends with A700 after that many, with
@@ -680,6 +686,25 @@ impl StoreConfig {
 }
 
 impl NodeConfig {
+    /// The most a data set's metadata buffer can hold: the limit is checked per PDU.
+    fn largest_metadata(&self) -> usize {
+        self.max_metadata_bytes + self.max_pdu_length as usize
+    }
+
+    /// The ledger's part of `max_bytes_in_flight`: what it keeps after a C-STORE has ended
+    /// (memtables not yet flushed, the write that took them past their bound, a large record a
+    /// compaction moves).
+    pub fn ledger_memory(&self) -> usize {
+        crate::ledger::MEMTABLE_BYTES
+            + crate::ledger::RECORD_COPIES_AFTER_STORE * self.largest_metadata()
+    }
+
+    /// The part of `max_bytes_in_flight` the data sets being received share.
+    pub fn ingest_budget(&self) -> usize {
+        self.max_bytes_in_flight
+            .saturating_sub(self.ledger_memory())
+    }
+
     /// The plain listener's address; `None` when it is off (`listen = ""`).
     pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         if self.listen.is_empty() {
@@ -853,22 +878,30 @@ impl Config {
         if self.node.max_metadata_bytes < 64 * 1024 {
             return Err(invalid("node.max_metadata_bytes", "must be at least 65536"));
         }
-        if self.node.max_bytes_in_flight < self.node.max_metadata_bytes
-            || self.node.max_bytes_in_flight > u32::MAX as usize
-        {
+        // Room for one data set of the largest metadata, with all its copies, beside the
+        // ledger's part.
+        let one = crate::ingest::COPIES * self.node.largest_metadata();
+        if self.node.ingest_budget() < one || self.node.max_bytes_in_flight > u32::MAX as usize {
             return Err(invalid(
                 "node.max_bytes_in_flight",
-                "must be at least node.max_metadata_bytes and at most 4294967295",
+                format!(
+                    "must be at least {} (64 MiB of ledger memtables and five times \
+                     node.max_metadata_bytes + node.max_pdu_length) and at most 4294967295",
+                    self.node.ledger_memory() + one
+                ),
             ));
         }
         // S3 uploads hold up to about three parts in memory besides the metadata.
         if self.store.backend == StoreBackend::S3
-            && (self.node.max_bytes_in_flight as u64)
-                < self.node.max_metadata_bytes as u64 + 3 * self.store.s3.part_size
+            && (self.node.ingest_budget() as u64) < one as u64 + 3 * self.store.s3.part_size
         {
             return Err(invalid(
                 "node.max_bytes_in_flight",
-                "must be at least node.max_metadata_bytes + 3 x store.s3.part_size with the S3 backend",
+                format!(
+                    "must be at least {} with the S3 backend (three parts of store.s3.part_size \
+                     more)",
+                    (self.node.ledger_memory() + one) as u64 + 3 * self.store.s3.part_size
+                ),
             ));
         }
         if self.node.max_find_results == 0 {

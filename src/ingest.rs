@@ -30,6 +30,14 @@ const MAX_INFLATED: u64 = 4 * 1024 * 1024;
 /// order only lets both share a journal commit; see `Incoming::finish_inner`).
 const SYNC_AFTER_LEDGER_WAIT: Duration = Duration::from_millis(500);
 
+/// Copies of a data set's metadata that exist at once on its way to the ledger, each charged to
+/// the [`Budget`] from its first byte: the metadata buffer (then the encoded record that
+/// replaces it), the ledger's write batch, and the memtable's copy made while that batch is
+/// written. Charging them all up front means a data set never needs more once received, so
+/// finishing one never waits on another. What the ledger keeps after the C-STORE (memtables,
+/// blobs being moved) is its own part of `node.max_bytes_in_flight`.
+pub const COPIES: usize = 3;
+
 /// Why an instance was not stored. Mapped to DIMSE statuses in `dimse::status`, nowhere else.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -318,6 +326,17 @@ pub struct Incoming {
     charge: Option<Charge>,
 }
 
+/// Makes room for `more` bytes of metadata: by doubling, as a `Vec` grows, but not past `max`
+/// unless the bytes need it. The [`Budget`] charges capacity, so a data set just under the
+/// limit is not charged for twice its size.
+fn make_room(meta: &mut Vec<u8>, more: usize, max: usize) {
+    let need = meta.len() + more;
+    if need > meta.capacity() {
+        let target = (meta.capacity() * 2).min(max).max(need);
+        meta.reserve_exact(target - meta.len());
+    }
+}
+
 impl Incoming {
     /// Takes the next chunk of the data set. On error the caller must [`Incoming::abort`].
     pub async fn feed(&mut self, data: &[u8]) -> Result<(), IngestError> {
@@ -329,6 +348,7 @@ impl Incoming {
                 if self.meta.len() + data.len() > max {
                     return Err(IngestError::MetadataTooLarge { max });
                 }
+                make_room(&mut self.meta, data.len(), max);
                 self.meta.extend_from_slice(data);
                 return self.account().await;
             }
@@ -338,7 +358,10 @@ impl Incoming {
         let mut bulk: Vec<&[u8]> = Vec::new();
         let meta = &mut self.meta;
         splitter.feed(data, |piece| match piece {
-            Piece::Meta(b) => meta.extend_from_slice(b),
+            Piece::Meta(b) => {
+                make_room(meta, b.len(), max);
+                meta.extend_from_slice(b)
+            }
             Piece::Bulk(b) => bulk.push(b),
         })?;
         // Checked per chunk: the overshoot is at most one PDU.
@@ -374,7 +397,8 @@ impl Incoming {
         let Some(budget) = &self.pipeline.budget else {
             return Ok(());
         };
-        let held = self.meta.capacity() + self.upload.as_ref().map_or(0, Upload::buffered);
+        let held =
+            COPIES * self.meta.capacity() + self.upload.as_ref().map_or(0, Upload::buffered);
         let charged = self.charge.as_ref().map_or(0, Charge::bytes);
         if held > charged {
             let max = budget.max;
@@ -1038,23 +1062,23 @@ mod tests {
     #[tokio::test]
     async fn the_budget_bounds_bytes_held_across_data_sets() {
         let dir = tempfile::tempdir().unwrap();
-        let budget = Budget::new(100_000, Duration::from_millis(200));
+        let budget = Budget::new(300_000, Duration::from_millis(200));
         let p = pipeline(dir.path()).await.with_budget(budget);
         let held = || p.budget().unwrap().held();
-        // Deflated data sets are kept whole in memory.
+        // Deflated data sets are kept whole in memory, charged for `COPIES` of their bytes.
         let mut a = p.begin(DEFLATED_EXPLICIT_VR_LE);
         a.feed(&[0u8; 60_000]).await.unwrap();
-        assert_eq!(held(), 60_000);
+        assert_eq!(held(), 3 * 60_000);
         // A data set that holds some and needs more than is free fails at once.
         let mut b = p.begin(DEFLATED_EXPLICIT_VR_LE);
         b.feed(&[0u8; 30_000]).await.unwrap();
         let err = b.feed(&[0u8; 30_000]).await.unwrap_err();
         assert!(
-            matches!(err, IngestError::MemoryBudget { max: 100_000 }),
+            matches!(err, IngestError::MemoryBudget { max: 300_000 }),
             "{err}"
         );
         b.abort().await;
-        assert_eq!(held(), 60_000);
+        assert_eq!(held(), 3 * 60_000);
         // One that holds nothing waits up to the budget's wait, then fails.
         let mut e = p.begin(DEFLATED_EXPLICIT_VR_LE);
         let started = std::time::Instant::now();
@@ -1062,14 +1086,14 @@ mod tests {
         assert!(matches!(err, IngestError::MemoryBudget { .. }), "{err}");
         assert!(started.elapsed() >= Duration::from_millis(200));
         e.abort().await;
-        assert_eq!(held(), 60_000);
+        assert_eq!(held(), 3 * 60_000);
         // Bytes come back when a data set ends, and a waiting one gets them.
         let mut c = p.begin(DEFLATED_EXPLICIT_VR_LE);
         let waiting = tokio::spawn(async move { c.feed(&[0u8; 50_000]).await.map(|_| c) });
         tokio::time::sleep(Duration::from_millis(50)).await;
         a.abort().await;
         let c = waiting.await.unwrap().unwrap();
-        assert_eq!(held(), 50_000);
+        assert_eq!(held(), 3 * 50_000);
         drop(c);
         assert_eq!(held(), 0);
         // One data set larger than the whole budget fails at once.

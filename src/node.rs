@@ -134,7 +134,7 @@ pub async fn run(
     )
     .with_router(crate::forward::Router::new(&cfg.forward))
     .with_budget(crate::ingest::Budget::new(
-        cfg.node.max_bytes_in_flight,
+        cfg.node.ingest_budget(),
         cfg.node.io_timeout(),
     ));
     // Everything that can fail to start comes before the forwarder's runtime exists.

@@ -10,6 +10,7 @@ mod forward;
 mod hardening;
 mod ledger;
 mod lockout;
+mod memory;
 mod network;
 mod ops;
 mod privacy;

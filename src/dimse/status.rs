@@ -69,6 +69,14 @@ pub fn store_failure(e: &IngestError) -> Failure {
     let comment = match e {
         IngestError::Store(_) => "object store unavailable".to_string(),
         IngestError::Ledger(_) => "ledger unavailable".to_string(),
+        // Short enough for the Error Comment (LO, 64 characters) to keep the key's name, which
+        // tells the sender's administrator which limit was met.
+        IngestError::MetadataTooLarge { .. } => {
+            "non-pixel data larger than node.max_metadata_bytes".to_string()
+        }
+        IngestError::MemoryBudget { .. } => {
+            "node.max_bytes_in_flight in use; try again later".to_string()
+        }
         other => other.to_string(),
     };
     Failure::new(status, comment)
@@ -114,6 +122,14 @@ mod tests {
             dataset: "2".into(),
         };
         assert_eq!(store_failure(&e).status, DATA_SET_DOES_NOT_MATCH_SOP_CLASS);
+        for e in [
+            IngestError::MetadataTooLarge { max: 64 << 20 },
+            IngestError::MemoryBudget { max: 1 << 30 },
+        ] {
+            let f = store_failure(&e);
+            assert_eq!(f.status, OUT_OF_RESOURCES);
+            assert!(f.comment.len() <= ERROR_COMMENT_MAX, "{}", f.comment);
+        }
         let e = IngestError::Parse(crate::instance::ParseError::Missing("SOP Class UID"));
         let f = store_failure(&e);
         assert_eq!(f.status, CANNOT_UNDERSTAND);

@@ -91,6 +91,10 @@ const MAX_GROUP: usize = 512;
 /// Batch bytes reserved per request of a group: an entry, its tree nodes, a metadata record of
 /// a typical CT/MR header and its index keys.
 const BATCH_BYTES_PER_REQUEST: usize = 2048;
+/// Most metadata record bytes folded into one group commit (a group's records exist three times
+/// while it is written: the requests', the batch's and the memtable's). A larger record is a
+/// group of its own, charged to its data set (see `ingest::COPIES`).
+const MAX_GROUP_RECORD_BYTES: usize = 8 * 1024 * 1024;
 
 /// Ledger failures. Writes that fail leave the ledger as it was.
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +237,16 @@ enum Job {
     },
 }
 
+impl Job {
+    /// The metadata record bytes this job writes.
+    fn record_bytes(&self) -> usize {
+        match self {
+            Job::Store { req, .. } => req.record.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// What planning a job gave, before the group is written.
 enum Planned {
     Store(Result<StoreOutcome, LedgerError>),
@@ -298,7 +312,26 @@ const ALL_CFS: [&str; 8] = [
     CF_KEYS,
 ];
 
+/// Most bytes all column families' memtables hold together before writes wait for a flush.
+/// Part of `node.max_bytes_in_flight` (see `config::NodeConfig::ingest_budget`): a memtable
+/// keeps a copy of every record written until it is flushed, after its C-STORE has ended.
+pub const MEMTABLE_BYTES: usize = 64 * 1024 * 1024;
+/// The block cache all column families share.
+const BLOCK_CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// The metadata family's memtable size. Reopening replays the WAL into memtables of this size,
+/// flushing each as it fills: a small one bounds that replay's memory by one memtable and one
+/// record rather than by the WAL's size.
+const META_WRITE_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+/// Metadata records this large or larger are kept in blob files rather than table blocks.
+const BLOB_MIN_BYTES: u64 = 512 * 1024;
+/// Copies of the largest record the ledger may hold beyond what a C-STORE is charged for while it
+/// runs: the last write that took the memtables past [`MEMTABLE_BYTES`], and a blob moved by a
+/// compaction.
+pub const RECORD_COPIES_AFTER_STORE: usize = 2;
+
 fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
+    // One cache for all families: RocksDB otherwise gives each family its own 32 MiB.
+    let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
     ALL_CFS
         .into_iter()
         .map(|name| {
@@ -308,8 +341,22 @@ fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
             // filter answers that without reading index blocks.
             let mut table = rocksdb::BlockBasedOptions::default();
             table.set_bloom_filter(10.0, false);
+            table.set_block_cache(&cache);
             o.set_block_based_table_factory(&table);
             o.set_write_buffer_size(64 * 1024 * 1024);
+            if name == CF_META {
+                o.set_write_buffer_size(META_WRITE_BUFFER_BYTES);
+                // A large record (a big private element) goes to a blob file as its memtable is
+                // flushed, uncompressed: a flush or compaction that kept it in a table block would
+                // hold it once per input file, plus the block being built and its compressed copy.
+                o.set_enable_blob_files(true);
+                o.set_min_blob_size(BLOB_MIN_BYTES);
+                // Every compaction moves the live blobs of the files it reads, so that an erased
+                // record leaves the blob files with the compaction after its erasure (see
+                // `erase`); only records of at least `BLOB_MIN_BYTES` pay for the rewrite.
+                o.set_enable_blob_gc(true);
+                o.set_blob_gc_age_cutoff(1.0);
+            }
             ColumnFamilyDescriptor::new(name, o)
         })
         .collect()
@@ -321,6 +368,12 @@ fn db_options() -> Options {
     o.create_missing_column_families(true);
     // Ledger writes are synced per group; keep the WAL fsync honest and bounded in size.
     o.set_max_total_wal_size(256 * 1024 * 1024);
+    // All memtables together are bounded (eight families of 64 MiB, two each, could hold
+    // 1 GiB): past the bound the largest is flushed, and writes wait while it is.
+    o.set_write_buffer_manager(&rocksdb::WriteBufferManager::new_write_buffer_manager(
+        MEMTABLE_BYTES,
+        true,
+    ));
     o.increase_parallelism(2);
     // The committer is the only steady writer: inserting its batches one at a time lets the
     // memtable start each insert where the previous one went (see `batch`).
@@ -1918,14 +1971,22 @@ impl Committer {
             };
             // An erasure reads the index as the database has it: it runs in a group of its own.
             let alone = matches!(first, Job::Erase { .. });
+            let mut record_bytes = first.record_bytes();
             let mut jobs = vec![first];
-            while !alone && jobs.len() < MAX_GROUP {
+            while !alone && jobs.len() < MAX_GROUP && record_bytes < MAX_GROUP_RECORD_BYTES {
                 match rx.try_recv() {
                     Ok(j @ Job::Erase { .. }) => {
                         held = Some(j);
                         break;
                     }
-                    Ok(j) => jobs.push(j),
+                    Ok(j) if record_bytes + j.record_bytes() > MAX_GROUP_RECORD_BYTES => {
+                        held = Some(j);
+                        break;
+                    }
+                    Ok(j) => {
+                        record_bytes += j.record_bytes();
+                        jobs.push(j);
+                    }
                     Err(_) => break,
                 }
             }
@@ -1987,7 +2048,7 @@ impl Committer {
         }
         // Oldest first (the names start with the time), so the trail keeps their order.
         audits.sort();
-        let mut group = match Group::new(&self.db, self.head, 0) {
+        let mut group = match Group::new(&self.db, self.head, 0, 0) {
             Ok(g) => g,
             Err(e) => return tracing::error!(error = %e, "cannot record security events"),
         };
@@ -2066,7 +2127,7 @@ impl Committer {
             let _ = std::fs::rename(file, file.with_extension("bad"));
             return;
         };
-        let mut group = match Group::new(&self.db, self.head, 0) {
+        let mut group = match Group::new(&self.db, self.head, 0, 0) {
             Ok(g) => g,
             Err(e) => return tracing::error!(error = %e, "cannot re-queue forwards"),
         };
@@ -2144,7 +2205,8 @@ impl Committer {
     /// group too: what it duplicates was not written either).
     fn commit_group(&mut self, jobs: &[Job]) -> Vec<Planned> {
         let first_new = self.head.map_or(1, |h| h.0 + 1);
-        let mut plan = match Group::new(&self.db, self.head, jobs.len()) {
+        let record_bytes = jobs.iter().map(Job::record_bytes).sum();
+        let mut plan = match Group::new(&self.db, self.head, jobs.len(), record_bytes) {
             Ok(g) => g,
             Err(e) => {
                 let err = || LedgerError::Corrupt(e.to_string());
@@ -2344,12 +2406,14 @@ struct Group<'a> {
 }
 
 impl<'a> Group<'a> {
-    /// A group of about `requests` requests (its batch is sized for them up front: growing a
-    /// megabyte batch by doubling showed up in profiles).
+    /// A group of about `requests` requests carrying `record_bytes` of metadata records (its
+    /// batch is sized for them up front: growing a megabyte batch by doubling showed up in
+    /// profiles, and would hold a large record's bytes twice).
     fn new(
         db: &'a DB,
         head: Option<(u64, Digest32)>,
         requests: usize,
+        record_bytes: usize,
     ) -> Result<Group<'a>, LedgerError> {
         let cf = |n| {
             db.cf_handle(n)
@@ -2364,7 +2428,9 @@ impl<'a> Group<'a> {
             cf_forward: cf(CF_FORWARD)?,
             cf_pending: cf(CF_PENDING)?,
             cf_keys: cf(CF_KEYS)?,
-            batch: batch::SortedBatch::with_capacity_bytes(requests * BATCH_BYTES_PER_REQUEST),
+            batch: batch::SortedBatch::with_capacity_bytes(
+                requests * BATCH_BYTES_PER_REQUEST + record_bytes,
+            ),
             enqueued: false,
             erased: false,
             settled: Default::default(),
