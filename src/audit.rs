@@ -166,7 +166,16 @@ pub fn trail_of(ledger: &Ledger, filter: &TrailFilter, json: bool) -> Result<Str
             Event::Forward => ("forwarded".to_string(), e.detail.clone()),
             Event::IntegrityFailure => (
                 "integrity failure".to_string(),
-                format!("{} in entry {}", e.reason.describe(), e.subject_seq),
+                if e.detail.is_empty() {
+                    format!("{} in entry {}", e.reason.describe(), e.subject_seq)
+                } else {
+                    format!(
+                        "{} in entry {} ({})",
+                        e.reason.describe(),
+                        e.subject_seq,
+                        e.detail
+                    )
+                },
             ),
             Event::Grant => ("permissions granted".to_string(), e.detail.clone()),
             Event::Revoke => ("permissions revoked".to_string(), e.detail.clone()),

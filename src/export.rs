@@ -92,6 +92,8 @@ pub async fn run(cfg: &Config, selection: &Selection, out: &Path) -> Result<Repo
                         subject_seq: entry.seq,
                         reason,
                         detector: "export".into(),
+                        calling_ae: String::new(),
+                        peer: String::new(),
                     };
                     match ev.write(&cfg.ledger.event_spool) {
                         Ok(_) => why += " (security event left for the ledger)",

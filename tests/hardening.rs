@@ -136,3 +136,70 @@ fn an_ae_title_with_a_newline_is_rejected_and_forges_no_log_or_audit_line() {
     assert!(!grant.status.success(), "{}", text(&grant));
 }
 
+#[test]
+fn an_integrity_alert_names_the_requester_its_address_and_a_failure() {
+    let node = Node::start();
+    let dir = tempfile::tempdir().unwrap();
+    let files = support::make_series(&dir.path().join("ct"), "CT", 3, 64, &[]);
+    support::assert_ok(&node.storescu(&[], &files), "storescu");
+    // Alter one pixel object on disk.
+    let objects = support::files_under(&node.dir.join("objects"));
+    assert_eq!(objects.len(), 3);
+    let mut bytes = std::fs::read(&objects[1]).unwrap();
+    bytes[100] ^= 0xFF;
+    std::fs::write(&objects[1], bytes).unwrap();
+    let out_dir = dir.path().join("got");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let get = Command::new("/usr/bin/getscu")
+        .args(["-aet", "GETSCU", "-aec", AE, "-P", "-od"])
+        .arg(&out_dir)
+        .args(["-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=PID0001"])
+        .args(["127.0.0.1", &node.port.to_string()])
+        .output()
+        .expect("run /usr/bin/getscu (apt-get install dcmtk)");
+    assert_eq!(
+        support::files_under(&out_dir).len(),
+        2,
+        "the altered instance must not be sent: {}",
+        text(&get)
+    );
+    // The security event reaches the ledger from the spool within a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let alert = loop {
+        let out = node
+            .command()
+            .args(["audit", "--event", "110113", "--json"])
+            .output()
+            .unwrap();
+        let found = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|e| {
+                e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("integrity failure"))
+            });
+        if let Some(e) = found {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no integrity alert:\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(alert["calling_ae"], "GETSCU", "{alert}");
+    let peer = alert["peer"].as_str().unwrap_or("");
+    assert!(peer.starts_with("127.0.0.1:"), "{alert}");
+    assert_ne!(alert["outcome"], 0, "{alert}");
+    assert!(
+        alert["detail"].as_str().unwrap_or("").contains("found by c-get"),
+        "{alert}"
+    );
+    // And the text trail says the same on one line.
+    let out = node.command().args(["audit", "--event", "110113"]).output().unwrap();
+    let trail = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        trail.lines().any(|l| l.contains("calling=GETSCU peer=127.0.0.1:")
+            && !l.contains("outcome=success")
+            && l.contains("integrity failure")),
+        "{trail}"
+    );
+}

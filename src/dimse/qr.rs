@@ -115,6 +115,40 @@ pub struct Request {
     /// Encoding of the request's context, for the identifier of the final response.
     pub encoding: Encoding,
     pub calling_ae: String,
+    /// The requesting association's peer address.
+    pub peer: String,
+}
+
+/// On whose behalf an instance is rebuilt: named in the security event when it fails its
+/// check, so that the alert says who asked for the damaged instance and from where.
+#[derive(Debug, Clone)]
+pub struct Requester {
+    /// What found it: `c-move`, `c-get`, `forward`.
+    pub detector: &'static str,
+    /// The requesting association's calling AE title; empty when the node itself asked.
+    pub calling_ae: String,
+    /// Its peer address (empty as `calling_ae`).
+    pub peer: String,
+}
+
+impl Requester {
+    /// The node itself (forwarding).
+    pub fn node(detector: &'static str) -> Requester {
+        Requester {
+            detector,
+            calling_ae: String::new(),
+            peer: String::new(),
+        }
+    }
+
+    /// The association that sent `req`.
+    fn of(detector: &'static str, req: &Request) -> Requester {
+        Requester {
+            detector,
+            calling_ae: req.calling_ae.clone(),
+            peer: req.peer.clone(),
+        }
+    }
 }
 
 fn response(req: &Request, command_field: u16) -> CommandBuilder {
@@ -257,7 +291,7 @@ pub(crate) enum Body {
 
 /// Rebuilds the latest version of one instance and checks it; `None` (and a logged, recorded
 /// failure) when it cannot be sent.
-async fn prepare(services: &Services, uid: &str, detector: &str) -> Option<Ready> {
+async fn prepare(services: &Services, uid: &str, requester: &Requester) -> Option<Ready> {
     let entry = match services.ledger.latest(uid) {
         Ok(Some(e)) => e,
         Ok(None) => return None,
@@ -266,7 +300,7 @@ async fn prepare(services: &Services, uid: &str, detector: &str) -> Option<Ready
             return None;
         }
     };
-    prepare_entry(services, entry, Some(uid), detector)
+    prepare_entry(services, entry, Some(uid), requester)
         .await
         .ok()
 }
@@ -278,11 +312,11 @@ pub(crate) async fn prepare_entry(
     services: &Services,
     entry: Entry,
     uid: Option<&str>,
-    detector: &str,
+    requester: &Requester,
 ) -> Result<Ready, PrepareError> {
     let instance = match retrieve::load_instance(&services.ledger, &entry) {
         Ok(r) => r,
-        Err(e) => return Err(failed_check(services, &entry, &e, detector)),
+        Err(e) => return Err(failed_check(services, &entry, &e, requester)),
     };
     let (class, syntax) = (entry.sop_class_uid.clone(), entry.transfer_syntax.clone());
     let uid = uid.map_or_else(|| instance.record.sop_instance_uid.clone(), str::to_string);
@@ -297,7 +331,7 @@ pub(crate) async fn prepare_entry(
         let (tx, chunks) = mpsc::channel(2);
         let (done, verified) = tokio::sync::oneshot::channel();
         let services = services.clone();
-        let detector = detector.to_string();
+        let requester = requester.clone();
         tokio::spawn(async move {
             let mut sink = retrieve::ChunkSink::new(tx, STREAM_CHUNK);
             let result =
@@ -310,7 +344,7 @@ pub(crate) async fn prepare_entry(
                 Err(retrieve::RetrieveError::Io(e))
                     if e.kind() == std::io::ErrorKind::BrokenPipe => {}
                 Err(e) => {
-                    failed_check(&services, &entry, e, &detector);
+                    failed_check(&services, &entry, e, &requester);
                 }
                 Ok(()) => {}
             }
@@ -324,7 +358,7 @@ pub(crate) async fn prepare_entry(
     let mut bytes = Vec::with_capacity(dataset_length as usize);
     match retrieve::rebuild(&services.store, &entry, &instance, &mut bytes).await {
         Ok(()) => Ok(ready(Body::Whole(bytes))),
-        Err(e) => Err(failed_check(services, &entry, &e, detector)),
+        Err(e) => Err(failed_check(services, &entry, &e, requester)),
     }
 }
 
@@ -333,18 +367,20 @@ fn failed_check(
     services: &Services,
     entry: &Entry,
     e: &retrieve::RetrieveError,
-    detector: &str,
+    requester: &Requester,
 ) -> PrepareError {
     if retrieve::erased_meanwhile(&services.ledger, entry, e).is_some() {
         info!(seq = entry.seq, "instance erased; not sent");
         return PrepareError::Erased(e.to_string());
     }
     if let Some(reason) = e.integrity_reason() {
-        warn!(seq = entry.seq, error = %e, "instance fails its ledger check; not sent");
+        warn!(seq = entry.seq, error = %e, calling = %requester.calling_ae, peer = %requester.peer, "instance fails its ledger check; not sent");
         let ev = SpooledEvent {
             subject_seq: entry.seq,
             reason,
-            detector: detector.into(),
+            detector: requester.detector.into(),
+            calling_ae: requester.calling_ae.clone(),
+            peer: requester.peer.clone(),
         };
         if let Err(e) = ev.write(&services.event_spool) {
             warn!(error = %e, "cannot record the security event");
@@ -360,7 +396,7 @@ fn failed_check(
 fn prefetch(
     services: Services,
     uids: Vec<String>,
-    detector: &'static str,
+    requester: Requester,
     cancel: Arc<AtomicBool>,
 ) -> mpsc::Receiver<(String, Option<Ready>)> {
     let (tx, rx) = mpsc::channel(PREFETCH);
@@ -369,7 +405,7 @@ fn prefetch(
             if cancel.load(Ordering::Relaxed) {
                 break;
             }
-            let ready = prepare(&services, &uid, detector).await;
+            let ready = prepare(&services, &uid, &requester).await;
             if tx.send((uid, ready)).await.is_err() {
                 break;
             }
@@ -630,7 +666,8 @@ pub async fn run_move(
             return;
         }
     };
-    let mut ready = prefetch(services.clone(), uids.clone(), "c-move", cancel.clone());
+    let requester = Requester::of("c-move", &req);
+    let mut ready = prefetch(services.clone(), uids.clone(), requester, cancel.clone());
     let mut unreachable = false;
     let mut revoked = None;
     while let Some((uid, instance)) = ready.recv().await {
@@ -979,7 +1016,8 @@ pub async fn run_get(
         }
     };
     counts.remaining = uids.len().min(u16::MAX as usize) as u16;
-    let mut ready = prefetch(services.clone(), uids.clone(), "c-get", cancel.clone());
+    let requester = Requester::of("c-get", &req);
+    let mut ready = prefetch(services.clone(), uids.clone(), requester, cancel.clone());
     let mut message_id: u16 = 1;
     let mut gone = false;
     let mut revoked = None;

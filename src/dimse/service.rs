@@ -1083,6 +1083,7 @@ impl Association {
             sop_class_uid: req.sop_class_uid.clone(),
             encoding,
             calling_ae: self.negotiated.calling_ae.clone(),
+            peer: self.peer.clone(),
         };
         let mut replies = None;
         match req.operation.clone() {

@@ -78,6 +78,9 @@ const CF_FORWARD: &str = "forward";
 const CF_PENDING: &str = "pending";
 /// Object name → key record of a sealed pixel object (see `store::sealed`): erasable.
 const CF_KEYS: &str = "keys";
+/// The outcome recorded on an integrity-failure entry: Processing failure (PS3.7 C.4, 0110H).
+/// An alert is never a success: the instance it names was not delivered.
+pub const INTEGRITY_FAILURE_STATUS: u16 = 0x0110;
 /// Key of the master key's check value in the `keys` column family (object names are hex).
 const MASTER_CHECK: &[u8] = b"\0master-key-check";
 /// The byte after the instance key in a `pending` note for the object of an erased instance.
@@ -1465,17 +1468,26 @@ fn read_entry(db: &DB, seq: u64) -> Result<Option<Entry>, LedgerError> {
         .map_err(LedgerError::Read)?
         .map(|b| Entry::decode(&b).map_err(|e| LedgerError::Corrupt(e.to_string())))
         .transpose()
+    /// The calling AE title of the association whose request found it; empty when the node
+    /// itself did (export, verify, forwarding).
+    pub calling_ae: String,
+    /// That association's peer address (empty as `calling_ae`).
+    pub peer: String,
 }
 
-/// A security event waiting in the spool: `subject_seq=N`, `reason=R`, `detector=NAME` lines.
+/// A security event waiting in the spool: `subject_seq=N`, `reason=R`, `detector=NAME` lines,
+/// and `calling_ae=AE`, `peer=ADDRESS` when a peer's request found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpooledEvent {
     pub subject_seq: u64,
+        let (mut calling_ae, mut peer) = (String::new(), String::new());
     pub reason: Reason,
     pub detector: String,
 }
 
 impl SpooledEvent {
+                ("calling_ae", v) => calling_ae = v.to_string(),
+                ("peer", v) => peer = v.to_string(),
     fn parse(text: &str) -> Option<SpooledEvent> {
         let mut seq = None;
         let mut reason = None;
@@ -1483,6 +1495,8 @@ impl SpooledEvent {
         for line in text.lines() {
             match line.split_once('=')? {
                 ("subject_seq", v) => seq = v.parse().ok(),
+            calling_ae,
+            peer,
                 ("reason", v) => reason = v.parse().ok().and_then(Reason::from_u8),
                 ("detector", v) => detector = Some(v.to_string()),
                 _ => {}
@@ -1494,6 +1508,8 @@ impl SpooledEvent {
             detector: detector?,
         })
     }
+        // Escaped: a peer's title or address must not add a line of its own to the file.
+        let esc = crate::escape::escape;
 
     /// Leaves the event in `dir` for the node to record: temp file, fsync, rename, fsync dir.
     pub fn write(&self, dir: &Path) -> std::io::Result<PathBuf> {
@@ -1505,8 +1521,12 @@ impl SpooledEvent {
         let mut f = std::fs::File::create(&tmp)?;
         writeln!(
             f,
-            "subject_seq={}\nreason={}\ndetector={}",
-            self.subject_seq, self.reason as u8, self.detector
+            "subject_seq={}\nreason={}\ndetector={}\ncalling_ae={}\npeer={}",
+            self.subject_seq,
+            self.reason as u8,
+            esc(&self.detector),
+            esc(&self.calling_ae),
+            esc(&self.peer)
         )?;
         f.sync_all()?;
         std::fs::rename(&tmp, &dest)?;
@@ -2074,9 +2094,9 @@ impl Committer {
                     continue;
                 }
             };
-            match group.add_event(&subject, ev.reason, &ev.detector) {
+            match group.add_event(&subject, ev.reason, &ev.detector, (&ev.calling_ae, &ev.peer)) {
                 Ok(seq) => {
-                    tracing::warn!(seq, subject = ev.subject_seq, reason = ev.reason.describe(), detector = %ev.detector, "security event recorded on the ledger");
+                    tracing::warn!(seq, subject = ev.subject_seq, reason = ev.reason.describe(), detector = %ev.detector, calling = %ev.calling_ae, peer = %ev.peer, "security event recorded on the ledger");
                     done.push(f.clone());
                 }
                 Err(e) => tracing::error!(error = %e, "cannot record a security event"),
@@ -2469,7 +2489,9 @@ impl<'a> Group<'a> {
         Ok(Some((idx, key)))
     }
 
-    /// Plans a security event about entry `subject`, detected by `detector`.
+    /// Plans a security event about entry `subject`, detected by `detector` while serving
+    /// `requester` (calling AE title, peer address; empty when the node itself found it). The
+    /// entry names the requester as its calling AE and peer, and its outcome is a failure.
     fn add_event(
         &mut self,
         subject: &Entry,
@@ -2482,13 +2504,13 @@ impl<'a> Group<'a> {
             prev_hash,
             time_micros: self.time_micros,
             event: Event::IntegrityFailure,
-            calling_ae: detector.chars().take(64).collect(),
+            calling_ae: text(calling, 64),
             subject_seq: subject.seq,
             reason,
             version: 0,
-            status: 0,
-            peer: String::new(),
-            detail: String::new(),
+            status: INTEGRITY_FAILURE_STATUS,
+            peer: text(requester.1.trim(), 128),
+            detail,
             ..subject.clone()
         };
         self.append(&entry)?;
@@ -2496,8 +2518,14 @@ impl<'a> Group<'a> {
     }
 
     /// The next entry's sequence number and the hash it chains to.
+        requester: (&str, &str),
     fn next_position(&self) -> (u64, Digest32) {
         match self.head {
+        let text = |s: &str, max: usize| crate::escape::escape(s).chars().take(max).collect();
+        let (calling, detail) = match requester.0.trim() {
+            "" => (detector, String::new()),
+            ae => (ae, text(&format!("found by {detector}"), 512)),
+        };
             Some((s, h)) => (s + 1, h),
             None => (1, [0u8; 32]),
         }
@@ -3406,6 +3434,8 @@ mod tests {
             "an event naming no entry is not recorded"
         );
         // The recorded event's file is gone; the bad one stays for an operator.
+            calling_ae: String::new(),
+            peer: String::new(),
         assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 1);
         // Events do not touch the instance index.
         assert_eq!(ledger.latest("8.1").unwrap().unwrap().seq, 1);

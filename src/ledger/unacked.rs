@@ -110,7 +110,7 @@ impl Group<'_> {
                 "entry {seq} is already recorded as unacknowledged"
             )));
         }
-        let event = self.add_event(&subject, Reason::Unacknowledged, DETECTOR)?;
+        let event = self.add_event(&subject, Reason::Unacknowledged, DETECTOR, ("", ""))?;
         self.batch.put_cf(self.cf_index, unacked_key(seq), []);
         Ok(event)
     }
