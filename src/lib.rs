@@ -38,6 +38,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod node;
 pub mod notify;
+pub mod perms;
 pub mod retrieve;
 pub mod split;
 pub mod store;

@@ -215,6 +215,12 @@ enum ForwardAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The ledger holds patient attributes and the key files open the rest: whatever this
+    // command creates is its owner's only. Export and get write the files the user asked for,
+    // where the user's umask decides.
+    if !matches!(cli.command, Command::Export { .. } | Command::Get { .. }) {
+        dicomchain::perms::restrict_umask();
+    }
     let mut cfg = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {

@@ -33,6 +33,9 @@ pub enum StartError {
     Forward(String),
     #[error("checkpoint signing key: {0}")]
     Key(String),
+    /// A key file that group or others can read (see `perms`).
+    #[error("{0}")]
+    KeyMode(String),
     #[error("object master key (security.master_key_file): {0}")]
     MasterKey(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -49,6 +52,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     let addr = cfg.node.listen_addr()?;
+    // Before any key is read: one others could read may have been read already.
+    crate::perms::check_key_files(&cfg).map_err(StartError::KeyMode)?;
+    for (dir, done) in crate::perms::tighten_dirs(&cfg) {
+        match done {
+            Ok(old) => tracing::warn!(path = %dir.display(), old_mode = format!("{old:04o}"), "state directory was open to group or others: now 0700"),
+            Err(e) => tracing::warn!(path = %dir.display(), error = %e, "state directory is open to group or others and cannot be closed: chmod 700 it"),
+        }
+    }
     let signer = crate::ledger::checkpoint::load_or_create_key(
         &cfg.ledger.signing_key_file,
         &cfg.ledger.origin,

@@ -62,6 +62,97 @@ async fn connect_from(from: IpAddr, port: u16) -> std::io::Result<tokio::net::Tc
     }
 }
 
+/// Every file and directory under `dir` that group or others can access, with its mode.
+fn open_to_others(dir: &Path) -> Vec<String> {
+    let mut open = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            open.push(format!("{:o} {}", mode, p.display()));
+        }
+        if meta.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
+        }
+    }
+    open
+}
+
+#[test]
+fn patient_data_and_keys_stay_private_under_a_loose_umask() {
+    // The umask a shell or a unit usually gives: what the node inherits decides nothing now.
+    // SAFETY: umask(2) swaps the process's creation mask; other tests only create files too.
+    unsafe {
+        libc::umask(0o022);
+    }
+    let (mut node, _admin, _token) = admin_node();
+    let dir = tempfile::tempdir().unwrap();
+    let files = support::make_series(&dir.path().join("ct"), "CT", 2, 16, &[]);
+    support::assert_ok(&node.storescu(&[], &files), "storescu");
+    node.stop();
+    let state: Vec<_> = ["ledger", "objects", "var"]
+        .iter()
+        .map(|d| node.dir.join(d))
+        .collect();
+    let leaked: Vec<String> = state.iter().flat_map(|d| open_to_others(d)).collect();
+    assert!(
+        leaked.is_empty(),
+        "readable by other users:\n{}",
+        leaked.join("\n")
+    );
+
+    // A ledger directory an older version left open is closed at the next start, with a word.
+    let ledger = node.dir.join("ledger");
+    std::fs::set_permissions(&ledger, std::fs::Permissions::from_mode(0o755)).unwrap();
+    node.restart();
+    let mode = std::fs::metadata(&ledger).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{:o}", mode);
+    assert!(
+        node.log().contains("state directory was open to group or others"),
+        "{}",
+        node.log()
+    );
+    node.stop();
+
+    // A key file others can read stops the start, naming the file, its mode and the fix.
+    for key in ["var/master.key", "var/ledger-signing.key", "var/admin-token"] {
+        let path = node.dir.join(key);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut child = node
+            .command()
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the node started with {key} at mode 0644");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert!(!status.success(), "{key}: {err}");
+        // The key paths are the default ones, relative to the node's directory.
+        for part in [key.to_string(), "0644".into(), format!("chmod 600 {key}")] {
+            assert!(err.contains(&part), "{key}: no {part:?} in:\n{err}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    node.restart();
+    assert_eq!(node.echoscu().status.code(), Some(0));
+}
+
 /// An A-ASSOCIATE-RQ (PS3.8 §9.3.2) for Verification with raw 16-byte AE title fields.
 fn associate_rq(called: &[u8; 16], calling: &[u8; 16]) -> Vec<u8> {
     fn item(kind: u8, body: &[u8]) -> Vec<u8> {
