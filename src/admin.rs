@@ -133,16 +133,32 @@ fn error(status: StatusCode, why: &str) -> Response<Full<Bytes>> {
     json(status, serde_json::json!({ "error": why }).to_string())
 }
 
-/// Answers a request under `/v1/`.
-pub async fn handle(req: Request<hyper::body::Incoming>, api: &Api) -> Response<Full<Bytes>> {
-    let authorized = req
-        .headers()
+/// Whether `headers` carry `Authorization: Bearer <token>`.
+pub fn authorized(headers: &hyper::HeaderMap, token: &[u8]) -> bool {
+    headers
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| same(t.trim().as_bytes(), api.token.as_bytes()));
-    if !authorized {
-        tracing::warn!(path = %req.uri().path(), "admin API request without a valid token");
+        .is_some_and(|t| same(t.trim().as_bytes(), token))
+}
+
+/// Warnings about requests without a valid token: one per source address a minute, so that a
+/// flood of them cannot fill the disk (each is still answered 401).
+fn unauthorized_warnings() -> &'static crate::throttle::Warnings {
+    static W: std::sync::OnceLock<crate::throttle::Warnings> = std::sync::OnceLock::new();
+    W.get_or_init(|| crate::throttle::Warnings::new(std::time::Duration::from_secs(60)))
+}
+
+/// Answers a request under `/v1/` from `peer`.
+pub async fn handle(
+    req: Request<hyper::body::Incoming>,
+    api: &Api,
+    peer: std::net::SocketAddr,
+) -> Response<Full<Bytes>> {
+    if !authorized(req.headers(), api.token.as_bytes()) {
+        if let Some(held_back) = unauthorized_warnings().allow(peer.ip(), std::time::Instant::now()) {
+            tracing::warn!(peer = %peer, path = %req.uri().path(), held_back, "admin API request without a valid token (one warning per address a minute; held_back = those not logged since the last)");
+        }
         return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
     let path = req.uri().path().to_string();

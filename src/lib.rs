@@ -43,4 +43,5 @@ pub mod retrieve;
 pub mod split;
 pub mod store;
 pub mod syslog;
+pub mod throttle;
 pub mod verify;

@@ -224,10 +224,11 @@ async fn handle(
     ledger: Ledger,
     store: Store,
     api: Option<crate::admin::Api>,
+    peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.uri().path().starts_with("/v1/") {
         return Ok(match &api {
-            Some(api) => crate::admin::handle(req, api).await,
+            Some(api) => crate::admin::handle(req, api, peer).await,
             None => reply(StatusCode::NOT_FOUND, "text/plain", "no admin API\n".into()),
         });
     }
@@ -268,21 +269,38 @@ async fn handle(
     })
 }
 
+/// Connections not (yet) known to carry a valid admin token: idle ones, and those asking for
+/// `/metrics`, `/health` or anything refused. When all are taken, a newcomer evicts the oldest
+/// connection still waiting for its request from the busiest address (`throttle::Pool`); when
+/// none waits, it is closed at once rather than left in the backlog.
+const MAX_OPEN: usize = 64;
+/// Of [`MAX_OPEN`], from one source address: one address cannot take every slot.
+const MAX_OPEN_PER_ADDRESS: usize = 8;
+/// Requests with a valid admin token in progress: their own slots, which unauthenticated or
+/// idle connections never take.
+const MAX_AUTHENTICATED: usize = 8;
+/// From accept to a complete request head. An operator's client sends it at once; an idle
+/// connection is closed after this.
+const HEAD_DEADLINE: Duration = Duration::from_secs(5);
+/// Longest one request may take (an erasure answers within 40 s).
+const REQUEST_LIMIT: Duration = Duration::from_secs(60);
+/// How long an authenticated request waits for one of its slots before a 503.
+const AUTHENTICATED_WAIT: Duration = Duration::from_secs(10);
+
 /// Serves `/metrics`, `/health` and (with `api`) the admin API on `listener` until the task is
-/// dropped.
+/// dropped. One request per connection (no keep-alive), so a connection's life is bounded by
+/// [`HEAD_DEADLINE`] and [`REQUEST_LIMIT`].
 pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     ledger: Ledger,
     store: Store,
     api: Option<crate::admin::Api>,
 ) {
-    // A few operators and a scraper: more connections than this wait in the backlog.
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    let open = crate::throttle::Pool::new(MAX_OPEN, MAX_OPEN_PER_ADDRESS);
+    let authenticated = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_AUTHENTICATED));
+    let refusals = std::sync::Arc::new(crate::throttle::Warnings::new(Duration::from_secs(60)));
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (socket, _) = match listener.accept().await {
+        let (socket, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "admin listener accept failed");
@@ -290,19 +308,79 @@ pub async fn serve_admin(
                 continue;
             }
         };
+        let slot = match open.admit(peer.ip()) {
+            Ok(s) => s,
+            Err(full) => {
+                if let Some(held_back) = refusals.allow(peer.ip(), std::time::Instant::now()) {
+                    tracing::warn!(peer = %peer, ?full, held_back, "admin connection closed: too many open (one warning per address a minute)");
+                }
+                drop(socket);
+                continue;
+            }
+        };
         let _ = socket.set_nodelay(true);
         let (ledger, store, api) = (ledger.clone(), store.clone(), api.clone());
+        let authenticated = authenticated.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            let service = hyper::service::service_fn(move |req| {
-                handle(req, ledger.clone(), store.clone(), api.clone())
-            });
+            let evicted = slot.evicted();
+            // Given back as soon as the request proves itself, so that it counts in one pool only.
+            let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(slot)));
+            let head = std::sync::Arc::new(tokio::sync::Notify::new());
+            let service = {
+                let head = head.clone();
+                hyper::service::service_fn(move |req| {
+                    head.notify_one();
+                    if let Some(s) = slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                        s.started();
+                    }
+                    let (ledger, store, api) = (ledger.clone(), store.clone(), api.clone());
+                    let (slot, authenticated) = (slot.clone(), authenticated.clone());
+                    async move {
+                        let token_ok = api.as_ref().is_some_and(|a| {
+                            crate::admin::authorized(req.headers(), a.token.as_bytes())
+                        });
+                        let _held = if token_ok {
+                            let permit = tokio::time::timeout(
+                                AUTHENTICATED_WAIT,
+                                authenticated.acquire_owned(),
+                            )
+                            .await;
+                            match permit {
+                                Ok(Ok(p)) => {
+                                    slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                                    Some(p)
+                                }
+                                _ => {
+                                    return Ok(reply(
+                                        StatusCode::SERVICE_UNAVAILABLE,
+                                        "application/json",
+                                        "{\"error\":\"admin API busy: retry\"}".into(),
+                                    ))
+                                }
+                            }
+                        } else {
+                            None
+                        };
+                        handle(req, ledger, store, api, peer).await
+                    }
+                })
+            };
             let io = hyper_util::rt::TokioIo::new(socket);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .keep_alive(false)
+                .header_read_timeout(HEAD_DEADLINE)
                 .serve_connection(io, service);
-            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+            tokio::pin!(conn);
+            // Our own deadline for the request head, whatever hyper's header timer does before
+            // the first byte; and a connection still waiting for it may be evicted.
+            tokio::select! {
+                _ = &mut conn => return,
+                _ = head.notified() => {}
+                _ = evicted.notified() => return,
+                _ = tokio::time::sleep(HEAD_DEADLINE) => return,
+            }
+            let _ = tokio::time::timeout(REQUEST_LIMIT, conn).await;
         });
     }
 }

@@ -62,6 +62,103 @@ async fn connect_from(from: IpAddr, port: u16) -> std::io::Result<tokio::net::Tc
     }
 }
 
+#[test]
+fn the_admin_api_answers_its_operator_while_idle_connections_and_refused_requests_flood_it() {
+    let (node, admin, token) = admin_node();
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let attack = {
+        let (stop, refused) = (stop.clone(), refused.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut tasks = Vec::new();
+                // 128 connections from 16 addresses that never send a byte, re-opened when
+                // closed: twice what the listener holds.
+                for i in 0..128u8 {
+                    let stop = stop.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let from = IpAddr::from([127, 0, 0, 2 + i % 16]);
+                        while !stop.load(Ordering::Relaxed) {
+                            let Ok(mut s) = connect_from(from, admin).await else {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                continue;
+                            };
+                            let mut b = [0u8; 64];
+                            while !stop.load(Ordering::Relaxed) {
+                                match tokio::time::timeout(Duration::from_millis(200), s.read(&mut b)).await {
+                                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                                    _ => {}
+                                }
+                            }
+                        }
+                    }));
+                }
+                // Requests without a token from 127.0.0.100, as fast as they are answered.
+                for _ in 0..4 {
+                    let (stop, refused) = (stop.clone(), refused.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let from = IpAddr::from([127, 0, 0, 100]);
+                        while !stop.load(Ordering::Relaxed) {
+                            let Ok(mut s) = connect_from(from, admin).await else {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                continue;
+                            };
+                            let _ = s
+                                .write_all(b"GET /v1/permissions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                                .await;
+                            let mut answer = Vec::new();
+                            let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut answer)).await;
+                            if answer.starts_with(b"HTTP/1.1 401") {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }));
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        })
+    };
+    // Let the attack take every slot it can.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut failures = Vec::new();
+    let probes = 20;
+    for i in 0..probes {
+        match get_within(admin, "/v1/permissions", &token, Duration::from_secs(2)) {
+            Ok(status) if status.starts_with("HTTP/1.1 200") => {}
+            Ok(status) => failures.push(format!("probe {i}: {status}")),
+            Err(why) => failures.push(format!("probe {i}: {why}")),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, Ordering::Relaxed);
+    attack.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {probes} authenticated requests failed under the flood:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    let refused = refused.load(Ordering::Relaxed);
+    assert!(refused >= 100, "the flood got only {refused} answers: no attack");
+    let warnings = node
+        .log()
+        .lines()
+        .filter(|l| l.contains("admin API request without a valid token"))
+        .count();
+    assert!(
+        (1..=2).contains(&warnings),
+        "{refused} refused requests from one address made {warnings} warning lines"
+    );
+}
+
 /// Every file and directory under `dir` that group or others can access, with its mode.
 fn open_to_others(dir: &Path) -> Vec<String> {
     let mut open = Vec::new();
