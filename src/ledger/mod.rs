@@ -2717,6 +2717,55 @@ mod tests {
         }
     }
 
+    /// Records of `BLOB_MIN_BYTES` or more live in blob files: an erasure's compaction still
+    /// takes them out of every file of the ledger (the blob GC moves the ones kept).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_erased_large_record_leaves_the_blob_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let marker = b"LARGE-PRIVATE-ELEMENT";
+        let large = |sop: &str, study: &str, key: u8| {
+            let mut record = marker.repeat(BLOB_MIN_BYTES as usize / marker.len() + 1);
+            record.push(key);
+            StoreRequest {
+                record,
+                ..request(sop, study, key)
+            }
+        };
+        ledger.store(large("1.1", "9", 1)).await.unwrap();
+        ledger.store(large("2.1", "8", 2)).await.unwrap();
+        let db = ledger.inner.db.clone();
+        db.flush_cf(db.cf_handle(CF_META).unwrap()).unwrap();
+        let files = |ext: &str| -> Vec<Vec<u8>> {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| ext.is_empty() || p.extension().is_some_and(|x| x == ext))
+                .map(|p| std::fs::read(p).unwrap())
+                .collect()
+        };
+        let tail = |key: u8| [&marker[..], &[key]].concat();
+        let holds = |f: &[u8], key: u8| f.windows(marker.len() + 1).any(|w| w == tail(key));
+        assert!(
+            files("blob").iter().any(|f| holds(f, 1)),
+            "the record is in a blob file"
+        );
+        ledger
+            .erase(erase::EraseScope::Study("9".into()), "test".into())
+            .await
+            .unwrap();
+        ledger.close();
+        drop((ledger, db));
+        assert!(
+            !files("").iter().any(|f| holds(f, 1)),
+            "the erased record is left in a file"
+        );
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let kept = ledger.entry(2).unwrap().unwrap();
+        assert_eq!(ledger.record_of(&kept).unwrap().unwrap().last(), Some(&2));
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn erasure_removes_all_but_the_entries_and_records_what_it_erased() {
         use erase::{EraseScope, Erased};
