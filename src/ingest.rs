@@ -397,8 +397,7 @@ impl Incoming {
         let Some(budget) = &self.pipeline.budget else {
             return Ok(());
         };
-        let held =
-            COPIES * self.meta.capacity() + self.upload.as_ref().map_or(0, Upload::buffered);
+        let held = COPIES * self.meta.capacity() + self.upload.as_ref().map_or(0, Upload::buffered);
         let charged = self.charge.as_ref().map_or(0, Charge::bytes);
         if held > charged {
             let max = budget.max;

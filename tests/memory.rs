@@ -70,7 +70,13 @@ fn sixteen_parallel_60_mib_private_elements_stay_within_max_bytes_in_flight() {
     // What was refused is accepted when sent one at a time: large private elements are stored
     // up to the documented `max_metadata_bytes`.
     for (status, path) in node.send_exact_with_timeout(&refused, 300) {
-        assert_eq!(status, Some(0), "{} sent again\n{}", path.display(), node.log());
+        assert_eq!(
+            status,
+            Some(0),
+            "{} sent again\n{}",
+            path.display(),
+            node.log()
+        );
     }
     let rss = support::peak_rss_mib(node.pid().unwrap());
     eprintln!(
