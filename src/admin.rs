@@ -156,7 +156,8 @@ pub async fn handle(
     peer: std::net::SocketAddr,
 ) -> Response<Full<Bytes>> {
     if !authorized(req.headers(), api.token.as_bytes()) {
-        if let Some(held_back) = unauthorized_warnings().allow(peer.ip(), std::time::Instant::now()) {
+        if let Some(held_back) = unauthorized_warnings().allow(peer.ip(), std::time::Instant::now())
+        {
             tracing::warn!(peer = %peer, path = %req.uri().path(), held_back, "admin API request without a valid token (one warning per address a minute; held_back = those not logged since the last)");
         }
         return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");

@@ -68,7 +68,10 @@ mod tests {
         assert_eq!(escape("A\nB"), "A\\nB");
         assert_eq!(escape("A\r\n2026-01-01 INFO x"), "A\\r\\n2026-01-01 INFO x");
         assert_eq!(escape("\u{1b}[2J"), "\\u{1b}[2J");
-        assert_eq!(escape("x\u{85}y\u{2028}z\u{7f}"), "x\\u{85}y\\u{2028}z\\u{7f}");
+        assert_eq!(
+            escape("x\u{85}y\u{2028}z\u{7f}"),
+            "x\\u{85}y\\u{2028}z\\u{7f}"
+        );
         assert_eq!(escape("a\\nb \"q\" é"), "a\\nb \"q\" é");
         assert_eq!(Escaped("a\tb").to_string(), "a\\tb");
     }

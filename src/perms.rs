@@ -93,12 +93,10 @@ pub fn tighten_dirs(cfg: &Config) -> Vec<(PathBuf, Result<u32, String>)> {
         if !meta.is_dir() || mode & NOT_OWNER == 0 {
             continue;
         }
-        let done = std::fs::set_permissions(
-            &dir,
-            std::fs::Permissions::from_mode(mode & !NOT_OWNER),
-        )
-        .map(|()| mode)
-        .map_err(|e| e.to_string());
+        let done =
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode & !NOT_OWNER))
+                .map(|()| mode)
+                .map_err(|e| e.to_string());
         changed.push((dir, done));
     }
     changed
@@ -116,15 +114,28 @@ mod tests {
     fn a_key_file_others_can_read_is_refused_with_the_fix() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("master.key");
-        assert!(check_key_file(&key, "object master key").is_ok(), "missing: created later");
+        assert!(
+            check_key_file(&key, "object master key").is_ok(),
+            "missing: created later"
+        );
         std::fs::write(&key, "x").unwrap();
-        for (mode, ok) in [(0o600, true), (0o400, true), (0o644, false), (0o640, false), (0o604, false), (0o620, false)] {
+        for (mode, ok) in [
+            (0o600, true),
+            (0o400, true),
+            (0o644, false),
+            (0o640, false),
+            (0o604, false),
+            (0o620, false),
+        ] {
             chmod(&key, mode);
             let r = check_key_file(&key, "object master key");
             assert_eq!(r.is_ok(), ok, "{mode:o}: {r:?}");
             if let Err(why) = r {
                 assert!(why.contains(&format!("{mode:04o}")), "{why}");
-                assert!(why.contains(&format!("chmod 600 {}", key.display())), "{why}");
+                assert!(
+                    why.contains(&format!("chmod 600 {}", key.display())),
+                    "{why}"
+                );
                 assert!(why.starts_with("object master key "), "{why}");
             }
         }
@@ -153,7 +164,10 @@ mod tests {
         assert_eq!(changed.len(), 1, "{changed:?}");
         assert_eq!(changed[0].0, cfg.ledger.path);
         assert_eq!(changed[0].1, Ok(0o755));
-        let mode = std::fs::metadata(&cfg.ledger.path).unwrap().permissions().mode();
+        let mode = std::fs::metadata(&cfg.ledger.path)
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700);
         assert!(tighten_dirs(&cfg).is_empty());
     }

@@ -263,7 +263,11 @@ mod tests {
         for i in 1..1000 {
             assert_eq!(w.allow(ip(2), t0 + Duration::from_millis(i)), None);
         }
-        assert_eq!(w.allow(ip(3), t0), Some(0), "another source has its own budget");
+        assert_eq!(
+            w.allow(ip(3), t0),
+            Some(0),
+            "another source has its own budget"
+        );
         assert_eq!(w.allow(ip(2), t0 + Duration::from_secs(61)), Some(999));
         assert_eq!(w.allow(ip(2), t0 + Duration::from_secs(62)), None);
     }
@@ -277,9 +281,6 @@ mod tests {
         }
         assert!(w.sources.lock().unwrap().len() <= MAX_SOURCES);
         // Once the first ones are quiet for the interval, new sources find room again.
-        assert_eq!(
-            w.allow(ip(250), t0 + Duration::from_secs(61)),
-            Some(0)
-        );
+        assert_eq!(w.allow(ip(250), t0 + Duration::from_secs(61)), Some(0));
     }
 }

@@ -147,7 +147,10 @@ fn the_admin_api_answers_its_operator_while_idle_connections_and_refused_request
         failures.join("\n")
     );
     let refused = refused.load(Ordering::Relaxed);
-    assert!(refused >= 100, "the flood got only {refused} answers: no attack");
+    assert!(
+        refused >= 100,
+        "the flood got only {refused} answers: no attack"
+    );
     let warnings = node
         .log()
         .lines()
@@ -208,14 +211,19 @@ fn patient_data_and_keys_stay_private_under_a_loose_umask() {
     let mode = std::fs::metadata(&ledger).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "{:o}", mode);
     assert!(
-        node.log().contains("state directory was open to group or others"),
+        node.log()
+            .contains("state directory was open to group or others"),
         "{}",
         node.log()
     );
     node.stop();
 
     // A key file others can read stops the start, naming the file, its mode and the fix.
-    for key in ["var/master.key", "var/ledger-signing.key", "var/admin-token"] {
+    for key in [
+        "var/master.key",
+        "var/ledger-signing.key",
+        "var/admin-token",
+    ] {
         let path = node.dir.join(key);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let mut child = node
@@ -238,7 +246,12 @@ fn patient_data_and_keys_stay_private_under_a_loose_umask() {
             std::thread::sleep(Duration::from_millis(50));
         };
         let mut err = String::new();
-        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
         assert!(!status.success(), "{key}: {err}");
         // The key paths are the default ones, relative to the node's directory.
         for part in [key.to_string(), "0644".into(), format!("chmod 600 {key}")] {
@@ -289,7 +302,11 @@ fn an_ae_title_with_a_newline_is_rejected_and_forges_no_log_or_audit_line() {
     s.read_exact(&mut head).unwrap();
     // A-ASSOCIATE-RJ: rejected-permanent (1), service user (1), calling AE title not
     // recognized (3) (PS3.8 §9.3.4).
-    assert_eq!(head[0], 0x03, "expected A-ASSOCIATE-RJ, got PDU type {:02X}", head[0]);
+    assert_eq!(
+        head[0], 0x03,
+        "expected A-ASSOCIATE-RJ, got PDU type {:02X}",
+        head[0]
+    );
     assert_eq!(&head[7..10], &[1, 1, 3], "result, source, reason");
     drop(s);
     // The rejection is logged, escaped; no line of its own begins with the forged text.
@@ -341,7 +358,12 @@ fn an_integrity_alert_names_the_requester_its_address_and_a_failure() {
     let get = Command::new("/usr/bin/getscu")
         .args(["-aet", "GETSCU", "-aec", AE, "-P", "-od"])
         .arg(&out_dir)
-        .args(["-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=PID0001"])
+        .args([
+            "-k",
+            "QueryRetrieveLevel=PATIENT",
+            "-k",
+            "PatientID=PID0001",
+        ])
         .args(["127.0.0.1", &node.port.to_string()])
         .output()
         .expect("run /usr/bin/getscu (apt-get install dcmtk)");
@@ -370,7 +392,11 @@ fn an_integrity_alert_names_the_requester_its_address_and_a_failure() {
         if let Some(e) = found {
             break e;
         }
-        assert!(Instant::now() < deadline, "no integrity alert:\n{}", node.log());
+        assert!(
+            Instant::now() < deadline,
+            "no integrity alert:\n{}",
+            node.log()
+        );
         std::thread::sleep(Duration::from_millis(250));
     };
     assert_eq!(alert["calling_ae"], "GETSCU", "{alert}");
@@ -378,16 +404,25 @@ fn an_integrity_alert_names_the_requester_its_address_and_a_failure() {
     assert!(peer.starts_with("127.0.0.1:"), "{alert}");
     assert_ne!(alert["outcome"], 0, "{alert}");
     assert!(
-        alert["detail"].as_str().unwrap_or("").contains("found by c-get"),
+        alert["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("found by c-get"),
         "{alert}"
     );
     // And the text trail says the same on one line.
-    let out = node.command().args(["audit", "--event", "110113"]).output().unwrap();
+    let out = node
+        .command()
+        .args(["audit", "--event", "110113"])
+        .output()
+        .unwrap();
     let trail = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
-        trail.lines().any(|l| l.contains("calling=GETSCU peer=127.0.0.1:")
-            && !l.contains("outcome=success")
-            && l.contains("integrity failure")),
+        trail
+            .lines()
+            .any(|l| l.contains("calling=GETSCU peer=127.0.0.1:")
+                && !l.contains("outcome=success")
+                && l.contains("integrity failure")),
         "{trail}"
     );
 }

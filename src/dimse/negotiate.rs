@@ -520,14 +520,20 @@ mod tests {
             "TAB\tX",
         ];
         for bad in titles {
-            let mut r = rq("DICOMCHAIN", vec![(1, VERIFICATION, vec!["1.2.840.10008.1.2"])]);
+            let mut r = rq(
+                "DICOMCHAIN",
+                vec![(1, VERIFICATION, vec!["1.2.840.10008.1.2"])],
+            );
             r.calling_ae_title = bad.into();
             assert_eq!(negotiate(&p, &r).unwrap_err().source, calling, "{bad:?}");
             let mut r = rq(bad, vec![(1, VERIFICATION, vec!["1.2.840.10008.1.2"])]);
             r.calling_ae_title = "STORESCU".into();
             assert_eq!(negotiate(&p, &r).unwrap_err().source, called, "{bad:?}");
         }
-        let r = rq("DICOMCHAIN", vec![(1, VERIFICATION, vec!["1.2.840.10008.1.2"])]);
+        let r = rq(
+            "DICOMCHAIN",
+            vec![(1, VERIFICATION, vec!["1.2.840.10008.1.2"])],
+        );
         assert!(negotiate(&p, &r).is_ok());
     }
 }

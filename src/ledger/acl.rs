@@ -6,7 +6,7 @@
 
 use rocksdb::{Direction, IteratorMode};
 
-use super::{read_entry, Entry, Event, Group, Ledger, LedgerError, CF_INDEX};
+use super::{read_entry, read_error, Entry, Event, Group, Ledger, LedgerError, CF_INDEX};
 use crate::acl::{Change, Permission};
 
 const ACL_PREFIX: &[u8] = b"acl\0";
@@ -67,7 +67,7 @@ impl Ledger {
             .db
             .iterator_cf(cf, IteratorMode::From(ACL_PREFIX, Direction::Forward));
         for item in it {
-            let (k, _) = item.map_err(LedgerError::Read)?;
+            let (k, _) = item.map_err(read_error(&self.inner.db))?;
             let Some(seq) = k.strip_prefix(ACL_PREFIX) else {
                 break;
             };

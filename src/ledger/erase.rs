@@ -21,8 +21,8 @@ use std::collections::{BTreeSet, HashSet};
 use rocksdb::IteratorMode;
 
 use super::{
-    decode_keys, forward, key2, keys_under, legacy_ver_key, loc_key, read_entry, read_sop, sop_key,
-    vloc_key, Entry, Event, Group, Ledger, LedgerError, CF_INDEX, ERASED_NOTE,
+    decode_keys, forward, key2, keys_under, legacy_ver_key, loc_key, read_entry, read_error,
+    read_sop, sop_key, vloc_key, Entry, Event, Group, Ledger, LedgerError, CF_INDEX, ERASED_NOTE,
 };
 
 const ERASED_PREFIX: &[u8] = b"erased\0";
@@ -138,7 +138,7 @@ impl Ledger {
             .inner
             .db
             .get_cf(self.cf(CF_INDEX)?, erased_key(seq))
-            .map_err(LedgerError::Read)?
+            .map_err(read_error(&self.inner.db))?
             .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
             .map(u64::from_be_bytes))
     }
@@ -241,7 +241,7 @@ impl Group<'_> {
             if let Some(v) = self
                 .db
                 .get_cf(self.cf_index, vloc_key(sop))
-                .map_err(LedgerError::Read)?
+                .map_err(read_error(self.db))?
             {
                 index_deletes.extend(decode_keys(&v));
                 index_deletes.push(vloc_key(sop));
@@ -269,7 +269,7 @@ impl Group<'_> {
         let erased: HashSet<u64> = versions.iter().map(|(s, _)| *s).collect();
         let mut forward_deletes = Vec::new();
         for item in self.db.iterator_cf(self.cf_forward, IteratorMode::Start) {
-            let (k, _) = item.map_err(LedgerError::Read)?;
+            let (k, _) = item.map_err(read_error(self.db))?;
             if forward::split_item(&k).is_some_and(|(_, _, seq)| erased.contains(&seq)) {
                 forward_deletes.push(k.to_vec());
             }

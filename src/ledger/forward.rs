@@ -14,7 +14,10 @@ use std::collections::BTreeMap;
 
 use rocksdb::{Direction, IteratorMode};
 
-use super::{now_micros, read_entry, Entry, Event, Group, Ledger, LedgerError, Reason, CF_FORWARD};
+use super::{
+    now_micros, read_entry, read_error, Entry, Event, Group, Ledger, LedgerError, Reason,
+    CF_FORWARD,
+};
 
 /// File extension of a retry request left in the event spool by `dicomchain forward retry`.
 pub const RETRY_EXTENSION: &str = "retry";
@@ -164,7 +167,7 @@ impl Group<'_> {
                         Ok(self
                             .db
                             .get_cf(self.cf_forward, k)
-                            .map_err(LedgerError::Read)?
+                            .map_err(read_error(self.db))?
                             .is_some())
                     };
                     // Settled already (by an earlier outcome, in this request, this group or
@@ -251,7 +254,7 @@ impl Group<'_> {
                     self.cf_forward,
                     IteratorMode::From(&prefix, Direction::Forward),
                 ) {
-                    let (k, _) = item.map_err(LedgerError::Read)?;
+                    let (k, _) = item.map_err(read_error(self.db))?;
                     if !k.starts_with(&prefix) {
                         break;
                     }
@@ -289,7 +292,7 @@ impl Ledger {
             .db
             .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
         {
-            let (k, _) = item.map_err(LedgerError::Read)?;
+            let (k, _) = item.map_err(read_error(&self.inner.db))?;
             if !k.starts_with(&prefix) || out.len() >= limit {
                 break;
             }
@@ -313,7 +316,7 @@ impl Ledger {
             .db
             .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
         {
-            let (k, v) = item.map_err(LedgerError::Read)?;
+            let (k, v) = item.map_err(read_error(&self.inner.db))?;
             if !k.starts_with(&prefix) {
                 break;
             }
@@ -330,7 +333,7 @@ impl Ledger {
         let cf = self.cf(CF_FORWARD)?;
         let mut out: BTreeMap<String, ForwardSummary> = BTreeMap::new();
         for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
-            let (k, v) = item.map_err(LedgerError::Read)?;
+            let (k, v) = item.map_err(read_error(&self.inner.db))?;
             if k.first() == Some(&b'e') {
                 let dest = String::from_utf8_lossy(&k[2..]).into_owned();
                 if let Some(t) = v.get(..8) {

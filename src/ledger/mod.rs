@@ -41,6 +41,7 @@
 pub mod acl;
 mod batch;
 pub mod checkpoint;
+mod damage;
 pub mod entry;
 pub mod erase;
 pub mod forward;
@@ -62,6 +63,7 @@ use rocksdb::{
 };
 use tokio::sync::oneshot;
 
+use damage::read_error;
 pub use entry::{Entry, Event, Reason};
 pub use forward::{ForwardOutcome, ForwardSummary, ForwardUpdate};
 pub use pending::{NoteId, PendingObject};
@@ -292,8 +294,9 @@ struct Inner {
     forward_wakeup: Arc<tokio::sync::Notify>,
     /// The pending-object notes not settled yet (the writer only).
     notes: Option<Arc<Mutex<pending::NoteBook>>>,
-    /// Damage found in the ledger's files since it was opened (see [`scrub`]).
-    damage: Arc<Mutex<Vec<scrub::Damage>>>,
+    /// Damage found in the ledger's files since it was opened, by the read-back or by any read
+    /// (see [`damage`]).
+    damage: Arc<damage::DamageBook>,
     /// The background scrub: its stop flag and thread (stopped before the committer).
     scrubber: Mutex<Option<Scrubber>>,
 }
@@ -447,6 +450,7 @@ impl Ledger {
             }
         })?;
         let db = Arc::new(db);
+        let damage = damage::register(&db);
         let head = read_head(&db)?;
         backfill_tree(&db, head.map(|h| h.0).unwrap_or(0))?;
         let stored_checkpoint = check_last_checkpoint(&db, head.map(|h| h.0).unwrap_or(0))?;
@@ -478,6 +482,7 @@ impl Ledger {
                 compactor: None,
                 notes: notes.clone(),
                 note_floor,
+                damage: damage.clone(),
             };
             std::thread::Builder::new()
                 .name("ledger-committer".into())
@@ -493,7 +498,7 @@ impl Ledger {
                 secondary: false,
                 forward_wakeup,
                 notes: Some(notes),
-                damage: Default::default(),
+                damage,
                 scrubber: Mutex::new(None),
             }),
         };
@@ -515,7 +520,6 @@ impl Ledger {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let db = self.inner.db.clone();
         let damage = self.inner.damage.clone();
-        let tx = self.inner.tx.lock().ok().and_then(|t| t.clone());
         let flag = stop.clone();
         let spawned = std::thread::Builder::new()
             .name("ledger-scrub".into())
@@ -526,21 +530,15 @@ impl Ledger {
                     return;
                 }
                 if scan.damage.is_empty() {
-                    tracing::info!(keys = scan.keys, secs = started.elapsed().as_secs_f64(), "ledger read back: every block's checksum intact");
+                    tracing::info!(
+                        keys = scan.keys,
+                        secs = started.elapsed().as_secs_f64(),
+                        "ledger read back: every block's checksum intact"
+                    );
                     return;
                 }
-                for d in &scan.damage {
-                    tracing::error!(damage = %d, "the ledger is damaged: a table file no longer matches its checksums; what it held cannot be served (run `dicomchain verify`, restore from a backup)");
-                    if let Some(tx) = &tx {
-                        let (reply, _) = oneshot::channel();
-                        let _ = tx.send(Job::Audit {
-                            record: damage_alert(d),
-                            reply,
-                        });
-                    }
-                }
-                if let Ok(mut slot) = damage.lock() {
-                    slot.extend(scan.damage);
+                for d in scan.damage {
+                    damage.note(d, "the read-back after the start");
                 }
             });
         match spawned {
@@ -551,11 +549,7 @@ impl Ledger {
 
     /// Damage found in the ledger's files since it was opened (empty when none).
     pub fn damage(&self) -> Vec<scrub::Damage> {
-        self.inner
-            .damage
-            .lock()
-            .map(|d| d.clone())
-            .unwrap_or_default()
+        self.inner.damage.all()
     }
 
     /// Reads every column family back now (for `verify`, on a read-only view).
@@ -733,7 +727,7 @@ impl Ledger {
         self.inner
             .db
             .get_cf(cf, MASTER_CHECK)
-            .map_err(LedgerError::Read)
+            .map_err(read_error(&self.inner.db))
     }
 
     pub fn set_master_check(&self, value: &[u8]) -> Result<(), LedgerError> {
@@ -754,7 +748,7 @@ impl Ledger {
             return Ok(false);
         };
         for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
-            let (k, _) = item.map_err(LedgerError::Read)?;
+            let (k, _) = item.map_err(read_error(&self.inner.db))?;
             if k[..] != *MASTER_CHECK {
                 return Ok(true);
             }
@@ -771,7 +765,7 @@ impl Ledger {
         self.inner
             .db
             .get_cf(cf, name.as_bytes())
-            .map_err(LedgerError::Read)?
+            .map_err(read_error(&self.inner.db))?
             .map(|v| {
                 ObjectKey::decode(&v)
                     .map_err(|e| LedgerError::Corrupt(format!("key record of object {name}: {e}")))
@@ -789,7 +783,7 @@ impl Ledger {
             .inner
             .db
             .get_cf(self.cf(CF_ENTRIES)?, seq.to_be_bytes())
-            .map_err(LedgerError::Read)?;
+            .map_err(read_error(&self.inner.db))?;
         raw.map(|b| {
             Entry::decode(&b).map_err(|e| LedgerError::Corrupt(format!("entry {seq}: {e}")))
         })
@@ -805,7 +799,7 @@ impl Ledger {
             .inner
             .db
             .get_cf(cf, entry.seq.to_be_bytes())
-            .map_err(LedgerError::Read)?
+            .map_err(read_error(&self.inner.db))?
         {
             Some(r) => Ok(Some(r)),
             None => self.legacy_record(&entry.instance_key),
@@ -819,7 +813,7 @@ impl Ledger {
         self.inner
             .db
             .get_cf(self.cf(CF_META)?, key)
-            .map_err(LedgerError::Read)
+            .map_err(read_error(&self.inner.db))
     }
 
     /// The latest entry of a SOP Instance.
@@ -894,7 +888,7 @@ impl Ledger {
     ) -> Result<(), LedgerError> {
         let cf = self.cf(CF_ENTRIES)?;
         for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
-            let (k, v) = item.map_err(LedgerError::Read)?;
+            let (k, v) = item.map_err(read_error(&self.inner.db))?;
             let seq = <[u8; 8]>::try_from(&k[..])
                 .map(u64::from_be_bytes)
                 .map_err(|_| LedgerError::Corrupt("entry key".into()))?;
@@ -919,6 +913,7 @@ impl Ledger {
         let decode = |seq: u64, v: &[u8]| {
             Entry::decode(v).map_err(|e| LedgerError::Corrupt(format!("entry {seq}: {e}")))
         };
+        let read_error = read_error(&self.inner.db);
         let mut last = 0;
         for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = match item {
@@ -928,10 +923,10 @@ impl Ledger {
                         match self.inner.db.get_cf(cf, seq.to_be_bytes()) {
                             Ok(Some(v)) => f(seq, decode(seq, &v)),
                             Ok(None) => {}
-                            Err(e) => f(seq, Err(LedgerError::Read(e))),
+                            Err(e) => f(seq, Err(read_error(e))),
                         }
                     }
-                    return Ok(Some(LedgerError::Read(stopped)));
+                    return Ok(Some(read_error(stopped)));
                 }
             };
             let seq = <[u8; 8]>::try_from(&k[..])
@@ -950,7 +945,7 @@ impl Ledger {
             .inner
             .db
             .live_files()
-            .map_err(LedgerError::Read)?
+            .map_err(read_error(&self.inner.db))?
             .into_iter()
             .filter(|f| f.column_family_name == CF_ENTRIES)
             .filter_map(|f| f.end_key)
@@ -969,7 +964,7 @@ impl Ledger {
         let cf = self.cf(CF_META)?;
         let mut buf = Vec::with_capacity(batch);
         for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
-            let (k, v) = item.map_err(LedgerError::Read)?;
+            let (k, v) = item.map_err(read_error(&self.inner.db))?;
             let key = if let Ok(seq) = <[u8; 8]>::try_from(&k[..]) {
                 RecordKey::Seq(u64::from_be_bytes(seq))
             } else {
@@ -994,7 +989,7 @@ impl Ledger {
         let cf = self.cf(CF_CHECKPOINTS)?;
         let mut out = Vec::new();
         for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
-            let (k, v) = item.map_err(LedgerError::Read)?;
+            let (k, v) = item.map_err(read_error(&self.inner.db))?;
             let size = <[u8; 8]>::try_from(&k[..])
                 .map(u64::from_be_bytes)
                 .map_err(|_| LedgerError::Corrupt("checkpoint key".into()))?;
@@ -1009,7 +1004,7 @@ impl Ledger {
         match self.inner.db.iterator_cf(cf, IteratorMode::End).next() {
             None => Ok(None),
             Some(item) => {
-                let (_, v) = item.map_err(LedgerError::Read)?;
+                let (_, v) = item.map_err(read_error(&self.inner.db))?;
                 Ok(Some(String::from_utf8_lossy(&v).into_owned()))
             }
         }
@@ -1021,7 +1016,7 @@ impl Ledger {
         match self.inner.db.iterator_cf(cf, IteratorMode::End).next() {
             None => Ok(None),
             Some(item) => {
-                let (k, _) = item.map_err(LedgerError::Read)?;
+                let (k, _) = item.map_err(read_error(&self.inner.db))?;
                 Ok(<[u8; 8]>::try_from(&k[..]).ok().map(u64::from_be_bytes))
             }
         }
@@ -1063,7 +1058,7 @@ impl Ledger {
                 Step::Stop => break,
             }
         }
-        it.status().map_err(LedgerError::Read)
+        it.status().map_err(read_error(&self.inner.db))
     }
 
     /// The hierarchy keys of the latest version of an instance (study key first).
@@ -1089,7 +1084,7 @@ fn keys_under(
 ) -> Result<Vec<Vec<u8>>, LedgerError> {
     let mut out = Vec::new();
     for item in db.iterator_cf(cf, IteratorMode::From(prefix, Direction::Forward)) {
-        let (k, _) = item.map_err(LedgerError::Read)?;
+        let (k, _) = item.map_err(read_error(db))?;
         if !k.starts_with(prefix) {
             break;
         }
@@ -1099,8 +1094,8 @@ fn keys_under(
 }
 
 impl Inner {
-    /// Stops the background scrub (it holds a sender of the committer's channel, so it must end
-    /// before the committer is told to).
+    /// Stops the background scrub, which would otherwise read a large ledger to its end after
+    /// the node was told to stop.
     fn stop_scrub(&self) {
         if let Some((stop, handle)) = self.scrubber.lock().ok().and_then(|mut s| s.take()) {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1253,7 +1248,7 @@ fn read_sop(
 ) -> Result<Option<SopIndex>, LedgerError> {
     let Some(v) = db
         .get_pinned_cf(cf_index, sop_key(uid))
-        .map_err(LedgerError::Read)?
+        .map_err(read_error(db))?
     else {
         return Ok(None);
     };
@@ -1265,7 +1260,7 @@ fn read_sop(
             .collect();
         idx.keys = db
             .get_cf(cf_index, loc_key(uid))
-            .map_err(LedgerError::Read)?
+            .map_err(read_error(db))?
             .map(|b| decode_keys(&b))
             .unwrap_or_default();
     }
@@ -1391,10 +1386,7 @@ fn latest_of(db: &DB, uid: &str) -> Result<Option<(u64, u32)>, LedgerError> {
         .ok_or_else(|| LedgerError::Corrupt("missing index".into()))?;
     // Only the leading (seq, version) of either form (see `SopIndex`): this runs for every
     // instance a query or retrieval touches.
-    match db
-        .get_pinned_cf(cf, sop_key(uid))
-        .map_err(LedgerError::Read)?
-    {
+    match db.get_pinned_cf(cf, sop_key(uid)).map_err(read_error(db))? {
         Some(v) if v.len() == 12 || v.len() >= 48 => {
             let seq = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
             let version = u32::from_be_bytes(v[8..12].try_into().expect("4 bytes"));
@@ -1412,7 +1404,7 @@ fn read_head(db: &DB) -> Result<Option<(u64, Digest32)>, LedgerError> {
     match db.iterator_cf(cf, IteratorMode::End).next() {
         None => Ok(None),
         Some(item) => {
-            let (_, v) = item.map_err(LedgerError::Read)?;
+            let (_, v) = item.map_err(read_error(db))?;
             let e =
                 Entry::decode(&v).map_err(|e| LedgerError::Corrupt(format!("last entry: {e}")))?;
             Ok(Some((e.seq, e.hash())))
@@ -1444,7 +1436,7 @@ fn read_node(
     let at = usize::from(level) * 32;
     let grouped = db
         .get_pinned_cf(cf, tree_key(leaf))
-        .map_err(LedgerError::Read)?
+        .map_err(read_error(db))?
         .and_then(|v| {
             v.get(at..at + 32)
                 .and_then(|h| <Digest32>::try_from(h).ok())
@@ -1455,7 +1447,7 @@ fn read_node(
     // A tree still in the earlier layout (one key per node: level u8 ‖ index u64), as a
     // read-only view sees it before the node was restarted on this version and rewrote it.
     db.get_pinned_cf(cf, legacy_node_key(level, index))
-        .map_err(LedgerError::Read)?
+        .map_err(read_error(db))?
         .and_then(|v| <Digest32>::try_from(&v[..]).ok())
         .ok_or_else(missing)
 }
@@ -1465,7 +1457,7 @@ fn read_entry(db: &DB, seq: u64) -> Result<Option<Entry>, LedgerError> {
         .cf_handle(CF_ENTRIES)
         .ok_or_else(|| LedgerError::Corrupt("missing entries".into()))?;
     db.get_cf(cf, seq.to_be_bytes())
-        .map_err(LedgerError::Read)?
+        .map_err(read_error(db))?
         .map(|b| Entry::decode(&b).map_err(|e| LedgerError::Corrupt(e.to_string())))
         .transpose()
     /// The calling AE title of the association whose request found it; empty when the node
@@ -1594,7 +1586,7 @@ fn check_last_checkpoint(db: &DB, entries: u64) -> Result<u64, LedgerError> {
     let Some(item) = db.iterator_cf(cf, IteratorMode::End).next() else {
         return Ok(0);
     };
-    let (_, note) = item.map_err(LedgerError::Read)?;
+    let (_, note) = item.map_err(read_error(db))?;
     let note = String::from_utf8_lossy(&note);
     let body_end = note.rfind("\n\n").map(|i| i + 1).unwrap_or(note.len());
     let cp = checkpoint::Checkpoint::parse(&note[..body_end])
@@ -1637,7 +1629,7 @@ fn newest_stored_checkpoint(
     let Some(item) = db.iterator_cf(cf, IteratorMode::End).next() else {
         return Ok(None);
     };
-    let (_, note) = item.map_err(LedgerError::Read)?;
+    let (_, note) = item.map_err(read_error(db))?;
     let note = String::from_utf8_lossy(&note).into_owned();
     let cp = witness::parse_note(&note)
         .map_err(|e| LedgerError::Corrupt(format!("newest checkpoint: {e}")))?;
@@ -1670,7 +1662,7 @@ fn keep_objects_of_lost_entries(db: &DB) -> Result<(), LedgerError> {
         .ok_or_else(|| LedgerError::Corrupt("missing pending".into()))?;
     let mut batch = WriteBatch::default();
     for item in db.iterator_cf(cf, IteratorMode::Start) {
-        let (k, v) = item.map_err(LedgerError::Read)?;
+        let (k, v) = item.map_err(read_error(db))?;
         let numbered = k.len() == 9 && k[0] == 0;
         if numbered || v.get(32) != Some(&ERASED_NOTE) {
             batch.delete_cf(cf, k);
@@ -1778,7 +1770,7 @@ fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
         .cf_handle(CF_TREE)
         .ok_or_else(|| LedgerError::Corrupt("missing tree".into()))?;
     let old_layout = match db.iterator_cf(cf_tree, IteratorMode::Start).next() {
-        Some(item) => item.map_err(LedgerError::Read)?.0.len() == 9,
+        Some(item) => item.map_err(read_error(db))?.0.len() == 9,
         None => false,
     };
     if old_layout {
@@ -1787,7 +1779,7 @@ fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
     let lo = leaves_held(entries, |i| {
         db.get_pinned_cf(cf_tree, tree_key(i))
             .map(|v| v.is_some())
-            .map_err(LedgerError::Read)
+            .map_err(read_error(db))
     })?;
     if lo == entries {
         return Ok(());
@@ -1866,7 +1858,7 @@ fn for_each_entry_from(
         let (key, raw) = it
             .next()
             .transpose()
-            .map_err(LedgerError::Read)?
+            .map_err(read_error(db))?
             .ok_or_else(|| LedgerError::Corrupt(format!("entry {} is missing", i + 1)))?;
         if key[..] != (i + 1).to_be_bytes() {
             return Err(LedgerError::Corrupt(format!("entry {} is missing", i + 1)));
@@ -1898,7 +1890,7 @@ fn rewrite_legacy_tree(
     let covered = leaves_held(entries, |i| {
         db.get_pinned_cf(cf_tree, legacy_node_key(0, i))
             .map(|v| v.is_some())
-            .map_err(LedgerError::Read)
+            .map_err(read_error(db))
     })?;
     let old_root = merkle::root(&DbNodes(db), covered)?;
     let mut range = merkle::CompactRange::default();
@@ -1953,6 +1945,8 @@ struct Committer {
     /// last one written, never below this run's first number (see [`pending`]). Notes below it
     /// that are still unsettled were stepped around.
     note_floor: u64,
+    /// Damage found by any read; the committer records its alerts (see [`damage`]).
+    damage: Arc<damage::DamageBook>,
 }
 
 impl Committer {
@@ -1973,6 +1967,7 @@ impl Committer {
         loop {
             if last_drain.elapsed() >= SPOOL_INTERVAL {
                 self.drain_spool();
+                self.record_damage();
                 self.abandon_old_notes();
                 last_drain = std::time::Instant::now();
             }
@@ -2132,6 +2127,33 @@ impl Committer {
             Err(e) => {
                 tracing::error!(error = %e, "cannot record security events");
                 self.head = read_head(&self.db).unwrap_or(self.head);
+            }
+        }
+    }
+
+    /// Records a security alert for each damage found since the last pass (by the read-back or
+    /// by a read that failed); one that cannot be recorded now is tried again at the next.
+    fn record_damage(&mut self) {
+        let (mark, new) = self.damage.unalerted();
+        if new.is_empty() {
+            return;
+        }
+        let jobs: Vec<Job> = new
+            .iter()
+            .map(|d| Job::Audit {
+                record: damage_alert(d),
+                reply: oneshot::channel().0,
+            })
+            .collect();
+        let results = self.commit_group(&jobs);
+        let failed = results.iter().find_map(|r| match r {
+            Planned::Audit(Err(e)) => Some(e.to_string()),
+            _ => None,
+        });
+        match failed {
+            None => self.damage.alerted(mark),
+            Some(e) => {
+                tracing::error!(error = %e, "cannot record the ledger's damage on the trail")
             }
         }
     }
@@ -2322,6 +2344,8 @@ impl Committer {
             }
             Err(e) => {
                 tracing::error!(error = %e, requests = jobs.len(), "ledger group commit failed");
+                // A compaction that met a damaged block fails every later write with its error.
+                damage::report(&self.db, &e);
                 // The settled notes were not deleted: the next group tries again.
                 if let Ok(mut b) = self.notes.lock() {
                     b.put_back_ready(settling);
@@ -2477,7 +2501,7 @@ impl<'a> Group<'a> {
                 let raw = self
                     .db
                     .get_cf(self.cf_entries, seq.to_be_bytes())
-                    .map_err(LedgerError::Read)?
+                    .map_err(read_error(self.db))?
                     .ok_or_else(|| {
                         LedgerError::Corrupt(format!("index names missing entry {seq}"))
                     })?;
@@ -2578,7 +2602,7 @@ impl<'a> Group<'a> {
                 None => self
                     .db
                     .get_cf(self.cf_index, vloc_key(uid))
-                    .map_err(LedgerError::Read)?
+                    .map_err(read_error(self.db))?
                     .map(|v| decode_keys(&v))
                     .unwrap_or_default(),
             };

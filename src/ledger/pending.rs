@@ -88,7 +88,7 @@ impl NoteBook {
         let mut it = db.raw_iterator_cf(cf);
         it.seek_for_prev(note_key(u64::MAX));
         let last = it.key().and_then(note_number);
-        it.status().map_err(LedgerError::Read)?;
+        it.status().map_err(read_error(db))?;
         let first = last.map_or(1, |n| n + 1);
         Ok(NoteBook {
             first,
@@ -234,7 +234,7 @@ impl Ledger {
         let cf = self.cf(CF_PENDING)?;
         let mut out = Vec::new();
         for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
-            let (k, v) = item.map_err(LedgerError::Read)?;
+            let (k, v) = item.map_err(read_error(&self.inner.db))?;
             let (note, name, rest) = match note_number(&k) {
                 Some(n) => (Some(NoteId(n)), v.get(32..).unwrap_or_default(), &[][..]),
                 None => (None, &k[..], v.get(32..).unwrap_or_default()),
@@ -270,7 +270,7 @@ impl Ledger {
             .inner
             .db
             .get_cf(cf, name.as_bytes())
-            .map_err(LedgerError::Read)?
+            .map_err(read_error(&self.inner.db))?
             .is_some()
         {
             return Ok(true);
@@ -288,7 +288,7 @@ impl Ledger {
             }
             it.next();
         }
-        it.status().map_err(LedgerError::Read)?;
+        it.status().map_err(read_error(&self.inner.db))?;
         Ok(false)
     }
 }
@@ -346,7 +346,7 @@ pub(super) fn keep_named(db: &DB, numbers: &[u64]) -> Result<usize, LedgerError>
     let mut batch = WriteBatch::default();
     let mut kept = 0;
     for &n in numbers {
-        if let Some(v) = db.get_cf(cf, note_key(n)).map_err(LedgerError::Read)? {
+        if let Some(v) = db.get_cf(cf, note_key(n)).map_err(read_error(db))? {
             if v.len() > 32 {
                 batch.put_cf(cf, &v[32..], &v[..32]);
                 kept += 1;

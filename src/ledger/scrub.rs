@@ -6,7 +6,8 @@
 //! it opens the ledger, in the background ([`super::Ledger::scrub_in_background`]); `verify`
 //! does the same before it checks anything else. Damage found is reported by column family,
 //! with RocksDB's message (which names the file and the offset), and the scan goes on with the
-//! next column family: one bad block must not hide another.
+//! next column family: one bad block must not hide another. What becomes of the damage found
+//! is [`super::damage`]'s.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -15,6 +16,7 @@ use rocksdb::{ReadOptions, DB};
 /// One column family that could not be read to its end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Damage {
+    /// Empty when not known (a read that failed names only the file).
     pub column_family: String,
     /// RocksDB's message ("Corruption: block checksum mismatch … in …/000012.sst …").
     pub error: String,
@@ -22,7 +24,10 @@ pub struct Damage {
 
 impl std::fmt::Display for Damage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "column family {}: {}", self.column_family, self.error)
+        match self.column_family.as_str() {
+            "" => f.write_str(&self.error),
+            cf => write!(f, "column family {cf}: {}", self.error),
+        }
     }
 }
 

@@ -19,7 +19,8 @@ use std::collections::{HashMap, HashSet};
 use rocksdb::{ColumnFamily, DB};
 
 use super::{
-    read_entry, Entry, Event, Group, Ledger, LedgerError, NoteId, Reason, CF_ENTRIES, CF_INDEX,
+    read_entry, read_error, Entry, Event, Group, Ledger, LedgerError, NoteId, Reason, CF_ENTRIES,
+    CF_INDEX,
 };
 
 const UNACKED_PREFIX: &[u8] = b"unacked\0";
@@ -37,7 +38,7 @@ fn unacked_key(seq: u64) -> Vec<u8> {
 fn marked(db: &DB, index: &ColumnFamily, seq: u64) -> Result<bool, LedgerError> {
     Ok(db
         .get_cf(index, unacked_key(seq))
-        .map_err(LedgerError::Read)?
+        .map_err(read_error(db))?
         .is_some())
 }
 
@@ -75,7 +76,7 @@ impl Ledger {
             seen += 1;
             it.prev();
         }
-        it.status().map_err(LedgerError::Read)?;
+        it.status().map_err(read_error(&self.inner.db))?;
         Ok(found)
     }
 
