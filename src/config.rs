@@ -533,7 +533,7 @@ fn default_max_pending_per_ip() -> usize {
     16
 }
 fn default_max_connection_rate_per_ip() -> u32 {
-    50
+    100
 }
 fn default_max_pdu_length() -> u32 {
     65536

@@ -136,8 +136,8 @@ pub async fn serve(
             }
         }
         let _open = Open(slot);
-        tracing::Span::current().record("calling", tracing::field::debug(negotiated.calling_ae.as_str()));
-        tracing::Span::current().record("called", tracing::field::debug(negotiated.called_ae.as_str()));
+        tracing::Span::current().record("calling", negotiated.calling_ae.as_str());
+        tracing::Span::current().record("called", negotiated.called_ae.as_str());
         info!(contexts = negotiated.contexts.len(), "association accepted");
         let assoc = Association {
             conn,
