@@ -78,11 +78,11 @@ const CF_TREE: &str = "tree";
 const CF_CHECKPOINTS: &str = "checkpoints";
 const CF_FORWARD: &str = "forward";
 const CF_PENDING: &str = "pending";
-/// Object name → key record of a sealed pixel object (see `store::sealed`): erasable.
-const CF_KEYS: &str = "keys";
 /// The outcome recorded on an integrity-failure entry: Processing failure (PS3.7 C.4, 0110H).
 /// An alert is never a success: the instance it names was not delivered.
 pub const INTEGRITY_FAILURE_STATUS: u16 = 0x0110;
+/// Object name → key record of a sealed pixel object (see `store::sealed`): erasable.
+const CF_KEYS: &str = "keys";
 /// Key of the master key's check value in the `keys` column family (object names are hex).
 const MASTER_CHECK: &[u8] = b"\0master-key-check";
 /// The byte after the instance key in a `pending` note for the object of an erased instance.
@@ -1460,11 +1460,6 @@ fn read_entry(db: &DB, seq: u64) -> Result<Option<Entry>, LedgerError> {
         .map_err(read_error(db))?
         .map(|b| Entry::decode(&b).map_err(|e| LedgerError::Corrupt(e.to_string())))
         .transpose()
-    /// The calling AE title of the association whose request found it; empty when the node
-    /// itself did (export, verify, forwarding).
-    pub calling_ae: String,
-    /// That association's peer address (empty as `calling_ae`).
-    pub peer: String,
 }
 
 /// A security event waiting in the spool: `subject_seq=N`, `reason=R`, `detector=NAME` lines,
@@ -1472,25 +1467,28 @@ fn read_entry(db: &DB, seq: u64) -> Result<Option<Entry>, LedgerError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpooledEvent {
     pub subject_seq: u64,
-        let (mut calling_ae, mut peer) = (String::new(), String::new());
     pub reason: Reason,
     pub detector: String,
+    /// The calling AE title of the association whose request found it; empty when the node
+    /// itself did (export, verify, forwarding).
+    pub calling_ae: String,
+    /// That association's peer address (empty as `calling_ae`).
+    pub peer: String,
 }
 
 impl SpooledEvent {
-                ("calling_ae", v) => calling_ae = v.to_string(),
-                ("peer", v) => peer = v.to_string(),
     fn parse(text: &str) -> Option<SpooledEvent> {
         let mut seq = None;
         let mut reason = None;
         let mut detector = None;
+        let (mut calling_ae, mut peer) = (String::new(), String::new());
         for line in text.lines() {
             match line.split_once('=')? {
                 ("subject_seq", v) => seq = v.parse().ok(),
-            calling_ae,
-            peer,
                 ("reason", v) => reason = v.parse().ok().and_then(Reason::from_u8),
                 ("detector", v) => detector = Some(v.to_string()),
+                ("calling_ae", v) => calling_ae = v.to_string(),
+                ("peer", v) => peer = v.to_string(),
                 _ => {}
             }
         }
@@ -1498,10 +1496,10 @@ impl SpooledEvent {
             subject_seq: seq?,
             reason: reason?,
             detector: detector?,
+            calling_ae,
+            peer,
         })
     }
-        // Escaped: a peer's title or address must not add a line of its own to the file.
-        let esc = crate::escape::escape;
 
     /// Leaves the event in `dir` for the node to record: temp file, fsync, rename, fsync dir.
     pub fn write(&self, dir: &Path) -> std::io::Result<PathBuf> {
@@ -1511,6 +1509,8 @@ impl SpooledEvent {
         let tmp = dir.join(format!("{stamp}.tmp"));
         let dest = dir.join(format!("{stamp}-{}.event", self.subject_seq));
         let mut f = std::fs::File::create(&tmp)?;
+        // Escaped: a peer's title or address must not add a line of its own to the file.
+        let esc = crate::escape::escape;
         writeln!(
             f,
             "subject_seq={}\nreason={}\ndetector={}\ncalling_ae={}\npeer={}",
@@ -2521,8 +2521,14 @@ impl<'a> Group<'a> {
         subject: &Entry,
         reason: Reason,
         detector: &str,
+        requester: (&str, &str),
     ) -> Result<u64, LedgerError> {
         let (seq, prev_hash) = self.next_position();
+        let text = |s: &str, max: usize| crate::escape::escape(s).chars().take(max).collect();
+        let (calling, detail) = match requester.0.trim() {
+            "" => (detector, String::new()),
+            ae => (ae, text(&format!("found by {detector}"), 512)),
+        };
         let entry = Entry {
             seq,
             prev_hash,
@@ -2542,14 +2548,8 @@ impl<'a> Group<'a> {
     }
 
     /// The next entry's sequence number and the hash it chains to.
-        requester: (&str, &str),
     fn next_position(&self) -> (u64, Digest32) {
         match self.head {
-        let text = |s: &str, max: usize| crate::escape::escape(s).chars().take(max).collect();
-        let (calling, detail) = match requester.0.trim() {
-            "" => (detector, String::new()),
-            ae => (ae, text(&format!("found by {detector}"), 512)),
-        };
             Some((s, h)) => (s + 1, h),
             None => (1, [0u8; 32]),
         }
@@ -3486,6 +3486,8 @@ mod tests {
             subject_seq: 1,
             reason: Reason::Pixel,
             detector: "export".into(),
+            calling_ae: String::new(),
+            peer: String::new(),
         };
         ev.write(spool.path()).unwrap();
         SpooledEvent {
@@ -3507,8 +3509,6 @@ mod tests {
             "an event naming no entry is not recorded"
         );
         // The recorded event's file is gone; the bad one stays for an operator.
-            calling_ae: String::new(),
-            peer: String::new(),
         assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 1);
         // Events do not touch the instance index.
         assert_eq!(ledger.latest("8.1").unwrap().unwrap().seq, 1);
