@@ -409,10 +409,10 @@ impl Ledger {
 
     /// The operator's way out of [`LedgerError::Damaged`] and [`LedgerError::RolledBack`]:
     /// opens the ledger with RocksDB's point-in-time recovery (a damaged write-ahead log is cut
-    /// at the damage), sets the checkpoint file aside (renamed `….rejected-<time>`, kept as
-    /// evidence), writes a new one from the newest checkpoint the ledger still holds, and
-    /// records a security alert on the ledger. Checkpoints signed later may fork the ones given
-    /// up: whoever holds those must be told.
+    /// at the damage), sets the checkpoint file aside as evidence (`….rejected-<time>-<pid>`,
+    /// never replacing one set aside before), writes a new one from the newest checkpoint the
+    /// ledger still holds, and records a security alert on the ledger naming what was given up.
+    /// Checkpoints signed later may fork the ones given up: whoever holds those must be told.
     pub fn accept_rollback(path: &Path) -> Result<RollbackAccepted, LedgerError> {
         let (ledger, accepted) = Ledger::open_writer(path, None, None, true)?;
         ledger.close();
@@ -435,6 +435,13 @@ impl Ledger {
             // included. A clean kill leaves whole records (a record is one write(2), and a
             // C-STORE is answered only after its group's fsync), so only damage stops the open.
             options.set_wal_recovery_mode(rocksdb::DBRecoveryMode::AbsoluteConsistency);
+            // Absolute consistency catches damaged records only: a write-ahead log deleted, or
+            // cut exactly at a record boundary, reads as a log that ended there. With this the
+            // MANIFEST records each closed log's synced size and the open fails if one is
+            // missing or shorter. RocksDB does not track the live log this way (it would cost a
+            // MANIFEST write per sync), so the newest one is covered only as far as the
+            // checkpoint file reaches (see `witness`).
+            options.set_track_and_verify_wals_in_manifest(true);
         }
         let db = DB::open_cf_descriptors(&options, path, cf_descriptors()).map_err(|source| {
             if scrub::is_corruption(&source) {
@@ -461,6 +468,7 @@ impl Ledger {
             &witness_path,
             head.map(|h| h.0).unwrap_or(0),
             accept_rollback,
+            checkpointing.as_ref(),
         )?;
         let last_checkpoint = stored_checkpoint.max(witnessed);
         let book = pending::NoteBook::open(&db)?;
@@ -1682,6 +1690,7 @@ fn check_witness(
     file: &Path,
     entries: u64,
     accept_rollback: bool,
+    checkpointing: Option<&Checkpointing>,
 ) -> Result<(u64, Vec<trail::AuditRecord>, Option<RollbackAccepted>), LedgerError> {
     let stored = newest_stored_checkpoint(db)?;
     if accept_rollback {
@@ -1698,16 +1707,23 @@ fn check_witness(
             set_aside,
             newest: stored.as_ref().map(|(_, cp)| cp.size),
         };
+        // The alert alone must identify what was given up (the file set aside can be lost):
+        // its size and root, and the signed note itself, escaped to stay on one line.
+        let given_up = match &old {
+            Some((note, cp)) => format!(
+                "size {} root {} (note: {})",
+                cp.size,
+                hex::encode(cp.root),
+                crate::escape::escape(note)
+            ),
+            None => "nothing readable".to_string(),
+        };
         let alert = ledger_alert(format!(
             "rollback accepted by the operator: the ledger holds {entries} entries; the \
-             checkpoint file recorded {} (set aside as {})",
-            accepted
-                .given_up
-                .map_or("nothing readable".to_string(), |s| s.to_string()),
-            accepted
-                .set_aside
-                .as_ref()
-                .map_or("-".to_string(), |p| p.display().to_string()),
+             checkpoint file recorded {given_up} (set aside as {})",
+            accepted.set_aside.as_ref().map_or("-".to_string(), |p| {
+                crate::escape::escape(&p.display().to_string()).into_owned()
+            }),
         ));
         tracing::warn!(entries, given_up = ?accepted.given_up, "rollback of the ledger accepted by the operator");
         return Ok((accepted.newest.unwrap_or(0), vec![alert], Some(accepted)));
@@ -1715,6 +1731,9 @@ fn check_witness(
     match witness::read(file)? {
         None => {
             let Some((note, cp)) = stored else {
+                // A new ledger: nothing to record yet, but a file that could not be written
+                // would stop the signing later; refuse now, naming the path.
+                witness::check_writable(file)?;
                 return Ok((0, Vec::new(), None));
             };
             // Either the ledger was last run by a version that kept no such file, or the file
@@ -1730,7 +1749,7 @@ fn check_witness(
             ));
             Ok((cp.size, vec![alert], None))
         }
-        Some((_, cp)) => {
+        Some((note, cp)) => {
             let standing = witness::standing(&cp, entries, |n| merkle::root(&DbNodes(db), n))?;
             if let Some(what) = standing.describe() {
                 return Err(LedgerError::RolledBack {
@@ -1739,15 +1758,48 @@ fn check_witness(
                     what,
                 });
             }
-            // Signed and stored, but a crash came before the file was written.
+            let stored_size = stored.as_ref().map_or(0, |(_, s)| s.size);
             if let Some((note, newer)) = stored.filter(|(_, s)| s.size > cp.size) {
+                // Stored by an older version (which wrote the file second), and a crash came
+                // before the file was written.
                 witness::write(file, &note)?;
                 tracing::info!(
                     from = cp.size,
                     to = newer.size,
                     "checkpoint file brought up to the ledger's newest checkpoint"
                 );
+                return Ok((newer.size, Vec::new(), None));
             }
+            if cp.size > stored_size {
+                // The file was written and a crash came before the checkpoint was stored. Its
+                // entries are durable (they are written before the file) and reproduce its root
+                // (checked above): store it now, signed again, so the stored checkpoints and
+                // the file agree.
+                if let Some(signing) = checkpointing {
+                    let again = signing.signer.sign(&checkpoint::Checkpoint {
+                        origin: signing.origin.clone(),
+                        size: cp.size,
+                        root: cp.root,
+                    });
+                    witness::write(file, &again)?;
+                    let cf = db
+                        .cf_handle(CF_CHECKPOINTS)
+                        .ok_or_else(|| LedgerError::Corrupt("missing checkpoints".into()))?;
+                    let mut wo = WriteOptions::default();
+                    wo.set_sync(true);
+                    db.put_cf_opt(cf, cp.size.to_be_bytes(), again.as_bytes(), &wo)
+                        .map_err(LedgerError::Write)?;
+                    tracing::info!(
+                        size = cp.size,
+                        stored = stored_size,
+                        "checkpoint in the checkpoint file stored (a crash came between the two)"
+                    );
+                    return Ok((cp.size, Vec::new(), None));
+                }
+            }
+            // Written again, unchanged: a file that can no longer be written is found now,
+            // before the node serves, not when the next checkpoint is due.
+            witness::write(file, &note)?;
             Ok((cp.size, Vec::new(), None))
         }
     }
@@ -1933,7 +1985,7 @@ struct Committer {
     checkpointing: Option<Checkpointing>,
     /// Directory where other processes (export) leave security events for the ledger.
     spool: Option<PathBuf>,
-    /// The checkpoint file, rewritten after each checkpoint is stored (see [`witness`]).
+    /// The checkpoint file, rewritten before each checkpoint is stored (see [`witness`]).
     witness: PathBuf,
     /// Tree size of the newest stored checkpoint.
     last_checkpoint: u64,
@@ -2215,6 +2267,11 @@ impl Committer {
                 size,
                 root,
             });
+            // The file first, the checkpoint second: no checkpoint is ever stored (and so
+            // published) that the file does not cover. A crash in between leaves the file ahead
+            // of the stored checkpoints, over entries already durable, which the next open
+            // accepts and stores. A file that cannot be written stops the signing instead.
+            witness::write(&self.witness, &note)?;
             let cf = self
                 .db
                 .cf_handle(CF_CHECKPOINTS)
@@ -2224,18 +2281,16 @@ impl Committer {
             self.db
                 .put_cf_opt(cf, size.to_be_bytes(), note.as_bytes(), &wo)
                 .map_err(LedgerError::Write)
-                .map(|()| note)
         });
+        // Tried again after the interval (so an error is logged once per interval).
+        self.last_signed = Some(std::time::Instant::now());
         match result {
-            Ok(note) => {
+            Ok(()) => {
                 self.last_checkpoint = size;
-                self.last_signed = Some(std::time::Instant::now());
                 tracing::debug!(size, "checkpoint signed");
-                // After the checkpoint is stored: a crash in between leaves the file one
-                // checkpoint behind, which the next open finds consistent and catches up.
-                if let Err(e) = witness::write(&self.witness, &note) {
-                    tracing::error!(error = %e, size, "checkpoint signed and stored, but the checkpoint file is not up to date: a rollback of the ledger past it would go unnoticed");
-                }
+            }
+            Err(e @ LedgerError::Witness(_)) => {
+                tracing::error!(error = %e, size, "no checkpoint signed: the checkpoint file cannot be written, and a checkpoint it does not cover could be rolled back unnoticed; signing resumes once it can be written")
             }
             Err(e) => tracing::error!(error = %e, size, "cannot sign a checkpoint"),
         }
@@ -3460,6 +3515,12 @@ mod tests {
             "{}",
             alert.detail
         );
+        // It names what was given up (size, root and the note, escaped onto one line), as the
+        // file set aside may not survive.
+        let given_up = format!("size 5 root {}", hex::encode(cp.root));
+        assert!(alert.detail.contains(&given_up), "{}", alert.detail);
+        assert!(alert.detail.contains("(note: "), "{}", alert.detail);
+        assert!(!alert.detail.contains('\n'), "{}", alert.detail);
         drop(ledger);
         // A missing file is recreated from the ledger (with an alert), not a reason to refuse.
         std::fs::remove_file(&file).unwrap();
@@ -3472,6 +3533,168 @@ mod tests {
             .unwrap()
             .detail
             .contains("missing; recreated"));
+    }
+
+    /// The checkpoint file blocked for everyone, root included: its temporary file's name is
+    /// taken by a directory.
+    fn block_witness(file: &Path) -> PathBuf {
+        let mut tmp = file.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        std::fs::create_dir_all(tmp.join("x")).unwrap();
+        tmp
+    }
+
+    /// A checkpoint file that cannot be written must not weaken the protection silently: the
+    /// ledger does not open, and while it runs no checkpoint is stored that the file does not
+    /// cover; signing resumes once the file can be written.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn no_checkpoint_is_signed_that_the_checkpoint_file_does_not_cover() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("l");
+        let file = witness::path_for(&dir);
+        // A new ledger whose file could not be written does not open.
+        let blocked = block_witness(&file);
+        match Ledger::open_with(&dir, Some(checkpointing(3)), None) {
+            Err(LedgerError::Witness(witness::WitnessError::Write { path, .. })) => {
+                assert_eq!(path, file)
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("opened with a checkpoint file it cannot write"),
+        }
+        std::fs::remove_dir_all(&blocked).unwrap();
+        let ledger = Ledger::open_with(&dir, Some(checkpointing(3)), None).unwrap();
+        for i in 0..3u8 {
+            ledger
+                .store(request(&format!("8.{i}"), "1", i + 10))
+                .await
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let covered = witness::read(&file).unwrap().unwrap().1.size;
+        assert_eq!(ledger.latest_checkpoint_size().unwrap(), Some(covered));
+        assert_eq!(covered, 3);
+        let blocked = block_witness(&file);
+        for i in 3..6u8 {
+            ledger
+                .store(request(&format!("8.{i}"), "1", i + 10))
+                .await
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(ledger.latest_checkpoint_size().unwrap(), Some(covered));
+        assert_eq!(witness::read(&file).unwrap().unwrap().1.size, covered);
+        std::fs::remove_dir_all(&blocked).unwrap();
+        ledger.store(request("8.6", "1", 16)).await.unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        ledger.close();
+        assert_eq!(ledger.latest_checkpoint_size().unwrap(), Some(7));
+        assert_eq!(witness::read(&file).unwrap().unwrap().1.size, 7);
+        drop(ledger);
+        // An existing ledger whose file can no longer be written does not open either.
+        let blocked = block_witness(&file);
+        assert!(matches!(
+            Ledger::open_with(&dir, Some(checkpointing(3)), None),
+            Err(LedgerError::Witness(witness::WitnessError::Write { .. }))
+        ));
+        std::fs::remove_dir_all(&blocked).unwrap();
+    }
+
+    /// The file is written before the checkpoint is stored: a crash in between leaves the file
+    /// ahead of the stored checkpoints, over durable entries. That is consistent, and the open
+    /// stores the file's checkpoint so that the two agree again.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_checkpoint_file_ahead_of_the_stored_checkpoints_is_accepted_and_stored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("l");
+        let file = witness::path_for(&dir);
+        let vkey = checkpointing(3).signer.verifier_key();
+        let ledger = Ledger::open_with(&dir, Some(checkpointing(3)), None).unwrap();
+        for i in 0..4u8 {
+            ledger
+                .store(request(&format!("7.{i}"), "1", i + 10))
+                .await
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        ledger.close();
+        drop(ledger);
+        let (_, cp) = witness::read(&file).unwrap().unwrap();
+        assert_eq!(cp.size, 4);
+        // The crash: the newest checkpoint never reached the ledger.
+        {
+            let db = DB::open_cf_descriptors(&db_options(), &dir, cf_descriptors()).unwrap();
+            db.delete_cf(db.cf_handle(CF_CHECKPOINTS).unwrap(), 4u64.to_be_bytes())
+                .unwrap();
+        }
+        let ledger = Ledger::open_with(&dir, Some(checkpointing(3)), None).unwrap();
+        assert_eq!(ledger.latest_checkpoint_size().unwrap(), Some(4));
+        let note = ledger.latest_checkpoint().unwrap().unwrap();
+        let stored = checkpoint::verify(&note, &vkey).unwrap();
+        assert_eq!(stored, cp);
+        assert_eq!(witness::read(&file).unwrap().unwrap().0, note);
+        ledger.store(request("7.4", "1", 14)).await.unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        ledger.close();
+        assert_eq!(ledger.latest_checkpoint_size().unwrap(), Some(5));
+        assert_eq!(witness::read(&file).unwrap().unwrap().1.size, 5);
+    }
+
+    /// A write-ahead log deleted whole has no damaged record for absolute consistency to stop
+    /// at; the MANIFEST's record of closed logs makes the open fail instead of dropping it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_missing_closed_write_ahead_log_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("l");
+        let ledger = Ledger::open(&dir).unwrap();
+        ledger.store(request("5.1", "1", 10)).await.unwrap();
+        ledger.close();
+        drop(ledger);
+        let logs = |dir: &Path| -> Vec<PathBuf> {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .collect();
+            v.sort();
+            v
+        };
+        {
+            // A log closed while it still holds unflushed writes (of the entries' family), as
+            // a long-running node has, then a crash.
+            let mut o = db_options();
+            o.set_track_and_verify_wals_in_manifest(true);
+            let db = DB::open_cf_descriptors(&o, &dir, cf_descriptors()).unwrap();
+            let cf = |n| db.cf_handle(n).unwrap();
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            for n in [CF_ENTRIES, CF_KEYS] {
+                db.delete_cf_opt(cf(n), b"no such key", &wo).unwrap();
+            }
+            let before = logs(&dir);
+            db.flush_cf(cf(CF_KEYS)).unwrap();
+            db.delete_cf_opt(cf(CF_ENTRIES), b"no such key either", &wo)
+                .unwrap();
+            assert!(
+                logs(&dir).len() > before.len(),
+                "no new log: {:?}",
+                logs(&dir)
+            );
+        }
+        let all = logs(&dir);
+        assert!(all.len() >= 2, "{all:?}");
+        std::fs::remove_file(&all[all.len() - 2]).unwrap();
+        match Ledger::open(&dir) {
+            Err(LedgerError::Damaged { .. }) => {}
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("opened without a closed write-ahead log"),
+        }
+        // The operator's way out works, and lasts.
+        Ledger::accept_rollback(&dir).unwrap();
+        let ledger = Ledger::open(&dir).unwrap();
+        // The entry, then the alert.
+        assert_eq!(ledger.head().unwrap().map(|h| h.0), Some(2));
+        ledger.close();
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -10,9 +10,12 @@
 //! ledger does not open, so nothing runs on the shorter log — no startup reconciliation that
 //! deletes objects, no checkpoint signed for a size already signed with another root.
 //!
-//! Written after each checkpoint is stored (temp file, fsync, rename, directory fsync: see
-//! `store::fs`). A crash between the two leaves the file one checkpoint behind, which the next
-//! open finds consistent (the ledger is longer) and brings up to date. The file holds the signed
+//! Written before each checkpoint is stored (temp file, fsync, rename, directory fsync: see
+//! `store::fs`), once the entries it covers are durable, so no checkpoint is stored or published
+//! that the file does not cover. A crash between the two leaves the file one checkpoint ahead,
+//! over entries the ledger holds: the next open finds it consistent and stores it. A file that
+//! cannot be written stops the signing (until it can be), and stops the open: every open writes
+//! it again before the node serves. The file holds the signed
 //! note as `dicomchain checkpoint` prints it, so a copy saved by an operator is checked the same
 //! way (`dicomchain verify --checkpoint FILE`).
 //!
@@ -136,9 +139,7 @@ pub fn write(path: &Path, note: &str) -> Result<(), WitnessError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    let tmp = tmp_path(path);
     let mut f = std::fs::File::create(&tmp).map_err(err)?;
     f.write_all(note.as_bytes()).map_err(err)?;
     f.sync_all().map_err(err)?;
@@ -153,22 +154,77 @@ pub fn write(path: &Path, note: &str) -> Result<(), WitnessError> {
         .map_err(err)
 }
 
+/// Fails, naming the file, if the checkpoint file at `path` could not be written (creates the
+/// temporary file [`write`] uses, fsyncs and removes it).
+pub fn check_writable(path: &Path) -> Result<(), WitnessError> {
+    let err = |source| WitnessError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = tmp_path(path);
+    std::fs::File::create(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(err)?;
+    std::fs::remove_file(&tmp).map_err(err)
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    PathBuf::from(tmp)
+}
+
 /// Moves a checkpoint file the operator gave up on aside (kept as evidence), returning where.
+///
+/// The new name is linked before the old one is removed, and a link never replaces an existing
+/// file: two runs in the same instant cannot overwrite evidence set aside earlier.
 pub fn set_aside(path: &Path) -> Result<Option<PathBuf>, WitnessError> {
-    if !path.exists() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let stamp = format!(
+        "{}.{:09}-{}",
+        now.as_secs(),
+        now.subsec_nanos(),
+        std::process::id()
+    );
+    set_aside_as(path, &stamp)
+}
+
+fn set_aside_as(path: &Path, stamp: &str) -> Result<Option<PathBuf>, WitnessError> {
+    if std::fs::symlink_metadata(path).is_err() {
         return Ok(None);
     }
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut to = path.as_os_str().to_owned();
-    to.push(format!(".rejected-{stamp}"));
-    let to = PathBuf::from(to);
-    std::fs::rename(path, &to).map_err(|source| WitnessError::Write {
-        path: to.clone(),
+    let mut attempt = 0u32;
+    let to = loop {
+        let mut to = path.as_os_str().to_owned();
+        to.push(format!(".rejected-{stamp}"));
+        if attempt > 0 {
+            to.push(format!("-{attempt}"));
+        }
+        let to = PathBuf::from(to);
+        match std::fs::hard_link(path, &to) {
+            Ok(()) => break to,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 1000 => {
+                attempt += 1
+            }
+            Err(source) => return Err(WitnessError::Write { path: to, source }),
+        }
+    };
+    std::fs::remove_file(path).map_err(|source| WitnessError::Write {
+        path: path.to_path_buf(),
         source,
     })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| WitnessError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
     Ok(Some(to))
 }
 
@@ -242,5 +298,32 @@ mod tests {
         assert!(matches!(read(&path), Err(WitnessError::Malformed { .. })));
         let aside = set_aside(&path).unwrap().unwrap();
         assert!(aside.exists() && !path.exists());
+    }
+
+    /// Two accept-rollback runs in the same instant must not overwrite the evidence the first
+    /// one set aside.
+    #[test]
+    fn setting_aside_never_replaces_evidence_set_aside_earlier() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.checkpoint");
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..20 {
+            std::fs::write(&path, format!("file {i}")).unwrap();
+            // The same stamp each time, as two runs within one clock tick would get.
+            let aside = set_aside_as(&path, "1").unwrap().unwrap();
+            assert!(!path.exists());
+            assert_eq!(
+                std::fs::read_to_string(&aside).unwrap(),
+                format!("file {i}")
+            );
+            assert!(seen.insert(aside), "a name was used twice");
+        }
+        for (i, p) in seen.iter().enumerate() {
+            assert!(p.exists(), "evidence {i} gone");
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 20);
+        assert!(set_aside(&path).unwrap().is_none());
+        std::fs::write(&path, "x").unwrap();
+        assert!(set_aside(&path).unwrap().unwrap().exists());
     }
 }
