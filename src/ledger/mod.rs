@@ -3571,8 +3571,12 @@ mod tests {
                 .unwrap();
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ledger.latest_checkpoint_size().unwrap() != Some(3) {
+            assert!(std::time::Instant::now() < deadline, "no checkpoint of 3");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let covered = witness::read(&file).unwrap().unwrap().1.size;
-        assert_eq!(ledger.latest_checkpoint_size().unwrap(), Some(covered));
         assert_eq!(covered, 3);
         let blocked = block_witness(&file);
         for i in 3..6u8 {
