@@ -482,8 +482,9 @@ pub struct PeerConfig {
     /// with it is rejected.
     #[serde(default)]
     pub tls_required: bool,
-    /// Client certificate names that may use this AE title: the certificate's subject CN or
-    /// one of its DNS subject alternative names must equal one of them (mutual TLS,
+    /// Client certificate names that may use this AE title: one of the certificate's DNS
+    /// subject alternative names (or its subject CN, if it has no DNS SAN) must equal one of
+    /// them (mutual TLS,
     /// `[node.tls] client_ca`). Non-empty implies `tls_required`. Empty = any certificate the
     /// client CA signed.
     #[serde(default)]
@@ -723,10 +724,10 @@ impl NodeConfig {
         crate::dimse::admission::Limits {
             max_associations: max,
             max_associations_per_ae: self.max_associations_per_ae.unwrap_or(max.div_ceil(2)),
-            max_associations_per_ip: self.max_associations_per_ip.unwrap_or((max * 3).div_ceil(4)),
-            max_unknown_associations: self
-                .max_unknown_associations
-                .unwrap_or(max.div_ceil(2)),
+            max_associations_per_ip: self
+                .max_associations_per_ip
+                .unwrap_or((max * 3).div_ceil(4)),
+            max_unknown_associations: self.max_unknown_associations.unwrap_or(max.div_ceil(2)),
             max_pending: self.max_pending_connections,
             max_pending_per_ip: self.max_pending_per_ip,
             connection_rate_per_ip: self.max_connection_rate_per_ip,
@@ -836,11 +837,26 @@ impl Config {
             ));
         }
         for (key, v) in [
-            ("node.max_associations_per_ae", self.node.max_associations_per_ae),
-            ("node.max_associations_per_ip", self.node.max_associations_per_ip),
-            ("node.max_unknown_associations", self.node.max_unknown_associations),
-            ("node.max_pending_connections", Some(self.node.max_pending_connections)),
-            ("node.max_pending_per_ip", Some(self.node.max_pending_per_ip)),
+            (
+                "node.max_associations_per_ae",
+                self.node.max_associations_per_ae,
+            ),
+            (
+                "node.max_associations_per_ip",
+                self.node.max_associations_per_ip,
+            ),
+            (
+                "node.max_unknown_associations",
+                self.node.max_unknown_associations,
+            ),
+            (
+                "node.max_pending_connections",
+                Some(self.node.max_pending_connections),
+            ),
+            (
+                "node.max_pending_per_ip",
+                Some(self.node.max_pending_per_ip),
+            ),
         ] {
             if v == Some(0) {
                 return Err(invalid(key, "must be at least 1"));
@@ -969,8 +985,7 @@ impl Config {
                 crate::acl::Network::parse(a)
                     .map_err(|e| invalid(&format!("peers.{name}.allowed_addresses"), e))?;
             }
-            if (peer.tls_required || !peer.tls_names.is_empty())
-                && self.node.tls.listen.is_empty()
+            if (peer.tls_required || !peer.tls_names.is_empty()) && self.node.tls.listen.is_empty()
             {
                 return Err(invalid(
                     &format!("peers.{name}.tls_required"),
@@ -984,7 +999,10 @@ impl Config {
                 ));
             }
             if peer.tls_names.iter().any(|n| n.trim().is_empty()) {
-                return Err(invalid(&format!("peers.{name}.tls_names"), "a name must not be empty"));
+                return Err(invalid(
+                    &format!("peers.{name}.tls_names"),
+                    "a name must not be empty",
+                ));
             }
             if name.contains('\0') || name.contains('*') {
                 return Err(invalid(

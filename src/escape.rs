@@ -3,16 +3,28 @@
 //! shows it. Everything the node prints on one line goes through here: the text log's field
 //! formatter ([`log_fields`]), `dicomchain audit`'s text lines and the security-event spool.
 //!
-//! Control characters (C0, DEL, C1) and the Unicode line and paragraph separators are written
-//! as Rust escapes (`\n`, `\u{1b}`); everything else, backslash included, stays as it is, so
-//! that ordinary text (and a value tracing already quoted and escaped) reads unchanged.
+//! Control characters (C0, DEL, C1), the Unicode line and paragraph separators, and the
+//! invisible formatting characters that reorder or hide text on screen (bidirectional
+//! embeddings, overrides and isolates, zero-width characters, the BOM) are written as Rust
+//! escapes (`\n`, `\u{202e}`); everything else, backslash included, stays as it is, so that
+//! ordinary text (and a value tracing already quoted and escaped) reads unchanged.
 
 use std::borrow::Cow;
 use std::fmt;
 
-/// Whether `c` could end a line or drive a terminal.
+/// Whether `c` could end a line, drive a terminal, or make a line read other than it is.
 fn unsafe_char(c: char) -> bool {
-    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' // line and paragraph separators
+            | '\u{200b}'..='\u{200f}' // zero-width space, joiners, LRM, RLM
+            | '\u{202a}'..='\u{202e}' // bidirectional embeddings and overrides
+            | '\u{2060}'..='\u{2064}' // word joiner, invisible operators
+            | '\u{2066}'..='\u{2069}' // bidirectional isolates
+            | '\u{061c}' // Arabic letter mark
+            | '\u{feff}' // zero-width no-break space (BOM)
+        )
 }
 
 /// `s` with every control character escaped; borrowed when there is none.
@@ -74,6 +86,12 @@ mod tests {
         );
         assert_eq!(escape("a\\nb \"q\" é"), "a\\nb \"q\" é");
         assert_eq!(Escaped("a\tb").to_string(), "a\\tb");
+        // Text that would read reversed or hide characters on screen.
+        assert_eq!(escape("CT\u{202e}1TTA"), "CT\\u{202e}1TTA");
+        assert_eq!(
+            escape("A\u{200b}B\u{2066}C\u{feff}"),
+            "A\\u{200b}B\\u{2066}C\\u{feff}"
+        );
     }
 
     #[test]

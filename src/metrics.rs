@@ -308,7 +308,7 @@ pub async fn serve_admin(
                 continue;
             }
         };
-        let slot = match open.admit(peer.ip()) {
+        let slot = match open.admit_socket(peer.ip(), std::os::fd::AsRawFd::as_raw_fd(&socket)) {
             Ok(s) => s,
             Err(full) => {
                 if let Some(held_back) = refusals.allow(peer.ip(), std::time::Instant::now()) {
@@ -323,6 +323,21 @@ pub async fn serve_admin(
         let authenticated = authenticated.clone();
         tokio::spawn(async move {
             let evicted = slot.evicted();
+            let deadline = tokio::time::Instant::now() + HEAD_DEADLINE;
+            // Until its first bytes arrive a connection may be evicted; a client's request
+            // arrives right behind its connection, so only silent ones lose their place.
+            let mut first = [0u8; 1];
+            tokio::select! {
+                r = socket.peek(&mut first) => {
+                    // 0: closed before a byte came.
+                    if !matches!(r, Ok(n) if n > 0) {
+                        return;
+                    }
+                    slot.started();
+                }
+                _ = evicted.notified() => return,
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
             // Given back as soon as the request proves itself, so that it counts in one pool only.
             let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(slot)));
             let head = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -330,9 +345,6 @@ pub async fn serve_admin(
                 let head = head.clone();
                 hyper::service::service_fn(move |req| {
                     head.notify_one();
-                    if let Some(s) = slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                        s.started();
-                    }
                     let (ledger, store, api) = (ledger.clone(), store.clone(), api.clone());
                     let (slot, authenticated) = (slot.clone(), authenticated.clone());
                     async move {
@@ -378,7 +390,7 @@ pub async fn serve_admin(
                 _ = &mut conn => return,
                 _ = head.notified() => {}
                 _ = evicted.notified() => return,
-                _ = tokio::time::sleep(HEAD_DEADLINE) => return,
+                _ = tokio::time::sleep_until(deadline) => return,
             }
             let _ = tokio::time::timeout(REQUEST_LIMIT, conn).await;
         });

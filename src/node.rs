@@ -56,8 +56,12 @@ pub async fn run(
     crate::perms::check_key_files(&cfg).map_err(StartError::KeyMode)?;
     for (dir, done) in crate::perms::tighten_dirs(&cfg) {
         match done {
-            Ok(old) => tracing::warn!(path = %dir.display(), old_mode = format!("{old:04o}"), "state directory was open to group or others: now 0700"),
-            Err(e) => tracing::warn!(path = %dir.display(), error = %e, "state directory is open to group or others and cannot be closed: chmod 700 it"),
+            Ok(old) => {
+                tracing::warn!(path = %dir.display(), old_mode = format!("{old:04o}"), "state directory was open to group or others: now 0700")
+            }
+            Err(e) => {
+                tracing::warn!(path = %dir.display(), error = %e, "state directory is open to group or others and cannot be closed: chmod 700 it")
+            }
         }
     }
     let signer = crate::ledger::checkpoint::load_or_create_key(
@@ -91,12 +95,14 @@ pub async fn run(
         Err(e) => return Err(StartError::Reconcile(e.to_string())),
     }
     let listener = match addr {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| {
-            StartError::Bind {
-                addr: addr.to_string(),
-                source,
-            }
-        })?),
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?,
+        ),
         None => None,
     };
     let tls = match cfg.node.tls.listen_addr()? {
@@ -188,6 +194,7 @@ pub async fn run(
         acl: acl.clone(),
         admission: crate::dimse::admission::Admission::new(cfg.node.admission_limits()),
         rejections: Default::default(),
+        warnings: crate::throttle::Warnings::new(std::time::Duration::from_secs(60)),
     });
     let admin = admin_listener.map(|(addr, l, token)| {
         info!(listen = %addr, "admin listener: /metrics, /health, /v1/ (admin API)");

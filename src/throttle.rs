@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 /// A pool of connections with a total and a per-address limit. A connection holds a [`Slot`]
 /// until it is dropped. When the pool is full, a newcomer takes the place of the oldest
-/// connection still waiting for its request from the address that holds the most: idle
-/// connections cannot keep anyone out, and a source that floods only evicts its own.
+/// connection still waiting for its request from the address that holds the most; when its own
+/// address holds its share, of that address's oldest waiting one. Idle connections cannot keep
+/// anyone out, even from their own address, and a source that floods only evicts its own.
 #[derive(Clone, Debug)]
 pub struct Pool {
     inner: Arc<Mutex<Slots>>,
@@ -30,6 +31,9 @@ struct Slots {
 #[derive(Debug)]
 struct Held {
     ip: IpAddr,
+    /// The connection's socket, to see whether bytes have arrived that its task has not read
+    /// yet (under a flood the task may not run before the next eviction).
+    fd: Option<std::os::fd::RawFd>,
     /// Still waiting for its request (may be evicted).
     waiting: bool,
     evict: Arc<tokio::sync::Notify>,
@@ -47,16 +51,42 @@ impl Slots {
         Some(held)
     }
 
-    /// The oldest waiting slot of the address holding the most slots, if any waits.
-    fn victim(&self) -> Option<u64> {
+    /// The oldest slot of `ip` that has sent nothing yet.
+    fn oldest_waiting_of(&self, ip: IpAddr, now: Instant) -> Option<u64> {
         self.held
             .iter()
-            .filter(|(_, h)| h.waiting)
+            .find(|(_, h)| h.ip == ip && h.evictable(now))
+            .map(|(id, _)| *id)
+    }
+
+    /// The oldest evictable slot of the address holding the most slots, if any.
+    fn victim(&self, now: Instant) -> Option<u64> {
+        self.held
+            .iter()
+            .filter(|(_, h)| h.evictable(now))
             .max_by_key(|(id, h)| {
                 let n = self.by_address.get(&h.ip).copied().unwrap_or(0);
                 (n, std::cmp::Reverse(**id))
             })
             .map(|(id, _)| *id)
+    }
+}
+
+/// Whether bytes have arrived on `fd` that nobody has read yet (FIONREAD). A closed or reused
+/// descriptor only makes the answer wrong for this one choice of whom to evict.
+fn bytes_waiting(fd: std::os::fd::RawFd) -> bool {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which points at `n`.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+    r == 0 && n > 0
+}
+
+impl Held {
+    /// Only a connection that has sent nothing yet may lose its place: sources that reconnect
+    /// as soon as they are evicted then evict each other in a chain, but the chain passes over a
+    /// real client, whose request arrives right behind its connection (see [`Slot::started`]).
+    fn evictable(&self, _now: Instant) -> bool {
+        self.waiting && !self.fd.is_some_and(bytes_waiting)
     }
 }
 
@@ -87,12 +117,33 @@ impl Pool {
     /// A slot for a connection from `ip` (evicting a waiting one if the pool is full), or why
     /// there is none.
     pub fn admit(&self, ip: IpAddr) -> Result<Slot, Full> {
+        self.admit_at(ip, None, Instant::now())
+    }
+
+    /// [`Pool::admit`] for the connection on socket `fd`, whose bytes, once they arrive, keep
+    /// it from being evicted even before its task has read them.
+    pub fn admit_socket(&self, ip: IpAddr, fd: std::os::fd::RawFd) -> Result<Slot, Full> {
+        self.admit_at(ip, Some(fd), Instant::now())
+    }
+
+    /// [`Pool::admit`] at the time `now`.
+    pub fn admit_at(
+        &self,
+        ip: IpAddr,
+        fd: Option<std::os::fd::RawFd>,
+        now: Instant,
+    ) -> Result<Slot, Full> {
         let mut s = self.slots();
         if s.by_address.get(&ip).copied().unwrap_or(0) >= self.per_address {
-            return Err(Full::Address);
-        }
-        if s.held.len() >= self.total {
-            let victim = s.victim().ok_or(Full::Total)?;
+            // The operator may share the address with whatever holds its share (the admin
+            // listener is usually on loopback): the newcomer takes the place of the address's
+            // oldest connection still waiting for its request, as the pool does when full.
+            let victim = s.oldest_waiting_of(ip, now).ok_or(Full::Address)?;
+            if let Some(h) = s.release(victim) {
+                h.evict.notify_one();
+            }
+        } else if s.held.len() >= self.total {
+            let victim = s.victim(now).ok_or(Full::Total)?;
             if let Some(h) = s.release(victim) {
                 // Stored as a permit if the connection is not listening yet.
                 h.evict.notify_one();
@@ -105,6 +156,7 @@ impl Pool {
             id,
             Held {
                 ip,
+                fd,
                 waiting: true,
                 evict: evict.clone(),
             },
@@ -133,7 +185,7 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// The connection's request has arrived: it can no longer be evicted.
+    /// The connection's first bytes have arrived: it can no longer be evicted.
     pub fn started(&self) {
         if let Some(h) = self.pool.slots().held.get_mut(&self.id) {
             h.waiting = false;
@@ -210,7 +262,9 @@ mod tests {
     fn one_address_gets_its_share_and_others_still_get_in() {
         let pool = Pool::new(4, 2);
         let a1 = pool.admit(ip(2)).unwrap();
-        let _a2 = pool.admit(ip(2)).unwrap();
+        let a2 = pool.admit(ip(2)).unwrap();
+        a1.started();
+        a2.started();
         assert_eq!(pool.admit(ip(2)).unwrap_err(), Full::Address);
         let _b1 = pool.admit(ip(3)).unwrap();
         let _c1 = pool.admit(ip(4)).unwrap();
@@ -219,15 +273,47 @@ mod tests {
         assert_eq!(pool.taken(ip(2)), (3, 1));
     }
 
+    /// The operator shares 127.0.0.1 with connections that send nothing: it takes the place of
+    /// the oldest of them instead of being turned away.
+    #[test]
+    fn at_its_share_an_address_evicts_its_own_oldest_waiting_connection() {
+        let pool = Pool::new(16, 2);
+        let t0 = Instant::now();
+        let idle1 = pool.admit_at(ip(1), None, t0).unwrap();
+        let idle2 = pool.admit_at(ip(1), None, t0).unwrap();
+        let operator = pool.admit_at(ip(1), None, t0).unwrap();
+        assert_eq!(pool.taken(ip(1)), (2, 2));
+        // The operator's request follows its connection at once.
+        operator.started();
+        // The evicted one reconnects at once: it takes idle2's place, never the operator's.
+        let again = pool.admit_at(ip(1), None, t0).unwrap();
+        let again2 = pool.admit_at(ip(1), None, t0).unwrap();
+        again2.started();
+        assert_eq!(
+            pool.admit_at(ip(1), None, t0).unwrap_err(),
+            Full::Address,
+            "no one silent left"
+        );
+        let evicted = |slot: &Slot| {
+            let n = slot.evicted();
+            let fut = n.notified();
+            futures_util::pin_mut!(fut);
+            let waker = futures_util::task::noop_waker();
+            std::future::Future::poll(fut, &mut std::task::Context::from_waker(&waker)).is_ready()
+        };
+        assert!(evicted(&idle1) && evicted(&idle2) && evicted(&again) && !evicted(&operator));
+    }
+
     #[test]
     fn a_full_pool_evicts_the_oldest_waiting_connection_of_the_busiest_address() {
         let pool = Pool::new(4, 3);
-        let a1 = pool.admit(ip(2)).unwrap();
-        let a2 = pool.admit(ip(2)).unwrap();
-        let a3 = pool.admit(ip(2)).unwrap();
-        let b1 = pool.admit(ip(3)).unwrap();
+        let t0 = Instant::now();
+        let a1 = pool.admit_at(ip(2), None, t0).unwrap();
+        let a2 = pool.admit_at(ip(2), None, t0).unwrap();
+        let a3 = pool.admit_at(ip(2), None, t0).unwrap();
+        let b1 = pool.admit_at(ip(3), None, t0).unwrap();
         // Full: the newcomer takes a1's place (ip 2 holds the most; a1 is its oldest).
-        let c1 = pool.admit(ip(4)).unwrap();
+        let c1 = pool.admit_at(ip(4), None, t0).unwrap();
         assert_eq!(pool.taken(ip(2)), (4, 2));
         let evicted = a1.evicted();
         assert!(futures_util::FutureExt::now_or_never(evicted.notified()).is_some());
@@ -238,9 +324,9 @@ mod tests {
         for s in [&a2, &a3, &b1, &c1] {
             s.started();
         }
-        assert_eq!(pool.admit(ip(5)).unwrap_err(), Full::Total);
+        assert_eq!(pool.admit_at(ip(5), None, t0).unwrap_err(), Full::Total);
         drop(c1);
-        let _d1 = pool.admit(ip(5)).unwrap();
+        let _d1 = pool.admit_at(ip(5), None, t0).unwrap();
     }
 
     #[test]

@@ -97,6 +97,12 @@ impl Pki {
             "ca",
             &format!("{client}subjectAltName=DNS:storeonly.example\n"),
         );
+        // The bound name as CN, but a SAN for another host: SANs win (RFC 6125 §6.4.4).
+        leaf(
+            "storeonly.example",
+            "ca",
+            &format!("{client}subjectAltName=DNS:elsewhere.example\n"),
+        );
         Pki {
             dir: dir.to_path_buf(),
         }
@@ -290,12 +296,17 @@ fn tls_bound_ae_titles_refuse_plain_text_and_other_certificates() {
             .output()
             .unwrap()
     };
-    let tls_echo = |who: &str, aet: &str| dcmtk_tls("echoscu", &pki, Some(who), tls_port, &["-aet", aet]);
+    let tls_echo =
+        |who: &str, aet: &str| dcmtk_tls("echoscu", &pki, Some(who), tls_port, &["-aet", aet]);
 
     // TLS required: refused in plain text, accepted over TLS.
     let out = plain_echo("ADMIN");
     assert!(!out.status.success(), "ADMIN associated in plain text");
-    assert!(support::output_text(&out).contains("Association Rejected"), "{}", support::output_text(&out));
+    assert!(
+        support::output_text(&out).contains("Association Rejected"),
+        "{}",
+        support::output_text(&out)
+    );
     assert_ok(&tls_echo("client", "ADMIN"), "ADMIN over TLS");
     // Bound to certificate names: the ADMIN certificate cannot speak for STOREONLY, the
     // certificate whose SAN is bound to it can; nor can STOREONLY use plain text.
@@ -304,7 +315,14 @@ fn tls_bound_ae_titles_refuse_plain_text_and_other_certificates() {
         "a certificate for CN=ADMIN was accepted for AE title STOREONLY"
     );
     assert!(!plain_echo("STOREONLY").status.success());
-    assert_ok(&tls_echo("storeonly", "STOREONLY"), "STOREONLY with its own certificate");
+    assert!(
+        !tls_echo("storeonly.example", "STOREONLY").status.success(),
+        "the subject CN was accepted although the certificate's DNS SAN names another host"
+    );
+    assert_ok(
+        &tls_echo("storeonly", "STOREONLY"),
+        "STOREONLY with its own certificate",
+    );
     // A peer without TLS settings keeps plain DICOM.
     assert_ok(&plain_echo("LEGACY"), "LEGACY in plain text");
     // The first refusal from an address is logged and recorded with its reason; the rest of
@@ -317,9 +335,9 @@ fn tls_bound_ae_titles_refuse_plain_text_and_other_certificates() {
     let trail = String::from_utf8_lossy(&out.stdout);
     assert!(trail.contains("association rejected: access control: calling AE title \\\"ADMIN\\\" may associate only over DICOM TLS"), "{trail}");
     assert!(
-        trail.contains("2 further association(s) rejected from 127.0.0.1")
+        trail.contains("3 further association(s) rejected from 127.0.0.1")
             && trail.contains("1x TLS required")
-            && trail.contains("1x client certificate not bound to the AE title"),
+            && trail.contains("2x client certificate not bound to the AE title"),
         "{trail}"
     );
 }
@@ -361,5 +379,8 @@ fn the_plain_listener_can_be_turned_off() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("node.listen") && err.contains("would not listen at all"), "{err}");
+    assert!(
+        err.contains("node.listen") && err.contains("would not listen at all"),
+        "{err}"
+    );
 }

@@ -18,8 +18,10 @@
 //! peers always keep room. A request over a cap gets A-ASSOCIATE-RJ rejected-transient, local
 //! limit exceeded (PS3.8 §9.3.4), and retries later.
 //!
-//! A *source* is an IPv4 address, or an IPv6 /64 (one host's usual share, so that an attacker
-//! with a /64 does not get billions of sources); see [`source`].
+//! Rates and association caps count per address. The pending pool's shares count per *source*:
+//! an IPv4 address, or an IPv6 /64, so that an attacker holding a /64 does not get billions of
+//! shares (see [`source`]). A /64 may be a whole LAN segment, but a share cannot starve a
+//! neighbour on it: a newcomer evicts the source's oldest pending connection, never itself.
 //!
 //! The state is a few counters behind a std `Mutex`: every critical section is a handful of
 //! map operations with no `.await` inside, so an async lock would only add overhead.
@@ -114,11 +116,11 @@ impl Admission {
 
     /// A new connection from `ip`: into the pending pool, or refused by the source's rate.
     pub fn enter(&self, ip: IpAddr, now: Instant) -> Result<Pending, Dropped> {
-        let ip = source(ip);
         let mut s = self.state();
-        if !s.take_token(ip, now, self.limits.connection_rate_per_ip) {
+        if !s.take_token(address(ip), now, self.limits.connection_rate_per_ip) {
             return Err(Dropped::RateLimited);
         }
+        let ip = source(ip);
         if s.pending_by_ip.get(&ip).copied().unwrap_or(0) >= self.limits.max_pending_per_ip {
             s.evict_oldest_of(ip);
         } else if s.pending.len() >= self.limits.max_pending {
@@ -141,7 +143,7 @@ impl Admission {
     /// An association slot for an accepted request (`known`: the calling AE title is a
     /// configured peer or has been granted rights).
     pub fn admit(&self, ip: IpAddr, ae: &str, known: bool) -> Result<Slot, Busy> {
-        let ip = source(ip);
+        let ip = address(ip);
         let l = &self.limits;
         let mut s = self.state();
         if s.open >= l.max_associations {
@@ -223,11 +225,14 @@ impl State {
         }
     }
 
+    /// The source with the most pending connections; among equals, the one whose oldest
+    /// pending connection is the oldest of all (not whichever the hash order gives).
     fn busiest_pending_source(&self) -> Option<IpAddr> {
-        self.pending_by_ip
-            .iter()
-            .max_by_key(|(_, n)| **n)
+        let most = self.pending_by_ip.values().copied().max()?;
+        self.pending
+            .values()
             .map(|(ip, _)| *ip)
+            .find(|ip| self.pending_by_ip.get(ip) == Some(&most))
     }
 
     fn evict_oldest_of(&mut self, ip: IpAddr) {
@@ -252,15 +257,21 @@ impl State {
     }
 }
 
-/// The source an address counts toward: an IPv4 address (also when it arrives IPv4-mapped on a
-/// dual-stack socket), or the /64 an IPv6 address belongs to.
+/// The source an address counts toward in the pending pool: an IPv4 address, or the /64 an
+/// IPv6 address belongs to.
 pub fn source(ip: IpAddr) -> IpAddr {
+    match address(ip) {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
+    }
+}
+
+/// An address as rates and caps count it: IPv4 also when it arrives IPv4-mapped on a
+/// dual-stack socket.
+pub fn address(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
     }
 }
 
@@ -421,7 +432,35 @@ mod tests {
         let first = a.enter(ip("2001:db8::1"), now).unwrap();
         let _second = a.enter(ip("2001:db8::2"), now).unwrap();
         let _third = a.enter(ip("2001:db8::3"), now).unwrap();
-        assert!(is_evicted(&first), "three addresses of one /64 share its pending share");
+        assert!(
+            is_evicted(&first),
+            "three addresses of one /64 share its pending share"
+        );
+        // Rates and association caps are per address: a neighbour on the /64 keeps its own.
+        let rated = Admission::new(Limits {
+            connection_rate_per_ip: 1,
+            max_pending: 100,
+            max_pending_per_ip: 100,
+            ..limits()
+        });
+        let _a = rated.enter(ip("2001:db8::1"), now).unwrap();
+        let _b = rated.enter(ip("2001:db8::1"), now).unwrap();
+        assert!(rated.enter(ip("2001:db8::1"), now).is_err());
+        assert!(rated.enter(ip("2001:db8::2"), now).is_ok());
+    }
+
+    #[test]
+    fn among_equally_busy_sources_the_oldest_pending_connection_goes() {
+        let a = Admission::new(limits());
+        let now = Instant::now();
+        let order = ["10.0.0.4", "10.0.0.3", "10.0.0.2", "10.0.0.1"];
+        let held: Vec<_> = order.iter().map(|s| a.enter(ip(s), now).unwrap()).collect();
+        let newcomer = a.enter(ip("10.0.0.5"), now).unwrap();
+        assert!(
+            is_evicted(&held[0]),
+            "the first to connect, whatever its address hashes to"
+        );
+        assert!(!held[1..].iter().any(is_evicted) && !is_evicted(&newcomer));
     }
 
     #[test]

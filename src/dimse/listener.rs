@@ -50,6 +50,7 @@ async fn secure(
     socket: TcpStream,
     acceptor: Option<TlsAcceptor>,
     addr: &SocketAddr,
+    ctx: &NodeContext,
 ) -> Option<Secured> {
     let Some(acceptor) = acceptor else {
         return Some(Secured {
@@ -68,7 +69,9 @@ async fn secure(
             })
         }
         Err(e) => {
-            info!(peer = %addr, error = %e, "TLS handshake failed");
+            if let Some(held_back) = ctx.warnings.allow(addr.ip(), Instant::now()) {
+                info!(peer = %addr, error = %e, held_back, "TLS handshake failed");
+            }
             crate::metrics::global()
                 .associations_rejected
                 .fetch_add(1, Relaxed);
@@ -188,7 +191,7 @@ async fn connection(
     let artim = ctx.node.artim_timeout();
     let deadline = tokio::time::Instant::now() + artim;
     let handshake = async {
-        let secured = secure(socket, acceptor, &addr).await?;
+        let secured = secure(socket, acceptor, &addr, &ctx).await?;
         service::receive_association_request(secured, addr, &ctx, deadline).await
     };
     let request = tokio::select! {

@@ -21,6 +21,9 @@ use std::time::{Duration, Instant, SystemTime};
 pub const WINDOW: Duration = Duration::from_secs(60);
 /// Sources tracked at once.
 pub const MAX_SOURCES: usize = 4096;
+/// Single records written per window, over all sources; beyond them, a source's first
+/// rejection is counted toward the summary of "other sources".
+pub const MAX_RECORDS: usize = 60;
 
 /// What to do with one rejection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,70 +87,96 @@ const MAX_REASONS: usize = 16;
 
 #[derive(Default)]
 pub struct Rejections {
-    sources: Mutex<HashMap<Option<IpAddr>, Source>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    sources: HashMap<Option<IpAddr>, Source>,
+    /// When the current global window began, and the single records written in it.
+    window: Option<Instant>,
+    records: usize,
+}
+
+impl Inner {
+    /// Takes one of the window's single records, if any is left.
+    fn take_record(&mut self, now: Instant) -> bool {
+        if self
+            .window
+            .is_none_or(|t| now.saturating_duration_since(t) >= WINDOW)
+        {
+            self.window = Some(now);
+            self.records = 0;
+        }
+        if self.records < MAX_RECORDS {
+            self.records += 1;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Rejections {
     /// Notes one rejection of a request from `ip` (calling AE title, reason).
     pub fn note(&self, ip: Option<IpAddr>, calling_ae: &str, reason: &str, now: Instant) -> Note {
         let ip = ip.map(super::admission::source);
-        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        let key = if ip.is_some() && !sources.contains_key(&ip) && sources.len() >= MAX_SOURCES {
-            None
-        } else {
-            ip
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // The first from a source in its window is recorded on its own, while the global
+        // budget lasts: a flood from many addresses cannot turn each into an entry.
+        let first = match ip {
+            None => false,
+            Some(_) => match inner.sources.get(&ip) {
+                Some(s) => {
+                    s.pending.is_none() && now.saturating_duration_since(s.written) >= WINDOW
+                }
+                None => inner.sources.len() < MAX_SOURCES,
+            },
         };
-        match sources.get_mut(&key) {
-            // The bucket of "other sources" never records single rejections.
-            Some(s)
-                if key.is_none()
-                    || now.saturating_duration_since(s.written) < WINDOW
-                    || s.pending.is_some() =>
-            {
-                let wall = SystemTime::now();
-                let p = s.pending.get_or_insert_with(|| Summary {
-                    source: key,
-                    count: 0,
-                    first: wall,
-                    last: wall,
-                    reasons: BTreeMap::new(),
-                    last_calling_ae: String::new(),
-                });
-                p.count += 1;
-                p.last = wall;
-                p.last_calling_ae = calling_ae.to_string();
-                if p.reasons.len() < MAX_REASONS || p.reasons.contains_key(reason) {
-                    *p.reasons.entry(reason.to_string()).or_default() += 1;
-                }
-                Note::Counted
-            }
-            Some(s) => {
-                s.written = now;
-                Note::Record
-            }
-            None => {
-                sources.insert(
-                    key,
-                    Source {
-                        written: now,
-                        pending: None,
-                    },
-                );
-                if key.is_none() {
-                    drop(sources);
-                    return self.note(None, calling_ae, reason, now);
-                }
-                Note::Record
-            }
+        if first && inner.take_record(now) {
+            inner.sources.insert(
+                ip,
+                Source {
+                    written: now,
+                    pending: None,
+                },
+            );
+            return Note::Record;
         }
+        // Counted toward the source's summary when it is tracked, else toward "other sources".
+        let key = if inner.sources.contains_key(&ip) {
+            ip
+        } else {
+            None
+        };
+        let s = inner.sources.entry(key).or_insert(Source {
+            written: now,
+            pending: None,
+        });
+        let wall = SystemTime::now();
+        let p = s.pending.get_or_insert_with(|| Summary {
+            source: key,
+            count: 0,
+            first: wall,
+            last: wall,
+            reasons: BTreeMap::new(),
+            last_calling_ae: String::new(),
+        });
+        p.count += 1;
+        p.last = wall;
+        p.last_calling_ae = calling_ae.to_string();
+        if p.reasons.len() < MAX_REASONS || p.reasons.contains_key(reason) {
+            *p.reasons.entry(reason.to_string()).or_default() += 1;
+        }
+        Note::Counted
     }
 
     /// Summaries whose window has passed (to be written now); sources quiet for a whole
     /// window are forgotten. `all`: every pending summary, as at shutdown.
     pub fn flush(&self, now: Instant, all: bool) -> Vec<Summary> {
-        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut due = Vec::new();
-        sources.retain(|_, s| {
+        inner.sources.retain(|_, s| {
             let passed = now.saturating_duration_since(s.written) >= WINDOW;
             if passed || all {
                 if let Some(p) = s.pending.take() {
@@ -196,18 +225,28 @@ mod tests {
     }
 
     #[test]
-    fn sources_beyond_the_bound_share_one_summary() {
+    fn many_sources_beyond_the_record_budget_share_one_summary() {
         let r = Rejections::default();
         let t0 = Instant::now();
-        for i in 0..MAX_SOURCES as u32 {
-            let ip = Some(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)));
-            assert_eq!(r.note(ip, "X", "unknown AE", t0), Note::Record);
-        }
-        let extra = Some("192.168.0.1".parse().unwrap());
-        assert_eq!(r.note(extra, "X", "unknown AE", t0), Note::Counted);
-        assert_eq!(r.note(extra, "X", "unknown AE", t0), Note::Counted);
-        let due = r.flush(t0, true);
-        assert_eq!(due.len(), 1);
-        assert_eq!((due[0].source, due[0].count), (None, 2));
+        let notes: Vec<Note> = (0..1000u32)
+            .map(|i| {
+                let ip = Some(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)));
+                r.note(ip, "X", "unknown AE", t0)
+            })
+            .collect();
+        assert_eq!(
+            notes.iter().filter(|n| **n == Note::Record).count(),
+            MAX_RECORDS
+        );
+        let due = r.flush(t0 + WINDOW, false);
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert_eq!(
+            (due[0].source, due[0].count),
+            (None, 1000 - MAX_RECORDS as u64)
+        );
+        assert!(due[0].detail().contains("rejected from other sources"));
+        // A new window brings a new budget.
+        let ip = Some("192.168.0.1".parse().unwrap());
+        assert_eq!(r.note(ip, "X", "unknown AE", t0 + WINDOW), Note::Record);
     }
 }

@@ -24,9 +24,9 @@ use super::admission::{Admission, Pending, Slot};
 use super::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
 use super::connection::{ConnError, Connection, PData, Pdv, Received};
 use super::listener::Secured;
-use super::rejections::{self, Rejections};
 use super::negotiate::{self, Negotiated, Policy, VERIFICATION};
 use super::qr::{self, Outgoing, Services};
+use super::rejections::{self, Rejections};
 use super::status::{self, Failure};
 use crate::acl::{Permission, Transport};
 use crate::config::NodeConfig;
@@ -58,6 +58,9 @@ pub struct NodeContext {
     pub admission: Admission,
     /// Rejected associations, summed up per source for the audit trail.
     pub rejections: Rejections,
+    /// Warnings about connections that misbehave before an association: one per source a
+    /// minute, with how many were held back.
+    pub warnings: crate::throttle::Warnings,
 }
 
 /// A connection that sent its A-ASSOCIATE-RQ, not yet answered.
@@ -78,7 +81,11 @@ pub async fn receive_association_request(
     ctx: &NodeContext,
     deadline: tokio::time::Instant,
 ) -> Option<Request> {
-    let mut conn = Connection::new(secured.stream, ctx.node.max_pdu_length, ctx.node.io_timeout());
+    let mut conn = Connection::new(
+        secured.stream,
+        ctx.node.max_pdu_length,
+        ctx.node.io_timeout(),
+    );
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     let first = match tokio::time::timeout_at(deadline, conn.receive(left)).await {
         Ok(r) => r,
@@ -92,8 +99,11 @@ pub async fn receive_association_request(
             tls: secured.tls,
         }),
         Ok(other) => {
-            warn!(peer = %addr, pdu = pdu_name(&other), "expected A-ASSOCIATE-RQ");
-            conn.abort(AbortRQServiceProviderReason::UnexpectedPdu).await;
+            if let Some(held_back) = ctx.warnings.allow(addr.ip(), std::time::Instant::now()) {
+                warn!(peer = %addr, pdu = pdu_name(&other), held_back, "expected A-ASSOCIATE-RQ");
+            }
+            conn.abort(AbortRQServiceProviderReason::UnexpectedPdu)
+                .await;
             None
         }
         Err(e) => {
@@ -199,9 +209,11 @@ async fn accept(request: Request, ctx: &NodeContext) -> Option<(Connection, Nego
             dicom_ul::pdu::AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
         ),
     };
-    let outcome = negotiate::negotiate(&ctx.policy, &rq)
-        .map_err(|rj| (rj, "negotiation".to_string()))
-        .and_then(|ok| match ctx.acl.association(&calling, Some(addr.ip()), transport) {
+    let outcome =
+        negotiate::negotiate(&ctx.policy, &rq)
+            .map_err(|rj| (rj, "negotiation".to_string()))
+            .and_then(|ok| {
+                match ctx.acl.association(&calling, Some(addr.ip()), transport) {
             Ok(()) => Ok(ok),
             Err(refusal) => Err((
                 dicom_ul::pdu::AssociationRJ {
@@ -212,13 +224,17 @@ async fn accept(request: Request, ctx: &NodeContext) -> Option<(Connection, Nego
                 },
                 format!("access control: {refusal}"),
             )),
-        })
-        .and_then(|(ac, negotiated)| {
-            match ctx.admission.admit(addr.ip(), &calling, ctx.acl.is_known(&calling)) {
-                Ok(slot) => Ok((ac, negotiated, slot)),
-                Err(busy) => Err((rejected_transient(), format!("busy: {busy}"))),
-            }
-        });
+        }
+            })
+            .and_then(|(ac, negotiated)| {
+                match ctx
+                    .admission
+                    .admit(addr.ip(), &calling, ctx.acl.is_known(&calling))
+                {
+                    Ok(slot) => Ok((ac, negotiated, slot)),
+                    Err(busy) => Err((rejected_transient(), format!("busy: {busy}"))),
+                }
+            });
     match outcome {
         Ok((ac, negotiated, slot)) => {
             ctx.services.ledger.audit(AuditRecord {
@@ -279,7 +295,8 @@ fn reason_class(reason: &str) -> &'static str {
         "TLS required"
     } else if reason.contains("client certificates named") {
         "client certificate not bound to the AE title"
-    } else if reason.contains("may not connect from") || reason.contains("restricted to addresses") {
+    } else if reason.contains("may not connect from") || reason.contains("restricted to addresses")
+    {
         "address not allowed"
     } else if reason.starts_with("access control") {
         "calling AE title not recognized"

@@ -77,10 +77,12 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The names a client certificate goes by: its subject's common names and its DNS subject
-/// alternative names (RFC 5280 §4.1.2.6, §4.2.1.6), to match `[peers.NAME] tls_names`. Empty
-/// without a certificate, or for one that does not parse (so no binding can match it). The
-/// certificate is the leaf rustls has already verified against `client_ca`.
+/// The names a client certificate goes by, to match `[peers.NAME] tls_names`: its DNS subject
+/// alternative names (RFC 5280 §4.2.1.6), or, only when it has none, its subject's common names
+/// (§4.1.2.6) — as RFC 6125 §6.4.4 has it, since a CA that checks and constrains SANs may copy
+/// the CN from the request unchecked. Empty without a certificate, or for one that does not
+/// parse (so no binding can match it). The certificate is the leaf rustls has already verified
+/// against `client_ca`.
 pub fn certificate_names(leaf: Option<&CertificateDer<'_>>) -> Vec<String> {
     use x509_cert::der::asn1::{Ia5StringRef, PrintableStringRef, Utf8StringRef};
     use x509_cert::der::Decode;
@@ -92,6 +94,17 @@ pub fn certificate_names(leaf: Option<&CertificateDer<'_>>) -> Vec<String> {
     let Ok(cert) = x509_cert::Certificate::from_der(der.as_ref()) else {
         return Vec::new();
     };
+    let mut dns = Vec::new();
+    if let Ok(Some((_, san))) = cert.tbs_certificate.get::<SubjectAltName>() {
+        for name in san.0 {
+            if let GeneralName::DnsName(name) = name {
+                dns.push(name.to_string());
+            }
+        }
+    }
+    if !dns.is_empty() {
+        return dns;
+    }
     let mut names = Vec::new();
     for rdn in cert.tbs_certificate.subject.0.iter() {
         for atv in rdn.0.iter() {
@@ -109,13 +122,6 @@ pub fn certificate_names(leaf: Option<&CertificateDer<'_>>) -> Vec<String> {
                 .or_else(|_| v.decode_as::<Ia5StringRef<'_>>().map(|s| s.to_string()));
             if let Ok(t) = text {
                 names.push(t);
-            }
-        }
-    }
-    if let Ok(Some((_, san))) = cert.tbs_certificate.get::<SubjectAltName>() {
-        for name in san.0 {
-            if let GeneralName::DnsName(dns) = name {
-                names.push(dns.to_string());
             }
         }
     }

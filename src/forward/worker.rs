@@ -609,7 +609,8 @@ impl Worker {
         tokio::spawn(async move {
             for entry in entries {
                 let seq = entry.seq;
-                let r = qr::prepare_entry(&services, entry, None, &qr::Requester::node("forward")).await;
+                let r = qr::prepare_entry(&services, entry, None, &qr::Requester::node("forward"))
+                    .await;
                 if tx.send((seq, r)).await.is_err() {
                     break;
                 }

@@ -2141,7 +2141,12 @@ impl Committer {
                     continue;
                 }
             };
-            match group.add_event(&subject, ev.reason, &ev.detector, (&ev.calling_ae, &ev.peer)) {
+            match group.add_event(
+                &subject,
+                ev.reason,
+                &ev.detector,
+                (&ev.calling_ae, &ev.peer),
+            ) {
                 Ok(seq) => {
                     tracing::warn!(seq, subject = ev.subject_seq, reason = ev.reason.describe(), detector = %ev.detector, calling = %ev.calling_ae, peer = %ev.peer, "security event recorded on the ledger");
                     done.push(f.clone());
