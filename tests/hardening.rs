@@ -46,22 +46,6 @@ fn get_within(port: u16, path: &str, token: &str, within: Duration) -> Result<St
     Ok(answer.lines().next().unwrap_or("").to_string())
 }
 
-/// A connection to 127.0.0.1:`port` from the loopback address `from` (any 127/8 address works
-/// on Linux), so that attackers and the operator are different sources.
-async fn connect_from(from: IpAddr, port: u16) -> std::io::Result<tokio::net::TcpStream> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(from, 0))?;
-    match tokio::time::timeout(
-        Duration::from_secs(2),
-        socket.connect(SocketAddr::from(([127, 0, 0, 1], port))),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-    }
-}
-
 #[test]
 fn the_admin_api_answers_its_operator_while_idle_connections_and_refused_requests_flood_it() {
     let (node, admin, token) = admin_node();
@@ -86,7 +70,7 @@ fn the_admin_api_answers_its_operator_while_idle_connections_and_refused_request
                     tasks.push(tokio::spawn(async move {
                         let from = IpAddr::from([127, 0, 0, 1 + i % 16]);
                         while !stop.load(Ordering::Relaxed) {
-                            let Ok(mut s) = connect_from(from, admin).await else {
+                            let Ok(mut s) = support::connect_from(from, admin).await else {
                                 tokio::time::sleep(Duration::from_millis(20)).await;
                                 continue;
                             };
@@ -106,7 +90,7 @@ fn the_admin_api_answers_its_operator_while_idle_connections_and_refused_request
                     tasks.push(tokio::spawn(async move {
                         let from = IpAddr::from([127, 0, 0, 100]);
                         while !stop.load(Ordering::Relaxed) {
-                            let Ok(mut s) = connect_from(from, admin).await else {
+                            let Ok(mut s) = support::connect_from(from, admin).await else {
                                 tokio::time::sleep(Duration::from_millis(20)).await;
                                 continue;
                             };

@@ -5,7 +5,7 @@
 //! time, at once, and the ledger may grow by only a few entries per source.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, TcpStream};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,17 +34,6 @@ fn association_rq(calling: &str) -> Vec<u8> {
     buf
 }
 
-/// A TCP connection to `port` from the loopback address `from`.
-async fn connect_from(from: IpAddr, port: u16) -> std::io::Result<tokio::net::TcpStream> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(from, 0))?;
-    let s = socket
-        .connect(SocketAddr::new("127.0.0.1".parse().unwrap(), port))
-        .await?;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
 #[derive(Clone, Copy)]
 enum Misbehaviour {
     Silent,
@@ -64,7 +53,7 @@ async fn misbehave(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rq = association_rq("INTRUDER");
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut s) = connect_from(from, port).await else {
+        let Ok(mut s) = support::connect_from(from, port).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
@@ -140,27 +129,7 @@ fn echo_as(port: u16, aet: &str) -> std::process::Output {
 fn idle_and_trickling_connections_do_not_lock_out_a_known_peer() {
     let tls_port = support::free_port();
     let keys = tempfile::tempdir().unwrap();
-    let cert = keys.path().join("server.crt");
-    let key = keys.path().join("server.key");
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    support::assert_ok(&out, "openssl");
+    let pki = crate::tls::Pki::new(keys.path());
     let admin = support::free_port();
     let peers = format!(
         "[peers.admin]\nae_title = \"ADMIN\"\nhost = \"127.0.0.1\"\nport = 1\n\
@@ -174,8 +143,8 @@ fn idle_and_trickling_connections_do_not_lock_out_a_known_peer() {
                 "DICOMCHAIN__NODE__TLS__LISTEN",
                 &format!("127.0.0.1:{tls_port}"),
             ),
-            ("DICOMCHAIN__NODE__TLS__CERT", &cert.display().to_string()),
-            ("DICOMCHAIN__NODE__TLS__KEY", &key.display().to_string()),
+            ("DICOMCHAIN__NODE__TLS__CERT", &pki.path("server.crt")),
+            ("DICOMCHAIN__NODE__TLS__KEY", &pki.path("server.key")),
         ],
         &peers,
     );
@@ -282,7 +251,7 @@ fn a_flood_of_rejected_associations_adds_a_few_entries_per_source() {
                     let rq = association_rq("INTRUDER");
                     let (mut rejected, mut closed) = (0u64, 0u64);
                     while started.elapsed() < flood {
-                        let Ok(mut s) = connect_from(from, port).await else {
+                        let Ok(mut s) = support::connect_from(from, port).await else {
                             continue;
                         };
                         let _ = s.write_all(&rq).await;

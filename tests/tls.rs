@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use crate::support::{self, assert_ok, Node, AE};
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate it signs (openssl CLI).
-struct Pki {
+pub(crate) struct Pki {
     dir: PathBuf,
 }
 
@@ -23,7 +23,7 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 impl Pki {
-    fn new(dir: &Path) -> Pki {
+    pub(crate) fn new(dir: &Path) -> Pki {
         let ca = |name: &str| {
             openssl(
                 dir,
@@ -108,7 +108,7 @@ impl Pki {
         }
     }
 
-    fn path(&self, name: &str) -> String {
+    pub(crate) fn path(&self, name: &str) -> String {
         self.dir.join(name).display().to_string()
     }
 }

@@ -691,3 +691,26 @@ pub fn http_get_with(port: u16, path: &str, token: Option<&str>) -> (u16, String
         .to_string();
     (status, body)
 }
+
+/// A connection to 127.0.0.1:`port` from the loopback address `from` (any 127/8 address works
+/// on Linux), so that a test's attackers can come from sources of their own; TCP_NODELAY set.
+pub async fn connect_from(
+    from: std::net::IpAddr,
+    port: u16,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(from, 0))?;
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        socket.connect(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+    )
+    .await
+    {
+        Ok(Ok(s)) => {
+            s.set_nodelay(true)?;
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
