@@ -20,6 +20,11 @@
 //! record and the instance key that ties the halves together; [`config`] the configuration;
 //! [`node`] starts and stops it all. [`forward`] passes stored instances on to other
 //! destinations (store-and-forward), from a queue kept on the ledger.
+//!
+//! Guarding it: [`dimse::admission`] decides who gets an association slot and when (pending
+//! pool, per-source rates and caps), [`throttle`] does the same for the admin listener,
+//! [`perms`] keeps state files private (umask, key file modes), and [`escape`] makes every
+//! peer-supplied string safe to print in logs and audit lines.
 
 pub mod acl;
 pub mod admin;
