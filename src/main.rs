@@ -28,7 +28,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node.
-    Serve,
+    Serve {
+        /// Once every listener is bound, write the addresses they got to this file (one
+        /// `NAME=ADDRESS:PORT` line each: `dicom`, `tls`, `admin`), so that a script or test can
+        /// configure port 0 and learn the port. Written whole (temp file, rename).
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<std::path::PathBuf>,
+    },
     /// Validate the configuration and print the effective values (secrets masked).
     CheckConfig,
     /// Print the newest signed checkpoint (C2SP tlog-checkpoint, signed note).
@@ -252,7 +258,7 @@ fn main() -> ExitCode {
             print!("{}", cfg.render_masked());
             ExitCode::SUCCESS
         }
-        Command::Serve => serve(cfg),
+        Command::Serve { ready_file } => serve(cfg, ready_file),
         Command::Grant { ae, permissions } => run_acl_change(cfg, true, &ae, &permissions),
         Command::Revoke { ae, permissions } => run_acl_change(cfg, false, &ae, &permissions),
         Command::Permissions { json } => run_permissions(cfg, json),
@@ -793,11 +799,13 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn serve(cfg: Config) -> ExitCode {
+fn serve(cfg: Config, ready_file: Option<std::path::PathBuf>) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: journald, log files and shippers get plain text.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cfg.node.log_format {
         // One JSON object per line, with the association span's fields, for log shippers.
@@ -821,7 +829,7 @@ fn serve(cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(dicomchain::node::run(cfg, shutdown_signal())) {
+    match rt.block_on(dicomchain::node::run(cfg, ready_file, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

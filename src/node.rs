@@ -38,6 +38,12 @@ pub enum StartError {
     KeyMode(String),
     #[error("object master key (security.master_key_file): {0}")]
     MasterKey(String),
+    #[error("--ready-file {path}: {source}")]
+    ReadyFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -46,9 +52,12 @@ pub enum StartError {
     },
 }
 
-/// Runs the node until `shutdown` completes, then drains and closes the ledger.
+/// Runs the node until `shutdown` completes, then drains and closes the ledger. With
+/// `ready_file`, the bound addresses are written there once every listener is bound (see
+/// [`write_ready_file`]).
 pub async fn run(
     cfg: Config,
+    ready_file: Option<std::path::PathBuf>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     let addr = cfg.node.listen_addr()?;
@@ -168,6 +177,26 @@ pub async fn run(
         )),
         None => None,
     };
+    let mut bound: Vec<(&str, std::net::SocketAddr)> = Vec::new();
+    if let Some(a) = listener.as_ref().and_then(|l| l.local_addr().ok()) {
+        bound.push(("dicom", a));
+    }
+    if let Some(a) = tls.as_ref().and_then(|(l, _)| l.local_addr().ok()) {
+        bound.push(("tls", a));
+    }
+    if let Some(a) = admin_listener
+        .as_ref()
+        .and_then(|(_, l, _)| l.local_addr().ok())
+    {
+        bound.push(("admin", a));
+    }
+    // Bound, so connections wait in the backlog until the accept loops run a moment later.
+    if let Some(path) = &ready_file {
+        write_ready_file(path, &bound).map_err(|source| StartError::ReadyFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
     let forwarder =
         crate::forward::worker::Forwarder::start(services.clone(), &cfg, pipeline.activity())
             .map_err(|e| StartError::Forward(e.to_string()))?;
@@ -197,6 +226,7 @@ pub async fn run(
         warnings: crate::throttle::Warnings::new(std::time::Duration::from_secs(60)),
     });
     let admin = admin_listener.map(|(addr, l, token)| {
+        let addr = l.local_addr().unwrap_or(addr);
         info!(listen = %addr, "admin listener: /metrics, /health, /v1/ (admin API)");
         let api = crate::admin::Api {
             token: Arc::new(token),
@@ -234,4 +264,17 @@ pub async fn run(
     ledger.close();
     info!("ledger closed; node stopped");
     Ok(())
+}
+
+/// Writes `NAME=ADDRESS:PORT` lines, one per bound listener, to `path` as a whole: a temp file
+/// beside it, then a rename, so that a reader never sees half of it.
+pub fn write_ready_file(
+    path: &std::path::Path,
+    bound: &[(&str, std::net::SocketAddr)],
+) -> std::io::Result<()> {
+    let text: String = bound.iter().map(|(n, a)| format!("{n}={a}\n")).collect();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }

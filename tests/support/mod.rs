@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 pub const AE: &str = "DICOMCHAIN";
 
+/// The plain listener's line in a test node's configuration until its first start.
+const UNBOUND: &str = "listen = \"127.0.0.1:0\"";
+
 /// A running node (the real binary) with its own state directory.
 pub struct Node {
     pub port: u16,
@@ -62,18 +65,19 @@ impl Node {
             .tempdir()
             .unwrap();
         let dir = tmp.path().to_path_buf();
-        let port = free_port();
+        // Port 0: the node binds a free port itself and reports it in its ready file, so no
+        // other process can take the port between a probe and the bind.
         std::fs::write(
             dir.join("dicomchain.toml"),
             format!(
-                "[node]\nlisten = \"127.0.0.1:{port}\"\ndrain_timeout_secs = 10\nallow_unknown_peers = true\n[ledger]\npath = \"{}\"\n[store.fs]\nroot = \"{}\"\n{extra_toml}",
+                "[node]\n{UNBOUND}\ndrain_timeout_secs = 10\nallow_unknown_peers = true\n[ledger]\npath = \"{}\"\n[store.fs]\nroot = \"{}\"\n{extra_toml}",
                 dir.join("ledger").display(),
                 dir.join("objects").display()
             ),
         )
         .unwrap();
         let mut node = Node {
-            port,
+            port: 0,
             dir,
             _tmp: Some(tmp),
             env: env
@@ -114,12 +118,28 @@ impl Node {
         c
     }
 
+    fn ready_path(&self) -> PathBuf {
+        self.dir.join("ready")
+    }
+
+    /// The address a listener of the running node bound (`dicom`, `tls`, `admin`), from its
+    /// `--ready-file`; `None` when it has no such listener.
+    pub fn bound(&self, name: &str) -> Option<std::net::SocketAddr> {
+        std::fs::read_to_string(self.ready_path())
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}="))?.parse().ok())
+    }
+
     fn spawn(&mut self) {
         self.starts += 1;
+        let _ = std::fs::remove_file(self.ready_path());
         let log = std::fs::File::create(self.log_path(self.starts)).unwrap();
         let child = self
             .command()
             .arg("serve")
+            .arg("--ready-file")
+            .arg(self.ready_path())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -129,7 +149,14 @@ impl Node {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let text = std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default();
-            if text.contains("listening") {
+            if self.ready_path().exists() {
+                if let Some(a) = self.bound("dicom") {
+                    self.port = a.port();
+                    // Restarts keep the port the node got at its first start.
+                    let config = std::fs::read_to_string(self.config_path()).unwrap();
+                    let pinned = config.replacen(UNBOUND, &format!("listen = \"{a}\""), 1);
+                    std::fs::write(self.config_path(), pinned).unwrap();
+                }
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
