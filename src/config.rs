@@ -276,6 +276,12 @@ pub struct NodeConfig {
     /// allowed); a connection over the rate is closed at once. 0 = no limit.
     #[serde(default = "default_max_connection_rate_per_ip")]
     pub max_connection_rate_per_ip: u32,
+    /// An association idle (between messages, nothing running) this many seconds may be ended
+    /// with A-ABORT when a request over one of the caps above needs its place: the one idle
+    /// longest among those the cap counts, and a known peer's only for a known peer's request.
+    /// Holding associations open and silent then keeps no one out. 0 = never.
+    #[serde(default = "default_reclaim_idle_secs")]
+    pub reclaim_idle_secs: u64,
     /// The maximum PDU length we announce. Strict: a larger PDU from a peer aborts the association.
     #[serde(default = "default_max_pdu_length")]
     pub max_pdu_length: u32,
@@ -536,6 +542,9 @@ fn default_max_pending_per_ip() -> usize {
 fn default_max_connection_rate_per_ip() -> u32 {
     100
 }
+fn default_reclaim_idle_secs() -> u64 {
+    30
+}
 fn default_max_pdu_length() -> u32 {
     65536
 }
@@ -618,6 +627,7 @@ impl Default for NodeConfig {
             max_pending_connections: default_max_pending_connections(),
             max_pending_per_ip: default_max_pending_per_ip(),
             max_connection_rate_per_ip: default_max_connection_rate_per_ip(),
+            reclaim_idle_secs: default_reclaim_idle_secs(),
             max_pdu_length: default_max_pdu_length(),
             check_called_ae: true,
             idle_timeout_secs: default_idle_timeout(),
@@ -731,6 +741,8 @@ impl NodeConfig {
             max_pending: self.max_pending_connections,
             max_pending_per_ip: self.max_pending_per_ip,
             connection_rate_per_ip: self.max_connection_rate_per_ip,
+            reclaim_idle_after: (self.reclaim_idle_secs > 0)
+                .then(|| Duration::from_secs(self.reclaim_idle_secs)),
         }
     }
     pub fn idle_timeout(&self) -> Duration {

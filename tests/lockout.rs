@@ -88,9 +88,24 @@ async fn misbehave(
 
 /// Opens and holds as many associations of `calling` as the node accepts (up to `max`).
 fn hold_associations(port: u16, calling: &str, max: usize) -> Vec<TcpStream> {
+    hold_associations_from("127.0.0.1".parse().unwrap(), port, calling, max)
+}
+
+/// [`hold_associations`] from the loopback address `from`.
+fn hold_associations_from(from: IpAddr, port: u16, calling: &str, max: usize) -> Vec<TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let mut held = Vec::new();
     for _ in 0..max {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let s = rt
+            .block_on(support::connect_from(from, port))
+            .unwrap()
+            .into_std()
+            .unwrap();
+        s.set_nonblocking(false).unwrap();
+        let mut s = s;
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.write_all(&association_rq(calling)).unwrap();
         let mut header = [0u8; 6];
@@ -330,5 +345,46 @@ fn a_flood_of_rejected_associations_adds_a_few_entries_per_source() {
     assert!(
         all_rejections <= 2 * sources.len(),
         "{all_rejections} rejection entries"
+    );
+}
+
+/// AE titles are not authentication: someone else using a known peer's title could hold all of
+/// that title's associations, open and silent. Idle past `reclaim_idle_secs`, they give their
+/// place to the next request over the cap, which then gets in.
+#[test]
+fn associations_held_idle_under_a_known_title_give_way_to_the_real_peer() {
+    let node = Node::start_with(
+        &[
+            ("DICOMCHAIN__NODE__ALLOW_UNKNOWN_PEERS", "false"),
+            ("DICOMCHAIN__NODE__MAX_ASSOCIATIONS_PER_AE", "4"),
+            ("DICOMCHAIN__NODE__RECLAIM_IDLE_SECS", "2"),
+        ],
+        "[peers.admin]\nae_title = \"ADMIN\"\nhost = \"127.0.0.1\"\nport = 1\n",
+    );
+    let mut held = hold_associations_from("127.0.0.2".parse().unwrap(), node.port, "ADMIN", 4);
+    assert_eq!(held.len(), 4);
+    // At once, the cap holds: they are not idle long enough to give way.
+    let out = echo_as(node.port, "ADMIN");
+    assert!(!out.status.success(), "{}", support::output_text(&out));
+    std::thread::sleep(Duration::from_millis(2500));
+    support::assert_ok(
+        &echo_as(node.port, "ADMIN"),
+        "echoscu -aet ADMIN once they idled 2 s",
+    );
+    // Exactly one of them was ended with A-ABORT to make room.
+    let mut aborted = 0;
+    for s in &mut held {
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        if matches!(s.read(&mut b), Ok(1) if b[0] == 0x07) {
+            aborted += 1;
+        }
+    }
+    assert_eq!(aborted, 1);
+    assert!(
+        node.log().contains("idle while its place was needed"),
+        "{}",
+        node.log()
     );
 }

@@ -44,6 +44,9 @@ pub struct Limits {
     pub max_pending_per_ip: usize,
     /// New connections per second per source address; 0 = no limit.
     pub connection_rate_per_ip: u32,
+    /// An association idle this long may be ended to make room for a request over a cap it
+    /// counts against (see [`Admission::admit`]); `None` = never.
+    pub reclaim_idle_after: Option<std::time::Duration>,
 }
 
 /// Why a connection was closed before it could send its request.
@@ -71,6 +74,7 @@ pub enum Busy {
 pub struct Admission {
     inner: Arc<Mutex<State>>,
     limits: Arc<Limits>,
+    epoch: Instant,
 }
 
 #[derive(Default)]
@@ -83,7 +87,34 @@ struct State {
     open_unknown: usize,
     open_by_ae: HashMap<String, usize>,
     open_by_ip: HashMap<IpAddr, usize>,
+    /// Every open association, by admission order.
+    associations: BTreeMap<u64, Held>,
     buckets: HashMap<IpAddr, Bucket>,
+}
+
+/// An open association as the caps count it.
+struct Held {
+    ip: IpAddr,
+    ae: String,
+    known: bool,
+    activity: Arc<Activity>,
+}
+
+/// What an association tells admission about itself, and how admission ends it: shared by
+/// the association's task and the admission state, updated without the lock.
+#[derive(Default)]
+pub struct Activity {
+    /// Milliseconds since the admission's epoch at which the association last fell idle
+    /// (between messages, nothing running), plus one; 0 while it is busy.
+    idle_since: std::sync::atomic::AtomicU64,
+    reclaim: Notify,
+}
+
+impl Activity {
+    /// Completes when admission ended the association to make room: it should A-ABORT.
+    pub async fn reclaimed(&self) {
+        self.reclaim.notified().await
+    }
 }
 
 /// A token bucket: `tokens` refill at the rate up to the burst; a connection takes one.
@@ -101,6 +132,7 @@ impl Admission {
         Admission {
             inner: Arc::default(),
             limits: Arc::new(limits),
+            epoch: Instant::now(),
         }
     }
 
@@ -142,24 +174,33 @@ impl Admission {
 
     /// An association slot for an accepted request (`known`: the calling AE title is a
     /// configured peer or has been granted rights).
+    ///
+    /// A request over a cap may end the association that has been idle longest among those the
+    /// cap counts (the same AE title, the same address, the unknown titles, or any), if it has
+    /// been idle `reclaim_idle_after` or more: holding associations open and silent then keeps
+    /// no one out. An unknown title's request only ends unknown titles' associations. The ended
+    /// association stops counting at once and is told to abort ([`Activity::reclaimed`]).
     pub fn admit(&self, ip: IpAddr, ae: &str, known: bool) -> Result<Slot, Busy> {
         let ip = address(ip);
-        let l = &self.limits;
-        let mut s = self.state();
-        if s.open >= l.max_associations {
-            return Err(Busy::Total(s.open));
-        }
-        if !known && s.open_unknown >= l.max_unknown_associations {
-            return Err(Busy::Unknown(s.open_unknown));
-        }
         let ae = ae.trim();
-        let by_ae = s.open_by_ae.get(ae).copied().unwrap_or(0);
-        if by_ae >= l.max_associations_per_ae {
-            return Err(Busy::PerAe(by_ae));
+        let now = self.millis();
+        let mut s = self.state();
+        // Each reclaim frees one place under every cap: at most one per cap is needed.
+        for _ in 0..4 {
+            let busy = match s.over_cap(&self.limits, ip, ae, known) {
+                None => break,
+                Some(b) => b,
+            };
+            let victim = self.limits.reclaim_idle_after.and_then(|after| {
+                s.longest_idle(&busy, ip, ae, known, now, after.as_millis() as u64)
+            });
+            match victim {
+                Some(id) => s.reclaim(id),
+                None => return Err(busy),
+            }
         }
-        let by_ip = s.open_by_ip.get(&ip).copied().unwrap_or(0);
-        if by_ip >= l.max_associations_per_ip {
-            return Err(Busy::PerIp(by_ip));
+        if let Some(busy) = s.over_cap(&self.limits, ip, ae, known) {
+            return Err(busy);
         }
         s.open += 1;
         if !known {
@@ -167,12 +208,27 @@ impl Admission {
         }
         *s.open_by_ae.entry(ae.to_string()).or_default() += 1;
         *s.open_by_ip.entry(ip).or_default() += 1;
+        s.next_id += 1;
+        let id = s.next_id;
+        let activity = Arc::new(Activity::default());
+        s.associations.insert(
+            id,
+            Held {
+                ip,
+                ae: ae.to_string(),
+                known,
+                activity: activity.clone(),
+            },
+        );
         Ok(Slot {
             admission: self.clone(),
-            ip,
-            ae: ae.to_string(),
-            known,
+            id,
+            activity,
         })
+    }
+
+    fn millis(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     /// Pending connections now (for tests and metrics).
@@ -187,6 +243,74 @@ impl Admission {
 }
 
 impl State {
+    /// The first cap a new association of `ae` from `ip` would exceed.
+    fn over_cap(&self, l: &Limits, ip: IpAddr, ae: &str, known: bool) -> Option<Busy> {
+        if self.open >= l.max_associations {
+            return Some(Busy::Total(self.open));
+        }
+        if !known && self.open_unknown >= l.max_unknown_associations {
+            return Some(Busy::Unknown(self.open_unknown));
+        }
+        let by_ae = self.open_by_ae.get(ae).copied().unwrap_or(0);
+        if by_ae >= l.max_associations_per_ae {
+            return Some(Busy::PerAe(by_ae));
+        }
+        let by_ip = self.open_by_ip.get(&ip).copied().unwrap_or(0);
+        if by_ip >= l.max_associations_per_ip {
+            return Some(Busy::PerIp(by_ip));
+        }
+        None
+    }
+
+    /// The association idle longest (at least `after` ms) among those `busy`'s cap counts and
+    /// a newcomer of this kind may end.
+    fn longest_idle(
+        &self,
+        busy: &Busy,
+        ip: IpAddr,
+        ae: &str,
+        known: bool,
+        now: u64,
+        after: u64,
+    ) -> Option<u64> {
+        self.associations
+            .iter()
+            .filter(|(_, h)| known || !h.known)
+            .filter(|(_, h)| match busy {
+                Busy::Total(_) => true,
+                Busy::Unknown(_) => !h.known,
+                Busy::PerAe(_) => h.ae == ae,
+                Busy::PerIp(_) => h.ip == ip,
+            })
+            .filter_map(|(id, h)| {
+                let since = h
+                    .activity
+                    .idle_since
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                (since != 0 && now.saturating_sub(since - 1) >= after).then_some((since, *id))
+            })
+            .min()
+            .map(|(_, id)| id)
+    }
+
+    /// Ends association `id`: it stops counting now, and its task is told to abort.
+    fn reclaim(&mut self, id: u64) {
+        if let Some(h) = self.forget(id) {
+            h.activity.reclaim.notify_one();
+        }
+    }
+
+    fn forget(&mut self, id: u64) -> Option<Held> {
+        let h = self.associations.remove(&id)?;
+        self.open -= 1;
+        if !h.known {
+            self.open_unknown -= 1;
+        }
+        decrement(&mut self.open_by_ae, &h.ae);
+        decrement(&mut self.open_by_ip, &h.ip);
+        Some(h)
+    }
+
     fn take_token(&mut self, ip: IpAddr, now: Instant, rate: u32) -> bool {
         if rate == 0 {
             return true;
@@ -307,20 +431,32 @@ impl Drop for Pending {
 /// An association slot; given back when dropped, however the association ends.
 pub struct Slot {
     admission: Admission,
-    ip: IpAddr,
-    ae: String,
-    known: bool,
+    id: u64,
+    activity: Arc<Activity>,
+}
+
+impl Slot {
+    /// What the association reports and listens to (see [`Activity`]).
+    pub fn activity(&self) -> Arc<Activity> {
+        self.activity.clone()
+    }
+
+    /// The association is between messages with nothing running (`true`), or busy.
+    pub fn set_idle(&self, idle: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let a = &self.activity.idle_since;
+        if !idle {
+            a.store(0, Relaxed);
+        } else if a.load(Relaxed) == 0 {
+            a.store(self.admission.millis() + 1, Relaxed);
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut s = self.admission.state();
-        s.open -= 1;
-        if !self.known {
-            s.open_unknown -= 1;
-        }
-        decrement(&mut s.open_by_ae, &self.ae);
-        decrement(&mut s.open_by_ip, &self.ip);
+        // Nothing to give back if admission already reclaimed it.
+        self.admission.state().forget(self.id);
     }
 }
 
@@ -338,6 +474,7 @@ mod tests {
             max_pending: 4,
             max_pending_per_ip: 2,
             connection_rate_per_ip: 0,
+            reclaim_idle_after: None,
         }
     }
 
@@ -461,6 +598,55 @@ mod tests {
             "the first to connect, whatever its address hashes to"
         );
         assert!(!held[1..].iter().any(is_evicted) && !is_evicted(&newcomer));
+    }
+
+    #[test]
+    fn an_association_idle_long_enough_makes_room_for_a_request_over_a_cap() {
+        let a = Admission::new(Limits {
+            reclaim_idle_after: Some(Duration::ZERO),
+            ..limits()
+        });
+        let far = ip("10.9.9.9");
+        // Whoever uses the title ADMIN holds its three places, idle.
+        let held: Vec<_> = (0..3)
+            .map(|_| a.admit(far, "ADMIN", true).unwrap())
+            .collect();
+        held[0].set_idle(false);
+        held[1].set_idle(true);
+        std::thread::sleep(Duration::from_millis(5));
+        held[2].set_idle(true);
+        // The real ADMIN gets in: the association idle longest (held[1]) is ended; the busy
+        // one never is.
+        let admin = a.admit(ip("127.0.0.1"), "ADMIN", true).unwrap();
+        let ended = |s: &Slot| {
+            let act = s.activity();
+            let fut = act.reclaimed();
+            futures_util::pin_mut!(fut);
+            let waker = futures_util::task::noop_waker();
+            fut.poll(&mut std::task::Context::from_waker(&waker))
+                .is_ready()
+        };
+        assert!(ended(&held[1]) && !ended(&held[0]) && !ended(&held[2]) && !ended(&admin));
+        assert_eq!(a.open(), 3);
+        drop(held);
+        assert_eq!(a.open(), 1, "the reclaimed slot is not given back twice");
+        // An unknown title cannot end a known peer's idle association.
+        let idle_known: Vec<_> = (0..5)
+            .map(|i| {
+                a.admit(ip(&format!("10.0.0.{i}")), &format!("K{i}"), true)
+                    .unwrap()
+            })
+            .collect();
+        for s in &idle_known {
+            s.set_idle(true);
+        }
+        assert_eq!(
+            a.admit(ip("10.1.1.1"), "STRANGER", false).err(),
+            Some(Busy::Total(6))
+        );
+        drop((admin, idle_known));
+        let s = a.state();
+        assert!(s.associations.is_empty() && s.open == 0 && s.open_by_ae.is_empty());
     }
 
     #[test]

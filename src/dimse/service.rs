@@ -137,7 +137,7 @@ pub async fn serve(
         metrics.associations_total.fetch_add(1, Relaxed);
         metrics.associations_open.fetch_add(1, Relaxed);
         /// Counts the association as open until it ends, however it ends.
-        struct Open(#[allow(dead_code)] Slot);
+        struct Open;
         impl Drop for Open {
             fn drop(&mut self) {
                 crate::metrics::global()
@@ -145,13 +145,14 @@ pub async fn serve(
                     .fetch_sub(1, Relaxed);
             }
         }
-        let _open = Open(slot);
+        let _open = Open;
         tracing::Span::current().record("calling", negotiated.calling_ae.as_str());
         tracing::Span::current().record("called", negotiated.called_ae.as_str());
         info!(contexts = negotiated.contexts.len(), "association accepted");
         let assoc = Association {
             conn,
             ctx,
+            slot,
             peer: peer.clone(),
             negotiated,
             state: State::Idle,
@@ -401,6 +402,8 @@ enum Next {
     Pdu(Result<Received, ConnError>),
     Out(Option<Outgoing>),
     Shutdown,
+    /// Admission ended it while idle to make room (see `admission::Admission::admit`).
+    Reclaimed,
 }
 
 struct StoreInProgress {
@@ -427,6 +430,8 @@ struct Abort(AbortRQServiceProviderReason, String);
 struct Association {
     conn: Connection,
     ctx: Arc<NodeContext>,
+    /// Its place under the association caps: told whether it is idle, and may be reclaimed.
+    slot: Slot,
     /// The peer's address, for the audit trail.
     peer: String,
     negotiated: Negotiated,
@@ -452,6 +457,8 @@ impl Association {
                 _ => self.ctx.node.io_timeout(),
             };
             let is_idle = matches!(self.state, State::Idle);
+            self.slot.set_idle(is_idle);
+            let activity = self.slot.activity();
             // `receive` is cancel-safe: a PDU half read when results win the race stays buffered.
             let next = match &mut self.state {
                 State::Running(r) => tokio::select! {
@@ -461,11 +468,19 @@ impl Association {
                 _ => tokio::select! {
                     pdu = self.conn.receive_data(wait) => Next::Pdu(pdu),
                     _ = shutdown.changed(), if !stopping && is_idle => Next::Shutdown,
+                    _ = activity.reclaimed(), if is_idle => Next::Reclaimed,
                 },
             };
             let pdu = match next {
                 Next::Pdu(pdu) => pdu,
                 Next::Shutdown => continue,
+                Next::Reclaimed => {
+                    // Counted out already: its place went to a request over a cap.
+                    break Some(Abort(
+                        AbortRQServiceProviderReason::ReasonNotSpecified,
+                        "idle while its place was needed (association limit reached)".into(),
+                    ));
+                }
                 Next::Out(msg) => {
                     if let Err(abort) = self.on_outgoing(msg).await {
                         break Some(abort);
