@@ -3468,6 +3468,20 @@ mod tests {
         assert!(err.to_string().contains("entries were removed"), "{err}");
     }
 
+    /// A checkpointing ledger at `dir` with `n` stored instances (`PREFIX.i`), a few ms apart
+    /// so that checkpoints are signed between them; closed.
+    async fn stored_and_closed(dir: &Path, prefix: &str, n: u8) {
+        let ledger = Ledger::open_with(dir, Some(checkpointing(3)), None).unwrap();
+        for i in 0..n {
+            ledger
+                .store(request(&format!("{prefix}.{i}"), "1", i + 10))
+                .await
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        ledger.close();
+    }
+
     /// A rollback the ledger cannot see in itself (its newest entries, their tree nodes and the
     /// checkpoints that signed them all gone, as when recovery cuts a damaged write-ahead log)
     /// is refused by the checkpoint file, until the operator accepts it.
@@ -3476,16 +3490,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("l");
         let file = witness::path_for(&dir);
-        let ledger = Ledger::open_with(&dir, Some(checkpointing(3)), None).unwrap();
-        for i in 0..5u8 {
-            ledger
-                .store(request(&format!("9.{i}"), "1", i + 10))
-                .await
-                .unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        ledger.close();
-        drop(ledger);
+        stored_and_closed(&dir, "9", 5).await;
         let (_, cp) = witness::read(&file).unwrap().unwrap();
         assert_eq!(cp.size, 5);
         {
@@ -3618,16 +3623,7 @@ mod tests {
         let dir = tmp.path().join("l");
         let file = witness::path_for(&dir);
         let vkey = checkpointing(3).signer.verifier_key();
-        let ledger = Ledger::open_with(&dir, Some(checkpointing(3)), None).unwrap();
-        for i in 0..4u8 {
-            ledger
-                .store(request(&format!("7.{i}"), "1", i + 10))
-                .await
-                .unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        ledger.close();
-        drop(ledger);
+        stored_and_closed(&dir, "7", 4).await;
         let (_, cp) = witness::read(&file).unwrap().unwrap();
         assert_eq!(cp.size, 4);
         // The crash: the newest checkpoint never reached the ledger.
