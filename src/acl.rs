@@ -155,6 +155,16 @@ pub enum Transport<'a> {
     Tls { certificate_names: &'a [String] },
 }
 
+impl<'a> Transport<'a> {
+    /// `None`: plain; `Some(names)`: TLS with these certificate names.
+    pub fn of(tls: Option<&'a [String]>) -> Transport<'a> {
+        match tls {
+            None => Transport::Plain,
+            Some(certificate_names) => Transport::Tls { certificate_names },
+        }
+    }
+}
+
 /// Why an association is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {

@@ -308,7 +308,7 @@ pub async fn serve_admin(
                 continue;
             }
         };
-        let slot = match open.admit_socket(peer.ip(), std::os::fd::AsRawFd::as_raw_fd(&socket)) {
+        let slot = match open.admit(peer.ip(), Some(std::os::fd::AsRawFd::as_raw_fd(&socket))) {
             Ok(s) => s,
             Err(full) => {
                 if let Some(held_back) = refusals.allow(peer.ip(), std::time::Instant::now()) {
@@ -384,12 +384,11 @@ pub async fn serve_admin(
                 .header_read_timeout(HEAD_DEADLINE)
                 .serve_connection(io, service);
             tokio::pin!(conn);
-            // Our own deadline for the request head, whatever hyper's header timer does before
-            // the first byte; and a connection still waiting for it may be evicted.
+            // Our own deadline for the whole request head, whatever hyper's header timer does.
+            // (Past its first byte a connection can no longer be evicted.)
             tokio::select! {
                 _ = &mut conn => return,
                 _ = head.notified() => {}
-                _ = evicted.notified() => return,
                 _ = tokio::time::sleep_until(deadline) => return,
             }
             let _ = tokio::time::timeout(REQUEST_LIMIT, conn).await;

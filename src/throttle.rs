@@ -52,18 +52,18 @@ impl Slots {
     }
 
     /// The oldest slot of `ip` that has sent nothing yet.
-    fn oldest_waiting_of(&self, ip: IpAddr, now: Instant) -> Option<u64> {
+    fn oldest_waiting_of(&self, ip: IpAddr) -> Option<u64> {
         self.held
             .iter()
-            .find(|(_, h)| h.ip == ip && h.evictable(now))
+            .find(|(_, h)| h.ip == ip && h.evictable())
             .map(|(id, _)| *id)
     }
 
     /// The oldest evictable slot of the address holding the most slots, if any.
-    fn victim(&self, now: Instant) -> Option<u64> {
+    fn victim(&self) -> Option<u64> {
         self.held
             .iter()
-            .filter(|(_, h)| h.evictable(now))
+            .filter(|(_, h)| h.evictable())
             .max_by_key(|(id, h)| {
                 let n = self.by_address.get(&h.ip).copied().unwrap_or(0);
                 (n, std::cmp::Reverse(**id))
@@ -85,7 +85,7 @@ impl Held {
     /// Only a connection that has sent nothing yet may lose its place: sources that reconnect
     /// as soon as they are evicted then evict each other in a chain, but the chain passes over a
     /// real client, whose request arrives right behind its connection (see [`Slot::started`]).
-    fn evictable(&self, _now: Instant) -> bool {
+    fn evictable(&self) -> bool {
         self.waiting && !self.fd.is_some_and(bytes_waiting)
     }
 }
@@ -115,35 +115,20 @@ impl Pool {
     }
 
     /// A slot for a connection from `ip` (evicting a waiting one if the pool is full), or why
-    /// there is none.
-    pub fn admit(&self, ip: IpAddr) -> Result<Slot, Full> {
-        self.admit_at(ip, None, Instant::now())
-    }
-
-    /// [`Pool::admit`] for the connection on socket `fd`, whose bytes, once they arrive, keep
-    /// it from being evicted even before its task has read them.
-    pub fn admit_socket(&self, ip: IpAddr, fd: std::os::fd::RawFd) -> Result<Slot, Full> {
-        self.admit_at(ip, Some(fd), Instant::now())
-    }
-
-    /// [`Pool::admit`] at the time `now`.
-    pub fn admit_at(
-        &self,
-        ip: IpAddr,
-        fd: Option<std::os::fd::RawFd>,
-        now: Instant,
-    ) -> Result<Slot, Full> {
+    /// there is none. `fd`, the connection's socket: bytes that arrive on it keep it from being
+    /// evicted even before its task has read them.
+    pub fn admit(&self, ip: IpAddr, fd: Option<std::os::fd::RawFd>) -> Result<Slot, Full> {
         let mut s = self.slots();
         if s.by_address.get(&ip).copied().unwrap_or(0) >= self.per_address {
             // The operator may share the address with whatever holds its share (the admin
             // listener is usually on loopback): the newcomer takes the place of the address's
             // oldest connection still waiting for its request, as the pool does when full.
-            let victim = s.oldest_waiting_of(ip, now).ok_or(Full::Address)?;
+            let victim = s.oldest_waiting_of(ip).ok_or(Full::Address)?;
             if let Some(h) = s.release(victim) {
                 h.evict.notify_one();
             }
         } else if s.held.len() >= self.total {
-            let victim = s.victim(now).ok_or(Full::Total)?;
+            let victim = s.victim().ok_or(Full::Total)?;
             if let Some(h) = s.release(victim) {
                 // Stored as a permit if the connection is not listening yet.
                 h.evict.notify_one();
@@ -261,13 +246,13 @@ mod tests {
     #[test]
     fn one_address_gets_its_share_and_others_still_get_in() {
         let pool = Pool::new(4, 2);
-        let a1 = pool.admit(ip(2)).unwrap();
-        let a2 = pool.admit(ip(2)).unwrap();
+        let a1 = pool.admit(ip(2), None).unwrap();
+        let a2 = pool.admit(ip(2), None).unwrap();
         a1.started();
         a2.started();
-        assert_eq!(pool.admit(ip(2)).unwrap_err(), Full::Address);
-        let _b1 = pool.admit(ip(3)).unwrap();
-        let _c1 = pool.admit(ip(4)).unwrap();
+        assert_eq!(pool.admit(ip(2), None).unwrap_err(), Full::Address);
+        let _b1 = pool.admit(ip(3), None).unwrap();
+        let _c1 = pool.admit(ip(4), None).unwrap();
         assert_eq!(pool.taken(ip(2)), (4, 2));
         drop(a1);
         assert_eq!(pool.taken(ip(2)), (3, 1));
@@ -278,19 +263,18 @@ mod tests {
     #[test]
     fn at_its_share_an_address_evicts_its_own_oldest_waiting_connection() {
         let pool = Pool::new(16, 2);
-        let t0 = Instant::now();
-        let idle1 = pool.admit_at(ip(1), None, t0).unwrap();
-        let idle2 = pool.admit_at(ip(1), None, t0).unwrap();
-        let operator = pool.admit_at(ip(1), None, t0).unwrap();
+        let idle1 = pool.admit(ip(1), None).unwrap();
+        let idle2 = pool.admit(ip(1), None).unwrap();
+        let operator = pool.admit(ip(1), None).unwrap();
         assert_eq!(pool.taken(ip(1)), (2, 2));
         // The operator's request follows its connection at once.
         operator.started();
         // The evicted one reconnects at once: it takes idle2's place, never the operator's.
-        let again = pool.admit_at(ip(1), None, t0).unwrap();
-        let again2 = pool.admit_at(ip(1), None, t0).unwrap();
+        let again = pool.admit(ip(1), None).unwrap();
+        let again2 = pool.admit(ip(1), None).unwrap();
         again2.started();
         assert_eq!(
-            pool.admit_at(ip(1), None, t0).unwrap_err(),
+            pool.admit(ip(1), None).unwrap_err(),
             Full::Address,
             "no one silent left"
         );
@@ -307,13 +291,12 @@ mod tests {
     #[test]
     fn a_full_pool_evicts_the_oldest_waiting_connection_of_the_busiest_address() {
         let pool = Pool::new(4, 3);
-        let t0 = Instant::now();
-        let a1 = pool.admit_at(ip(2), None, t0).unwrap();
-        let a2 = pool.admit_at(ip(2), None, t0).unwrap();
-        let a3 = pool.admit_at(ip(2), None, t0).unwrap();
-        let b1 = pool.admit_at(ip(3), None, t0).unwrap();
+        let a1 = pool.admit(ip(2), None).unwrap();
+        let a2 = pool.admit(ip(2), None).unwrap();
+        let a3 = pool.admit(ip(2), None).unwrap();
+        let b1 = pool.admit(ip(3), None).unwrap();
         // Full: the newcomer takes a1's place (ip 2 holds the most; a1 is its oldest).
-        let c1 = pool.admit_at(ip(4), None, t0).unwrap();
+        let c1 = pool.admit(ip(4), None).unwrap();
         assert_eq!(pool.taken(ip(2)), (4, 2));
         let evicted = a1.evicted();
         assert!(futures_util::FutureExt::now_or_never(evicted.notified()).is_some());
@@ -324,16 +307,16 @@ mod tests {
         for s in [&a2, &a3, &b1, &c1] {
             s.started();
         }
-        assert_eq!(pool.admit_at(ip(5), None, t0).unwrap_err(), Full::Total);
+        assert_eq!(pool.admit(ip(5), None).unwrap_err(), Full::Total);
         drop(c1);
-        let _d1 = pool.admit_at(ip(5), None, t0).unwrap();
+        let _d1 = pool.admit(ip(5), None).unwrap();
     }
 
     #[test]
     fn slots_come_back_when_dropped() {
         let pool = Pool::new(2, 2);
         for _ in 0..100 {
-            let s = pool.admit(ip(9)).unwrap();
+            let s = pool.admit(ip(9), None).unwrap();
             drop(s);
         }
         assert_eq!(pool.taken(ip(9)), (0, 0));

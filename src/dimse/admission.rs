@@ -103,18 +103,11 @@ struct Held {
 /// What an association tells admission about itself, and how admission ends it: shared by
 /// the association's task and the admission state, updated without the lock.
 #[derive(Default)]
-pub struct Activity {
+struct Activity {
     /// Milliseconds since the admission's epoch at which the association last fell idle
     /// (between messages, nothing running), plus one; 0 while it is busy.
     idle_since: std::sync::atomic::AtomicU64,
     reclaim: Notify,
-}
-
-impl Activity {
-    /// Completes when admission ended the association to make room: it should A-ABORT.
-    pub async fn reclaimed(&self) {
-        self.reclaim.notified().await
-    }
 }
 
 /// A token bucket: `tokens` refill at the rate up to the burst; a connection takes one.
@@ -179,7 +172,7 @@ impl Admission {
     /// cap counts (the same AE title, the same address, the unknown titles, or any), if it has
     /// been idle `reclaim_idle_after` or more: holding associations open and silent then keeps
     /// no one out. An unknown title's request only ends unknown titles' associations. The ended
-    /// association stops counting at once and is told to abort ([`Activity::reclaimed`]).
+    /// association stops counting at once and is told to abort ([`Slot::reclaimed`]).
     pub fn admit(&self, ip: IpAddr, ae: &str, known: bool) -> Result<Slot, Busy> {
         let ip = address(ip);
         let ae = ae.trim();
@@ -436,9 +429,9 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// What the association reports and listens to (see [`Activity`]).
-    pub fn activity(&self) -> Arc<Activity> {
-        self.activity.clone()
+    /// Completes when admission ended the association to make room: it should A-ABORT.
+    pub async fn reclaimed(&self) {
+        self.activity.reclaim.notified().await
     }
 
     /// The association is between messages with nothing running (`true`), or busy.
@@ -619,8 +612,7 @@ mod tests {
         // one never is.
         let admin = a.admit(ip("127.0.0.1"), "ADMIN", true).unwrap();
         let ended = |s: &Slot| {
-            let act = s.activity();
-            let fut = act.reclaimed();
+            let fut = s.reclaimed();
             futures_util::pin_mut!(fut);
             let waker = futures_util::task::noop_waker();
             fut.poll(&mut std::task::Context::from_waker(&waker))

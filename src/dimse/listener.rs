@@ -24,24 +24,12 @@ use tracing::{debug, error, info, warn};
 use super::admission::Pending;
 use super::connection::Stream;
 use super::service::{self, NodeContext};
-use crate::acl::Transport;
 
 /// How an accepted connection's stream came to be.
 pub struct Secured {
     pub stream: Box<dyn Stream>,
     /// `None`: plain TCP; `Some(names)`: TLS, with the client certificate's names.
     pub tls: Option<Vec<String>>,
-}
-
-impl Secured {
-    pub fn transport(&self) -> Transport<'_> {
-        match &self.tls {
-            None => Transport::Plain,
-            Some(names) => Transport::Tls {
-                certificate_names: names,
-            },
-        }
-    }
 }
 
 /// The connection as the association will use it: the TCP socket itself, or TLS over it once
@@ -94,9 +82,6 @@ pub async fn run(
     // Rejections summed up per source go to the audit trail every few seconds.
     let mut flush = tokio::time::interval(Duration::from_secs(5));
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Warnings about dropped connections: at most one per interval, with the count.
-    let mut dropped_since_warning: u64 = 0;
-    let mut last_warning: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
         let plain_accept = async {
@@ -115,7 +100,7 @@ pub async fn run(
             r = plain_accept => (r, None),
             r = tls_accept => r,
             _ = flush.tick() => {
-                service::flush_rejections(&ctx, false);
+                super::establish::flush_rejections(&ctx, false);
                 continue;
             }
             _ = &mut shutdown => break,
@@ -140,11 +125,8 @@ pub async fn run(
                 crate::metrics::global()
                     .connections_dropped
                     .fetch_add(1, Relaxed);
-                dropped_since_warning += 1;
-                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                    warn!(peer = %addr, reason = %why, dropped = dropped_since_warning, "connections closed before their association request");
-                    dropped_since_warning = 0;
-                    last_warning = Some(Instant::now());
+                if let Some(held_back) = ctx.warnings.allow(addr.ip(), Instant::now()) {
+                    warn!(peer = %addr, reason = %why, held_back, "connection closed before its association request");
                 }
                 drop(socket);
                 continue;
@@ -159,7 +141,7 @@ pub async fn run(
     }
     drop(listener);
     drop(tls);
-    service::flush_rejections(&ctx, true);
+    super::establish::flush_rejections(&ctx, true);
     let open = tasks.len();
     info!(connections = open, drain = ?ctx.node.drain_timeout(), "shutting down: no new associations");
     let _ = stop_tx.send(true);
@@ -192,7 +174,7 @@ async fn connection(
     let deadline = tokio::time::Instant::now() + artim;
     let handshake = async {
         let secured = secure(socket, acceptor, &addr, &ctx).await?;
-        service::receive_association_request(secured, addr, &ctx, deadline).await
+        super::establish::receive_association_request(secured, addr, &ctx, deadline).await
     };
     let request = tokio::select! {
         r = tokio::time::timeout_at(deadline, handshake) => match r {

@@ -2,6 +2,7 @@
 //!
 //! - [`listener`]: the accept loop (pending pool, TLS handshake, TCP_NODELAY, graceful shutdown);
 //! - [`admission`]: who gets in and when: the pending pool, per-source rates, association caps;
+//! - [`establish`]: the A-ASSOCIATE-RQ read, and answered with AC or RJ;
 //! - [`rejections`]: rejected associations summed up per source for the audit trail;
 //! - [`connection`]: PDU I/O on one socket with dicom-ul's PDU codec, strict size limit, timeouts;
 //! - [`negotiate`]: which associations and presentation contexts we accept (pure);
@@ -14,6 +15,7 @@
 pub mod admission;
 pub mod command;
 pub mod connection;
+pub mod establish;
 pub mod listener;
 pub mod negotiate;
 pub mod qr;

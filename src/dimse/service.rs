@@ -1,4 +1,5 @@
-//! One association from A-ASSOCIATE to release: negotiation, then the DIMSE message loop.
+//! One association from A-ASSOCIATE-AC to release (the request is answered in
+//! [`establish`](super::establish)): the DIMSE message loop.
 //!
 //! Messages are assembled from P-DATA PDVs (PS3.8 §9.3.5, PS3.7 §8.2): command fragments are
 //! collected (they are small and bounded), data set fragments are streamed straight into the
@@ -16,19 +17,15 @@ use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValueType, Pdu};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
-use std::net::SocketAddr;
-
-use dicom_ul::pdu::AssociationRQ;
-
 use super::admission::{Admission, Pending, Slot};
 use super::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
 use super::connection::{ConnError, Connection, PData, Pdv, Received};
-use super::listener::Secured;
+use super::establish::{self, Request};
 use super::negotiate::{self, Negotiated, Policy, VERIFICATION};
 use super::qr::{self, Outgoing, Services};
-use super::rejections::{self, Rejections};
+use super::rejections::Rejections;
 use super::status::{self, Failure};
-use crate::acl::{Permission, Transport};
+use crate::acl::Permission;
 use crate::config::NodeConfig;
 use crate::find::{dataset, query, FindOptions};
 use crate::ingest::{Incoming, Pipeline, StoreContext};
@@ -63,56 +60,6 @@ pub struct NodeContext {
     pub warnings: crate::throttle::Warnings,
 }
 
-/// A connection that sent its A-ASSOCIATE-RQ, not yet answered.
-pub struct Request {
-    conn: Connection,
-    rq: AssociationRQ,
-    addr: SocketAddr,
-    /// `None`: plain TCP; `Some`: TLS, with the client certificate's names.
-    tls: Option<Vec<String>>,
-}
-
-/// Reads the first PDU of a connection, all of it by `deadline` (a peer trickling bytes does
-/// not get a fresh I/O timeout per read). `None` when no A-ASSOCIATE-RQ came (logged; an
-/// unexpected PDU is answered with A-ABORT).
-pub async fn receive_association_request(
-    secured: Secured,
-    addr: SocketAddr,
-    ctx: &NodeContext,
-    deadline: tokio::time::Instant,
-) -> Option<Request> {
-    let mut conn = Connection::new(
-        secured.stream,
-        ctx.node.max_pdu_length,
-        ctx.node.io_timeout(),
-    );
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let first = match tokio::time::timeout_at(deadline, conn.receive(left)).await {
-        Ok(r) => r,
-        Err(_) => Err(ConnError::Timeout(left)),
-    };
-    match first {
-        Ok(Pdu::AssociationRQ(rq)) => Some(Request {
-            conn,
-            rq,
-            addr,
-            tls: secured.tls,
-        }),
-        Ok(other) => {
-            if let Some(held_back) = ctx.warnings.allow(addr.ip(), std::time::Instant::now()) {
-                warn!(peer = %addr, pdu = pdu_name(&other), held_back, "expected A-ASSOCIATE-RQ");
-            }
-            conn.abort(AbortRQServiceProviderReason::UnexpectedPdu)
-                .await;
-            None
-        }
-        Err(e) => {
-            debug!(peer = %addr, error = %e, "no association request");
-            None
-        }
-    }
-}
-
 /// Answers an association request and, when it is accepted, serves the association to the
 /// end. `pending` is the connection's place in the pending pool: given up for an association
 /// slot once the request is accepted. `shutdown` turns true when the node stops: the
@@ -128,7 +75,7 @@ pub async fn serve(
     let peer = request.addr.to_string();
     let span = tracing::info_span!("association", id, peer = %peer, tls = request.tls.is_some(), calling = tracing::field::Empty, called = tracing::field::Empty);
     async move {
-        let Some((conn, negotiated, slot)) = accept(request, &ctx).await else {
+        let Some((conn, negotiated, slot)) = establish::accept(request, &ctx).await else {
             return;
         };
         // The association holds its slot now; its place among pending connections is free.
@@ -163,147 +110,6 @@ pub async fn serve(
     }
     .instrument(span)
     .await
-}
-
-/// Writes the rejection summaries that are due (`all`: every one, at shutdown).
-pub fn flush_rejections(ctx: &NodeContext, all: bool) {
-    for summary in ctx.rejections.flush(std::time::Instant::now(), all) {
-        info!(
-            source = %summary.source.map(|ip| ip.to_string()).unwrap_or_else(|| "other sources".into()),
-            count = summary.count,
-            "associations rejected (summary)"
-        );
-        ctx.services.ledger.audit(AuditRecord {
-            event_id: trail::id::USER_AUTHENTICATION,
-            calling_ae: summary.last_calling_ae.clone(),
-            peer: summary
-                .source
-                .map(|ip| ip.to_string())
-                .unwrap_or_else(|| "other sources".into()),
-            status: 1,
-            detail: summary.detail(),
-            count: summary.count,
-            ..Default::default()
-        });
-    }
-}
-
-/// Negotiates, checks access control and takes an association slot, then answers with
-/// A-ASSOCIATE-AC; or answers with A-ASSOCIATE-RJ. `None` when no association results.
-async fn accept(request: Request, ctx: &NodeContext) -> Option<(Connection, Negotiated, Slot)> {
-    let Request {
-        mut conn,
-        rq,
-        addr,
-        tls,
-    } = request;
-    let transport = match &tls {
-        None => Transport::Plain,
-        Some(names) => Transport::Tls {
-            certificate_names: names,
-        },
-    };
-    let calling = rq.calling_ae_title.trim().to_string();
-    let rejected_transient = || dicom_ul::pdu::AssociationRJ {
-        result: dicom_ul::pdu::AssociationRJResult::Transient,
-        source: dicom_ul::pdu::AssociationRJSource::ServiceProviderPresentation(
-            dicom_ul::pdu::AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
-        ),
-    };
-    let outcome =
-        negotiate::negotiate(&ctx.policy, &rq)
-            .map_err(|rj| (rj, "negotiation".to_string()))
-            .and_then(|ok| {
-                match ctx.acl.association(&calling, Some(addr.ip()), transport) {
-            Ok(()) => Ok(ok),
-            Err(refusal) => Err((
-                dicom_ul::pdu::AssociationRJ {
-                    result: dicom_ul::pdu::AssociationRJResult::Permanent,
-                    source: dicom_ul::pdu::AssociationRJSource::ServiceUser(
-                        dicom_ul::pdu::AssociationRJServiceUserReason::CallingAETitleNotRecognized,
-                    ),
-                },
-                format!("access control: {refusal}"),
-            )),
-        }
-            })
-            .and_then(|(ac, negotiated)| {
-                match ctx
-                    .admission
-                    .admit(addr.ip(), &calling, ctx.acl.is_known(&calling))
-                {
-                    Ok(slot) => Ok((ac, negotiated, slot)),
-                    Err(busy) => Err((rejected_transient(), format!("busy: {busy}"))),
-                }
-            });
-    match outcome {
-        Ok((ac, negotiated, slot)) => {
-            ctx.services.ledger.audit(AuditRecord {
-                event_id: trail::id::USER_AUTHENTICATION,
-                calling_ae: calling.clone(),
-                peer: addr.to_string(),
-                status: 0,
-                detail: format!(
-                    "association accepted: called {}, {} presentation context(s){}",
-                    rq.called_ae_title.trim(),
-                    negotiated.contexts.len(),
-                    if tls.is_some() { ", TLS" } else { "" }
-                ),
-                ..Default::default()
-            });
-            if let Err(e) = conn.send(&Pdu::AssociationAC(ac)).await {
-                warn!(error = %e, "cannot send A-ASSOCIATE-AC");
-                return None;
-            }
-            Some((conn, negotiated, slot))
-        }
-        Err((rj, reason)) => {
-            crate::metrics::global()
-                .associations_rejected
-                .fetch_add(1, Relaxed);
-            let note = ctx.rejections.note(
-                Some(addr.ip()),
-                &calling,
-                reason_class(&reason),
-                std::time::Instant::now(),
-            );
-            if note == rejections::Note::Counted {
-                debug!(calling = ?calling, reason = %reason, "association rejected (counted toward the source's summary)");
-            } else {
-                info!(calling = ?calling, called = ?rq.called_ae_title.trim(), reason = %reason, "association rejected");
-                ctx.services.ledger.audit(AuditRecord {
-                    event_id: trail::id::USER_AUTHENTICATION,
-                    calling_ae: calling.clone(),
-                    peer: addr.to_string(),
-                    status: 1,
-                    detail: format!("association rejected: {reason} ({:?})", rj.source),
-                    ..Default::default()
-                });
-            }
-            let _ = conn.send(&Pdu::AssociationRJ(rj)).await;
-            conn.close().await;
-            None
-        }
-    }
-}
-
-/// The reason a summary counts a rejection under: the kind, without the peer-chosen parts
-/// (an AE title in the refusal's text would let a flood vary it without bound).
-fn reason_class(reason: &str) -> &'static str {
-    if reason.starts_with("busy") {
-        "busy (association limits)"
-    } else if reason.contains("only over DICOM TLS") {
-        "TLS required"
-    } else if reason.contains("client certificates named") {
-        "client certificate not bound to the AE title"
-    } else if reason.contains("may not connect from") || reason.contains("restricted to addresses")
-    {
-        "address not allowed"
-    } else if reason.starts_with("access control") {
-        "calling AE title not recognized"
-    } else {
-        "negotiation"
-    }
 }
 
 enum State {
@@ -458,7 +264,6 @@ impl Association {
             };
             let is_idle = matches!(self.state, State::Idle);
             self.slot.set_idle(is_idle);
-            let activity = self.slot.activity();
             // `receive` is cancel-safe: a PDU half read when results win the race stays buffered.
             let next = match &mut self.state {
                 State::Running(r) => tokio::select! {
@@ -468,7 +273,7 @@ impl Association {
                 _ => tokio::select! {
                     pdu = self.conn.receive_data(wait) => Next::Pdu(pdu),
                     _ = shutdown.changed(), if !stopping && is_idle => Next::Shutdown,
-                    _ = activity.reclaimed(), if is_idle => Next::Reclaimed,
+                    _ = self.slot.reclaimed(), if is_idle => Next::Reclaimed,
                 },
             };
             let pdu = match next {
@@ -1299,7 +1104,7 @@ fn retrieval_keys(q: &query::Query) -> Result<(), Failure> {
     }
 }
 
-fn pdu_name(pdu: &Pdu) -> &'static str {
+pub(super) fn pdu_name(pdu: &Pdu) -> &'static str {
     match pdu {
         Pdu::Unknown { .. } => "unknown PDU",
         Pdu::AssociationRQ(_) => "A-ASSOCIATE-RQ",
