@@ -207,7 +207,7 @@ pub fn trail_of(ledger: &Ledger, filter: &TrailFilter, json: bool) -> Result<Str
             let desc = if what.is_empty() { detail } else { format!("{what}: {detail}") };
             // One line per event, whatever a peer put in its fields (entries written before
             // the ledger escaped them may hold control characters).
-            use crate::escape::Escaped;
+            use crate::util::escape::Escaped;
             out += &format!(
                 "{seq:>8} {time} {id} {:<28} calling={} peer={} outcome={outcome} {}\n",
                 event_name(id),

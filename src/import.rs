@@ -193,7 +193,7 @@ pub fn run(cfg: &Config, paths: &[PathBuf], jobs: usize) -> Result<Summary, Impo
         Err(e) => return Err(e.into()),
     };
     let result = rt.block_on(async {
-        crate::perms::check_key_file(&cfg.security.master_key_file, "key file")
+        crate::util::perms::check_key_file(&cfg.security.master_key_file, "key file")
             .map_err(ImportError::MasterKey)?;
         let master = crate::ingest::master_key(&ledger, &cfg.security.master_key_file)
             .map_err(ImportError::MasterKey)?;

@@ -197,6 +197,42 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The format byte of an [`ObjectKey`] record: that of the sealed objects it opens (format 2).
+pub const OBJECT_KEY_FORMAT: u8 = 2;
+
+/// The key record of one sealed pixel object: kept in the ledger (`keys` column family), never in
+/// the bucket; the store derives the object's name and key from it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ObjectKey {
+    pub salt: [u8; 32],
+}
+
+impl std::fmt::Debug for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ObjectKey(..)")
+    }
+}
+
+impl ObjectKey {
+    /// `u8 format (2) · [32] object salt`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(33);
+        v.push(OBJECT_KEY_FORMAT);
+        v.extend_from_slice(&self.salt);
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<ObjectKey, RecordError> {
+        match b {
+            [OBJECT_KEY_FORMAT, salt @ ..] if salt.len() == 32 => Ok(ObjectKey {
+                salt: salt.try_into().expect("length checked"),
+            }),
+            [OBJECT_KEY_FORMAT, ..] => Err(RecordError("object key record has the wrong length")),
+            _ => Err(RecordError("object key record of an unknown format")),
+        }
+    }
+}
+
 /// The attributes the ledger's index keeps for one instance (never written to the ledger's
 /// entries, which carry commitments only).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

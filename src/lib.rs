@@ -32,7 +32,7 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod dimse;
-pub mod escape;
+
 pub mod export;
 pub mod find;
 pub mod forward;
@@ -43,10 +43,11 @@ pub mod ledger;
 pub mod metrics;
 pub mod node;
 pub mod notify;
-pub mod perms;
+
 pub mod retrieve;
 pub mod split;
 pub mod store;
 pub mod syslog;
 pub mod throttle;
+pub mod util;
 pub mod verify;

@@ -225,7 +225,7 @@ fn main() -> ExitCode {
     // command creates is its owner's only. Export and get write the files the user asked for,
     // where the user's umask decides.
     if !matches!(cli.command, Command::Export { .. } | Command::Get { .. }) {
-        dicomchain::perms::restrict_umask();
+        dicomchain::util::perms::restrict_umask();
     }
     let mut cfg = match Config::load(&cli.config) {
         Ok(c) => c,
@@ -812,7 +812,7 @@ fn serve(cfg: Config, ready_file: Option<std::path::PathBuf>) -> ExitCode {
         dicomchain::config::LogFormat::Json => logs.json().with_current_span(true).init(),
         // Peer-supplied values escaped, so that none can add a line (JSON escapes them itself).
         dicomchain::config::LogFormat::Text => {
-            logs.fmt_fields(dicomchain::escape::log_fields()).init()
+            logs.fmt_fields(dicomchain::util::escape::log_fields()).init()
         }
     }
     // A panicking task must not leave a half-alive node behind (as Garage does): abort, and let

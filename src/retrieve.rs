@@ -11,7 +11,8 @@ use sha2::{Digest, Sha256};
 use crate::instance::{self, Digest32, MetadataRecord};
 use crate::ledger::{Entry, Ledger, LedgerError, Reason};
 use crate::split::{self, Segment};
-use crate::store::{ObjectKey, ObjectReader, Store, StoreError};
+use crate::instance::ObjectKey;
+use crate::store::{ObjectReader, Store, StoreError};
 
 /// Why an instance could not be rebuilt. `Integrity` means the halves no longer match the ledger.
 #[derive(Debug, thiserror::Error)]

@@ -197,25 +197,6 @@ impl NoteSigner {
 
 /// Loads the signing key from `path`, or creates it there (mode 0600, synced) when the file does
 /// not exist. The key's name must be `origin`.
-/// Writes a new secret file (a key, a token): `text` and a newline, mode 0600, fsynced; fails if
-/// the file exists. Creates the parent directory.
-pub fn create_secret_file(path: &std::path::Path, text: &str) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    f.write_all(format!("{text}\n").as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("{}: {e}", path.display()))
-}
-
 pub fn load_or_create_key(path: &std::path::Path, origin: &str) -> Result<NoteSigner, String> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
@@ -232,7 +213,7 @@ pub fn load_or_create_key(path: &std::path::Path, origin: &str) -> Result<NoteSi
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let signer = NoteSigner::generate(origin).map_err(|e| e.to_string())?;
-            create_secret_file(path, &signer.private_key_text())?;
+            crate::util::perms::create_secret_file(path, &signer.private_key_text())?;
             tracing::info!(path = %path.display(), verifier_key = %signer.verifier_key(), "created the checkpoint signing key");
             Ok(signer)
         }

@@ -69,7 +69,7 @@ pub use forward::{ForwardOutcome, ForwardSummary, ForwardUpdate};
 pub use pending::{NoteId, PendingObject};
 
 use crate::instance::{Digest32, IndexAttrs, MetadataRecord};
-use crate::store::ObjectKey;
+use crate::instance::ObjectKey;
 
 const CF_ENTRIES: &str = "entries";
 const CF_META: &str = "meta";
@@ -1518,7 +1518,7 @@ impl SpooledEvent {
         let dest = dir.join(format!("{stamp}-{}.event", self.subject_seq));
         let mut f = std::fs::File::create(&tmp)?;
         // Escaped: a peer's title or address must not add a line of its own to the file.
-        let esc = crate::escape::escape;
+        let esc = crate::util::escape::escape;
         writeln!(
             f,
             "subject_seq={}\nreason={}\ndetector={}\ncalling_ae={}\npeer={}",
@@ -1714,7 +1714,7 @@ fn check_witness(
                 "size {} root {} (note: {})",
                 cp.size,
                 hex::encode(cp.root),
-                crate::escape::escape(note)
+                crate::util::escape::escape(note)
             ),
             None => "nothing readable".to_string(),
         };
@@ -1722,7 +1722,7 @@ fn check_witness(
             "rollback accepted by the operator: the ledger holds {entries} entries; the \
              checkpoint file recorded {given_up} (set aside as {})",
             accepted.set_aside.as_ref().map_or("-".to_string(), |p| {
-                crate::escape::escape(&p.display().to_string()).into_owned()
+                crate::util::escape::escape(&p.display().to_string()).into_owned()
             }),
         ));
         tracing::warn!(entries, given_up = ?accepted.given_up, "rollback of the ledger accepted by the operator");
@@ -2584,7 +2584,7 @@ impl<'a> Group<'a> {
         requester: (&str, &str),
     ) -> Result<u64, LedgerError> {
         let (seq, prev_hash) = self.next_position();
-        let text = |s: &str, max: usize| crate::escape::escape(s).chars().take(max).collect();
+        let text = |s: &str, max: usize| crate::util::escape::escape(s).chars().take(max).collect();
         let (calling, detail) = match requester.0.trim() {
             "" => (detector, String::new()),
             ae => (ae, text(&format!("found by {detector}"), 512)),

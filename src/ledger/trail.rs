@@ -119,7 +119,7 @@ impl Group<'_> {
         let (seq, prev_hash) = self.next_position();
         // Titles, addresses and details can come from peers: stored escaped, so that no reader
         // of the trail (`dicomchain audit`, syslog, the admin API) meets a control character.
-        let text = |s: &str, max: usize| crate::escape::escape(s).chars().take(max).collect();
+        let text = |s: &str, max: usize| crate::util::escape::escape(s).chars().take(max).collect();
         let entry = Entry {
             calling_ae: text(&r.calling_ae, 64),
             sop_class_uid: r.sop_class_uid.chars().take(64).collect(),

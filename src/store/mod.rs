@@ -20,8 +20,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::config::{StoreBackend, StoreConfig};
-use crate::instance::Digest32;
-pub use sealed::{MasterKey, ObjectKey};
+use crate::instance::{Digest32, ObjectKey};
+pub use sealed::MasterKey;
 
 /// Errors of the object store. Every variant says which object (by opaque name) and what failed.
 #[derive(Debug, thiserror::Error)]

@@ -27,7 +27,7 @@ use std::path::Path;
 
 use ring::{aead, hkdf, hmac, rand::SecureRandom};
 
-use crate::instance::Digest32;
+use crate::instance::{Digest32, ObjectKey};
 
 const MAGIC: &[u8; 6] = b"DCPXL2";
 /// The object format this module writes (1 = the plaintext objects before it).
@@ -75,7 +75,7 @@ impl MasterKey {
             Ok(None) => {
                 let mut key = [0u8; 32];
                 random(&mut key);
-                match crate::ledger::checkpoint::create_secret_file(path, &hex::encode(key)) {
+                match crate::util::perms::create_secret_file(path, &hex::encode(key)) {
                     Ok(()) => {
                         tracing::info!(file = %path.display(), "created the object master key (keep a backup: without it no pixel object can be read)");
                         Ok(MasterKey::from_bytes(key))
@@ -164,38 +164,6 @@ fn random(out: &mut [u8]) {
     ring::rand::SystemRandom::new()
         .fill(out)
         .expect("the operating system's random number generator failed");
-}
-
-/// The key record of one object, kept in the ledger (`keys` column family), never in the bucket.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ObjectKey {
-    pub salt: [u8; 32],
-}
-
-impl std::fmt::Debug for ObjectKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ObjectKey(..)")
-    }
-}
-
-impl ObjectKey {
-    /// `u8 format (2) · [32] object salt`.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(33);
-        v.push(FORMAT);
-        v.extend_from_slice(&self.salt);
-        v
-    }
-
-    pub fn decode(b: &[u8]) -> Result<ObjectKey, SealError> {
-        match b {
-            [FORMAT, salt @ ..] if salt.len() == 32 => Ok(ObjectKey {
-                salt: salt.try_into().expect("length checked"),
-            }),
-            [FORMAT, ..] => Err(SealError("object key record has the wrong length")),
-            _ => Err(SealError("object key record of an unknown format")),
-        }
-    }
 }
 
 fn header(chunk: u32) -> [u8; HEADER_LEN] {

@@ -102,6 +102,26 @@ pub fn tighten_dirs(cfg: &Config) -> Vec<(PathBuf, Result<u32, String>)> {
     changed
 }
 
+/// Writes a new secret file (a key, a token): `text` and a newline, mode 0600, fsynced; fails if
+/// the file exists. Creates the parent directory.
+pub fn create_secret_file(path: &std::path::Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(format!("{text}\n").as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
