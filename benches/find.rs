@@ -16,8 +16,8 @@
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use dicomchain::find::{self, dataset, query, FindOptions};
-use dicomchain::ingest::{Pipeline, StoreContext};
+use dicomchain::query::{self, dataset, query, FindOptions};
+use dicomchain::archive::ingest::{Pipeline, StoreContext};
 use dicomchain::ledger::Ledger;
 use dicomchain::split::Encoding;
 

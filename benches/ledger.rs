@@ -164,7 +164,7 @@ fn main() {
     )
     .unwrap();
     let cfg = dicomchain::config::Config::load(&cfg_path).unwrap();
-    let opts = dicomchain::verify::Options {
+    let opts = dicomchain::cli::verify::Options {
         ledger_only: true,
         verifier_key: Some(
             dicomchain::ledger::checkpoint::NoteSigner::from_seed("bench", [1; 32])
@@ -174,7 +174,7 @@ fn main() {
         checkpoint_files: Vec::new(),
     };
     let t = Instant::now();
-    let report = rt.block_on(dicomchain::verify::run(&cfg, &opts)).unwrap();
+    let report = rt.block_on(dicomchain::cli::verify::run(&cfg, &opts)).unwrap();
     let verify = t.elapsed();
     assert_eq!(report.entries, n);
     println!(

@@ -908,7 +908,7 @@ impl Config {
         }
         // Room for one data set of the largest metadata, with all its copies, beside the
         // ledger's part.
-        let one = crate::ingest::COPIES * self.node.largest_metadata();
+        let one = crate::archive::ingest::COPIES * self.node.largest_metadata();
         if self.node.ingest_budget() < one || self.node.max_bytes_in_flight > u32::MAX as usize {
             return Err(invalid(
                 "node.max_bytes_in_flight",

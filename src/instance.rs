@@ -244,7 +244,7 @@ pub struct IndexAttrs {
     pub patient_id: String,
     /// Modality (0008,0060), kept with the study's hierarchy key.
     pub modality: String,
-    /// Normalised values of the C-FIND index attributes ([`crate::find::query::INDEXED`]).
+    /// Normalised values of the C-FIND index attributes ([`crate::query::matching::INDEXED`]).
     pub find_values: Vec<(u32, String)>,
 }
 

@@ -27,27 +27,17 @@
 //! peer-supplied string safe to print in logs and audit lines.
 
 pub mod acl;
-pub mod admin;
-pub mod audit;
-pub mod client;
+pub mod archive;
+pub mod cli;
 pub mod config;
 pub mod dimse;
-
-pub mod export;
-pub mod find;
 pub mod forward;
-pub mod import;
-pub mod ingest;
 pub mod instance;
 pub mod ledger;
-pub mod metrics;
 pub mod node;
-pub mod notify;
-
-pub mod retrieve;
+pub mod ops;
+pub mod query;
+pub mod scp;
 pub mod split;
 pub mod store;
-pub mod syslog;
-pub mod throttle;
 pub mod util;
-pub mod verify;

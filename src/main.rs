@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{ArgGroup, Parser, Subcommand};
 use dicomchain::config::Config;
-use dicomchain::export::{self, Selection};
+use dicomchain::cli::export::{self, Selection};
 
 #[derive(Parser)]
 #[command(
@@ -273,7 +273,7 @@ fn main() -> ExitCode {
             event,
             json,
         } => {
-            let since_micros = match since.as_deref().map(dicomchain::audit::parse_since) {
+            let since_micros = match since.as_deref().map(dicomchain::cli::audit::parse_since) {
                 Some(None) => {
                     eprintln!("dicomchain: --since: use YYYY-MM-DD[THH:MM:SS] (UTC) or seconds since the epoch");
                     return ExitCode::from(2);
@@ -281,12 +281,12 @@ fn main() -> ExitCode {
                 Some(t) => t,
                 None => None,
             };
-            let filter = dicomchain::audit::TrailFilter {
+            let filter = dicomchain::cli::audit::TrailFilter {
                 since_micros,
                 ae,
                 event,
             };
-            print_or_fail(dicomchain::audit::trail(&cfg, &filter, json))
+            print_or_fail(dicomchain::cli::audit::trail(&cfg, &filter, json))
         }
         Command::Forward { action } => run_forward(cfg, action),
         Command::Import { paths, jobs } => run_import(cfg, &paths, jobs),
@@ -319,9 +319,9 @@ fn main() -> ExitCode {
         } => run_accept_rollback(&cfg),
         Command::Checkpoint { verifier_key } => {
             let r = if verifier_key {
-                dicomchain::audit::verifier_key(&cfg).map(|k| format!("{k}\n"))
+                dicomchain::cli::audit::verifier_key(&cfg).map(|k| format!("{k}\n"))
             } else {
-                dicomchain::audit::latest_checkpoint(&cfg)
+                dicomchain::cli::audit::latest_checkpoint(&cfg)
             };
             print_or_fail(r)
         }
@@ -330,8 +330,8 @@ fn main() -> ExitCode {
             consistency,
         } => {
             let r = match (instance, consistency.as_deref()) {
-                (Some(uid), _) => dicomchain::audit::instance_proof(&cfg, &uid),
-                (None, Some([old, new])) => dicomchain::audit::consistency_proof(&cfg, *old, *new),
+                (Some(uid), _) => dicomchain::cli::audit::instance_proof(&cfg, &uid),
+                (None, Some([old, new])) => dicomchain::cli::audit::consistency_proof(&cfg, *old, *new),
                 _ => unreachable!("clap requires --instance or --consistency OLD NEW"),
             };
             print_or_fail(r.map(|v| format!("{v:#}\n")))
@@ -393,12 +393,12 @@ fn run_verify(
             return ExitCode::from(2);
         }
     };
-    let opts = dicomchain::verify::Options {
+    let opts = dicomchain::cli::verify::Options {
         ledger_only,
         verifier_key,
         checkpoint_files,
     };
-    match rt.block_on(dicomchain::verify::run(&cfg, &opts)) {
+    match rt.block_on(dicomchain::cli::verify::run(&cfg, &opts)) {
         Ok(report) => {
             for e in &report.events {
                 println!("SECURITY EVENT {e}");
@@ -435,7 +435,7 @@ fn run_verify(
                     format!("{} problem(s)", report.problems.len())
                 }
             );
-            let record = dicomchain::verify::audit_record(&report, ledger_only);
+            let record = dicomchain::cli::verify::audit_record(&report, ledger_only);
             if let Err(e) = record.spool(&cfg.ledger.event_spool) {
                 eprintln!(
                     "dicomchain: cannot leave the verify result for the ledger in {}: {e}",
@@ -470,7 +470,7 @@ enum Client {
 
 /// The SCU commands: exit 0 on success, 1 on a failure status, 2 when it could not run.
 fn run_client(cfg: Config, what: Client, target: &str) -> ExitCode {
-    use dicomchain::client;
+    use dicomchain::cli::client;
     let target = match client::Target::resolve(&cfg, target) {
         Ok(t) => t,
         Err(e) => {
@@ -556,7 +556,7 @@ fn run_client(cfg: Config, what: Client, target: &str) -> ExitCode {
 }
 
 fn run_import(cfg: Config, paths: &[PathBuf], jobs: usize) -> ExitCode {
-    match dicomchain::import::run(&cfg, paths, jobs) {
+    match dicomchain::cli::import::run(&cfg, paths, jobs) {
         Ok(s) => {
             for (path, why) in &s.invalid {
                 eprintln!("INVALID {}: {why}", path.display());
@@ -629,7 +629,7 @@ fn run_forward(cfg: Config, action: ForwardAction) -> ExitCode {
     }
 }
 
-fn print_or_fail(r: Result<String, dicomchain::audit::AuditError>) -> ExitCode {
+fn print_or_fail(r: Result<String, dicomchain::cli::audit::AuditError>) -> ExitCode {
     match r {
         Ok(text) => {
             print!("{text}");
@@ -682,7 +682,7 @@ fn admin_call(
     body: Option<String>,
 ) -> Result<serde_json::Value, String> {
     let rt = runtime().map_err(|e| e.to_string())?;
-    rt.block_on(dicomchain::admin::request(cfg, method, path, body))
+    rt.block_on(dicomchain::ops::admin::request(cfg, method, path, body))
         .map_err(|e| e.to_string())
 }
 
@@ -692,7 +692,7 @@ fn run_erase(cfg: Config, study: Option<String>, patient: Option<String>, json: 
         (_, Some(id)) => format!("patient {id}"),
         _ => unreachable!("clap requires one"),
     };
-    let body = serde_json::to_string(&dicomchain::admin::EraseRequest { study, patient })
+    let body = serde_json::to_string(&dicomchain::ops::admin::EraseRequest { study, patient })
         .unwrap_or_default();
     let result = admin_call(&cfg, hyper::Method::POST, "/v1/erase", Some(body));
     let v = match result {
@@ -706,7 +706,7 @@ fn run_erase(cfg: Config, study: Option<String>, patient: Option<String>, json: 
         println!("{v}");
         return ExitCode::SUCCESS;
     }
-    match serde_json::from_value::<dicomchain::admin::EraseView>(v) {
+    match serde_json::from_value::<dicomchain::ops::admin::EraseView>(v) {
         Ok(view) => {
             println!(
                 "erased {what}: {} instance(s), {} stored version(s), {} pixel object(s) deleted{}; erasure entry {}",
@@ -749,7 +749,7 @@ fn run_permissions(cfg: Config, json: bool) -> ExitCode {
         println!("{v:#}");
         return ExitCode::SUCCESS;
     }
-    let view: dicomchain::admin::PermissionsView = match serde_json::from_value(v) {
+    let view: dicomchain::ops::admin::PermissionsView = match serde_json::from_value(v) {
         Ok(view) => view,
         Err(e) => {
             eprintln!("dicomchain: unexpected answer: {e}");

@@ -7,8 +7,8 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::dimse::negotiate::Policy;
-use crate::dimse::service::NodeContext;
-use crate::ingest::Pipeline;
+use crate::scp::association::NodeContext;
+use crate::archive::ingest::Pipeline;
 use crate::ledger::{Ledger, LedgerError};
 use crate::store::{Store, StoreError};
 
@@ -92,13 +92,13 @@ pub async fn run(
     // A damaged table file shows only when a block of it is read: read them all now, beside
     // serving, so that damage is logged, recorded and reported by /health at once.
     ledger.scrub_in_background();
-    let master = crate::ingest::master_key(&ledger, &cfg.security.master_key_file)
+    let master = crate::archive::ingest::master_key(&ledger, &cfg.security.master_key_file)
         .map_err(StartError::MasterKey)?;
     let store = Store::open(&cfg.store)
         .await?
         .with_master_key(Some(std::sync::Arc::new(master)));
     info!(backend = ?cfg.store.backend, "object store open");
-    match crate::ingest::reconcile(&ledger, &store).await {
+    match crate::archive::ingest::reconcile(&ledger, &store).await {
         Ok(0) => {}
         Ok(n) => info!(deleted = n, "reconciled objects of interrupted C-STOREs"),
         Err(e) => return Err(StartError::Reconcile(e.to_string())),
@@ -142,7 +142,7 @@ pub async fn run(
         rules.apply(&ae, change);
     }
     let acl = Arc::new(crate::acl::LiveAcl::new(rules));
-    let services = crate::dimse::qr::Services {
+    let services = crate::scp::qr::Services {
         ledger: ledger.clone(),
         store: store.clone(),
         ae_title: cfg.node.ae_title.clone(),
@@ -159,7 +159,7 @@ pub async fn run(
         cfg.node.max_metadata_bytes,
     )
     .with_router(crate::forward::Router::new(&cfg.forward))
-    .with_budget(crate::ingest::Budget::new(
+    .with_budget(crate::archive::ingest::Budget::new(
         cfg.node.ingest_budget(),
         cfg.node.io_timeout(),
     ));
@@ -167,13 +167,13 @@ pub async fn run(
     let admin_listener = match cfg.admin.listen_addr()? {
         Some(addr) => Some((
             addr,
-            crate::metrics::bind_admin(addr)
+            crate::ops::metrics::bind_admin(addr)
                 .await
                 .map_err(|source| StartError::Bind {
                     addr: addr.to_string(),
                     source,
                 })?,
-            crate::admin::load_or_create_token(&cfg.admin.token_file).map_err(StartError::Admin)?,
+            crate::ops::admin::load_or_create_token(&cfg.admin.token_file).map_err(StartError::Admin)?,
         )),
         None => None,
     };
@@ -205,7 +205,7 @@ pub async fn run(
         Some(to) => {
             info!(to = %to, "audit trail to syslog (RFC 5424, UDP)");
             Some(
-                crate::syslog::start(ledger.clone(), to, syslog_stop.clone())
+                crate::ops::syslog::start(ledger.clone(), to, syslog_stop.clone())
                     .map_err(|e| StartError::Syslog(e.to_string()))?,
             )
         }
@@ -223,19 +223,19 @@ pub async fn run(
         acl: acl.clone(),
         admission: crate::dimse::admission::Admission::new(cfg.node.admission_limits()),
         rejections: Default::default(),
-        warnings: crate::throttle::Warnings::new(std::time::Duration::from_secs(60)),
+        warnings: crate::ops::throttle::Warnings::new(std::time::Duration::from_secs(60)),
     });
     let admin = admin_listener.map(|(addr, l, token)| {
         let addr = l.local_addr().unwrap_or(addr);
         info!(listen = %addr, "admin listener: /metrics, /health, /v1/ (admin API)");
-        let api = crate::admin::Api {
+        let api = crate::ops::admin::Api {
             token: Arc::new(token),
             ledger: ledger.clone(),
             acl: acl.clone(),
             changing: Default::default(),
             store: ctx.services.store.clone(),
         };
-        tokio::spawn(crate::metrics::serve_admin(
+        tokio::spawn(crate::ops::metrics::serve_admin(
             l,
             ledger.clone(),
             ctx.services.store.clone(),
@@ -243,13 +243,13 @@ pub async fn run(
         ))
     });
     info!(ae_title = %cfg.node.ae_title, listen = %local, "listening");
-    crate::notify::notify(&format!(
+    crate::ops::notify::notify(&format!(
         "READY=1\nSTATUS=listening on {local} as {}",
         cfg.node.ae_title
     ));
     let shutdown = async {
         shutdown.await;
-        crate::notify::notify("STOPPING=1\nSTATUS=draining associations");
+        crate::ops::notify::notify("STOPPING=1\nSTATUS=draining associations");
     };
     crate::dimse::listener::run(listener, tls, ctx, shutdown).await;
     // What is not recorded as delivered stays queued for the next start.

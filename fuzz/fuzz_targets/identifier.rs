@@ -2,8 +2,8 @@
 //! or an error, never a panic, and a parsed identifier re-encodes.
 #![no_main]
 
-use dicomchain::find::dataset;
-use dicomchain::find::query::{MatchOptions, Model, Query};
+use dicomchain::query::dataset;
+use dicomchain::query::matching::{MatchOptions, Model, Query};
 use dicomchain::split::Encoding;
 use libfuzzer_sys::fuzz_target;
 

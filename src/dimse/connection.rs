@@ -238,7 +238,7 @@ impl Connection {
             read_some(self.socket.read_buf(&mut spare), self.io_timeout).await?;
         }
         self.got = 0;
-        crate::metrics::global()
+        crate::ops::metrics::global()
             .bytes_in
             .fetch_add(self.buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         if self.header[0] == P_DATA_TF {
@@ -300,7 +300,7 @@ impl Connection {
             Err(_) => Err(ConnError::Timeout(self.io_timeout)),
             Ok(r) => {
                 r?;
-                crate::metrics::global()
+                crate::ops::metrics::global()
                     .bytes_out
                     .fetch_add(length, std::sync::atomic::Ordering::Relaxed);
                 Ok(())

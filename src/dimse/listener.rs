@@ -23,7 +23,7 @@ use tracing::{debug, error, info, warn};
 
 use super::admission::Pending;
 use super::connection::Stream;
-use super::service::{self, NodeContext};
+use crate::scp::association::{self, NodeContext};
 
 /// How an accepted connection's stream came to be.
 pub struct Secured {
@@ -60,7 +60,7 @@ async fn secure(
             if let Some(held_back) = ctx.warnings.allow(addr.ip(), Instant::now()) {
                 info!(peer = %addr, error = %e, held_back, "TLS handshake failed");
             }
-            crate::metrics::global()
+            crate::ops::metrics::global()
                 .associations_rejected
                 .fetch_add(1, Relaxed);
             None
@@ -100,7 +100,7 @@ pub async fn run(
             r = plain_accept => (r, None),
             r = tls_accept => r,
             _ = flush.tick() => {
-                super::establish::flush_rejections(&ctx, false);
+                crate::scp::establish::flush_rejections(&ctx, false);
                 continue;
             }
             _ = &mut shutdown => break,
@@ -122,7 +122,7 @@ pub async fn run(
         let pending = match ctx.admission.enter(addr.ip(), Instant::now()) {
             Ok(p) => p,
             Err(why) => {
-                crate::metrics::global()
+                crate::ops::metrics::global()
                     .connections_dropped
                     .fetch_add(1, Relaxed);
                 if let Some(held_back) = ctx.warnings.allow(addr.ip(), Instant::now()) {
@@ -141,7 +141,7 @@ pub async fn run(
     }
     drop(listener);
     drop(tls);
-    super::establish::flush_rejections(&ctx, true);
+    crate::scp::establish::flush_rejections(&ctx, true);
     let open = tasks.len();
     info!(connections = open, drain = ?ctx.node.drain_timeout(), "shutting down: no new associations");
     let _ = stop_tx.send(true);
@@ -174,7 +174,7 @@ async fn connection(
     let deadline = tokio::time::Instant::now() + artim;
     let handshake = async {
         let secured = secure(socket, acceptor, &addr, &ctx).await?;
-        super::establish::receive_association_request(secured, addr, &ctx, deadline).await
+        crate::scp::establish::receive_association_request(secured, addr, &ctx, deadline).await
     };
     let request = tokio::select! {
         r = tokio::time::timeout_at(deadline, handshake) => match r {
@@ -182,16 +182,16 @@ async fn connection(
             Ok(None) => return,
             Err(_) => {
                 debug!(peer = %addr, timeout = ?artim, "no association request within the ARTIM timeout");
-                crate::metrics::global().connections_dropped.fetch_add(1, Relaxed);
+                crate::ops::metrics::global().connections_dropped.fetch_add(1, Relaxed);
                 return;
             }
         },
         _ = pending.evicted() => {
             debug!(peer = %addr, "pending connection closed to make room for a newer one");
-            crate::metrics::global().connections_dropped.fetch_add(1, Relaxed);
+            crate::ops::metrics::global().connections_dropped.fetch_add(1, Relaxed);
             return;
         }
         _ = stop.wait_for(|s| *s) => return,
     };
-    service::serve(request, pending, ctx, stop).await;
+    association::serve(request, pending, ctx, stop).await;
 }

@@ -15,12 +15,8 @@
 pub mod admission;
 pub mod command;
 pub mod connection;
-pub mod establish;
 pub mod listener;
 pub mod negotiate;
-pub mod qr;
-pub mod rejections;
 pub mod scu;
-pub mod service;
 pub mod status;
 pub mod tls;

@@ -55,16 +55,16 @@ pub fn is_accepted_transfer_syntax(uid: &str) -> bool {
 
 /// Query/Retrieve FIND SOP classes (PS3.4 C.6): Patient Root and Study Root.
 pub const FIND_SOP_CLASSES: [&str; 2] = [
-    crate::find::query::PATIENT_ROOT_FIND,
-    crate::find::query::STUDY_ROOT_FIND,
+    crate::query::matching::PATIENT_ROOT_FIND,
+    crate::query::matching::STUDY_ROOT_FIND,
 ];
 
 /// Query/Retrieve MOVE and GET SOP classes (PS3.4 C.6).
 pub const RETRIEVE_SOP_CLASSES: [&str; 4] = [
-    super::qr::PATIENT_ROOT_MOVE,
-    super::qr::STUDY_ROOT_MOVE,
-    super::qr::PATIENT_ROOT_GET,
-    super::qr::STUDY_ROOT_GET,
+    crate::scp::qr::PATIENT_ROOT_MOVE,
+    crate::scp::qr::STUDY_ROOT_MOVE,
+    crate::scp::qr::PATIENT_ROOT_GET,
+    crate::scp::qr::STUDY_ROOT_GET,
 ];
 
 /// The uncompressed syntaxes: the only ones for messages without pixel data (C-ECHO, C-FIND).

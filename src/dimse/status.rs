@@ -1,7 +1,7 @@
 //! DIMSE status codes (PS3.7 Annex C, PS3.4 §B.2.3) and the single place where errors become
 //! statuses.
 
-use crate::ingest::IngestError;
+use crate::archive::ingest::IngestError;
 
 pub const SUCCESS: u16 = 0x0000;
 /// PS3.7 §C.5.12: the SOP class in the command is not the one of the presentation context.
@@ -84,8 +84,8 @@ pub fn store_failure(e: &IngestError) -> Failure {
 
 /// The C-FIND status for an identifier we cannot answer: a level or model mismatch is
 /// "Identifier does not match SOP Class" (A900); a malformed identifier "Unable to process" (C000).
-pub fn find_failure(e: &crate::find::query::QueryError) -> Failure {
-    use crate::find::query::QueryError;
+pub fn find_failure(e: &crate::query::matching::QueryError) -> Failure {
+    use crate::query::matching::QueryError;
     let status = match e {
         QueryError::NoLevel | QueryError::BadLevel(_) | QueryError::NotInModel(_) => {
             DATA_SET_DOES_NOT_MATCH_SOP_CLASS
@@ -96,8 +96,8 @@ pub fn find_failure(e: &crate::find::query::QueryError) -> Failure {
 }
 
 /// The final C-FIND status for a query that could not finish.
-pub fn find_error(e: &crate::find::FindError) -> Failure {
-    use crate::find::FindError;
+pub fn find_error(e: &crate::query::FindError) -> Failure {
+    use crate::query::FindError;
     match e {
         FindError::TooMany(_) => Failure::new(OUT_OF_RESOURCES, e.to_string()),
         FindError::Cancelled => Failure::new(CANCEL, ""),

@@ -23,10 +23,10 @@ use tracing::{info, warn};
 
 use super::Router;
 use crate::config::{Config, ForwardingConfig, PeerConfig};
-use crate::dimse::qr::{self, Body, PrepareError, Ready, SendError, Services, SUBOP_TIMEOUT};
+use crate::scp::qr::{self, Body, PrepareError, Ready, SendError, Services, SUBOP_TIMEOUT};
 use crate::dimse::scu::{Scu, StreamError};
 use crate::dimse::status;
-use crate::ingest::Activity;
+use crate::archive::ingest::Activity;
 use crate::ledger::{Entry, ForwardOutcome, ForwardUpdate, LedgerError};
 
 /// Most instances sent between two outcome commits.

@@ -14,7 +14,7 @@
 //!   `patient\0PID\0S\0UID` → (). The value of
 //!   a `study` key is `SOP Class UID\0Modality` (for the computed C-FIND attributes). C-FIND's
 //!   attribute index: `a\0TTTTTTTT\0value\0S\0SE\0UID` → () for each attribute of
-//!   [`crate::find::query::INDEXED`] (tag in hex, value normalised and escaped, see
+//!   [`crate::query::matching::INDEXED`] (tag in hex, value normalised and escaped, see
 //!   [`find_key`]), kept with the hierarchy keys so a new version moves them too;
 //! - `tree`: leaf index u64 BE → the hashes of the complete subtrees of the RFC 9162 Merkle tree
 //!   over the entries (leaf i = entry with sequence number i + 1) that appending leaf i created:

@@ -223,12 +223,12 @@ async fn handle(
     req: Request<hyper::body::Incoming>,
     ledger: Ledger,
     store: Store,
-    api: Option<crate::admin::Api>,
+    api: Option<crate::ops::admin::Api>,
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.uri().path().starts_with("/v1/") {
         return Ok(match &api {
-            Some(api) => crate::admin::handle(req, api, peer).await,
+            Some(api) => crate::ops::admin::handle(req, api, peer).await,
             None => reply(StatusCode::NOT_FOUND, "text/plain", "no admin API\n".into()),
         });
     }
@@ -294,11 +294,11 @@ pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     ledger: Ledger,
     store: Store,
-    api: Option<crate::admin::Api>,
+    api: Option<crate::ops::admin::Api>,
 ) {
-    let open = crate::throttle::Pool::new(MAX_OPEN, MAX_OPEN_PER_ADDRESS);
+    let open = crate::ops::throttle::Pool::new(MAX_OPEN, MAX_OPEN_PER_ADDRESS);
     let authenticated = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_AUTHENTICATED));
-    let refusals = std::sync::Arc::new(crate::throttle::Warnings::new(Duration::from_secs(60)));
+    let refusals = std::sync::Arc::new(crate::ops::throttle::Warnings::new(Duration::from_secs(60)));
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -349,7 +349,7 @@ pub async fn serve_admin(
                     let (slot, authenticated) = (slot.clone(), authenticated.clone());
                     async move {
                         let token_ok = api.as_ref().is_some_and(|a| {
-                            crate::admin::authorized(req.headers(), a.token.as_bytes())
+                            crate::ops::admin::authorized(req.headers(), a.token.as_bytes())
                         });
                         let _held = if token_ok {
                             let permit = tokio::time::timeout(

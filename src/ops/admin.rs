@@ -144,9 +144,9 @@ pub fn authorized(headers: &hyper::HeaderMap, token: &[u8]) -> bool {
 
 /// Warnings about requests without a valid token: one per source address a minute, so that a
 /// flood of them cannot fill the disk (each is still answered 401).
-fn unauthorized_warnings() -> &'static crate::throttle::Warnings {
-    static W: std::sync::OnceLock<crate::throttle::Warnings> = std::sync::OnceLock::new();
-    W.get_or_init(|| crate::throttle::Warnings::new(std::time::Duration::from_secs(60)))
+fn unauthorized_warnings() -> &'static crate::ops::throttle::Warnings {
+    static W: std::sync::OnceLock<crate::ops::throttle::Warnings> = std::sync::OnceLock::new();
+    W.get_or_init(|| crate::ops::throttle::Warnings::new(std::time::Duration::from_secs(60)))
 }
 
 /// Answers a request under `/v1/` from `peer`.
@@ -219,7 +219,7 @@ pub async fn handle(
             };
             let ledger = api.ledger.clone();
             let lines =
-                tokio::task::spawn_blocking(move || crate::audit::trail_of(&ledger, &filter, true))
+                tokio::task::spawn_blocking(move || crate::cli::audit::trail_of(&ledger, &filter, true))
                     .await;
             match lines {
                 Ok(Ok(text)) => {
@@ -265,15 +265,15 @@ pub async fn handle(
 }
 
 /// `since=…&ae=…&event=…` (each optional; `since` as `dicomchain audit --since` takes it).
-fn audit_filter(query: &str) -> Result<crate::audit::TrailFilter, String> {
-    let mut f = crate::audit::TrailFilter::default();
+fn audit_filter(query: &str) -> Result<crate::cli::audit::TrailFilter, String> {
+    let mut f = crate::cli::audit::TrailFilter::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = percent_decode(v).ok_or_else(|| format!("{k}: bad percent-encoding"))?;
         match k {
             "since" => {
                 f.since_micros =
-                    Some(crate::audit::parse_since(&v).ok_or(
+                    Some(crate::cli::audit::parse_since(&v).ok_or(
                         "since: use YYYY-MM-DD[THH:MM:SS] (UTC) or seconds since the epoch",
                     )?)
             }

@@ -19,14 +19,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::command::{field, store_rq, tag, Command, CommandBuilder, NO_DATA_SET};
-use super::scu::Scu;
-use super::status::{self, Failure};
+use crate::dimse::command::{field, store_rq, tag, Command, CommandBuilder, NO_DATA_SET};
+use crate::dimse::scu::Scu;
+use crate::dimse::status::{self, Failure};
 use crate::acl::Permission;
 use crate::config::PeerConfig;
-use crate::find::{self, dataset, query, FindError, FindOptions};
+use crate::query::{self, dataset, matching, FindError, FindOptions};
 use crate::ledger::{Entry, Ledger, SpooledEvent};
-use crate::retrieve;
+use crate::archive::retrieve;
 use crate::split::Encoding;
 use crate::store::Store;
 
@@ -49,10 +49,10 @@ const NATIVE: [&str; 3] = [
 ];
 
 /// The information model of a MOVE or GET SOP class.
-pub fn retrieve_model(sop_class: &str) -> Option<query::Model> {
+pub fn retrieve_model(sop_class: &str) -> Option<matching::Model> {
     match sop_class {
-        PATIENT_ROOT_MOVE | PATIENT_ROOT_GET => Some(query::Model::PatientRoot),
-        STUDY_ROOT_MOVE | STUDY_ROOT_GET => Some(query::Model::StudyRoot),
+        PATIENT_ROOT_MOVE | PATIENT_ROOT_GET => Some(matching::Model::PatientRoot),
+        STUDY_ROOT_MOVE | STUDY_ROOT_GET => Some(matching::Model::StudyRoot),
         _ => None,
     }
 }
@@ -162,14 +162,14 @@ fn response(req: &Request, command_field: u16) -> CommandBuilder {
 pub fn run_find(
     services: &Services,
     req: &Request,
-    q: &query::Query,
+    q: &matching::Query,
     opts: &FindOptions,
     cancel: &AtomicBool,
     out: &mpsc::Sender<Outgoing>,
 ) {
     let started = Instant::now();
     let mut sent = 0usize;
-    let result = find::run(
+    let result = query::run(
         &services.ledger,
         q,
         opts,
@@ -285,7 +285,7 @@ pub(crate) enum Body {
     /// `verified` gives the check's outcome.
     Stream {
         chunks: mpsc::Receiver<Vec<u8>>,
-        verified: tokio::sync::oneshot::Receiver<Result<(), super::scu::CheckFailure>>,
+        verified: tokio::sync::oneshot::Receiver<Result<(), crate::dimse::scu::CheckFailure>>,
     },
 }
 
@@ -348,7 +348,7 @@ pub(crate) async fn prepare_entry(
                 }
                 Ok(()) => {}
             }
-            let _ = done.send(result.map_err(|e| super::scu::CheckFailure {
+            let _ = done.send(result.map_err(|e| crate::dimse::scu::CheckFailure {
                 integrity: e.integrity_reason().is_some(),
                 why: e.to_string(),
             }));
@@ -548,12 +548,12 @@ fn pending(req: &Request, command_field: u16, counts: &Counts) -> Outgoing {
 /// Resolves the identifier to the instances to send (blocking ledger reads).
 async fn resolve(
     services: &Services,
-    q: query::Query,
+    q: matching::Query,
     cancel: &Arc<AtomicBool>,
 ) -> Result<Vec<String>, Failure> {
     let ledger = services.ledger.clone();
     let cancel = cancel.clone();
-    match tokio::task::spawn_blocking(move || find::instances(&ledger, &q, &cancel)).await {
+    match tokio::task::spawn_blocking(move || query::instances(&ledger, &q, &cancel)).await {
         Ok(Ok(uids)) => Ok(uids),
         Ok(Err(e)) => Err(status::find_error(&e)),
         Err(e) => Err(Failure::new(
@@ -568,7 +568,7 @@ pub async fn run_move(
     services: Services,
     req: Request,
     destination: String,
-    q: query::Query,
+    q: matching::Query,
     cancel: Arc<AtomicBool>,
     out: mpsc::Sender<Outgoing>,
 ) {
@@ -930,7 +930,7 @@ async fn stream_to_requestor(
     sop_class_uid: &str,
     uid: &str,
     chunks: &mut mpsc::Receiver<Vec<u8>>,
-    verified: tokio::sync::oneshot::Receiver<Result<(), super::scu::CheckFailure>>,
+    verified: tokio::sync::oneshot::Receiver<Result<(), crate::dimse::scu::CheckFailure>>,
 ) -> Result<u16, String> {
     let closed = |_| "association closed".to_string();
     let command = store_rq(sop_class_uid, uid, id, None);
@@ -992,7 +992,7 @@ fn tally(counts: &mut Counts, uid: &str, code: u16) {
 pub async fn run_get(
     services: Services,
     req: Request,
-    q: query::Query,
+    q: matching::Query,
     contexts: Vec<(u8, String, String)>,
     cancel: Arc<AtomicBool>,
     out: mpsc::Sender<Outgoing>,

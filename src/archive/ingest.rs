@@ -164,7 +164,7 @@ impl Drop for Charge {
 }
 
 fn gauge(delta: i64) {
-    crate::metrics::global()
+    crate::ops::metrics::global()
         .bytes_in_flight
         .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
 }
@@ -786,7 +786,7 @@ pub fn index_record(
         Some(enc) => {
             let prefix = record.indexable_prefix();
             let mut attrs = instance::index_attrs(prefix, enc, fallback, false)?;
-            (attrs.modality, attrs.find_values) = crate::find::index_values(prefix, enc, false);
+            (attrs.modality, attrs.find_values) = crate::query::index_values(prefix, enc, false);
             attrs
         }
         None => {
@@ -795,7 +795,7 @@ pub fn index_record(
             let enc = Encoding::ExplicitLittle;
             let mut attrs = instance::index_attrs(&inflated, enc, fallback, !complete)?;
             (attrs.modality, attrs.find_values) =
-                crate::find::index_values(&inflated, enc, !complete);
+                crate::query::index_values(&inflated, enc, !complete);
             attrs
         }
     };
@@ -892,10 +892,10 @@ mod tests {
             let (ledger, sealed) = (ledger.clone(), sealed.clone());
             async move {
                 let entry = ledger.entry(seq).unwrap().unwrap();
-                let inst = crate::retrieve::load_instance(&ledger, &entry)?;
+                let inst = crate::archive::retrieve::load_instance(&ledger, &entry)?;
                 let mut out = Vec::new();
-                crate::retrieve::rebuild(&sealed, &entry, &inst, &mut out).await?;
-                Ok::<_, crate::retrieve::RetrieveError>(out)
+                crate::archive::retrieve::rebuild(&sealed, &entry, &inst, &mut out).await?;
+                Ok::<_, crate::archive::retrieve::RetrieveError>(out)
             }
         };
         // The node with a master key reads both: the old object as it is, the new one sealed.

@@ -8,7 +8,7 @@
 //! title. A flood thus adds at most two entries per source per window. The same decision keeps
 //! the log to a line per source per window.
 //!
-//! A source is what [`admission::source`](super::admission::source) says: an IPv4 address or an
+//! A source is what [`admission::source`](crate::dimse::admission::source) says: an IPv4 address or an
 //! IPv6 /64. Bounded in memory: at most [`MAX_SOURCES`] addresses are tracked; beyond that, rejections
 //! from new addresses are counted together under "other sources".
 
@@ -61,8 +61,8 @@ impl Summary {
             self.source
                 .map(|ip| ip.to_string())
                 .unwrap_or_else(|| "other sources".into()),
-            crate::audit::timestamp(micros(self.first)),
-            crate::audit::timestamp(micros(self.last)),
+            crate::cli::audit::timestamp(micros(self.first)),
+            crate::cli::audit::timestamp(micros(self.last)),
             self.last_calling_ae,
             reasons.join("; ")
         )
@@ -120,7 +120,7 @@ impl Inner {
 impl Rejections {
     /// Notes one rejection of a request from `ip` (calling AE title, reason).
     pub fn note(&self, ip: Option<IpAddr>, calling_ae: &str, reason: &str, now: Instant) -> Note {
-        let ip = ip.map(super::admission::source);
+        let ip = ip.map(crate::dimse::admission::source);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         // The first from a source in its window is recorded on its own, while the global
         // budget lasts: a flood from many addresses cannot turn each into an entry.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::ledger::{Ledger, LedgerError};
-use crate::retrieve::{self, RetrieveError};
+use crate::archive::retrieve::{self, RetrieveError};
 use crate::store::{Store, StoreError};
 
 /// What to export.
@@ -57,7 +57,7 @@ pub async fn run(cfg: &Config, selection: &Selection, out: &Path) -> Result<Repo
         .map_err(io_err(&std::env::temp_dir()))?;
     let ledger = Ledger::open_secondary(&cfg.ledger.path, scratch.path())?;
     let store = Store::open_read_only(&cfg.store).await?.with_master_key(
-        crate::ingest::read_master_key(&ledger, &cfg.security.master_key_file)
+        crate::archive::ingest::read_master_key(&ledger, &cfg.security.master_key_file)
             .map_err(|e| ExportError::Store(crate::store::StoreError::Config(e)))?,
     );
     let uids = match selection {

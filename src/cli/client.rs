@@ -16,7 +16,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use crate::config::Config;
 use crate::dimse::command::{field, tag};
 use crate::dimse::scu::Scu;
-use crate::import::parse_header;
+use crate::cli::import::parse_header;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
@@ -136,7 +136,7 @@ pub async fn store(
     target: &Target,
     paths: &[PathBuf],
 ) -> Result<Vec<Sent>, ClientError> {
-    let (files, unreadable) = crate::import::collect_files(paths);
+    let (files, unreadable) = crate::cli::import::collect_files(paths);
     let mut out: Vec<Sent> = unreadable
         .into_iter()
         .map(|(path, why)| Sent {
@@ -490,7 +490,7 @@ pub async fn get(
             } else {
                 let path = out.join(format!("{safe}.dcm"));
                 let mut bytes =
-                    crate::retrieve::part10_header_for(&class, &uid, &syntax, &target.ae_title);
+                    crate::archive::retrieve::part10_header_for(&class, &uid, &syntax, &target.ae_title);
                 bytes.extend_from_slice(&data.unwrap_or_default());
                 match std::fs::write(&path, bytes) {
                     Ok(()) => {

@@ -17,18 +17,18 @@ use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValueType, Pdu};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
-use super::admission::{Admission, Pending, Slot};
-use super::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
-use super::connection::{ConnError, Connection, PData, Pdv, Received};
+use crate::dimse::admission::{Admission, Pending, Slot};
+use crate::dimse::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
+use crate::dimse::connection::{ConnError, Connection, PData, Pdv, Received};
 use super::establish::{self, Request};
-use super::negotiate::{self, Negotiated, Policy, VERIFICATION};
+use crate::dimse::negotiate::{self, Negotiated, Policy, VERIFICATION};
 use super::qr::{self, Outgoing, Services};
 use super::rejections::Rejections;
-use super::status::{self, Failure};
+use crate::dimse::status::{self, Failure};
 use crate::acl::Permission;
 use crate::config::NodeConfig;
-use crate::find::{dataset, query, FindOptions};
-use crate::ingest::{Incoming, Pipeline, StoreContext};
+use crate::query::{dataset, matching, FindOptions};
+use crate::archive::ingest::{Incoming, Pipeline, StoreContext};
 use crate::ledger::trail::{self, AuditRecord};
 use crate::ledger::StoreOutcome;
 use crate::split::Encoding;
@@ -57,7 +57,7 @@ pub struct NodeContext {
     pub rejections: Rejections,
     /// Warnings about connections that misbehave before an association: one per source a
     /// minute, with how many were held back.
-    pub warnings: crate::throttle::Warnings,
+    pub warnings: crate::ops::throttle::Warnings,
 }
 
 /// Answers an association request and, when it is accepted, serves the association to the
@@ -80,14 +80,14 @@ pub async fn serve(
         };
         // The association holds its slot now; its place among pending connections is free.
         drop(pending);
-        let metrics = crate::metrics::global();
+        let metrics = crate::ops::metrics::global();
         metrics.associations_total.fetch_add(1, Relaxed);
         metrics.associations_open.fetch_add(1, Relaxed);
         /// Counts the association as open until it ends, however it ends.
         struct Open;
         impl Drop for Open {
             fn drop(&mut self) {
-                crate::metrics::global()
+                crate::ops::metrics::global()
                     .associations_open
                     .fetch_sub(1, Relaxed);
             }
@@ -530,7 +530,7 @@ impl Association {
     }
 
     async fn dispatch(&mut self, context_id: u8, cmd: Command) -> Result<(), Abort> {
-        let bad = |e: super::command::CommandError| {
+        let bad = |e: crate::dimse::command::CommandError| {
             Abort(
                 AbortRQServiceProviderReason::InvalidPduParameter,
                 e.to_string(),
@@ -589,7 +589,7 @@ impl Association {
                 };
                 let (class_ok, not_ours) = match operation {
                     Operation::Find => (
-                        query::Model::of_sop_class(&sop_class_uid).is_some(),
+                        matching::Model::of_sop_class(&sop_class_uid).is_some(),
                         "not a Query/Retrieve FIND SOP Class",
                     ),
                     Operation::Move { .. } => (
@@ -772,7 +772,7 @@ impl Association {
             }
             (None, Some(incoming)) => match incoming.finish(&op.context).await {
                 Ok(stored) => {
-                    let m = crate::metrics::global();
+                    let m = crate::ops::metrics::global();
                     match stored.outcome {
                         StoreOutcome::Stored { .. } => m.instances_stored.fetch_add(1, Relaxed),
                         StoreOutcome::Duplicate { .. } => {
@@ -796,8 +796,8 @@ impl Association {
                 }
                 Err(e) => {
                     warn!(error = %e, "C-STORE failed");
-                    if matches!(e, crate::ingest::IngestError::Store(_)) {
-                        crate::metrics::global()
+                    if matches!(e, crate::archive::ingest::IngestError::Store(_)) {
+                        crate::ops::metrics::global()
                             .object_store_errors
                             .fetch_add(1, Relaxed);
                     }
@@ -812,7 +812,7 @@ impl Association {
             .u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, op.message_id)
             .u16(tag::COMMAND_DATA_SET_TYPE, NO_DATA_SET)
             .uid(tag::AFFECTED_SOP_INSTANCE_UID, &op.context.sop_instance_uid);
-        crate::metrics::global().observe_store(op.started.elapsed());
+        crate::ops::metrics::global().observe_store(op.started.elapsed());
         match result {
             Ok(()) => {
                 self.stored += 1;
@@ -820,7 +820,7 @@ impl Association {
             }
             Err(f) => {
                 self.failed += 1;
-                crate::metrics::global()
+                crate::ops::metrics::global()
                     .instances_failed
                     .fetch_add(1, Relaxed);
                 rsp = rsp.u16(tag::STATUS, f.status).text(
@@ -844,10 +844,10 @@ impl Association {
             .map(|c| c.transfer_syntax.clone())
             .unwrap_or_default();
         let model = match req.operation {
-            Operation::Find => query::Model::of_sop_class(&req.sop_class_uid),
+            Operation::Find => matching::Model::of_sop_class(&req.sop_class_uid),
             _ => qr::retrieve_model(&req.sop_class_uid),
         };
-        let matching = query::MatchOptions {
+        let matching = matching::MatchOptions {
             case_insensitive_names: self.ctx.node.find_case_insensitive_names,
             combined_datetime: self
                 .negotiated
@@ -878,7 +878,7 @@ impl Association {
             (Some(enc), Some(model)) => dataset::parse(&req.bytes, enc, false)
                 .map_err(|e| Failure::new(status::CANNOT_UNDERSTAND, e.to_string()))
                 .and_then(|elements| {
-                    query::Query::parse(&elements, model, matching)
+                    matching::Query::parse(&elements, model, matching)
                         .map_err(|e| status::find_failure(&e))
                 })
                 .and_then(|q| {
@@ -1083,12 +1083,12 @@ fn request_field(op: &Operation) -> u16 {
 
 /// A C-MOVE or C-GET identifier must name what to retrieve: the unique key of its level, with a
 /// value (PS3.4 C.4.2.2.1). A universal one would send the whole archive.
-fn retrieval_keys(q: &query::Query) -> Result<(), Failure> {
-    let unique = query::unique_key(q.level);
+fn retrieval_keys(q: &matching::Query) -> Result<(), Failure> {
+    let unique = matching::unique_key(q.level);
     let single = match q.key(unique).map(|k| &k.matcher) {
-        Some(query::Matcher::Uids(list)) => !list.is_empty(),
+        Some(matching::Matcher::Uids(list)) => !list.is_empty(),
         // PatientID: single values (a list of them too), never wild cards.
-        Some(query::Matcher::Text(patterns)) => patterns.iter().all(|p| p.is_exact()),
+        Some(matching::Matcher::Text(patterns)) => patterns.iter().all(|p| p.is_exact()),
         _ => false,
     };
     if single {

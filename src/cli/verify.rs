@@ -169,7 +169,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
     let ledger = Ledger::open_secondary(&cfg.ledger.path, scratch.path())?;
     let vkey = match &opts.verifier_key {
         Some(k) => k.clone(),
-        None => crate::audit::verifier_key(cfg).map_err(|e| VerifyError::Setup(e.to_string()))?,
+        None => crate::cli::audit::verifier_key(cfg).map_err(|e| VerifyError::Setup(e.to_string()))?,
     };
     let mut problems = Vec::new();
     let scan = ledger.scrub();
@@ -516,7 +516,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
     report.erased = erased.len() as u64;
     if !opts.ledger_only {
         let store = Store::open_read_only(&cfg.store).await?.with_master_key(
-            crate::ingest::read_master_key(&ledger, &cfg.security.master_key_file)
+            crate::archive::ingest::read_master_key(&ledger, &cfg.security.master_key_file)
                 .map_err(VerifyError::Setup)?,
         );
         let progress = Progress {
@@ -548,7 +548,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
                 }
                 Err(e) => return Err(e.into()),
             };
-            if key.is_none() && crate::retrieve::needs_key_record(entry) {
+            if key.is_none() && crate::archive::retrieve::needs_key_record(entry) {
                 object_problems.push(problem(format!(
                     "the key record of pixel object {} is missing (it cannot be decrypted)",
                     entry.object_name

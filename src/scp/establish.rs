@@ -9,12 +9,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AssociationRQ, Pdu};
 use tracing::{debug, info, warn};
 
-use super::admission::Slot;
-use super::connection::Connection;
-use super::listener::Secured;
-use super::negotiate::{self, Negotiated};
+use crate::dimse::admission::Slot;
+use crate::dimse::connection::Connection;
+use crate::dimse::listener::Secured;
+use crate::dimse::negotiate::{self, Negotiated};
 use super::rejections;
-use super::service::{pdu_name, NodeContext};
+use super::association::{pdu_name, NodeContext};
 use crate::acl::Transport;
 use crate::ledger::trail::{self, AuditRecord};
 
@@ -135,7 +135,7 @@ pub(super) async fn accept(
             Some((conn, negotiated, slot))
         }
         Err(rejection) => {
-            crate::metrics::global()
+            crate::ops::metrics::global()
                 .associations_rejected
                 .fetch_add(1, Relaxed);
             let note = ctx.rejections.note(
@@ -171,7 +171,7 @@ enum Rejection {
     /// acceptable presentation context).
     Negotiation(dicom_ul::pdu::AssociationRJ),
     AccessControl(crate::acl::Refusal),
-    Busy(super::admission::Busy),
+    Busy(crate::dimse::admission::Busy),
 }
 
 impl Rejection {

@@ -2,7 +2,7 @@
 //!
 //! - [`dataset`] parses identifiers and stored metadata into elements and writes responses;
 //! - [`charset`] decodes text under any Specific Character Set, ISO 2022 extensions included;
-//! - [`query`] turns an identifier into keys with the matching rules of PS3.4 C.2.2.2;
+//! - [`matching`] turns an identifier into keys with the matching rules of PS3.4 C.2.2.2;
 //! - this module plans and runs a query: it picks the most selective index range (probing each
 //!   candidate for at most [`PROBE`] entities), walks it skipping over the rest of every study or
 //!   series already seen, and checks each candidate's stored metadata against every key. So the
@@ -13,7 +13,7 @@
 
 pub mod charset;
 pub mod dataset;
-pub mod query;
+pub mod matching;
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -21,17 +21,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use charset::Charset;
 use dataset::{Element, Value};
-use query::*;
+use matching::*;
 
 use crate::instance::Layout;
 use crate::ledger::{find_key, Ledger, LedgerError, Step};
-use crate::retrieve::{self, RetrieveError};
+use crate::archive::retrieve::{self, RetrieveError};
 use crate::split::Encoding;
 
 /// Most entities counted when estimating how selective an index range is.
 pub const PROBE: usize = 64;
 
-/// The normalised index values of a data set (for [`query::INDEXED`]) and its Modality.
+/// The normalised index values of a data set (for [`matching::INDEXED`]) and its Modality.
 /// Reading never fails an ingest: what cannot be parsed is not indexed.
 pub fn index_values(bytes: &[u8], enc: Encoding, partial: bool) -> (String, Vec<(u32, String)>) {
     let elements = dataset::parse(bytes, enc, partial)
@@ -507,7 +507,7 @@ fn load(ledger: &Ledger, sop: &str) -> Result<Option<Loaded>, FindError> {
                 enc,
             },
             _ => {
-                let (inflated, _) = crate::ingest::inflate_start(&record.meta)
+                let (inflated, _) = crate::archive::ingest::inflate_start(&record.meta)
                     .map_err(|e| FindError::Record(e.to_string()))?;
                 Loaded {
                     bytes: inflated,

@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
-use crate::ingest::{Pipeline, StoreContext};
+use crate::archive::ingest::{Pipeline, StoreContext};
 use crate::ledger::{Ledger, LedgerError, StoreOutcome};
 use crate::store::Store;
 
@@ -195,7 +195,7 @@ pub fn run(cfg: &Config, paths: &[PathBuf], jobs: usize) -> Result<Summary, Impo
     let result = rt.block_on(async {
         crate::util::perms::check_key_file(&cfg.security.master_key_file, "key file")
             .map_err(ImportError::MasterKey)?;
-        let master = crate::ingest::master_key(&ledger, &cfg.security.master_key_file)
+        let master = crate::archive::ingest::master_key(&ledger, &cfg.security.master_key_file)
             .map_err(ImportError::MasterKey)?;
         let store = Store::open(&cfg.store)
             .await?
@@ -399,7 +399,7 @@ async fn dataset_digest(path: &Path, offset: usize) -> std::io::Result<[u8; 32]>
 mod tests {
     use super::*;
 
-    use crate::retrieve::meta_element as element;
+    use crate::archive::retrieve::meta_element as element;
 
     fn file() -> Vec<u8> {
         let mut f = vec![0u8; 128];

@@ -1,0 +1,7 @@
+//! The archive: what the services do with instances, over the ledger and the object store.
+//!
+//! - [`ingest`]: a received data set split, its pixel object stored, its entry committed;
+//! - [`retrieve`]: an instance loaded from both halves, checked and rebuilt byte for byte.
+
+pub mod ingest;
+pub mod retrieve;
