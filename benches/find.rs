@@ -1,6 +1,6 @@
 //! C-FIND benchmark: bulk-loads synthetic instances through the real ingest pipeline (splitter,
 //! index scanner, group-committed ledger with its C-FIND index; no network) and times queries
-//! as the SCP runs them (`find::run`, identifiers encoded), at growing archive sizes.
+//! as the SCP runs them (`query::run`, identifiers encoded), at growing archive sizes.
 //!
 //! usage: cargo bench --bench find [-- INSTANCES]    (default 1 000 000)
 //!
@@ -16,7 +16,7 @@
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use dicomchain::query::{self, dataset, query, FindOptions};
+use dicomchain::query::{self, dataset, matching, FindOptions};
 use dicomchain::archive::ingest::{Pipeline, StoreContext};
 use dicomchain::ledger::Ledger;
 use dicomchain::split::Encoding;
@@ -195,7 +195,7 @@ fn identifier(level: &str, keys: &[(u32, &[u8; 2], String)]) -> Vec<u8> {
 fn time_query(ledger: &Ledger, bytes: &[u8], expect_at_least: usize) -> (Duration, usize) {
     let t = Instant::now();
     let elements = dataset::parse(bytes, Encoding::ExplicitLittle, false).unwrap();
-    let q = query::Query::parse(&elements, query::Model::StudyRoot, Default::default()).unwrap();
+    let q = matching::Query::parse(&elements, matching::Model::StudyRoot, Default::default()).unwrap();
     let opts = FindOptions {
         matching: Default::default(),
         max_results: 100_000,
@@ -203,7 +203,7 @@ fn time_query(ledger: &Ledger, bytes: &[u8], expect_at_least: usize) -> (Duratio
     };
     let cancel = AtomicBool::new(false);
     let mut n = 0;
-    find::run(ledger, &q, &opts, Encoding::ExplicitLittle, &cancel, |_| {
+    query::run(ledger, &q, &opts, Encoding::ExplicitLittle, &cancel, |_| {
         n += 1;
         true
     })

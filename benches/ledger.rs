@@ -42,7 +42,7 @@ fn request(i: u64) -> StoreRequest {
         record: encoded,
         object_name: Some(object_name(&key)),
         // Every new object is sealed: its key record goes in the entry's batch.
-        object_key: Some(dicomchain::store::ObjectKey { salt: key }),
+        object_key: Some(dicomchain::instance::ObjectKey { salt: key }),
         attrs: IndexAttrs {
             sop_class_uid: record.sop_class_uid.clone(),
             sop_instance_uid: uid,

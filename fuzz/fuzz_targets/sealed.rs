@@ -3,7 +3,8 @@
 //! what it does open must be exactly the plaintext that was sealed.
 #![no_main]
 
-use dicomchain::store::{MasterKey, ObjectKey};
+use dicomchain::instance::ObjectKey;
+use dicomchain::store::MasterKey;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
