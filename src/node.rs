@@ -7,7 +7,7 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::dimse::negotiate::Policy;
-use crate::scp::association::NodeContext;
+use crate::scp::context::NodeContext;
 use crate::archive::ingest::Pipeline;
 use crate::ledger::{Ledger, LedgerError};
 use crate::store::{Store, StoreError};

@@ -37,6 +37,6 @@ fuzz_target!(|input: &[u8]| {
     if let Some((meta, bulk)) = whole {
         assert_eq!(meta.len() + bulk.len(), data.len());
         let _ = dicomchain::instance::index_attrs(&meta, enc, ("1.2", "1.2.3"), false);
-        let _ = dicomchain::query::index_values(&meta, enc, false);
+        let _ = dicomchain::query::index::index_values(&meta, enc, false);
     }
 });

@@ -10,7 +10,6 @@
 //! written leaves the entry recorded as unacknowledged (see `ledger::unacked`).
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -22,9 +21,6 @@ use crate::store::{Store, StoreError, Upload};
 
 /// Deflated Explicit VR Little Endian (PS3.5 §A.5).
 pub const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
-/// Most bytes of a deflated data set inflated for indexing: the attributes we index sit at its
-/// start, so the rest is never inflated (and a deflate bomb costs at most this much).
-const MAX_INFLATED: u64 = 4 * 1024 * 1024;
 
 /// How long an object's sync waits for the ledger's group commit before it starts anyway (the
 /// order only lets both share a journal commit; see `Incoming::finish_inner`).
@@ -786,32 +782,21 @@ pub fn index_record(
         Some(enc) => {
             let prefix = record.indexable_prefix();
             let mut attrs = instance::index_attrs(prefix, enc, fallback, false)?;
-            (attrs.modality, attrs.find_values) = crate::query::index_values(prefix, enc, false);
+            (attrs.modality, attrs.find_values) = crate::query::index::index_values(prefix, enc, false);
             attrs
         }
         None => {
-            let (inflated, complete) = inflate_start(&record.meta)?;
+            let (inflated, complete) = super::retrieve::inflate_start(&record.meta)
+                .map_err(|e| IngestError::Deflate(e.to_string()))?;
             // The inflated form is Explicit VR Little Endian (PS3.5 §A.5).
             let enc = Encoding::ExplicitLittle;
             let mut attrs = instance::index_attrs(&inflated, enc, fallback, !complete)?;
             (attrs.modality, attrs.find_values) =
-                crate::query::index_values(&inflated, enc, !complete);
+                crate::query::index::index_values(&inflated, enc, !complete);
             attrs
         }
     };
     Ok(attrs)
-}
-
-/// Inflates up to [`MAX_INFLATED`] bytes; says whether that was the whole stream.
-pub(crate) fn inflate_start(deflated: &[u8]) -> Result<(Vec<u8>, bool), IngestError> {
-    let mut out = Vec::new();
-    flate2::read::DeflateDecoder::new(deflated)
-        .take(MAX_INFLATED + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| IngestError::Deflate(e.to_string()))?;
-    let complete = out.len() as u64 <= MAX_INFLATED;
-    out.truncate(MAX_INFLATED as usize);
-    Ok((out, complete))
 }
 
 #[cfg(test)]

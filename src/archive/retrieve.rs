@@ -104,6 +104,23 @@ fn read_error(e: StoreError) -> RetrieveError {
     }
 }
 
+/// Most bytes of a deflated data set inflated for indexing and matching: the attributes the index
+/// keeps sit at its start, so the rest is never inflated (and a deflate bomb costs at most this).
+pub const MAX_INFLATED: u64 = 4 * 1024 * 1024;
+
+/// Inflates up to [`MAX_INFLATED`] bytes of a deflated data set; says whether that was the whole
+/// stream.
+pub fn inflate_start(deflated: &[u8]) -> std::io::Result<(Vec<u8>, bool)> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::DeflateDecoder::new(deflated)
+        .take(MAX_INFLATED + 1)
+        .read_to_end(&mut out)?;
+    let complete = out.len() as u64 <= MAX_INFLATED;
+    out.truncate(MAX_INFLATED as usize);
+    Ok((out, complete))
+}
+
 /// Loads and checks the metadata record an entry commits to.
 pub fn load_record(ledger: &Ledger, entry: &Entry) -> Result<MetadataRecord, RetrieveError> {
     let Some(raw) = ledger.record_of(entry)? else {

@@ -21,9 +21,39 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
-use super::admission::Pending;
+use super::admission::{Admission, Pending};
 use super::connection::Stream;
-use crate::scp::association::{self, NodeContext};
+
+/// The services above the wire, as the accept loop sees them: who is admitted, how an
+/// association request is received and answered, and how an accepted association is served.
+pub trait Services: Send + Sync + Sized + 'static {
+    /// An association request, read within the ARTIM timeout and not yet answered.
+    type Request: Send + 'static;
+    fn admission(&self) -> &Admission;
+    fn artim_timeout(&self) -> Duration;
+    fn drain_timeout(&self) -> Duration;
+    /// Whether a misbehaving connection from `ip` may be logged now (`Some`, with how many
+    /// warnings were held back since the last one) or only counted.
+    fn warn_allowed(&self, ip: std::net::IpAddr) -> Option<u64>;
+    /// Reads the A-ASSOCIATE-RQ from a new connection (`None`: the connection is closed).
+    fn receive(
+        &self,
+        secured: Secured,
+        addr: SocketAddr,
+        deadline: tokio::time::Instant,
+    ) -> impl std::future::Future<Output = Option<Self::Request>> + Send;
+    /// Answers the request and serves the association to its end; `pending` is given up once
+    /// the association holds a slot, and `stop` turns true when the node stops.
+    fn serve(
+        self: Arc<Self>,
+        request: Self::Request,
+        pending: Pending,
+        stop: watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = ()> + Send;
+    /// Writes rejected associations summed up per source to the audit trail (`all`: also the
+    /// sources still being counted).
+    fn flush_rejections(&self, all: bool);
+}
 
 /// How an accepted connection's stream came to be.
 pub struct Secured {
@@ -38,7 +68,7 @@ async fn secure(
     socket: TcpStream,
     acceptor: Option<TlsAcceptor>,
     addr: &SocketAddr,
-    ctx: &NodeContext,
+    ctx: &impl Services,
 ) -> Option<Secured> {
     let Some(acceptor) = acceptor else {
         return Some(Secured {
@@ -57,7 +87,7 @@ async fn secure(
             })
         }
         Err(e) => {
-            if let Some(held_back) = ctx.warnings.allow(addr.ip(), Instant::now()) {
+            if let Some(held_back) = ctx.warn_allowed(addr.ip()) {
                 info!(peer = %addr, error = %e, held_back, "TLS handshake failed");
             }
             crate::ops::metrics::global()
@@ -70,10 +100,10 @@ async fn secure(
 
 /// Serves associations on the plain `listener` and the TLS one, whichever are configured,
 /// until `shutdown` completes, then drains. Both share the admission rules.
-pub async fn run(
+pub async fn run<S: Services>(
     listener: Option<TcpListener>,
     tls: Option<(TcpListener, TlsAcceptor)>,
-    ctx: Arc<NodeContext>,
+    ctx: Arc<S>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -100,7 +130,7 @@ pub async fn run(
             r = plain_accept => (r, None),
             r = tls_accept => r,
             _ = flush.tick() => {
-                crate::scp::establish::flush_rejections(&ctx, false);
+                ctx.flush_rejections(false);
                 continue;
             }
             _ = &mut shutdown => break,
@@ -119,13 +149,13 @@ pub async fn run(
             }
         };
         while tasks.try_join_next().is_some() {}
-        let pending = match ctx.admission.enter(addr.ip(), Instant::now()) {
+        let pending = match ctx.admission().enter(addr.ip(), Instant::now()) {
             Ok(p) => p,
             Err(why) => {
                 crate::ops::metrics::global()
                     .connections_dropped
                     .fetch_add(1, Relaxed);
-                if let Some(held_back) = ctx.warnings.allow(addr.ip(), Instant::now()) {
+                if let Some(held_back) = ctx.warn_allowed(addr.ip()) {
                     warn!(peer = %addr, reason = %why, held_back, "connection closed before its association request");
                 }
                 drop(socket);
@@ -141,11 +171,11 @@ pub async fn run(
     }
     drop(listener);
     drop(tls);
-    crate::scp::establish::flush_rejections(&ctx, true);
+    ctx.flush_rejections(true);
     let open = tasks.len();
-    info!(connections = open, drain = ?ctx.node.drain_timeout(), "shutting down: no new associations");
+    info!(connections = open, drain = ?ctx.drain_timeout(), "shutting down: no new associations");
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(ctx.node.drain_timeout(), async {
+    let drained = tokio::time::timeout(ctx.drain_timeout(), async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
@@ -162,19 +192,19 @@ pub async fn run(
 /// One connection from accept to close: TLS handshake and A-ASSOCIATE-RQ while pending (all
 /// within the ARTIM timeout, and ended early when a newer connection evicts it or the node
 /// stops), then the association.
-async fn connection(
+async fn connection<S: Services>(
     socket: TcpStream,
     addr: SocketAddr,
     acceptor: Option<TlsAcceptor>,
     pending: Pending,
-    ctx: Arc<NodeContext>,
+    ctx: Arc<S>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let artim = ctx.node.artim_timeout();
+    let artim = ctx.artim_timeout();
     let deadline = tokio::time::Instant::now() + artim;
     let handshake = async {
-        let secured = secure(socket, acceptor, &addr, &ctx).await?;
-        crate::scp::establish::receive_association_request(secured, addr, &ctx, deadline).await
+        let secured = secure(socket, acceptor, &addr, &*ctx).await?;
+        ctx.receive(secured, addr, deadline).await
     };
     let request = tokio::select! {
         r = tokio::time::timeout_at(deadline, handshake) => match r {
@@ -193,5 +223,5 @@ async fn connection(
         }
         _ = stop.wait_for(|s| *s) => return,
     };
-    association::serve(request, pending, ctx, stop).await;
+    ctx.serve(request, pending, stop).await;
 }

@@ -1,7 +1,5 @@
-//! DIMSE status codes (PS3.7 Annex C, PS3.4 §B.2.3) and the single place where errors become
-//! statuses.
-
-use crate::archive::ingest::IngestError;
+//! DIMSE status codes (PS3.7 Annex C, PS3.4 §B.2.3) and a failure with its Error Comment. Which
+//! error becomes which status is decided in one place above the wire: `scp::status`.
 
 pub const SUCCESS: u16 = 0x0000;
 /// PS3.7 §C.5.12: the SOP class in the command is not the one of the presentation context.
@@ -51,89 +49,6 @@ impl Failure {
             status,
             comment: comment.into(),
         }
-    }
-}
-
-/// The C-STORE status for an ingest error.
-pub fn store_failure(e: &IngestError) -> Failure {
-    let status = match e {
-        IngestError::Split(_) | IngestError::Parse(_) | IngestError::Deflate(_) => {
-            CANNOT_UNDERSTAND
-        }
-        IngestError::SopClassMismatch { .. } => DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-        IngestError::MetadataTooLarge { .. }
-        | IngestError::MemoryBudget { .. }
-        | IngestError::Store(_)
-        | IngestError::Ledger(_) => OUT_OF_RESOURCES,
-    };
-    let comment = match e {
-        IngestError::Store(_) => "object store unavailable".to_string(),
-        IngestError::Ledger(_) => "ledger unavailable".to_string(),
-        // Short enough for the Error Comment (LO, 64 characters) to keep the key's name, which
-        // tells the sender's administrator which limit was met.
-        IngestError::MetadataTooLarge { .. } => {
-            "non-pixel data larger than node.max_metadata_bytes".to_string()
-        }
-        IngestError::MemoryBudget { .. } => {
-            "node.max_bytes_in_flight in use; try again later".to_string()
-        }
-        other => other.to_string(),
-    };
-    Failure::new(status, comment)
-}
-
-/// The C-FIND status for an identifier we cannot answer: a level or model mismatch is
-/// "Identifier does not match SOP Class" (A900); a malformed identifier "Unable to process" (C000).
-pub fn find_failure(e: &crate::query::matching::QueryError) -> Failure {
-    use crate::query::matching::QueryError;
-    let status = match e {
-        QueryError::NoLevel | QueryError::BadLevel(_) | QueryError::NotInModel(_) => {
-            DATA_SET_DOES_NOT_MATCH_SOP_CLASS
-        }
-        QueryError::Malformed(_) => CANNOT_UNDERSTAND,
-    };
-    Failure::new(status, e.to_string())
-}
-
-/// The final C-FIND status for a query that could not finish.
-pub fn find_error(e: &crate::query::FindError) -> Failure {
-    use crate::query::FindError;
-    match e {
-        FindError::TooMany(_) => Failure::new(OUT_OF_RESOURCES, e.to_string()),
-        FindError::Cancelled => Failure::new(CANCEL, ""),
-        FindError::Ledger(_) => Failure::new(OUT_OF_RESOURCES, "ledger unavailable"),
-        FindError::Record(_) => Failure::new(UNABLE_TO_PROCESS, "stored metadata unreadable"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::StoreError;
-
-    #[test]
-    fn resource_failures_are_a700_and_bad_data_is_c000() {
-        let e = IngestError::Store(StoreError::NotFound { name: "x".into() });
-        assert_eq!(store_failure(&e).status, OUT_OF_RESOURCES);
-        let e = IngestError::Ledger(crate::ledger::LedgerError::Closed);
-        assert_eq!(store_failure(&e).status, OUT_OF_RESOURCES);
-        let e = IngestError::SopClassMismatch {
-            command: "1".into(),
-            dataset: "2".into(),
-        };
-        assert_eq!(store_failure(&e).status, DATA_SET_DOES_NOT_MATCH_SOP_CLASS);
-        for e in [
-            IngestError::MetadataTooLarge { max: 64 << 20 },
-            IngestError::MemoryBudget { max: 1 << 30 },
-        ] {
-            let f = store_failure(&e);
-            assert_eq!(f.status, OUT_OF_RESOURCES);
-            assert!(f.comment.len() <= ERROR_COMMENT_MAX, "{}", f.comment);
-        }
-        let e = IngestError::Parse(crate::instance::ParseError::Missing("SOP Class UID"));
-        let f = store_failure(&e);
-        assert_eq!(f.status, CANNOT_UNDERSTAND);
-        assert!(f.comment.contains("SOP Class UID"));
     }
 }
 

@@ -3,6 +3,7 @@
 //! - [`dataset`] parses identifiers and stored metadata into elements and writes responses;
 //! - [`charset`] decodes text under any Specific Character Set, ISO 2022 extensions included;
 //! - [`matching`] turns an identifier into keys with the matching rules of PS3.4 C.2.2.2;
+//! - [`index`] is what the index keeps of an instance (written at ingest, read here);
 //! - this module plans and runs a query: it picks the most selective index range (probing each
 //!   candidate for at most [`PROBE`] entities), walks it skipping over the rest of every study or
 //!   series already seen, and checks each candidate's stored metadata against every key. So the
@@ -13,6 +14,7 @@
 
 pub mod charset;
 pub mod dataset;
+pub mod index;
 pub mod matching;
 
 use std::borrow::Cow;
@@ -30,59 +32,6 @@ use crate::split::Encoding;
 
 /// Most entities counted when estimating how selective an index range is.
 pub const PROBE: usize = 64;
-
-/// The normalised index values of a data set (for [`matching::INDEXED`]) and its Modality.
-/// Reading never fails an ingest: what cannot be parsed is not indexed.
-pub fn index_values(bytes: &[u8], enc: Encoding, partial: bool) -> (String, Vec<(u32, String)>) {
-    let elements = dataset::parse(bytes, enc, partial)
-        .or_else(|_| dataset::parse(bytes, enc, true))
-        .unwrap_or_default();
-    let charset = dataset::find(&elements, SPECIFIC_CHARACTER_SET)
-        .map(|e| Charset::from_value(e.bytes()))
-        .unwrap_or(Charset::from_value(b""));
-    let mut values = Vec::new();
-    for tag in INDEXED {
-        let Some(e) = dataset::find(&elements, tag) else {
-            if tag == PATIENT_ID {
-                values.push((tag, String::new()));
-            }
-            continue;
-        };
-        let v = index_value(e, &charset);
-        if !v.is_empty() || tag == PATIENT_ID {
-            values.push((tag, v));
-        }
-    }
-    let modality = dataset::find(&elements, MODALITY)
-        .map(|e| text(e.bytes()))
-        .unwrap_or_default();
-    (modality, values)
-}
-
-/// How an attribute's value is kept in the index: decoded, trimmed; person names upper-cased
-/// with each component group trimmed (so one index serves exact and case-insensitive queries);
-/// dates without the old `.` separators.
-fn index_value(e: &Element<'_>, charset: &Charset) -> String {
-    let pn = &e.vr == b"PN" || e.tag == PATIENT_NAME;
-    let decoded = if uses_charset(&e.vr) || pn {
-        charset.decode(e.bytes(), pn)
-    } else {
-        String::from_utf8_lossy(e.bytes()).into_owned()
-    };
-    let v = decoded.trim_end_matches(['\0', ' ']).trim_start();
-    if pn {
-        return pn_index_form(v);
-    }
-    if e.tag == STUDY_DATE || e.tag == PATIENT_BIRTH_DATE {
-        return v.replace('.', "");
-    }
-    v.to_string()
-}
-
-fn pn_index_form(v: &str) -> String {
-    let groups: Vec<String> = v.split('=').map(trim_pn_group).collect();
-    groups.join("=").to_uppercase()
-}
 
 /// Settings of one C-FIND.
 #[derive(Debug, Clone)]
@@ -507,7 +456,7 @@ fn load(ledger: &Ledger, sop: &str) -> Result<Option<Loaded>, FindError> {
                 enc,
             },
             _ => {
-                let (inflated, _) = crate::archive::ingest::inflate_start(&record.meta)
+                let (inflated, _) = retrieve::inflate_start(&record.meta)
                     .map_err(|e| FindError::Record(e.to_string()))?;
                 Loaded {
                     bytes: inflated,
@@ -783,7 +732,7 @@ impl<'l, 'c> Computed<'l, 'c> {
             series: c.series.clone(),
             // As the index holds it (decoded with the data set's character set).
             patient_id: dataset::find(elements, PATIENT_ID)
-                .map(|e| index_value(e, charset))
+                .map(|e| index::index_value(e, charset))
                 .unwrap_or_default(),
             cache,
         }
@@ -882,29 +831,5 @@ impl<'l, 'c> Computed<'l, 'c> {
             }
             _ => return Ok(None),
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn index_forms() {
-        let pn = Element {
-            tag: PATIENT_NAME,
-            vr: *b"PN",
-            value: Value::Bytes(Cow::Borrowed(b"Buc^J\xe9r\xf4me^^ ")),
-        };
-        assert_eq!(
-            index_value(&pn, &Charset::from_value(b"ISO_IR 100")),
-            "BUC^JÉRÔME"
-        );
-        let da = Element {
-            tag: STUDY_DATE,
-            vr: *b"DA",
-            value: Value::Bytes(Cow::Borrowed(b"2020.01.02")),
-        };
-        assert_eq!(index_value(&da, &Charset::from_value(b"")), "20200102");
     }
 }

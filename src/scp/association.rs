@@ -17,18 +17,17 @@ use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValueType, Pdu};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::dimse::admission::{Admission, Pending, Slot};
+use crate::dimse::admission::{Pending, Slot};
 use crate::dimse::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
-use crate::dimse::connection::{ConnError, Connection, PData, Pdv, Received};
+use crate::dimse::connection::{pdu_name, ConnError, Connection, PData, Pdv, Received};
+use super::context::NodeContext;
 use super::establish::{self, Request};
-use crate::dimse::negotiate::{self, Negotiated, Policy, VERIFICATION};
-use super::qr::{self, Outgoing, Services};
-use super::rejections::Rejections;
+use crate::dimse::negotiate::{self, Negotiated, VERIFICATION};
+use super::qr::{self, Outgoing};
 use crate::dimse::status::{self, Failure};
 use crate::acl::Permission;
-use crate::config::NodeConfig;
 use crate::query::{dataset, matching, FindOptions};
-use crate::archive::ingest::{Incoming, Pipeline, StoreContext};
+use crate::archive::ingest::{Incoming, StoreContext};
 use crate::ledger::trail::{self, AuditRecord};
 use crate::ledger::StoreOutcome;
 use crate::split::Encoding;
@@ -42,22 +41,47 @@ const OP_QUEUE: usize = 16;
 /// While an operation runs, the requestor may stay silent as long as it takes.
 const OP_WAIT: Duration = Duration::from_secs(24 * 3600);
 
-/// What every association task shares.
-pub struct NodeContext {
-    pub pipeline: Pipeline,
-    pub policy: Policy,
-    pub node: NodeConfig,
-    /// What C-FIND, C-MOVE and C-GET need (ledger, store, peers, event spool).
-    pub services: Services,
-    /// Who may associate and ask for what (changed at run time by grants and revocations).
-    pub acl: Arc<crate::acl::LiveAcl>,
-    /// The pending pool and the association slots.
-    pub admission: Admission,
-    /// Rejected associations, summed up per source for the audit trail.
-    pub rejections: Rejections,
-    /// Warnings about connections that misbehave before an association: one per source a
-    /// minute, with how many were held back.
-    pub warnings: crate::ops::throttle::Warnings,
+
+impl crate::dimse::listener::Services for NodeContext {
+    type Request = Request;
+
+    fn admission(&self) -> &crate::dimse::admission::Admission {
+        &self.admission
+    }
+
+    fn artim_timeout(&self) -> std::time::Duration {
+        self.node.artim_timeout()
+    }
+
+    fn drain_timeout(&self) -> std::time::Duration {
+        self.node.drain_timeout()
+    }
+
+    fn warn_allowed(&self, ip: std::net::IpAddr) -> Option<u64> {
+        self.warnings.allow(ip, std::time::Instant::now())
+    }
+
+    async fn receive(
+        &self,
+        secured: crate::dimse::listener::Secured,
+        addr: std::net::SocketAddr,
+        deadline: tokio::time::Instant,
+    ) -> Option<Request> {
+        establish::receive_association_request(secured, addr, self, deadline).await
+    }
+
+    async fn serve(
+        self: std::sync::Arc<Self>,
+        request: Request,
+        pending: crate::dimse::admission::Pending,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        serve(request, pending, self, stop).await
+    }
+
+    fn flush_rejections(&self, all: bool) {
+        establish::flush_rejections(self, all)
+    }
 }
 
 /// Answers an association request and, when it is accepted, serves the association to the
@@ -709,7 +733,7 @@ impl Association {
                 if let Some(incoming) = op.incoming.as_mut() {
                     if let Err(e) = incoming.feed(pdv.data).await {
                         warn!(error = %e, "C-STORE failed while receiving");
-                        op.failure = Some(status::store_failure(&e));
+                        op.failure = Some(super::status::store_failure(&e));
                         if let Some(i) = op.incoming.take() {
                             i.abort().await;
                         }
@@ -801,7 +825,7 @@ impl Association {
                             .object_store_errors
                             .fetch_add(1, Relaxed);
                     }
-                    Err(status::store_failure(&e))
+                    Err(super::status::store_failure(&e))
                 }
             },
             (None, None) => Err(Failure::new(status::OUT_OF_RESOURCES, "internal error")),
@@ -879,7 +903,7 @@ impl Association {
                 .map_err(|e| Failure::new(status::CANNOT_UNDERSTAND, e.to_string()))
                 .and_then(|elements| {
                     matching::Query::parse(&elements, model, matching)
-                        .map_err(|e| status::find_failure(&e))
+                        .map_err(|e| super::status::find_failure(&e))
                 })
                 .and_then(|q| {
                     if retrieval {
@@ -1101,18 +1125,5 @@ fn retrieval_keys(q: &matching::Query) -> Result<(), Failure> {
                 q.level.name()
             ),
         ))
-    }
-}
-
-pub(super) fn pdu_name(pdu: &Pdu) -> &'static str {
-    match pdu {
-        Pdu::Unknown { .. } => "unknown PDU",
-        Pdu::AssociationRQ(_) => "A-ASSOCIATE-RQ",
-        Pdu::AssociationAC(_) => "A-ASSOCIATE-AC",
-        Pdu::AssociationRJ(_) => "A-ASSOCIATE-RJ",
-        Pdu::PData { .. } => "P-DATA-TF",
-        Pdu::ReleaseRQ => "A-RELEASE-RQ",
-        Pdu::ReleaseRP => "A-RELEASE-RP",
-        Pdu::AbortRQ { .. } => "A-ABORT",
     }
 }

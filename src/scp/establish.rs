@@ -14,7 +14,8 @@ use crate::dimse::connection::Connection;
 use crate::dimse::listener::Secured;
 use crate::dimse::negotiate::{self, Negotiated};
 use super::rejections;
-use super::association::{pdu_name, NodeContext};
+use super::context::NodeContext;
+use crate::dimse::connection::pdu_name;
 use crate::acl::Transport;
 use crate::ledger::trail::{self, AuditRecord};
 

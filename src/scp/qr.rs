@@ -193,7 +193,7 @@ pub fn run_find(
         Ok(_) => (status::SUCCESS, None),
         Err(FindError::Cancelled) => (status::CANCEL, None),
         Err(e) => {
-            let f = status::find_error(e);
+            let f = super::status::find_error(e);
             (f.status, Some(f.comment))
         }
     };
@@ -555,7 +555,7 @@ async fn resolve(
     let cancel = cancel.clone();
     match tokio::task::spawn_blocking(move || query::instances(&ledger, &q, &cancel)).await {
         Ok(Ok(uids)) => Ok(uids),
-        Ok(Err(e)) => Err(status::find_error(&e)),
+        Ok(Err(e)) => Err(super::status::find_error(&e)),
         Err(e) => Err(Failure::new(
             status::UNABLE_TO_PROCESS,
             format!("query failed: {e}"),

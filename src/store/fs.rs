@@ -36,7 +36,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 
-use super::StoreError;
+use super::error::StoreError;
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
     let what = what.into();

@@ -10,45 +10,19 @@
 //! only made visible under its final name by [`Upload::commit`], because the name is derived from a
 //! digest that is known only once the whole instance has been received.
 
+mod error;
 pub mod fs;
 pub mod s3;
 pub mod sealed;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::config::{StoreBackend, StoreConfig};
 use crate::instance::{Digest32, ObjectKey};
+pub use error::StoreError;
 pub use sealed::MasterKey;
-
-/// Errors of the object store. Every variant says which object (by opaque name) and what failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("object store I/O error on {what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("S3 error on {what}: {message}")]
-    S3 { what: String, message: String },
-    #[error("object {name} not found")]
-    NotFound { name: String },
-    #[error("object store operation {what} timed out after {after:?}")]
-    Timeout { what: String, after: Duration },
-    #[error("invalid object store configuration: {0}")]
-    Config(String),
-    /// The object's bytes are not what was sealed: altered, truncated, or another key.
-    #[error("object {name} is damaged: {reason}")]
-    Damaged {
-        name: String,
-        reason: sealed::SealError,
-    },
-    #[error("object {name} is encrypted and no master key is loaded ({hint})")]
-    NoMasterKey { name: String, hint: String },
-}
 
 /// A cheap, cloneable handle on the configured backend, with the master key that seals new
 /// objects and opens sealed ones.

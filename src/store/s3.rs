@@ -48,7 +48,7 @@ use minio::s3::types::{BucketName, PartInfo, Region, S3Api};
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
-use super::StoreError;
+use super::error::StoreError;
 use crate::config::S3StoreConfig;
 
 /// First wait before retrying a failed request; doubled after each further failure.
