@@ -167,7 +167,7 @@ pub async fn run(
     let admin_listener = match cfg.admin.listen_addr()? {
         Some(addr) => Some((
             addr,
-            crate::ops::metrics::bind_admin(addr)
+            crate::ops::http::bind_admin(addr)
                 .await
                 .map_err(|source| StartError::Bind {
                     addr: addr.to_string(),
@@ -235,7 +235,7 @@ pub async fn run(
             changing: Default::default(),
             store: ctx.services.store.clone(),
         };
-        tokio::spawn(crate::ops::metrics::serve_admin(
+        tokio::spawn(crate::ops::http::serve_admin(
             l,
             ledger.clone(),
             ctx.services.store.clone(),

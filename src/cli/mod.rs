@@ -87,7 +87,7 @@ fn dispatch(command: Command, cfg: Config, config_path: &std::path::Path) -> Exi
             event,
             json,
         } => {
-            let since_micros = match since.as_deref().map(crate::cli::audit::parse_since) {
+            let since_micros = match since.as_deref().map(crate::util::time::parse_since) {
                 Some(None) => {
                     eprintln!("dicomchain: --since: use YYYY-MM-DD[THH:MM:SS] (UTC) or seconds since the epoch");
                     return ExitCode::from(2);
@@ -95,7 +95,7 @@ fn dispatch(command: Command, cfg: Config, config_path: &std::path::Path) -> Exi
                 Some(t) => t,
                 None => None,
             };
-            let filter = crate::cli::audit::TrailFilter {
+            let filter = crate::ops::trail::TrailFilter {
                 since_micros,
                 ae,
                 event,

@@ -219,7 +219,7 @@ pub async fn handle(
             };
             let ledger = api.ledger.clone();
             let lines =
-                tokio::task::spawn_blocking(move || crate::cli::audit::trail_of(&ledger, &filter, true))
+                tokio::task::spawn_blocking(move || crate::ops::trail::render(&ledger, &filter, true))
                     .await;
             match lines {
                 Ok(Ok(text)) => {
@@ -265,15 +265,15 @@ pub async fn handle(
 }
 
 /// `since=…&ae=…&event=…` (each optional; `since` as `dicomchain audit --since` takes it).
-fn audit_filter(query: &str) -> Result<crate::cli::audit::TrailFilter, String> {
-    let mut f = crate::cli::audit::TrailFilter::default();
+fn audit_filter(query: &str) -> Result<crate::ops::trail::TrailFilter, String> {
+    let mut f = crate::ops::trail::TrailFilter::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = percent_decode(v).ok_or_else(|| format!("{k}: bad percent-encoding"))?;
         match k {
             "since" => {
                 f.since_micros =
-                    Some(crate::cli::audit::parse_since(&v).ok_or(
+                    Some(crate::util::time::parse_since(&v).ok_or(
                         "since: use YYYY-MM-DD[THH:MM:SS] (UTC) or seconds since the epoch",
                     )?)
             }

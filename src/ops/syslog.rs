@@ -36,7 +36,7 @@ pub fn format(e: &Entry, hostname: &str) -> String {
         5
     };
     let pri = 13 * 8 + severity;
-    let time = crate::cli::audit::timestamp(e.time_micros);
+    let time = crate::util::time::timestamp(e.time_micros);
     let (detail, count) = match e.event {
         Event::Store => (format!("C-STORE received, version {}", e.version), 1),
         Event::Audit => (e.detail.clone(), e.subject_seq),

@@ -1,4 +1,4 @@
-//! Bounds for the admin listener (`metrics::serve_admin`), kept apart from HTTP so they can be
+//! Bounds for the admin listener (`http::serve_admin`), kept apart from HTTP so they can be
 //! tested alone: a pool of connections counted per source address, and warnings limited per
 //! source, so that neither idle connections nor a flood of refused requests from one address
 //! can lock operators out or fill the disk with log lines.

@@ -61,8 +61,8 @@ impl Summary {
             self.source
                 .map(|ip| ip.to_string())
                 .unwrap_or_else(|| "other sources".into()),
-            crate::cli::audit::timestamp(micros(self.first)),
-            crate::cli::audit::timestamp(micros(self.last)),
+            crate::util::time::timestamp(micros(self.first)),
+            crate::util::time::timestamp(micros(self.last)),
             self.last_calling_ae,
             reasons.join("; ")
         )
