@@ -706,8 +706,8 @@ impl NodeConfig {
     /// (memtables not yet flushed, the write that took them past their bound, a large record a
     /// compaction moves).
     pub fn ledger_memory(&self) -> usize {
-        crate::ledger::MEMTABLE_BYTES
-            + crate::ledger::RECORD_COPIES_AFTER_STORE * self.largest_metadata()
+        crate::memory::MEMTABLE_BYTES
+            + crate::memory::RECORD_COPIES_AFTER_STORE * self.largest_metadata()
     }
 
     /// The part of `max_bytes_in_flight` the data sets being received share.
@@ -727,23 +727,6 @@ impl NodeConfig {
                 format!("`{}` is not an address:port ({e})", self.listen),
             )
         })
-    }
-    /// The admission bounds, with the defaults that depend on `max_associations` filled in.
-    pub fn admission_limits(&self) -> crate::dimse::admission::Limits {
-        let max = self.max_associations;
-        crate::dimse::admission::Limits {
-            max_associations: max,
-            max_associations_per_ae: self.max_associations_per_ae.unwrap_or(max.div_ceil(2)),
-            max_associations_per_ip: self
-                .max_associations_per_ip
-                .unwrap_or((max * 3).div_ceil(4)),
-            max_unknown_associations: self.max_unknown_associations.unwrap_or(max.div_ceil(2)),
-            max_pending: self.max_pending_connections,
-            max_pending_per_ip: self.max_pending_per_ip,
-            connection_rate_per_ip: self.max_connection_rate_per_ip,
-            reclaim_idle_after: (self.reclaim_idle_secs > 0)
-                .then(|| Duration::from_secs(self.reclaim_idle_secs)),
-        }
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
@@ -908,7 +891,7 @@ impl Config {
         }
         // Room for one data set of the largest metadata, with all its copies, beside the
         // ledger's part.
-        let one = crate::archive::ingest::COPIES * self.node.largest_metadata();
+        let one = crate::memory::COPIES * self.node.largest_metadata();
         if self.node.ingest_budget() < one || self.node.max_bytes_in_flight > u32::MAX as usize {
             return Err(invalid(
                 "node.max_bytes_in_flight",

@@ -34,6 +34,7 @@ pub mod dimse;
 pub mod forward;
 pub mod instance;
 pub mod ledger;
+pub mod memory;
 pub mod node;
 pub mod ops;
 pub mod query;

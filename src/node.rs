@@ -221,7 +221,7 @@ pub async fn run(
         },
         node: cfg.node.clone(),
         acl: acl.clone(),
-        admission: crate::dimse::admission::Admission::new(cfg.node.admission_limits()),
+        admission: crate::dimse::admission::Admission::new(crate::dimse::admission::Limits::from_config(&cfg.node)),
         rejections: Default::default(),
         warnings: crate::ops::throttle::Warnings::new(std::time::Duration::from_secs(60)),
     });

@@ -26,13 +26,7 @@ pub const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
 /// order only lets both share a journal commit; see `Incoming::finish_inner`).
 const SYNC_AFTER_LEDGER_WAIT: Duration = Duration::from_millis(500);
 
-/// Copies of a data set's metadata that exist at once on its way to the ledger, each charged to
-/// the [`Budget`] from its first byte: the metadata buffer (then the encoded record that
-/// replaces it), the ledger's write batch, and the memtable's copy made while that batch is
-/// written. Charging them all up front means a data set never needs more once received, so
-/// finishing one never waits on another. What the ledger keeps after the C-STORE (memtables,
-/// blobs being moved) is its own part of `node.max_bytes_in_flight`.
-pub const COPIES: usize = 3;
+pub use crate::memory::COPIES;
 
 /// Why an instance was not stored. Mapped to DIMSE statuses in `dimse::status`, nowhere else.
 #[derive(Debug, thiserror::Error)]

@@ -33,6 +33,8 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
+use crate::config::NodeConfig;
+
 /// The bounds, from `[node]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -47,6 +49,26 @@ pub struct Limits {
     /// An association idle this long may be ended to make room for a request over a cap it
     /// counts against (see [`Admission::admit`]); `None` = never.
     pub reclaim_idle_after: Option<std::time::Duration>,
+}
+
+impl Limits {
+    /// The admission bounds, with the defaults that depend on `max_associations` filled in.
+    pub fn from_config(node: &NodeConfig) -> Limits {
+        let max = node.max_associations;
+        Limits {
+            max_associations: max,
+            max_associations_per_ae: node.max_associations_per_ae.unwrap_or(max.div_ceil(2)),
+            max_associations_per_ip: node
+                .max_associations_per_ip
+                .unwrap_or((max * 3).div_ceil(4)),
+            max_unknown_associations: node.max_unknown_associations.unwrap_or(max.div_ceil(2)),
+            max_pending: node.max_pending_connections,
+            max_pending_per_ip: node.max_pending_per_ip,
+            connection_rate_per_ip: node.max_connection_rate_per_ip,
+            reclaim_idle_after: (node.reclaim_idle_secs > 0)
+                .then(|| std::time::Duration::from_secs(node.reclaim_idle_secs)),
+        }
+    }
 }
 
 /// Why a connection was closed before it could send its request.

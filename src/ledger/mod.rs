@@ -318,10 +318,7 @@ const ALL_CFS: [&str; 8] = [
     CF_KEYS,
 ];
 
-/// Most bytes all column families' memtables hold together before writes wait for a flush.
-/// Part of `node.max_bytes_in_flight` (see `config::NodeConfig::ingest_budget`): a memtable
-/// keeps a copy of every record written until it is flushed, after its C-STORE has ended.
-pub const MEMTABLE_BYTES: usize = 64 * 1024 * 1024;
+pub use crate::memory::{MEMTABLE_BYTES, RECORD_COPIES_AFTER_STORE};
 /// The block cache all column families share.
 const BLOCK_CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// The metadata family's memtable size. Reopening replays the WAL into memtables of this size,
@@ -330,10 +327,6 @@ const BLOCK_CACHE_BYTES: usize = 32 * 1024 * 1024;
 const META_WRITE_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 /// Metadata records this large or larger are kept in blob files rather than table blocks.
 const BLOB_MIN_BYTES: u64 = 512 * 1024;
-/// Copies of the largest record the ledger may hold beyond what a C-STORE is charged for while it
-/// runs: the last write that took the memtables past [`MEMTABLE_BYTES`], and a blob moved by a
-/// compaction.
-pub const RECORD_COPIES_AFTER_STORE: usize = 2;
 
 fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
     // One cache for all families: RocksDB otherwise gives each family its own 32 MiB.
