@@ -62,8 +62,8 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let addr = cfg.node.listen_addr()?;
     // Before any key is read: one others could read may have been read already.
-    crate::util::perms::check_key_files(&cfg).map_err(StartError::KeyMode)?;
-    for (dir, done) in crate::util::perms::tighten_dirs(&cfg) {
+    crate::util::perms::check_key_files(&cfg.key_files()).map_err(StartError::KeyMode)?;
+    for (dir, done) in crate::util::perms::tighten_dirs(cfg.state_dirs()) {
         match done {
             Ok(old) => {
                 tracing::warn!(path = %dir.display(), old_mode = format!("{old:04o}"), "state directory was open to group or others: now 0700")

@@ -84,6 +84,32 @@ mod tests;
 pub use sections::*;
 
 impl Config {
+    /// The key files, each with what it is.
+    pub fn key_files(&self) -> Vec<(&Path, &'static str)> {
+        let mut keys: Vec<(&Path, &'static str)> = vec![
+            (&self.security.master_key_file, "object master key"),
+            (&self.ledger.signing_key_file, "checkpoint signing key"),
+            (&self.admin.token_file, "admin API token"),
+        ];
+        if !self.node.tls.key.as_os_str().is_empty() {
+            keys.push((&self.node.tls.key, "TLS private key"));
+        }
+        if let Some(p) = &self.store.s3.secret_key_file {
+            keys.push((p, "S3 secret key"));
+        }
+        keys
+    }
+
+    /// The directories that hold patient data: the ledger, the object store (fs backend), the
+    /// event spool.
+    pub fn state_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![self.ledger.path.clone(), self.ledger.event_spool.clone()];
+        if matches!(self.store.backend, StoreBackend::Fs) {
+            dirs.push(self.store.fs.root.clone());
+        }
+        dirs
+    }
+
     /// The access rules of `[peers.*]` and `node.allow_unknown_peers` (addresses were checked
     /// by `validate`).
     pub fn acl(&self) -> crate::acl::Acl {

@@ -14,7 +14,6 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, StoreBackend};
 
 /// Group and other permission bits.
 const NOT_OWNER: u32 = 0o077;
@@ -48,44 +47,19 @@ pub fn check_key_file(path: &Path, what: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The key files of `cfg`, each with what it is.
-fn key_files(cfg: &Config) -> Vec<(&Path, &'static str)> {
-    let mut keys: Vec<(&Path, &'static str)> = vec![
-        (&cfg.security.master_key_file, "object master key"),
-        (&cfg.ledger.signing_key_file, "checkpoint signing key"),
-        (&cfg.admin.token_file, "admin API token"),
-    ];
-    if !cfg.node.tls.key.as_os_str().is_empty() {
-        keys.push((&cfg.node.tls.key, "TLS private key"));
-    }
-    if let Some(p) = &cfg.store.s3.secret_key_file {
-        keys.push((p, "S3 secret key"));
-    }
-    keys
-}
-
-/// [`check_key_file`] for every key file of `cfg`; the first failure.
-pub fn check_key_files(cfg: &Config) -> Result<(), String> {
-    key_files(cfg)
-        .into_iter()
+/// [`check_key_file`] for every key file (path, what it is); the first failure.
+pub fn check_key_files(files: &[(&Path, &'static str)]) -> Result<(), String> {
+    files
+        .iter()
+        .copied()
         .try_for_each(|(path, what)| check_key_file(path, what))
-}
-
-/// The directories that hold patient data: the ledger, the object store (fs backend), the
-/// event spool.
-fn state_dirs(cfg: &Config) -> Vec<PathBuf> {
-    let mut dirs = vec![cfg.ledger.path.clone(), cfg.ledger.event_spool.clone()];
-    if matches!(cfg.store.backend, StoreBackend::Fs) {
-        dirs.push(cfg.store.fs.root.clone());
-    }
-    dirs
 }
 
 /// Removes group and other access from the state directories that exist; returns each one
 /// changed with its old mode, and the ones that could not be changed with why.
-pub fn tighten_dirs(cfg: &Config) -> Vec<(PathBuf, Result<u32, String>)> {
+pub fn tighten_dirs(dirs: Vec<PathBuf>) -> Vec<(PathBuf, Result<u32, String>)> {
     let mut changed = Vec::new();
-    for dir in state_dirs(cfg) {
+    for dir in dirs {
         let Ok(meta) = std::fs::metadata(&dir) else {
             continue;
         };
@@ -125,6 +99,7 @@ pub fn create_secret_file(path: &std::path::Path, text: &str) -> Result<(), Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn chmod(p: &Path, mode: u32) {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -180,7 +155,7 @@ mod tests {
         std::fs::create_dir(&cfg.store.fs.root).unwrap();
         chmod(&cfg.ledger.path, 0o755);
         chmod(&cfg.store.fs.root, 0o700);
-        let changed = tighten_dirs(&cfg);
+        let changed = tighten_dirs(cfg.state_dirs());
         assert_eq!(changed.len(), 1, "{changed:?}");
         assert_eq!(changed[0].0, cfg.ledger.path);
         assert_eq!(changed[0].1, Ok(0o755));
@@ -189,6 +164,6 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o700);
-        assert!(tighten_dirs(&cfg).is_empty());
+        assert!(tighten_dirs(cfg.state_dirs()).is_empty());
     }
 }
