@@ -8,6 +8,7 @@ mod cli;
 mod find;
 mod forward;
 mod hardening;
+mod layering;
 mod ledger;
 mod lockout;
 mod memory;
