@@ -21,7 +21,7 @@ use std::collections::{BTreeSet, HashSet};
 use rocksdb::IteratorMode;
 
 use super::{
-    decode_keys, forward, key2, keys_under, legacy_ver_key, loc_key, read_entry, read_error,
+    decode_keys, forward, key2, keys_under, read_entry, read_error,
     read_sop, sop_key, vloc_key, Entry, Event, Group, Ledger, LedgerError, CF_INDEX, ERASED_NOTE,
 };
 
@@ -247,16 +247,10 @@ impl Group<'_> {
                 index_deletes.push(vloc_key(sop));
             }
             index_deletes.push(sop_key(sop));
-            if idx.legacy {
-                index_deletes.push(loc_key(sop));
-            }
             for seq in idx.versions {
                 let entry = read_entry(self.db, seq)?.ok_or_else(|| {
                     LedgerError::Corrupt(format!("version index names missing entry {seq}"))
                 })?;
-                if idx.legacy {
-                    index_deletes.push(legacy_ver_key(sop, seq));
-                }
                 versions.push((seq, entry));
             }
         }

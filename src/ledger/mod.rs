@@ -69,6 +69,7 @@ pub use forward::{ForwardOutcome, ForwardSummary, ForwardUpdate};
 pub use pending::{NoteId, PendingObject};
 
 use crate::instance::{Digest32, IndexAttrs, MetadataRecord};
+use crate::util::bytes::{Reader, Truncated};
 use crate::instance::ObjectKey;
 
 const CF_ENTRIES: &str = "entries";
@@ -1141,12 +1142,6 @@ fn sop_key(uid: &str) -> Vec<u8> {
     k
 }
 
-fn loc_key(uid: &str) -> Vec<u8> {
-    let mut k = b"loc\0".to_vec();
-    k.extend_from_slice(uid.as_bytes());
-    k
-}
-
 /// `vloc\0SOP`: the [`version_keys`] of every version of a SOP Instance (never shrinks).
 fn vloc_key(uid: &str) -> Vec<u8> {
     let mut k = b"vloc\0".to_vec();
@@ -1158,28 +1153,23 @@ fn vloc_key(uid: &str) -> Vec<u8> {
 ///
 /// Value: latest seq u64 ‖ its version u32 ‖ its instance key [32] ‖ count u32 ‖ the seq u64 of
 /// every version, oldest first ‖ the latest version's hierarchy keys ([`encode_keys`]). One key
-/// per instance: the committer is bound by RocksDB memtable inserts. Ledgers written before
-/// this kept only (seq, version) there, the versions as `ver\0UID\0seq` keys and the hierarchy
-/// keys under `loc\0UID` ([`SopIndex::legacy`]); they are read as they are and rewritten in
-/// this form by the instance's next version.
+/// per instance: the committer is bound by RocksDB memtable inserts.
 #[derive(Clone, Debug, PartialEq)]
 struct SopIndex {
     seq: u64,
     version: u32,
-    /// `None` in the legacy form (read from the entry when needed).
-    instance_key: Option<Digest32>,
+    instance_key: Digest32,
     versions: Vec<u64>,
     keys: Vec<Vec<u8>>,
-    legacy: bool,
 }
 
 impl SopIndex {
-    fn encode(&self, instance_key: &Digest32) -> Vec<u8> {
+    fn encode(&self) -> Vec<u8> {
         let keys = encode_keys(&self.keys);
         let mut v = Vec::with_capacity(48 + self.versions.len() * 8 + keys.len());
         v.extend_from_slice(&self.seq.to_be_bytes());
         v.extend_from_slice(&self.version.to_be_bytes());
-        v.extend_from_slice(instance_key);
+        v.extend_from_slice(&self.instance_key);
         v.extend_from_slice(&(self.versions.len() as u32).to_be_bytes());
         for seq in &self.versions {
             v.extend_from_slice(&seq.to_be_bytes());
@@ -1188,98 +1178,47 @@ impl SopIndex {
         v
     }
 
-    /// Decodes a `sop` value; the legacy form (12 bytes) comes back with no versions or keys.
     fn decode(uid: &str, v: &[u8]) -> Result<SopIndex, LedgerError> {
-        let bad = || LedgerError::Corrupt(format!("index value for {uid}"));
-        let u64_at = |at: usize| -> Result<u64, LedgerError> {
-            Ok(u64::from_be_bytes(
-                v.get(at..at + 8)
-                    .ok_or_else(bad)?
-                    .try_into()
-                    .map_err(|_| bad())?,
-            ))
-        };
-        let u32_at = |at: usize| -> Result<u32, LedgerError> {
-            Ok(u32::from_be_bytes(
-                v.get(at..at + 4)
-                    .ok_or_else(bad)?
-                    .try_into()
-                    .map_err(|_| bad())?,
-            ))
-        };
-        let (seq, version) = (u64_at(0)?, u32_at(8)?);
-        if v.len() == 12 {
-            return Ok(SopIndex {
-                seq,
-                version,
-                instance_key: None,
-                versions: Vec::new(),
-                keys: Vec::new(),
-                legacy: true,
-            });
+        let bad = |_| LedgerError::Corrupt(format!("index value for {uid}"));
+        let mut r = Reader::new(v);
+        let seq = r.u64().map_err(bad)?;
+        let version = r.u32().map_err(bad)?;
+        let instance_key = r.array().map_err(bad)?;
+        let count = r.u32().map_err(bad)? as usize;
+        // Bounded by the value's length before anything is allocated for it.
+        if count.checked_mul(8).is_none_or(|n| n > r.rest().len()) {
+            return Err(bad(Truncated));
         }
-        let key: Digest32 = v
-            .get(12..44)
-            .ok_or_else(bad)?
-            .try_into()
-            .map_err(|_| bad())?;
-        let count = u32_at(44)? as usize;
-        let keys_at = count
-            .checked_mul(8)
-            .and_then(|n| n.checked_add(48))
-            .filter(|&end| end <= v.len())
-            .ok_or_else(bad)?;
         let versions = (0..count)
-            .map(|i| u64_at(48 + i * 8))
-            .collect::<Result<Vec<_>, _>>()?;
-        let keys = decode_keys(&v[keys_at..]);
+            .map(|_| r.u64())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        let rest = r.rest();
+        let keys = decode_keys(rest);
         // Every byte accounted for: a cut key list would leave keys an erasure misses.
-        if encode_keys(&keys).len() != v.len() - keys_at || versions.last() != Some(&seq) {
-            return Err(bad());
+        if encode_keys(&keys).len() != rest.len() || versions.last() != Some(&seq) {
+            return Err(bad(Truncated));
         }
         Ok(SopIndex {
             seq,
             version,
-            instance_key: Some(key),
+            instance_key,
             versions,
             keys,
-            legacy: false,
         })
     }
 }
 
-/// The index of one SOP Instance, the legacy form completed from its `ver` and `loc` keys.
+/// The index of one SOP Instance.
 fn read_sop(
     db: &DB,
     cf_index: &rocksdb::ColumnFamily,
     uid: &str,
 ) -> Result<Option<SopIndex>, LedgerError> {
-    let Some(v) = db
-        .get_pinned_cf(cf_index, sop_key(uid))
+    db.get_pinned_cf(cf_index, sop_key(uid))
         .map_err(read_error(db))?
-    else {
-        return Ok(None);
-    };
-    let mut idx = SopIndex::decode(uid, &v)?;
-    if idx.legacy {
-        idx.versions = keys_under(db, cf_index, &key2("ver", uid, ""))?
-            .into_iter()
-            .filter_map(|rest| rest.try_into().ok().map(u64::from_be_bytes))
-            .collect();
-        idx.keys = db
-            .get_cf(cf_index, loc_key(uid))
-            .map_err(read_error(db))?
-            .map(|b| decode_keys(&b))
-            .unwrap_or_default();
-    }
-    Ok(Some(idx))
-}
-
-/// The `ver\0UID\0seq` key of a legacy index (see [`SopIndex`]).
-fn legacy_ver_key(uid: &str, seq: u64) -> Vec<u8> {
-    let mut k = key2("ver", uid, "");
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
+        .map(|v| SopIndex::decode(uid, &v))
+        .transpose()
 }
 
 /// `vstudy\0STUDY\0SOP` / `vpatient\0PID\0SOP` for the study and patient an older version of
@@ -1392,17 +1331,17 @@ fn latest_of(db: &DB, uid: &str) -> Result<Option<(u64, u32)>, LedgerError> {
     let cf = db
         .cf_handle(CF_INDEX)
         .ok_or_else(|| LedgerError::Corrupt("missing index".into()))?;
-    // Only the leading (seq, version) of either form (see `SopIndex`): this runs for every
-    // instance a query or retrieval touches.
-    match db.get_pinned_cf(cf, sop_key(uid)).map_err(read_error(db))? {
-        Some(v) if v.len() == 12 || v.len() >= 48 => {
-            let seq = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
-            let version = u32::from_be_bytes(v[8..12].try_into().expect("4 bytes"));
-            Ok(Some((seq, version)))
-        }
-        Some(_) => Err(LedgerError::Corrupt(format!("index value for {uid}"))),
-        None => Ok(None),
+    // Only the leading (seq, version) (see `SopIndex`): this runs for every instance a query or
+    // retrieval touches.
+    let Some(v) = db.get_pinned_cf(cf, sop_key(uid)).map_err(read_error(db))? else {
+        return Ok(None);
+    };
+    let bad = |_| LedgerError::Corrupt(format!("index value for {uid}"));
+    if v.len() < 48 {
+        return Err(bad(Truncated));
     }
+    let mut r = Reader::new(&v);
+    Ok(Some((r.u64().map_err(bad)?, r.u32().map_err(bad)?)))
 }
 
 fn read_head(db: &DB) -> Result<Option<(u64, Digest32)>, LedgerError> {
@@ -1442,21 +1381,12 @@ fn read_node(
         || LedgerError::Corrupt(format!("Merkle tree node ({level}, {index}) is missing"));
     let leaf = node_slot(level, index).ok_or_else(missing)?;
     let at = usize::from(level) * 32;
-    let grouped = db
-        .get_pinned_cf(cf, tree_key(leaf))
+    db.get_pinned_cf(cf, tree_key(leaf))
         .map_err(read_error(db))?
         .and_then(|v| {
             v.get(at..at + 32)
                 .and_then(|h| <Digest32>::try_from(h).ok())
-        });
-    if let Some(hash) = grouped {
-        return Ok(hash);
-    }
-    // A tree still in the earlier layout (one key per node: level u8 ‖ index u64), as a
-    // read-only view sees it before the node was restarted on this version and rewrote it.
-    db.get_pinned_cf(cf, legacy_node_key(level, index))
-        .map_err(read_error(db))?
-        .and_then(|v| <Digest32>::try_from(&v[..]).ok())
+        })
         .ok_or_else(missing)
 }
 
@@ -1813,21 +1743,13 @@ impl merkle::NodeSource for Ledger {
 }
 
 /// Makes the Merkle tree cover every entry. Leaves are appended in order, so the tree covers a
-/// prefix of the chain; a ledger written before the tree existed (or by a version that lacked it)
-/// gets the missing leaves added here, in synced batches of [`BACKFILL_CHUNK`] leaves. A tree in
-/// the earlier layout is rewritten first ([`rewrite_legacy_tree`]); a tree with leaves past the
-/// last entry refuses to open.
+/// prefix of the chain; a tree that lags the chain (its newest leaves lost) gets the missing
+/// leaves added from the entries here, in synced batches of [`BACKFILL_CHUNK`] leaves. A tree
+/// with leaves past the last entry refuses to open.
 fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
     let cf_tree = db
         .cf_handle(CF_TREE)
         .ok_or_else(|| LedgerError::Corrupt("missing tree".into()))?;
-    let old_layout = match db.iterator_cf(cf_tree, IteratorMode::Start).next() {
-        Some(item) => item.map_err(read_error(db))?.0.len() == 9,
-        None => false,
-    };
-    if old_layout {
-        rewrite_legacy_tree(db, cf_tree, entries)?;
-    }
     let lo = leaves_held(entries, |i| {
         db.get_pinned_cf(cf_tree, tree_key(i))
             .map(|v| v.is_some())
@@ -1863,7 +1785,7 @@ fn backfill_tree(db: &DB, entries: u64) -> Result<(), LedgerError> {
 }
 
 /// How many leaves the tree holds, counted from leaf 0 (they are always a prefix), given whether
-/// it holds leaf i (in either layout). Tree and entries are written in one batch: a leaf past
+/// it holds leaf i. Tree and entries are written in one batch: a leaf past
 /// the last entry means entries were cut from the end of the chain.
 fn leaves_held(
     entries: u64,
@@ -1917,56 +1839,6 @@ fn for_each_entry_from(
         }
         f(i, &raw)?;
     }
-    Ok(())
-}
-
-/// The key of node (level, index) in the tree layout before nodes were grouped by leaf.
-fn legacy_node_key(level: u8, index: u64) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = level;
-    k[1..].copy_from_slice(&index.to_be_bytes());
-    k
-}
-
-/// Replaces a tree in the earlier layout (one key per node) by the grouped one. First the
-/// entries must still hash to the root the old tree has over the leaves it holds: if not,
-/// nothing is touched and the ledger does not open (the old tree is evidence). Then the old
-/// nodes are dropped; [`backfill_tree`] rebuilds the tree from the entries, and the newest
-/// checkpoint is checked against it as at every open.
-fn rewrite_legacy_tree(
-    db: &DB,
-    cf_tree: &rocksdb::ColumnFamily,
-    entries: u64,
-) -> Result<(), LedgerError> {
-    // Fewer than the entries if the old tree lagged behind them.
-    let covered = leaves_held(entries, |i| {
-        db.get_pinned_cf(cf_tree, legacy_node_key(0, i))
-            .map(|v| v.is_some())
-            .map_err(read_error(db))
-    })?;
-    let old_root = merkle::root(&DbNodes(db), covered)?;
-    let mut range = merkle::CompactRange::default();
-    for_each_entry_from(db, 0, covered, |_, raw| {
-        range.push(merkle::leaf_hash(raw));
-        Ok(())
-    })?;
-    if range.root() != old_root {
-        return Err(LedgerError::Corrupt(format!(
-            "the entries no longer hash to the root of the stored Merkle tree over the first \
-             {covered}: entries were altered (the tree is left as it is)"
-        )));
-    }
-    tracing::warn!(
-        leaves = covered,
-        "rewriting the Merkle tree in its new layout (one key per leaf)"
-    );
-    let mut batch = WriteBatch::default();
-    batch.delete_range_cf(cf_tree, Vec::new(), vec![0xffu8; 10]);
-    let mut wo = WriteOptions::default();
-    wo.set_sync(true);
-    db.write_opt(batch, &wo).map_err(LedgerError::Write)?;
-    // The old nodes leave the table files now rather than at some later compaction.
-    db.compact_range_cf(cf_tree, None::<&[u8]>, None::<&[u8]>);
     Ok(())
 }
 
@@ -2551,26 +2423,10 @@ impl<'a> Group<'a> {
         if let Some(p) = self.pending.get(uid) {
             return Ok(Some(p.clone()));
         }
-        let Some(idx) = read_sop(self.db, self.cf_index, uid)? else {
-            return Ok(None);
-        };
-        let key = match idx.instance_key {
-            Some(k) => k,
-            None => {
-                let seq = idx.seq;
-                let raw = self
-                    .db
-                    .get_cf(self.cf_entries, seq.to_be_bytes())
-                    .map_err(read_error(self.db))?
-                    .ok_or_else(|| {
-                        LedgerError::Corrupt(format!("index names missing entry {seq}"))
-                    })?;
-                Entry::decode(&raw)
-                    .map_err(|e| LedgerError::Corrupt(e.to_string()))?
-                    .instance_key
-            }
-        };
-        Ok(Some((idx, key)))
+        Ok(read_sop(self.db, self.cf_index, uid)?.map(|idx| {
+            let key = idx.instance_key;
+            (idx, key)
+        }))
     }
 
     /// Plans a security event about entry `subject`, detected by `detector` while serving
@@ -2720,13 +2576,6 @@ impl<'a> Group<'a> {
             for k in old.keys.iter().filter(|k| !keys.contains(k)) {
                 self.batch.delete_cf(self.cf_index, k);
             }
-            if old.legacy {
-                // Rewritten in the one-key form (see `SopIndex`).
-                for &v in &old.versions {
-                    self.batch.delete_cf(self.cf_index, legacy_ver_key(uid, v));
-                }
-                self.batch.delete_cf(self.cf_index, loc_key(uid));
-            }
             versions.clone_from(&old.versions);
         }
         versions.push(seq);
@@ -2744,13 +2593,12 @@ impl<'a> Group<'a> {
         let idx = SopIndex {
             seq,
             version,
-            instance_key: Some(req.instance_key),
+            instance_key: req.instance_key,
             versions,
             keys,
-            legacy: false,
         };
         self.batch
-            .put_cf(self.cf_index, sop_key(uid), idx.encode(&req.instance_key));
+            .put_cf(self.cf_index, sop_key(uid), idx.encode());
         if let Some(vloc) = vloc {
             for k in &vloc {
                 self.batch.put_cf(self.cf_index, k, []);
@@ -2948,91 +2796,6 @@ mod tests {
         ));
     }
 
-    /// Every index key (as text, lossy) that mentions `needle`.
-    fn index_keys_with(ledger: &Ledger, needle: &str) -> Vec<String> {
-        let cf = ledger.cf(CF_INDEX).unwrap();
-        ledger
-            .inner
-            .db
-            .iterator_cf(cf, IteratorMode::Start)
-            .map(|kv| String::from_utf8_lossy(&kv.unwrap().0).into_owned())
-            .filter(|k| k.contains(needle))
-            .collect()
-    }
-
-    /// Rewrites the index of `uid` the way ledgers before `SopIndex` kept it: (seq, version)
-    /// under `sop`, one `ver` key per version, the hierarchy keys under `loc`.
-    fn make_legacy(ledger: &Ledger, uid: &str) {
-        let db = &ledger.inner.db;
-        let cf = ledger.cf(CF_INDEX).unwrap();
-        let idx = read_sop(db, cf, uid).unwrap().unwrap();
-        assert!(!idx.legacy);
-        let mut v = idx.seq.to_be_bytes().to_vec();
-        v.extend_from_slice(&idx.version.to_be_bytes());
-        db.put_cf(cf, sop_key(uid), v).unwrap();
-        for seq in &idx.versions {
-            db.put_cf(cf, legacy_ver_key(uid, *seq), []).unwrap();
-        }
-        db.put_cf(cf, loc_key(uid), encode_keys(&idx.keys)).unwrap();
-    }
-
-    #[tokio::test(flavor = "multi_thread")]
-    async fn an_index_in_the_legacy_form_is_read_and_rewritten_by_the_next_version() {
-        use erase::EraseScope;
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path()).unwrap();
-        ledger.store(request("1.1", "9", 1)).await.unwrap();
-        ledger.store(request("1.1", "9", 2)).await.unwrap();
-        ledger.store(request("1.2", "9", 3)).await.unwrap();
-        let location = ledger.location("1.1").unwrap();
-        assert_eq!(location.len(), 3, "study, series and patient keys");
-        make_legacy(&ledger, "1.1");
-        make_legacy(&ledger, "1.2");
-        // Read as it is.
-        assert_eq!(ledger.versions("1.1").unwrap(), vec![1, 2]);
-        assert_eq!(ledger.location("1.1").unwrap(), location);
-        assert_eq!(ledger.latest("1.1").unwrap().unwrap().seq, 2);
-        // A duplicate is still recognised (its instance key comes from the entry).
-        assert_eq!(
-            ledger.store(request("1.1", "9", 2)).await.unwrap(),
-            StoreOutcome::Duplicate { seq: 2 }
-        );
-        // The next version, filed under another study, rewrites it in the one-key form.
-        assert_eq!(
-            ledger.store(request("1.1", "8", 4)).await.unwrap(),
-            StoreOutcome::Stored { seq: 4, version: 3 }
-        );
-        let idx = read_sop(&ledger.inner.db, ledger.cf(CF_INDEX).unwrap(), "1.1")
-            .unwrap()
-            .unwrap();
-        assert!(!idx.legacy);
-        assert_eq!(
-            (idx.versions, idx.instance_key),
-            (vec![1, 2, 4], Some([4; 32]))
-        );
-        assert!(ledger.instances_in_study("9").unwrap() == vec!["1.2".to_string()]);
-        assert_eq!(
-            ledger.instances_in_study("8").unwrap(),
-            vec!["1.1".to_string()]
-        );
-        let left = index_keys_with(&ledger, "1.1");
-        assert!(
-            left.iter()
-                .all(|k| !k.starts_with("ver\0") && !k.starts_with("loc\0")),
-            "{left:?}"
-        );
-        // An instance still in the legacy form is erased with all its keys.
-        ledger
-            .erase(EraseScope::Study("9".into()), "admin-api".into())
-            .await
-            .unwrap();
-        assert!(ledger.latest("1.2").unwrap().is_none());
-        assert_eq!(index_keys_with(&ledger, "1.2"), Vec::<String>::new());
-        // Erasing the study of its older versions takes 1.1 too (moved from 9), every key of it.
-        assert!(ledger.latest("1.1").unwrap().is_none());
-        assert_eq!(index_keys_with(&ledger, "1.1"), Vec::<String>::new());
-    }
-
     #[tokio::test(flavor = "multi_thread")]
     async fn a_chain_cut_from_its_end_does_not_open() {
         let dir = tempfile::tempdir().unwrap();
@@ -3050,26 +2813,6 @@ mod tests {
         match Ledger::open(dir.path()) {
             Err(LedgerError::Corrupt(m)) => assert!(m.contains("beyond the chain"), "{m}"),
             other => panic!("opened a cut chain: {:?}", other.is_ok()),
-        }
-    }
-
-    /// Rewrites the tree in the layout before nodes were grouped by leaf (one key per node:
-    /// level u8 ‖ index u64).
-    fn to_legacy_tree(ledger: &Ledger) {
-        let cf = ledger.cf(CF_TREE).unwrap();
-        let db = &ledger.inner.db;
-        let rows: Vec<_> = db
-            .iterator_cf(cf, IteratorMode::Start)
-            .map(|kv| kv.unwrap())
-            .collect();
-        assert!(rows.iter().all(|(k, v)| k.len() == 8 && v.len() % 32 == 0));
-        for (k, v) in rows {
-            let leaf = u64::from_be_bytes(k[..].try_into().unwrap());
-            for (level, hash) in v.chunks(32).enumerate() {
-                let old = legacy_node_key(level as u8, ((leaf + 1) >> level) - 1);
-                db.put_cf(cf, old, hash).unwrap();
-            }
-            db.delete_cf(cf, k).unwrap();
         }
     }
 
@@ -3382,49 +3125,6 @@ mod tests {
         drop(ledger);
         let ledger = Ledger::open(dir.path()).unwrap();
         assert_eq!(ledger.tree_root(37).unwrap(), root);
-        // A tree in the layout before nodes were grouped by leaf (one key per node: level u8 ‖
-        // index u64) is rebuilt at open, with the same root.
-        to_legacy_tree(&ledger);
-        // Readable as it is (a read-only view before the node rewrote it).
-        assert_eq!(ledger.tree_root(37).unwrap(), root);
-        ledger.close();
-        drop(ledger);
-        let ledger = Ledger::open(dir.path()).unwrap();
-        assert_eq!(ledger.tree_root(37).unwrap(), root);
-        let cf = ledger.cf(CF_TREE).unwrap();
-        let keys: Vec<_> = ledger
-            .inner
-            .db
-            .iterator_cf(cf, IteratorMode::Start)
-            .map(|kv| kv.unwrap().0)
-            .collect();
-        assert_eq!(keys.len(), 37, "one key per leaf");
-        assert!(keys.iter().all(|k| k.len() == 8));
-        // An old tree the entries no longer match is evidence: the ledger refuses to open
-        // rather than rewrite it.
-        {
-            to_legacy_tree(&ledger);
-            let mut e = ledger.entry(5).unwrap().unwrap();
-            e.calling_ae = "MALLORY".into();
-            ledger
-                .inner
-                .db
-                .put_cf(
-                    ledger.cf(CF_ENTRIES).unwrap(),
-                    5u64.to_be_bytes(),
-                    e.encode(),
-                )
-                .unwrap();
-        }
-        ledger.close();
-        drop(ledger);
-        match Ledger::open(dir.path()) {
-            Err(LedgerError::Corrupt(m)) => assert!(m.contains("entries were altered"), "{m}"),
-            other => panic!(
-                "opened a ledger the old tree contradicts: {:?}",
-                other.is_ok()
-            ),
-        }
     }
 
     fn checkpointing(seed: u8) -> Checkpointing {
