@@ -6,21 +6,17 @@
 
 use rocksdb::{Direction, IteratorMode};
 
-use super::{read_entry, read_error, Entry, Event, Group, Ledger, LedgerError, CF_INDEX};
+use super::damage::read_error;
+use super::db::{read_entry, CF_INDEX};
+use super::entry::{Entry, Event};
+use super::error::LedgerError;
+use super::group::Group;
+use super::handle::Ledger;
+pub use super::request::AclChange;
+use super::request::Job;
 use crate::acl::{Change, Permission};
 
 const ACL_PREFIX: &[u8] = b"acl\0";
-
-/// A grant or revocation to record.
-#[derive(Debug, Clone)]
-pub struct AclChange {
-    pub grant: bool,
-    /// The AE title it applies to.
-    pub ae: String,
-    pub permissions: Vec<Permission>,
-    /// Who asked (recorded as the entry's calling AE).
-    pub by: String,
-}
 
 fn acl_key(seq: u64) -> Vec<u8> {
     let mut k = ACL_PREFIX.to_vec();
@@ -54,8 +50,7 @@ impl Ledger {
     pub async fn acl_change(&self, change: AclChange) -> Result<u64, LedgerError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         // No timeout once queued: a change reported as failed must not become durable afterwards.
-        self.ask_until_done(super::Job::Acl { change, reply }, rx)
-            .await
+        self.ask_until_done(Job::Acl { change, reply }, rx).await
     }
 
     /// Every grant and revocation, in ledger order.

@@ -261,6 +261,15 @@ pub fn verify(note: &str, verifier_key: &str) -> Result<Checkpoint, NoteError> {
     Err(NoteError::Unverified(name.to_string()))
 }
 
+/// Signing of checkpoints by the node.
+pub struct Checkpointing {
+    pub signer: NoteSigner,
+    /// The checkpoint origin line: the log's identity.
+    pub origin: String,
+    /// At most one new checkpoint per interval, and only when the tree grew.
+    pub interval: std::time::Duration,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

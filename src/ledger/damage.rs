@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, Weak};
 
 use rocksdb::DB;
 
+use super::error::LedgerError;
 use super::scrub::{is_corruption, Damage};
-use super::LedgerError;
 
 /// Most damage records a ledger keeps (one per damaged file). Past this the ledger is reported
 /// damaged already, and more records would only lengthen `/health` and the trail.

@@ -29,6 +29,10 @@ use crate::instance::Digest32;
 
 const MAGIC: &[u8; 8] = b"DCLEDGER";
 const VERSION: u8 = 1;
+/// The outcome recorded on an integrity-failure entry: Processing failure (PS3.7 C.4, 0110H).
+/// An alert is never a success: the instance it names was not delivered.
+pub const INTEGRITY_FAILURE_STATUS: u16 = 0x0110;
+
 /// The encoding with the outcome fields (status, peer, detail).
 const VERSION_OUTCOME: u8 = 2;
 

@@ -20,46 +20,21 @@ use std::collections::{BTreeSet, HashSet};
 
 use rocksdb::IteratorMode;
 
-use super::{
-    decode_keys, forward, key2, keys_under, legacy_ver_key, loc_key, read_entry, read_error,
-    read_sop, sop_key, vloc_key, Entry, Event, Group, Ledger, LedgerError, CF_INDEX, ERASED_NOTE,
-};
+use super::damage::read_error;
+use super::db::{keys_under, read_entry, ALL_CFS, CF_FORWARD, CF_INDEX, CF_KEYS, CF_META};
+use super::entry::{Entry, Event};
+use super::error::LedgerError;
+use super::forward;
+use super::group::Group;
+use super::handle::Ledger;
+use super::index::{decode_keys, key2, read_sop, sop_key, vloc_key};
+use super::notes::ERASED_NOTE;
+use super::request::Job;
+pub use super::request::{EraseScope, Erased};
 
 const ERASED_PREFIX: &[u8] = b"erased\0";
 /// Most bytes of sequence ranges in one erasure entry.
 const MAX_DETAIL: usize = 16 * 1024;
-
-/// What to erase.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EraseScope {
-    /// Every instance of a study (by Study Instance UID), all their versions.
-    Study(String),
-    /// Every instance of a patient (by Patient ID), all their versions.
-    Patient(String),
-}
-
-impl EraseScope {
-    fn kind(&self) -> &'static str {
-        match self {
-            EraseScope::Study(_) => "study",
-            EraseScope::Patient(_) => "patient",
-        }
-    }
-}
-
-/// What an erasure did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Erased {
-    /// The erasure entries (sequence numbers).
-    pub entries: Vec<u64>,
-    /// SOP Instance UIDs erased.
-    pub instances: Vec<String>,
-    /// Stored entries (instance versions) erased.
-    pub versions: u64,
-    /// Opaque names of the pixel objects to delete from the store.
-    pub objects: Vec<(String, [u8; 32])>,
-}
 
 fn erased_key(seq: u64) -> Vec<u8> {
     let mut k = ERASED_PREFIX.to_vec();
@@ -127,7 +102,7 @@ impl Ledger {
             return Err(LedgerError::ReadOnly);
         }
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.submit(super::Job::Erase { scope, by, reply })?;
+        self.submit(Job::Erase { scope, by, reply })?;
         // No timeout once queued: an erasure reported as failed must not happen afterwards.
         rx.await.map_err(|_| LedgerError::Closed)?
     }
@@ -183,19 +158,14 @@ impl Compactor {
 /// everything in it is flushed: flush every column family, then compact those that held erased
 /// values.
 fn compact(db: &rocksdb::DB) {
-    for name in super::ALL_CFS {
+    for name in ALL_CFS {
         if let Some(cf) = db.cf_handle(name) {
             if let Err(e) = db.flush_cf(cf) {
                 tracing::error!(error = %e, "cannot flush the ledger after an erasure");
             }
         }
     }
-    for name in [
-        super::CF_META,
-        super::CF_KEYS,
-        super::CF_INDEX,
-        super::CF_FORWARD,
-    ] {
+    for name in [CF_META, CF_KEYS, CF_INDEX, CF_FORWARD] {
         if let Some(cf) = db.cf_handle(name) {
             db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
         }
@@ -247,16 +217,10 @@ impl Group<'_> {
                 index_deletes.push(vloc_key(sop));
             }
             index_deletes.push(sop_key(sop));
-            if idx.legacy {
-                index_deletes.push(loc_key(sop));
-            }
             for seq in idx.versions {
                 let entry = read_entry(self.db, seq)?.ok_or_else(|| {
                     LedgerError::Corrupt(format!("version index names missing entry {seq}"))
                 })?;
-                if idx.legacy {
-                    index_deletes.push(legacy_ver_key(sop, seq));
-                }
                 versions.push((seq, entry));
             }
         }
@@ -351,6 +315,7 @@ fn split_ranges(seqs: &[u64]) -> Vec<&[u64]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::test_support::*;
 
     #[test]
     fn ranges_round_trip_and_reject_nonsense() {
@@ -388,5 +353,152 @@ mod tests {
         for p in parts {
             assert!(format_ranges(p).len() <= MAX_DETAIL);
         }
+    }
+
+    /// Records of `BLOB_MIN_BYTES` or more live in blob files: an erasure's compaction still
+    /// takes them out of every file of the ledger (the blob GC moves the ones kept).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_erased_large_record_leaves_the_blob_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let marker = b"LARGE-PRIVATE-ELEMENT";
+        let large = |sop: &str, study: &str, key: u8| {
+            let mut record = marker.repeat(BLOB_MIN_BYTES as usize / marker.len() + 1);
+            record.push(key);
+            StoreRequest {
+                record,
+                ..request(sop, study, key)
+            }
+        };
+        ledger.store(large("1.1", "9", 1)).await.unwrap();
+        ledger.store(large("2.1", "8", 2)).await.unwrap();
+        let db = ledger.inner.db.clone();
+        db.flush_cf(db.cf_handle(CF_META).unwrap()).unwrap();
+        let files = |ext: &str| -> Vec<Vec<u8>> {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| ext.is_empty() || p.extension().is_some_and(|x| x == ext))
+                .map(|p| std::fs::read(p).unwrap())
+                .collect()
+        };
+        let tail = |key: u8| [&marker[..], &[key]].concat();
+        let holds = |f: &[u8], key: u8| f.windows(marker.len() + 1).any(|w| w == tail(key));
+        assert!(
+            files("blob").iter().any(|f| holds(f, 1)),
+            "the record is in a blob file"
+        );
+        ledger
+            .erase(erase::EraseScope::Study("9".into()), "test".into())
+            .await
+            .unwrap();
+        ledger.close();
+        drop((ledger, db));
+        assert!(
+            !files("").iter().any(|f| holds(f, 1)),
+            "the erased record is left in a file"
+        );
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let kept = ledger.entry(2).unwrap().unwrap();
+        assert_eq!(ledger.record_of(&kept).unwrap().unwrap().last(), Some(&2));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn erasure_removes_all_but_the_entries_and_records_what_it_erased() {
+        use erase::{EraseScope, Erased};
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let with_object = |sop: &str, study: &str, key: u8| StoreRequest {
+            object_name: Some(format!("obj{key}")),
+            object_key: Some(ObjectKey { salt: [key; 32] }),
+            forward_to: vec!["archive".into()],
+            ..request(sop, study, key)
+        };
+        for (sop, study, key) in [
+            ("1.1", "9", 1),
+            ("1.2", "9", 2),
+            ("2.1", "8", 3),
+            ("1.1", "9", 4),
+        ] {
+            ledger.store(with_object(sop, study, key)).await.unwrap();
+        }
+        let erased = ledger
+            .erase(EraseScope::Study("9".into()), "admin-api".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            erased,
+            Erased {
+                entries: vec![5],
+                instances: vec!["1.1".into(), "1.2".into()],
+                versions: 3,
+                objects: vec![
+                    ("obj1".into(), [1; 32]),
+                    ("obj2".into(), [2; 32]),
+                    ("obj4".into(), [4; 32]),
+                ],
+            }
+        );
+        let e = ledger.entry(5).unwrap().unwrap();
+        assert_eq!(
+            (e.event, e.peer.as_str(), e.detail.as_str()),
+            (Event::Erase, "study", "1-2,4")
+        );
+        assert_eq!(erase::erased_of(&e), Some(vec![1, 2, 4]));
+        for (seq, key) in [(1u64, 1u8), (2, 2), (4, 4)] {
+            assert_eq!(ledger.erased_by(seq).unwrap(), Some(5));
+            let erased = ledger.entry(seq).unwrap().unwrap();
+            assert!(ledger.record_of(&erased).unwrap().is_none());
+            assert!(ledger.legacy_record(&[key; 32]).unwrap().is_none());
+            assert!(ledger.object_key(&format!("obj{key}")).unwrap().is_none());
+        }
+        assert!(ledger.instances_in_study("9").unwrap().is_empty());
+        assert!(
+            ledger.latest("1.1").unwrap().is_none() && ledger.versions("1.1").unwrap().is_empty()
+        );
+        let mut pending: Vec<String> = ledger
+            .pending_objects()
+            .unwrap()
+            .into_iter()
+            .map(|p| {
+                assert!(!p.recorded, "an erased object is not named any more");
+                assert_eq!(p.note, None);
+                p.name
+            })
+            .collect();
+        pending.sort();
+        assert_eq!(pending, ["obj1", "obj2", "obj4"]);
+        // The forward queue keeps only the other study's item.
+        let queued = ledger.forward_pending("archive", 0, 100).unwrap();
+        assert_eq!(queued, vec![3]);
+        // The other study is untouched; nothing left to erase is an error, and writes nothing.
+        assert_eq!(
+            ledger.instances_in_study("8").unwrap(),
+            vec!["2.1".to_string()]
+        );
+        assert_eq!(ledger.erased_by(3).unwrap(), None);
+        assert!(matches!(
+            ledger
+                .erase(EraseScope::Study("9".into()), "x".into())
+                .await,
+            Err(LedgerError::NotFound(_))
+        ));
+        assert_eq!(ledger.len().unwrap(), 5);
+        // A newer version filed under another study: erasing the study of the older one takes
+        // every version (the older one holds that study's data).
+        ledger.store(with_object("2.1", "7", 5)).await.unwrap();
+        let erased = ledger
+            .erase(EraseScope::Study("8".into()), "admin-api".into())
+            .await
+            .unwrap();
+        assert_eq!((erased.entries, erased.versions), (vec![7], 2));
+        assert!(ledger.instances_in_study("7").unwrap().is_empty());
+        assert!(matches!(
+            ledger
+                .erase(EraseScope::Patient("P".into()), "x".into())
+                .await,
+            Err(LedgerError::NotFound(_))
+        ));
     }
 }

@@ -14,47 +14,16 @@ use std::collections::BTreeMap;
 
 use rocksdb::{Direction, IteratorMode};
 
-use super::{
-    now_micros, read_entry, read_error, Entry, Event, Group, Ledger, LedgerError, Reason,
-    CF_FORWARD,
-};
+use super::damage::read_error;
+use super::db::{now_micros, read_entry, CF_FORWARD};
+use super::entry::{Entry, Event, Reason};
+use super::error::LedgerError;
+use super::group::Group;
+use super::handle::Ledger;
+pub use super::request::{ForwardOutcome, ForwardUpdate};
 
 /// File extension of a retry request left in the event spool by `dicomchain forward retry`.
 pub const RETRY_EXTENSION: &str = "retry";
-
-/// The final outcome of forwarding one stored entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForwardOutcome {
-    /// The stored entry that was forwarded.
-    pub seq: u64,
-    /// Delivered (success or warning status) or given up.
-    pub delivered: bool,
-    /// Not sent because a newer version of the same SOP Instance was delivered (an older one
-    /// arriving later would replace it at the destination). Settles a queued or given-up item.
-    pub superseded: bool,
-    /// The destination's C-STORE status, or 0x0110 (processing failure) when it never answered.
-    pub status: u16,
-    /// What went wrong, without patient data (empty when delivered).
-    pub detail: String,
-}
-
-/// Forwarding progress recorded by the committer.
-#[derive(Debug, Clone)]
-pub enum ForwardUpdate {
-    /// Final outcomes for `destination` (peer name) whose AE title is `peer_ae`; `sender_ae` is
-    /// ours. Each removes its queue item (to the failed list when not delivered) and appends a
-    /// forward entry.
-    Outcomes {
-        destination: String,
-        peer_ae: String,
-        sender_ae: String,
-        outcomes: Vec<ForwardOutcome>,
-    },
-    /// The destination could not be reached; kept as its last error.
-    DestinationError { destination: String, error: String },
-    /// Moves given-up items back to the queue: of one destination, or of all.
-    Retry { destination: Option<String> },
-}
 
 /// The queue of one destination as `forward status` shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -148,6 +117,13 @@ pub fn write_retry_request(
 }
 
 impl Group<'_> {
+    /// Puts entry `seq` on the forward queue of `destination`.
+    pub(super) fn enqueue(&mut self, destination: &str, seq: u64) {
+        self.batch
+            .put_cf(self.cf_forward, queue_key(destination, seq), []);
+        self.enqueued = true;
+    }
+
     /// Plans a forwarding update; returns how many queue items it changes.
     pub(super) fn forward(&mut self, update: &ForwardUpdate) -> Result<u64, LedgerError> {
         match update {
@@ -371,6 +347,7 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::test_support::*;
 
     #[test]
     fn item_keys_split_back() {
@@ -391,5 +368,164 @@ mod tests {
         );
         assert_eq!(parse_retry_request("nonsense"), None);
         assert_eq!(parse_retry_request("destination=\n"), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn forward_queue_is_written_with_the_entry_and_settled_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        let ledger = Ledger::open_with(&dir.path().join("l"), None, Some(spool.clone())).unwrap();
+        let queued = |sop: &str, key: u8| {
+            let mut r = request(sop, "1.2", key);
+            r.forward_to = vec!["pacs".into(), "backup".into()];
+            r
+        };
+        assert_eq!(
+            ledger.store(queued("1.2.3", 1)).await.unwrap(),
+            StoreOutcome::Stored { seq: 1, version: 1 }
+        );
+        ledger.store(queued("1.2.4", 2)).await.unwrap();
+        // An identical re-send is a duplicate: stored once, forwarded once.
+        assert!(matches!(
+            ledger.store(queued("1.2.4", 2)).await.unwrap(),
+            StoreOutcome::Duplicate { .. }
+        ));
+        // A new version is queued as well.
+        ledger.store(queued("1.2.3", 3)).await.unwrap();
+        assert_eq!(
+            ledger.forward_pending("pacs", 0, 10).unwrap(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(ledger.forward_pending("pacs", 0, 2).unwrap(), vec![1, 2]);
+        assert_eq!(
+            ledger.forward_pending("backup", 0, 10).unwrap(),
+            vec![1, 2, 3]
+        );
+        assert!(ledger.forward_pending("pac", 0, 10).unwrap().is_empty());
+
+        let outcomes = |v: Vec<(u64, bool, u16)>| ForwardUpdate::Outcomes {
+            destination: "pacs".into(),
+            peer_ae: "PACS_AE".into(),
+            sender_ae: "DICOMCHAIN".into(),
+            outcomes: v
+                .into_iter()
+                .map(|(seq, delivered, status)| ForwardOutcome {
+                    seq,
+                    delivered,
+                    superseded: false,
+                    status,
+                    detail: if delivered {
+                        String::new()
+                    } else {
+                        "refused".into()
+                    },
+                })
+                .collect(),
+        };
+        let n = ledger
+            .forward(outcomes(vec![
+                (1, true, 0),
+                (3, false, 0xA700),
+                (1, true, 0),
+            ]))
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(ledger.forward_pending("pacs", 0, 10).unwrap(), vec![2]);
+        assert_eq!(
+            ledger.forward_failed("pacs").unwrap(),
+            vec![(3, 0xA700, "refused".to_string())]
+        );
+        // Settled items are settled once: a late duplicate outcome changes nothing.
+        assert_eq!(
+            ledger.forward(outcomes(vec![(1, true, 0)])).await.unwrap(),
+            0
+        );
+        let (e5, e6) = (
+            ledger.entry(4).unwrap().unwrap(),
+            ledger.entry(5).unwrap().unwrap(),
+        );
+        assert_eq!(ledger.len().unwrap(), 5);
+        assert_eq!(
+            (e5.event, e5.subject_seq, e5.status),
+            (Event::Forward, 1, 0)
+        );
+        assert_eq!(e5.peer, "PACS_AE");
+        assert_eq!(
+            e5.instance_key,
+            ledger.entry(1).unwrap().unwrap().instance_key
+        );
+        assert_eq!((e6.subject_seq, e6.status), (3, 0xA700));
+        assert_eq!(e6.prev_hash, e5.hash());
+
+        ledger
+            .forward(ForwardUpdate::DestinationError {
+                destination: "backup".into(),
+                error: "connection refused".into(),
+            })
+            .await
+            .unwrap();
+        let summary = ledger.forward_summary().unwrap();
+        assert_eq!(summary["pacs"].pending, 1);
+        assert_eq!(summary["pacs"].failed, 1);
+        assert_eq!(summary["pacs"].oldest_pending.map(|o| o.0), Some(2));
+        assert_eq!(summary["backup"].pending, 3);
+        assert_eq!(
+            summary["backup"].last_error.as_ref().map(|e| e.1.as_str()),
+            Some("connection refused")
+        );
+
+        // A retry request left in the spool (by `forward retry`) re-queues the given-up item.
+        crate::ledger::forward::write_retry_request(&spool, Some("pacs")).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ledger.forward_pending("pacs", 0, 10).unwrap() != vec![2, 3] {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "retry request not applied"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(ledger.forward_failed("pacs").unwrap().is_empty());
+        assert_eq!(ledger.forward_pending("pacs", 2, 10).unwrap(), vec![3]);
+        // Superseded items (a newer version was delivered) settle whether queued or given up.
+        let superseded = |seq: u64| ForwardUpdate::Outcomes {
+            destination: "pacs".into(),
+            peer_ae: "PACS_AE".into(),
+            sender_ae: "DICOMCHAIN".into(),
+            outcomes: vec![ForwardOutcome {
+                seq,
+                delivered: false,
+                superseded: true,
+                status: 0,
+                detail: "not sent: superseded".into(),
+            }],
+        };
+        assert_eq!(
+            ledger
+                .forward(outcomes(vec![(2, false, 0xA700)]))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(ledger.forward(superseded(2)).await.unwrap(), 1);
+        assert_eq!(ledger.forward(superseded(3)).await.unwrap(), 1);
+        assert_eq!(ledger.forward(superseded(3)).await.unwrap(), 0);
+        assert!(ledger.forward_failed("pacs").unwrap().is_empty());
+        assert!(ledger.forward_pending("pacs", 0, 10).unwrap().is_empty());
+        let last = ledger.entry(ledger.len().unwrap()).unwrap().unwrap();
+        assert_eq!(
+            (last.event, last.subject_seq, last.status),
+            (Event::Forward, 3, 0)
+        );
+        assert_eq!(last.detail, "not sent: superseded");
+        ledger.close();
+        drop(ledger);
+        // The queue survives a restart.
+        let ledger = Ledger::open(&dir.path().join("l")).unwrap();
+        assert!(ledger.forward_pending("pacs", 0, 10).unwrap().is_empty());
+        assert_eq!(
+            ledger.forward_pending("backup", 0, 10).unwrap(),
+            vec![1, 2, 3]
+        );
     }
 }

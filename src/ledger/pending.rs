@@ -1,48 +1,21 @@
-//! Pending-object notes: before a pixel object is committed to the object store, ingest notes
-//! in the `pending` column family that it is about to exist, so that a crash between the object
-//! and its ledger entry leaves a trace for the next start ([`Ledger::pending_objects`]).
-//!
-//! Two forms share the column family:
-//! - **numbered** (what ingest writes): `0x00 ‖ n` (u64 BE, one number per note, increasing) →
-//!   instance key (32 bytes) ‖ object name. A group commit settles the notes of the instances it
-//!   records with one range deletion `[first unsettled before, first unsettled now)` in the
-//!   entries' batch, instead of one deletion per instance: at tens of thousands of instances a
-//!   second, a deletion per note cost the committer a skip-list insert each, with random keys.
-//!   The numbers of this run that are not settled yet live in a [`NoteBook`]; a range deletion
-//!   never reaches below the first number of this run (older notes are for `reconcile`), nor
-//!   an unsettled note: it ends at the first note still in flight, and steps around a note
-//!   unsettled for longer than [`STEP_OVER_AFTER`] (a store that failed or still runs) rather
-//!   than wait for it.
-//! - **named**: object name (never starts with 0x00) → instance key (32 bytes), optionally
-//!   followed by [`ERASED_NOTE`]. Written by an erasure for the objects it deletes, by earlier
-//!   versions for every object, and for a numbered note nobody settled within [`ABANDON_AFTER`]
-//!   (a failed commit, a duplicate whose object could not be deleted), so that it no longer
-//!   holds back the range deletions; `reconcile` handles it at the next start.
+//! Pending-object notes as the rest of the node sees them (see [`super::notes`] for their
+//! layout and numbering): noting an object about to be committed, clearing notes, and listing
+//! what a crash left for the startup reconciliation.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
 
-use super::*;
+use rocksdb::IteratorMode;
+use tokio::sync::oneshot;
 
-/// First byte of a numbered note's key.
-const NUMBERED: u8 = 0;
-
-/// A numbered note no group settled (or ingest cleared) for this long becomes a named one.
-pub(super) const ABANDON_AFTER: Duration = Duration::from_secs(600);
-
-/// Range deletions end at an unsettled note younger than this (its store is in flight), and
-/// are split around older ones, so a store that failed holds back nothing but its own note.
-pub(super) const STEP_OVER_AFTER: Duration = Duration::from_secs(10);
-
-/// A numbered pending-object note (see [`Ledger::intend_object`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NoteId(u64);
-
-impl NoteId {
-    pub(super) fn number(self) -> u64 {
-        self.0
-    }
-}
+use super::damage::read_error;
+use super::db::CF_PENDING;
+use super::error::LedgerError;
+use super::group::Group;
+use super::handle::Ledger;
+pub use super::notes::NoteId;
+use super::notes::{note_key, note_number, NoteBook, ERASED_NOTE, NUMBERED};
+use super::request::Job;
+use crate::instance::Digest32;
 
 /// What [`Ledger::pending_objects`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,125 +27,6 @@ pub struct PendingObject {
     pub recorded: bool,
     /// Numbered notes; `None` for named ones.
     pub note: Option<NoteId>,
-}
-
-pub(super) fn note_key(n: u64) -> [u8; 9] {
-    let mut k = [NUMBERED; 9];
-    k[1..].copy_from_slice(&n.to_be_bytes());
-    k
-}
-
-fn note_number(key: &[u8]) -> Option<u64> {
-    match key {
-        [NUMBERED, rest @ ..] => Some(u64::from_be_bytes(rest.try_into().ok()?)),
-        _ => None,
-    }
-}
-
-/// The numbered notes of this run that are not settled yet.
-pub(super) struct NoteBook {
-    /// The first number of this run: range deletions never reach below it.
-    first: u64,
-    next: u64,
-    live: BTreeMap<u64, Instant>,
-    /// Notes whose objects are durable and recorded, for the next group to delete.
-    ready: Vec<u64>,
-}
-
-impl NoteBook {
-    /// Numbers continue after the highest one in the column family.
-    pub(super) fn open(db: &DB) -> Result<NoteBook, LedgerError> {
-        let cf = db
-            .cf_handle(CF_PENDING)
-            .ok_or_else(|| LedgerError::Corrupt("missing column family pending".into()))?;
-        let mut it = db.raw_iterator_cf(cf);
-        it.seek_for_prev(note_key(u64::MAX));
-        let last = it.key().and_then(note_number);
-        it.status().map_err(read_error(db))?;
-        let first = last.map_or(1, |n| n + 1);
-        Ok(NoteBook {
-            first,
-            next: first,
-            live: BTreeMap::new(),
-            ready: Vec::new(),
-        })
-    }
-
-    pub(super) fn first(&self) -> u64 {
-        self.first
-    }
-
-    fn take(&mut self) -> u64 {
-        let n = self.next;
-        self.next += 1;
-        self.live.insert(n, Instant::now());
-        n
-    }
-
-    /// The ranges `[start, end)` of notes from `floor` on that may be deleted once the notes
-    /// `settling` (sorted) are settled: up to the first unsettled note younger than `hold`, or
-    /// to the next number, around older unsettled ones.
-    pub(super) fn settled_ranges(
-        &self,
-        floor: u64,
-        settling: &[u64],
-        hold: Duration,
-    ) -> Vec<(u64, u64)> {
-        let mut ranges = Vec::new();
-        let mut start = floor;
-        for (&n, taken) in self.live.range(floor..) {
-            if settling.binary_search(&n).is_ok() {
-                continue;
-            }
-            if n > start {
-                ranges.push((start, n));
-            }
-            if taken.elapsed() < hold {
-                return ranges;
-            }
-            start = n + 1;
-        }
-        if self.next > start {
-            ranges.push((start, self.next));
-        }
-        ranges
-    }
-
-    /// A note whose object is durable and recorded: the next group deletes it.
-    pub(super) fn ready(&mut self, note: u64) {
-        self.ready.push(note);
-    }
-
-    /// The ready notes, sorted, for a group to delete (and then [`NoteBook::settle`]).
-    pub(super) fn take_ready(&mut self) -> Vec<u64> {
-        let mut r = std::mem::take(&mut self.ready);
-        r.sort_unstable();
-        r
-    }
-
-    pub(super) fn has_ready(&self) -> bool {
-        !self.ready.is_empty()
-    }
-
-    /// Ready notes a failed group did not delete.
-    pub(super) fn put_back_ready(&mut self, notes: Vec<u64>) {
-        self.ready.extend(notes);
-    }
-
-    pub(super) fn settle(&mut self, notes: &[u64]) {
-        for n in notes {
-            self.live.remove(n);
-        }
-    }
-
-    /// The notes older than `age`.
-    pub(super) fn older(&self, age: Duration) -> Vec<u64> {
-        self.live
-            .iter()
-            .filter(|(_, t)| t.elapsed() >= age)
-            .map(|(n, _)| *n)
-            .collect()
-    }
 }
 
 impl Ledger {
@@ -310,92 +164,132 @@ impl Group<'_> {
     }
 }
 
-impl Committer {
-    /// Turns the numbered notes nobody settled within [`ABANDON_AFTER`] into named ones, so they
-    /// stop holding back the range deletions; `reconcile` checks them at the next start.
-    pub(super) fn abandon_old_notes(&mut self) {
-        let old = match self.notes.lock() {
-            Ok(b) => b.older(ABANDON_AFTER),
-            Err(_) => return,
-        };
-        if old.is_empty() {
-            return;
-        }
-        // Out of the book only once the named form is written: until then a range deletion
-        // must not reach them.
-        match keep_named(&self.db, &old) {
-            Ok(n) => {
-                if let Ok(mut b) = self.notes.lock() {
-                    b.settle(&old);
-                }
-                tracing::warn!(
-                    notes = n,
-                    "pending-object notes unsettled for 10 minutes (C-STOREs that failed, or still commit a large object) kept by name; their objects are checked at the next start"
-                );
-            }
-            Err(e) => tracing::error!(error = %e, "cannot keep pending-object notes; retried"),
-        }
-    }
-}
-
-/// Rewrites the numbered notes `numbers` as named ones (those still there); returns how many.
-pub(super) fn keep_named(db: &DB, numbers: &[u64]) -> Result<usize, LedgerError> {
-    let cf = db
-        .cf_handle(CF_PENDING)
-        .ok_or_else(|| LedgerError::Corrupt("missing column family pending".into()))?;
-    let mut batch = WriteBatch::default();
-    let mut kept = 0;
-    for &n in numbers {
-        if let Some(v) = db.get_cf(cf, note_key(n)).map_err(read_error(db))? {
-            if v.len() > 32 {
-                batch.put_cf(cf, &v[32..], &v[..32]);
-                kept += 1;
-            }
-            batch.delete_cf(cf, note_key(n));
-        }
-    }
-    db.write(batch).map_err(LedgerError::Write)?;
-    Ok(kept)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::test_support::*;
 
-    #[test]
-    fn ranges_end_at_notes_in_flight_and_step_around_old_ones() {
-        let hold = Duration::from_secs(3600);
-        let mut b = NoteBook {
-            first: 5,
-            next: 5,
-            live: BTreeMap::new(),
-            ready: Vec::new(),
+    #[tokio::test]
+    async fn pending_notes_go_once_their_objects_are_durable_and_never_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let pending = |ledger: &Ledger| {
+            let mut p: Vec<(String, bool)> = ledger
+                .pending_objects()
+                .unwrap()
+                .into_iter()
+                .map(|p| (p.name, p.recorded))
+                .collect();
+            p.sort();
+            p
         };
-        assert!(b.settled_ranges(5, &[], hold).is_empty());
-        let (a, c, d) = (b.take(), b.take(), b.take());
-        assert_eq!((a, c, d), (5, 6, 7));
-        assert!(b.settled_ranges(5, &[], hold).is_empty());
-        // Settling 5 and 7 in one group: 6, in flight, holds the range back.
-        assert_eq!(b.settled_ranges(5, &[5, 7], hold), [(5, 6)]);
-        b.settle(&[5, 7]);
-        assert_eq!(b.settled_ranges(6, &[6], hold), [(6, 8)]);
-        // An old unsettled note is stepped around (held for zero seconds): 6 stays.
-        assert_eq!(b.settled_ranges(5, &[], Duration::ZERO), [(5, 6), (7, 8)]);
-        assert!(b.older(hold).is_empty());
-        assert_eq!(b.older(Duration::ZERO), vec![6]);
-        b.settle(&[6]);
-        let e = b.take();
-        assert_eq!(b.settled_ranges(8, &[], hold), []);
-        assert_eq!(b.settled_ranges(8, &[e], hold), [(8, 9)]);
-    }
-
-    #[test]
-    fn note_keys_sort_by_number_and_before_every_object_name() {
-        assert!(note_key(1) < note_key(2));
-        assert!(note_key(255) < note_key(256));
-        assert!(note_key(u64::MAX)[..] < b"0"[..]);
-        assert_eq!(note_number(&note_key(77)), Some(77));
-        assert_eq!(note_number(b"abc"), None);
-        assert_eq!(note_number(&[0, 1]), None);
+        async fn noted(ledger: &Ledger, sop: &str, key: u8, name: &str) -> (StoreRequest, NoteId) {
+            let mut r = request(sop, "1", key);
+            r.object_name = Some(name.into());
+            r.object_key = Some(ObjectKey { salt: [key; 32] });
+            let note = ledger.intend_object(name, &[key; 32]).await.unwrap();
+            (r, note)
+        }
+        {
+            let ledger = Ledger::open(dir.path()).unwrap();
+            let stuck = ledger.intend_object("stuck", &[9; 32]).await.unwrap();
+            let (a, na) = noted(&ledger, "1.1", 1, "obj1").await;
+            ledger.store(a).await.unwrap();
+            // The entry alone settles nothing: its object may not be durable yet.
+            assert_eq!(
+                pending(&ledger),
+                [("obj1".to_string(), true), ("stuck".to_string(), false)]
+            );
+            // Durable, but a note taken before it and never settled holds back the range.
+            ledger.object_durable(na);
+            let (b, nb) = noted(&ledger, "1.2", 2, "obj2").await;
+            assert_eq!(
+                pending(&ledger),
+                [
+                    ("obj1".to_string(), true),
+                    ("obj2".to_string(), false),
+                    ("stuck".to_string(), false)
+                ]
+            );
+            ledger.clear_note(stuck).unwrap();
+            ledger.store(b).await.unwrap();
+            assert_eq!(pending(&ledger), [("obj2".to_string(), true)]);
+            ledger.object_durable(nb);
+            // A duplicate's note stays: its object is named by no entry. Its note's group
+            // deletes the note settled before it.
+            let (c, _) = noted(&ledger, "1.2", 2, "obj2b").await;
+            assert!(matches!(
+                ledger.store(c).await.unwrap(),
+                StoreOutcome::Duplicate { .. }
+            ));
+            assert_eq!(pending(&ledger), [("obj2b".to_string(), false)]);
+            // A note settled after the last group goes at shutdown, unless an unsettled one
+            // before it holds the range back (then `reconcile` checks its object).
+            let (d, nd) = noted(&ledger, "1.3", 3, "obj3").await;
+            ledger.store(d).await.unwrap();
+            ledger.object_durable(nd);
+            assert_eq!(pending(&ledger).len(), 2);
+            ledger.close();
+        }
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let held = [("obj2b".to_string(), false), ("obj3".to_string(), true)];
+        assert_eq!(pending(&ledger), held);
+        let obj3 = ledger.pending_objects().unwrap();
+        ledger.clear_pending_object(&obj3[1]).unwrap();
+        assert_eq!(pending(&ledger), [("obj2b".to_string(), false)]);
+        // With nothing of this run holding it back, the committer's next idle moment takes it
+        // (no later C-STORE needed; it used to wait, and turn into a warning after 10 minutes).
+        let (g, ng) = noted(&ledger, "1.7", 7, "obj7").await;
+        ledger.store(g).await.unwrap();
+        ledger.object_durable(ng);
+        let idle = std::time::Instant::now();
+        while pending(&ledger).len() == 2 {
+            assert!(
+                idle.elapsed() < std::time::Duration::from_secs(30),
+                "note never deleted"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(pending(&ledger), [("obj2b".to_string(), false)]);
+        ledger.close();
+        drop(ledger);
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(pending(&ledger), [("obj2b".to_string(), false)]);
+        // The notes of an earlier run are left to `reconcile`: this run's range deletions
+        // start at its own first number.
+        let (d, nd) = noted(&ledger, "1.4", 4, "obj4").await;
+        ledger.store(d).await.unwrap();
+        ledger.object_durable(nd);
+        ledger.store(request("1.9", "1", 9)).await.unwrap();
+        assert_eq!(pending(&ledger), [("obj2b".to_string(), false)]);
+        // A note nobody settles becomes a named one and stops holding the range back.
+        let (e, ne) = noted(&ledger, "1.5", 5, "obj5").await;
+        let n = ne.number();
+        assert_eq!(
+            crate::ledger::notes::keep_named(&ledger.inner.db, &[n]).unwrap(),
+            1
+        );
+        ledger
+            .inner
+            .notes
+            .as_ref()
+            .unwrap()
+            .lock()
+            .unwrap()
+            .settle(&[n]);
+        drop(e);
+        let (f, nf) = noted(&ledger, "1.6", 6, "obj6").await;
+        ledger.store(f).await.unwrap();
+        ledger.object_durable(nf);
+        ledger.store(request("1.8", "1", 8)).await.unwrap();
+        let all = ledger.pending_objects().unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert!(all.iter().all(|p| !p.recorded));
+        assert!(all.iter().any(|p| p.name == "obj5" && p.note.is_none()));
+        assert!(ledger.knows_object("obj5").unwrap() && ledger.knows_object("obj2b").unwrap());
+        assert!(!ledger.knows_object("nothing").unwrap());
+        for p in &all {
+            ledger.clear_pending_object(p).unwrap();
+        }
+        assert!(pending(&ledger).is_empty());
     }
 }

@@ -5,7 +5,13 @@
 //! status and a description without patient data; a query's identifier only as its SHA-256 (in
 //! `instance_key`), never its values. [`atna`] maps every entry to its audit event.
 
-use super::{Entry, Event, Group, Ledger, LedgerError};
+use super::entry::{Entry, Event};
+use super::error::LedgerError;
+use super::group::Group;
+use super::handle::Ledger;
+use super::request::Job;
+pub use super::request::{AuditRecord, SPOOL_EXTENSION};
+use super::scrub;
 
 /// DICOM audit event IDs (PS3.16 CID 400, "Audit Event ID").
 pub mod id {
@@ -50,47 +56,6 @@ pub fn atna(e: &Entry) -> u32 {
     }
 }
 
-/// File extension of an audit record another process (export, verify) left in the event spool.
-pub const SPOOL_EXTENSION: &str = "audit";
-
-/// One audit record to append.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AuditRecord {
-    /// DICOM audit event ID ([`id`]).
-    pub event_id: u32,
-    pub calling_ae: String,
-    /// The peer: its address for an association, the destination AE title of a C-MOVE.
-    pub peer: String,
-    /// DIMSE status of the outcome (0 = success); for an association, 0 accepted, 1 rejected.
-    pub status: u16,
-    /// What happened, without patient data.
-    pub detail: String,
-    /// The SOP Class of the operation, if any.
-    pub sop_class_uid: String,
-    /// SHA-256 of the request's identifier (queries and retrievals), else zero.
-    pub identifier_sha256: [u8; 32],
-    /// Matches of a query, or instances sent by a retrieval.
-    pub count: u64,
-}
-
-impl AuditRecord {
-    /// Leaves the record in the event spool `dir` for the running node (the ledger's only
-    /// writer) to append, as security events are: temp file, fsync, rename, fsync directory.
-    pub fn spool(&self, dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
-        use std::io::Write;
-        std::fs::create_dir_all(dir)?;
-        let stamp = format!("{}-{}", super::now_micros(), std::process::id());
-        let tmp = dir.join(format!("{stamp}.audit-tmp"));
-        let dest = dir.join(format!("{stamp}.{SPOOL_EXTENSION}"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(serde_json::to_string(self)?.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &dest)?;
-        std::fs::File::open(dir)?.sync_all()?;
-        Ok(dest)
-    }
-}
-
 impl Ledger {
     /// Appends an audit record without waiting for it (the operation it records is not held up
     /// by the ledger); a failure to record it is logged.
@@ -99,7 +64,7 @@ impl Ledger {
             return;
         }
         let (reply, rx) = tokio::sync::oneshot::channel();
-        if let Err(e) = self.submit(super::Job::Audit { record, reply }) {
+        if let Err(e) = self.submit(Job::Audit { record, reply }) {
             tracing::warn!(error = %e, "audit record not written");
             return;
         }
@@ -109,8 +74,7 @@ impl Ledger {
     /// Appends an audit record and waits until it is durable.
     pub async fn audit_durable(&self, record: AuditRecord) -> Result<u64, LedgerError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.ask_until_done(super::Job::Audit { record, reply }, rx)
-            .await
+        self.ask_until_done(Job::Audit { record, reply }, rx).await
     }
 }
 
@@ -139,4 +103,20 @@ impl Group<'_> {
         self.append(&entry)?;
         Ok(seq)
     }
+}
+
+/// A security alert (110113, outcome 1) about the ledger itself, for the trail.
+pub(super) fn ledger_alert(detail: String) -> AuditRecord {
+    AuditRecord {
+        event_id: id::SECURITY_ALERT,
+        calling_ae: "dicomchain".into(),
+        peer: "-".into(),
+        status: 1,
+        detail,
+        ..Default::default()
+    }
+}
+
+pub(super) fn damage_alert(d: &scrub::Damage) -> AuditRecord {
+    ledger_alert(format!("ledger damaged: {d}"))
 }

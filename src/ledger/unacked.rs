@@ -18,10 +18,14 @@ use std::collections::{HashMap, HashSet};
 
 use rocksdb::{ColumnFamily, DB};
 
-use super::{
-    read_entry, read_error, Entry, Event, Group, Ledger, LedgerError, NoteId, Reason, CF_ENTRIES,
-    CF_INDEX,
-};
+use super::damage::read_error;
+use super::db::{read_entry, CF_ENTRIES, CF_INDEX};
+use super::entry::{Entry, Event, Reason};
+use super::error::LedgerError;
+use super::group::Group;
+use super::handle::Ledger;
+use super::notes::NoteId;
+use super::request::Job;
 
 const UNACKED_PREFIX: &[u8] = b"unacked\0";
 
@@ -47,7 +51,7 @@ impl Ledger {
     /// acknowledged (see the module). Returns the new entry's number; durable on return.
     pub async fn record_unacknowledged(&self, seq: u64) -> Result<u64, LedgerError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.ask_until_done(super::Job::Unacknowledged { seq, reply }, rx)
+        self.ask_until_done(Job::Unacknowledged { seq, reply }, rx)
             .await
     }
 
@@ -120,5 +124,55 @@ impl Group<'_> {
     /// C-STORE repeats it).
     pub(super) fn is_unacked(&self, seq: u64) -> Result<bool, LedgerError> {
         marked(self.db, self.cf_index, seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::test_support::*;
+
+    #[tokio::test]
+    async fn an_unacknowledged_entry_is_recorded_and_its_instance_stored_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let mut r = request("1.1", "9", 1);
+        r.object_name = Some("obj1".into());
+        r.object_key = Some(ObjectKey { salt: [1; 32] });
+        let again = r.clone();
+        assert_eq!(
+            ledger.store(r).await.unwrap(),
+            StoreOutcome::Stored { seq: 1, version: 1 }
+        );
+        assert!(!ledger.is_unacknowledged(1).unwrap());
+        let event = ledger.record_unacknowledged(1).await.unwrap();
+        assert_eq!(event, 2);
+        let e = ledger.entry(2).unwrap().unwrap();
+        assert_eq!(
+            (e.event, e.subject_seq, e.reason, e.calling_ae.as_str()),
+            (Event::IntegrityFailure, 1, Reason::Unacknowledged, DETECTOR)
+        );
+        assert!(ledger.is_unacknowledged(1).unwrap());
+        // Once only, and only for a stored instance with an object.
+        assert!(ledger.record_unacknowledged(1).await.is_err());
+        assert!(ledger.record_unacknowledged(2).await.is_err());
+        assert!(ledger.record_unacknowledged(99).await.is_err());
+        // The same content again is its new version, not a duplicate of the lost one; and
+        // that one is a duplicate again.
+        assert_eq!(
+            ledger.store(again.clone()).await.unwrap(),
+            StoreOutcome::Stored { seq: 3, version: 2 }
+        );
+        assert_eq!(ledger.latest("1.1").unwrap().unwrap().seq, 3);
+        assert_eq!(
+            ledger.store(again).await.unwrap(),
+            StoreOutcome::Duplicate { seq: 3 }
+        );
+        // The newest stored entries naming objects, by name.
+        let names = ["obj1", "nothing"].into_iter().collect();
+        let found = ledger.entries_naming(&names, 100).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found["obj1"].seq, 3);
+        assert!(ledger.entries_naming(&names, 0).unwrap().is_empty());
     }
 }
