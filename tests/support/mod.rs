@@ -3,7 +3,12 @@
 
 #![allow(dead_code)]
 
+pub mod cli;
+pub mod dcmtk;
 pub mod s3server;
+
+pub use cli::{dicomchain, study_uid_in};
+pub use dcmtk::Scu;
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -108,7 +113,7 @@ impl Node {
     }
 
     pub fn command(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_dicomchain"));
+        let mut c = dicomchain();
         c.arg("--config")
             .arg(self.config_path())
             .current_dir(&self.dir);
@@ -234,23 +239,18 @@ impl Node {
             .unwrap()
     }
 
+    /// DCMTK echoscu, calling as ECHOSCU.
     pub fn echoscu(&self) -> Output {
-        Command::new("/usr/bin/echoscu")
-            .args(["-aec", AE, "127.0.0.1", &self.port.to_string()])
-            .output()
-            .expect("run /usr/bin/echoscu (apt-get install dcmtk)")
+        Scu::echoscu().run(self.port)
     }
 
-    /// DCMTK storescu over one association; `extra` are storescu options.
+    /// DCMTK storescu over one association, calling as STORESCU; `extra` are storescu options.
     pub fn storescu(&self, extra: &[&str], files: &[PathBuf]) -> Output {
-        Command::new("/usr/bin/storescu")
-            .args(["-aec", AE, "-aet", "STORESCU"])
+        Scu::storescu()
+            .calling("STORESCU")
             .args(extra)
-            .arg("127.0.0.1")
-            .arg(self.port.to_string())
-            .args(files)
-            .output()
-            .expect("run /usr/bin/storescu (apt-get install dcmtk)")
+            .files(files)
+            .run(self.port)
     }
 
     /// pynetdicom, sending each file's data set exactly as stored. Returns (status, path) pairs.
@@ -362,13 +362,11 @@ impl Storescp {
         for f in files_under(self.dir.path()) {
             std::fs::remove_file(f).unwrap();
         }
-        let _ = Command::new("/usr/bin/storescu")
-            .args(["-aec", "STORESCP"])
+        let _ = Scu::storescu()
+            .called("STORESCP")
             .args(storescu_options)
-            .args(["127.0.0.1", &self.port.to_string()])
-            .arg(file)
-            .output()
-            .unwrap();
+            .files(&[file.to_path_buf()])
+            .run(self.port);
         let got = files_under(self.dir.path());
         got.first().and_then(|p| read_part10(p))
     }
