@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dicomchain::ledger::{Event, Ledger};
 
-use crate::support::{self, assert_ok, read_part10, sha256_hex, Node, Orthanc, Storescp};
+use crate::support::{self, assert_ok, read_part10, sha256_hex, Node, Orthanc, Scu, Storescp};
 
 /// SOP Instance UID → SHA-256 of the data set of each file.
 fn digests(files: &[PathBuf]) -> BTreeMap<String, String> {
@@ -104,13 +104,7 @@ fn in_orthanc(node: &Node, orthanc: &Orthanc, n: usize) -> BTreeMap<String, Stri
 }
 
 fn storescu(node: &Node, calling: &str, files: &[PathBuf]) {
-    let out = Command::new("/usr/bin/storescu")
-        .args(["-aec", support::AE, "-aet", calling])
-        .arg("127.0.0.1")
-        .arg(node.port.to_string())
-        .args(files)
-        .output()
-        .expect("run /usr/bin/storescu");
+    let out = Scu::storescu().calling(calling).files(files).run(node.port);
     assert_ok(&out, "storescu");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -7,12 +7,12 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::{self, output_text as text, Node, AE};
+use crate::support::{self, output_text as text, Node, Scu, AE};
 
 /// A node with its admin listener: (node, admin port, token).
 fn admin_node() -> (Node, u16, String) {
@@ -345,18 +345,13 @@ fn an_integrity_alert_names_the_requester_its_address_and_a_failure() {
     std::fs::write(&objects[1], bytes).unwrap();
     let out_dir = dir.path().join("got");
     std::fs::create_dir_all(&out_dir).unwrap();
-    let get = Command::new("/usr/bin/getscu")
-        .args(["-aet", "GETSCU", "-aec", AE, "-P", "-od"])
-        .arg(&out_dir)
-        .args([
-            "-k",
-            "QueryRetrieveLevel=PATIENT",
-            "-k",
-            "PatientID=PID0001",
-        ])
-        .args(["127.0.0.1", &node.port.to_string()])
-        .output()
-        .expect("run /usr/bin/getscu (apt-get install dcmtk)");
+    let get = Scu::getscu()
+        .calling("GETSCU")
+        .arg("-P")
+        .out_dir(&out_dir)
+        .level("PATIENT")
+        .key("PatientID=PID0001")
+        .run(node.port);
     assert_eq!(
         support::files_under(&out_dir).len(),
         2,

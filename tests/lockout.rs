@@ -6,14 +6,13 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpStream};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dicom_ul::pdu::{AssociationRQ, Pdu, PresentationContextProposed, UserVariableItem};
 
-use crate::support::{self, Node, AE};
+use crate::support::{self, Node, Scu, AE};
 
 /// An A-ASSOCIATE-RQ for Verification from `calling`.
 fn association_rq(calling: &str) -> Vec<u8> {
@@ -123,21 +122,10 @@ fn hold_associations_from(from: IpAddr, port: u16, calling: &str, max: usize) ->
 }
 
 fn echo_as(port: u16, aet: &str) -> std::process::Output {
-    Command::new("/usr/bin/echoscu")
-        .args([
-            "-aet",
-            aet,
-            "-aec",
-            AE,
-            "-to",
-            "5",
-            "-ta",
-            "5",
-            "127.0.0.1",
-            &port.to_string(),
-        ])
-        .output()
-        .expect("run /usr/bin/echoscu")
+    Scu::echoscu()
+        .calling(aet)
+        .args(["-to", "5", "-ta", "5"])
+        .run(port)
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{self, assert_ok, Node};
+use crate::support::{self, assert_ok, Node, Scu};
 
 /// The newest signed checkpoint the CLI prints, and its size.
 fn checkpoint(node: &Node) -> Option<(String, u64)> {
@@ -470,32 +470,25 @@ fn a_table_file_damaged_while_the_node_runs_is_reported_once() {
     let get = |n: usize| {
         let out_dir = src.path().join(format!("got-{n}"));
         std::fs::create_dir_all(&out_dir).unwrap();
-        let out = Command::new("/usr/bin/getscu")
-            .args(["-aet", "GETSCU", "-aec", support::AE, "-P", "-od"])
-            .arg(&out_dir)
-            .args([
-                "-k",
-                "QueryRetrieveLevel=PATIENT",
-                "-k",
-                "PatientID=PID0001",
-            ])
-            .args(["127.0.0.1", &node.port.to_string()])
-            .output()
-            .expect("run /usr/bin/getscu (apt-get install dcmtk)");
+        let out = Scu::getscu()
+            .calling("GETSCU")
+            .arg("-P")
+            .out_dir(&out_dir)
+            .level("PATIENT")
+            .key("PatientID=PID0001")
+            .run(node.port);
         (
             support::files_under(&out_dir).len(),
             support::output_text(&out),
         )
     };
     let find = || {
-        Command::new("/usr/bin/findscu")
-            .args(["-aec", support::AE, "-S"])
-            .args(["-k", "QueryRetrieveLevel=IMAGE", "-k", "PatientID=PID0001"])
-            .args(["-k", "StudyInstanceUID", "-k", "SeriesInstanceUID"])
-            .args(["-k", "SOPInstanceUID"])
-            .args(["127.0.0.1", &node.port.to_string()])
-            .output()
-            .expect("run /usr/bin/findscu (apt-get install dcmtk)")
+        Scu::findscu()
+            .arg("-S")
+            .level("IMAGE")
+            .key("PatientID=PID0001")
+            .keys(["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+            .run(node.port)
     };
     let (got, text) = get(0);
     assert!(got < files.len(), "the damaged block was not read: {text}");

@@ -4,9 +4,9 @@
 //! listener at all.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use crate::support::{self, assert_ok, Node, AE};
+use crate::support::{self, assert_ok, Node, Scu};
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate it signs (openssl CLI).
 pub(crate) struct Pki {
@@ -113,21 +113,18 @@ impl Pki {
     }
 }
 
-/// A DCMTK tool over TLS as `who` (a key/certificate pair name, or None for anonymous TLS).
-fn dcmtk_tls(tool: &str, pki: &Pki, who: Option<&str>, port: u16, args: &[&str]) -> Output {
-    let mut c = Command::new(format!("/usr/bin/{tool}"));
+/// A DCMTK tool over TLS as `who` (a key/certificate pair name, or None for anonymous TLS),
+/// trusting the test CA.
+fn dcmtk_tls(tool: &'static str, pki: &Pki, who: Option<&str>) -> Scu {
+    let ca = pki.path("ca.crt");
     match who {
-        Some(w) => c.args([
-            "+tls",
+        Some(w) => Scu::new(tool).tls(
             &pki.path(&format!("{w}.key")),
             &pki.path(&format!("{w}.crt")),
-        ]),
-        None => c.arg("+tla"),
-    };
-    c.args(["-pw", "+cf", &pki.path("ca.crt"), "-aec", AE])
-        .args(args)
-        .args(["127.0.0.1", &port.to_string()]);
-    c.output().expect("run DCMTK")
+            &ca,
+        ),
+        None => Scu::new(tool).anonymous_tls(&ca),
+    }
 }
 
 /// The log without its ANSI colours.
@@ -166,12 +163,9 @@ fn dcmtk_stores_and_finds_over_mutual_tls_and_strangers_are_refused() {
     let files = support::make_series(src.path(), "CT", 3, 64, &[]);
 
     // storescu over TLS with the client certificate: stored, and exported byte for byte.
-    let mut c = Command::new("/usr/bin/storescu");
-    c.args(["+tls", &pki.path("client.key"), &pki.path("client.crt")])
-        .args(["-pw", "+cf", &pki.path("ca.crt"), "-aec", AE])
-        .args(["127.0.0.1", &tls_port.to_string()])
-        .args(&files);
-    let out = c.output().unwrap();
+    let out = dcmtk_tls("storescu", &pki, Some("client"))
+        .files(&files)
+        .run(tls_port);
     assert_ok(&out, "storescu +tls");
     let log = plain(&node.log());
     assert!(log.contains("tls=true calling=\"STORESCU\""), "{log}");
@@ -188,23 +182,12 @@ fn dcmtk_stores_and_finds_over_mutual_tls_and_strangers_are_refused() {
 
     // findscu over TLS finds the study.
     let qdir = tempfile::tempdir().unwrap();
-    let qd = qdir.path().display().to_string();
-    let find = dcmtk_tls(
-        "findscu",
-        &pki,
-        Some("client"),
-        tls_port,
-        &[
-            "-S",
-            "-X",
-            "-od",
-            &qd,
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            "StudyInstanceUID",
-        ],
-    );
+    let find = dcmtk_tls("findscu", &pki, Some("client"))
+        .args(["-S", "-X"])
+        .out_dir(qdir.path())
+        .level("STUDY")
+        .key("StudyInstanceUID")
+        .run(tls_port);
     assert_ok(&find, "findscu +tls");
     assert_eq!(
         support::files_under(qdir.path()).len(),
@@ -213,7 +196,7 @@ fn dcmtk_stores_and_finds_over_mutual_tls_and_strangers_are_refused() {
     );
 
     // A certificate from another CA, and no certificate at all: no association.
-    let echo = |who: Option<&str>| dcmtk_tls("echoscu", &pki, who, tls_port, &[]);
+    let echo = |who: Option<&str>| dcmtk_tls("echoscu", &pki, who).run(tls_port);
     assert!(
         !echo(Some("intruder")).status.success(),
         "a stranger's certificate was accepted"
@@ -290,14 +273,12 @@ fn tls_bound_ae_titles_refuse_plain_text_and_other_certificates() {
         peers,
     );
     let port = node.port;
-    let plain_echo = |aet: &str| {
-        Command::new("/usr/bin/echoscu")
-            .args(["-aet", aet, "-aec", AE, "127.0.0.1", &port.to_string()])
-            .output()
-            .unwrap()
+    let plain_echo = |aet: &str| Scu::echoscu().calling(aet).run(port);
+    let tls_echo = |who: &str, aet: &str| {
+        dcmtk_tls("echoscu", &pki, Some(who))
+            .calling(aet)
+            .run(tls_port)
     };
-    let tls_echo =
-        |who: &str, aet: &str| dcmtk_tls("echoscu", &pki, Some(who), tls_port, &["-aet", aet]);
 
     // TLS required: refused in plain text, accepted over TLS.
     let out = plain_echo("ADMIN");
@@ -361,7 +342,7 @@ fn the_plain_listener_can_be_turned_off() {
     assert_eq!(node.bound("dicom"), None, "a plain listener was bound");
     assert!(node.bound("tls").is_some_and(|a| a.port() == tls_port));
     assert_ok(
-        &dcmtk_tls("echoscu", &pki, Some("client"), tls_port, &[]),
+        &dcmtk_tls("echoscu", &pki, Some("client")).run(tls_port),
         "echoscu over TLS with the plain listener off",
     );
     assert!(plain(&node.log()).contains("TLS only"), "{}", node.log());
