@@ -312,7 +312,7 @@ fn an_ae_title_with_a_newline_is_rejected_and_forges_no_log_or_audit_line() {
     );
     // The audit trail: one line per event, each beginning with its sequence number.
     std::thread::sleep(Duration::from_secs(2));
-    let audit = node.command().arg("audit").output().unwrap();
+    let audit = node.run(&["audit"]);
     support::assert_ok(&audit, "dicomchain audit");
     let trail = String::from_utf8_lossy(&audit.stdout).to_string();
     for line in trail.lines() {
@@ -323,11 +323,7 @@ fn an_ae_title_with_a_newline_is_rejected_and_forges_no_log_or_audit_line() {
         );
     }
     // The admin API's grant takes AE titles under the same rule.
-    let grant = node
-        .command()
-        .args(["grant", "X\nFORGED", "store"])
-        .output()
-        .unwrap();
+    let grant = node.run(&["grant", "X\nFORGED", "store"]);
     assert!(!grant.status.success(), "{}", text(&grant));
 }
 
@@ -361,19 +357,11 @@ fn an_integrity_alert_names_the_requester_its_address_and_a_failure() {
     // The security event reaches the ledger from the spool within a few seconds.
     let deadline = Instant::now() + Duration::from_secs(30);
     let alert = loop {
-        let out = node
-            .command()
-            .args(["audit", "--event", "110113", "--json"])
-            .output()
-            .unwrap();
-        let found = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|e| {
-                e["detail"]
-                    .as_str()
-                    .is_some_and(|d| d.starts_with("integrity failure"))
-            });
+        let found = node.security_alerts().into_iter().find(|e| {
+            e["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("integrity failure"))
+        });
         if let Some(e) = found {
             break e;
         }
@@ -396,11 +384,7 @@ fn an_integrity_alert_names_the_requester_its_address_and_a_failure() {
         "{alert}"
     );
     // And the text trail says the same on one line.
-    let out = node
-        .command()
-        .args(["audit", "--event", "110113"])
-        .output()
-        .unwrap();
+    let out = node.run(&["audit", "--event", "110113"]);
     let trail = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         trail

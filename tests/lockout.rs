@@ -282,7 +282,7 @@ fn a_flood_of_rejected_associations_adds_a_few_entries_per_source() {
     );
     node.stop();
 
-    let out = node.command().args(["audit", "--json"]).output().unwrap();
+    let out = node.run(&["audit", "--json"]);
     support::assert_ok(&out, "dicomchain audit --json");
     let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()

@@ -151,7 +151,7 @@ fn import_migrates_a_folder_names_bad_files_and_resumes() {
     std::fs::write(archive.join("cut.dcm"), &whole[..whole.len() / 2]).unwrap();
 
     let import = |node: &Node, args: &[&str]| {
-        let out = node.command().arg("import").args(args).output().unwrap();
+        let out = node.run(&[&["import"], args].concat());
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).to_string(),

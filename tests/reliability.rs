@@ -121,7 +121,7 @@ impl Rng {
 
 /// `dicomchain verify` (full: every pixel object re-read, orphans looked for) must pass.
 fn verify_intact(node: &Node, when: &str) {
-    let out = node.command().arg("verify").output().unwrap();
+    let out = node.run(&["verify"]);
     assert_ok(&out, &format!("dicomchain verify {when}"));
 }
 
@@ -485,11 +485,7 @@ fn sixteen_associations_store_ten_thousand_instances() {
         started.elapsed().as_secs_f64()
     );
     assert!(rss < 256, "peak RSS {rss} MiB");
-    let entries = node
-        .command()
-        .args(["verify", "--ledger-only"])
-        .output()
-        .unwrap();
+    let entries = node.run(&["verify", "--ledger-only"]);
     assert_ok(&entries, "verify --ledger-only");
     // Every instance is on the ledger: one export per study, all there.
     assert_acknowledged_export_exactly(&node, &acked);

@@ -329,11 +329,7 @@ fn orthanc_stores_into_queries_and_moves_from_the_node() {
     let returned = report["returned_sha256"].as_object().unwrap();
     assert_eq!(returned.len(), files.len());
     for (uid, sha) in returned {
-        let proof = node
-            .command()
-            .args(["proof", "--instance", uid])
-            .output()
-            .unwrap();
+        let proof = node.run(&["proof", "--instance", uid]);
         support::assert_ok(&proof, "proof");
         let proof: serde_json::Value = serde_json::from_slice(&proof.stdout).unwrap();
         assert_eq!(&proof["dataset_sha256"], sha, "{uid} came back altered");

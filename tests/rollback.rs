@@ -11,7 +11,7 @@ use crate::support::{self, assert_ok, Node, Scu};
 
 /// The newest signed checkpoint the CLI prints, and its size.
 fn checkpoint(node: &Node) -> Option<(String, u64)> {
-    let out = node.command().arg("checkpoint").output().unwrap();
+    let out = node.run(&["checkpoint"]);
     if !out.status.success() {
         return None;
     }
@@ -135,7 +135,7 @@ fn try_serve(node: &Node, log: &Path) -> Result<std::process::Child, (i32, Strin
 }
 
 fn verify(node: &Node, extra: &[&str]) -> (i32, String) {
-    let out = node.command().arg("verify").args(extra).output().unwrap();
+    let out = node.run(&[&["verify"], extra].concat());
     (
         out.status.code().unwrap_or(-1),
         format!(
@@ -234,11 +234,7 @@ fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
     // rollback, and the alert is on the trail.
     restore(&node, snap.path());
     flip(&ledger_file(&node, "log", false), 0.5);
-    let out = node
-        .command()
-        .args(["ledger", "accept-rollback"])
-        .output()
-        .unwrap();
+    let out = node.run(&["ledger", "accept-rollback"]);
     assert_ok(&out, "ledger accept-rollback");
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("signed entries given up"), "{said}");
@@ -262,11 +258,7 @@ fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
         text.contains(&format!("signed for {signed} entries")) && text.contains("rolled back"),
         "{text}"
     );
-    let trail = node
-        .command()
-        .args(["audit", "--event", "110113"])
-        .output()
-        .unwrap();
+    let trail = node.run(&["audit", "--event", "110113"]);
     assert!(
         String::from_utf8_lossy(&trail.stdout).contains("rollback accepted"),
         "{}",
@@ -358,11 +350,7 @@ fn a_damaged_table_file_is_reported_by_verify_the_log_the_trail_and_health() {
     // The committer records the alert at its next pass, about a second after the damage is
     // reported.
     let trail = loop {
-        let trail = node
-            .command()
-            .args(["audit", "--event", "110113"])
-            .output()
-            .unwrap();
+        let trail = node.run(&["audit", "--event", "110113"]);
         let trail = String::from_utf8_lossy(&trail.stdout).into_owned();
         if trail.contains("ledger damaged") || Instant::now() > deadline {
             break trail;
@@ -427,14 +415,8 @@ fn table_file_of(node: &Node, cf: &str) -> PathBuf {
 
 /// The node's security alerts about damage to the ledger (110113 entries), as JSON.
 fn damage_alerts(node: &Node) -> Vec<serde_json::Value> {
-    let out = node
-        .command()
-        .args(["audit", "--event", "110113", "--json"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    node.security_alerts()
+        .into_iter()
         .filter(|e| {
             e["detail"]
                 .as_str()

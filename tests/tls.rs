@@ -224,7 +224,7 @@ fn a_missing_certificate_file_stops_startup_naming_it() {
     let missing = dir.path().join("nope.crt").display().to_string();
     let config = dir.path().join("dicomchain.toml");
     std::fs::write(&config, "").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dicomchain"))
+    let out = support::dicomchain()
         .arg("serve")
         .arg("--config")
         .arg(&config)
@@ -311,7 +311,7 @@ fn tls_bound_ae_titles_refuse_plain_text_and_other_certificates() {
     let log = plain(&node.log());
     assert!(log.contains("may associate only over DICOM TLS"), "{log}");
     node.stop();
-    let out = node.command().args(["audit", "--json"]).output().unwrap();
+    let out = node.run(&["audit", "--json"]);
     assert_ok(&out, "dicomchain audit --json");
     let trail = String::from_utf8_lossy(&out.stdout);
     assert!(trail.contains("association rejected: access control: calling AE title \\\"ADMIN\\\" may associate only over DICOM TLS"), "{trail}");
@@ -350,7 +350,7 @@ fn the_plain_listener_can_be_turned_off() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("dicomchain.toml");
     std::fs::write(&config, "[node]\nlisten = \"\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dicomchain"))
+    let out = support::dicomchain()
         .args(["serve", "--config"])
         .arg(&config)
         .current_dir(dir.path())

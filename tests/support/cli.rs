@@ -18,6 +18,16 @@ impl Node {
         self.command().args(args).output().unwrap()
     }
 
+    /// The security alerts on the node's audit trail (`audit --event 110113 --json`), one JSON
+    /// object each.
+    pub fn security_alerts(&self) -> Vec<serde_json::Value> {
+        let out = self.run(&["audit", "--event", "110113", "--json"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     /// The node's plain DICOM listener as the client commands name it: `AE@127.0.0.1:PORT`.
     pub fn target(&self) -> String {
         format!("{AE}@127.0.0.1:{}", self.port)
