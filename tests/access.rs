@@ -112,7 +112,6 @@ permissions = ["echo"]
 #[test]
 fn grants_and_revocations_on_the_ledger_apply_at_once_even_mid_move() {
     let scp = Storescp::start();
-    let admin = support::free_port();
     let peers = format!(
         r#"
 [peers.ct]
@@ -135,7 +134,7 @@ permissions = ["find", "move"]
     let mut node = Node::start_with(
         &[
             ("DICOMCHAIN__NODE__ALLOW_UNKNOWN_PEERS", "false"),
-            ("DICOMCHAIN__ADMIN__LISTEN", &format!("127.0.0.1:{admin}")),
+            ("DICOMCHAIN__ADMIN__LISTEN", "127.0.0.1:0"),
         ],
         &peers,
     );
@@ -243,9 +242,8 @@ permissions = ["find", "move"]
 #[test]
 fn the_audit_trail_records_every_operation_type_without_patient_data() {
     let scp = Storescp::start();
-    let admin = support::free_port();
     let node = Node::start_with(
-        &[("DICOMCHAIN__ADMIN__LISTEN", &format!("127.0.0.1:{admin}"))],
+        &[("DICOMCHAIN__ADMIN__LISTEN", "127.0.0.1:0")],
         &format!(
             "[peers.archive]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n",
             scp.port

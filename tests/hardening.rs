@@ -16,8 +16,8 @@ use crate::support::{self, output_text as text, Node, Scu, AE};
 
 /// A node with its admin listener: (node, admin port, token).
 fn admin_node() -> (Node, u16, String) {
-    let admin = support::free_port();
-    let node = Node::start_with(&[], &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"));
+    let node = Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let admin = node.admin_port();
     let token = std::fs::read_to_string(node.dir.join("var/admin-token"))
         .unwrap()
         .trim()

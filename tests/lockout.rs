@@ -130,27 +130,21 @@ fn echo_as(port: u16, aet: &str) -> std::process::Output {
 
 #[test]
 fn idle_and_trickling_connections_do_not_lock_out_a_known_peer() {
-    let tls_port = support::free_port();
     let keys = tempfile::tempdir().unwrap();
     let pki = crate::tls::Pki::new(keys.path());
-    let admin = support::free_port();
-    let peers = format!(
-        "[peers.admin]\nae_title = \"ADMIN\"\nhost = \"127.0.0.1\"\nport = 1\n\
+    let peers = "[peers.admin]\nae_title = \"ADMIN\"\nhost = \"127.0.0.1\"\nport = 1\n\
          [peers.idler]\nae_title = \"IDLER\"\nhost = \"127.0.0.1\"\nport = 1\n\
-         [admin]\nlisten = \"127.0.0.1:{admin}\"\n"
-    );
+         [admin]\nlisten = \"127.0.0.1:0\"\n";
     let node = Node::start_with(
         &[
             ("DICOMCHAIN__NODE__ALLOW_UNKNOWN_PEERS", "false"),
-            (
-                "DICOMCHAIN__NODE__TLS__LISTEN",
-                &format!("127.0.0.1:{tls_port}"),
-            ),
+            ("DICOMCHAIN__NODE__TLS__LISTEN", "127.0.0.1:0"),
             ("DICOMCHAIN__NODE__TLS__CERT", &pki.path("server.crt")),
             ("DICOMCHAIN__NODE__TLS__KEY", &pki.path("server.key")),
         ],
-        &peers,
+        peers,
     );
+    let (tls_port, admin) = (node.tls_port(), node.admin_port());
     // A known AE title holds every association it can get and stays idle (the idle timeout is
     // 300 s): it gets its share, not every slot.
     let held = hold_associations(node.port, "IDLER", 64);

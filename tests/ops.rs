@@ -351,8 +351,6 @@ fn metrics_count_what_happened_and_health_follows_the_object_store() {
     use crate::support::s3server::S3Server;
     let root = tempfile::tempdir().unwrap();
     let mut server = S3Server::start(root.path());
-    let admin = crate::support::free_port();
-    let listen = format!("127.0.0.1:{admin}");
     let node = Node::start_with(
         &[
             ("DICOMCHAIN__STORE__BACKEND", "s3"),
@@ -361,10 +359,11 @@ fn metrics_count_what_happened_and_health_follows_the_object_store() {
             ("DICOMCHAIN__STORE__S3__ACCESS_KEY", &server.access_key),
             ("DICOMCHAIN__STORE__S3__SECRET_KEY", &server.secret_key),
             ("DICOMCHAIN__STORE__TIMEOUT_SECS", "5"),
-            ("DICOMCHAIN__ADMIN__LISTEN", &listen),
+            ("DICOMCHAIN__ADMIN__LISTEN", "127.0.0.1:0"),
         ],
         "",
     );
+    let admin = node.admin_port();
     assert_eq!(
         support::http_get(admin, "/health"),
         (200, "ready\n".to_string())
@@ -509,10 +508,8 @@ fn scu_commands_talk_to_orthanc_and_to_the_node() {
     let (code, _, err) = said(node.client().to("nobody").echo());
     assert_eq!(code, Some(2));
     assert!(err.contains("copy"), "known peers are named: {err}");
-    let (code, _, err) = run(&[
-        "echo",
-        &format!("X@127.0.0.1:{}", crate::support::free_port()),
-    ]);
+    let (_closed, nobody) = crate::support::closed_port();
+    let (code, _, err) = run(&["echo", &format!("X@127.0.0.1:{nobody}")]);
     assert_eq!(code, Some(2));
     assert!(err.contains("cannot connect"), "{err}");
     let (code, out, _) = said(to_node.move_study("UNKNOWN", &study));

@@ -19,9 +19,8 @@ fn any_file_contains(dir: &Path, needle: &[u8]) -> Option<String> {
 #[test]
 fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
     let scp = Storescp::start();
-    let admin = support::free_port();
     let mut node = Node::start_with(
-        &[("DICOMCHAIN__ADMIN__LISTEN", &format!("127.0.0.1:{admin}"))],
+        &[("DICOMCHAIN__ADMIN__LISTEN", "127.0.0.1:0")],
         &format!(
             "[peers.archive]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n",
             scp.port
@@ -147,6 +146,7 @@ fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
     }
 
     // The same trail from the admin API; a bad parameter is refused.
+    let admin = node.admin_port();
     let token = std::fs::read_to_string(node.dir.join("var/admin-token")).unwrap();
     let (status, body) =
         support::http_get_with(admin, "/v1/audit?event=110105", Some(token.trim()));

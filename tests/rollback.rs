@@ -310,8 +310,8 @@ fn a_ledger_older_than_its_checkpoint_file_is_refused() {
 /// reports the damage on /health.
 #[test]
 fn a_damaged_table_file_is_reported_by_verify_the_log_the_trail_and_health() {
-    let admin = support::free_port();
-    let mut node = Node::start_with(&[], &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"));
+    let mut node = Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let admin = node.admin_port();
     let src = tempfile::tempdir().unwrap();
     let files = support::make_series(src.path(), "CT", 100, 32, &[]);
     assert_ok(&node.storescu(&[], &files), "storescu");
@@ -431,8 +431,8 @@ fn damage_alerts(node: &Node) -> Vec<serde_json::Value> {
 /// naming it, one error in the log and one security alert, however many queries meet it.
 #[test]
 fn a_table_file_damaged_while_the_node_runs_is_reported_once() {
-    let admin = support::free_port();
-    let mut node = Node::start_with(&[], &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"));
+    let mut node = Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let admin = node.admin_port();
     let src = tempfile::tempdir().unwrap();
     let files = support::make_series(src.path(), "CT", 100, 32, &[]);
     assert_ok(&node.storescu(&[], &files), "storescu");

@@ -127,6 +127,24 @@ fn dcmtk_tls(tool: &'static str, pki: &Pki, who: Option<&str>) -> Scu {
     }
 }
 
+/// Starts a node whose DICOM TLS listener (on port 0) presents the test CA's server certificate
+/// and asks clients for one the CA signed; `env` and `toml` as for [`Node::start_with`].
+fn start_mutual_tls(pki: &Pki, env: &[(&str, &str)], toml: &str) -> Node {
+    let (cert, key, ca) = (
+        pki.path("server.crt"),
+        pki.path("server.key"),
+        pki.path("ca.crt"),
+    );
+    let mut env = env.to_vec();
+    env.extend([
+        ("DICOMCHAIN__NODE__TLS__LISTEN", "127.0.0.1:0"),
+        ("DICOMCHAIN__NODE__TLS__CERT", cert.as_str()),
+        ("DICOMCHAIN__NODE__TLS__KEY", key.as_str()),
+        ("DICOMCHAIN__NODE__TLS__CLIENT_CA", ca.as_str()),
+    ]);
+    Node::start_with(&env, toml)
+}
+
 /// The log without its ANSI colours.
 fn plain(log: &str) -> String {
     let mut out = String::new();
@@ -149,16 +167,8 @@ fn plain(log: &str) -> String {
 fn dcmtk_stores_and_finds_over_mutual_tls_and_strangers_are_refused() {
     let keys = tempfile::tempdir().unwrap();
     let pki = Pki::new(keys.path());
-    let tls_port = support::free_port();
-    let node = Node::start_with_env(&[
-        (
-            "DICOMCHAIN__NODE__TLS__LISTEN",
-            &format!("127.0.0.1:{tls_port}"),
-        ),
-        ("DICOMCHAIN__NODE__TLS__CERT", &pki.path("server.crt")),
-        ("DICOMCHAIN__NODE__TLS__KEY", &pki.path("server.key")),
-        ("DICOMCHAIN__NODE__TLS__CLIENT_CA", &pki.path("ca.crt")),
-    ]);
+    let node = start_mutual_tls(&pki, &[], "");
+    let tls_port = node.tls_port();
     let src = tempfile::tempdir().unwrap();
     let files = support::make_series(src.path(), "CT", 3, 64, &[]);
 
@@ -229,14 +239,8 @@ fn a_missing_certificate_file_stops_startup_naming_it() {
         .arg("--config")
         .arg(&config)
         .current_dir(dir.path())
-        .env(
-            "DICOMCHAIN__NODE__LISTEN",
-            format!("127.0.0.1:{}", support::free_port()),
-        )
-        .env(
-            "DICOMCHAIN__NODE__TLS__LISTEN",
-            format!("127.0.0.1:{}", support::free_port()),
-        )
+        .env("DICOMCHAIN__NODE__LISTEN", "127.0.0.1:0")
+        .env("DICOMCHAIN__NODE__TLS__LISTEN", "127.0.0.1:0")
         .env("DICOMCHAIN__NODE__TLS__CERT", &missing)
         .env("DICOMCHAIN__NODE__TLS__KEY", &missing)
         .output()
@@ -255,24 +259,15 @@ fn a_missing_certificate_file_stops_startup_naming_it() {
 fn tls_bound_ae_titles_refuse_plain_text_and_other_certificates() {
     let keys = tempfile::tempdir().unwrap();
     let pki = Pki::new(keys.path());
-    let tls_port = support::free_port();
     let peers = "[peers.admin]\nae_title = \"ADMIN\"\nhost = \"127.0.0.1\"\nport = 1\ntls_required = true\n\
         [peers.storeonly]\nae_title = \"STOREONLY\"\nhost = \"127.0.0.1\"\nport = 1\npermissions = [\"echo\", \"store\"]\ntls_names = [\"storeonly.example\"]\n\
         [peers.legacy]\nae_title = \"LEGACY\"\nhost = \"127.0.0.1\"\nport = 1\n";
-    let mut node = Node::start_with(
-        &[
-            ("DICOMCHAIN__NODE__ALLOW_UNKNOWN_PEERS", "false"),
-            (
-                "DICOMCHAIN__NODE__TLS__LISTEN",
-                &format!("127.0.0.1:{tls_port}"),
-            ),
-            ("DICOMCHAIN__NODE__TLS__CERT", &pki.path("server.crt")),
-            ("DICOMCHAIN__NODE__TLS__KEY", &pki.path("server.key")),
-            ("DICOMCHAIN__NODE__TLS__CLIENT_CA", &pki.path("ca.crt")),
-        ],
+    let mut node = start_mutual_tls(
+        &pki,
+        &[("DICOMCHAIN__NODE__ALLOW_UNKNOWN_PEERS", "false")],
         peers,
     );
-    let port = node.port;
+    let (port, tls_port) = (node.port, node.tls_port());
     let plain_echo = |aet: &str| Scu::echoscu().calling(aet).run(port);
     let tls_echo = |who: &str, aet: &str| {
         dcmtk_tls("echoscu", &pki, Some(who))
@@ -328,19 +323,11 @@ fn tls_bound_ae_titles_refuse_plain_text_and_other_certificates() {
 fn the_plain_listener_can_be_turned_off() {
     let keys = tempfile::tempdir().unwrap();
     let pki = Pki::new(keys.path());
-    let tls_port = support::free_port();
-    let node = Node::start_with_env(&[
-        ("DICOMCHAIN__NODE__LISTEN", ""),
-        (
-            "DICOMCHAIN__NODE__TLS__LISTEN",
-            &format!("127.0.0.1:{tls_port}"),
-        ),
-        ("DICOMCHAIN__NODE__TLS__CERT", &pki.path("server.crt")),
-        ("DICOMCHAIN__NODE__TLS__KEY", &pki.path("server.key")),
-        ("DICOMCHAIN__NODE__TLS__CLIENT_CA", &pki.path("ca.crt")),
-    ]);
+    let node = start_mutual_tls(&pki, &[("DICOMCHAIN__NODE__LISTEN", "")], "");
     assert_eq!(node.bound("dicom"), None, "a plain listener was bound");
-    assert!(node.bound("tls").is_some_and(|a| a.port() == tls_port));
+    // The ready file names the TLS listener's address: the echo below reaches TLS there.
+    let tls_port = node.bound("tls").expect("a TLS listener").port();
+    assert_ne!(tls_port, 0);
     assert_ok(
         &dcmtk_tls("echoscu", &pki, Some("client")).run(tls_port),
         "echoscu over TLS with the plain listener off",
