@@ -1,29 +1,14 @@
 //! Access control by calling AE title and source address, seen from real clients: unknown AE
 //! titles and wrong addresses get A-ASSOCIATE-RJ, operations without permission get 0124.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use crate::support::output_text as text;
-use crate::support::{self, assert_ok, Node, Storescp, AE};
-
-fn dcmtk(tool: &str, aet: &str, port: u16, args: &[&str]) -> Output {
-    Command::new(format!("/usr/bin/{tool}"))
-        .args(["-aet", aet, "-aec", AE])
-        .args(args)
-        .args(["127.0.0.1", &port.to_string()])
-        .output()
-        .expect("run DCMTK")
-}
+use crate::support::{self, assert_ok, Node, Scu, Storescp};
 
 /// The Study Instance UID in the output of `dicomchain find`.
 fn study_uid_in(found: &Output) -> String {
-    String::from_utf8_lossy(&found.stdout)
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("(0020,000D) StudyInstanceUID = ")
-                .map(str::to_string)
-        })
-        .expect("the study UID in the match")
+    support::study_uid_in(found).expect("the study UID in the match")
 }
 
 #[test]
@@ -69,7 +54,7 @@ permissions = ["echo"]
     let files = support::make_series(src.path(), "CT", 3, 32, &[]);
 
     // Unknown calling AE titles: no association at all.
-    let stranger = dcmtk("echoscu", "STRANGER", port, &[]);
+    let stranger = Scu::echoscu().calling("STRANGER").run(port);
     assert!(!stranger.status.success(), "{}", text(&stranger));
     assert!(
         text(&stranger).contains("Calling AE Title Not Recognized"),
@@ -77,12 +62,11 @@ permissions = ["echo"]
         text(&stranger)
     );
     // A known one from an address it may not use.
-    let viewer = dcmtk(
-        "findscu",
-        "FINDSCU",
-        port,
-        &["-S", "-k", "QueryRetrieveLevel=STUDY"],
-    );
+    let viewer = Scu::findscu()
+        .calling("FINDSCU")
+        .arg("-S")
+        .level("STUDY")
+        .run(port);
     assert!(!viewer.status.success());
     assert!(
         text(&viewer).contains("Calling AE Title Not Recognized"),
@@ -98,92 +82,27 @@ permissions = ["echo"]
         node.log()
     );
     // STORESCU may store.
-    let stored = Command::new("/usr/bin/storescu")
-        .args([
-            "-aet",
-            "STORESCU",
-            "-aec",
-            AE,
-            "127.0.0.1",
-            &port.to_string(),
-        ])
-        .args(&files)
-        .output()
-        .unwrap();
-    assert_ok(&stored, "storescu as STORESCU");
+    assert_ok(&node.storescu(&[], &files), "storescu as STORESCU");
     // ... but not query: C-FIND gets 0124.
-    let find = Command::new(env!("CARGO_BIN_EXE_dicomchain"))
-        .args([
-            "--config",
-            node.config_path().to_str().unwrap(),
-            "--aet",
-            "STORESCU",
-        ])
-        .args([
-            "find",
-            &format!("{AE}@127.0.0.1:{port}"),
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            "StudyInstanceUID",
-        ])
-        .output()
-        .unwrap();
+    let find = node.client().calling("STORESCU").find_studies(&[]);
     assert_eq!(find.status.code(), Some(1), "{}", text(&find));
     assert!(text(&find).contains("final status 0124"), "{}", text(&find));
 
     // WS may find and move, but STORESCP may not receive moves: 0124, nothing sent.
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_dicomchain"))
-            .args([
-                "--config",
-                node.config_path().to_str().unwrap(),
-                "--aet",
-                "WS",
-            ])
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let target = format!("{AE}@127.0.0.1:{port}");
-    let found = cli(&[
-        "find",
-        &target,
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        "StudyInstanceUID",
-    ]);
+    let ws = node.client().calling("WS");
+    let found = ws.find_studies(&[]);
     assert_ok(&found, "find as WS");
     assert!(text(&found).contains("1 match(es)"), "{}", text(&found));
     let study_uid = study_uid_in(&found);
-    let moved = cli(&[
-        "move",
-        &target,
-        "--dest",
-        "STORESCP",
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        &format!("StudyInstanceUID={study_uid}"),
-    ]);
+    let moved = ws.move_study("STORESCP", &study_uid);
     assert_eq!(moved.status.code(), Some(1), "{}", text(&moved));
     assert!(text(&moved).contains("status 0124"), "{}", text(&moved));
     assert!(scp.received().is_empty());
     // A destination that is no known peer at all stays A801 (Move Destination unknown).
-    let nowhere = cli(&[
-        "move",
-        &target,
-        "--dest",
-        "NOWHERE",
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        &format!("StudyInstanceUID={study_uid}"),
-    ]);
+    let nowhere = ws.move_study("NOWHERE", &study_uid);
     assert!(text(&nowhere).contains("status A801"), "{}", text(&nowhere));
     // Its C-ECHO is not permitted either (WS has no echo): 0124, the association stays up.
-    let echo = cli(&["echo", &target]);
+    let echo = ws.echo();
     assert!(!echo.status.success(), "{}", text(&echo));
     assert!(text(&echo).contains("0124"), "{}", text(&echo));
     let log = node.log();
@@ -193,7 +112,6 @@ permissions = ["echo"]
 #[test]
 fn grants_and_revocations_on_the_ledger_apply_at_once_even_mid_move() {
     let scp = Storescp::start();
-    let admin = support::free_port();
     let peers = format!(
         r#"
 [peers.ct]
@@ -216,12 +134,11 @@ permissions = ["find", "move"]
     let mut node = Node::start_with(
         &[
             ("DICOMCHAIN__NODE__ALLOW_UNKNOWN_PEERS", "false"),
-            ("DICOMCHAIN__ADMIN__LISTEN", &format!("127.0.0.1:{admin}")),
+            ("DICOMCHAIN__ADMIN__LISTEN", "127.0.0.1:0"),
         ],
         &peers,
     );
-    let target = format!("{AE}@127.0.0.1:{}", node.port);
-    let cli = |node: &Node, args: &[&str]| node.command().args(args).output().unwrap();
+    let target = node.target();
     let src = tempfile::tempdir().unwrap();
     let files = support::make_series(src.path(), "CT", 600, 128, &[]);
     let mut store_args = vec!["--aet", "CT1", "store", target.as_str()];
@@ -229,55 +146,32 @@ permissions = ["find", "move"]
     store_args.extend(paths.iter().map(String::as_str));
 
     // CT1 may only echo; a grant on the ledger lets it store at once.
-    let refused = cli(&node, &store_args[..5]);
+    let refused = node.run(&store_args[..5]);
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
-    let granted = cli(&node, &["grant", "CT1", "store"]);
+    let granted = node.run(&["grant", "CT1", "store"]);
     assert_ok(&granted, "dicomchain grant");
     assert!(
         text(&granted).contains("granted store CT1: ledger entry"),
         "{}",
         text(&granted)
     );
-    assert_ok(&cli(&node, &store_args), "store after the grant");
+    assert_ok(&node.run(&store_args), "store after the grant");
     // A wrong token is refused by the admin API.
     let token = node.dir.join("var/admin-token");
     let good = std::fs::read_to_string(&token).unwrap();
     std::fs::write(&token, "0123456789abcdef0123456789abcdef").unwrap();
-    let forged = cli(&node, &["revoke", "CT1", "store"]);
+    let forged = node.run(&["revoke", "CT1", "store"]);
     assert_eq!(forged.status.code(), Some(2));
     assert!(text(&forged).contains("401"), "{}", text(&forged));
     std::fs::write(&token, good).unwrap();
 
     // WS moves the study to STORESCP; STORESCP loses `move` while it runs: the rest is not sent.
-    let found = cli(
-        &node,
-        &[
-            "--aet",
-            "WS",
-            "find",
-            &target,
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            "StudyInstanceUID",
-        ],
-    );
+    let ws = node.client().calling("WS");
+    let found = ws.find_studies(&[]);
     assert_ok(&found, "find as WS");
     let study_uid = study_uid_in(&found);
-    let mover = node
-        .command()
-        .args([
-            "--aet",
-            "WS",
-            "move",
-            &target,
-            "--dest",
-            "STORESCP",
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-        ])
-        .arg("-k")
-        .arg(format!("StudyInstanceUID={study_uid}"))
+    let mover = ws
+        .move_study_command("STORESCP", &study_uid)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -290,7 +184,7 @@ permissions = ["find", "move"]
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let revoked = cli(&node, &["revoke", "STORESCP", "move"]);
+    let revoked = node.run(&["revoke", "STORESCP", "move"]);
     assert_ok(&revoked, "dicomchain revoke");
     let moved = mover.wait_with_output().unwrap();
     assert_eq!(moved.status.code(), Some(1), "{}", text(&moved));
@@ -304,27 +198,13 @@ permissions = ["find", "move"]
         text(&moved)
     );
     // The next C-MOVE to STORESCP is refused outright.
-    let again = cli(
-        &node,
-        &[
-            "--aet",
-            "WS",
-            "move",
-            &target,
-            "--dest",
-            "STORESCP",
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            &format!("StudyInstanceUID={study_uid}"),
-        ],
-    );
+    let again = ws.move_study("STORESCP", &study_uid);
     assert!(text(&again).contains("status 0124"), "{}", text(&again));
     assert_eq!(scp.count(), delivered);
 
     // `permissions` shows the effective rules and the ledger entry of each change; they
     // survive a restart (rebuilt from the ledger), and verify accepts the entries.
-    let perms = cli(&node, &["permissions"]);
+    let perms = node.run(&["permissions"]);
     assert_ok(&perms, "dicomchain permissions");
     let shown = text(&perms);
     assert!(
@@ -332,7 +212,7 @@ permissions = ["find", "move"]
         "{shown}"
     );
     node.restart();
-    let after = cli(&node, &["permissions", "--json"]);
+    let after = node.run(&["permissions", "--json"]);
     assert_ok(&after, "permissions after a restart");
     let v: serde_json::Value = serde_json::from_slice(&after.stdout).unwrap();
     let peer = |ae: &str| {
@@ -354,7 +234,7 @@ permissions = ["find", "move"]
     );
     assert_eq!(peer("STORESCP")["changes"][0]["grant"], false);
     assert_ok(
-        &cli(&node, &["verify", "--ledger-only"]),
+        &node.run(&["verify", "--ledger-only"]),
         "verify with grant and revoke entries",
     );
 }
@@ -362,81 +242,42 @@ permissions = ["find", "move"]
 #[test]
 fn the_audit_trail_records_every_operation_type_without_patient_data() {
     let scp = Storescp::start();
-    let admin = support::free_port();
     let node = Node::start_with(
-        &[("DICOMCHAIN__ADMIN__LISTEN", &format!("127.0.0.1:{admin}"))],
+        &[("DICOMCHAIN__ADMIN__LISTEN", "127.0.0.1:0")],
         &format!(
             "[peers.archive]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n",
             scp.port
         ),
     );
     let port = node.port;
-    let target = format!("{AE}@127.0.0.1:{port}");
-    let cli = |args: &[&str]| node.command().args(args).output().unwrap();
     let src = tempfile::tempdir().unwrap();
     let files = support::make_series(src.path(), "CT", 2, 32, &[]);
 
     assert_ok(&node.echoscu(), "echoscu");
-    let wrong = Command::new("/usr/bin/echoscu")
-        .args(["-aec", "NOT-US", "127.0.0.1", &port.to_string()])
-        .output()
-        .unwrap();
+    let wrong = Scu::echoscu().called("NOT-US").run(port);
     assert!(!wrong.status.success());
     assert_ok(&node.storescu(&[], &files), "storescu");
-    let found = cli(&[
-        "find",
-        &target,
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        "StudyInstanceUID",
-        "-k",
-        "PatientName=DOE*",
-    ]);
+    let client = node.client();
+    let found = client.find_studies(&["PatientName=DOE*"]);
     assert_ok(&found, "find");
     let study_uid = study_uid_in(&found);
-    let study_key = format!("StudyInstanceUID={study_uid}");
-    assert_ok(
-        &cli(&[
-            "move",
-            &target,
-            "--dest",
-            "STORESCP",
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            &study_key,
-        ]),
-        "move",
-    );
+    assert_ok(&client.move_study("STORESCP", &study_uid), "move");
     let got = tempfile::tempdir().unwrap();
-    assert_ok(
-        &cli(&[
-            "get",
-            &target,
-            "--out",
-            got.path().to_str().unwrap(),
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            &study_key,
-        ]),
-        "get",
-    );
-    assert_ok(&cli(&["grant", "VIEWER", "find"]), "grant");
+    assert_ok(&client.get_study(got.path(), &study_uid), "get");
+    assert_ok(&node.run(&["grant", "VIEWER", "find"]), "grant");
     // Export and verify run beside the node: their records come through the event spool.
     let exported = tempfile::tempdir().unwrap();
     assert_ok(
         &node.export(&["--study", &study_uid], exported.path()),
         "export",
     );
-    assert_ok(&cli(&["verify", "--ledger-only"]), "verify");
+    assert_ok(&node.run(&["verify", "--ledger-only"]), "verify");
 
     // Audit records are written beside the operations: wait until the last one is there.
     let mut events: Vec<serde_json::Value> = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while std::time::Instant::now() < deadline {
-        let out = cli(&["audit", "--json"]);
+        let out = node.run(&["audit", "--json"]);
         assert_ok(&out, "dicomchain audit --json");
         events = String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -494,20 +335,22 @@ fn the_audit_trail_records_every_operation_type_without_patient_data() {
     assert!(!x[0].to_string().contains(&study_uid), "{all}");
     assert_eq!(with(110101, "verify --ledger-only").len(), 1, "{all}");
     // No patient name or ID anywhere in the trail.
-    let text = String::from_utf8_lossy(&cli(&["audit"]).stdout).to_string();
+    let text = String::from_utf8_lossy(&node.run(&["audit"]).stdout).to_string();
     assert!(!text.contains("DOE") && !text.contains("PID0001"), "{text}");
     // Filters.
-    let queries = String::from_utf8_lossy(&cli(&["audit", "--event", "110112"]).stdout).to_string();
+    let queries =
+        String::from_utf8_lossy(&node.run(&["audit", "--event", "110112"]).stdout).to_string();
     assert_eq!(queries.lines().count(), 1, "{queries}");
-    let to_scp = String::from_utf8_lossy(&cli(&["audit", "--ae", "STORESCP"]).stdout).to_string();
+    let to_scp =
+        String::from_utf8_lossy(&node.run(&["audit", "--ae", "STORESCP"]).stdout).to_string();
     assert!(
         to_scp.lines().count() >= 1 && to_scp.lines().all(|l| l.contains("STORESCP")),
         "{to_scp}"
     );
-    let future = cli(&["audit", "--since", "2999-01-01"]);
+    let future = node.run(&["audit", "--since", "2999-01-01"]);
     assert_ok(&future, "audit --since");
     assert!(future.stdout.is_empty());
-    assert_ok(&cli(&["verify"]), "verify with audit records");
+    assert_ok(&node.run(&["verify"]), "verify with audit records");
 }
 
 #[test]

@@ -2,11 +2,7 @@
 
 use std::process::Command;
 
-use crate::support::{self, assert_ok, Node};
-
-fn dicomchain() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_dicomchain"))
-}
+use crate::support::{self, assert_ok, dicomchain, Node};
 
 #[test]
 fn check_config_prints_effective_values_with_secrets_masked() {
@@ -105,11 +101,7 @@ fn export_refuses_an_instance_whose_pixels_were_altered() {
     // The failure is a security event on the ledger, recorded by the running node.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let out = node
-            .command()
-            .args(["verify", "--ledger-only"])
-            .output()
-            .unwrap();
+        let out = node.run(&["verify", "--ledger-only"]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if text.contains("SECURITY EVENT") {
             assert!(

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::support::{self, support_file, Node, AE};
+use crate::support::{self, support_file, Node, Scu, AE};
 
 /// The C-FIND corpus: generated instances in three transfer syntaxes plus pydicom's character
 /// set files (ISO 2022 IR 87/13/149, UTF-8, GB18030, Latin-1/2, Greek, Cyrillic, Arabic, Hebrew).
@@ -275,20 +275,18 @@ fn unique_tag(level: &str) -> dicom_core::Tag {
 }
 
 fn findscu(node: &Node, q: &Findscu, out_dir: &Path) -> Output {
-    let mut c = Command::new("/usr/bin/findscu");
-    c.args(["-aec", AE, &format!("-{}", q.model), "-X", "-od"])
-        .arg(out_dir)
-        .args(["-k", &format!("QueryRetrieveLevel={}", q.level)]);
-    for (k, v) in q.keys {
-        c.arg("-k").arg(if v.is_empty() {
-            k.to_string()
-        } else {
-            format!("{k}={v}")
-        });
-    }
-    c.args(["127.0.0.1", &node.port.to_string()])
-        .output()
-        .expect("run /usr/bin/findscu (apt-get install dcmtk)")
+    Scu::findscu()
+        .args([&format!("-{}", q.model), "-X"])
+        .out_dir(out_dir)
+        .level(q.level)
+        .keys(q.keys.iter().map(|(k, v)| {
+            if v.is_empty() {
+                k.to_string()
+            } else {
+                format!("{k}={v}")
+            }
+        }))
+        .run(node.port)
 }
 
 #[test]
@@ -394,11 +392,10 @@ fn c_find_cancel_limits_and_bad_requests() {
     .unwrap();
     check(&node, &files, &q, &[]);
     // No Query/Retrieve Level: A900 with an Error Comment, and the node goes on serving.
-    let out = Command::new("/usr/bin/findscu")
-        .args(["-v", "-aec", AE, "-S", "-k", "PatientID"])
-        .args(["127.0.0.1", &node.port.to_string()])
-        .output()
-        .unwrap();
+    let out = Scu::findscu()
+        .args(["-v", "-S"])
+        .key("PatientID")
+        .run(node.port);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dicomchain::ledger::{Event, Ledger};
 
-use crate::support::{self, assert_ok, read_part10, sha256_hex, Node, Orthanc, Storescp};
+use crate::support::{self, assert_ok, read_part10, sha256_hex, Node, Orthanc, Scu, Storescp};
 
 /// SOP Instance UID → SHA-256 of the data set of each file.
 fn digests(files: &[PathBuf]) -> BTreeMap<String, String> {
@@ -54,11 +54,7 @@ fn wait_for<T>(node: &Node, secs: u64, what: &str, mut f: impl FnMut() -> Option
 }
 
 fn forward_status(node: &Node) -> Vec<serde_json::Value> {
-    let out = node
-        .command()
-        .args(["forward", "status", "--json"])
-        .output()
-        .unwrap();
+    let out = node.run(&["forward", "status", "--json"]);
     assert_ok(&out, "dicomchain forward status --json");
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -104,13 +100,7 @@ fn in_orthanc(node: &Node, orthanc: &Orthanc, n: usize) -> BTreeMap<String, Stri
 }
 
 fn storescu(node: &Node, calling: &str, files: &[PathBuf]) {
-    let out = Command::new("/usr/bin/storescu")
-        .args(["-aec", support::AE, "-aet", calling])
-        .arg("127.0.0.1")
-        .arg(node.port.to_string())
-        .args(files)
-        .output()
-        .expect("run /usr/bin/storescu");
+    let out = Scu::storescu().calling(calling).files(files).run(node.port);
     assert_ok(&out, "storescu");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -120,11 +110,7 @@ fn storescu(node: &Node, calling: &str, files: &[PathBuf]) {
 }
 
 fn verify_ledger(node: &Node) {
-    let out = node
-        .command()
-        .args(["verify", "--ledger-only"])
-        .output()
-        .unwrap();
+    let out = node.run(&["verify", "--ledger-only"]);
     assert_ok(&out, "dicomchain verify --ledger-only");
 }
 
@@ -227,7 +213,7 @@ fn forwards_to_orthanc_byte_exact_through_an_outage_and_a_crash() {
         let p = destination(&s, "pacs").clone();
         (p["pending"] == 8 && !p["last_error"].is_null()).then_some(p)
     });
-    let text = node.command().args(["forward", "status"]).output().unwrap();
+    let text = node.run(&["forward", "status"]);
     let text = String::from_utf8_lossy(&text.stdout).to_string();
     assert!(
         text.contains("pending: 8")
@@ -427,11 +413,7 @@ fn rules_route_refusals_are_given_up_and_retry_requeues_them() {
             (destination(&s, "flaky")["failed"] == 2).then_some(())
         },
     );
-    let out = node
-        .command()
-        .args(["forward", "retry", "--destination", "flaky"])
-        .output()
-        .unwrap();
+    let out = node.run(&["forward", "retry", "--destination", "flaky"]);
     assert_ok(&out, "forward retry");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("re-queued 2"),
@@ -469,11 +451,7 @@ fn rules_route_refusals_are_given_up_and_retry_requeues_them() {
     );
 
     // Unknown destinations are refused by the CLI with the names it knows.
-    let out = node
-        .command()
-        .args(["forward", "retry", "--destination", "nope"])
-        .output()
-        .unwrap();
+    let out = node.run(&["forward", "retry", "--destination", "nope"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("archive"));
     node.stop();
@@ -489,7 +467,7 @@ fn a_rule_naming_an_unknown_peer_stops_startup() {
         "[[forward]]\ndestination = \"pacs\"\nmodality = [\"CT\"]\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dicomchain"))
+    let out = support::dicomchain()
         .arg("--config")
         .arg(&cfg)
         .arg("check-config")

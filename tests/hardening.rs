@@ -7,17 +7,17 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::{self, output_text as text, Node, AE};
+use crate::support::{self, output_text as text, Node, Scu, AE};
 
 /// A node with its admin listener: (node, admin port, token).
 fn admin_node() -> (Node, u16, String) {
-    let admin = support::free_port();
-    let node = Node::start_with(&[], &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"));
+    let node = Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let admin = node.admin_port();
     let token = std::fs::read_to_string(node.dir.join("var/admin-token"))
         .unwrap()
         .trim()
@@ -312,7 +312,7 @@ fn an_ae_title_with_a_newline_is_rejected_and_forges_no_log_or_audit_line() {
     );
     // The audit trail: one line per event, each beginning with its sequence number.
     std::thread::sleep(Duration::from_secs(2));
-    let audit = node.command().arg("audit").output().unwrap();
+    let audit = node.run(&["audit"]);
     support::assert_ok(&audit, "dicomchain audit");
     let trail = String::from_utf8_lossy(&audit.stdout).to_string();
     for line in trail.lines() {
@@ -323,11 +323,7 @@ fn an_ae_title_with_a_newline_is_rejected_and_forges_no_log_or_audit_line() {
         );
     }
     // The admin API's grant takes AE titles under the same rule.
-    let grant = node
-        .command()
-        .args(["grant", "X\nFORGED", "store"])
-        .output()
-        .unwrap();
+    let grant = node.run(&["grant", "X\nFORGED", "store"]);
     assert!(!grant.status.success(), "{}", text(&grant));
 }
 
@@ -345,18 +341,13 @@ fn an_integrity_alert_names_the_requester_its_address_and_a_failure() {
     std::fs::write(&objects[1], bytes).unwrap();
     let out_dir = dir.path().join("got");
     std::fs::create_dir_all(&out_dir).unwrap();
-    let get = Command::new("/usr/bin/getscu")
-        .args(["-aet", "GETSCU", "-aec", AE, "-P", "-od"])
-        .arg(&out_dir)
-        .args([
-            "-k",
-            "QueryRetrieveLevel=PATIENT",
-            "-k",
-            "PatientID=PID0001",
-        ])
-        .args(["127.0.0.1", &node.port.to_string()])
-        .output()
-        .expect("run /usr/bin/getscu (apt-get install dcmtk)");
+    let get = Scu::getscu()
+        .calling("GETSCU")
+        .arg("-P")
+        .out_dir(&out_dir)
+        .level("PATIENT")
+        .key("PatientID=PID0001")
+        .run(node.port);
     assert_eq!(
         support::files_under(&out_dir).len(),
         2,
@@ -366,19 +357,11 @@ fn an_integrity_alert_names_the_requester_its_address_and_a_failure() {
     // The security event reaches the ledger from the spool within a few seconds.
     let deadline = Instant::now() + Duration::from_secs(30);
     let alert = loop {
-        let out = node
-            .command()
-            .args(["audit", "--event", "110113", "--json"])
-            .output()
-            .unwrap();
-        let found = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|e| {
-                e["detail"]
-                    .as_str()
-                    .is_some_and(|d| d.starts_with("integrity failure"))
-            });
+        let found = node.security_alerts().into_iter().find(|e| {
+            e["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("integrity failure"))
+        });
         if let Some(e) = found {
             break e;
         }
@@ -401,11 +384,7 @@ fn an_integrity_alert_names_the_requester_its_address_and_a_failure() {
         "{alert}"
     );
     // And the text trail says the same on one line.
-    let out = node
-        .command()
-        .args(["audit", "--event", "110113"])
-        .output()
-        .unwrap();
+    let out = node.run(&["audit", "--event", "110113"]);
     let trail = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         trail

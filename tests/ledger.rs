@@ -20,7 +20,7 @@ fn hash(s: &serde_json::Value) -> Hash {
 }
 
 fn run(node: &Node, args: &[&str]) -> String {
-    let out = node.command().args(args).output().unwrap();
+    let out = node.run(args);
     assert_ok(&out, &format!("dicomchain {args:?}"));
     String::from_utf8(out.stdout).unwrap()
 }
@@ -59,7 +59,7 @@ fn proofs_from_the_cli_verify_with_independent_code() {
     // stored instances) within a couple of intervals.
     let deadline = Instant::now() + Duration::from_secs(20);
     let (size, root) = loop {
-        let out = node.command().arg("checkpoint").output().unwrap();
+        let out = node.run(&["checkpoint"]);
         if out.status.success() {
             let cp = verified_checkpoint(&String::from_utf8(out.stdout).unwrap(), &vkey);
             if cp.0 == 13 {
@@ -120,17 +120,13 @@ fn proofs_from_the_cli_verify_with_independent_code() {
     check_tree(&path, 13, root, 5, hash(&c["old_root"])).unwrap();
     assert_eq!(hash(&c["new_root"]), root);
 
-    let out = node
-        .command()
-        .args(["proof", "--instance", "9.9.9.9"])
-        .output()
-        .unwrap();
+    let out = node.run(&["proof", "--instance", "9.9.9.9"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("9.9.9.9"));
 }
 
 fn verify(node: &Node, extra: &[&str]) -> (i32, String) {
-    let out = node.command().arg("verify").args(extra).output().unwrap();
+    let out = node.run(&[&["verify"], extra].concat());
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -141,7 +137,7 @@ fn wait_for_checkpoint(node: &Node, size: u64) {
     let vkey = run(node, &["checkpoint", "--verifier-key"]);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let out = node.command().arg("checkpoint").output().unwrap();
+        let out = node.run(&["checkpoint"]);
         if out.status.success()
             && verified_checkpoint(&String::from_utf8(out.stdout).unwrap(), &vkey).0 == size
         {

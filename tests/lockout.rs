@@ -6,14 +6,13 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpStream};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dicom_ul::pdu::{AssociationRQ, Pdu, PresentationContextProposed, UserVariableItem};
 
-use crate::support::{self, Node, AE};
+use crate::support::{self, Node, Scu, AE};
 
 /// An A-ASSOCIATE-RQ for Verification from `calling`.
 fn association_rq(calling: &str) -> Vec<u8> {
@@ -123,46 +122,29 @@ fn hold_associations_from(from: IpAddr, port: u16, calling: &str, max: usize) ->
 }
 
 fn echo_as(port: u16, aet: &str) -> std::process::Output {
-    Command::new("/usr/bin/echoscu")
-        .args([
-            "-aet",
-            aet,
-            "-aec",
-            AE,
-            "-to",
-            "5",
-            "-ta",
-            "5",
-            "127.0.0.1",
-            &port.to_string(),
-        ])
-        .output()
-        .expect("run /usr/bin/echoscu")
+    Scu::echoscu()
+        .calling(aet)
+        .args(["-to", "5", "-ta", "5"])
+        .run(port)
 }
 
 #[test]
 fn idle_and_trickling_connections_do_not_lock_out_a_known_peer() {
-    let tls_port = support::free_port();
     let keys = tempfile::tempdir().unwrap();
     let pki = crate::tls::Pki::new(keys.path());
-    let admin = support::free_port();
-    let peers = format!(
-        "[peers.admin]\nae_title = \"ADMIN\"\nhost = \"127.0.0.1\"\nport = 1\n\
+    let peers = "[peers.admin]\nae_title = \"ADMIN\"\nhost = \"127.0.0.1\"\nport = 1\n\
          [peers.idler]\nae_title = \"IDLER\"\nhost = \"127.0.0.1\"\nport = 1\n\
-         [admin]\nlisten = \"127.0.0.1:{admin}\"\n"
-    );
+         [admin]\nlisten = \"127.0.0.1:0\"\n";
     let node = Node::start_with(
         &[
             ("DICOMCHAIN__NODE__ALLOW_UNKNOWN_PEERS", "false"),
-            (
-                "DICOMCHAIN__NODE__TLS__LISTEN",
-                &format!("127.0.0.1:{tls_port}"),
-            ),
+            ("DICOMCHAIN__NODE__TLS__LISTEN", "127.0.0.1:0"),
             ("DICOMCHAIN__NODE__TLS__CERT", &pki.path("server.crt")),
             ("DICOMCHAIN__NODE__TLS__KEY", &pki.path("server.key")),
         ],
-        &peers,
+        peers,
     );
+    let (tls_port, admin) = (node.tls_port(), node.admin_port());
     // A known AE title holds every association it can get and stays idle (the idle timeout is
     // 300 s): it gets its share, not every slot.
     let held = hold_associations(node.port, "IDLER", 64);
@@ -294,7 +276,7 @@ fn a_flood_of_rejected_associations_adds_a_few_entries_per_source() {
     );
     node.stop();
 
-    let out = node.command().args(["audit", "--json"]).output().unwrap();
+    let out = node.run(&["audit", "--json"]);
     support::assert_ok(&out, "dicomchain audit --json");
     let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()

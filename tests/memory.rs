@@ -115,10 +115,6 @@ fn sixteen_parallel_60_mib_private_elements_stay_within_max_bytes_in_flight() {
         .unwrap();
         assert!(got.dataset == sent.dataset, "{} differs", f.display());
     }
-    let verify = node
-        .command()
-        .args(["verify", "--ledger-only"])
-        .output()
-        .unwrap();
+    let verify = node.run(&["verify", "--ledger-only"]);
     support::assert_ok(&verify, "verify --ledger-only");
 }

@@ -8,16 +8,13 @@ use std::time::Duration;
 
 use dicom_ul::pdu::{AssociationRQ, Pdu, PresentationContextProposed, UserVariableItem};
 
-use crate::support::{self, assert_ok, Node, AE};
+use crate::support::{self, assert_ok, Node, Scu, AE};
 
 #[test]
 fn echoscu_succeeds_and_a_wrong_called_ae_is_rejected() {
     let node = Node::start();
     assert_ok(&node.echoscu(), "echoscu");
-    let out = std::process::Command::new("/usr/bin/echoscu")
-        .args(["-aec", "NOTUS", "127.0.0.1", &node.port.to_string()])
-        .output()
-        .unwrap();
+    let out = Scu::echoscu().called("NOTUS").run(node.port);
     assert!(
         !out.status.success(),
         "a wrong called AE title must be rejected"
@@ -33,10 +30,7 @@ fn echoscu_succeeds_and_a_wrong_called_ae_is_rejected() {
 #[test]
 fn the_called_ae_check_can_be_turned_off() {
     let node = Node::start_with_env(&[("DICOMCHAIN__NODE__CHECK_CALLED_AE", "false")]);
-    let out = std::process::Command::new("/usr/bin/echoscu")
-        .args(["-aec", "ANYTHING", "127.0.0.1", &node.port.to_string()])
-        .output()
-        .unwrap();
+    let out = Scu::echoscu().called("ANYTHING").run(node.port);
     assert_ok(&out, "echoscu with another called AE");
 }
 

@@ -151,7 +151,7 @@ fn import_migrates_a_folder_names_bad_files_and_resumes() {
     std::fs::write(archive.join("cut.dcm"), &whole[..whole.len() / 2]).unwrap();
 
     let import = |node: &Node, args: &[&str]| {
-        let out = node.command().arg("import").args(args).output().unwrap();
+        let out = node.run(&[&["import"], args].concat());
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).to_string(),
@@ -351,8 +351,6 @@ fn metrics_count_what_happened_and_health_follows_the_object_store() {
     use crate::support::s3server::S3Server;
     let root = tempfile::tempdir().unwrap();
     let mut server = S3Server::start(root.path());
-    let admin = crate::support::free_port();
-    let listen = format!("127.0.0.1:{admin}");
     let node = Node::start_with(
         &[
             ("DICOMCHAIN__STORE__BACKEND", "s3"),
@@ -361,10 +359,11 @@ fn metrics_count_what_happened_and_health_follows_the_object_store() {
             ("DICOMCHAIN__STORE__S3__ACCESS_KEY", &server.access_key),
             ("DICOMCHAIN__STORE__S3__SECRET_KEY", &server.secret_key),
             ("DICOMCHAIN__STORE__TIMEOUT_SECS", "5"),
-            ("DICOMCHAIN__ADMIN__LISTEN", &listen),
+            ("DICOMCHAIN__ADMIN__LISTEN", "127.0.0.1:0"),
         ],
         "",
     );
+    let admin = node.admin_port();
     assert_eq!(
         support::http_get(admin, "/health"),
         (200, "ready\n".to_string())
@@ -426,18 +425,19 @@ fn scu_commands_talk_to_orthanc_and_to_the_node() {
             scp.port
         ),
     );
-    let run = |args: &[&str]| {
-        let out = node.command().args(args).output().unwrap();
+    let said = |out: std::process::Output| {
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).to_string(),
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     };
+    let run = |args: &[&str]| said(node.run(args));
     let orthanc_at = format!("ORTHANC@127.0.0.1:{}", orthanc.dicom_port);
-    let node_at = format!("{}@127.0.0.1:{}", crate::support::AE, node.port);
+    let node_at = node.target();
+    let to_node = node.client();
 
-    let (code, out, err) = run(&["echo", &orthanc_at]);
+    let (code, out, err) = said(node.client().to(&orthanc_at).echo());
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("status 0000"), "{out}");
 
@@ -462,16 +462,11 @@ fn scu_commands_talk_to_orthanc_and_to_the_node() {
     // C-FIND on both: one study for the generated patient.
     let mut study = String::new();
     for target in [&orthanc_at, &node_at] {
-        let (code, out, err) = run(&[
-            "find",
-            target,
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            "PatientID=PID0001",
-            "-k",
-            "StudyInstanceUID",
-        ]);
+        let (code, out, err) = said(
+            node.client()
+                .to(target)
+                .find_studies(&["PatientID=PID0001"]),
+        );
         assert_eq!(code, Some(0), "{out}{err}");
         assert!(out.contains("1 match(es), final status 0000"), "{out}");
         let uid = out
@@ -487,32 +482,14 @@ fn scu_commands_talk_to_orthanc_and_to_the_node() {
     }
 
     // C-MOVE from the node to storescp.
-    let (code, out, err) = run(&[
-        "move",
-        &node_at,
-        "--dest",
-        "STORESCP",
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        &format!("StudyInstanceUID={study}"),
-    ]);
+    let (code, out, err) = said(to_node.move_study("STORESCP", &study));
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("completed 3, failed 0"), "{out}");
     assert_eq!(scp.received().len(), 3);
 
     // C-GET from the node: the data sets come back as sent.
     let got_dir = tmp.path().join("got");
-    let (code, out, err) = run(&[
-        "get",
-        &node_at,
-        "--out",
-        got_dir.to_str().unwrap(),
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        &format!("StudyInstanceUID={study}"),
-    ]);
+    let (code, out, err) = said(to_node.get_study(&got_dir, &study));
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("completed 3, failed 0"), "{out}");
     let got = crate::support::files_under(&got_dir);
@@ -528,25 +505,14 @@ fn scu_commands_talk_to_orthanc_and_to_the_node() {
     }
 
     // Clear errors: an unknown peer name, an unreachable one, a refused move destination.
-    let (code, _, err) = run(&["echo", "nobody"]);
+    let (code, _, err) = said(node.client().to("nobody").echo());
     assert_eq!(code, Some(2));
     assert!(err.contains("copy"), "known peers are named: {err}");
-    let (code, _, err) = run(&[
-        "echo",
-        &format!("X@127.0.0.1:{}", crate::support::free_port()),
-    ]);
+    let (_closed, nobody) = crate::support::closed_port();
+    let (code, _, err) = run(&["echo", &format!("X@127.0.0.1:{nobody}")]);
     assert_eq!(code, Some(2));
     assert!(err.contains("cannot connect"), "{err}");
-    let (code, out, _) = run(&[
-        "move",
-        &node_at,
-        "--dest",
-        "UNKNOWN",
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        &format!("StudyInstanceUID={study}"),
-    ]);
+    let (code, out, _) = said(to_node.move_study("UNKNOWN", &study));
     assert_eq!(code, Some(1));
     assert!(out.contains("status A801"), "{out}");
 }

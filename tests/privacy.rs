@@ -2,10 +2,9 @@
 //! storescu, DCMTK storescp as the C-MOVE destination) and the admin API.
 
 use std::path::Path;
-use std::process::Output;
 
 use crate::support::output_text as text;
-use crate::support::{self, assert_ok, Node, Storescp, AE};
+use crate::support::{self, assert_ok, Node, Storescp};
 
 /// Whether any file under `dir` contains `needle` (the raw bytes of RocksDB's logs and tables).
 fn any_file_contains(dir: &Path, needle: &[u8]) -> Option<String> {
@@ -20,17 +19,13 @@ fn any_file_contains(dir: &Path, needle: &[u8]) -> Option<String> {
 #[test]
 fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
     let scp = Storescp::start();
-    let admin = support::free_port();
     let mut node = Node::start_with(
-        &[("DICOMCHAIN__ADMIN__LISTEN", &format!("127.0.0.1:{admin}"))],
+        &[("DICOMCHAIN__ADMIN__LISTEN", "127.0.0.1:0")],
         &format!(
             "[peers.archive]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n",
             scp.port
         ),
     );
-    let target = format!("{AE}@127.0.0.1:{}", node.port);
-    let cli =
-        |node: &Node, args: &[&str]| -> Output { node.command().args(args).output().unwrap() };
     let src = tempfile::tempdir().unwrap();
     let gone = support::make_series(
         &src.path().join("gone"),
@@ -57,26 +52,9 @@ fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
     assert_eq!(node.send_exact(&[changed_path])[0].0, Some(0));
 
     let study_of = |node: &Node, pid: &str| -> Option<String> {
-        let found = cli(
-            node,
-            &[
-                "find",
-                &target,
-                "-k",
-                "QueryRetrieveLevel=STUDY",
-                "-k",
-                "StudyInstanceUID",
-                "-k",
-                &format!("PatientID={pid}"),
-            ],
-        );
+        let found = node.client().find_studies(&[&format!("PatientID={pid}")]);
         assert_ok(&found, "find");
-        String::from_utf8_lossy(&found.stdout)
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("(0020,000D) StudyInstanceUID = ")
-                    .map(str::to_string)
-            })
+        support::study_uid_in(&found)
     };
     let study = study_of(&node, "PID-GONE-1").expect("the study before erasure");
     let objects = |node: &Node| {
@@ -92,7 +70,7 @@ fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
         "the metadata is on the ledger before erasure"
     );
 
-    let erased = cli(&node, &["erase", "--study", &study]);
+    let erased = node.run(&["erase", "--study", &study]);
     assert_ok(&erased, "erase --study");
     let said = text(&erased);
     assert!(
@@ -107,42 +85,14 @@ fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
 
     // C-FIND, C-MOVE, C-GET and export no longer find it; the other study is untouched.
     assert_eq!(study_of(&node, "PID-GONE-1"), None);
-    let study_key = format!("StudyInstanceUID={study}");
-    let move_study = |node: &Node, uid: &str| -> Output {
-        cli(
-            node,
-            &[
-                "move",
-                &target,
-                "--dest",
-                "STORESCP",
-                "-k",
-                "QueryRetrieveLevel=STUDY",
-                "-k",
-                &format!("StudyInstanceUID={uid}"),
-            ],
-        )
-    };
-    let moved = move_study(&node, &study);
+    let moved = node.client().move_study("STORESCP", &study);
     assert!(
         text(&moved).contains("completed 0,") || !moved.status.success(),
         "{}",
         text(&moved)
     );
     let got = tempfile::tempdir().unwrap();
-    let _ = cli(
-        &node,
-        &[
-            "get",
-            &target,
-            "--out",
-            got.path().to_str().unwrap(),
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            &study_key,
-        ],
-    );
+    let _ = node.client().get_study(got.path(), &study);
     assert!(support::files_under(got.path()).is_empty());
     assert_eq!(
         scp.count(),
@@ -153,11 +103,14 @@ fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
     let export = node.export(&["--instance", &secret.sop_instance_uid], out.path());
     assert!(!export.status.success(), "{}", text(&export));
     let kept_study = study_of(&node, "PID-KEPT-2").expect("the other study");
-    assert_ok(&move_study(&node, &kept_study), "move of the other study");
+    assert_ok(
+        &node.client().move_study("STORESCP", &kept_study),
+        "move of the other study",
+    );
     assert_eq!(scp.count(), 2);
 
     // The chain and the tree still verify; the erased entries are reported as erased.
-    let verify = cli(&node, &["verify"]);
+    let verify = node.run(&["verify"]);
     let report = text(&verify);
     assert_eq!(verify.status.code(), Some(0), "{report}");
     assert!(
@@ -168,7 +121,7 @@ fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
     assert!(!report.contains("DAMAGED"), "{report}");
 
     // Nothing to erase is an error; a patient erasure takes the rest.
-    let again = cli(&node, &["erase", "--study", &study]);
+    let again = node.run(&["erase", "--study", &study]);
     assert!(!again.status.success());
     assert!(
         text(&again).contains("no stored instance"),
@@ -176,13 +129,13 @@ fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
         text(&again)
     );
     assert_ok(
-        &cli(&node, &["erase", "--patient", "PID-KEPT-2"]),
+        &node.run(&["erase", "--patient", "PID-KEPT-2"]),
         "erase --patient",
     );
     assert_eq!(objects(&node), 0);
 
     // The trail has both erasures (DICOM Study Deleted), without the UID or the patient.
-    let trail = text(&cli(&node, &["audit", "--event", "110105"]));
+    let trail = text(&node.run(&["audit", "--event", "110105"]));
     assert_eq!(trail.lines().count(), 2, "{trail}");
     assert!(
         trail.contains("study erased") && trail.contains("patient erased"),
@@ -193,6 +146,7 @@ fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
     }
 
     // The same trail from the admin API; a bad parameter is refused.
+    let admin = node.admin_port();
     let token = std::fs::read_to_string(node.dir.join("var/admin-token")).unwrap();
     let (status, body) =
         support::http_get_with(admin, "/v1/audit?event=110105", Some(token.trim()));
@@ -226,7 +180,7 @@ fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
     // After a restart everything stays as it was.
     node.restart();
     assert_eq!(study_of(&node, "PID-KEPT-2"), None);
-    let verify = cli(&node, &["verify"]);
+    let verify = node.run(&["verify"]);
     let report = text(&verify);
     assert_eq!(verify.status.code(), Some(0), "{report}");
     assert!(report.contains(", 6 erased"), "{report}");

@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::s3::s3_node;
-use crate::support::{self, assert_ok, s3server::S3Server, Node, AE};
+use crate::support::{self, assert_ok, s3server::S3Server, Node, Scu, AE};
 
 /// A pynetdicom sender running in the background (tests/support/send_exact.py), whose results
 /// arrive line by line on a channel as (status, file).
@@ -121,7 +121,7 @@ impl Rng {
 
 /// `dicomchain verify` (full: every pixel object re-read, orphans looked for) must pass.
 fn verify_intact(node: &Node, when: &str) {
-    let out = node.command().arg("verify").output().unwrap();
+    let out = node.run(&["verify"]);
     assert_ok(&out, &format!("dicomchain verify {when}"));
 }
 
@@ -308,13 +308,12 @@ fn an_object_store_outage_mid_ingest_fails_with_a700_and_nothing_acknowledged_is
             // Down: the node still answers C-ECHO and C-FIND from the ledger.
             assert_ok(&node.echoscu(), "echoscu while the object store is down");
             let qdir = tempfile::tempdir().unwrap();
-            let find = Command::new("/usr/bin/findscu")
-                .args(["-aec", AE, "-S", "-X", "-od"])
-                .arg(qdir.path())
-                .args(["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID"])
-                .args(["127.0.0.1", &node.port.to_string()])
-                .output()
-                .unwrap();
+            let find = Scu::findscu()
+                .args(["-S", "-X"])
+                .out_dir(qdir.path())
+                .level("STUDY")
+                .key("StudyInstanceUID")
+                .run(node.port);
             assert_ok(&find, "findscu while the object store is down");
             assert_eq!(
                 support::files_under(qdir.path()).len(),
@@ -486,11 +485,7 @@ fn sixteen_associations_store_ten_thousand_instances() {
         started.elapsed().as_secs_f64()
     );
     assert!(rss < 256, "peak RSS {rss} MiB");
-    let entries = node
-        .command()
-        .args(["verify", "--ledger-only"])
-        .output()
-        .unwrap();
+    let entries = node.run(&["verify", "--ledger-only"]);
     assert_ok(&entries, "verify --ledger-only");
     // Every instance is on the ledger: one export per study, all there.
     assert_acknowledged_export_exactly(&node, &acked);

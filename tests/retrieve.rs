@@ -10,7 +10,7 @@ use dicom_encoding::TransferSyntaxIndex;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use crate::support::output_text as text;
-use crate::support::{self, support_file, Node, Storescp, AE};
+use crate::support::{self, support_file, Node, Scu, Storescp};
 
 /// (SOP Instance UID, Study Instance UID) of a data set as the node indexes it: the data set's,
 /// not the File Meta's.
@@ -51,15 +51,11 @@ fn store(node: &Node, files: &[PathBuf]) -> BTreeMap<String, (String, Vec<u8>)> 
 }
 
 fn movescu(node: &Node, model: &str, level: &str, keys: &[String], dest: &str) -> Output {
-    let mut c = Command::new("/usr/bin/movescu");
-    c.args(["-v", "-aec", AE, "-aem", dest, model])
-        .args(["-k", &format!("QueryRetrieveLevel={level}")]);
-    for k in keys {
-        c.arg("-k").arg(k);
-    }
-    c.args(["127.0.0.1", &node.port.to_string()])
-        .output()
-        .expect("run /usr/bin/movescu (apt-get install dcmtk)")
+    Scu::movescu()
+        .args(["-v", "-aem", dest, model])
+        .level(level)
+        .keys(keys)
+        .run(node.port)
 }
 
 /// DCMTK getscu (Study Root) into `out_dir`: its output, and what it received.
@@ -69,15 +65,11 @@ fn getscu(
     keys: &[String],
 ) -> (Output, Vec<support::Part10>) {
     std::fs::create_dir_all(out_dir).unwrap();
-    let mut c = Command::new("/usr/bin/getscu");
-    c.args(["-v", "-aec", AE, "-S", "-od"]).arg(out_dir);
-    for k in keys {
-        c.arg("-k").arg(k);
-    }
-    let out = c
-        .args(["127.0.0.1", &node.port.to_string()])
-        .output()
-        .expect("run /usr/bin/getscu (apt-get install dcmtk)");
+    let out = Scu::getscu()
+        .args(["-v", "-S"])
+        .out_dir(out_dir)
+        .keys(keys)
+        .run(node.port);
     let received = support::files_under(out_dir)
         .iter()
         .filter_map(|p| support::read_part10(p))
@@ -337,11 +329,7 @@ fn orthanc_stores_into_queries_and_moves_from_the_node() {
     let returned = report["returned_sha256"].as_object().unwrap();
     assert_eq!(returned.len(), files.len());
     for (uid, sha) in returned {
-        let proof = node
-            .command()
-            .args(["proof", "--instance", uid])
-            .output()
-            .unwrap();
+        let proof = node.run(&["proof", "--instance", uid]);
         support::assert_ok(&proof, "proof");
         let proof: serde_json::Value = serde_json::from_slice(&proof.stdout).unwrap();
         assert_eq!(&proof["dataset_sha256"], sha, "{uid} came back altered");

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{self, assert_ok, Node};
+use crate::support::{self, assert_ok, Node, Scu};
 
 /// The newest signed checkpoint the CLI prints, and its size.
 fn checkpoint(node: &Node) -> Option<(String, u64)> {
-    let out = node.command().arg("checkpoint").output().unwrap();
+    let out = node.run(&["checkpoint"]);
     if !out.status.success() {
         return None;
     }
@@ -135,7 +135,7 @@ fn try_serve(node: &Node, log: &Path) -> Result<std::process::Child, (i32, Strin
 }
 
 fn verify(node: &Node, extra: &[&str]) -> (i32, String) {
-    let out = node.command().arg("verify").args(extra).output().unwrap();
+    let out = node.run(&[&["verify"], extra].concat());
     (
         out.status.code().unwrap_or(-1),
         format!(
@@ -234,11 +234,7 @@ fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
     // rollback, and the alert is on the trail.
     restore(&node, snap.path());
     flip(&ledger_file(&node, "log", false), 0.5);
-    let out = node
-        .command()
-        .args(["ledger", "accept-rollback"])
-        .output()
-        .unwrap();
+    let out = node.run(&["ledger", "accept-rollback"]);
     assert_ok(&out, "ledger accept-rollback");
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("signed entries given up"), "{said}");
@@ -262,11 +258,7 @@ fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
         text.contains(&format!("signed for {signed} entries")) && text.contains("rolled back"),
         "{text}"
     );
-    let trail = node
-        .command()
-        .args(["audit", "--event", "110113"])
-        .output()
-        .unwrap();
+    let trail = node.run(&["audit", "--event", "110113"]);
     assert!(
         String::from_utf8_lossy(&trail.stdout).contains("rollback accepted"),
         "{}",
@@ -318,8 +310,8 @@ fn a_ledger_older_than_its_checkpoint_file_is_refused() {
 /// reports the damage on /health.
 #[test]
 fn a_damaged_table_file_is_reported_by_verify_the_log_the_trail_and_health() {
-    let admin = support::free_port();
-    let mut node = Node::start_with(&[], &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"));
+    let mut node = Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let admin = node.admin_port();
     let src = tempfile::tempdir().unwrap();
     let files = support::make_series(src.path(), "CT", 100, 32, &[]);
     assert_ok(&node.storescu(&[], &files), "storescu");
@@ -358,11 +350,7 @@ fn a_damaged_table_file_is_reported_by_verify_the_log_the_trail_and_health() {
     // The committer records the alert at its next pass, about a second after the damage is
     // reported.
     let trail = loop {
-        let trail = node
-            .command()
-            .args(["audit", "--event", "110113"])
-            .output()
-            .unwrap();
+        let trail = node.run(&["audit", "--event", "110113"]);
         let trail = String::from_utf8_lossy(&trail.stdout).into_owned();
         if trail.contains("ledger damaged") || Instant::now() > deadline {
             break trail;
@@ -427,14 +415,8 @@ fn table_file_of(node: &Node, cf: &str) -> PathBuf {
 
 /// The node's security alerts about damage to the ledger (110113 entries), as JSON.
 fn damage_alerts(node: &Node) -> Vec<serde_json::Value> {
-    let out = node
-        .command()
-        .args(["audit", "--event", "110113", "--json"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    node.security_alerts()
+        .into_iter()
         .filter(|e| {
             e["detail"]
                 .as_str()
@@ -449,8 +431,8 @@ fn damage_alerts(node: &Node) -> Vec<serde_json::Value> {
 /// naming it, one error in the log and one security alert, however many queries meet it.
 #[test]
 fn a_table_file_damaged_while_the_node_runs_is_reported_once() {
-    let admin = support::free_port();
-    let mut node = Node::start_with(&[], &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"));
+    let mut node = Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let admin = node.admin_port();
     let src = tempfile::tempdir().unwrap();
     let files = support::make_series(src.path(), "CT", 100, 32, &[]);
     assert_ok(&node.storescu(&[], &files), "storescu");
@@ -470,32 +452,25 @@ fn a_table_file_damaged_while_the_node_runs_is_reported_once() {
     let get = |n: usize| {
         let out_dir = src.path().join(format!("got-{n}"));
         std::fs::create_dir_all(&out_dir).unwrap();
-        let out = Command::new("/usr/bin/getscu")
-            .args(["-aet", "GETSCU", "-aec", support::AE, "-P", "-od"])
-            .arg(&out_dir)
-            .args([
-                "-k",
-                "QueryRetrieveLevel=PATIENT",
-                "-k",
-                "PatientID=PID0001",
-            ])
-            .args(["127.0.0.1", &node.port.to_string()])
-            .output()
-            .expect("run /usr/bin/getscu (apt-get install dcmtk)");
+        let out = Scu::getscu()
+            .calling("GETSCU")
+            .arg("-P")
+            .out_dir(&out_dir)
+            .level("PATIENT")
+            .key("PatientID=PID0001")
+            .run(node.port);
         (
             support::files_under(&out_dir).len(),
             support::output_text(&out),
         )
     };
     let find = || {
-        Command::new("/usr/bin/findscu")
-            .args(["-aec", support::AE, "-S"])
-            .args(["-k", "QueryRetrieveLevel=IMAGE", "-k", "PatientID=PID0001"])
-            .args(["-k", "StudyInstanceUID", "-k", "SeriesInstanceUID"])
-            .args(["-k", "SOPInstanceUID"])
-            .args(["127.0.0.1", &node.port.to_string()])
-            .output()
-            .expect("run /usr/bin/findscu (apt-get install dcmtk)")
+        Scu::findscu()
+            .arg("-S")
+            .level("IMAGE")
+            .key("PatientID=PID0001")
+            .keys(["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+            .run(node.port)
     };
     let (got, text) = get(0);
     assert!(got < files.len(), "the damaged block was not read: {text}");

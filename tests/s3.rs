@@ -61,7 +61,7 @@ fn s3_objects_carry_no_patient_identifiers() {
     );
     // verify reads every object back over S3 and lists the bucket for orphans.
     let verify = |node: &Node| {
-        let out = node.command().arg("verify").output().unwrap();
+        let out = node.run(&["verify"]);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

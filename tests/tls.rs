@@ -4,9 +4,9 @@
 //! listener at all.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use crate::support::{self, assert_ok, Node, AE};
+use crate::support::{self, assert_ok, Node, Scu};
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate it signs (openssl CLI).
 pub(crate) struct Pki {
@@ -113,21 +113,36 @@ impl Pki {
     }
 }
 
-/// A DCMTK tool over TLS as `who` (a key/certificate pair name, or None for anonymous TLS).
-fn dcmtk_tls(tool: &str, pki: &Pki, who: Option<&str>, port: u16, args: &[&str]) -> Output {
-    let mut c = Command::new(format!("/usr/bin/{tool}"));
+/// A DCMTK tool over TLS as `who` (a key/certificate pair name, or None for anonymous TLS),
+/// trusting the test CA.
+fn dcmtk_tls(tool: &'static str, pki: &Pki, who: Option<&str>) -> Scu {
+    let ca = pki.path("ca.crt");
     match who {
-        Some(w) => c.args([
-            "+tls",
+        Some(w) => Scu::new(tool).tls(
             &pki.path(&format!("{w}.key")),
             &pki.path(&format!("{w}.crt")),
-        ]),
-        None => c.arg("+tla"),
-    };
-    c.args(["-pw", "+cf", &pki.path("ca.crt"), "-aec", AE])
-        .args(args)
-        .args(["127.0.0.1", &port.to_string()]);
-    c.output().expect("run DCMTK")
+            &ca,
+        ),
+        None => Scu::new(tool).anonymous_tls(&ca),
+    }
+}
+
+/// Starts a node whose DICOM TLS listener (on port 0) presents the test CA's server certificate
+/// and asks clients for one the CA signed; `env` and `toml` as for [`Node::start_with`].
+fn start_mutual_tls(pki: &Pki, env: &[(&str, &str)], toml: &str) -> Node {
+    let (cert, key, ca) = (
+        pki.path("server.crt"),
+        pki.path("server.key"),
+        pki.path("ca.crt"),
+    );
+    let mut env = env.to_vec();
+    env.extend([
+        ("DICOMCHAIN__NODE__TLS__LISTEN", "127.0.0.1:0"),
+        ("DICOMCHAIN__NODE__TLS__CERT", cert.as_str()),
+        ("DICOMCHAIN__NODE__TLS__KEY", key.as_str()),
+        ("DICOMCHAIN__NODE__TLS__CLIENT_CA", ca.as_str()),
+    ]);
+    Node::start_with(&env, toml)
 }
 
 /// The log without its ANSI colours.
@@ -152,26 +167,15 @@ fn plain(log: &str) -> String {
 fn dcmtk_stores_and_finds_over_mutual_tls_and_strangers_are_refused() {
     let keys = tempfile::tempdir().unwrap();
     let pki = Pki::new(keys.path());
-    let tls_port = support::free_port();
-    let node = Node::start_with_env(&[
-        (
-            "DICOMCHAIN__NODE__TLS__LISTEN",
-            &format!("127.0.0.1:{tls_port}"),
-        ),
-        ("DICOMCHAIN__NODE__TLS__CERT", &pki.path("server.crt")),
-        ("DICOMCHAIN__NODE__TLS__KEY", &pki.path("server.key")),
-        ("DICOMCHAIN__NODE__TLS__CLIENT_CA", &pki.path("ca.crt")),
-    ]);
+    let node = start_mutual_tls(&pki, &[], "");
+    let tls_port = node.tls_port();
     let src = tempfile::tempdir().unwrap();
     let files = support::make_series(src.path(), "CT", 3, 64, &[]);
 
     // storescu over TLS with the client certificate: stored, and exported byte for byte.
-    let mut c = Command::new("/usr/bin/storescu");
-    c.args(["+tls", &pki.path("client.key"), &pki.path("client.crt")])
-        .args(["-pw", "+cf", &pki.path("ca.crt"), "-aec", AE])
-        .args(["127.0.0.1", &tls_port.to_string()])
-        .args(&files);
-    let out = c.output().unwrap();
+    let out = dcmtk_tls("storescu", &pki, Some("client"))
+        .files(&files)
+        .run(tls_port);
     assert_ok(&out, "storescu +tls");
     let log = plain(&node.log());
     assert!(log.contains("tls=true calling=\"STORESCU\""), "{log}");
@@ -188,23 +192,12 @@ fn dcmtk_stores_and_finds_over_mutual_tls_and_strangers_are_refused() {
 
     // findscu over TLS finds the study.
     let qdir = tempfile::tempdir().unwrap();
-    let qd = qdir.path().display().to_string();
-    let find = dcmtk_tls(
-        "findscu",
-        &pki,
-        Some("client"),
-        tls_port,
-        &[
-            "-S",
-            "-X",
-            "-od",
-            &qd,
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            "StudyInstanceUID",
-        ],
-    );
+    let find = dcmtk_tls("findscu", &pki, Some("client"))
+        .args(["-S", "-X"])
+        .out_dir(qdir.path())
+        .level("STUDY")
+        .key("StudyInstanceUID")
+        .run(tls_port);
     assert_ok(&find, "findscu +tls");
     assert_eq!(
         support::files_under(qdir.path()).len(),
@@ -213,7 +206,7 @@ fn dcmtk_stores_and_finds_over_mutual_tls_and_strangers_are_refused() {
     );
 
     // A certificate from another CA, and no certificate at all: no association.
-    let echo = |who: Option<&str>| dcmtk_tls("echoscu", &pki, who, tls_port, &[]);
+    let echo = |who: Option<&str>| dcmtk_tls("echoscu", &pki, who).run(tls_port);
     assert!(
         !echo(Some("intruder")).status.success(),
         "a stranger's certificate was accepted"
@@ -241,19 +234,13 @@ fn a_missing_certificate_file_stops_startup_naming_it() {
     let missing = dir.path().join("nope.crt").display().to_string();
     let config = dir.path().join("dicomchain.toml");
     std::fs::write(&config, "").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dicomchain"))
+    let out = support::dicomchain()
         .arg("serve")
         .arg("--config")
         .arg(&config)
         .current_dir(dir.path())
-        .env(
-            "DICOMCHAIN__NODE__LISTEN",
-            format!("127.0.0.1:{}", support::free_port()),
-        )
-        .env(
-            "DICOMCHAIN__NODE__TLS__LISTEN",
-            format!("127.0.0.1:{}", support::free_port()),
-        )
+        .env("DICOMCHAIN__NODE__LISTEN", "127.0.0.1:0")
+        .env("DICOMCHAIN__NODE__TLS__LISTEN", "127.0.0.1:0")
         .env("DICOMCHAIN__NODE__TLS__CERT", &missing)
         .env("DICOMCHAIN__NODE__TLS__KEY", &missing)
         .output()
@@ -272,32 +259,21 @@ fn a_missing_certificate_file_stops_startup_naming_it() {
 fn tls_bound_ae_titles_refuse_plain_text_and_other_certificates() {
     let keys = tempfile::tempdir().unwrap();
     let pki = Pki::new(keys.path());
-    let tls_port = support::free_port();
     let peers = "[peers.admin]\nae_title = \"ADMIN\"\nhost = \"127.0.0.1\"\nport = 1\ntls_required = true\n\
         [peers.storeonly]\nae_title = \"STOREONLY\"\nhost = \"127.0.0.1\"\nport = 1\npermissions = [\"echo\", \"store\"]\ntls_names = [\"storeonly.example\"]\n\
         [peers.legacy]\nae_title = \"LEGACY\"\nhost = \"127.0.0.1\"\nport = 1\n";
-    let mut node = Node::start_with(
-        &[
-            ("DICOMCHAIN__NODE__ALLOW_UNKNOWN_PEERS", "false"),
-            (
-                "DICOMCHAIN__NODE__TLS__LISTEN",
-                &format!("127.0.0.1:{tls_port}"),
-            ),
-            ("DICOMCHAIN__NODE__TLS__CERT", &pki.path("server.crt")),
-            ("DICOMCHAIN__NODE__TLS__KEY", &pki.path("server.key")),
-            ("DICOMCHAIN__NODE__TLS__CLIENT_CA", &pki.path("ca.crt")),
-        ],
+    let mut node = start_mutual_tls(
+        &pki,
+        &[("DICOMCHAIN__NODE__ALLOW_UNKNOWN_PEERS", "false")],
         peers,
     );
-    let port = node.port;
-    let plain_echo = |aet: &str| {
-        Command::new("/usr/bin/echoscu")
-            .args(["-aet", aet, "-aec", AE, "127.0.0.1", &port.to_string()])
-            .output()
-            .unwrap()
+    let (port, tls_port) = (node.port, node.tls_port());
+    let plain_echo = |aet: &str| Scu::echoscu().calling(aet).run(port);
+    let tls_echo = |who: &str, aet: &str| {
+        dcmtk_tls("echoscu", &pki, Some(who))
+            .calling(aet)
+            .run(tls_port)
     };
-    let tls_echo =
-        |who: &str, aet: &str| dcmtk_tls("echoscu", &pki, Some(who), tls_port, &["-aet", aet]);
 
     // TLS required: refused in plain text, accepted over TLS.
     let out = plain_echo("ADMIN");
@@ -330,7 +306,7 @@ fn tls_bound_ae_titles_refuse_plain_text_and_other_certificates() {
     let log = plain(&node.log());
     assert!(log.contains("may associate only over DICOM TLS"), "{log}");
     node.stop();
-    let out = node.command().args(["audit", "--json"]).output().unwrap();
+    let out = node.run(&["audit", "--json"]);
     assert_ok(&out, "dicomchain audit --json");
     let trail = String::from_utf8_lossy(&out.stdout);
     assert!(trail.contains("association rejected: access control: calling AE title \\\"ADMIN\\\" may associate only over DICOM TLS"), "{trail}");
@@ -347,21 +323,13 @@ fn tls_bound_ae_titles_refuse_plain_text_and_other_certificates() {
 fn the_plain_listener_can_be_turned_off() {
     let keys = tempfile::tempdir().unwrap();
     let pki = Pki::new(keys.path());
-    let tls_port = support::free_port();
-    let node = Node::start_with_env(&[
-        ("DICOMCHAIN__NODE__LISTEN", ""),
-        (
-            "DICOMCHAIN__NODE__TLS__LISTEN",
-            &format!("127.0.0.1:{tls_port}"),
-        ),
-        ("DICOMCHAIN__NODE__TLS__CERT", &pki.path("server.crt")),
-        ("DICOMCHAIN__NODE__TLS__KEY", &pki.path("server.key")),
-        ("DICOMCHAIN__NODE__TLS__CLIENT_CA", &pki.path("ca.crt")),
-    ]);
+    let node = start_mutual_tls(&pki, &[("DICOMCHAIN__NODE__LISTEN", "")], "");
     assert_eq!(node.bound("dicom"), None, "a plain listener was bound");
-    assert!(node.bound("tls").is_some_and(|a| a.port() == tls_port));
+    // The ready file names the TLS listener's address: the echo below reaches TLS there.
+    let tls_port = node.bound("tls").expect("a TLS listener").port();
+    assert_ne!(tls_port, 0);
     assert_ok(
-        &dcmtk_tls("echoscu", &pki, Some("client"), tls_port, &[]),
+        &dcmtk_tls("echoscu", &pki, Some("client")).run(tls_port),
         "echoscu over TLS with the plain listener off",
     );
     assert!(plain(&node.log()).contains("TLS only"), "{}", node.log());
@@ -369,7 +337,7 @@ fn the_plain_listener_can_be_turned_off() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("dicomchain.toml");
     std::fs::write(&config, "[node]\nlisten = \"\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dicomchain"))
+    let out = support::dicomchain()
         .args(["serve", "--config"])
         .arg(&config)
         .current_dir(dir.path())

@@ -3,7 +3,12 @@
 
 #![allow(dead_code)]
 
+pub mod cli;
+pub mod dcmtk;
 pub mod s3server;
+
+pub use cli::{dicomchain, study_uid_in};
+pub use dcmtk::Scu;
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -13,8 +18,12 @@ use std::time::{Duration, Instant};
 
 pub const AE: &str = "DICOMCHAIN";
 
-/// The plain listener's line in a test node's configuration until its first start.
-const UNBOUND: &str = "listen = \"127.0.0.1:0\"";
+/// Each listener a node reports in its `--ready-file`, and the variable that pins its address.
+const LISTENERS: [(&str, &str); 3] = [
+    ("dicom", "DICOMCHAIN__NODE__LISTEN"),
+    ("tls", "DICOMCHAIN__NODE__TLS__LISTEN"),
+    ("admin", "DICOMCHAIN__ADMIN__LISTEN"),
+];
 
 /// A running node (the real binary) with its own state directory.
 pub struct Node {
@@ -26,6 +35,17 @@ pub struct Node {
     starts: u32,
 }
 
+/// A port on 127.0.0.1 that nothing listens on, held for as long as the socket lives (bound, never
+/// listening: no other process can take it, and connections to it are refused).
+pub fn closed_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
+}
+
+/// A free port for a server that cannot bind port 0 and report what it got (DCMTK's storescp,
+/// Orthanc): found by binding port 0 and letting it go, so another process may take it first.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -66,11 +86,12 @@ impl Node {
             .unwrap();
         let dir = tmp.path().to_path_buf();
         // Port 0: the node binds a free port itself and reports it in its ready file, so no
-        // other process can take the port between a probe and the bind.
+        // other process can take the port between a probe and the bind. Tests give their TLS and
+        // admin listeners port 0 as well.
         std::fs::write(
             dir.join("dicomchain.toml"),
             format!(
-                "[node]\n{UNBOUND}\ndrain_timeout_secs = 10\nallow_unknown_peers = true\n[ledger]\npath = \"{}\"\n[store.fs]\nroot = \"{}\"\n{extra_toml}",
+                "[node]\nlisten = \"127.0.0.1:0\"\ndrain_timeout_secs = 10\nallow_unknown_peers = true\n[ledger]\npath = \"{}\"\n[store.fs]\nroot = \"{}\"\n{extra_toml}",
                 dir.join("ledger").display(),
                 dir.join("objects").display()
             ),
@@ -108,7 +129,7 @@ impl Node {
     }
 
     pub fn command(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_dicomchain"));
+        let mut c = dicomchain();
         c.arg("--config")
             .arg(self.config_path())
             .current_dir(&self.dir);
@@ -150,13 +171,7 @@ impl Node {
         loop {
             let text = std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default();
             if self.ready_path().exists() {
-                if let Some(a) = self.bound("dicom") {
-                    self.port = a.port();
-                    // Restarts keep the port the node got at its first start.
-                    let config = std::fs::read_to_string(self.config_path()).unwrap();
-                    let pinned = config.replacen(UNBOUND, &format!("listen = \"{a}\""), 1);
-                    std::fs::write(self.config_path(), pinned).unwrap();
-                }
+                self.pin_listeners();
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -165,6 +180,30 @@ impl Node {
             assert!(Instant::now() < deadline, "node did not start:\n{text}");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Restarts keep the addresses the node got at its first start, and the CLI's commands (the
+    /// admin API's client) reach the addresses it bound.
+    fn pin_listeners(&mut self) {
+        for (name, var) in LISTENERS {
+            if let Some(a) = self.bound(name) {
+                self.env.retain(|(k, _)| k != var);
+                self.env.push((var.to_string(), a.to_string()));
+            }
+        }
+        if let Some(a) = self.bound("dicom") {
+            self.port = a.port();
+        }
+    }
+
+    /// The port of the node's admin listener (configured on port 0: see [`Node::bound`]).
+    pub fn admin_port(&self) -> u16 {
+        self.bound("admin").expect("an admin listener").port()
+    }
+
+    /// The port of the node's DICOM TLS listener.
+    pub fn tls_port(&self) -> u16 {
+        self.bound("tls").expect("a DICOM TLS listener").port()
     }
 
     /// SIGTERM and wait for a clean exit.
@@ -234,23 +273,18 @@ impl Node {
             .unwrap()
     }
 
+    /// DCMTK echoscu, calling as ECHOSCU.
     pub fn echoscu(&self) -> Output {
-        Command::new("/usr/bin/echoscu")
-            .args(["-aec", AE, "127.0.0.1", &self.port.to_string()])
-            .output()
-            .expect("run /usr/bin/echoscu (apt-get install dcmtk)")
+        Scu::echoscu().run(self.port)
     }
 
-    /// DCMTK storescu over one association; `extra` are storescu options.
+    /// DCMTK storescu over one association, calling as STORESCU; `extra` are storescu options.
     pub fn storescu(&self, extra: &[&str], files: &[PathBuf]) -> Output {
-        Command::new("/usr/bin/storescu")
-            .args(["-aec", AE, "-aet", "STORESCU"])
+        Scu::storescu()
+            .calling("STORESCU")
             .args(extra)
-            .arg("127.0.0.1")
-            .arg(self.port.to_string())
-            .args(files)
-            .output()
-            .expect("run /usr/bin/storescu (apt-get install dcmtk)")
+            .files(files)
+            .run(self.port)
     }
 
     /// pynetdicom, sending each file's data set exactly as stored. Returns (status, path) pairs.
@@ -362,13 +396,11 @@ impl Storescp {
         for f in files_under(self.dir.path()) {
             std::fs::remove_file(f).unwrap();
         }
-        let _ = Command::new("/usr/bin/storescu")
-            .args(["-aec", "STORESCP"])
+        let _ = Scu::storescu()
+            .called("STORESCP")
             .args(storescu_options)
-            .args(["127.0.0.1", &self.port.to_string()])
-            .arg(file)
-            .output()
-            .unwrap();
+            .files(&[file.to_path_buf()])
+            .run(self.port);
         let got = files_under(self.dir.path());
         got.first().and_then(|p| read_part10(p))
     }
