@@ -9,6 +9,7 @@
 
 use sha2::{Digest, Sha256};
 
+use crate::dicom::{self, Encoding};
 use crate::split::Splice;
 
 /// A SHA-256 digest.
@@ -277,7 +278,7 @@ const MAX_DEPTH: usize = 64;
 /// ends the scan instead of being an error.
 pub fn index_attrs(
     prefix: &[u8],
-    encoding: crate::split::Encoding,
+    encoding: Encoding,
     fallback: (&str, &str),
     partial: bool,
 ) -> Result<IndexAttrs, ParseError> {
@@ -289,14 +290,10 @@ pub fn index_attrs(
         SERIES_INSTANCE_UID,
     ];
     let mut found: Vec<(u32, &[u8])> = Vec::new();
-    let scanner = Scanner {
-        b: prefix,
-        big: encoding == crate::split::Encoding::ExplicitBig,
-    };
-    let explicit = encoding != crate::split::Encoding::ImplicitLittle;
+    let scanner = Scanner { b: prefix };
     let mut pos = 0;
     while pos < prefix.len() {
-        let h = match scanner.header(pos, explicit) {
+        let h = match scanner.header(pos, encoding) {
             Ok(h) => h,
             Err(_) if partial => break,
             Err(e) => return Err(e),
@@ -304,17 +301,19 @@ pub fn index_attrs(
         if h.tag > SERIES_INSTANCE_UID {
             break;
         }
-        let step = match h.length {
-            None => match scanner.skip_sequence(h.value_start, !h.un && explicit, 1) {
+        let value_start = pos + h.size;
+        let step = match h.value_length() {
+            None => match scanner.skip_sequence(value_start, encoding.inside(h.vr), 1) {
                 Ok(end) => end,
                 Err(_) if partial => break,
                 Err(e) => return Err(e),
             },
-            Some(len) if partial && h.value_start.saturating_add(len) > prefix.len() => break,
+            Some(len) if partial && value_start.saturating_add(len as usize) > prefix.len() => {
+                break
+            }
             Some(len) => {
-                let end = h
-                    .value_start
-                    .checked_add(len)
+                let end = value_start
+                    .checked_add(len as usize)
                     .filter(|e| *e <= prefix.len())
                     .ok_or_else(|| {
                         ParseError::Parse(format!(
@@ -324,7 +323,7 @@ pub fn index_attrs(
                         ))
                     })?;
                 if wanted.contains(&h.tag) {
-                    found.push((h.tag, &prefix[h.value_start..end]));
+                    found.push((h.tag, &prefix[value_start..end]));
                 }
                 end
             }
@@ -375,80 +374,30 @@ pub fn index_attrs(
     Ok(attrs)
 }
 
-struct Header {
-    tag: u32,
-    /// `None` for undefined length.
-    length: Option<usize>,
-    value_start: usize,
-    /// Explicit VR UN: an undefined-length value is Implicit VR LE inside (PS3.5 §6.2.2).
-    un: bool,
-}
-
+/// Walks a data set held in one slice with [`dicom::read_header`], skipping what it does not
+/// read. Every `enc` is that of the nesting level (Implicit VR LE inside an explicit UN).
 struct Scanner<'a> {
     b: &'a [u8],
-    big: bool,
 }
 
 impl Scanner<'_> {
-    fn bytes<const N: usize>(&self, pos: usize) -> Result<[u8; N], ParseError> {
-        self.b
-            .get(pos..pos + N)
-            .and_then(|s| s.try_into().ok())
-            .ok_or_else(|| ParseError::Parse(format!("data set truncated at byte {pos}")))
+    fn truncated(pos: usize) -> ParseError {
+        ParseError::Parse(format!("data set truncated at byte {pos}"))
     }
 
-    fn u16(&self, pos: usize, big: bool) -> Result<u16, ParseError> {
-        let b = self.bytes::<2>(pos)?;
-        Ok(if big {
-            u16::from_be_bytes(b)
-        } else {
-            u16::from_le_bytes(b)
-        })
+    fn tag(&self, pos: usize, enc: Encoding) -> Result<u32, ParseError> {
+        dicom::read_tag(self.b.get(pos..).unwrap_or_default(), enc)
+            .map_err(|_| Self::truncated(pos))
     }
 
-    fn u32(&self, pos: usize, big: bool) -> Result<u32, ParseError> {
-        let b = self.bytes::<4>(pos)?;
-        Ok(if big {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        })
-    }
-
-    fn tag(&self, pos: usize, big: bool) -> Result<u32, ParseError> {
-        Ok((u32::from(self.u16(pos, big)?) << 16) | u32::from(self.u16(pos + 2, big)?))
-    }
-
-    /// An element header (PS3.5 §7.1). `explicit` and the byte order are those of the current
-    /// nesting level (inside an explicit UN sequence it is Implicit VR LE).
-    fn header(&self, pos: usize, explicit: bool) -> Result<Header, ParseError> {
-        self.header_in(pos, explicit, self.big && explicit)
-    }
-
-    fn header_in(&self, pos: usize, explicit: bool, big: bool) -> Result<Header, ParseError> {
-        let tag = self.tag(pos, big)?;
-        if tag >> 16 == 0xFFFE {
+    /// An element header (PS3.5 §7.1); an item or delimiter here is out of place.
+    fn header(&self, pos: usize, enc: Encoding) -> Result<dicom::Header, ParseError> {
+        if self.tag(pos, enc)? >> 16 == 0xFFFE {
             return Err(ParseError::Parse(format!(
                 "unexpected item tag at byte {pos}"
             )));
         }
-        let (len, value_start, un) = if explicit {
-            let vr = self.bytes::<2>(pos + 4)?;
-            let long = crate::split::has_long_length(&vr);
-            if long {
-                (self.u32(pos + 8, big)?, pos + 12, &vr == b"UN")
-            } else {
-                (u32::from(self.u16(pos + 6, big)?), pos + 8, false)
-            }
-        } else {
-            (self.u32(pos + 4, big)?, pos + 8, false)
-        };
-        Ok(Header {
-            tag,
-            length: (len != u32::MAX).then_some(len as usize),
-            value_start,
-            un,
-        })
+        dicom::read_header(&self.b[pos..], enc).map_err(|_| Self::truncated(pos))
     }
 
     /// Skips the items of an undefined-length sequence starting at `pos`; returns the position
@@ -456,21 +405,23 @@ impl Scanner<'_> {
     fn skip_sequence(
         &self,
         mut pos: usize,
-        explicit: bool,
+        enc: Encoding,
         depth: usize,
     ) -> Result<usize, ParseError> {
         if depth > MAX_DEPTH {
             return Err(ParseError::Parse("sequences nested too deeply".into()));
         }
-        // Implicit content (UN) is always little endian.
-        let big = self.big && explicit;
         loop {
-            let tag = self.tag(pos, big)?;
-            let len = self.u32(pos + 4, big)?;
-            match tag {
-                0xFFFE_E0DD => return Ok(pos + 8),
-                0xFFFE_E000 if len == u32::MAX => pos = self.skip_item(pos + 8, explicit, depth)?,
-                0xFFFE_E000 => pos = pos + 8 + len as usize,
+            if self.tag(pos, enc)? >> 16 != 0xFFFE {
+                return Err(ParseError::Parse(format!("expected an item at byte {pos}")));
+            }
+            let h = dicom::read_header(&self.b[pos..], enc).map_err(|_| Self::truncated(pos))?;
+            match h.tag {
+                dicom::SEQUENCE_DELIMITATION => return Ok(pos + 8),
+                dicom::ITEM if h.is_undefined_length() => {
+                    pos = self.skip_item(pos + 8, enc, depth)?
+                }
+                dicom::ITEM => pos = pos + 8 + h.length as usize,
                 _ => return Err(ParseError::Parse(format!("expected an item at byte {pos}"))),
             }
             if pos > self.b.len() {
@@ -480,16 +431,16 @@ impl Scanner<'_> {
     }
 
     /// Skips the elements of an undefined-length item up to and including its delimiter.
-    fn skip_item(&self, mut pos: usize, explicit: bool, depth: usize) -> Result<usize, ParseError> {
-        let big = self.big && explicit;
+    fn skip_item(&self, mut pos: usize, enc: Encoding, depth: usize) -> Result<usize, ParseError> {
         loop {
-            if self.tag(pos, big)? == 0xFFFE_E00D {
+            if self.tag(pos, enc)? == dicom::ITEM_DELIMITATION {
                 return Ok(pos + 8);
             }
-            let h = self.header_in(pos, explicit, big)?;
-            pos = match h.length {
-                None => self.skip_sequence(h.value_start, !h.un && explicit, depth + 1)?,
-                Some(len) => h.value_start + len,
+            let h = self.header(pos, enc)?;
+            let value_start = pos + h.size;
+            pos = match h.value_length() {
+                None => self.skip_sequence(value_start, enc.inside(h.vr), depth + 1)?,
+                Some(len) => value_start + len as usize,
             };
             if pos > self.b.len() {
                 return Err(ParseError::Parse("element runs past the data set".into()));
@@ -546,8 +497,6 @@ mod tests {
         assert_eq!(object_name(&ka).len(), 64);
         assert_ne!(object_name(&ka), hex::encode(ka));
     }
-
-    use crate::split::Encoding;
 
     /// An element in little or big endian, explicit or implicit VR.
     fn el(tag: u32, vr: &[u8; 2], value: &[u8], enc: Encoding) -> Vec<u8> {

@@ -30,6 +30,7 @@ pub mod acl;
 pub mod archive;
 pub mod cli;
 pub mod config;
+pub mod dicom;
 pub mod dimse;
 pub mod forward;
 pub mod instance;

@@ -375,7 +375,7 @@ impl BulkReader {
 /// Encodes a Part 10 header (PS3.10 §7.1): 128-byte preamble, "DICM", and the File Meta
 /// Information group in Explicit VR Little Endian. The data set bytes follow unchanged.
 pub fn part10_header(record: &MetadataRecord, source_ae: &str) -> Vec<u8> {
-    part10_header_for(
+    crate::dicom::part10::write(
         &record.sop_class_uid,
         &record.sop_instance_uid,
         &record.transfer_syntax,
@@ -383,58 +383,5 @@ pub fn part10_header(record: &MetadataRecord, source_ae: &str) -> Vec<u8> {
     )
 }
 
-/// Appends one File Meta Information element (group 0002, Explicit VR Little Endian).
-pub(crate) fn meta_element(out: &mut Vec<u8>, elem: u16, vr: &[u8; 2], value: &[u8]) {
-    out.extend_from_slice(&2u16.to_le_bytes());
-    out.extend_from_slice(&elem.to_le_bytes());
-    out.extend_from_slice(vr);
-    if crate::split::has_long_length(vr) {
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-    } else {
-        out.extend_from_slice(&(value.len() as u16).to_le_bytes());
-    }
-    out.extend_from_slice(value);
-}
-
 /// [`part10_header`] from the three UIDs.
-pub fn part10_header_for(
-    sop_class_uid: &str,
-    sop_instance_uid: &str,
-    transfer_syntax: &str,
-    source_ae: &str,
-) -> Vec<u8> {
-    let element = meta_element;
-    fn padded(s: &str, pad: u8) -> Vec<u8> {
-        let mut v = s.as_bytes().to_vec();
-        if v.len() % 2 == 1 {
-            v.push(pad);
-        }
-        v
-    }
-    let mut group = Vec::new();
-    element(&mut group, 0x0001, b"OB", &[0, 1]);
-    element(&mut group, 0x0002, b"UI", &padded(sop_class_uid, 0));
-    element(&mut group, 0x0003, b"UI", &padded(sop_instance_uid, 0));
-    element(&mut group, 0x0010, b"UI", &padded(transfer_syntax, 0));
-    element(
-        &mut group,
-        0x0012,
-        b"UI",
-        &padded(crate::dimse::negotiate::IMPLEMENTATION_CLASS_UID, 0),
-    );
-    element(
-        &mut group,
-        0x0013,
-        b"SH",
-        &padded(crate::dimse::negotiate::IMPLEMENTATION_VERSION_NAME, b' '),
-    );
-    if !source_ae.is_empty() {
-        element(&mut group, 0x0016, b"AE", &padded(source_ae, b' '));
-    }
-    let mut out = vec![0u8; 128];
-    out.extend_from_slice(b"DICM");
-    element(&mut out, 0x0000, b"UL", &(group.len() as u32).to_le_bytes());
-    out.extend_from_slice(&group);
-    out
-}
+pub use crate::dicom::part10::write as part10_header_for;

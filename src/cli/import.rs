@@ -60,63 +60,12 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-/// The File Meta Information of a Part 10 file that matters here.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Part10Header {
-    pub transfer_syntax: String,
-    pub sop_class_uid: String,
-    pub sop_instance_uid: String,
-    /// Where the data set starts.
-    pub dataset_offset: usize,
-}
+pub use crate::dicom::part10::Part10Header;
 
 /// Parses the preamble, "DICM" and the group 0002 elements (Explicit VR Little Endian,
 /// PS3.10 §7.1) from the start of a file. `head` must hold the whole meta group.
 pub fn parse_header(head: &[u8]) -> Result<Part10Header, String> {
-    if head.len() < 132 || &head[128..132] != b"DICM" {
-        return Err("not a DICOM Part 10 file (no \"DICM\" after the 128-byte preamble)".into());
-    }
-    let mut pos = 132;
-    let (mut ts, mut class, mut instance) = (None, None, None);
-    let text = |v: &[u8]| {
-        String::from_utf8_lossy(v)
-            .trim_end_matches(['\0', ' '])
-            .to_string()
-    };
-    while pos + 8 <= head.len() && u16::from_le_bytes([head[pos], head[pos + 1]]) == 0x0002 {
-        let element = u16::from_le_bytes([head[pos + 2], head[pos + 3]]);
-        let vr = [head[pos + 4], head[pos + 5]];
-        let (len, header) = if crate::split::has_long_length(&vr) {
-            let len = head
-                .get(pos + 8..pos + 12)
-                .ok_or("file meta information cut short")?;
-            (u32::from_le_bytes(len.try_into().unwrap()) as usize, 12)
-        } else {
-            (
-                u16::from_le_bytes([head[pos + 6], head[pos + 7]]) as usize,
-                8,
-            )
-        };
-        let value = head
-            .get(pos + header..pos + header + len)
-            .ok_or("file meta information cut short (or longer than 64 KiB)")?;
-        match element {
-            0x0002 => class = Some(text(value)),
-            0x0003 => instance = Some(text(value)),
-            0x0010 => ts = Some(text(value)),
-            _ => {}
-        }
-        pos += header + len;
-    }
-    if pos + 8 > head.len() && head.get(pos..pos + 2) == Some(&[2, 0][..]) {
-        return Err("file meta information cut short".into());
-    }
-    Ok(Part10Header {
-        transfer_syntax: ts.ok_or("no Transfer Syntax UID (0002,0010) in the file meta")?,
-        sop_class_uid: class.ok_or("no Media Storage SOP Class UID (0002,0002)")?,
-        sop_instance_uid: instance.ok_or("no Media Storage SOP Instance UID (0002,0003)")?,
-        dataset_offset: pos,
-    })
+    crate::dicom::part10::read(head).map_err(|e| e.to_string())
 }
 
 /// Every regular file under `paths` (files as given, folders recursively, each folder sorted),
@@ -399,7 +348,7 @@ async fn dataset_digest(path: &Path, offset: usize) -> std::io::Result<[u8; 32]>
 mod tests {
     use super::*;
 
-    use crate::archive::retrieve::meta_element as element;
+    use crate::dicom::part10::meta_element as element;
 
     fn file() -> Vec<u8> {
         let mut f = vec![0u8; 128];

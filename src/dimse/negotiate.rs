@@ -18,12 +18,15 @@ use dicom_ul::pdu::{
     UserVariableItem,
 };
 
+use crate::dicom::uids::{
+    EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
+    PATIENT_ROOT_FIND, PATIENT_ROOT_GET, PATIENT_ROOT_MOVE, STUDY_ROOT_FIND, STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+};
+
 /// PS3.7 Annex A: the only application context name.
 pub const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
-pub const VERIFICATION: &str = "1.2.840.10008.1.1";
-/// Our implementation class UID and version name (PS3.7 §D.3.3.2).
-pub const IMPLEMENTATION_CLASS_UID: &str = "1.2.826.0.1.3680043.10.1474.1";
-pub const IMPLEMENTATION_VERSION_NAME: &str = "DICOMCHAIN_01";
+pub use crate::dicom::uids::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, VERIFICATION};
 /// PS3.8 §9.3.1: a requestor that sends no maximum length (or 0) has no limit; we cap our writes.
 pub const PEER_UNLIMITED_CAP: u32 = 1024 * 1024;
 
@@ -54,24 +57,21 @@ pub fn is_accepted_transfer_syntax(uid: &str) -> bool {
 }
 
 /// Query/Retrieve FIND SOP classes (PS3.4 C.6): Patient Root and Study Root.
-pub const FIND_SOP_CLASSES: [&str; 2] = [
-    crate::query::matching::PATIENT_ROOT_FIND,
-    crate::query::matching::STUDY_ROOT_FIND,
-];
+pub const FIND_SOP_CLASSES: [&str; 2] = [PATIENT_ROOT_FIND, STUDY_ROOT_FIND];
 
 /// Query/Retrieve MOVE and GET SOP classes (PS3.4 C.6).
 pub const RETRIEVE_SOP_CLASSES: [&str; 4] = [
-    crate::scp::qr::PATIENT_ROOT_MOVE,
-    crate::scp::qr::STUDY_ROOT_MOVE,
-    crate::scp::qr::PATIENT_ROOT_GET,
-    crate::scp::qr::STUDY_ROOT_GET,
+    PATIENT_ROOT_MOVE,
+    STUDY_ROOT_MOVE,
+    PATIENT_ROOT_GET,
+    STUDY_ROOT_GET,
 ];
 
 /// The uncompressed syntaxes: the only ones for messages without pixel data (C-ECHO, C-FIND).
 const NATIVE_SYNTAXES: [&str; 3] = [
-    "1.2.840.10008.1.2",
-    "1.2.840.10008.1.2.1",
-    "1.2.840.10008.1.2.2",
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
 ];
 
 /// What an accepted association agreed on.

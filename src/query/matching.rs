@@ -77,8 +77,7 @@ pub enum Model {
     StudyRoot,
 }
 
-pub const PATIENT_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.1.1";
-pub const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+pub use crate::dicom::uids::{PATIENT_ROOT_FIND, STUDY_ROOT_FIND};
 
 impl Model {
     pub fn of_sop_class(uid: &str) -> Option<Model> {

@@ -37,10 +37,7 @@ pub(crate) const SUBOP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Command Data Set Type for "a data set follows" (any value but 0x0101, PS3.7 §E.2).
 const DATA_SET_PRESENT: u16 = 0x0001;
 
-pub const PATIENT_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.1.2";
-pub const STUDY_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.2.2";
-pub const PATIENT_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.1.3";
-pub const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
+pub use crate::dicom::uids::{PATIENT_ROOT_GET, PATIENT_ROOT_MOVE, STUDY_ROOT_GET, STUDY_ROOT_MOVE};
 
 const NATIVE: [&str; 3] = [
     "1.2.840.10008.1.2.1",

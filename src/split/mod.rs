@@ -10,7 +10,6 @@
 //! The splitter is a pure, incremental state machine (no I/O): it is fed the data set as it comes
 //! off the network, in chunks of any size, and never buffers more than one element header.
 
-mod encoding;
 mod error;
 mod plan;
 mod splitter;
@@ -24,7 +23,7 @@ mod tests;
 #[cfg(test)]
 pub(crate) mod testutil;
 
-pub use encoding::{has_long_length, is_deflated_transfer_syntax, Encoding};
+pub use crate::dicom::{has_long_length, is_deflated_transfer_syntax, Encoding};
 pub use error::{SplitError, Tag, VrBytes};
 pub use plan::{bulk_total, plan, reconstruct, Segment};
 pub use splitter::Splitter;

@@ -27,41 +27,16 @@
 /// Most undefined-length sequences open inside each other.
 pub const MAX_SEQUENCE_DEPTH: usize = 64;
 
-use super::encoding::Encoding;
 use super::error::{SplitError, Tag, VrBytes};
 use super::{Piece, Splice};
-
-/// (FFFE,E000) Item, (FFFE,E00D) Item Delimitation, (FFFE,E0DD) Sequence Delimitation
-/// (PS3.5 §7.5). They have no VR in any encoding: tag + 4-byte length.
-const ITEM: u32 = 0xFFFE_E000;
-const ITEM_DELIM: u32 = 0xFFFE_E00D;
-const SEQ_DELIM: u32 = 0xFFFE_E0DD;
-const UNDEFINED: u32 = 0xFFFF_FFFF;
+use crate::dicom::{
+    is_known_vr, read_header, Encoding, NeedMore, ITEM, ITEM_DELIMITATION as ITEM_DELIM,
+    SEQUENCE_DELIMITATION as SEQ_DELIM, UNDEFINED_LENGTH as UNDEFINED,
+};
 
 /// (7FE0,0008) Float Pixel Data, (7FE0,0009) Double Float Pixel Data, (7FE0,0010) Pixel Data.
 fn is_pixel(tag: u32) -> bool {
     matches!(tag, 0x7FE0_0008 | 0x7FE0_0009 | 0x7FE0_0010)
-}
-
-/// Length field size of an explicit VR (PS3.5 §7.1.2, Table 7.1-1 / 7.1-2).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum VrLen {
-    /// 2-byte length, header is 8 bytes.
-    Short,
-    /// 2 reserved bytes + 4-byte length, header is 12 bytes.
-    Long,
-}
-
-/// The 34 VRs of PS3.5 §6.2 Table 6.2-1; anything else is rejected rather than guessed.
-fn vr_len(vr: [u8; 2]) -> Option<VrLen> {
-    match &vr {
-        v if super::encoding::has_long_length(v) => Some(VrLen::Long),
-        b"AE" | b"AS" | b"AT" | b"CS" | b"DA" | b"DS" | b"DT" | b"FD" | b"FL" | b"IS" | b"LO"
-        | b"LT" | b"PN" | b"SH" | b"SL" | b"SS" | b"ST" | b"TM" | b"UI" | b"UL" | b"US" => {
-            Some(VrLen::Short)
-        }
-        _ => None,
-    }
 }
 
 /// An open undefined-length construct.
@@ -279,41 +254,32 @@ impl Splitter {
         self.stack.last().map_or(self.base, |f| f.enc)
     }
 
-    /// `hdr[..hdr_need]` is filled: decode it (PS3.5 §7.1.2 explicit, §7.1.3 implicit).
+    /// `hdr[..hdr_need]` is filled: decode it, or learn that 4 more bytes follow (an explicit
+    /// VR with a 4-byte length, PS3.5 §7.1.2).
     fn on_header(&mut self) -> Result<(), SplitError> {
-        let enc = self.enc();
-        let h = self.hdr;
-        let group = enc.u16([h[0], h[1]]);
-        let tag = (u32::from(group) << 16) | u32::from(enc.u16([h[2], h[3]]));
-        let len32 = |b: &[u8; 12], at: usize| enc.u32([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        let (vr, len) = if group == 0xFFFE || !enc.is_explicit() {
-            // Items and delimiters never have a VR (PS3.5 §7.5); implicit VR: §7.1.3.
-            (None, len32(&h, 4))
-        } else {
-            let vr = [h[4], h[5]];
-            match vr_len(vr) {
-                None => {
-                    return Err(SplitError::InvalidVr {
-                        offset: self.hdr_in,
-                        tag: Tag::from_u32(tag),
-                        vr: VrBytes(vr),
-                    })
-                }
-                Some(VrLen::Short) => (Some(vr), u32::from(enc.u16([h[6], h[7]]))),
-                Some(VrLen::Long) if self.hdr_need == 8 => {
-                    // 2 reserved bytes + 4-byte length still to come.
-                    self.hdr_need = 12;
-                    return Ok(());
-                }
-                Some(VrLen::Long) => (Some(vr), len32(&h, 8)),
+        let h = match read_header(&self.hdr[..self.hdr_need], self.enc()) {
+            Ok(h) => h,
+            Err(NeedMore(n)) => {
+                self.hdr_need = n;
+                return Ok(());
             }
         };
+        if let Some(vr) = h.vr {
+            // The 34 VRs of PS3.5 §6.2 Table 6.2-1; anything else is rejected, not guessed.
+            if !is_known_vr(&vr) {
+                return Err(SplitError::InvalidVr {
+                    offset: self.hdr_in,
+                    tag: Tag::from_u32(h.tag),
+                    vr: VrBytes(vr),
+                });
+            }
+        }
         self.hdr_len = 0;
         self.hdr_need = 8;
-        if group == 0xFFFE {
-            self.on_item_tag(tag, len)
+        if h.is_item_tag() {
+            self.on_item_tag(h.tag, h.length)
         } else {
-            self.on_element(tag, vr, len)
+            self.on_element(h.tag, h.vr, h.length)
         }
     }
 
@@ -441,15 +407,10 @@ impl Splitter {
         {
             return Err(self.structure(tag, "element where an item was expected"));
         }
-        let enc = self.enc();
         // Explicit UN of undefined length: content is Implicit VR Little Endian whatever the
         // transfer syntax (PS3.5 §6.2.2 note). Applies to encapsulated pixel data received as
         // UN too (only matters under Explicit VR Big Endian).
-        let inner = if vr == Some(*b"UN") {
-            Encoding::ImplicitLittle
-        } else {
-            enc
-        };
+        let inner = self.enc().inside(vr);
         if self.stack.is_empty() && is_pixel(tag) {
             // Top-level pixel data: the value is bulk, the header stays metadata.
             if len == UNDEFINED {

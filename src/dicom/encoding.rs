@@ -1,9 +1,12 @@
-//! Transfer syntax → byte-level encoding of the data set (PS3.5 §10, Annex A).
+//! Transfer syntax → byte-level encoding of the data set (PS3.5 §10, Annex A), and the byte order
+//! helpers of that encoding.
 //!
-//! The splitter only needs to know two things about a transfer syntax: whether VRs are explicit
+//! Reading and writing elements needs to know two things about a transfer syntax: whether VRs are explicit
 //! (PS3.5 §7.1.2) or implicit (§7.1.3), and the byte order (§7.3). Encapsulated (compressed)
 //! transfer syntaxes all encode the data set itself as Explicit VR Little Endian (PS3.5 A.4), so
 //! they map to [`Encoding::ExplicitLittle`].
+
+use super::uids;
 
 /// How the elements of a data set are encoded on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,9 +44,9 @@ pub fn has_long_length(vr: &[u8; 2]) -> bool {
 /// (PS3.5 A.5 Deflated Explicit VR Little Endian, A.7 JPIP Referenced Deflate,
 /// A.12 JPIP HTJ2K Referenced Deflate). The splitter works on the inflated stream.
 const DEFLATED: [&str; 3] = [
-    "1.2.840.10008.1.2.1.99",
-    "1.2.840.10008.1.2.4.95",
-    "1.2.840.10008.1.2.4.205",
+    uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    uids::JPIP_REFERENCED_DEFLATE,
+    uids::JPIP_HTJ2K_REFERENCED_DEFLATE,
 ];
 
 /// UIDs are padded to even length with a trailing NUL (PS3.5 §9.1); some senders pad with a space.
@@ -68,8 +71,8 @@ impl Encoding {
     /// with [`Encoding::ExplicitLittle`].
     pub fn from_transfer_syntax(uid: &str) -> Option<Encoding> {
         match trim_uid(uid) {
-            "1.2.840.10008.1.2" => Some(Encoding::ImplicitLittle),
-            "1.2.840.10008.1.2.2" => Some(Encoding::ExplicitBig),
+            uids::IMPLICIT_VR_LITTLE_ENDIAN => Some(Encoding::ImplicitLittle),
+            uids::EXPLICIT_VR_BIG_ENDIAN => Some(Encoding::ExplicitBig),
             u if DEFLATED.contains(&u) => None,
             _ => Some(Encoding::ExplicitLittle),
         }
@@ -85,7 +88,20 @@ impl Encoding {
         matches!(self, Encoding::ExplicitBig)
     }
 
-    pub(crate) fn u16(self, b: [u8; 2]) -> u16 {
+    /// Encoding of the contents of an undefined-length value with this explicit VR (`None`:
+    /// implicit VR, or an item): an explicit `UN` holds Implicit VR Little Endian whatever the
+    /// transfer syntax (PS3.5 §6.2.2 note); everything else keeps the encoding it is in.
+    #[inline]
+    pub fn inside(self, vr: Option<[u8; 2]>) -> Encoding {
+        if vr == Some(*b"UN") {
+            Encoding::ImplicitLittle
+        } else {
+            self
+        }
+    }
+
+    #[inline]
+    pub fn u16(self, b: [u8; 2]) -> u16 {
         if self.is_big_endian() {
             u16::from_be_bytes(b)
         } else {
@@ -93,11 +109,30 @@ impl Encoding {
         }
     }
 
-    pub(crate) fn u32(self, b: [u8; 4]) -> u32 {
+    #[inline]
+    pub fn u32(self, b: [u8; 4]) -> u32 {
         if self.is_big_endian() {
             u32::from_be_bytes(b)
         } else {
             u32::from_le_bytes(b)
+        }
+    }
+
+    #[inline]
+    pub fn u16_bytes(self, v: u16) -> [u8; 2] {
+        if self.is_big_endian() {
+            v.to_be_bytes()
+        } else {
+            v.to_le_bytes()
+        }
+    }
+
+    #[inline]
+    pub fn u32_bytes(self, v: u32) -> [u8; 4] {
+        if self.is_big_endian() {
+            v.to_be_bytes()
+        } else {
+            v.to_le_bytes()
         }
     }
 }
