@@ -22,11 +22,13 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::Router;
-use crate::config::{Config, ForwardingConfig, PeerConfig};
-use crate::scp::qr::{self, Body, PrepareError, Ready, SendError, Services, SUBOP_TIMEOUT};
-use crate::dimse::scu::{Scu, StreamError};
-use crate::dimse::status;
 use crate::archive::ingest::Activity;
+use crate::archive::outbound::{
+    self, Accepted, Outbound, PrepareError, Ready, Requester, SendError,
+};
+use crate::config::{Config, ForwardingConfig, PeerConfig};
+use crate::dimse::scu::{Scu, ScuError};
+use crate::dimse::status;
 use crate::ledger::{Entry, ForwardOutcome, ForwardUpdate, LedgerError};
 
 /// Most instances sent between two outcome commits.
@@ -63,10 +65,11 @@ impl Forwarder {
     /// still has queued or given-up items although no rule names it any more (so that
     /// `forward retry` reaches them too).
     pub fn start(
-        services: Services,
+        services: impl Into<Outbound>,
         cfg: &Config,
         activity: Arc<Activity>,
     ) -> Result<Forwarder, std::io::Error> {
+        let services: Outbound = services.into();
         let mut names = Router::new(&cfg.forward).all_destinations();
         let queues = services
             .ledger
@@ -192,7 +195,7 @@ enum Sent {
 struct Worker {
     name: String,
     peer: PeerConfig,
-    services: Services,
+    services: Outbound,
     cfg: ForwardingConfig,
     stop: watch::Receiver<bool>,
     wakeup: Arc<tokio::sync::Notify>,
@@ -381,7 +384,7 @@ impl Worker {
                             let wait = self.backoff(dest_failures);
                             dest_not_before = Instant::now() + wait;
                             warn!(destination = %self.name, error = %e, retry_in_ms = wait.as_millis() as u64, "forward destination unreachable; instances stay queued");
-                            self.record_error(e, &mut last_recorded).await;
+                            self.record_error(e.to_string(), &mut last_recorded).await;
                             entries.clear();
                         }
                     }
@@ -562,19 +565,8 @@ impl Worker {
         }
     }
 
-    async fn connect(&self, pairs: &[(String, String)]) -> Result<Scu, String> {
-        let proposals = qr::proposals(pairs);
-        Scu::connect(
-            &self.peer.host,
-            self.peer.port,
-            &self.services.ae_title,
-            &self.peer.ae_title,
-            &proposals,
-            self.services.max_pdu_length,
-            SUBOP_TIMEOUT,
-        )
-        .await
-        .map_err(|e| e.to_string())
+    async fn connect(&self, pairs: &[(String, String)]) -> Result<Scu, ScuError> {
+        self.services.connect(&self.peer, pairs).await
     }
 
     /// Keeps the destination's last error on the ledger for `forward status`, at most once a
@@ -609,19 +601,15 @@ impl Worker {
         tokio::spawn(async move {
             for entry in entries {
                 let seq = entry.seq;
-                let r = qr::prepare_entry(&services, entry, None, &qr::Requester::node("forward"))
+                let r = services
+                    .prepare_entry(entry, None, &Requester::node("forward"))
                     .await;
                 if tx.send((seq, r)).await.is_err() {
                     break;
                 }
             }
         });
-        let contexts: Vec<(u8, String, String)> = open
-            .scu
-            .contexts
-            .iter()
-            .map(|c| (c.id, c.abstract_syntax.clone(), c.transfer_syntax.clone()))
-            .collect();
+        let contexts = outbound::accepted(&open.scu);
         let mut out = Vec::new();
         while let Some((seq, prepared)) = rx.recv().await {
             let sent = match prepared {
@@ -655,98 +643,42 @@ impl Worker {
         out
     }
 
-    async fn send_one(
-        &self,
-        scu: &mut Scu,
-        contexts: &[(u8, String, String)],
-        mut ready: Ready,
-    ) -> Sent {
-        let refused = |code: u16, detail: String, broken: bool| Sent::Refused {
-            status: code,
-            detail,
-            broken,
-        };
+    async fn send_one(&self, scu: &mut Scu, contexts: &[Accepted], ready: Ready) -> Sent {
         let uid = ready.uid.clone();
-        let answered = |code: u16| {
-            if status::store_kept(code) {
-                Sent::Delivered {
-                    status: code,
-                    uid: uid.clone(),
-                }
-            } else {
-                refused(
-                    code,
-                    format!("the destination answered status {code:04X}"),
-                    false,
-                )
-            }
-        };
-        match std::mem::replace(&mut ready.body, Body::Whole(Vec::new())) {
-            Body::Stream {
-                mut chunks,
-                verified,
-            } => {
-                let Some(ctx) =
-                    qr::stream_context(contexts, &ready.sop_class_uid, &ready.transfer_syntax)
-                else {
-                    return refused(
-                        status::SOP_CLASS_NOT_SUPPORTED,
-                        format!(
-                            "the destination accepted no context for SOP class {} in {}",
-                            ready.sop_class_uid, ready.transfer_syntax
-                        ),
-                        false,
-                    );
-                };
-                match scu
-                    .store_streamed(
-                        ctx,
-                        &ready.sop_class_uid,
-                        &ready.uid,
-                        &mut chunks,
-                        verified,
-                        None,
-                        SUBOP_TIMEOUT,
-                    )
-                    .await
-                {
-                    Ok(code) => answered(code),
-                    Err(StreamError::Check(f)) if f.integrity => Sent::GiveUp {
-                        detail: format!(
-                            "instance failed its ledger check while it was sent (association aborted): {f}"
-                        ),
-                        broken: true,
-                    },
-                    Err(StreamError::Check(f)) => Sent::Later {
-                        detail: format!("cannot read a queued instance while it was sent: {f}"),
-                        broken: true,
-                    },
-                    Err(StreamError::Peer(e)) => refused(
-                        status::PROCESSING_FAILURE,
-                        format!("association failed while sending: {e}"),
-                        true,
-                    ),
-                }
-            }
-            Body::Whole(whole) => {
-                let (class, uid) = (ready.sop_class_uid.clone(), ready.uid.clone());
-                match qr::send_one(&ready, whole, contexts, |ctx, bytes| {
-                    scu.store(ctx, &class, &uid, bytes, None, SUBOP_TIMEOUT)
-                })
-                .await
-                {
-                    Ok(code) => answered(code),
-                    Err(SendError::NoContext(why)) => {
-                        refused(status::SOP_CLASS_NOT_SUPPORTED, why, false)
-                    }
-                    Err(SendError::Peer(e)) => refused(
-                        status::PROCESSING_FAILURE,
-                        format!("association failed while sending: {e}"),
-                        true,
-                    ),
-                }
-            }
-        }
+        sent(outbound::send(scu, contexts, ready, None).await, uid)
+    }
+}
+
+/// What the result of sending instance `uid` means for its queue item.
+fn sent(result: Result<u16, SendError>, uid: String) -> Sent {
+    let refused = |status: u16, detail: String, broken: bool| Sent::Refused {
+        status,
+        detail,
+        broken,
+    };
+    match result {
+        Ok(code) if status::store_kept(code) => Sent::Delivered { status: code, uid },
+        Ok(code) => refused(
+            code,
+            format!("the destination answered status {code:04X}"),
+            false,
+        ),
+        Err(SendError::NoContext(why)) => refused(status::SOP_CLASS_NOT_SUPPORTED, why, false),
+        Err(SendError::Check(f)) if f.integrity => Sent::GiveUp {
+            detail: format!(
+                "instance failed its ledger check while it was sent (association aborted): {f}"
+            ),
+            broken: true,
+        },
+        Err(SendError::Check(f)) => Sent::Later {
+            detail: format!("cannot read a queued instance while it was sent: {f}"),
+            broken: true,
+        },
+        Err(SendError::Peer(e)) => refused(
+            status::PROCESSING_FAILURE,
+            format!("association failed while sending: {e}"),
+            true,
+        ),
     }
 }
 

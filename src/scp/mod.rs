@@ -5,11 +5,18 @@
 //! - [`rejections`]: rejected associations summed up per source for the audit trail;
 //! - [`status`]: the one mapping from the services' errors to DIMSE statuses;
 //! - [`association`]: one association's message loop: C-ECHO and C-STORE (feeding
-//!   [`crate::archive::ingest`]), and the requests [`qr`] answers beside it (C-FIND, C-MOVE, C-GET).
+//!   [`crate::archive::ingest`]), and the Query/Retrieve requests that run beside it:
+//! - [`qr`]: what those share (SOP classes, services, requests, messages to the loop);
+//! - [`find`]: C-FIND;
+//! - [`suboperations`]: the one sub-operation driver of C-MOVE and C-GET;
+//! - [`retrieve_ops`]: C-MOVE (to the move destination) and C-GET (to the requestor) over it.
 
 pub mod association;
 pub mod context;
 pub mod establish;
+pub mod find;
 pub mod qr;
 pub mod rejections;
+pub mod retrieve_ops;
 pub mod status;
+mod suboperations;
