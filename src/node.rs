@@ -61,74 +61,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     let addr = cfg.node.listen_addr()?;
-    // Before any key is read: one others could read may have been read already.
-    crate::util::perms::check_key_files(&cfg.key_files()).map_err(StartError::KeyMode)?;
-    for (dir, done) in crate::util::perms::tighten_dirs(cfg.state_dirs()) {
-        match done {
-            Ok(old) => {
-                tracing::warn!(path = %dir.display(), old_mode = format!("{old:04o}"), "state directory was open to group or others: now 0700")
-            }
-            Err(e) => {
-                tracing::warn!(path = %dir.display(), error = %e, "state directory is open to group or others and cannot be closed: chmod 700 it")
-            }
-        }
-    }
-    let signer = crate::ledger::checkpoint::load_or_create_key(
-        &cfg.ledger.signing_key_file,
-        &cfg.ledger.origin,
-    )
-    .map_err(StartError::Key)?;
-    let ledger = Ledger::open_with(
-        &cfg.ledger.path,
-        Some(crate::ledger::Checkpointing {
-            signer,
-            origin: cfg.ledger.origin.clone(),
-            interval: std::time::Duration::from_secs(cfg.ledger.checkpoint_interval),
-        }),
-        Some(cfg.ledger.event_spool.clone()),
-    )?;
-    let head = ledger.head()?;
-    info!(path = %cfg.ledger.path.display(), entries = head.map(|h| h.0).unwrap_or(0), "ledger open");
-    // A damaged table file shows only when a block of it is read: read them all now, beside
-    // serving, so that damage is logged, recorded and reported by /health at once.
-    ledger.scrub_in_background();
-    let master = crate::archive::ingest::master_key(&ledger, &cfg.security.master_key_file)
-        .map_err(StartError::MasterKey)?;
-    let store = Store::open(&cfg.store)
-        .await?
-        .with_master_key(Some(std::sync::Arc::new(master)));
-    info!(backend = ?cfg.store.backend, "object store open");
-    match crate::archive::ingest::reconcile(&ledger, &store).await {
-        Ok(0) => {}
-        Ok(n) => info!(deleted = n, "reconciled objects of interrupted C-STOREs"),
-        Err(e) => return Err(StartError::Reconcile(e.to_string())),
-    }
-    let listener = match addr {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?,
-        ),
-        None => None,
-    };
-    let tls = match cfg.node.tls.listen_addr()? {
-        Some(addr) => {
-            let acceptor = crate::dimse::tls::acceptor(&cfg.node.tls)
-                .map_err(|e| StartError::Tls(e.to_string()))?;
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            info!(listen = %addr, mutual = !cfg.node.tls.client_ca.as_os_str().is_empty(), "DICOM TLS listener");
-            Some((l, acceptor))
-        }
-        None => None,
-    };
+    check_permissions(&cfg)?;
+    let (ledger, store) = open_state(&cfg).await?;
+    let (listener, tls) = bind_dicom(&cfg, addr).await?;
     let local = match (&listener, &tls) {
         (Some(l), _) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         (None, Some((l, _))) => l
@@ -264,6 +199,98 @@ pub async fn run(
     ledger.close();
     info!("ledger closed; node stopped");
     Ok(())
+}
+
+/// Refuses key files others could read (before any is read: one may have been read already)
+/// and closes state directories open to group or others, saying which.
+fn check_permissions(cfg: &Config) -> Result<(), StartError> {
+    crate::util::perms::check_key_files(&cfg.key_files()).map_err(StartError::KeyMode)?;
+    for (dir, done) in crate::util::perms::tighten_dirs(cfg.state_dirs()) {
+        match done {
+            Ok(old) => {
+                tracing::warn!(path = %dir.display(), old_mode = format!("{old:04o}"), "state directory was open to group or others: now 0700")
+            }
+            Err(e) => {
+                tracing::warn!(path = %dir.display(), error = %e, "state directory is open to group or others and cannot be closed: chmod 700 it")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens the ledger (checkpointing, scrubbed in the background) and the object store with the
+/// master key, and reconciles the objects of C-STOREs a stop interrupted.
+async fn open_state(cfg: &Config) -> Result<(Ledger, Store), StartError> {
+    let signer = crate::ledger::checkpoint::load_or_create_key(
+        &cfg.ledger.signing_key_file,
+        &cfg.ledger.origin,
+    )
+    .map_err(StartError::Key)?;
+    let ledger = Ledger::open_with(
+        &cfg.ledger.path,
+        Some(crate::ledger::Checkpointing {
+            signer,
+            origin: cfg.ledger.origin.clone(),
+            interval: std::time::Duration::from_secs(cfg.ledger.checkpoint_interval),
+        }),
+        Some(cfg.ledger.event_spool.clone()),
+    )?;
+    let head = ledger.head()?;
+    info!(path = %cfg.ledger.path.display(), entries = head.map(|h| h.0).unwrap_or(0), "ledger open");
+    // A damaged table file shows only when a block of it is read: read them all now, beside
+    // serving, so that damage is logged, recorded and reported by /health at once.
+    ledger.scrub_in_background();
+    let master = crate::archive::ingest::master_key(&ledger, &cfg.security.master_key_file)
+        .map_err(StartError::MasterKey)?;
+    let store = Store::open(&cfg.store)
+        .await?
+        .with_master_key(Some(std::sync::Arc::new(master)));
+    info!(backend = ?cfg.store.backend, "object store open");
+    match crate::archive::ingest::reconcile(&ledger, &store).await {
+        Ok(0) => {}
+        Ok(n) => info!(deleted = n, "reconciled objects of interrupted C-STOREs"),
+        Err(e) => return Err(StartError::Reconcile(e.to_string())),
+    }
+    Ok((ledger, store))
+}
+
+type DicomListeners = (
+    Option<tokio::net::TcpListener>,
+    Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+);
+
+/// Binds the plain DICOM listener (`addr`, unless off) and the TLS one (when configured).
+async fn bind_dicom(
+    cfg: &Config,
+    addr: Option<std::net::SocketAddr>,
+) -> Result<DicomListeners, StartError> {
+    let listener = match addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let tls = match cfg.node.tls.listen_addr()? {
+        Some(addr) => {
+            let acceptor = crate::dimse::tls::acceptor(&cfg.node.tls)
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            info!(listen = %addr, mutual = !cfg.node.tls.client_ca.as_os_str().is_empty(), "DICOM TLS listener");
+            Some((l, acceptor))
+        }
+        None => None,
+    };
+    Ok((listener, tls))
 }
 
 /// Writes `NAME=ADDRESS:PORT` lines, one per bound listener, to `path` as a whole: a temp file
