@@ -99,37 +99,14 @@ pub async fn run(
         cfg.node.io_timeout(),
     ));
     // Everything that can fail to start comes before the forwarder's runtime exists.
-    let admin_listener = match cfg.admin.listen_addr()? {
-        Some(addr) => Some((
-            addr,
-            crate::ops::http::bind_admin(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?,
-            crate::ops::admin::load_or_create_token(&cfg.admin.token_file).map_err(StartError::Admin)?,
-        )),
-        None => None,
-    };
-    let mut bound: Vec<(&str, std::net::SocketAddr)> = Vec::new();
-    if let Some(a) = listener.as_ref().and_then(|l| l.local_addr().ok()) {
-        bound.push(("dicom", a));
-    }
-    if let Some(a) = tls.as_ref().and_then(|(l, _)| l.local_addr().ok()) {
-        bound.push(("tls", a));
-    }
-    if let Some(a) = admin_listener
-        .as_ref()
-        .and_then(|(_, l, _)| l.local_addr().ok())
-    {
-        bound.push(("admin", a));
-    }
-    // Bound, so connections wait in the backlog until the accept loops run a moment later.
+    let admin_listener = bind_admin(&cfg).await?;
     if let Some(path) = &ready_file {
-        write_ready_file(path, &bound).map_err(|source| StartError::ReadyFile {
-            path: path.display().to_string(),
-            source,
+        let admin = admin_listener.as_ref().map(|(_, l, _)| l);
+        write_ready_file(path, &bound_addresses(&listener, &tls, admin)).map_err(|source| {
+            StartError::ReadyFile {
+                path: path.display().to_string(),
+                source,
+            }
         })?;
     }
     let forwarder =
@@ -291,6 +268,45 @@ async fn bind_dicom(
         None => None,
     };
     Ok((listener, tls))
+}
+
+type AdminListener = (std::net::SocketAddr, tokio::net::TcpListener, String);
+
+/// Binds the admin listener, when configured, with the API token (created on first start).
+async fn bind_admin(cfg: &Config) -> Result<Option<AdminListener>, StartError> {
+    Ok(match cfg.admin.listen_addr()? {
+        Some(addr) => Some((
+            addr,
+            crate::ops::http::bind_admin(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?,
+            crate::ops::admin::load_or_create_token(&cfg.admin.token_file).map_err(StartError::Admin)?,
+        )),
+        None => None,
+    })
+}
+
+/// Every bound listener by name (`dicom`, `tls`, `admin`), for the ready file. Bound, so that
+/// connections wait in the backlog until the accept loops run a moment later.
+fn bound_addresses(
+    listener: &Option<tokio::net::TcpListener>,
+    tls: &Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+    admin: Option<&tokio::net::TcpListener>,
+) -> Vec<(&'static str, std::net::SocketAddr)> {
+    let mut bound = Vec::new();
+    if let Some(a) = listener.as_ref().and_then(|l| l.local_addr().ok()) {
+        bound.push(("dicom", a));
+    }
+    if let Some(a) = tls.as_ref().and_then(|(l, _)| l.local_addr().ok()) {
+        bound.push(("tls", a));
+    }
+    if let Some(a) = admin.and_then(|l| l.local_addr().ok()) {
+        bound.push(("admin", a));
+    }
+    bound
 }
 
 /// Writes `NAME=ADDRESS:PORT` lines, one per bound listener, to `path` as a whole: a temp file
