@@ -80,49 +80,7 @@ impl Association {
                     },
                     _ => Operation::Get,
                 };
-                let (class_ok, not_ours) = match operation {
-                    Operation::Find => (
-                        matching::Model::of_sop_class(&sop_class_uid).is_some(),
-                        "not a Query/Retrieve FIND SOP Class",
-                    ),
-                    Operation::Move { .. } => (
-                        [qr::PATIENT_ROOT_MOVE, qr::STUDY_ROOT_MOVE]
-                            .contains(&sop_class_uid.as_str()),
-                        "not a Query/Retrieve SOP Class for this operation",
-                    ),
-                    Operation::Get => (
-                        [qr::PATIENT_ROOT_GET, qr::STUDY_ROOT_GET]
-                            .contains(&sop_class_uid.as_str()),
-                        "not a Query/Retrieve SOP Class for this operation",
-                    ),
-                };
-                let failure = if pc.abstract_syntax != sop_class_uid {
-                    Some(Failure::new(
-                        status::SOP_CLASS_NOT_SUPPORTED,
-                        "SOP Class differs from the presentation context",
-                    ))
-                } else if !class_ok {
-                    Some(Failure::new(status::SOP_CLASS_NOT_SUPPORTED, not_ours))
-                } else if matches!(&operation, Operation::Move { destination } if destination.is_empty())
-                {
-                    Some(Failure::new(
-                        status::MOVE_DESTINATION_UNKNOWN,
-                        "command lacks Move Destination",
-                    ))
-                } else if !self.allowed(operation.permission()) {
-                    Some(not_authorized(operation.name()))
-                } else if matches!(&operation, Operation::Move { destination }
-                    // An unknown destination is A801 (Move Destination unknown), from run_move.
-                    if self.ctx.services.peers.iter().any(|p| p.ae_title.trim() == destination.trim())
-                        && !self.ctx.acl.allows(destination, Permission::Move))
-                {
-                    Some(Failure::new(
-                        status::NOT_AUTHORIZED,
-                        "the move destination may not receive instances by C-MOVE",
-                    ))
-                } else {
-                    None
-                };
+                let failure = self.retrieval_refusal(&operation, &pc.abstract_syntax, &sop_class_uid);
                 self.state = match failure {
                     Some(f) => State::Discard {
                         context_id,
@@ -139,23 +97,7 @@ impl Association {
                 Ok(())
             }
             field::C_STORE_RQ if has_data => {
-                let failure = if pc.abstract_syntax != sop_class_uid
-                    || !negotiate::is_storage_sop_class(&pc.abstract_syntax)
-                {
-                    Some(Failure::new(
-                        status::SOP_CLASS_NOT_SUPPORTED,
-                        "SOP Class differs from the presentation context",
-                    ))
-                } else if sop_instance_uid.is_empty() {
-                    Some(Failure::new(
-                        status::CANNOT_UNDERSTAND,
-                        "command lacks Affected SOP Instance UID",
-                    ))
-                } else if !self.allowed(Permission::Store) {
-                    Some(not_authorized("C-STORE"))
-                } else {
-                    None
-                };
+                let failure = self.store_refusal(&pc.abstract_syntax, &sop_class_uid, &sop_instance_uid);
                 debug!(message_id, "C-STORE request");
                 let incoming = failure
                     .is_none()
@@ -190,6 +132,111 @@ impl Association {
         }
     }
 
+    /// Why a C-FIND, C-MOVE or C-GET request is refused before its identifier is read: a SOP
+    /// class that is not the context's or not one of the operation's, a C-MOVE without a
+    /// destination, an operation or destination the ACL does not allow. `None`: go ahead.
+    fn retrieval_refusal(
+        &self,
+        operation: &Operation,
+        abstract_syntax: &str,
+        sop_class_uid: &str,
+    ) -> Option<Failure> {
+        let (class_ok, not_ours) = match operation {
+            Operation::Find => (
+                matching::Model::of_sop_class(sop_class_uid).is_some(),
+                "not a Query/Retrieve FIND SOP Class",
+            ),
+            Operation::Move { .. } => (
+                [qr::PATIENT_ROOT_MOVE, qr::STUDY_ROOT_MOVE]
+                    .contains(&sop_class_uid),
+                "not a Query/Retrieve SOP Class for this operation",
+            ),
+            Operation::Get => (
+                [qr::PATIENT_ROOT_GET, qr::STUDY_ROOT_GET]
+                    .contains(&sop_class_uid),
+                "not a Query/Retrieve SOP Class for this operation",
+            ),
+        };
+        if abstract_syntax != sop_class_uid {
+            Some(Failure::new(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                "SOP Class differs from the presentation context",
+            ))
+        } else if !class_ok {
+            Some(Failure::new(status::SOP_CLASS_NOT_SUPPORTED, not_ours))
+        } else if matches!(operation, Operation::Move { destination } if destination.is_empty())
+        {
+            Some(Failure::new(
+                status::MOVE_DESTINATION_UNKNOWN,
+                "command lacks Move Destination",
+            ))
+        } else if !self.allowed(operation.permission()) {
+            Some(not_authorized(operation.name()))
+        } else if matches!(operation, Operation::Move { destination }
+            // An unknown destination is A801 (Move Destination unknown), from run_move.
+            if self.ctx.services.peers.iter().any(|p| p.ae_title.trim() == destination.trim())
+                && !self.ctx.acl.allows(destination, Permission::Move))
+        {
+            Some(Failure::new(
+                status::NOT_AUTHORIZED,
+                "the move destination may not receive instances by C-MOVE",
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Why a C-STORE request is refused before its data set is read (the data set is then read
+    /// and discarded): a SOP class that is not the context's storage class, no SOP Instance UID,
+    /// or no store permission. `None`: go ahead.
+    fn store_refusal(
+        &self,
+        abstract_syntax: &str,
+        sop_class_uid: &str,
+        sop_instance_uid: &str,
+    ) -> Option<Failure> {
+        if abstract_syntax != sop_class_uid
+            || !negotiate::is_storage_sop_class(abstract_syntax)
+        {
+            Some(Failure::new(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                "SOP Class differs from the presentation context",
+            ))
+        } else if sop_instance_uid.is_empty() {
+            Some(Failure::new(
+                status::CANNOT_UNDERSTAND,
+                "command lacks Affected SOP Instance UID",
+            ))
+        } else if !self.allowed(Permission::Store) {
+            Some(not_authorized("C-STORE"))
+        } else {
+            None
+        }
+    }
+
+    /// The audit record of a query or retrieval request, before it is answered.
+    fn request_audit(&self, req: &IdentifierRequest) -> AuditRecord {
+        AuditRecord {
+            event_id: if req.operation != Operation::Find {
+                trail::id::INSTANCES_TRANSFERRED
+            } else {
+                trail::id::QUERY
+            },
+            calling_ae: self.negotiated.calling_ae.clone(),
+            peer: match &req.operation {
+                Operation::Move { destination } => destination.trim().to_string(),
+                _ => self.peer.clone(),
+            },
+            sop_class_uid: req.sop_class_uid.clone(),
+            identifier_sha256: <sha2::Sha256 as sha2::Digest>::digest(&req.bytes).into(),
+            detail: match &req.operation {
+                Operation::Move { destination } => format!("C-MOVE to {}", destination.trim()),
+                other => other.name().to_string(),
+            },
+            ..Default::default()
+        }
+    }
+
     /// Parses the identifier of a C-FIND, C-MOVE or C-GET and starts the operation beside the
     /// association, or answers with the failure status for a bad identifier.
     pub(super) async fn start(&mut self, req: IdentifierRequest) -> Result<(), Abort> {
@@ -210,44 +257,8 @@ impl Association {
                 .contains(&req.sop_class_uid),
         };
         let retrieval = req.operation != Operation::Find;
-        let mut audit = AuditRecord {
-            event_id: if retrieval {
-                trail::id::INSTANCES_TRANSFERRED
-            } else {
-                trail::id::QUERY
-            },
-            calling_ae: self.negotiated.calling_ae.clone(),
-            peer: match &req.operation {
-                Operation::Move { destination } => destination.trim().to_string(),
-                _ => self.peer.clone(),
-            },
-            sop_class_uid: req.sop_class_uid.clone(),
-            identifier_sha256: <sha2::Sha256 as sha2::Digest>::digest(&req.bytes).into(),
-            detail: match &req.operation {
-                Operation::Move { destination } => format!("C-MOVE to {}", destination.trim()),
-                other => other.name().to_string(),
-            },
-            ..Default::default()
-        };
-        let parsed = match (Encoding::from_transfer_syntax(&transfer_syntax), model) {
-            (Some(enc), Some(model)) => dataset::parse(&req.bytes, enc, false)
-                .map_err(|e| Failure::new(status::CANNOT_UNDERSTAND, e.to_string()))
-                .and_then(|elements| {
-                    matching::Query::parse(&elements, model, matching)
-                        .map_err(|e| crate::scp::status::find_failure(&e))
-                })
-                .and_then(|q| {
-                    if retrieval {
-                        retrieval_keys(&q)?;
-                    }
-                    Ok(q)
-                })
-                .map(|q| (q, enc)),
-            _ => Err(Failure::new(
-                status::CANNOT_UNDERSTAND,
-                "unsupported transfer syntax",
-            )),
-        };
+        let mut audit = self.request_audit(&req);
+        let parsed = parse_request(&req.bytes, &transfer_syntax, model, matching, retrieval);
         let (q, encoding) = match parsed {
             Ok(p) => p,
             Err(failure) => {
@@ -400,6 +411,36 @@ pub(super) fn request_field(op: &Operation) -> u16 {
         Operation::Find => field::C_FIND_RQ,
         Operation::Move { .. } => field::C_MOVE_RQ,
         Operation::Get => field::C_GET_RQ,
+    }
+}
+
+/// The identifier of a query or retrieval parsed into a query in the context's encoding; a
+/// retrieval must name what it retrieves ([`retrieval_keys`]). A failure is the status to answer.
+fn parse_request(
+    bytes: &[u8],
+    transfer_syntax: &str,
+    model: Option<matching::Model>,
+    matching: matching::MatchOptions,
+    retrieval: bool,
+) -> Result<(matching::Query, Encoding), Failure> {
+    match (Encoding::from_transfer_syntax(transfer_syntax), model) {
+        (Some(enc), Some(model)) => dataset::parse(bytes, enc, false)
+            .map_err(|e| Failure::new(status::CANNOT_UNDERSTAND, e.to_string()))
+            .and_then(|elements| {
+                matching::Query::parse(&elements, model, matching)
+                    .map_err(|e| crate::scp::status::find_failure(&e))
+            })
+            .and_then(|q| {
+                if retrieval {
+                    retrieval_keys(&q)?;
+                }
+                Ok(q)
+            })
+            .map(|q| (q, enc)),
+        _ => Err(Failure::new(
+            status::CANNOT_UNDERSTAND,
+            "unsupported transfer syntax",
+        )),
     }
 }
 
