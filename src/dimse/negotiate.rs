@@ -124,6 +124,50 @@ pub fn negotiate(
     policy: &Policy,
     rq: &AssociationRQ,
 ) -> Result<(AssociationAC, Negotiated), AssociationRJ> {
+    check_request(policy, rq)?;
+    let mut peer_max_pdu = PEER_UNLIMITED_CAP;
+    for item in &rq.user_variables {
+        if let UserVariableItem::MaxLength(len) = item {
+            peer_max_pdu = if *len == 0 {
+                PEER_UNLIMITED_CAP
+            } else {
+                (*len).min(PEER_UNLIMITED_CAP)
+            };
+        }
+    }
+    let (results, contexts) = presentation_contexts(rq);
+    let (extended, combined_datetime, scp_role) = extended_negotiation(rq, &contexts);
+    let ac = AssociationAC {
+        protocol_version: 1,
+        application_context_name: APPLICATION_CONTEXT.to_string(),
+        calling_ae_title: rq.calling_ae_title.clone(),
+        called_ae_title: rq.called_ae_title.clone(),
+        presentation_contexts: results,
+        user_variables: vec![
+            UserVariableItem::MaxLength(policy.max_pdu_length),
+            UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_string()),
+            UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_string()),
+        ]
+        .into_iter()
+        .chain(extended)
+        .collect(),
+    };
+    Ok((
+        ac,
+        Negotiated {
+            calling_ae: rq.calling_ae_title.trim().to_string(),
+            called_ae: rq.called_ae_title.trim().to_string(),
+            contexts,
+            peer_max_pdu,
+            combined_datetime,
+            scp_role,
+        },
+    ))
+}
+
+/// The checks of an A-ASSOCIATE-RQ as a whole: protocol version, application context, the AE
+/// titles (PS3.5 §6.2, and the called title when `check_called_ae`).
+fn check_request(policy: &Policy, rq: &AssociationRQ) -> Result<(), AssociationRJ> {
     if rq.protocol_version & 1 == 0 {
         // PS3.8 §9.3.2: bit 0 must be set (version 1).
         return Err(AssociationRJ {
@@ -156,16 +200,13 @@ pub fn negotiate(
             AssociationRJServiceUserReason::CalledAETitleNotRecognized,
         ));
     }
-    let mut peer_max_pdu = PEER_UNLIMITED_CAP;
-    for item in &rq.user_variables {
-        if let UserVariableItem::MaxLength(len) = item {
-            peer_max_pdu = if *len == 0 {
-                PEER_UNLIMITED_CAP
-            } else {
-                (*len).min(PEER_UNLIMITED_CAP)
-            };
-        }
-    }
+    Ok(())
+}
+
+/// The answer to each proposed presentation context, and the accepted ones.
+fn presentation_contexts(
+    rq: &AssociationRQ,
+) -> (Vec<PresentationContextResult>, Vec<AcceptedContext>) {
     let mut results = Vec::with_capacity(rq.presentation_contexts.len());
     let mut contexts = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -219,6 +260,16 @@ pub fn negotiate(
             transfer_syntax: ts.to_string(),
         });
     }
+    (results, contexts)
+}
+
+/// The user items answered for the accepted contexts: SOP class extended negotiation of the FIND
+/// classes and SCP role selection for C-GET; also the FIND classes granted combined date-time
+/// matching and the storage classes the requestor takes the SCP role for.
+fn extended_negotiation(
+    rq: &AssociationRQ,
+    contexts: &[AcceptedContext],
+) -> (Vec<UserVariableItem>, Vec<String>, Vec<String>) {
     // Extended negotiation for the FIND classes we accepted: only combined date-time matching is
     // offered (relational queries, fuzzy names and timezone adjustment are refused: 0).
     let mut combined_datetime = Vec::new();
@@ -260,32 +311,7 @@ pub fn negotiate(
             }
         }
     }
-    let ac = AssociationAC {
-        protocol_version: 1,
-        application_context_name: APPLICATION_CONTEXT.to_string(),
-        calling_ae_title: rq.calling_ae_title.clone(),
-        called_ae_title: rq.called_ae_title.clone(),
-        presentation_contexts: results,
-        user_variables: vec![
-            UserVariableItem::MaxLength(policy.max_pdu_length),
-            UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_string()),
-            UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_string()),
-        ]
-        .into_iter()
-        .chain(extended)
-        .collect(),
-    };
-    Ok((
-        ac,
-        Negotiated {
-            calling_ae: rq.calling_ae_title.trim().to_string(),
-            called_ae: rq.called_ae_title.trim().to_string(),
-            contexts,
-            peer_max_pdu,
-            combined_datetime,
-            scp_role,
-        },
-    ))
+    (extended, combined_datetime, scp_role)
 }
 
 #[cfg(test)]
