@@ -534,58 +534,11 @@ impl Incoming {
         };
         // The encoded copy travels on; the metadata need not stay in memory twice meanwhile.
         drop(record);
-        // The response waits for the entry's group commit and the object's sync. Until both are
-        // done the note stays: a crash between them leaves an entry whose object `reconcile`
-        // checks at the next start (see `ledger::unacked`).
-        //
-        // The ledger goes first, and the object's sync after it: on a journaling file system
-        // (ext4, XFS) the object's allocation and directory entry were made before the entry
-        // was written, so the WAL's sync commits them in the same journal transaction, and the
-        // object's own sync then finds little or nothing left to commit. Started at once, the
-        // object's sync could commit a transaction just before the WAL grew, and the WAL's
-        // sync then needed a second commit after it (measured on ext4 with one association:
-        // 1.87 journal commits per instance, 1.00 in this order). The order is only for speed:
-        // a ledger slower than `SYNC_AFTER_LEDGER_WAIT` has the object synced meanwhile.
-        let sync = async {
-            match placed {
-                Some(p) => {
-                    self.pipeline
-                        .timed_scaled("sync object", scale, p.sync())
-                        .await
-                }
-                None => Ok(()),
-            }
-        };
-        let stored = self.pipeline.ledger.store(req);
-        tokio::pin!(stored);
-        let (synced, outcome) =
-            match tokio::time::timeout(SYNC_AFTER_LEDGER_WAIT, &mut stored).await {
-                Ok(outcome) => (sync.await, outcome),
-                Err(_) => tokio::join!(sync, stored),
-            };
-        let outcome = outcome.map_err(|e| (IngestError::from(e), None))?;
-        if let (StoreOutcome::Duplicate { seq }, Some(name), Some(note)) =
-            (outcome, &object_name, note)
-        {
-            self.pipeline
-                .discard_duplicate_object(seq, name, note)
-                .await;
-        }
-        // An object that did not become durable fails the C-STORE. Its entry is recorded as
-        // unacknowledged at once, so the sender's retry is stored as a new version rather than
-        // taken for a duplicate of an entry whose object may be lost; the note stays for
-        // `reconcile`, which deletes the object at the next start.
-        if let Err(e) = synced {
-            if let StoreOutcome::Stored { seq, .. } = outcome {
-                if let Err(le) = self.pipeline.ledger.record_unacknowledged(seq).await {
-                    tracing::error!(seq, error = %le, "cannot record an entry whose object did not become durable; the next start checks it");
-                }
-            }
-            return Err((IngestError::from(e), None));
-        }
-        if let (StoreOutcome::Stored { .. }, Some(note)) = (outcome, note) {
-            self.pipeline.ledger.object_durable(note);
-        }
+        let outcome = self
+            .pipeline
+            .commit(req, placed, scale, object_name.as_deref(), note)
+            .await
+            .map_err(|e| (e, None))?;
         Ok(Stored {
             outcome,
             instance_key: key,
@@ -596,6 +549,71 @@ impl Incoming {
 }
 
 impl Pipeline {
+    /// Commits the entry and syncs the object, and settles what the outcome leaves: a duplicate's
+    /// new object is discarded, an entry whose object did not become durable is recorded as
+    /// unacknowledged (and the C-STORE fails), a durable one's note is released.
+    async fn commit(
+        &self,
+        req: StoreRequest,
+        placed: Option<crate::store::Placed>,
+        scale: u32,
+        object_name: Option<&str>,
+        note: Option<NoteId>,
+    ) -> Result<StoreOutcome, IngestError> {
+        // The response waits for the entry's group commit and the object's sync. Until both are
+        // done the note stays: a crash between them leaves an entry whose object `reconcile`
+        // checks at the next start (see `ledger::unacked`).
+        //
+        // The ledger goes first, and the object's sync after it: on a journaling file system
+        // (ext4, XFS) the object's allocation and directory entry were made before the entry
+        // was written, so the WAL's sync commits them in the same journal transaction, and the
+        // object's own sync then finds little or nothing left to commit. Started at once, the
+        // object's sync could commit a transaction just before the WAL grew, and the WAL's
+        // sync then needed a second commit after it (docs/PERFORMANCE.md). The order is only for speed:
+        // a ledger slower than `SYNC_AFTER_LEDGER_WAIT` has the object synced meanwhile.
+        let sync = async {
+            match placed {
+                Some(p) => {
+                    self
+                        .timed_scaled("sync object", scale, p.sync())
+                        .await
+                }
+                None => Ok(()),
+            }
+        };
+        let stored = self.ledger.store(req);
+        tokio::pin!(stored);
+        let (synced, outcome) =
+            match tokio::time::timeout(SYNC_AFTER_LEDGER_WAIT, &mut stored).await {
+                Ok(outcome) => (sync.await, outcome),
+                Err(_) => tokio::join!(sync, stored),
+            };
+        let outcome = outcome?;
+        if let (StoreOutcome::Duplicate { seq }, Some(name), Some(note)) =
+            (outcome, object_name, note)
+        {
+            self
+                .discard_duplicate_object(seq, name, note)
+                .await;
+        }
+        // An object that did not become durable fails the C-STORE. Its entry is recorded as
+        // unacknowledged at once, so the sender's retry is stored as a new version rather than
+        // taken for a duplicate of an entry whose object may be lost; the note stays for
+        // `reconcile`, which deletes the object at the next start.
+        if let Err(e) = synced {
+            if let StoreOutcome::Stored { seq, .. } = outcome {
+                if let Err(le) = self.ledger.record_unacknowledged(seq).await {
+                    tracing::error!(seq, error = %le, "cannot record an entry whose object did not become durable; the next start checks it");
+                }
+            }
+            return Err(IngestError::from(e));
+        }
+        if let (StoreOutcome::Stored { .. }, Some(note)) = (outcome, note) {
+            self.ledger.object_durable(note);
+        }
+        Ok(outcome)
+    }
+
     /// A re-sent instance was a duplicate: the object just committed for it is named by no
     /// entry (a sealed object has its own name), so it goes, and then its pending note. If the
     /// deletion fails the note stays and [`reconcile`] deletes it at the next start.
