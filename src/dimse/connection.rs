@@ -57,11 +57,9 @@ async fn read_some(
 /// Bound on non-data PDUs (A-ASSOCIATE-RQ with many presentation contexts, etc.).
 const MAX_CONTROL_PDU: u32 = 1024 * 1024;
 
-/// The socket's read buffer. Large: one read takes whatever has arrived, often several PDUs.
-/// A 16 KiB buffer, whose reads of a 64 KiB PDU body would go straight into the PDU's buffer
-/// (tokio's `BufReader` bypasses a buffer smaller than the read), saved that copy but made
-/// more, smaller reads: with 4 associations on 2 cores it was slower (fresh ext4, 1000
-/// instances, 3.73 / 3.32 / 3.80 s against 3.18 / 3.02 s with this size).
+/// The socket's read buffer. Large: one read takes whatever has arrived, often several PDUs,
+/// at the cost of one copy of a PDU body into its own buffer (docs/PERFORMANCE.md compares it
+/// with a buffer small enough for tokio's `BufReader` to bypass).
 const READ_BUFFER: usize = 256 * 1024;
 
 const P_DATA_TF: u8 = 0x04;

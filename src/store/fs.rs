@@ -18,8 +18,8 @@
 //!   final `fsync` waits for the tail and the metadata only;
 //! - **a fresh name is renamed before the `fsync`** ([`FsUpload::commit`] with `fresh`): on a
 //!   journaling file system one journal commit then carries the file's allocation and its new
-//!   directory entry, and the directory `fsync` that follows finds it already done (measured on
-//!   ext4: one commit instead of two). [`FsUpload::place`] stops there, with the object readable
+//!   directory entry, and the directory `fsync` that follows finds it already done (one commit
+//!   instead of two; docs/PERFORMANCE.md). [`FsUpload::place`] stops there, with the object readable
 //!   under its name, so that ingest can run the syncs ([`FsPlaced::sync`]) after the ledger's
 //!   group commit, which then carries the object's metadata in its journal commit too; the
 //!   C-STORE response waits for both. A crash before the syncs leaves a partial object under
@@ -54,8 +54,8 @@ struct Inner {
     root: PathBuf,
     tmp: PathBuf,
     counter: AtomicU64,
-    /// Staging buffers of finished uploads, for the next ones: a fresh quarter-megabyte buffer
-    /// per object cost page faults (measured: 4% of the node's CPU at 1000 instances).
+    /// Staging buffers of finished uploads, for the next ones, so that an object does not fault
+    /// in a fresh quarter-megabyte buffer.
     buffers: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
