@@ -91,14 +91,15 @@ for m,p in files.items():
     base = [] if m=='<main>' else (m.split('::') if m else [])
     isdir = p.endswith('mod.rs') or p.endswith('lib.rs')
     paths=[]
-    for mm in re.finditer(r'\b(crate|dicomchain|super)::(\{[^;]*?\}|[\w:]+)',s):
+    for mm in re.finditer(r'\b(crate|dicomchain|super)::(\{[^;]*?\}|\*|[\w:]+)',s):
         head,rest=mm.group(1),mm.group(2)
         if head in('crate','dicomchain'): pre=[]
         else:
             pre= base if isdir else base[:-1]
             pre=pre[:-1] if isdir else pre
             # super from file a/b.rs -> module a ; from a/mod.rs -> parent of a
-        if rest.startswith('{'): paths+=expand(pre,rest[1:-1])
+        if rest == '*': paths.append(list(pre) if pre else [''])
+        elif rest.startswith('{'): paths+=expand(pre,rest[1:-1])
         else: paths.append(pre+[x for x in rest.split('::') if x])
     # self:: and `use submod::` inside mod.rs (pub use x::Y)
     if isdir:

@@ -48,7 +48,7 @@ pub struct Upload {
 
 enum UploadBackend {
     Fs(fs::FsUpload),
-    S3(s3::S3Upload),
+    S3(s3::upload::S3Upload),
 }
 
 /// An object under its final name, readable, whose durability [`Placed::sync`] completes.
@@ -78,7 +78,7 @@ pub struct ObjectReader {
 
 enum ReaderBackend {
     Fs(fs::FsReader),
-    S3(s3::S3Reader),
+    S3(s3::reader::S3Reader),
 }
 
 impl Store {

@@ -2,9 +2,9 @@
 //!
 //! # Writes
 //! The object name is a digest known only once the whole instance has been received, so an
-//! [`S3Upload`] cannot start a request under its final key.
+//! [`upload::S3Upload`] cannot start a request under its final key.
 //! - Below `part_size` (the common case: a CT slice's pixel data is 512 KiB) the bytes stay in memory and
-//!   [`S3Upload::commit`] sends a single PutObject under the final name.
+//!   [`upload::S3Upload::commit`] sends a single PutObject under the final name.
 //! - When more than `part_size` bytes arrive, a multipart upload starts under a staging key
 //!   (`staging/<128-bit random hex>`) and each full part is uploaded in the background while the
 //!   next one fills, so memory stays bounded to about two parts whatever the object size. `commit`
@@ -51,11 +51,8 @@ use tokio::task::JoinHandle;
 use super::error::StoreError;
 use crate::config::S3StoreConfig;
 
-mod reader;
-mod upload;
-
-pub use reader::S3Reader;
-pub use upload::S3Upload;
+pub mod reader;
+pub mod upload;
 
 /// First wait before retrying a failed request; doubled after each further failure.
 const RETRY_INITIAL: Duration = Duration::from_millis(200);
@@ -152,52 +149,7 @@ impl S3Store {
         Ok(store)
     }
 
-    /// Starts a staged upload. No request is made until there is data to send.
-    pub async fn begin(&self) -> Result<S3Upload, StoreError> {
-        Ok(S3Upload {
-            store: self.clone(),
-            buf: Vec::new(),
-            multipart: None,
-            poisoned: false,
-        })
-    }
 
-    /// Opens an object for a streaming read; [`StoreError::NotFound`] if there is none.
-    pub async fn open_read(&self, name: &str) -> Result<S3Reader, StoreError> {
-        let what = self.what("GetObject", name);
-        let inner = &self.inner;
-        let response = self
-            .timed(&what, inner.timeout, || async {
-                inner
-                    .client
-                    .get_object(&inner.bucket, name)?
-                    .build()
-                    .send()
-                    .await
-            })
-            .await?;
-        let response = match response {
-            Ok(r) => r,
-            Err(e) if is_code(&e, &MinioErrorCode::NoSuchKey) => {
-                return Err(StoreError::NotFound {
-                    name: name.to_string(),
-                })
-            }
-            Err(e) => return Err(s3_error(what, &e)),
-        };
-        // The body streams from the socket as the caller pulls chunks.
-        let (stream, expected) = response
-            .into_boxed_stream()
-            .map_err(|e| s3_error(what.clone(), &e))?;
-        Ok(S3Reader {
-            stream,
-            what,
-            timeout: inner.timeout,
-            expected,
-            received: 0,
-            done: false,
-        })
-    }
 
     /// Whether an object exists under this name.
     pub async fn exists(&self, name: &str) -> Result<bool, StoreError> {

@@ -14,6 +14,45 @@ pub struct S3Reader {
     pub(super) done: bool,
 }
 
+impl S3Store {
+    /// Opens an object for a streaming read; [`StoreError::NotFound`] if there is none.
+    pub async fn open_read(&self, name: &str) -> Result<S3Reader, StoreError> {
+        let what = self.what("GetObject", name);
+        let inner = &self.inner;
+        let response = self
+            .timed(&what, inner.timeout, || async {
+                inner
+                    .client
+                    .get_object(&inner.bucket, name)?
+                    .build()
+                    .send()
+                    .await
+            })
+            .await?;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) if is_code(&e, &MinioErrorCode::NoSuchKey) => {
+                return Err(StoreError::NotFound {
+                    name: name.to_string(),
+                })
+            }
+            Err(e) => return Err(s3_error(what, &e)),
+        };
+        // The body streams from the socket as the caller pulls chunks.
+        let (stream, expected) = response
+            .into_boxed_stream()
+            .map_err(|e| s3_error(what.clone(), &e))?;
+        Ok(S3Reader {
+            stream,
+            what,
+            timeout: inner.timeout,
+            expected,
+            received: 0,
+            done: false,
+        })
+    }
+}
+
 impl S3Reader {
     /// The next chunk of the object, or `None` at the end.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoreError> {

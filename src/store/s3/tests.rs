@@ -3,6 +3,8 @@
 use std::time::Instant;
 
 use super::s3server::S3Server;
+use super::reader::S3Reader;
+use super::upload::S3Upload;
 use super::*;
 
 const MIB: usize = 1024 * 1024;

@@ -30,6 +30,18 @@ pub(super) struct Multipart {
     pub(super) open: bool,
 }
 
+impl S3Store {
+    /// Starts a staged upload. No request is made until there is data to send.
+    pub async fn begin(&self) -> Result<S3Upload, StoreError> {
+        Ok(S3Upload {
+            store: self.clone(),
+            buf: Vec::new(),
+            multipart: None,
+            poisoned: false,
+        })
+    }
+}
+
 impl S3Upload {
     /// Bytes held in memory: the buffer of the part being filled (the whole object while it is
     /// small), allocated capacity included, and the part being uploaded in the background.
