@@ -8,46 +8,9 @@
 //! name instead of silently falling back to a default.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
-
-/// Errors while loading or validating the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("configuration file {path}: {source}")]
-    Load {
-        path: PathBuf,
-        #[source]
-        source: config::ConfigError,
-    },
-    #[error("configuration key `{key}`: {reason}")]
-    Invalid { key: String, reason: String },
-    #[error("configuration key `{key}`: cannot read {path}: {source}")]
-    SecretFile {
-        key: String,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// An ADDRESS:PORT setting where empty means "off".
-fn optional_addr(value: &str, key: &str, why: &str) -> Result<Option<SocketAddr>, ConfigError> {
-    if value.is_empty() {
-        return Ok(None);
-    }
-    value.parse().map(Some).map_err(|_| invalid(key, why))
-}
-
-fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.to_string(),
-        reason: reason.into(),
-    }
-}
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -77,10 +40,13 @@ pub struct Config {
 }
 
 mod check;
+mod error;
 mod sections;
 #[cfg(test)]
 mod tests;
 
+pub use error::ConfigError;
+use error::invalid;
 pub use sections::*;
 
 impl Config {
@@ -137,18 +103,6 @@ impl Config {
 }
 
 
-fn resolve_secret(key: &str, value: &str, file: Option<&Path>) -> Result<String, ConfigError> {
-    match file {
-        Some(path) => std::fs::read_to_string(path)
-            .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
-            .map_err(|source| ConfigError::SecretFile {
-                key: format!("{key}_file"),
-                path: path.to_path_buf(),
-                source,
-            }),
-        None => Ok(value.to_string()),
-    }
-}
 
 /// Is this a valid AE title (PS3.5 §6.2: 1–16 characters of the default repertoire, no backslash or
 /// control characters, not all spaces)?

@@ -1,7 +1,13 @@
 //! One struct per section of the configuration file, with its defaults and the values derived
 //! from it (durations, addresses, the memory budget's shares).
 
-use super::*;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::error::{invalid, optional_addr, ConfigError};
 
 /// `[security]`: encryption at rest of the pixel objects.
 #[derive(Debug, Clone, Deserialize)]
@@ -662,5 +668,18 @@ impl S3StoreConfig {
             &self.secret_key,
             self.secret_key_file.as_deref(),
         )
+    }
+}
+
+fn resolve_secret(key: &str, value: &str, file: Option<&Path>) -> Result<String, ConfigError> {
+    match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+            .map_err(|source| ConfigError::SecretFile {
+                key: format!("{key}_file"),
+                path: path.to_path_buf(),
+                source,
+            }),
+        None => Ok(value.to_string()),
     }
 }
