@@ -98,6 +98,8 @@ for m,p in files.items():
             pre= base if isdir else base[:-1]
             pre=pre[:-1] if isdir else pre
             # super from file a/b.rs -> module a ; from a/mod.rs -> parent of a
+        while head == 'super' and rest.startswith('super::'):
+            pre, rest = pre[:-1], rest[len('super::'):]
         if rest == '*': paths.append(list(pre) if pre else [''])
         elif rest.startswith('{'): paths+=expand(pre,rest[1:-1])
         else: paths.append(pre+[x for x in rest.split('::') if x])

@@ -11,41 +11,31 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValueType, Pdu};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::dimse::admission::{Pending, Slot};
+use crate::dimse::admission::Pending;
 use crate::dimse::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
-use crate::dimse::connection::{pdu_name, ConnError, Connection, PData, Pdv, Received};
+use crate::dimse::connection::{pdu_name, ConnError, PData, Pdv, Received};
 use super::context::NodeContext;
 use super::establish::{self, Request};
-use crate::dimse::negotiate::{self, Negotiated, VERIFICATION};
+use crate::dimse::negotiate::{self, VERIFICATION};
 use super::qr::{self, Outgoing};
 use crate::dimse::status::{self, Failure};
 use crate::acl::Permission;
 use crate::query::{dataset, matching, FindOptions};
-use crate::archive::ingest::{Incoming, StoreContext};
+use crate::archive::ingest::StoreContext;
 use crate::ledger::trail::{self, AuditRecord};
 use crate::ledger::StoreOutcome;
 use crate::split::Encoding;
 
-/// Most bytes of command fragments we collect for one command set.
-const MAX_COMMAND_BYTES: usize = 64 * 1024;
-/// Most bytes of a C-FIND identifier.
-const MAX_IDENTIFIER_BYTES: usize = 1024 * 1024;
-/// Messages a running operation may have ready before the association sends them.
-const OP_QUEUE: usize = 16;
-/// While an operation runs, the requestor may stay silent as long as it takes.
-const OP_WAIT: Duration = Duration::from_secs(24 * 3600);
-
 mod requests;
+mod state;
 mod store;
 
-use requests::IdentifierRequest;
-use store::StoreInProgress;
+use state::*;
 
 
 impl crate::dimse::listener::Services for NodeContext {
@@ -140,115 +130,6 @@ pub async fn serve(
     }
     .instrument(span)
     .await
-}
-
-enum State {
-    /// Between messages.
-    Idle,
-    /// Collecting command fragments.
-    Command { context_id: u8, bytes: Vec<u8> },
-    /// Receiving the data set of a C-STORE.
-    Store(Box<StoreInProgress>),
-    /// Reading and dropping a data set we will answer with a failure.
-    Discard { context_id: u8, reply: Reply },
-    /// Collecting the identifier of a C-FIND, C-MOVE or C-GET.
-    Identifier(Box<IdentifierRequest>),
-    /// A C-FIND, C-MOVE or C-GET running beside the association (see [`qr`]).
-    Running(Box<Running>),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Operation {
-    Find,
-    Move { destination: String },
-    Get,
-}
-
-impl Operation {
-    fn permission(&self) -> Permission {
-        match self {
-            Operation::Find => Permission::Find,
-            Operation::Move { .. } => Permission::Move,
-            Operation::Get => Permission::Get,
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Operation::Find => "C-FIND",
-            Operation::Move { .. } => "C-MOVE",
-            Operation::Get => "C-GET",
-        }
-    }
-}
-
-struct Running {
-    /// The audit record written when the final response goes out (status and count filled in),
-    /// or, if the operation ends without one, when this is dropped.
-    audit: Option<AuditRecord>,
-    ledger: crate::ledger::Ledger,
-    /// Pending responses sent so far (C-FIND matches).
-    pending: u64,
-    context_id: u8,
-    message_id: u16,
-    /// The response command field, for a failure if the task ends without its final response.
-    response_field: u16,
-    sop_class_uid: String,
-    out: mpsc::Receiver<Outgoing>,
-    /// C-GET: the requestor's C-STORE responses go back to the task.
-    replies: Option<mpsc::Sender<Command>>,
-    cancel: Arc<AtomicBool>,
-}
-
-impl Drop for Running {
-    /// However the association ends (release, abort, drain timeout), the operation stops, and
-    /// it is on the audit trail even without its final response.
-    fn drop(&mut self) {
-        self.cancel.store(true, Ordering::Relaxed);
-        if let Some(mut audit) = self.audit.take() {
-            audit.status = status::UNABLE_TO_PROCESS;
-            audit.count = self.pending;
-            audit.detail = format!(
-                "{}: ended before its final response (association aborted, closed or shut down; {} pending responses sent)",
-                audit.detail, self.pending
-            );
-            self.ledger.audit(audit);
-        }
-    }
-}
-
-/// What woke the association loop.
-enum Next {
-    Pdu(Result<Received, ConnError>),
-    Out(Option<Outgoing>),
-    Shutdown,
-    /// Admission ended it while idle to make room (see `admission::Admission::admit`).
-    Reclaimed,
-}
-
-/// A response to send once a discarded data set has been read.
-struct Reply {
-    command_field: u16,
-    message_id: u16,
-    sop_class_uid: String,
-    sop_instance_uid: String,
-    failure: Failure,
-}
-
-/// Ends the association with an A-ABORT.
-struct Abort(AbortRQServiceProviderReason, String);
-
-struct Association {
-    conn: Connection,
-    ctx: Arc<NodeContext>,
-    /// Its place under the association caps: told whether it is idle, and may be reclaimed.
-    slot: Slot,
-    /// The peer's address, for the audit trail.
-    peer: String,
-    negotiated: Negotiated,
-    state: State,
-    stored: u64,
-    failed: u64,
 }
 
 impl Association {

@@ -3,6 +3,7 @@
 //! an operation that runs beside the association (C-FIND, C-MOVE, C-GET) and whose responses it
 //! sends.
 
+use super::state::*;
 use super::*;
 
 /// 0124 for an operation the calling AE may not ask for.
@@ -13,13 +14,6 @@ fn not_authorized(operation: &str) -> Failure {
     )
 }
 
-pub(super) struct IdentifierRequest {
-    pub(super) operation: Operation,
-    pub(super) context_id: u8,
-    pub(super) message_id: u16,
-    pub(super) sop_class_uid: String,
-    pub(super) bytes: Vec<u8>,
-}
 
 impl Association {
     pub(super) async fn dispatch(&mut self, context_id: u8, cmd: Command) -> Result<(), Abort> {

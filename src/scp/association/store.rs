@@ -2,16 +2,9 @@
 //! and the response sent once both halves are durable (or the failure's status).
 
 use super::requests::request_field;
+use super::state::*;
 use super::*;
 
-pub(super) struct StoreInProgress {
-    pub(super) started: std::time::Instant,
-    pub(super) context_id: u8,
-    pub(super) message_id: u16,
-    pub(super) context: StoreContext,
-    pub(super) incoming: Option<Incoming>,
-    pub(super) failure: Option<Failure>,
-}
 
 impl Association {
     pub(super) async fn on_data_fragment(&mut self, pdv: Pdv<'_>) -> Result<(), Abort> {
