@@ -35,7 +35,7 @@ pub enum StartError {
     Key(String),
     /// A key file that group or others can read (see `perms`).
     #[error("{0}")]
-    KeyMode(String),
+    KeyMode(#[from] crate::util::perms::FileError),
     #[error("object master key (security.master_key_file): {0}")]
     MasterKey(String),
     #[error("--ready-file {path}: {source}")]
@@ -181,7 +181,7 @@ pub async fn run(
 /// Refuses key files others could read (before any is read: one may have been read already)
 /// and closes state directories open to group or others, saying which.
 fn check_permissions(cfg: &Config) -> Result<(), StartError> {
-    crate::util::perms::check_key_files(&cfg.key_files()).map_err(StartError::KeyMode)?;
+    crate::util::perms::check_key_files(&cfg.key_files())?;
     for (dir, done) in crate::util::perms::tighten_dirs(cfg.state_dirs()) {
         match done {
             Ok(old) => {

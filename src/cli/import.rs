@@ -143,7 +143,7 @@ pub fn run(cfg: &Config, paths: &[PathBuf], jobs: usize) -> Result<Summary, Impo
     };
     let result = rt.block_on(async {
         crate::util::perms::check_key_file(&cfg.security.master_key_file, "key file")
-            .map_err(ImportError::MasterKey)?;
+            .map_err(|e| ImportError::MasterKey(e.to_string()))?;
         let master = crate::archive::ingest::master_key(&ledger, &cfg.security.master_key_file)
             .map_err(ImportError::MasterKey)?;
         let store = Store::open(&cfg.store)

@@ -213,7 +213,8 @@ pub fn load_or_create_key(path: &std::path::Path, origin: &str) -> Result<NoteSi
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let signer = NoteSigner::generate(origin).map_err(|e| e.to_string())?;
-            crate::util::perms::create_secret_file(path, &signer.private_key_text())?;
+            crate::util::perms::create_secret_file(path, &signer.private_key_text())
+                .map_err(|e| e.to_string())?;
             tracing::info!(path = %path.display(), verifier_key = %signer.verifier_key(), "created the checkpoint signing key");
             Ok(signer)
         }

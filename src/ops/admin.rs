@@ -78,7 +78,7 @@ pub fn load_or_create_token(path: &Path) -> Result<String, String> {
             let mut raw = [0u8; 32];
             getrandom::getrandom(&mut raw).map_err(|e| format!("no randomness: {e}"))?;
             let token = hex::encode(raw);
-            crate::util::perms::create_secret_file(path, &token)?;
+            crate::util::perms::create_secret_file(path, &token).map_err(|e| e.to_string())?;
             tracing::info!(path = %path.display(), "created the admin API token");
             Ok(token)
         }

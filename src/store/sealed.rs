@@ -83,7 +83,7 @@ impl MasterKey {
                     // Another process created it meanwhile: use theirs.
                     Err(_) if path.exists() => MasterKey::load(path)?
                         .ok_or_else(|| format!("{}: vanished", path.display())),
-                    Err(e) => Err(e),
+                    Err(e) => Err(e.to_string()),
                 }
             }
             Err(e) => Err(e),

@@ -27,28 +27,69 @@ pub fn restrict_umask() {
     }
 }
 
+/// Why a file of the node's state could not be checked or written; every error names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {}: {source}", path.display())]
+    Unreadable {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{what} {} has mode {mode:04o}: group or others can read it. Run `chmod 600 {}` \
+         (and replace the key if someone else may have read it)",
+        path.display(),
+        path.display()
+    )]
+    OpenToOthers {
+        what: String,
+        path: PathBuf,
+        mode: u32,
+    },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+    move |source| FileError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Err naming the path, its mode and the fix when group or others have any access to the key
 /// file at `path`; Ok when it is private or does not exist yet (then the node creates it 0600).
-pub fn check_key_file(path: &Path, what: &str) -> Result<(), String> {
+pub fn check_key_file(path: &Path, what: &str) -> Result<(), FileError> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("{what} {}: {e}", path.display())),
+        Err(source) => {
+            return Err(FileError::Unreadable {
+                what: what.to_string(),
+                path: path.to_path_buf(),
+                source,
+            })
+        }
     };
     let mode = meta.permissions().mode() & 0o7777;
     if mode & NOT_OWNER != 0 {
-        return Err(format!(
-            "{what} {} has mode {mode:04o}: group or others can read it. Run `chmod 600 {}` \
-             (and replace the key if someone else may have read it)",
-            path.display(),
-            path.display()
-        ));
+        return Err(FileError::OpenToOthers {
+            what: what.to_string(),
+            path: path.to_path_buf(),
+            mode,
+        });
     }
     Ok(())
 }
 
 /// [`check_key_file`] for every key file (path, what it is); the first failure.
-pub fn check_key_files(files: &[(&Path, &'static str)]) -> Result<(), String> {
+pub fn check_key_files(files: &[(&Path, &'static str)]) -> Result<(), FileError> {
     files
         .iter()
         .copied()
@@ -57,7 +98,7 @@ pub fn check_key_files(files: &[(&Path, &'static str)]) -> Result<(), String> {
 
 /// Removes group and other access from the state directories that exist; returns each one
 /// changed with its old mode, and the ones that could not be changed with why.
-pub fn tighten_dirs(dirs: Vec<PathBuf>) -> Vec<(PathBuf, Result<u32, String>)> {
+pub fn tighten_dirs(dirs: Vec<PathBuf>) -> Vec<(PathBuf, Result<u32, std::io::Error>)> {
     let mut changed = Vec::new();
     for dir in dirs {
         let Ok(meta) = std::fs::metadata(&dir) else {
@@ -69,8 +110,7 @@ pub fn tighten_dirs(dirs: Vec<PathBuf>) -> Vec<(PathBuf, Result<u32, String>)> {
         }
         let done =
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode & !NOT_OWNER))
-                .map(|()| mode)
-                .map_err(|e| e.to_string());
+                .map(|()| mode);
         changed.push((dir, done));
     }
     changed
@@ -78,21 +118,21 @@ pub fn tighten_dirs(dirs: Vec<PathBuf>) -> Vec<(PathBuf, Result<u32, String>)> {
 
 /// Writes a new secret file (a key, a token): `text` and a newline, mode 0600, fsynced; fails if
 /// the file exists. Creates the parent directory.
-pub fn create_secret_file(path: &std::path::Path, text: &str) -> Result<(), String> {
+pub fn create_secret_file(path: &Path, text: &str) -> Result<(), FileError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(io_error(path))?;
     f.write_all(format!("{text}\n").as_bytes())
         .and_then(|_| f.sync_all())
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(io_error(path))
 }
 
 
@@ -125,7 +165,7 @@ mod tests {
             chmod(&key, mode);
             let r = check_key_file(&key, "object master key");
             assert_eq!(r.is_ok(), ok, "{mode:o}: {r:?}");
-            if let Err(why) = r {
+            if let Err(why) = r.map_err(|e| e.to_string()) {
                 assert!(why.contains(&format!("{mode:04o}")), "{why}");
                 assert!(
                     why.contains(&format!("chmod 600 {}", key.display())),
@@ -158,7 +198,7 @@ mod tests {
         let changed = tighten_dirs(cfg.state_dirs());
         assert_eq!(changed.len(), 1, "{changed:?}");
         assert_eq!(changed[0].0, cfg.ledger.path);
-        assert_eq!(changed[0].1, Ok(0o755));
+        assert_eq!(changed[0].1.as_ref().ok(), Some(&0o755));
         let mode = std::fs::metadata(&cfg.ledger.path)
             .unwrap()
             .permissions()
