@@ -118,6 +118,9 @@ def main():
         ts = str(meta.TransferSyntaxUID)
         sel = 0 if ts == IVLE else 2 if ts == "1.2.840.10008.1.2.2" else 1
         write("split", name.replace(".dcm", ""), bytes([sel]) + data)
+        with open(path, "rb") as f:
+            whole = f.read()
+        write("dicom_header", name.replace(".dcm", ""), bytes([sel]) + whole[:4096])
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@
 //! [`node`] starts and stops it all. [`forward`] passes stored instances on to other
 //! destinations (store-and-forward), from a queue kept on the ledger.
 //!
+//! Below them all, [`dicom`] is the one DICOM element header reader and writer (used by the
+//! splitter, the index scanner, C-FIND data sets, import and rebuilding), the Part 10 header and
+//! the UIDs the crate names; it imports nothing else of the crate.
+//!
 //! Guarding it: [`dimse::admission`] decides who gets an association slot and when (pending
 //! pool, per-source rates and caps), [`throttle`] does the same for the admin listener,
 //! [`perms`] keeps state files private (umask, key file modes), and [`escape`] makes every

@@ -4,7 +4,7 @@
 
 use dicomchain::query::dataset;
 use dicomchain::query::matching::{MatchOptions, Model, Query};
-use dicomchain::split::Encoding;
+use dicomchain::dicom::Encoding;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

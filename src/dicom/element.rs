@@ -191,12 +191,17 @@ pub fn value_unit(vr: &[u8; 2]) -> usize {
 /// `bytes` with each `unit`-sized unit reversed: little ↔ big endian.
 pub fn swap_units(bytes: &[u8], unit: usize) -> Vec<u8> {
     let mut out = bytes.to_vec();
+    swap_units_in_place(&mut out, unit);
+    out
+}
+
+/// Reverses each `unit`-sized unit of `bytes` (a trailing partial unit too, as received).
+pub fn swap_units_in_place(bytes: &mut [u8], unit: usize) {
     if unit > 1 {
-        for chunk in out.chunks_mut(unit) {
+        for chunk in bytes.chunks_mut(unit) {
             chunk.reverse();
         }
     }
-    out
 }
 
 #[cfg(test)]

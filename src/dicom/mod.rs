@@ -14,8 +14,8 @@ pub mod part10;
 pub mod uids;
 
 pub use element::{
-    is_known_vr, padded, read_header, read_tag, swap_units, value_unit, write_element,
-    write_header, write_item, Header, NeedMore, ITEM, ITEM_DELIMITATION, SEQUENCE_DELIMITATION,
-    UNDEFINED_LENGTH,
+    is_known_vr, padded, read_header, read_tag, swap_units, swap_units_in_place, value_unit,
+    write_element, write_header, write_item, Header, NeedMore, ITEM, ITEM_DELIMITATION,
+    SEQUENCE_DELIMITATION, UNDEFINED_LENGTH,
 };
 pub use encoding::{has_long_length, is_deflated_transfer_syntax, Encoding};

@@ -172,4 +172,56 @@ mod tests {
         meta_element(&mut no_ts, 0x0003, b"UI", b"1.3\0");
         assert_eq!(read(&no_ts), Err(Part10Error::NoTransferSyntax));
     }
+
+    /// What the `dicom_header` fuzz target does (fuzz/ is built apart, by cargo-fuzz): walk the
+    /// headers after a Part 10 header, or from the start, re-encoding each one.
+    fn walk(data: &[u8], enc: Encoding) {
+        use crate::dicom::{read_header, write_header, write_item};
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let h = match read_header(&data[pos..], enc) {
+                Ok(h) => h,
+                Err(crate::dicom::NeedMore(n)) => {
+                    assert!(n > data.len() - pos && n <= 12);
+                    return;
+                }
+            };
+            let mut again = Vec::new();
+            match h.vr {
+                Some(vr) => write_header(&mut again, enc, h.tag, &vr, h.length),
+                None => write_item(&mut again, enc, h.tag, h.length),
+            }
+            assert_eq!(read_header(&again, enc), Ok(h));
+            let skip = match h.value_length() {
+                Some(len) if !h.is_item_tag() => len as usize,
+                _ => 0,
+            };
+            pos = pos.saturating_add(h.size).saturating_add(skip);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fuzz_target_paths_never_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+            sel in 0usize..3,
+            dicm in proptest::bool::ANY,
+        ) {
+            let enc = [Encoding::ImplicitLittle, Encoding::ExplicitLittle, Encoding::ExplicitBig][sel];
+            let data = if dicm {
+                let mut f = write("1.2", "1.3", uids::EXPLICIT_VR_LITTLE_ENDIAN, "");
+                f.extend_from_slice(&bytes);
+                f
+            } else {
+                bytes
+            };
+            match read(&data) {
+                Ok(h) => {
+                    let enc = Encoding::from_transfer_syntax(&h.transfer_syntax).unwrap_or(enc);
+                    walk(&data[h.dataset_offset..], enc);
+                }
+                Err(_) => walk(&data, enc),
+            }
+        }
+    }
 }

@@ -12,7 +12,7 @@ use dicom_core::dictionary::DataDictionary;
 use dicom_core::Tag;
 use dicom_dictionary_std::StandardDataDictionary;
 
-use crate::split::{has_long_length, Encoding};
+use crate::dicom::{self, has_long_length, Encoding};
 
 /// Deepest sequence nesting accepted.
 const MAX_DEPTH: usize = 32;
@@ -83,54 +83,30 @@ pub fn dictionary_vr(tag: u32) -> [u8; 2] {
         .unwrap_or(*b"UN")
 }
 
-/// Size of the units a binary VR is made of (for byte order), 1 for text and bytes.
-fn unit(vr: &[u8; 2]) -> usize {
-    match vr {
-        b"US" | b"SS" | b"OW" | b"AT" => 2,
-        b"UL" | b"SL" | b"FL" | b"OF" | b"OL" => 4,
-        b"FD" | b"OD" | b"SV" | b"UV" | b"OV" => 8,
-        _ => 1,
-    }
+fn truncated<T>(pos: usize) -> Result<T, DatasetError> {
+    err(format!("truncated at byte {pos}"))
 }
 
-fn swap(bytes: &[u8], unit: usize) -> Vec<u8> {
-    let mut out = bytes.to_vec();
-    if unit > 1 {
-        for chunk in out.chunks_mut(unit) {
-            chunk.reverse();
-        }
-    }
-    out
-}
-
+/// Reads elements into the model with [`dicom::read_header`]; `enc` is that of the nesting level
+/// (Implicit VR LE inside an explicit UN, PS3.5 §6.2.2).
 struct Parser<'a> {
     b: &'a [u8],
-    big: bool,
 }
 
 impl<'a> Parser<'a> {
-    fn u16(&self, pos: usize, big: bool) -> Result<u16, DatasetError> {
-        let s: [u8; 2] = match self.b.get(pos..pos + 2) {
-            Some(s) => [s[0], s[1]],
-            None => return err(format!("truncated at byte {pos}")),
-        };
-        Ok(if big {
-            u16::from_be_bytes(s)
-        } else {
-            u16::from_le_bytes(s)
-        })
+    fn tag(&self, pos: usize, enc: Encoding) -> Result<u32, DatasetError> {
+        match dicom::read_tag(self.b.get(pos..).unwrap_or_default(), enc) {
+            Ok(tag) => Ok(tag),
+            Err(_) => truncated(pos),
+        }
     }
 
-    fn u32(&self, pos: usize, big: bool) -> Result<u32, DatasetError> {
-        let s: [u8; 4] = match self.b.get(pos..pos + 4) {
-            Some(s) => [s[0], s[1], s[2], s[3]],
-            None => return err(format!("truncated at byte {pos}")),
-        };
-        Ok(if big {
-            u32::from_be_bytes(s)
-        } else {
-            u32::from_le_bytes(s)
-        })
+    /// The header at `pos`, whose tag has been read (so `pos` is in bounds).
+    fn header(&self, pos: usize, enc: Encoding) -> Result<dicom::Header, DatasetError> {
+        match dicom::read_header(&self.b[pos..], enc) {
+            Ok(h) => Ok(h),
+            Err(_) => truncated(pos),
+        }
     }
 
     /// Parses elements from `pos` until `end` (defined length) or an item delimiter (when
@@ -139,7 +115,7 @@ impl<'a> Parser<'a> {
         &self,
         mut pos: usize,
         end: Option<usize>,
-        explicit: bool,
+        enc: Encoding,
         depth: usize,
         top: bool,
         out: &mut Vec<Element<'a>>,
@@ -147,15 +123,14 @@ impl<'a> Parser<'a> {
         if depth > MAX_DEPTH {
             return err("sequences nested too deeply");
         }
-        let big = self.big && explicit;
         loop {
             match end {
                 Some(e) if pos >= e => return Ok(pos),
                 None if pos >= self.b.len() => return err("item without delimiter"),
                 _ => {}
             }
-            let tag = (u32::from(self.u16(pos, big)?) << 16) | u32::from(self.u16(pos + 2, big)?);
-            if tag == 0xFFFE_E00D {
+            let tag = self.tag(pos, enc)?;
+            if tag == dicom::ITEM_DELIMITATION {
                 if end.is_some() {
                     return err(format!("unexpected item delimiter at byte {pos}"));
                 }
@@ -168,25 +143,13 @@ impl<'a> Parser<'a> {
             if top && tag >= 0x7FE0_0000 {
                 return Ok(end.unwrap_or(self.b.len()));
             }
-            let (vr, len, value_start) = if explicit {
-                let vr = match self.b.get(pos + 4..pos + 6) {
-                    Some(v) => [v[0], v[1]],
-                    None => return err(format!("truncated at byte {pos}")),
-                };
-                if has_long_length(&vr) {
-                    (vr, self.u32(pos + 8, big)?, pos + 12)
-                } else {
-                    (vr, u32::from(self.u16(pos + 6, big)?), pos + 8)
-                }
-            } else {
-                (dictionary_vr(tag), self.u32(pos + 4, big)?, pos + 8)
-            };
-            let undefined = len == u32::MAX;
-            let is_seq = &vr == b"SQ" || (undefined && (&vr == b"UN" || !explicit));
+            let h = self.header(pos, enc)?;
+            let vr = h.vr.unwrap_or_else(|| dictionary_vr(tag));
+            let value_start = pos + h.size;
+            let undefined = h.is_undefined_length();
+            let is_seq = &vr == b"SQ" || (undefined && (&vr == b"UN" || !enc.is_explicit()));
             if is_seq {
-                // An undefined-length UN holds Implicit VR LE items (PS3.5 §6.2.2).
-                let inner_explicit = explicit && &vr == b"SQ";
-                let (items, next) = self.items(value_start, len, inner_explicit, depth)?;
+                let (items, next) = self.items(value_start, h.length, enc.inside(h.vr), depth)?;
                 out.push(Element {
                     tag,
                     vr: *b"SQ",
@@ -201,7 +164,7 @@ impl<'a> Parser<'a> {
                         tag & 0xFFFF
                     ));
                 }
-                let stop = value_start + len as usize;
+                let stop = value_start + h.length as usize;
                 let Some(raw) = self.b.get(value_start..stop) else {
                     return err(format!(
                         "({:04X},{:04X}) runs past the data set",
@@ -209,8 +172,10 @@ impl<'a> Parser<'a> {
                         tag & 0xFFFF
                     ));
                 };
-                let value = if big && unit(&vr) > 1 {
-                    Cow::Owned(swap(raw, unit(&vr)))
+                // Binary values are kept little endian (see the module docs).
+                let unit = dicom::value_unit(&vr);
+                let value = if enc.is_big_endian() && unit > 1 {
+                    Cow::Owned(dicom::swap_units(raw, unit))
                 } else {
                     Cow::Borrowed(raw)
                 };
@@ -228,31 +193,31 @@ impl<'a> Parser<'a> {
         &self,
         mut pos: usize,
         len: u32,
-        explicit: bool,
+        enc: Encoding,
         depth: usize,
     ) -> Result<(Vec<Vec<Element<'a>>>, usize), DatasetError> {
-        let end = (len != u32::MAX).then(|| pos + len as usize);
+        let end = (len != dicom::UNDEFINED_LENGTH).then(|| pos + len as usize);
         if end.is_some_and(|e| e > self.b.len()) {
             return err("sequence runs past the data set");
         }
-        let big = self.big && explicit;
         let mut items = Vec::new();
         loop {
             if end.is_some_and(|e| pos >= e) {
                 return Ok((items, pos));
             }
-            let tag = (u32::from(self.u16(pos, big)?) << 16) | u32::from(self.u16(pos + 2, big)?);
-            let ilen = self.u32(pos + 4, big)?;
-            match tag {
-                0xFFFE_E0DD if end.is_none() => return Ok((items, pos + 8)),
-                0xFFFE_E000 => {
-                    let item_end = (ilen != u32::MAX).then(|| pos + 8 + ilen as usize);
+            if self.tag(pos, enc)? >> 16 != 0xFFFE {
+                return err(format!("expected an item at byte {pos}"));
+            }
+            let h = self.header(pos, enc)?;
+            match h.tag {
+                dicom::SEQUENCE_DELIMITATION if end.is_none() => return Ok((items, pos + 8)),
+                dicom::ITEM => {
+                    let item_end = h.value_length().map(|l| pos + 8 + l as usize);
                     if item_end.is_some_and(|e| e > self.b.len()) {
                         return err("item runs past the data set");
                     }
                     let mut els = Vec::new();
-                    let next =
-                        self.elements(pos + 8, item_end, explicit, depth + 1, false, &mut els)?;
+                    let next = self.elements(pos + 8, item_end, enc, depth + 1, false, &mut els)?;
                     items.push(els);
                     pos = next;
                 }
@@ -265,19 +230,9 @@ impl<'a> Parser<'a> {
 /// Parses a data set. With `partial`, an element cut off at the end ends the parse instead of
 /// failing it (the start of a deflated data set): the complete elements before it are kept.
 pub fn parse(bytes: &[u8], enc: Encoding, partial: bool) -> Result<Vec<Element<'_>>, DatasetError> {
-    let p = Parser {
-        b: bytes,
-        big: enc == Encoding::ExplicitBig,
-    };
+    let p = Parser { b: bytes };
     let mut out = Vec::new();
-    match p.elements(
-        0,
-        Some(bytes.len()),
-        enc != Encoding::ImplicitLittle,
-        0,
-        true,
-        &mut out,
-    ) {
+    match p.elements(0, Some(bytes.len()), enc, 0, true, &mut out) {
         Ok(_) => Ok(out),
         Err(_) if partial => Ok(out),
         Err(e) => Err(e),
@@ -293,70 +248,34 @@ pub fn find<'e, 'a>(elements: &'e [Element<'a>], tag: u32) -> Option<&'e Element
         .or_else(|| elements.iter().find(|e| e.tag == tag))
 }
 
-/// Writes elements (sorted by the caller) in `enc`. Sequences and items get undefined lengths.
+/// Writes elements (sorted by the caller) in `enc` with [`dicom::write_header`]. Sequences and
+/// items get undefined lengths.
 pub fn write(elements: &[Element<'_>], enc: Encoding, out: &mut Vec<u8>) {
-    let explicit = enc != Encoding::ImplicitLittle;
-    let big = enc == Encoding::ExplicitBig;
-    let u16b = |v: u16| {
-        if big {
-            v.to_be_bytes()
-        } else {
-            v.to_le_bytes()
-        }
-    };
-    let u32b = |v: u32| {
-        if big {
-            v.to_be_bytes()
-        } else {
-            v.to_le_bytes()
-        }
-    };
     for e in elements {
-        out.extend_from_slice(&u16b((e.tag >> 16) as u16));
-        out.extend_from_slice(&u16b(e.tag as u16));
         match &e.value {
             Value::Items(items) => {
-                if explicit {
-                    out.extend_from_slice(b"SQ\0\0");
-                }
-                out.extend_from_slice(&u32b(u32::MAX));
+                dicom::write_header(out, enc, e.tag, b"SQ", dicom::UNDEFINED_LENGTH);
                 for item in items {
-                    out.extend_from_slice(&u16b(0xFFFE));
-                    out.extend_from_slice(&u16b(0xE000));
-                    out.extend_from_slice(&u32b(u32::MAX));
+                    dicom::write_item(out, enc, dicom::ITEM, dicom::UNDEFINED_LENGTH);
                     write(item, enc, out);
-                    out.extend_from_slice(&u16b(0xFFFE));
-                    out.extend_from_slice(&u16b(0xE00D));
-                    out.extend_from_slice(&u32b(0));
+                    dicom::write_item(out, enc, dicom::ITEM_DELIMITATION, 0);
                 }
-                out.extend_from_slice(&u16b(0xFFFE));
-                out.extend_from_slice(&u16b(0xE0DD));
-                out.extend_from_slice(&u32b(0));
+                dicom::write_item(out, enc, dicom::SEQUENCE_DELIMITATION, 0);
             }
             Value::Bytes(b) => {
-                let len = b.len() as u32;
                 // A value too long for its VR's 2-byte length (implicit-VR data allow it)
                 // goes out as UN, which has a 4-byte length.
-                let vr = if explicit && !has_long_length(&e.vr) && b.len() > 0xFFFF {
+                let vr = if enc.is_explicit() && !has_long_length(&e.vr) && b.len() > 0xFFFF {
                     *b"UN"
                 } else {
                     e.vr
                 };
-                if explicit {
-                    out.extend_from_slice(&vr);
-                    if has_long_length(&vr) {
-                        out.extend_from_slice(&[0, 0]);
-                        out.extend_from_slice(&u32b(len));
-                    } else {
-                        out.extend_from_slice(&u16b(len as u16));
-                    }
-                } else {
-                    out.extend_from_slice(&u32b(len));
-                }
-                if big && unit(&e.vr) > 1 {
-                    out.extend_from_slice(&swap(b, unit(&e.vr)));
-                } else {
-                    out.extend_from_slice(b);
+                dicom::write_header(out, enc, e.tag, &vr, b.len() as u32);
+                let start = out.len();
+                out.extend_from_slice(b);
+                let unit = dicom::value_unit(&e.vr);
+                if enc.is_big_endian() && unit > 1 {
+                    dicom::swap_units_in_place(&mut out[start..], unit);
                 }
             }
         }
@@ -364,13 +283,7 @@ pub fn write(elements: &[Element<'_>], enc: Encoding, out: &mut Vec<u8>) {
 }
 
 /// A text value padded to even length (UI with NUL, other VRs with a space).
-pub fn padded(vr: &[u8; 2], text: &[u8]) -> Vec<u8> {
-    let mut v = text.to_vec();
-    if v.len() % 2 == 1 {
-        v.push(if vr == b"UI" { 0 } else { b' ' });
-    }
-    v
-}
+pub use crate::dicom::padded;
 
 #[cfg(test)]
 mod tests {

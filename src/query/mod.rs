@@ -28,7 +28,7 @@ use matching::*;
 use crate::instance::Layout;
 use crate::ledger::{find_key, Ledger, LedgerError, Step};
 use crate::archive::retrieve::{self, RetrieveError};
-use crate::split::Encoding;
+use crate::dicom::Encoding;
 
 /// Most entities counted when estimating how selective an index range is.
 pub const PROBE: usize = 64;
