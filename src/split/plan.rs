@@ -5,7 +5,7 @@
 //! instance; [`reconstruct`] is the in-memory convenience built on it.
 
 use super::error::SplitError;
-use super::Splice;
+use super::piece::Splice;
 
 /// One contiguous run of the rebuilt data set: a byte range of the metadata or of the bulk
 /// stream (`start..end`, end exclusive). Empty ranges are never produced.
@@ -18,7 +18,7 @@ pub enum Segment {
 /// Ordered segments that rebuild the data set from metadata of `meta_len` bytes and the bulk
 /// stream described by `splices`.
 ///
-/// Checks that the splices are what [`Splitter`](super::Splitter) produces: in order, each
+/// Checks that the splices are what [`Splitter`](super::splitter::Splitter) produces: in order, each
 /// pixel header (8 or 12 bytes, PS3.5 §7.1.2) lying after the previous splice point and within
 /// the metadata, and the total bulk length representable. The total bulk length expected is the
 /// `end` of the last `Bulk` segment (0 if none).

@@ -28,7 +28,7 @@
 pub const MAX_SEQUENCE_DEPTH: usize = 64;
 
 use super::error::{SplitError, Tag, VrBytes};
-use super::{Piece, Splice};
+use super::piece::{Piece, Splice};
 use crate::dicom::{
     is_known_vr, read_header, Encoding, NeedMore, ITEM, ITEM_DELIMITATION as ITEM_DELIM,
     SEQUENCE_DELIMITATION as SEQ_DELIM, UNDEFINED_LENGTH as UNDEFINED,
