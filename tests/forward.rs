@@ -125,14 +125,15 @@ fn forwards_to_orthanc_byte_exact_through_an_outage_and_a_crash() {
     let copy = Storescp::start();
     let mut node = Node::start_with(
         &[],
-        &format!(
-            "[peers.pacs]\nae_title = \"ORTHANC\"\nhost = \"127.0.0.1\"\nport = {}\n\
-             [peers.copy]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n\
-             [[forward]]\ndestination = \"pacs\"\n\
+        &[
+            support::peer("pacs", "ORTHANC", orthanc.dicom_port),
+            support::peer("copy", "STORESCP", copy.port),
+            "[[forward]]\ndestination = \"pacs\"\n\
              [[forward]]\ndestination = \"copy\"\n\
-             [forwarding]\nretry_initial_ms = 200\nretry_max_secs = 1\nidle_release_secs = 1\n",
-            orthanc.dicom_port, copy.port
-        ),
+             [forwarding]\nretry_initial_ms = 200\nretry_max_secs = 1\nidle_release_secs = 1\n"
+                .into(),
+        ]
+        .concat(),
     );
     let mut sent = BTreeMap::new();
     let send =
@@ -263,8 +264,7 @@ struct Refuser {
 impl Refuser {
     /// Starts the SCP on a port of its own choosing and returns once it listens there.
     fn start(status: &str, log: PathBuf) -> (Refuser, u16) {
-        let mut child = Command::new("python3")
-            .arg(support::support_file("refusing_scp.py"))
+        let mut child = support::script("refusing_scp.py")
             .args(["0", status])
             .arg(&log)
             .stdout(Stdio::piped())
@@ -315,16 +315,17 @@ fn rules_route_refusals_are_given_up_and_retry_requeues_them() {
     let (refuser, flaky_port) = Refuser::start("A700", tmp.path().join("attempts.log"));
     let mut node = Node::start_with(
         &[("DICOMCHAIN__NODE__MAX_RETRIEVE_BUFFER_BYTES", "16384")],
-        &format!(
-            "[peers.ctpacs]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n\
-             [peers.archive]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n\
-             [peers.flaky]\nae_title = \"REFUSER\"\nhost = \"127.0.0.1\"\nport = {flaky_port}\n\
-             [[forward]]\ndestination = \"ctpacs\"\nmodality = [\"ct\"]\ncalling_ae = [\"CT1\"]\n\
+        &[
+            support::peer("ctpacs", "STORESCP", ct_pacs.port),
+            support::peer("archive", "STORESCP", archive.port),
+            support::peer("flaky", "REFUSER", flaky_port),
+            "[[forward]]\ndestination = \"ctpacs\"\nmodality = [\"ct\"]\ncalling_ae = [\"CT1\"]\n\
              [[forward]]\ndestination = \"archive\"\n\
              [[forward]]\ndestination = \"flaky\"\nmodality = [\"MR\"]\n\
-             [forwarding]\nmax_attempts = 2\nretry_initial_ms = 100\nretry_max_secs = 1\n",
-            ct_pacs.port, archive.port
-        ),
+             [forwarding]\nmax_attempts = 2\nretry_initial_ms = 100\nretry_max_secs = 1\n"
+                .into(),
+        ]
+        .concat(),
     );
     // CT instances above the retrieval buffer limit stream out of the object store while they
     // are sent; the MR ones go whole.

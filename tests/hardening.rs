@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::{self, output_text as text, Node, Scu, AE};
+use crate::support::dcmtk::getscu_patient;
+use crate::support::{self, output_text as text, Node, AE};
 
 /// A node with its admin listener: (node, admin port, token).
 fn admin_node() -> (Node, u16, String) {
@@ -336,18 +337,9 @@ fn an_integrity_alert_names_the_requester_its_address_and_a_failure() {
     // Alter one pixel object on disk.
     let objects = support::files_under(&node.dir.join("objects"));
     assert_eq!(objects.len(), 3);
-    let mut bytes = std::fs::read(&objects[1]).unwrap();
-    bytes[100] ^= 0xFF;
-    std::fs::write(&objects[1], bytes).unwrap();
+    support::xor_byte(&objects[1], 100, 0xFF);
     let out_dir = dir.path().join("got");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let get = Scu::getscu()
-        .calling("GETSCU")
-        .arg("-P")
-        .out_dir(&out_dir)
-        .level("PATIENT")
-        .key("PatientID=PID0001")
-        .run(node.port);
+    let get = getscu_patient(node.port, "PID0001", &out_dir);
     assert_eq!(
         support::files_under(&out_dir).len(),
         2,

@@ -43,9 +43,8 @@ fn verified_checkpoint(note: &str, vkey: &str) -> (u64, Hash) {
 
 #[test]
 fn proofs_from_the_cli_verify_with_independent_code() {
-    let node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 12, 32, &[]);
+    let node = Node::checkpointing();
+    let (_src, files) = support::ct_series(12, 32);
     assert_ok(&node.storescu(&[], &files), "storescu");
     let vkey = run(&node, &["checkpoint", "--verifier-key"]);
     let key_file = node.dir.join("var/ledger-signing.key");
@@ -151,9 +150,8 @@ fn wait_for_checkpoint(node: &Node, size: u64) {
 /// Tampering with each layer is found by `verify`, which names the instance.
 #[test]
 fn verify_finds_tampering_in_every_layer() {
-    let mut node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 6, 32, &[]);
+    let mut node = Node::checkpointing();
+    let (_src, files) = support::ct_series(6, 32);
     assert_ok(&node.storescu(&[], &files), "storescu");
     // The association's audit record, then the 6 stored instances.
     wait_for_checkpoint(&node, 7);
@@ -183,10 +181,7 @@ fn verify_finds_tampering_in_every_layer() {
         node.dir.join("objects").join(&name[..2]).join(&name)
     };
     // 1. A flipped byte in one pixel object; 2. another object deleted; 3. a stray object.
-    let victim = object_of(0);
-    let mut bytes = std::fs::read(&victim).unwrap();
-    bytes[10] ^= 0x01;
-    std::fs::write(&victim, bytes).unwrap();
+    support::xor_byte(&object_of(0), 10, 0x01);
     std::fs::remove_file(object_of(1)).unwrap();
     std::fs::write(node.dir.join("objects/ab").join("ab".repeat(32)), b"stray").unwrap();
     let (code, text) = verify(&node, &[]);
@@ -274,8 +269,7 @@ fn verify_finds_tampering_in_every_layer() {
 #[test]
 fn an_object_lost_before_its_acknowledgement_is_recorded_and_stored_again() {
     let mut node = Node::start();
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 3, 32, &[]);
+    let (_src, files) = support::ct_series(3, 32);
     assert_ok(&node.storescu(&[], &files), "storescu");
     let sent = support::read_part10(&files[0]).unwrap();
     node.stop();

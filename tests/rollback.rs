@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::dcmtk::getscu_patient;
 use crate::support::{self, assert_ok, Node, Scu};
 
 /// The newest signed checkpoint the CLI prints, and its size.
@@ -154,9 +155,8 @@ fn verify(node: &Node, extra: &[&str]) -> (i32, String) {
 /// the ledger to the checkpoint saved before.
 #[test]
 fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
-    let mut node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 20, 32, &[]);
+    let mut node = Node::checkpointing();
+    let (_src, files) = support::ct_series(20, 32);
     assert_ok(&node.storescu(&[], &files), "storescu");
     let uids: Vec<String> = files
         .iter()
@@ -271,9 +271,8 @@ fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
 /// finds it with a checkpoint saved earlier.
 #[test]
 fn a_ledger_older_than_its_checkpoint_file_is_refused() {
-    let mut node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 10, 32, &[]);
+    let mut node = Node::checkpointing();
+    let (_src, files) = support::ct_series(10, 32);
     assert_ok(&node.storescu(&[], &files[..5]), "storescu");
     node.stop();
     let old = tempfile::tempdir().unwrap();
@@ -312,8 +311,7 @@ fn a_ledger_older_than_its_checkpoint_file_is_refused() {
 fn a_damaged_table_file_is_reported_by_verify_the_log_the_trail_and_health() {
     let mut node = Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
     let admin = node.admin_port();
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 100, 32, &[]);
+    let (_src, files) = support::ct_series(100, 32);
     assert_ok(&node.storescu(&[], &files), "storescu");
     // The next start writes the log's contents into table files.
     node.restart();
@@ -433,8 +431,7 @@ fn damage_alerts(node: &Node) -> Vec<serde_json::Value> {
 fn a_table_file_damaged_while_the_node_runs_is_reported_once() {
     let mut node = Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
     let admin = node.admin_port();
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 100, 32, &[]);
+    let (src, files) = support::ct_series(100, 32);
     assert_ok(&node.storescu(&[], &files), "storescu");
     // The next start writes the log's contents into table files, then reads them all back.
     node.restart();
@@ -451,14 +448,7 @@ fn a_table_file_damaged_while_the_node_runs_is_reported_once() {
     flip_in_place(&meta, 0.3);
     let get = |n: usize| {
         let out_dir = src.path().join(format!("got-{n}"));
-        std::fs::create_dir_all(&out_dir).unwrap();
-        let out = Scu::getscu()
-            .calling("GETSCU")
-            .arg("-P")
-            .out_dir(&out_dir)
-            .level("PATIENT")
-            .key("PatientID=PID0001")
-            .run(node.port);
+        let out = getscu_patient(node.port, "PID0001", &out_dir);
         (
             support::files_under(&out_dir).len(),
             support::output_text(&out),
@@ -531,9 +521,8 @@ fn block_checkpoint_file(node: &Node) -> PathBuf {
 /// written again, checkpoints resume.
 #[test]
 fn an_unwritable_checkpoint_file_stops_signing_and_refuses_the_start() {
-    let mut node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 10, 32, &[]);
+    let mut node = Node::checkpointing();
+    let (_src, files) = support::ct_series(10, 32);
     assert_ok(&node.storescu(&[], &files[..5]), "storescu");
     let (note, signed) = settled_checkpoint(&node, 6);
     let file = node.dir.join("ledger.checkpoint");
@@ -580,9 +569,8 @@ fn an_unwritable_checkpoint_file_stops_signing_and_refuses_the_start() {
 /// test for those —, so for the live one it is the checkpoint file that refuses.)
 #[test]
 fn a_deleted_write_ahead_log_is_refused() {
-    let mut node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 10, 32, &[]);
+    let mut node = Node::checkpointing();
+    let (_src, files) = support::ct_series(10, 32);
     assert_ok(&node.storescu(&[], &files), "storescu");
     settled_checkpoint(&node, 11);
     node.kill();

@@ -54,6 +54,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A known peer's table in a node's configuration: `[peers.NAME]`, its AE title and its port on
+/// 127.0.0.1. More keys of the same peer may follow it.
+pub fn peer(name: &str, ae: &str, port: u16) -> String {
+    format!("[peers.{name}]\nae_title = \"{ae}\"\nhost = \"127.0.0.1\"\nport = {port}\n")
+}
+
 impl Node {
     /// Starts a node on the embedded default backend.
     pub fn start() -> Node {
@@ -69,13 +75,14 @@ impl Node {
     pub fn start_with_peers(peers: &[(&str, &str, u16)]) -> Node {
         let toml: String = peers
             .iter()
-            .map(|(name, ae, port)| {
-                format!(
-                    "[peers.{name}]\nae_title = \"{ae}\"\nhost = \"127.0.0.1\"\nport = {port}\n"
-                )
-            })
+            .map(|(name, ae, port)| peer(name, ae, *port))
             .collect();
         Node::start_with(&[], &toml)
+    }
+
+    /// Starts a node that signs a checkpoint every second (`ledger.checkpoint_interval = 1`).
+    pub fn checkpointing() -> Node {
+        Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")])
     }
 
     /// Starts a node with environment overrides and extra TOML appended to its configuration.
@@ -209,31 +216,28 @@ impl Node {
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    assert!(
-                        status.success(),
-                        "node exited with {status}:\n{}",
-                        self.log()
-                    );
-                    return;
-                }
-                if Instant::now() > deadline {
+            match terminate(&mut child, Duration::from_secs(60)) {
+                Some(status) => assert!(
+                    status.success(),
+                    "node exited with {status}:\n{}",
+                    self.log()
+                ),
+                None => {
                     let _ = child.kill();
                     panic!("node did not stop within 60 s:\n{}", self.log());
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
         }
     }
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`) to the running node without waiting for it, so that
+    /// another thread may go on using the node meanwhile.
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.pid().expect("node running"), signal);
     }
 
     /// Waits for a node that was told to stop; asserts it exited cleanly.
@@ -302,6 +306,22 @@ impl Node {
     }
 }
 
+/// tests/support/send_exact.py (pynetdicom) to an SCP on 127.0.0.1, not yet started: it sends
+/// each file's data set exactly as stored, over one association, and prints a line `STATUS PATH`
+/// per file; it gives up on a silent peer after `timeout_secs`.
+pub fn send_exact_command(
+    port: u16,
+    called_ae: &str,
+    files: &[PathBuf],
+    timeout_secs: u32,
+) -> Command {
+    let mut c = script("send_exact.py");
+    c.args(["127.0.0.1", &port.to_string(), called_ae])
+        .args(files)
+        .env("SEND_EXACT_DIMSE_TIMEOUT", timeout_secs.to_string());
+    c
+}
+
 /// pynetdicom to any SCP on 127.0.0.1, sending each file's data set exactly as stored. Returns
 /// (status, path) pairs.
 pub fn send_exact_to(
@@ -310,12 +330,7 @@ pub fn send_exact_to(
     files: &[PathBuf],
     timeout_secs: u32,
 ) -> Vec<(Option<u16>, PathBuf)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/send_exact.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .args(["127.0.0.1", &port.to_string(), called_ae])
-        .args(files)
-        .env("SEND_EXACT_DIMSE_TIMEOUT", timeout_secs.to_string())
+    let out = send_exact_command(port, called_ae, files, timeout_secs)
         .output()
         .expect("run python3");
     assert!(
@@ -331,6 +346,30 @@ pub fn send_exact_to(
             Some((u16::from_str_radix(code, 16).ok(), PathBuf::from(path)))
         })
         .collect()
+}
+
+/// Sends `signal` (`TERM`, `KILL`) to process `pid`, as `kill -SIGNAL PID` does.
+pub fn send_signal(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// SIGTERM, then waits up to `within` for the process to exit: its status, or `None` if it still
+/// runs.
+fn terminate(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    send_signal(child.id(), "TERM");
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 impl Drop for Node {
@@ -476,24 +515,16 @@ impl Orthanc {
     /// Stops Orthanc (SIGTERM, then waits): the destination goes away.
     pub fn pause(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            if terminate(&mut child, Duration::from_secs(30)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
             }
         }
     }
 
     /// SOP Instance UID → SHA-256 (hex) of the data set bytes Orthanc stored, via its REST API.
     pub fn instances(&self) -> std::collections::BTreeMap<String, String> {
-        let out = Command::new("python3")
-            .arg(support_file("orthanc_instances.py"))
+        let out = script("orthanc_instances.py")
             .arg(self.http_port.to_string())
             .output()
             .expect("python3");
@@ -509,6 +540,13 @@ impl Drop for Orthanc {
             let _ = c.wait();
         }
     }
+}
+
+/// XORs byte `at` of `file` with `mask`, where it lies on disk: a tampered or damaged object.
+pub fn xor_byte(file: &Path, at: usize, mask: u8) {
+    let mut bytes = std::fs::read(file).unwrap();
+    bytes[at] ^= mask;
+    std::fs::write(file, bytes).unwrap();
 }
 
 /// SHA-256 (hex) of bytes.
@@ -624,6 +662,13 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// `python3 tests/support/NAME`, for more arguments.
+pub fn script(name: &str) -> Command {
+    let mut c = Command::new("python3");
+    c.arg(support_file(name));
+    c
+}
+
 /// A file of the test support directory (scripts, query sets).
 pub fn support_file(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -634,8 +679,7 @@ pub fn support_file(name: &str) -> PathBuf {
 /// Writes the small, varied C-FIND/C-MOVE corpus (tests/support/make_find_corpus.py) into
 /// `dir`; returns its files, sorted.
 pub fn make_find_corpus(dir: &Path) -> Vec<PathBuf> {
-    let st = Command::new("python3")
-        .arg(support_file("make_find_corpus.py"))
+    let st = script("make_find_corpus.py")
         .arg(dir)
         .status()
         .expect("python3");
@@ -653,8 +697,7 @@ pub fn make_series(
     size: usize,
     extra: &[&str],
 ) -> Vec<PathBuf> {
-    let st = Command::new("python3")
-        .arg(support_file("make_series.py"))
+    let st = script("make_series.py")
         .arg(out)
         .args(["--modality", modality, "--count", &count.to_string()])
         .args(["--rows", &size.to_string(), "--cols", &size.to_string()])
@@ -669,6 +712,14 @@ pub fn make_series(
         .collect();
     files.sort();
     files
+}
+
+/// A synthetic CT series of `count` instances of `size` x `size` pixels (one study, one patient),
+/// in a temporary directory that lasts as long as the returned handle.
+pub fn ct_series(count: usize, size: usize) -> (tempfile::TempDir, Vec<PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
+    let files = make_series(dir.path(), "CT", count, size, &[]);
+    (dir, files)
 }
 
 /// The last component of a path, as text.
