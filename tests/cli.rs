@@ -95,25 +95,15 @@ fn export_refuses_an_instance_whose_pixels_were_altered() {
         .iter()
         .all(|p| p.extension().is_some_and(|e| e == "dcm")));
     // The failure is a security event on the ledger, recorded by the running node.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    let text = node.wait_for(30, "a security event on the ledger", || {
         let out = node.run(&["verify", "--ledger-only"]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if text.contains("SECURITY EVENT") {
-            assert!(
-                text.contains("pixel data does not match the ledger")
-                    && text.contains("found by export"),
-                "{text}"
-            );
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no security event recorded:\n{text}\n{}",
-            node.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+        text.contains("SECURITY EVENT").then_some(text)
+    });
+    assert!(
+        text.contains("pixel data does not match the ledger") && text.contains("found by export"),
+        "{text}"
+    );
 }
 
 /// The Study Instance UID of a Part 10 file, via pydicom.

@@ -2,8 +2,6 @@
 //! verified with independent implementations (Go's note and tlog, as ported in `signed_note` and
 //! `tlog_tiles`), never with our own code.
 
-use std::time::{Duration, Instant};
-
 use base64::Engine;
 use tlog_tiles::tlog::{check_record, check_tree, record_hash, Hash};
 
@@ -56,22 +54,7 @@ fn proofs_from_the_cli_verify_with_independent_code() {
 
     // The newest checkpoint covers all 13 entries (the association's audit record and 12
     // stored instances) within a couple of intervals.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (size, root) = loop {
-        let out = node.run(&["checkpoint"]);
-        if out.status.success() {
-            let cp = verified_checkpoint(&String::from_utf8(out.stdout).unwrap(), &vkey);
-            if cp.0 == 13 {
-                break cp;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no checkpoint of 13 entries:\n{}",
-            node.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (size, root) = wait_for_checkpoint(&node, 13);
 
     for f in &files {
         let sent = support::read_part10(f).unwrap();
@@ -132,19 +115,17 @@ fn verify(node: &Node, extra: &[&str]) -> (i32, String) {
     )
 }
 
-fn wait_for_checkpoint(node: &Node, size: u64) {
+/// Waits (20 s at most) for the newest checkpoint to cover `size` entries; returns it, verified
+/// with the node's verifier key: (size, root).
+fn wait_for_checkpoint(node: &Node, size: u64) -> (u64, Hash) {
     let vkey = run(node, &["checkpoint", "--verifier-key"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    node.wait_for(20, &format!("a checkpoint of {size} entries"), || {
         let out = node.run(&["checkpoint"]);
-        if out.status.success()
-            && verified_checkpoint(&String::from_utf8(out.stdout).unwrap(), &vkey).0 == size
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no checkpoint of {size}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        out.status
+            .success()
+            .then(|| verified_checkpoint(&String::from_utf8(out.stdout).unwrap(), &vkey))
+            .filter(|cp| cp.0 == size)
+    })
 }
 
 /// Tampering with each layer is found by `verify`, which names the instance.

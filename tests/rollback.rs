@@ -147,6 +147,14 @@ fn verify(node: &Node, extra: &[&str]) -> (i32, String) {
     )
 }
 
+/// `verify --ledger-only --checkpoint SAVED`: the ledger held to a checkpoint saved earlier.
+fn verify_against(node: &Node, saved: &Path) -> (i32, String) {
+    verify(
+        node,
+        &["--ledger-only", "--checkpoint", saved.to_str().unwrap()],
+    )
+}
+
 /// The attack of issue 23, item 2: 20 instances stored and acknowledged, a checkpoint signed,
 /// kill -9, one byte flipped in the newest write-ahead log, at several offsets. Each time the
 /// node refuses to start (saying what to do) or starts with every acknowledged instance; no
@@ -212,10 +220,7 @@ fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
                     lost.len(),
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
-                let (code, text) = verify(
-                    &node,
-                    &["--ledger-only", "--checkpoint", saved.to_str().unwrap()],
-                );
+                let (code, text) = verify_against(&node, &saved);
                 assert_eq!(code, 0, "byte {at}: {text}");
             }
         }
@@ -249,10 +254,7 @@ fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
         "{}",
         std::fs::read_to_string(&log).unwrap()
     );
-    let (code, text) = verify(
-        &node,
-        &["--ledger-only", "--checkpoint", saved.to_str().unwrap()],
-    );
+    let (code, text) = verify_against(&node, &saved);
     assert_eq!(code, 1, "{text}");
     assert!(
         text.contains(&format!("signed for {signed} entries")) && text.contains("rolled back"),
@@ -296,12 +298,20 @@ fn a_ledger_older_than_its_checkpoint_file_is_refused() {
         "{text}"
     );
     assert_eq!(objects(&node), stored);
-    let (code, text) = verify(
-        &node,
-        &["--ledger-only", "--checkpoint", saved.to_str().unwrap()],
-    );
+    let (code, text) = verify_against(&node, &saved);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("rolled back"), "{text}");
+}
+
+/// A node with its admin listener and 100 CT instances stored, restarted once so that the log's
+/// contents are in table files: (node, admin port, the series).
+fn node_with_table_files() -> (Node, u16, (tempfile::TempDir, Vec<PathBuf>)) {
+    let mut node = Node::start_with_admin();
+    let admin = node.admin_port();
+    let series = support::ct_series(100, 32);
+    assert_ok(&node.storescu(&[], &series.1), "storescu");
+    node.restart();
+    (node, admin, series)
 }
 
 /// Issue 23, item 5: one byte changed in a table file. verify names the damage (exit 1) and
@@ -309,12 +319,7 @@ fn a_ledger_older_than_its_checkpoint_file_is_refused() {
 /// reports the damage on /health.
 #[test]
 fn a_damaged_table_file_is_reported_by_verify_the_log_the_trail_and_health() {
-    let mut node = Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
-    let admin = node.admin_port();
-    let (_src, files) = support::ct_series(100, 32);
-    assert_ok(&node.storescu(&[], &files), "storescu");
-    // The next start writes the log's contents into table files.
-    node.restart();
+    let (mut node, admin, _series) = node_with_table_files();
     node.stop();
     let sst = ledger_file(&node, "sst", true);
     flip(&sst, 0.5);
@@ -429,17 +434,13 @@ fn damage_alerts(node: &Node) -> Vec<serde_json::Value> {
 /// naming it, one error in the log and one security alert, however many queries meet it.
 #[test]
 fn a_table_file_damaged_while_the_node_runs_is_reported_once() {
-    let mut node = Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
-    let admin = node.admin_port();
-    let (src, files) = support::ct_series(100, 32);
-    assert_ok(&node.storescu(&[], &files), "storescu");
-    // The next start writes the log's contents into table files, then reads them all back.
-    node.restart();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !node.log().contains("every block's checksum intact") {
-        assert!(Instant::now() < deadline, "no read-back:\n{}", node.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (node, admin, (src, files)) = node_with_table_files();
+    // The start wrote the log's contents into table files, then reads them all back.
+    node.wait_for(30, "the read-back", || {
+        node.log()
+            .contains("every block's checksum intact")
+            .then_some(())
+    });
     assert_eq!(support::http_get(admin, "/health").0, 200);
 
     // The read-back passes blocks without caching them: the next query reads this one from

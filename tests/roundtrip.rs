@@ -16,6 +16,20 @@ fn export_instance(node: &Node, uid: &str) -> Part10 {
     support::read_part10(&files[0]).expect("export writes a Part 10 file")
 }
 
+/// Exports one study, which must succeed: what was written, by SOP Instance UID.
+fn export_study(node: &Node, study_uid: &str) -> HashMap<String, Part10> {
+    let out = tempfile::tempdir().unwrap();
+    assert_ok(
+        &node.export(&["--study", study_uid], out.path()),
+        &format!("export --study {study_uid}"),
+    );
+    support::files_under(out.path())
+        .iter()
+        .map(|p| support::read_part10(p).unwrap())
+        .map(|p| (p.sop_instance_uid.clone(), p))
+        .collect()
+}
+
 /// pydicom's corpus, which must be there.
 fn corpus() -> Vec<Part10> {
     let corpus = support::pydicom_corpus();
@@ -178,14 +192,7 @@ fn dcmtk_propose(ts: &str) -> &'static [&'static str] {
 }
 
 fn assert_series_round_trip(node: &Node, files: &[PathBuf], study_uid: &str) {
-    let out = tempfile::tempdir().unwrap();
-    let o = node.export(&["--study", study_uid], out.path());
-    assert_ok(&o, "export --study");
-    let exported: HashMap<String, Part10> = support::files_under(out.path())
-        .iter()
-        .map(|p| support::read_part10(p).unwrap())
-        .map(|p| (p.sop_instance_uid.clone(), p))
-        .collect();
+    let exported = export_study(node, study_uid);
     assert_eq!(exported.len(), files.len());
     for f in files {
         let sent = support::read_part10(f).unwrap();
@@ -395,16 +402,7 @@ fn graceful_shutdown_keeps_everything_acknowledged() {
     node.wait_exit_ok();
     assert!(node.log().contains("shutting down"), "{}", node.log());
     node.restart();
-    let out = tempfile::tempdir().unwrap();
-    assert_ok(
-        &node.export(&["--study", &dicom_study_uid(&files[0])], out.path()),
-        "export",
-    );
-    let exported: HashMap<String, Part10> = support::files_under(out.path())
-        .iter()
-        .map(|p| support::read_part10(p).unwrap())
-        .map(|p| (p.sop_instance_uid.clone(), p))
-        .collect();
+    let exported = export_study(&node, &dicom_study_uid(&files[0]));
     for f in &acknowledged {
         let sent = support::read_part10(f).unwrap();
         let got = exported.get(&sent.sop_instance_uid);
@@ -457,15 +455,7 @@ fn a_crash_never_loses_an_acknowledged_instance() {
         node.restart();
     }
     for series in [&a, &b] {
-        let out = tempfile::tempdir().unwrap();
-        let study = dicom_study_uid(&series[0]);
-        let o = node.export(&["--study", &study], out.path());
-        assert_ok(&o, "export after crashes");
-        let exported: HashMap<String, Part10> = support::files_under(out.path())
-            .iter()
-            .map(|p| support::read_part10(p).unwrap())
-            .map(|p| (p.sop_instance_uid.clone(), p))
-            .collect();
+        let exported = export_study(&node, &dicom_study_uid(&series[0]));
         for f in series.iter() {
             let sent = support::read_part10(f).unwrap();
             match exported.get(&sent.sop_instance_uid) {

@@ -80,6 +80,11 @@ impl Node {
         Node::start_with(&[], &toml)
     }
 
+    /// Starts a node with its admin listener (on port 0: see [`Node::admin_port`]).
+    pub fn start_with_admin() -> Node {
+        Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n")
+    }
+
     /// Starts a node that signs a checkpoint every second (`ledger.checkpoint_interval = 1`).
     pub fn checkpointing() -> Node {
         Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")])
@@ -211,6 +216,23 @@ impl Node {
     /// The port of the node's DICOM TLS listener.
     pub fn tls_port(&self) -> u16 {
         self.bound("tls").expect("a DICOM TLS listener").port()
+    }
+
+    /// Polls `f` every 200 ms until it returns `Some`, for at most `secs` seconds; fails naming
+    /// `what`, with the node's log.
+    pub fn wait_for<T>(&self, secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\nnode log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// SIGTERM and wait for a clean exit.
