@@ -409,14 +409,23 @@ pub struct Storescp {
 }
 
 impl Storescp {
+    /// storescp on a free port: it cannot bind port 0 and report what it got, so the port is
+    /// probed first, and probed again should another process take it meanwhile.
     pub fn start() -> Storescp {
-        Storescp::start_on(free_port())
+        (0..5)
+            .find_map(|_| Storescp::launch(free_port()))
+            .expect("storescp could not listen on a free port")
     }
 
     /// storescp on a given port (to bring a destination back where it was).
     pub fn start_on(port: u16) -> Storescp {
+        Storescp::launch(port).unwrap_or_else(|| panic!("storescp could not listen on {port}"))
+    }
+
+    /// storescp listening on `port`, or `None` if it exited (the port was taken).
+    fn launch(port: u16) -> Option<Storescp> {
         let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("/usr/bin/storescp")
+        let mut child = Command::new("/usr/bin/storescp")
             .args(["-aet", "STORESCP", "+B", "+xa", "-od"])
             .arg(dir.path())
             .arg(port.to_string())
@@ -425,12 +434,8 @@ impl Storescp {
             .stderr(Stdio::null())
             .spawn()
             .expect("run /usr/bin/storescp (apt-get install dcmtk)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "storescp did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Storescp { port, dir, child }
+        wait_listening(&mut child, &[port], Duration::from_secs(30), "storescp")
+            .then_some(Storescp { port, dir, child })
     }
 
     /// Everything storescp has recorded so far.
@@ -467,6 +472,56 @@ impl Storescp {
     }
 }
 
+/// Waits until `child` listens on every one of `ports` (its own sockets, not whoever answers
+/// there): false if it exits first; fails after `within`.
+fn wait_listening(child: &mut Child, ports: &[u16], within: Duration, what: &str) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if ports.iter().all(|p| listens_on(child.id(), *p)) {
+            return true;
+        }
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether process `pid` holds a listening TCP socket on `port`: the socket inodes among its
+/// descriptors (/proc/PID/fd) against the listening sockets of /proc/net/tcp and tcp6.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let inodes: std::collections::HashSet<String> = fds
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?;
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                // sl, local address (hex IP:port), remote address, state (0A: LISTEN), ..., inode
+                f.len() > 9
+                    && f[3] == "0A"
+                    && f[1]
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| u16::from_str_radix(p, 16).ok())
+                        == Some(port)
+                    && inodes.contains(f[9])
+            })
+    })
+}
+
 impl Drop for Storescp {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -484,12 +539,19 @@ pub struct Orthanc {
 }
 
 impl Orthanc {
+    /// Orthanc on two free ports, probed as for [`Storescp::start`].
     pub fn start() -> Orthanc {
+        (0..5)
+            .find_map(|_| Orthanc::launch(free_port(), free_port()))
+            .expect("Orthanc could not listen on free ports")
+    }
+
+    /// Orthanc listening on its two ports, or `None` if it exited (a port was taken).
+    fn launch(dicom_port: u16, http_port: u16) -> Option<Orthanc> {
         let dir = tempfile::Builder::new()
             .prefix("orthanc-test-")
             .tempdir()
             .unwrap();
-        let (dicom_port, http_port) = (free_port(), free_port());
         let cfg = serde_json::json!({
             "Name": "test", "StorageDirectory": dir.path().join("db"),
             "IndexDirectory": dir.path().join("db"), "DicomAet": "ORTHANC",
@@ -505,13 +567,21 @@ impl Orthanc {
             dir,
             child: None,
         };
-        o.resume();
-        o
+        o.spawn().then_some(o)
     }
 
-    /// Starts Orthanc (again) on the same storage and ports.
+    /// Starts Orthanc again on the same storage and ports.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "Orthanc already runs");
+        assert!(
+            self.spawn(),
+            "Orthanc exited at start (its port taken?):\n{}",
+            std::fs::read_to_string(self.dir.path().join("orthanc.log")).unwrap_or_default()
+        );
+    }
+
+    /// Runs Orthanc on its configuration until it listens on both ports: false if it exits.
+    fn spawn(&mut self) -> bool {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -524,14 +594,9 @@ impl Orthanc {
             .stderr(log)
             .spawn()
             .expect("run /usr/sbin/Orthanc (apt-get install orthanc)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", self.dicom_port)).is_err()
-        {
-            assert!(Instant::now() < deadline, "Orthanc did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let child = self.child.insert(child);
+        let ports = [self.http_port, self.dicom_port];
+        wait_listening(child, &ports, Duration::from_secs(60), "Orthanc")
     }
 
     /// Stops Orthanc (SIGTERM, then waits): the destination goes away.
