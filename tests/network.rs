@@ -350,7 +350,8 @@ fn status_of(cmd: &[u8]) -> u16 {
     panic!("no status in the response");
 }
 
-fn store_command(uid: &str) -> Vec<u8> {
+/// A C-STORE-RQ command set (PS3.7 §9.3.1.1) for CT Image Storage instance `uid`, with a data set.
+pub(crate) fn store_command(uid: &str) -> Vec<u8> {
     command(&[
         (0x0000_0002, CT.as_bytes().to_vec()),
         (0x0000_0100, 1u16.to_le_bytes().to_vec()),

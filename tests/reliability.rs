@@ -346,14 +346,7 @@ fn an_object_store_outage_mid_ingest_fails_with_a700_and_nothing_acknowledged_is
 fn start_a_stalled_store(port: u16, file: &Path) -> TcpStream {
     let mut s = crate::network::associate(port, 16384);
     let p = support::read_part10(file).unwrap();
-    let command = crate::network::command(&[
-        (0x0000_0002, b"1.2.840.10008.5.1.4.1.1.2".to_vec()),
-        (0x0000_0100, 1u16.to_le_bytes().to_vec()),
-        (0x0000_0110, 9u16.to_le_bytes().to_vec()),
-        (0x0000_0700, 0u16.to_le_bytes().to_vec()),
-        (0x0000_0800, 0u16.to_le_bytes().to_vec()),
-        (0x0000_1000, p.sop_instance_uid.as_bytes().to_vec()),
-    ]);
+    let command = crate::network::store_command(&p.sop_instance_uid);
     crate::network::pdv(&mut s, 1, true, true, &command);
     crate::network::pdv(&mut s, 1, false, false, &p.dataset[..p.dataset.len() / 2]);
     s
