@@ -336,14 +336,7 @@ fn a_damaged_table_file_is_reported_by_verify_the_log_the_trail_and_health() {
 
     node.restart();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let health = loop {
-        let (status, body) = support::http_get(admin, "/health");
-        if status == 503 {
-            break body;
-        }
-        assert!(Instant::now() < deadline, "/health: {status} {body}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let health = unhealthy_by(admin, deadline);
     assert!(health.contains("ledger damaged"), "{health}");
     assert!(
         node.log().contains("the ledger is damaged"),
@@ -361,6 +354,18 @@ fn a_damaged_table_file_is_reported_by_verify_the_log_the_trail_and_health() {
         std::thread::sleep(Duration::from_millis(250));
     };
     assert!(trail.contains("ledger damaged"), "{trail}");
+}
+
+/// Polls /health on the admin port until it answers 503, by `deadline`: the body.
+fn unhealthy_by(admin: u16, deadline: Instant) -> String {
+    loop {
+        let (status, body) = support::http_get(admin, "/health");
+        if status == 503 {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "/health: {status} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// XORs one byte of `file` at `fraction` of its length where it lies, as a failing disk would
@@ -467,14 +472,7 @@ fn a_table_file_damaged_while_the_node_runs_is_reported_once() {
     assert!(got < files.len(), "the damaged block was not read: {text}");
 
     let deadline = Instant::now() + Duration::from_secs(30);
-    let health = loop {
-        let (status, body) = support::http_get(admin, "/health");
-        if status == 503 {
-            break body;
-        }
-        assert!(Instant::now() < deadline, "/health: {status} {body}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let health = unhealthy_by(admin, deadline);
     let name = support::file_name(&meta);
     assert!(
         health.contains("ledger damaged") && health.contains(&name),
