@@ -135,6 +135,16 @@ fn try_serve(node: &Node, log: &Path) -> Result<std::process::Child, (i32, Strin
     }
 }
 
+/// Runs `serve` as [`try_serve`] does, logging to `log` in the node's directory; the node must
+/// refuse to start (exit with a failure): what it said.
+fn refused_start(node: &Node, log: &str) -> String {
+    let (code, text) = try_serve(node, &node.dir.join(log))
+        .map(|_| ())
+        .unwrap_err();
+    assert_ne!(code, 0);
+    text
+}
+
 fn verify(node: &Node, extra: &[&str]) -> (i32, String) {
     let out = node.run(&[&["verify"], extra].concat());
     (
@@ -287,10 +297,7 @@ fn a_ledger_older_than_its_checkpoint_file_is_refused() {
     node.stop();
     let stored = objects(&node);
     copy_tree(&old.path().join("ledger"), &node.dir.join("ledger"));
-    let (code, text) = try_serve(&node, &node.dir.join("old.log"))
-        .map(|_| ())
-        .unwrap_err();
-    assert_ne!(code, 0);
+    let text = refused_start(&node, "old.log");
     assert!(
         text.contains("does not hold the checkpoint signed last")
             && text.contains("signed entries are gone")
@@ -542,10 +549,7 @@ fn an_unwritable_checkpoint_file_stops_signing_and_refuses_the_start() {
         node.log()
     );
     node.stop();
-    let (code, text) = try_serve(&node, &node.dir.join("blocked.log"))
-        .map(|_| ())
-        .unwrap_err();
-    assert_ne!(code, 0);
+    let text = refused_start(&node, "blocked.log");
     assert!(
         text.contains("cannot write the checkpoint file")
             && text.contains(&*file.to_string_lossy()),
@@ -577,11 +581,8 @@ fn a_deleted_write_ahead_log_is_refused() {
     assert_eq!(stored.len(), 10);
     let wal = ledger_file(&node, "log", false);
     std::fs::remove_file(&wal).unwrap();
-    let (code, text) = try_serve(&node, &node.dir.join("deleted.log"))
-        .map(|_| ())
-        .unwrap_err();
+    let text = refused_start(&node, "deleted.log");
     eprintln!("{} deleted: {text}", wal.display());
-    assert_ne!(code, 0);
     assert!(text.contains("accept-rollback"), "{text}");
     assert!(!text.contains("reconciled"), "{text}");
     assert_eq!(objects(&node), stored);
