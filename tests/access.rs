@@ -50,8 +50,7 @@ permissions = ["echo"]
         &peers,
     );
     let port = node.port;
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 3, 32, &[]);
+    let (_src, files) = support::ct_series(3, 32);
 
     // Unknown calling AE titles: no association at all.
     let stranger = Scu::echoscu().calling("STRANGER").run(port);
@@ -139,8 +138,7 @@ permissions = ["find", "move"]
         &peers,
     );
     let target = node.target();
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 600, 128, &[]);
+    let (_src, files) = support::ct_series(600, 128);
     let mut store_args = vec!["--aet", "CT1", "store", target.as_str()];
     let paths: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     store_args.extend(paths.iter().map(String::as_str));
@@ -244,14 +242,10 @@ fn the_audit_trail_records_every_operation_type_without_patient_data() {
     let scp = Storescp::start();
     let node = Node::start_with(
         &[("DICOMCHAIN__ADMIN__LISTEN", "127.0.0.1:0")],
-        &format!(
-            "[peers.archive]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n",
-            scp.port
-        ),
+        &support::peer("archive", "STORESCP", scp.port),
     );
     let port = node.port;
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 2, 32, &[]);
+    let (_src, files) = support::ct_series(2, 32);
 
     assert_ok(&node.echoscu(), "echoscu");
     let wrong = Scu::echoscu().called("NOT-US").run(port);

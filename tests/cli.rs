@@ -65,9 +65,8 @@ fn bad_configuration_names_the_key_and_exits_2() {
 
 #[test]
 fn export_refuses_an_instance_whose_pixels_were_altered() {
-    let node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 3, 64, &[]);
+    let node = Node::checkpointing();
+    let (_src, files) = support::ct_series(3, 64);
     assert_ok(&node.storescu(&[], &files), "storescu");
     // Flip one byte in one pixel object, as a tampering cloud provider would.
     let objects: Vec<_> = support::files_under(&node.dir.join("objects"))
@@ -75,10 +74,7 @@ fn export_refuses_an_instance_whose_pixels_were_altered() {
         .filter(|p| !p.starts_with(node.dir.join("objects/tmp")))
         .collect();
     assert_eq!(objects.len(), 3);
-    let victim = &objects[0];
-    let mut bytes = std::fs::read(victim).unwrap();
-    bytes[100] ^= 0xFF;
-    std::fs::write(victim, bytes).unwrap();
+    support::xor_byte(&objects[0], 100, 0xFF);
 
     let study_uid = dicom_study_uid(&files[0]);
     let out_dir = tempfile::tempdir().unwrap();
@@ -99,25 +95,15 @@ fn export_refuses_an_instance_whose_pixels_were_altered() {
         .iter()
         .all(|p| p.extension().is_some_and(|e| e == "dcm")));
     // The failure is a security event on the ledger, recorded by the running node.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    let text = node.wait_for(30, "a security event on the ledger", || {
         let out = node.run(&["verify", "--ledger-only"]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if text.contains("SECURITY EVENT") {
-            assert!(
-                text.contains("pixel data does not match the ledger")
-                    && text.contains("found by export"),
-                "{text}"
-            );
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no security event recorded:\n{text}\n{}",
-            node.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+        text.contains("SECURITY EVENT").then_some(text)
+    });
+    assert!(
+        text.contains("pixel data does not match the ledger") && text.contains("found by export"),
+        "{text}"
+    );
 }
 
 /// The Study Instance UID of a Part 10 file, via pydicom.

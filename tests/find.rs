@@ -3,7 +3,7 @@
 //! node's own code never computes an expectation.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use crate::support::{self, support_file, Node, Scu, AE};
 
@@ -44,8 +44,7 @@ fn store_all(node: &Node, files: &[PathBuf]) {
 
 /// Runs the oracle against the node; panics with its report unless every query agreed.
 fn check(node: &Node, files: &[PathBuf], queries: &Path, extra: &[&str]) {
-    let out = Command::new("python3")
-        .arg(support_file("find_check.py"))
+    let out = support::script("find_check.py")
         .args(["--port", &node.port.to_string(), "--aec", AE])
         .arg("--queries")
         .arg(queries)
@@ -303,8 +302,7 @@ fn findscu_patient_and_study_root_at_every_level() {
         .collect();
     let qfile = dir.path().join("queries.json");
     std::fs::write(&qfile, serde_json::to_vec(&oracle).unwrap()).unwrap();
-    let out = Command::new("python3")
-        .arg(support_file("find_check.py"))
+    let out = support::script("find_check.py")
         .args(["--expect-only", "--queries"])
         .arg(&qfile)
         .arg("--files")

@@ -37,22 +37,6 @@ fn assert_same(got: &BTreeMap<String, String>, want: &BTreeMap<String, String>, 
     );
 }
 
-/// Polls `f` until it returns `Some`, or fails with `what` and the node's log.
-fn wait_for<T>(node: &Node, secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\nnode log:\n{}",
-            node.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn forward_status(node: &Node) -> Vec<serde_json::Value> {
     let out = node.run(&["forward", "status", "--json"]);
     assert_ok(&out, "dicomchain forward status --json");
@@ -61,7 +45,7 @@ fn forward_status(node: &Node) -> Vec<serde_json::Value> {
 
 /// Waits until a destination has nothing pending and nothing given up.
 fn settled(node: &Node, name: &str) {
-    wait_for(node, 30, &format!("{name} to settle"), || {
+    node.wait_for(30, &format!("{name} to settle"), || {
         let s = forward_status(node);
         let d = destination(&s, name);
         (d["pending"] == 0 && d["failed"] == 0).then_some(())
@@ -93,7 +77,7 @@ fn outcome_entries(node: &Node) -> Vec<(u64, String, u16)> {
 
 /// Waits until Orthanc holds at least `n` instances; returns what it holds.
 fn in_orthanc(node: &Node, orthanc: &Orthanc, n: usize) -> BTreeMap<String, String> {
-    wait_for(node, 60, "every instance in Orthanc", || {
+    node.wait_for(60, "every instance in Orthanc", || {
         let got = orthanc.instances();
         (got.len() >= n).then_some(got)
     })
@@ -125,14 +109,15 @@ fn forwards_to_orthanc_byte_exact_through_an_outage_and_a_crash() {
     let copy = Storescp::start();
     let mut node = Node::start_with(
         &[],
-        &format!(
-            "[peers.pacs]\nae_title = \"ORTHANC\"\nhost = \"127.0.0.1\"\nport = {}\n\
-             [peers.copy]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n\
-             [[forward]]\ndestination = \"pacs\"\n\
+        &[
+            support::peer("pacs", "ORTHANC", orthanc.dicom_port),
+            support::peer("copy", "STORESCP", copy.port),
+            "[[forward]]\ndestination = \"pacs\"\n\
              [[forward]]\ndestination = \"copy\"\n\
-             [forwarding]\nretry_initial_ms = 200\nretry_max_secs = 1\nidle_release_secs = 1\n",
-            orthanc.dicom_port, copy.port
-        ),
+             [forwarding]\nretry_initial_ms = 200\nretry_max_secs = 1\nidle_release_secs = 1\n"
+                .into(),
+        ]
+        .concat(),
     );
     let mut sent = BTreeMap::new();
     let send =
@@ -176,7 +161,7 @@ fn forwards_to_orthanc_byte_exact_through_an_outage_and_a_crash() {
         &generated,
         "the generated series reach Orthanc byte for byte",
     );
-    let on_wire = wait_for(&node, 60, "the bit-preserving copy", || {
+    let on_wire = node.wait_for(60, "the bit-preserving copy", || {
         let got = received(&copy);
         (got.len() >= sent.len()).then_some(got)
     });
@@ -186,15 +171,10 @@ fn forwards_to_orthanc_byte_exact_through_an_outage_and_a_crash() {
         "dicomchain forwards exactly what it received",
     );
     settled(&node, "pacs");
-    let outcomes = wait_for(
-        &node,
-        30,
-        "an outcome entry per instance and destination",
-        || {
-            let o = outcome_entries(&node);
-            (o.len() >= 2 * sent.len()).then_some(o)
-        },
-    );
+    let outcomes = node.wait_for(30, "an outcome entry per instance and destination", || {
+        let o = outcome_entries(&node);
+        (o.len() >= 2 * sent.len()).then_some(o)
+    });
     assert_eq!(
         outcomes.len(),
         2 * sent.len(),
@@ -208,7 +188,7 @@ fn forwards_to_orthanc_byte_exact_through_an_outage_and_a_crash() {
     orthanc.pause();
     let during = support::make_series(&tmp.path().join("during"), "CT", 8, 64, &[]);
     send(&node, &mut sent, &during, true);
-    wait_for(&node, 30, "the queue to show the outage", || {
+    node.wait_for(30, "the queue to show the outage", || {
         let s = forward_status(&node);
         let p = destination(&s, "pacs").clone();
         (p["pending"] == 8 && !p["last_error"].is_null()).then_some(p)
@@ -263,8 +243,7 @@ struct Refuser {
 impl Refuser {
     /// Starts the SCP on a port of its own choosing and returns once it listens there.
     fn start(status: &str, log: PathBuf) -> (Refuser, u16) {
-        let mut child = Command::new("python3")
-            .arg(support::support_file("refusing_scp.py"))
+        let mut child = support::script("refusing_scp.py")
             .args(["0", status])
             .arg(&log)
             .stdout(Stdio::piped())
@@ -315,16 +294,17 @@ fn rules_route_refusals_are_given_up_and_retry_requeues_them() {
     let (refuser, flaky_port) = Refuser::start("A700", tmp.path().join("attempts.log"));
     let mut node = Node::start_with(
         &[("DICOMCHAIN__NODE__MAX_RETRIEVE_BUFFER_BYTES", "16384")],
-        &format!(
-            "[peers.ctpacs]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n\
-             [peers.archive]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n\
-             [peers.flaky]\nae_title = \"REFUSER\"\nhost = \"127.0.0.1\"\nport = {flaky_port}\n\
-             [[forward]]\ndestination = \"ctpacs\"\nmodality = [\"ct\"]\ncalling_ae = [\"CT1\"]\n\
+        &[
+            support::peer("ctpacs", "STORESCP", ct_pacs.port),
+            support::peer("archive", "STORESCP", archive.port),
+            support::peer("flaky", "REFUSER", flaky_port),
+            "[[forward]]\ndestination = \"ctpacs\"\nmodality = [\"ct\"]\ncalling_ae = [\"CT1\"]\n\
              [[forward]]\ndestination = \"archive\"\n\
              [[forward]]\ndestination = \"flaky\"\nmodality = [\"MR\"]\n\
-             [forwarding]\nmax_attempts = 2\nretry_initial_ms = 100\nretry_max_secs = 1\n",
-            ct_pacs.port, archive.port
-        ),
+             [forwarding]\nmax_attempts = 2\nretry_initial_ms = 100\nretry_max_secs = 1\n"
+                .into(),
+        ]
+        .concat(),
     );
     // CT instances above the retrieval buffer limit stream out of the object store while they
     // are sent; the MR ones go whole.
@@ -337,7 +317,7 @@ fn rules_route_refusals_are_given_up_and_retry_requeues_them() {
 
     let all: BTreeMap<String, String> =
         digests(&[ct.clone(), mr.clone(), other_ct.clone()].concat());
-    let got = wait_for(&node, 60, "the archive to receive everything", || {
+    let got = node.wait_for(60, "the archive to receive everything", || {
         let got = received(&archive);
         (got.len() >= all.len()).then_some(got)
     });
@@ -346,7 +326,7 @@ fn rules_route_refusals_are_given_up_and_retry_requeues_them() {
         &all,
         "the catch-all rule forwards everything byte-exact",
     );
-    let got = wait_for(&node, 60, "the CT PACS", || {
+    let got = node.wait_for(60, "the CT PACS", || {
         let got = received(&ct_pacs);
         (got.len() >= ct.len()).then_some(got)
     });
@@ -404,15 +384,10 @@ fn rules_route_refusals_are_given_up_and_retry_requeues_them() {
         .unwrap();
     assert!(st.success());
     storescu(&node, "MR1", std::slice::from_ref(&v2));
-    wait_for(
-        &node,
-        60,
-        "the new version to supersede the given-up one",
-        || {
-            let s = forward_status(&node);
-            (destination(&s, "flaky")["failed"] == 2).then_some(())
-        },
-    );
+    node.wait_for(60, "the new version to supersede the given-up one", || {
+        let s = forward_status(&node);
+        (destination(&s, "flaky")["failed"] == 2).then_some(())
+    });
     let out = node.run(&["forward", "retry", "--destination", "flaky"]);
     assert_ok(&out, "forward retry");
     assert!(
@@ -422,7 +397,7 @@ fn rules_route_refusals_are_given_up_and_retry_requeues_them() {
     );
     let mut want = digests(&mr[1..]);
     want.extend(digests(std::slice::from_ref(&v2)));
-    let got = wait_for(&node, 60, "the retried MR", || {
+    let got = node.wait_for(60, "the retried MR", || {
         let got = received(&fixed);
         (got.len() >= mr.len()).then_some(got)
     });

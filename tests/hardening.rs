@@ -12,11 +12,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::{self, output_text as text, Node, Scu, AE};
+use crate::support::dcmtk::getscu_patient;
+use crate::support::{self, output_text as text, Node, AE};
 
 /// A node with its admin listener: (node, admin port, token).
 fn admin_node() -> (Node, u16, String) {
-    let node = Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let node = Node::start_with_admin();
     let admin = node.admin_port();
     let token = std::fs::read_to_string(node.dir.join("var/admin-token"))
         .unwrap()
@@ -336,18 +337,9 @@ fn an_integrity_alert_names_the_requester_its_address_and_a_failure() {
     // Alter one pixel object on disk.
     let objects = support::files_under(&node.dir.join("objects"));
     assert_eq!(objects.len(), 3);
-    let mut bytes = std::fs::read(&objects[1]).unwrap();
-    bytes[100] ^= 0xFF;
-    std::fs::write(&objects[1], bytes).unwrap();
+    support::xor_byte(&objects[1], 100, 0xFF);
     let out_dir = dir.path().join("got");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let get = Scu::getscu()
-        .calling("GETSCU")
-        .arg("-P")
-        .out_dir(&out_dir)
-        .level("PATIENT")
-        .key("PatientID=PID0001")
-        .run(node.port);
+    let get = getscu_patient(node.port, "PID0001", &out_dir);
     assert_eq!(
         support::files_under(&out_dir).len(),
         2,
@@ -355,23 +347,13 @@ fn an_integrity_alert_names_the_requester_its_address_and_a_failure() {
         text(&get)
     );
     // The security event reaches the ledger from the spool within a few seconds.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let alert = loop {
-        let found = node.security_alerts().into_iter().find(|e| {
+    let alert = node.wait_for(30, "an integrity alert", || {
+        node.security_alerts().into_iter().find(|e| {
             e["detail"]
                 .as_str()
                 .is_some_and(|d| d.starts_with("integrity failure"))
-        });
-        if let Some(e) = found {
-            break e;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no integrity alert:\n{}",
-            node.log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+        })
+    });
     assert_eq!(alert["calling_ae"], "GETSCU", "{alert}");
     let peer = alert["peer"].as_str().unwrap_or("");
     assert!(peer.starts_with("127.0.0.1:"), "{alert}");

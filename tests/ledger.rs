@@ -2,8 +2,6 @@
 //! verified with independent implementations (Go's note and tlog, as ported in `signed_note` and
 //! `tlog_tiles`), never with our own code.
 
-use std::time::{Duration, Instant};
-
 use base64::Engine;
 use tlog_tiles::tlog::{check_record, check_tree, record_hash, Hash};
 
@@ -43,9 +41,8 @@ fn verified_checkpoint(note: &str, vkey: &str) -> (u64, Hash) {
 
 #[test]
 fn proofs_from_the_cli_verify_with_independent_code() {
-    let node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 12, 32, &[]);
+    let node = Node::checkpointing();
+    let (_src, files) = support::ct_series(12, 32);
     assert_ok(&node.storescu(&[], &files), "storescu");
     let vkey = run(&node, &["checkpoint", "--verifier-key"]);
     let key_file = node.dir.join("var/ledger-signing.key");
@@ -57,22 +54,7 @@ fn proofs_from_the_cli_verify_with_independent_code() {
 
     // The newest checkpoint covers all 13 entries (the association's audit record and 12
     // stored instances) within a couple of intervals.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (size, root) = loop {
-        let out = node.run(&["checkpoint"]);
-        if out.status.success() {
-            let cp = verified_checkpoint(&String::from_utf8(out.stdout).unwrap(), &vkey);
-            if cp.0 == 13 {
-                break cp;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no checkpoint of 13 entries:\n{}",
-            node.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (size, root) = wait_for_checkpoint(&node, 13);
 
     for f in &files {
         let sent = support::read_part10(f).unwrap();
@@ -133,27 +115,24 @@ fn verify(node: &Node, extra: &[&str]) -> (i32, String) {
     )
 }
 
-fn wait_for_checkpoint(node: &Node, size: u64) {
+/// Waits (20 s at most) for the newest checkpoint to cover `size` entries; returns it, verified
+/// with the node's verifier key: (size, root).
+fn wait_for_checkpoint(node: &Node, size: u64) -> (u64, Hash) {
     let vkey = run(node, &["checkpoint", "--verifier-key"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    node.wait_for(20, &format!("a checkpoint of {size} entries"), || {
         let out = node.run(&["checkpoint"]);
-        if out.status.success()
-            && verified_checkpoint(&String::from_utf8(out.stdout).unwrap(), &vkey).0 == size
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no checkpoint of {size}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        out.status
+            .success()
+            .then(|| verified_checkpoint(&String::from_utf8(out.stdout).unwrap(), &vkey))
+            .filter(|cp| cp.0 == size)
+    })
 }
 
 /// Tampering with each layer is found by `verify`, which names the instance.
 #[test]
 fn verify_finds_tampering_in_every_layer() {
-    let mut node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 6, 32, &[]);
+    let mut node = Node::checkpointing();
+    let (_src, files) = support::ct_series(6, 32);
     assert_ok(&node.storescu(&[], &files), "storescu");
     // The association's audit record, then the 6 stored instances.
     wait_for_checkpoint(&node, 7);
@@ -183,10 +162,7 @@ fn verify_finds_tampering_in_every_layer() {
         node.dir.join("objects").join(&name[..2]).join(&name)
     };
     // 1. A flipped byte in one pixel object; 2. another object deleted; 3. a stray object.
-    let victim = object_of(0);
-    let mut bytes = std::fs::read(&victim).unwrap();
-    bytes[10] ^= 0x01;
-    std::fs::write(&victim, bytes).unwrap();
+    support::xor_byte(&object_of(0), 10, 0x01);
     std::fs::remove_file(object_of(1)).unwrap();
     std::fs::write(node.dir.join("objects/ab").join("ab".repeat(32)), b"stray").unwrap();
     let (code, text) = verify(&node, &[]);
@@ -274,8 +250,7 @@ fn verify_finds_tampering_in_every_layer() {
 #[test]
 fn an_object_lost_before_its_acknowledgement_is_recorded_and_stored_again() {
     let mut node = Node::start();
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 3, 32, &[]);
+    let (_src, files) = support::ct_series(3, 32);
     assert_ok(&node.storescu(&[], &files), "storescu");
     let sent = support::read_part10(&files[0]).unwrap();
     node.stop();

@@ -132,9 +132,12 @@ fn echo_as(port: u16, aet: &str) -> std::process::Output {
 fn idle_and_trickling_connections_do_not_lock_out_a_known_peer() {
     let keys = tempfile::tempdir().unwrap();
     let pki = crate::tls::Pki::new(keys.path());
-    let peers = "[peers.admin]\nae_title = \"ADMIN\"\nhost = \"127.0.0.1\"\nport = 1\n\
-         [peers.idler]\nae_title = \"IDLER\"\nhost = \"127.0.0.1\"\nport = 1\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n";
+    let peers = [
+        support::peer("admin", "ADMIN", 1),
+        support::peer("idler", "IDLER", 1),
+        "[admin]\nlisten = \"127.0.0.1:0\"\n".into(),
+    ]
+    .concat();
     let node = Node::start_with(
         &[
             ("DICOMCHAIN__NODE__ALLOW_UNKNOWN_PEERS", "false"),
@@ -142,7 +145,7 @@ fn idle_and_trickling_connections_do_not_lock_out_a_known_peer() {
             ("DICOMCHAIN__NODE__TLS__CERT", &pki.path("server.crt")),
             ("DICOMCHAIN__NODE__TLS__KEY", &pki.path("server.key")),
         ],
-        peers,
+        &peers,
     );
     let (tls_port, admin) = (node.tls_port(), node.admin_port());
     // A known AE title holds every association it can get and stays idle (the idle timeout is
@@ -226,7 +229,7 @@ fn idle_and_trickling_connections_do_not_lock_out_a_known_peer() {
 fn a_flood_of_rejected_associations_adds_a_few_entries_per_source() {
     let mut node = Node::start_with(
         &[("DICOMCHAIN__NODE__ALLOW_UNKNOWN_PEERS", "false")],
-        "[peers.admin]\nae_title = \"ADMIN\"\nhost = \"127.0.0.1\"\nport = 1\n",
+        &support::peer("admin", "ADMIN", 1),
     );
     let port = node.port;
     let sources: Vec<IpAddr> = (2..6)
@@ -341,7 +344,7 @@ fn associations_held_idle_under_a_known_title_give_way_to_the_real_peer() {
             ("DICOMCHAIN__NODE__MAX_ASSOCIATIONS_PER_AE", "4"),
             ("DICOMCHAIN__NODE__RECLAIM_IDLE_SECS", "2"),
         ],
-        "[peers.admin]\nae_title = \"ADMIN\"\nhost = \"127.0.0.1\"\nport = 1\n",
+        &support::peer("admin", "ADMIN", 1),
     );
     let mut held = hold_associations_from("127.0.0.2".parse().unwrap(), node.port, "ADMIN", 4);
     assert_eq!(held.len(), 4);

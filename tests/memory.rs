@@ -3,7 +3,6 @@
 //! start does not replay them into unbounded memtables.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::{self, Node, AE};
@@ -21,8 +20,7 @@ const RESTART_MIB: u64 = 320;
 #[test]
 fn sixteen_parallel_60_mib_private_elements_stay_within_max_bytes_in_flight() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new("python3")
-        .arg(support::support_file("make_big_private.py"))
+    let out = support::script("make_big_private.py")
         .arg(tmp.path())
         .args(["--count", "16", "--mib", "60"])
         .output()

@@ -350,7 +350,8 @@ fn status_of(cmd: &[u8]) -> u16 {
     panic!("no status in the response");
 }
 
-fn store_command(uid: &str) -> Vec<u8> {
+/// A C-STORE-RQ command set (PS3.7 §9.3.1.1) for CT Image Storage instance `uid`, with a data set.
+pub(crate) fn store_command(uid: &str) -> Vec<u8> {
     command(&[
         (0x0000_0002, CT.as_bytes().to_vec()),
         (0x0000_0100, 1u16.to_le_bytes().to_vec()),
@@ -377,6 +378,15 @@ fn implicit_start(uid: &str) -> Vec<u8> {
         implicit(0x0020_000E, &pad("1.2.3.77.1")),
     ]
     .concat()
+}
+
+/// Appends `depth` undefined-length sequences, each with an item of undefined length open
+/// inside it: nesting that only as many delimiters would close.
+fn open_sequences(data: &mut Vec<u8>, depth: usize) {
+    for _ in 0..depth {
+        data.extend_from_slice(&implicit_header(0x0040_A730, u32::MAX));
+        data.extend_from_slice(&implicit_header(0xFFFE_E000, u32::MAX));
+    }
 }
 
 /// A C-STORE on a fresh association of `data` (sent in PDVs of at most 16 KiB); how it ended.
@@ -471,20 +481,14 @@ fn malformed_input_ends_in_an_abort_or_a_failure_and_the_node_keeps_serving() {
     ));
     // 200 000 undefined-length sequences and items opened inside each other, never closed (3 MB).
     let mut bomb = implicit_start("1.2.3.77.4");
-    for _ in 0..200_000 {
-        bomb.extend_from_slice(&implicit_header(0x0040_A730, u32::MAX));
-        bomb.extend_from_slice(&implicit_header(0xFFFE_E000, u32::MAX));
-    }
+    open_sequences(&mut bomb, 200_000);
     cases.push((
         "undefined-length sequence bomb",
         store_raw(port, "1.2.3.77.4", &bomb),
     ));
     // 10 000 levels of nesting, every one closed: well formed, but deeper than anyone needs.
     let mut deep = implicit_start("1.2.3.77.5");
-    for _ in 0..10_000 {
-        deep.extend_from_slice(&implicit_header(0x0040_A730, u32::MAX));
-        deep.extend_from_slice(&implicit_header(0xFFFE_E000, u32::MAX));
-    }
+    open_sequences(&mut deep, 10_000);
     for _ in 0..10_000 {
         deep.extend_from_slice(&implicit_header(0xFFFE_E00D, 0));
         deep.extend_from_slice(&implicit_header(0xFFFE_E0DD, 0));

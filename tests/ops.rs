@@ -351,17 +351,10 @@ fn metrics_count_what_happened_and_health_follows_the_object_store() {
     use crate::support::s3server::S3Server;
     let root = tempfile::tempdir().unwrap();
     let mut server = S3Server::start(root.path());
-    let node = Node::start_with(
-        &[
-            ("DICOMCHAIN__STORE__BACKEND", "s3"),
-            ("DICOMCHAIN__STORE__S3__ENDPOINT", &server.endpoint),
-            ("DICOMCHAIN__STORE__S3__BUCKET", &server.bucket),
-            ("DICOMCHAIN__STORE__S3__ACCESS_KEY", &server.access_key),
-            ("DICOMCHAIN__STORE__S3__SECRET_KEY", &server.secret_key),
-            ("DICOMCHAIN__STORE__TIMEOUT_SECS", "5"),
-            ("DICOMCHAIN__ADMIN__LISTEN", "127.0.0.1:0"),
-        ],
-        "",
+    let node = crate::s3::s3_node_with(
+        &server,
+        "5",
+        &[("DICOMCHAIN__ADMIN__LISTEN", "127.0.0.1:0")],
     );
     let admin = node.admin_port();
     assert_eq!(
@@ -418,13 +411,7 @@ fn metrics_count_what_happened_and_health_follows_the_object_store() {
 fn scu_commands_talk_to_orthanc_and_to_the_node() {
     let orthanc = crate::support::Orthanc::start();
     let scp = crate::support::Storescp::start();
-    let node = Node::start_with(
-        &[],
-        &format!(
-            "[peers.copy]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n",
-            scp.port
-        ),
-    );
+    let node = Node::start_with_peers(&[("copy", "STORESCP", scp.port)]);
     let said = |out: std::process::Output| {
         (
             out.status.code(),

@@ -21,10 +21,7 @@ fn erasing_a_study_shreds_it_everywhere_and_verify_reports_it_erased() {
     let scp = Storescp::start();
     let mut node = Node::start_with(
         &[("DICOMCHAIN__ADMIN__LISTEN", "127.0.0.1:0")],
-        &format!(
-            "[peers.archive]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n",
-            scp.port
-        ),
+        &support::peer("archive", "STORESCP", scp.port),
     );
     let src = tempfile::tempdir().unwrap();
     let gone = support::make_series(

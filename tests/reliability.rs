@@ -29,11 +29,7 @@ impl Sender {
         dimse_timeout: u32,
         tx: mpsc::Sender<Result1>,
     ) -> Sender {
-        let mut child = Command::new("python3")
-            .arg(support::support_file("send_exact.py"))
-            .args(["127.0.0.1", &port.to_string(), AE])
-            .args(files)
-            .env("SEND_EXACT_DIMSE_TIMEOUT", dimse_timeout.to_string())
+        let mut child = support::send_exact_command(port, AE, files, dimse_timeout)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -277,8 +273,7 @@ fn an_object_store_outage_mid_ingest_fails_with_a700_and_nothing_acknowledged_is
     let root = tempfile::tempdir().unwrap();
     let mut server = S3Server::start(root.path());
     let node = s3_node(&server, "5");
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 400, 64, &[]);
+    let (_src, files) = support::ct_series(400, 64);
     let (running, rx) = senders(node.port, &files, 2, 60);
     let mut acked = BTreeSet::new();
     let mut failed = Vec::new();
@@ -351,14 +346,7 @@ fn an_object_store_outage_mid_ingest_fails_with_a700_and_nothing_acknowledged_is
 fn start_a_stalled_store(port: u16, file: &Path) -> TcpStream {
     let mut s = crate::network::associate(port, 16384);
     let p = support::read_part10(file).unwrap();
-    let command = crate::network::command(&[
-        (0x0000_0002, b"1.2.840.10008.5.1.4.1.1.2".to_vec()),
-        (0x0000_0100, 1u16.to_le_bytes().to_vec()),
-        (0x0000_0110, 9u16.to_le_bytes().to_vec()),
-        (0x0000_0700, 0u16.to_le_bytes().to_vec()),
-        (0x0000_0800, 0u16.to_le_bytes().to_vec()),
-        (0x0000_1000, p.sop_instance_uid.as_bytes().to_vec()),
-    ]);
+    let command = crate::network::store_command(&p.sop_instance_uid);
     crate::network::pdv(&mut s, 1, true, true, &command);
     crate::network::pdv(&mut s, 1, false, false, &p.dataset[..p.dataset.len() / 2]);
     s
@@ -367,8 +355,7 @@ fn start_a_stalled_store(port: u16, file: &Path) -> TcpStream {
 #[test]
 fn sigterm_drains_in_flight_stores_then_aborts_the_rest() {
     let mut node = Node::start_with_env(&[("DICOMCHAIN__NODE__DRAIN_TIMEOUT_SECS", "3")]);
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 300, 64, &[]);
+    let (_src, files) = support::ct_series(300, 64);
     let mut stalled = start_a_stalled_store(node.port, &files[0]);
     let (running, rx) = senders(node.port, &files[1..], 2, 10);
     let mut acked = BTreeSet::new();
@@ -380,11 +367,8 @@ fn sigterm_drains_in_flight_stores_then_aborts_the_rest() {
             acked.insert(path);
         }
     }
-    let pid = node.pid().unwrap();
     let term = Instant::now();
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
+    node.signal("TERM");
     node.wait_exit_ok();
     let took = term.elapsed();
     for s in running {

@@ -3,14 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use crate::support::output_text as text;
-use crate::support::{self, support_file, Node, Scu, Storescp};
+use crate::support::{self, Node, Scu, Storescp};
 
 /// (SOP Instance UID, Study Instance UID) of a data set as the node indexes it: the data set's,
 /// not the File Meta's.
@@ -58,6 +58,17 @@ fn movescu(node: &Node, model: &str, level: &str, keys: &[String], dest: &str) -
         .run(node.port)
 }
 
+/// movescu (Study Root) of the studies `study_uids` (one UID, or several joined by `\`) to `dest`.
+fn move_study(node: &Node, study_uids: &str, dest: &str) -> Output {
+    movescu(
+        node,
+        "-S",
+        "STUDY",
+        &[format!("StudyInstanceUID={study_uids}")],
+        dest,
+    )
+}
+
 /// DCMTK getscu (Study Root) into `out_dir`: its output, and what it received.
 fn getscu(
     node: &Node,
@@ -75,6 +86,22 @@ fn getscu(
         .filter_map(|p| support::read_part10(p))
         .collect();
     (out, received)
+}
+
+/// [`getscu`] of one study.
+fn get_study(
+    node: &Node,
+    out_dir: &std::path::Path,
+    study_uid: &str,
+) -> (Output, Vec<support::Part10>) {
+    getscu(
+        node,
+        out_dir,
+        &[
+            "QueryRetrieveLevel=STUDY".into(),
+            format!("StudyInstanceUID={study_uid}"),
+        ],
+    )
 }
 
 fn assert_identical(
@@ -165,13 +192,7 @@ fn c_move_returns_every_stored_instance_byte_for_byte() {
         .filter(|(_, (s, _))| studies.contains(s))
         .map(|(u, v)| (u.clone(), v.clone()))
         .collect();
-    let out = movescu(
-        &node,
-        "-S",
-        "STUDY",
-        &[format!("StudyInstanceUID={}", studies.join("\\"))],
-        "STORESCP",
-    );
+    let out = move_study(&node, &studies.join("\\"), "STORESCP");
     assert!(
         text(&out).contains("Final Move Response (Success)"),
         "{}",
@@ -181,13 +202,7 @@ fn c_move_returns_every_stored_instance_byte_for_byte() {
 
     // An unknown destination is refused (A801) and nothing is sent.
     scp.clear();
-    let out = movescu(
-        &node,
-        "-S",
-        "STUDY",
-        &[format!("StudyInstanceUID={}", studies[0])],
-        "NOBODY",
-    );
+    let out = move_study(&node, &studies[0], "NOBODY");
     assert!(
         text(&out).contains("MoveDestinationUnknown") || text(&out).contains("a801"),
         "{}",
@@ -231,14 +246,7 @@ fn c_get_sends_over_the_requesting_association() {
         .filter(|(_, (s, _))| *s == study)
         .map(|(u, v)| (u.clone(), v.clone()))
         .collect();
-    let (out, received) = getscu(
-        &node,
-        &dir.path().join("got"),
-        &[
-            "QueryRetrieveLevel=STUDY".into(),
-            format!("StudyInstanceUID={study}"),
-        ],
-    );
+    let (out, received) = get_study(&node, &dir.path().join("got"), &study);
     assert!(
         text(&out).contains("Number of Completed Suboperations : 10"),
         "{}",
@@ -262,18 +270,9 @@ fn an_altered_pixel_object_is_never_sent() {
     // Flip a byte in one pixel object on disk.
     let objects = support::files_under(&node.dir.join("objects"));
     assert_eq!(objects.len(), 5);
-    let victim = &objects[2];
-    let mut bytes = std::fs::read(victim).unwrap();
-    bytes[100] ^= 0xFF;
-    std::fs::write(victim, bytes).unwrap();
+    support::xor_byte(&objects[2], 100, 0xFF);
     let study = latest.values().next().unwrap().0.clone();
-    let out = movescu(
-        &node,
-        "-S",
-        "STUDY",
-        &[format!("StudyInstanceUID={study}")],
-        "STORESCP",
-    );
+    let out = move_study(&node, &study, "STORESCP");
     let t = text(&out);
     assert!(
         t.contains("Final Move Response (Warning)")
@@ -299,28 +298,20 @@ fn orthanc_stores_into_queries_and_moves_from_the_node() {
     let orthanc_port = support::free_port();
     let node = Node::start_with(
         &[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")],
-        &format!(
-            "[peers.pacs]\nae_title = \"ORTHANC\"\nhost = \"127.0.0.1\"\nport = {orthanc_port}\n"
-        ),
+        &support::peer("pacs", "ORTHANC", orthanc_port),
     );
     let dir = tempfile::tempdir().unwrap();
     let mut files = support::make_find_corpus(dir.path());
     let data = support::pydicom_data().expect("pydicom is installed");
     files.push(data.join("test_files/CT_small.dcm"));
     files.push(data.join("test_files/MR_small.dcm"));
-    let out = Command::new("python3")
-        .arg(support_file("orthanc_peer.py"))
+    let out = support::script("orthanc_peer.py")
         .arg(node.port.to_string())
         .arg(orthanc_port.to_string())
         .args(&files)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::assert_ok(&out, "orthanc_peer.py");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // Every instance came back exactly as dicomchain received it: the SHA-256 of what Orthanc
     // got back equals the data set digest the ledger recorded when Orthanc sent it. (Orthanc's
@@ -346,10 +337,7 @@ fn large_instances_stream_and_a_damaged_one_is_never_completed() {
     let scp = Storescp::start();
     let node = Node::start_with(
         &[("DICOMCHAIN__NODE__MAX_RETRIEVE_BUFFER_BYTES", "1024")],
-        &format!(
-            "[peers.archive]\nae_title = \"STORESCP\"\nhost = \"127.0.0.1\"\nport = {}\n",
-            scp.port
-        ),
+        &support::peer("archive", "STORESCP", scp.port),
     );
     let dir = tempfile::tempdir().unwrap();
     let files = support::make_series(&dir.path().join("ct"), "CT", 6, 512, &[]);
@@ -357,27 +345,14 @@ fn large_instances_stream_and_a_damaged_one_is_never_completed() {
     let study = latest.values().next().unwrap().0.clone();
 
     // Intact: byte for byte, over C-MOVE and C-GET.
-    let out = movescu(
-        &node,
-        "-S",
-        "STUDY",
-        &[format!("StudyInstanceUID={study}")],
-        "STORESCP",
-    );
+    let out = move_study(&node, &study, "STORESCP");
     assert!(
         text(&out).contains("Final Move Response (Success)"),
         "{}",
         text(&out)
     );
     assert_identical(scp.received(), &latest, "streamed C-MOVE");
-    let (out, received) = getscu(
-        &node,
-        &dir.path().join("got"),
-        &[
-            "QueryRetrieveLevel=STUDY".into(),
-            format!("StudyInstanceUID={study}"),
-        ],
-    );
+    let (out, received) = get_study(&node, &dir.path().join("got"), &study);
     support::assert_ok(&out, "getscu");
     assert_identical(received, &latest, "streamed C-GET");
 
@@ -387,17 +362,9 @@ fn large_instances_stream_and_a_damaged_one_is_never_completed() {
     scp.clear();
     let objects = support::files_under(&node.dir.join("objects"));
     let victim = &objects[3];
-    let mut bytes = std::fs::read(victim).unwrap();
-    let n = bytes.len();
-    bytes[n - 10] ^= 0xFF;
-    std::fs::write(victim, bytes).unwrap();
-    let out = movescu(
-        &node,
-        "-S",
-        "STUDY",
-        &[format!("StudyInstanceUID={study}")],
-        "STORESCP",
-    );
+    let n = std::fs::metadata(victim).unwrap().len() as usize;
+    support::xor_byte(victim, n - 10, 0xFF);
+    let out = move_study(&node, &study, "STORESCP");
     let t = text(&out);
     assert!(t.contains("Final Move Response (Warning"), "{t}");
     let received = scp.received();
@@ -416,20 +383,14 @@ fn pynetdicom_get_and_a_cancelled_move() {
     let files = support::make_series(&dir.path().join("ct"), "CT", 300, 64, &[]);
     let latest = store(&node, &files);
     let study = latest.values().next().unwrap().0.clone();
-    let out = Command::new("python3")
-        .arg(support_file("qr_pynetdicom.py"))
+    let out = support::script("qr_pynetdicom.py")
         .arg(node.port.to_string())
         .arg(&study)
         .arg("STORESCP")
         .args(&files)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::assert_ok(&out, "qr_pynetdicom.py");
     // What did reach the destination before the cancel is intact.
     for p in scp.received() {
         assert_eq!(p.dataset, latest[&p.sop_instance_uid].1);

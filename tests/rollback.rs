@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::dcmtk::getscu_patient;
 use crate::support::{self, assert_ok, Node, Scu};
 
 /// The newest signed checkpoint the CLI prints, and its size.
@@ -134,6 +135,16 @@ fn try_serve(node: &Node, log: &Path) -> Result<std::process::Child, (i32, Strin
     }
 }
 
+/// Runs `serve` as [`try_serve`] does, logging to `log` in the node's directory; the node must
+/// refuse to start (exit with a failure): what it said.
+fn refused_start(node: &Node, log: &str) -> String {
+    let (code, text) = try_serve(node, &node.dir.join(log))
+        .map(|_| ())
+        .unwrap_err();
+    assert_ne!(code, 0);
+    text
+}
+
 fn verify(node: &Node, extra: &[&str]) -> (i32, String) {
     let out = node.run(&[&["verify"], extra].concat());
     (
@@ -146,6 +157,14 @@ fn verify(node: &Node, extra: &[&str]) -> (i32, String) {
     )
 }
 
+/// `verify --ledger-only --checkpoint SAVED`: the ledger held to a checkpoint saved earlier.
+fn verify_against(node: &Node, saved: &Path) -> (i32, String) {
+    verify(
+        node,
+        &["--ledger-only", "--checkpoint", saved.to_str().unwrap()],
+    )
+}
+
 /// The attack of issue 23, item 2: 20 instances stored and acknowledged, a checkpoint signed,
 /// kill -9, one byte flipped in the newest write-ahead log, at several offsets. Each time the
 /// node refuses to start (saying what to do) or starts with every acknowledged instance; no
@@ -154,9 +173,8 @@ fn verify(node: &Node, extra: &[&str]) -> (i32, String) {
 /// the ledger to the checkpoint saved before.
 #[test]
 fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
-    let mut node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 20, 32, &[]);
+    let mut node = Node::checkpointing();
+    let (_src, files) = support::ct_series(20, 32);
     assert_ok(&node.storescu(&[], &files), "storescu");
     let uids: Vec<String> = files
         .iter()
@@ -212,10 +230,7 @@ fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
                     lost.len(),
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
-                let (code, text) = verify(
-                    &node,
-                    &["--ledger-only", "--checkpoint", saved.to_str().unwrap()],
-                );
+                let (code, text) = verify_against(&node, &saved);
                 assert_eq!(code, 0, "byte {at}: {text}");
             }
         }
@@ -249,10 +264,7 @@ fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
         "{}",
         std::fs::read_to_string(&log).unwrap()
     );
-    let (code, text) = verify(
-        &node,
-        &["--ledger-only", "--checkpoint", saved.to_str().unwrap()],
-    );
+    let (code, text) = verify_against(&node, &saved);
     assert_eq!(code, 1, "{text}");
     assert!(
         text.contains(&format!("signed for {signed} entries")) && text.contains("rolled back"),
@@ -271,9 +283,8 @@ fn a_flipped_byte_in_the_write_ahead_log_never_rolls_the_ledger_back() {
 /// finds it with a checkpoint saved earlier.
 #[test]
 fn a_ledger_older_than_its_checkpoint_file_is_refused() {
-    let mut node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 10, 32, &[]);
+    let mut node = Node::checkpointing();
+    let (_src, files) = support::ct_series(10, 32);
     assert_ok(&node.storescu(&[], &files[..5]), "storescu");
     node.stop();
     let old = tempfile::tempdir().unwrap();
@@ -286,10 +297,7 @@ fn a_ledger_older_than_its_checkpoint_file_is_refused() {
     node.stop();
     let stored = objects(&node);
     copy_tree(&old.path().join("ledger"), &node.dir.join("ledger"));
-    let (code, text) = try_serve(&node, &node.dir.join("old.log"))
-        .map(|_| ())
-        .unwrap_err();
-    assert_ne!(code, 0);
+    let text = refused_start(&node, "old.log");
     assert!(
         text.contains("does not hold the checkpoint signed last")
             && text.contains("signed entries are gone")
@@ -297,12 +305,20 @@ fn a_ledger_older_than_its_checkpoint_file_is_refused() {
         "{text}"
     );
     assert_eq!(objects(&node), stored);
-    let (code, text) = verify(
-        &node,
-        &["--ledger-only", "--checkpoint", saved.to_str().unwrap()],
-    );
+    let (code, text) = verify_against(&node, &saved);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("rolled back"), "{text}");
+}
+
+/// A node with its admin listener and 100 CT instances stored, restarted once so that the log's
+/// contents are in table files: (node, admin port, the series).
+fn node_with_table_files() -> (Node, u16, (tempfile::TempDir, Vec<PathBuf>)) {
+    let mut node = Node::start_with_admin();
+    let admin = node.admin_port();
+    let series = support::ct_series(100, 32);
+    assert_ok(&node.storescu(&[], &series.1), "storescu");
+    node.restart();
+    (node, admin, series)
 }
 
 /// Issue 23, item 5: one byte changed in a table file. verify names the damage (exit 1) and
@@ -310,13 +326,7 @@ fn a_ledger_older_than_its_checkpoint_file_is_refused() {
 /// reports the damage on /health.
 #[test]
 fn a_damaged_table_file_is_reported_by_verify_the_log_the_trail_and_health() {
-    let mut node = Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
-    let admin = node.admin_port();
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 100, 32, &[]);
-    assert_ok(&node.storescu(&[], &files), "storescu");
-    // The next start writes the log's contents into table files.
-    node.restart();
+    let (mut node, admin, _series) = node_with_table_files();
     node.stop();
     let sst = ledger_file(&node, "sst", true);
     flip(&sst, 0.5);
@@ -333,14 +343,7 @@ fn a_damaged_table_file_is_reported_by_verify_the_log_the_trail_and_health() {
 
     node.restart();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let health = loop {
-        let (status, body) = support::http_get(admin, "/health");
-        if status == 503 {
-            break body;
-        }
-        assert!(Instant::now() < deadline, "/health: {status} {body}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let health = unhealthy_by(admin, deadline);
     assert!(health.contains("ledger damaged"), "{health}");
     assert!(
         node.log().contains("the ledger is damaged"),
@@ -358,6 +361,18 @@ fn a_damaged_table_file_is_reported_by_verify_the_log_the_trail_and_health() {
         std::thread::sleep(Duration::from_millis(250));
     };
     assert!(trail.contains("ledger damaged"), "{trail}");
+}
+
+/// Polls /health on the admin port until it answers 503, by `deadline`: the body.
+fn unhealthy_by(admin: u16, deadline: Instant) -> String {
+    loop {
+        let (status, body) = support::http_get(admin, "/health");
+        if status == 503 {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "/health: {status} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// XORs one byte of `file` at `fraction` of its length where it lies, as a failing disk would
@@ -431,18 +446,13 @@ fn damage_alerts(node: &Node) -> Vec<serde_json::Value> {
 /// naming it, one error in the log and one security alert, however many queries meet it.
 #[test]
 fn a_table_file_damaged_while_the_node_runs_is_reported_once() {
-    let mut node = Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
-    let admin = node.admin_port();
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 100, 32, &[]);
-    assert_ok(&node.storescu(&[], &files), "storescu");
-    // The next start writes the log's contents into table files, then reads them all back.
-    node.restart();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !node.log().contains("every block's checksum intact") {
-        assert!(Instant::now() < deadline, "no read-back:\n{}", node.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (node, admin, (src, files)) = node_with_table_files();
+    // The start wrote the log's contents into table files, then reads them all back.
+    node.wait_for(30, "the read-back", || {
+        node.log()
+            .contains("every block's checksum intact")
+            .then_some(())
+    });
     assert_eq!(support::http_get(admin, "/health").0, 200);
 
     // The read-back passes blocks without caching them: the next query reads this one from
@@ -451,14 +461,7 @@ fn a_table_file_damaged_while_the_node_runs_is_reported_once() {
     flip_in_place(&meta, 0.3);
     let get = |n: usize| {
         let out_dir = src.path().join(format!("got-{n}"));
-        std::fs::create_dir_all(&out_dir).unwrap();
-        let out = Scu::getscu()
-            .calling("GETSCU")
-            .arg("-P")
-            .out_dir(&out_dir)
-            .level("PATIENT")
-            .key("PatientID=PID0001")
-            .run(node.port);
+        let out = getscu_patient(node.port, "PID0001", &out_dir);
         (
             support::files_under(&out_dir).len(),
             support::output_text(&out),
@@ -476,14 +479,7 @@ fn a_table_file_damaged_while_the_node_runs_is_reported_once() {
     assert!(got < files.len(), "the damaged block was not read: {text}");
 
     let deadline = Instant::now() + Duration::from_secs(30);
-    let health = loop {
-        let (status, body) = support::http_get(admin, "/health");
-        if status == 503 {
-            break body;
-        }
-        assert!(Instant::now() < deadline, "/health: {status} {body}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let health = unhealthy_by(admin, deadline);
     let name = support::file_name(&meta);
     assert!(
         health.contains("ledger damaged") && health.contains(&name),
@@ -531,9 +527,8 @@ fn block_checkpoint_file(node: &Node) -> PathBuf {
 /// written again, checkpoints resume.
 #[test]
 fn an_unwritable_checkpoint_file_stops_signing_and_refuses_the_start() {
-    let mut node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 10, 32, &[]);
+    let mut node = Node::checkpointing();
+    let (_src, files) = support::ct_series(10, 32);
     assert_ok(&node.storescu(&[], &files[..5]), "storescu");
     let (note, signed) = settled_checkpoint(&node, 6);
     let file = node.dir.join("ledger.checkpoint");
@@ -554,10 +549,7 @@ fn an_unwritable_checkpoint_file_stops_signing_and_refuses_the_start() {
         node.log()
     );
     node.stop();
-    let (code, text) = try_serve(&node, &node.dir.join("blocked.log"))
-        .map(|_| ())
-        .unwrap_err();
-    assert_ne!(code, 0);
+    let text = refused_start(&node, "blocked.log");
     assert!(
         text.contains("cannot write the checkpoint file")
             && text.contains(&*file.to_string_lossy()),
@@ -580,9 +572,8 @@ fn an_unwritable_checkpoint_file_stops_signing_and_refuses_the_start() {
 /// test for those —, so for the live one it is the checkpoint file that refuses.)
 #[test]
 fn a_deleted_write_ahead_log_is_refused() {
-    let mut node = Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")]);
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 10, 32, &[]);
+    let mut node = Node::checkpointing();
+    let (_src, files) = support::ct_series(10, 32);
     assert_ok(&node.storescu(&[], &files), "storescu");
     settled_checkpoint(&node, 11);
     node.kill();
@@ -590,11 +581,8 @@ fn a_deleted_write_ahead_log_is_refused() {
     assert_eq!(stored.len(), 10);
     let wal = ledger_file(&node, "log", false);
     std::fs::remove_file(&wal).unwrap();
-    let (code, text) = try_serve(&node, &node.dir.join("deleted.log"))
-        .map(|_| ())
-        .unwrap_err();
+    let text = refused_start(&node, "deleted.log");
     eprintln!("{} deleted: {text}", wal.display());
-    assert_ne!(code, 0);
     assert!(text.contains("accept-rollback"), "{text}");
     assert!(!text.contains("reconciled"), "{text}");
     assert_eq!(objects(&node), stored);

@@ -16,6 +16,31 @@ fn export_instance(node: &Node, uid: &str) -> Part10 {
     support::read_part10(&files[0]).expect("export writes a Part 10 file")
 }
 
+/// Exports one study, which must succeed: what was written, by SOP Instance UID.
+fn export_study(node: &Node, study_uid: &str) -> HashMap<String, Part10> {
+    let out = tempfile::tempdir().unwrap();
+    assert_ok(
+        &node.export(&["--study", study_uid], out.path()),
+        &format!("export --study {study_uid}"),
+    );
+    support::files_under(out.path())
+        .iter()
+        .map(|p| support::read_part10(p).unwrap())
+        .map(|p| (p.sop_instance_uid.clone(), p))
+        .collect()
+}
+
+/// pydicom's corpus, which must be there.
+fn corpus() -> Vec<Part10> {
+    let corpus = support::pydicom_corpus();
+    assert!(
+        corpus.len() >= 50,
+        "pydicom's corpus is missing or small ({} files); CI installs pydicom",
+        corpus.len()
+    );
+    corpus
+}
+
 /// Files of pydicom's corpus that are broken on purpose (pydicom's own tests use them to check
 /// its error handling); a correct SCP refuses them with a C000-range status.
 const DELIBERATELY_BROKEN: &[(&str, &str)] = &[
@@ -52,12 +77,7 @@ fn dataset_uid(file: &Part10) -> String {
 /// after a restart for the latest versions.
 #[test]
 fn pydicom_corpus_round_trips_byte_for_byte() {
-    let corpus = support::pydicom_corpus();
-    assert!(
-        corpus.len() >= 50,
-        "pydicom's corpus is missing or small ({} files); CI installs pydicom",
-        corpus.len()
-    );
+    let corpus = corpus();
     let mut node = Node::start();
     let mut latest: HashMap<String, Part10> = HashMap::new();
     let mut failures = Vec::new();
@@ -117,12 +137,7 @@ fn pydicom_corpus_round_trips_byte_for_byte() {
 /// recorded is what DCMTK put on the wire; the node's export must equal it byte for byte.
 #[test]
 fn pydicom_corpus_through_dcmtk_storescu() {
-    let corpus = support::pydicom_corpus();
-    assert!(
-        corpus.len() >= 50,
-        "pydicom's corpus is missing ({} files)",
-        corpus.len()
-    );
+    let corpus = corpus();
     let node = Node::start();
     let reference = support::Storescp::start();
     let (mut identical, mut not_sent) = (0, Vec::new());
@@ -177,14 +192,7 @@ fn dcmtk_propose(ts: &str) -> &'static [&'static str] {
 }
 
 fn assert_series_round_trip(node: &Node, files: &[PathBuf], study_uid: &str) {
-    let out = tempfile::tempdir().unwrap();
-    let o = node.export(&["--study", study_uid], out.path());
-    assert_ok(&o, "export --study");
-    let exported: HashMap<String, Part10> = support::files_under(out.path())
-        .iter()
-        .map(|p| support::read_part10(p).unwrap())
-        .map(|p| (p.sop_instance_uid.clone(), p))
-        .collect();
+    let exported = export_study(node, study_uid);
     assert_eq!(exported.len(), files.len());
     for f in files {
         let sent = support::read_part10(f).unwrap();
@@ -231,8 +239,7 @@ fn ct_and_mr_series_round_trip_on_the_fs_backend() {
 #[test]
 fn resends_and_new_versions() {
     let node = Node::start();
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 1, 32, &[]);
+    let (src, files) = support::ct_series(1, 32);
     let original = support::read_part10(&files[0]).unwrap();
     assert_eq!(node.send_exact(&files)[0].0, Some(0));
     assert_eq!(
@@ -367,9 +374,7 @@ fn parallel_associations_all_land() {
 #[test]
 fn graceful_shutdown_keeps_everything_acknowledged() {
     let mut node = Node::start();
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 800, 256, &[]);
-    let pid = node.pid().expect("node running").to_string();
+    let (_src, files) = support::ct_series(800, 256);
     let sent = std::thread::scope(|s| {
         let sender = s.spawn(|| node.send_exact(&files));
         // Stop once the transfer is under way, however fast or slow this machine is.
@@ -381,10 +386,7 @@ fn graceful_shutdown_keeps_everything_acknowledged() {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let _ = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(&pid)
-            .status();
+        node.signal("TERM");
         sender.join().unwrap()
     });
     let acknowledged: Vec<_> = sent
@@ -400,16 +402,7 @@ fn graceful_shutdown_keeps_everything_acknowledged() {
     node.wait_exit_ok();
     assert!(node.log().contains("shutting down"), "{}", node.log());
     node.restart();
-    let out = tempfile::tempdir().unwrap();
-    assert_ok(
-        &node.export(&["--study", &dicom_study_uid(&files[0])], out.path()),
-        "export",
-    );
-    let exported: HashMap<String, Part10> = support::files_under(out.path())
-        .iter()
-        .map(|p| support::read_part10(p).unwrap())
-        .map(|p| (p.sop_instance_uid.clone(), p))
-        .collect();
+    let exported = export_study(&node, &dicom_study_uid(&files[0]));
     for f in &acknowledged {
         let sent = support::read_part10(f).unwrap();
         let got = exported.get(&sent.sop_instance_uid);
@@ -443,7 +436,7 @@ fn a_crash_never_loses_an_acknowledged_instance() {
             {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            node_kill(&node);
+            node.signal("KILL");
             let mut v = ta.join().unwrap();
             v.extend(tb.join().unwrap());
             v
@@ -462,15 +455,7 @@ fn a_crash_never_loses_an_acknowledged_instance() {
         node.restart();
     }
     for series in [&a, &b] {
-        let out = tempfile::tempdir().unwrap();
-        let study = dicom_study_uid(&series[0]);
-        let o = node.export(&["--study", &study], out.path());
-        assert_ok(&o, "export after crashes");
-        let exported: HashMap<String, Part10> = support::files_under(out.path())
-            .iter()
-            .map(|p| support::read_part10(p).unwrap())
-            .map(|p| (p.sop_instance_uid.clone(), p))
-            .collect();
+        let exported = export_study(&node, &dicom_study_uid(&series[0]));
         for f in series.iter() {
             let sent = support::read_part10(f).unwrap();
             match exported.get(&sent.sop_instance_uid) {
@@ -488,12 +473,4 @@ fn a_crash_never_loses_an_acknowledged_instance() {
         }
     }
     assert!(!acknowledged.is_empty());
-}
-
-fn node_kill(node: &Node) {
-    let pid = node.pid().expect("node running").to_string();
-    let _ = std::process::Command::new("kill")
-        .arg("-KILL")
-        .arg(pid)
-        .status();
 }

@@ -5,15 +5,29 @@ use std::time::{Duration, Instant};
 use crate::roundtrip::{assert_no_identifiers, ct_and_mr_series_round_trip};
 use crate::support::{self, assert_ok, s3server::S3Server, Node};
 
+/// A node on the S3 backend of `server`, each attempt bounded by `timeout_secs`.
 pub(crate) fn s3_node(server: &S3Server, timeout_secs: &str) -> Node {
-    Node::start_with_env(&[
+    s3_node_with(server, timeout_secs, &[])
+}
+
+/// [`s3_node`] with more environment overrides.
+pub(crate) fn s3_node_with(server: &S3Server, timeout_secs: &str, env: &[(&str, &str)]) -> Node {
+    let mut env = env.to_vec();
+    env.extend([
         ("DICOMCHAIN__STORE__BACKEND", "s3"),
-        ("DICOMCHAIN__STORE__S3__ENDPOINT", &server.endpoint),
-        ("DICOMCHAIN__STORE__S3__BUCKET", &server.bucket),
-        ("DICOMCHAIN__STORE__S3__ACCESS_KEY", &server.access_key),
-        ("DICOMCHAIN__STORE__S3__SECRET_KEY", &server.secret_key),
+        ("DICOMCHAIN__STORE__S3__ENDPOINT", server.endpoint.as_str()),
+        ("DICOMCHAIN__STORE__S3__BUCKET", server.bucket.as_str()),
+        (
+            "DICOMCHAIN__STORE__S3__ACCESS_KEY",
+            server.access_key.as_str(),
+        ),
+        (
+            "DICOMCHAIN__STORE__S3__SECRET_KEY",
+            server.secret_key.as_str(),
+        ),
         ("DICOMCHAIN__STORE__TIMEOUT_SECS", timeout_secs),
-    ])
+    ]);
+    Node::start_with_env(&env)
 }
 
 #[test]
@@ -94,8 +108,7 @@ fn an_unreachable_object_store_fails_with_a700_promptly_and_the_node_recovers() 
     let root = tempfile::tempdir().unwrap();
     let mut server = S3Server::start(root.path());
     let node = s3_node(&server, "3");
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 3, 64, &[]);
+    let (_src, files) = support::ct_series(3, 64);
     server.stop();
     let started = Instant::now();
     let res = node.send_exact(&files[..1]);

@@ -169,8 +169,7 @@ fn dcmtk_stores_and_finds_over_mutual_tls_and_strangers_are_refused() {
     let pki = Pki::new(keys.path());
     let node = start_mutual_tls(&pki, &[], "");
     let tls_port = node.tls_port();
-    let src = tempfile::tempdir().unwrap();
-    let files = support::make_series(src.path(), "CT", 3, 64, &[]);
+    let (_src, files) = support::ct_series(3, 64);
 
     // storescu over TLS with the client certificate: stored, and exported byte for byte.
     let out = dcmtk_tls("storescu", &pki, Some("client"))
@@ -259,13 +258,18 @@ fn a_missing_certificate_file_stops_startup_naming_it() {
 fn tls_bound_ae_titles_refuse_plain_text_and_other_certificates() {
     let keys = tempfile::tempdir().unwrap();
     let pki = Pki::new(keys.path());
-    let peers = "[peers.admin]\nae_title = \"ADMIN\"\nhost = \"127.0.0.1\"\nport = 1\ntls_required = true\n\
-        [peers.storeonly]\nae_title = \"STOREONLY\"\nhost = \"127.0.0.1\"\nport = 1\npermissions = [\"echo\", \"store\"]\ntls_names = [\"storeonly.example\"]\n\
-        [peers.legacy]\nae_title = \"LEGACY\"\nhost = \"127.0.0.1\"\nport = 1\n";
+    let peers = [
+        support::peer("admin", "ADMIN", 1),
+        "tls_required = true\n".into(),
+        support::peer("storeonly", "STOREONLY", 1),
+        "permissions = [\"echo\", \"store\"]\ntls_names = [\"storeonly.example\"]\n".into(),
+        support::peer("legacy", "LEGACY", 1),
+    ]
+    .concat();
     let mut node = start_mutual_tls(
         &pki,
         &[("DICOMCHAIN__NODE__ALLOW_UNKNOWN_PEERS", "false")],
-        peers,
+        &peers,
     );
     let (port, tls_port) = (node.port, node.tls_port());
     let plain_echo = |aet: &str| Scu::echoscu().calling(aet).run(port);

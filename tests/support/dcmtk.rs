@@ -8,6 +8,19 @@ use std::process::{Command, Output};
 
 use super::AE;
 
+/// getscu (Patient Root) calling as GETSCU: every instance of patient `patient_id` into
+/// `out_dir`, which it creates.
+pub fn getscu_patient(port: u16, patient_id: &str, out_dir: &Path) -> Output {
+    std::fs::create_dir_all(out_dir).unwrap();
+    Scu::getscu()
+        .calling("GETSCU")
+        .arg("-P")
+        .out_dir(out_dir)
+        .level("PATIENT")
+        .key(format!("PatientID={patient_id}"))
+        .run(port)
+}
+
 /// One DCMTK SCU run against 127.0.0.1: `TOOL -aec CALLED OPTIONS... 127.0.0.1 PORT FILES...`.
 /// The called AE title is the node's unless [`Scu::called`] says otherwise; without
 /// [`Scu::calling`] the tool uses its own name as the calling AE title.

@@ -54,6 +54,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A known peer's table in a node's configuration: `[peers.NAME]`, its AE title and its port on
+/// 127.0.0.1. More keys of the same peer may follow it.
+pub fn peer(name: &str, ae: &str, port: u16) -> String {
+    format!("[peers.{name}]\nae_title = \"{ae}\"\nhost = \"127.0.0.1\"\nport = {port}\n")
+}
+
 impl Node {
     /// Starts a node on the embedded default backend.
     pub fn start() -> Node {
@@ -69,13 +75,19 @@ impl Node {
     pub fn start_with_peers(peers: &[(&str, &str, u16)]) -> Node {
         let toml: String = peers
             .iter()
-            .map(|(name, ae, port)| {
-                format!(
-                    "[peers.{name}]\nae_title = \"{ae}\"\nhost = \"127.0.0.1\"\nport = {port}\n"
-                )
-            })
+            .map(|(name, ae, port)| peer(name, ae, *port))
             .collect();
         Node::start_with(&[], &toml)
+    }
+
+    /// Starts a node with its admin listener (on port 0: see [`Node::admin_port`]).
+    pub fn start_with_admin() -> Node {
+        Node::start_with(&[], "[admin]\nlisten = \"127.0.0.1:0\"\n")
+    }
+
+    /// Starts a node that signs a checkpoint every second (`ledger.checkpoint_interval = 1`).
+    pub fn checkpointing() -> Node {
+        Node::start_with_env(&[("DICOMCHAIN__LEDGER__CHECKPOINT_INTERVAL", "1")])
     }
 
     /// Starts a node with environment overrides and extra TOML appended to its configuration.
@@ -206,34 +218,48 @@ impl Node {
         self.bound("tls").expect("a DICOM TLS listener").port()
     }
 
+    /// Polls `f` every 200 ms until it returns `Some`, for at most `secs` seconds; fails naming
+    /// `what`, with the node's log.
+    pub fn wait_for<T>(&self, secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\nnode log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    assert!(
-                        status.success(),
-                        "node exited with {status}:\n{}",
-                        self.log()
-                    );
-                    return;
-                }
-                if Instant::now() > deadline {
+            match terminate(&mut child, Duration::from_secs(60)) {
+                Some(status) => assert!(
+                    status.success(),
+                    "node exited with {status}:\n{}",
+                    self.log()
+                ),
+                None => {
                     let _ = child.kill();
                     panic!("node did not stop within 60 s:\n{}", self.log());
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
         }
     }
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`) to the running node without waiting for it, so that
+    /// another thread may go on using the node meanwhile.
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.pid().expect("node running"), signal);
     }
 
     /// Waits for a node that was told to stop; asserts it exited cleanly.
@@ -302,6 +328,22 @@ impl Node {
     }
 }
 
+/// tests/support/send_exact.py (pynetdicom) to an SCP on 127.0.0.1, not yet started: it sends
+/// each file's data set exactly as stored, over one association, and prints a line `STATUS PATH`
+/// per file; it gives up on a silent peer after `timeout_secs`.
+pub fn send_exact_command(
+    port: u16,
+    called_ae: &str,
+    files: &[PathBuf],
+    timeout_secs: u32,
+) -> Command {
+    let mut c = script("send_exact.py");
+    c.args(["127.0.0.1", &port.to_string(), called_ae])
+        .args(files)
+        .env("SEND_EXACT_DIMSE_TIMEOUT", timeout_secs.to_string());
+    c
+}
+
 /// pynetdicom to any SCP on 127.0.0.1, sending each file's data set exactly as stored. Returns
 /// (status, path) pairs.
 pub fn send_exact_to(
@@ -310,12 +352,7 @@ pub fn send_exact_to(
     files: &[PathBuf],
     timeout_secs: u32,
 ) -> Vec<(Option<u16>, PathBuf)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/send_exact.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .args(["127.0.0.1", &port.to_string(), called_ae])
-        .args(files)
-        .env("SEND_EXACT_DIMSE_TIMEOUT", timeout_secs.to_string())
+    let out = send_exact_command(port, called_ae, files, timeout_secs)
         .output()
         .expect("run python3");
     assert!(
@@ -333,6 +370,30 @@ pub fn send_exact_to(
         .collect()
 }
 
+/// Sends `signal` (`TERM`, `KILL`) to process `pid`, as `kill -SIGNAL PID` does.
+pub fn send_signal(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// SIGTERM, then waits up to `within` for the process to exit: its status, or `None` if it still
+/// runs.
+fn terminate(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    send_signal(child.id(), "TERM");
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
@@ -348,14 +409,23 @@ pub struct Storescp {
 }
 
 impl Storescp {
+    /// storescp on a free port: it cannot bind port 0 and report what it got, so the port is
+    /// probed first, and probed again should another process take it meanwhile.
     pub fn start() -> Storescp {
-        Storescp::start_on(free_port())
+        (0..5)
+            .find_map(|_| Storescp::launch(free_port()))
+            .expect("storescp could not listen on a free port")
     }
 
     /// storescp on a given port (to bring a destination back where it was).
     pub fn start_on(port: u16) -> Storescp {
+        Storescp::launch(port).unwrap_or_else(|| panic!("storescp could not listen on {port}"))
+    }
+
+    /// storescp listening on `port`, or `None` if it exited (the port was taken).
+    fn launch(port: u16) -> Option<Storescp> {
         let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("/usr/bin/storescp")
+        let mut child = Command::new("/usr/bin/storescp")
             .args(["-aet", "STORESCP", "+B", "+xa", "-od"])
             .arg(dir.path())
             .arg(port.to_string())
@@ -364,12 +434,8 @@ impl Storescp {
             .stderr(Stdio::null())
             .spawn()
             .expect("run /usr/bin/storescp (apt-get install dcmtk)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "storescp did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Storescp { port, dir, child }
+        wait_listening(&mut child, &[port], Duration::from_secs(30), "storescp")
+            .then_some(Storescp { port, dir, child })
     }
 
     /// Everything storescp has recorded so far.
@@ -406,6 +472,56 @@ impl Storescp {
     }
 }
 
+/// Waits until `child` listens on every one of `ports` (its own sockets, not whoever answers
+/// there): false if it exits first; fails after `within`.
+fn wait_listening(child: &mut Child, ports: &[u16], within: Duration, what: &str) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if ports.iter().all(|p| listens_on(child.id(), *p)) {
+            return true;
+        }
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether process `pid` holds a listening TCP socket on `port`: the socket inodes among its
+/// descriptors (/proc/PID/fd) against the listening sockets of /proc/net/tcp and tcp6.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let inodes: std::collections::HashSet<String> = fds
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?;
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                // sl, local address (hex IP:port), remote address, state (0A: LISTEN), ..., inode
+                f.len() > 9
+                    && f[3] == "0A"
+                    && f[1]
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| u16::from_str_radix(p, 16).ok())
+                        == Some(port)
+                    && inodes.contains(f[9])
+            })
+    })
+}
+
 impl Drop for Storescp {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -423,12 +539,19 @@ pub struct Orthanc {
 }
 
 impl Orthanc {
+    /// Orthanc on two free ports, probed as for [`Storescp::start`].
     pub fn start() -> Orthanc {
+        (0..5)
+            .find_map(|_| Orthanc::launch(free_port(), free_port()))
+            .expect("Orthanc could not listen on free ports")
+    }
+
+    /// Orthanc listening on its two ports, or `None` if it exited (a port was taken).
+    fn launch(dicom_port: u16, http_port: u16) -> Option<Orthanc> {
         let dir = tempfile::Builder::new()
             .prefix("orthanc-test-")
             .tempdir()
             .unwrap();
-        let (dicom_port, http_port) = (free_port(), free_port());
         let cfg = serde_json::json!({
             "Name": "test", "StorageDirectory": dir.path().join("db"),
             "IndexDirectory": dir.path().join("db"), "DicomAet": "ORTHANC",
@@ -444,13 +567,21 @@ impl Orthanc {
             dir,
             child: None,
         };
-        o.resume();
-        o
+        o.spawn().then_some(o)
     }
 
-    /// Starts Orthanc (again) on the same storage and ports.
+    /// Starts Orthanc again on the same storage and ports.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "Orthanc already runs");
+        assert!(
+            self.spawn(),
+            "Orthanc exited at start (its port taken?):\n{}",
+            std::fs::read_to_string(self.dir.path().join("orthanc.log")).unwrap_or_default()
+        );
+    }
+
+    /// Runs Orthanc on its configuration until it listens on both ports: false if it exits.
+    fn spawn(&mut self) -> bool {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -463,37 +594,24 @@ impl Orthanc {
             .stderr(log)
             .spawn()
             .expect("run /usr/sbin/Orthanc (apt-get install orthanc)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", self.dicom_port)).is_err()
-        {
-            assert!(Instant::now() < deadline, "Orthanc did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let child = self.child.insert(child);
+        let ports = [self.http_port, self.dicom_port];
+        wait_listening(child, &ports, Duration::from_secs(60), "Orthanc")
     }
 
     /// Stops Orthanc (SIGTERM, then waits): the destination goes away.
     pub fn pause(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            if terminate(&mut child, Duration::from_secs(30)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
             }
         }
     }
 
     /// SOP Instance UID → SHA-256 (hex) of the data set bytes Orthanc stored, via its REST API.
     pub fn instances(&self) -> std::collections::BTreeMap<String, String> {
-        let out = Command::new("python3")
-            .arg(support_file("orthanc_instances.py"))
+        let out = script("orthanc_instances.py")
             .arg(self.http_port.to_string())
             .output()
             .expect("python3");
@@ -509,6 +627,13 @@ impl Drop for Orthanc {
             let _ = c.wait();
         }
     }
+}
+
+/// XORs byte `at` of `file` with `mask`, where it lies on disk: a tampered or damaged object.
+pub fn xor_byte(file: &Path, at: usize, mask: u8) {
+    let mut bytes = std::fs::read(file).unwrap();
+    bytes[at] ^= mask;
+    std::fs::write(file, bytes).unwrap();
 }
 
 /// SHA-256 (hex) of bytes.
@@ -624,6 +749,13 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// `python3 tests/support/NAME`, for more arguments.
+pub fn script(name: &str) -> Command {
+    let mut c = Command::new("python3");
+    c.arg(support_file(name));
+    c
+}
+
 /// A file of the test support directory (scripts, query sets).
 pub fn support_file(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -634,8 +766,7 @@ pub fn support_file(name: &str) -> PathBuf {
 /// Writes the small, varied C-FIND/C-MOVE corpus (tests/support/make_find_corpus.py) into
 /// `dir`; returns its files, sorted.
 pub fn make_find_corpus(dir: &Path) -> Vec<PathBuf> {
-    let st = Command::new("python3")
-        .arg(support_file("make_find_corpus.py"))
+    let st = script("make_find_corpus.py")
         .arg(dir)
         .status()
         .expect("python3");
@@ -653,8 +784,7 @@ pub fn make_series(
     size: usize,
     extra: &[&str],
 ) -> Vec<PathBuf> {
-    let st = Command::new("python3")
-        .arg(support_file("make_series.py"))
+    let st = script("make_series.py")
         .arg(out)
         .args(["--modality", modality, "--count", &count.to_string()])
         .args(["--rows", &size.to_string(), "--cols", &size.to_string()])
@@ -669,6 +799,14 @@ pub fn make_series(
         .collect();
     files.sort();
     files
+}
+
+/// A synthetic CT series of `count` instances of `size` x `size` pixels (one study, one patient),
+/// in a temporary directory that lasts as long as the returned handle.
+pub fn ct_series(count: usize, size: usize) -> (tempfile::TempDir, Vec<PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
+    let files = make_series(dir.path(), "CT", count, size, &[]);
+    (dir, files)
 }
 
 /// The last component of a path, as text.
