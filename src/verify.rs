@@ -162,11 +162,7 @@ impl Progress {
 }
 
 pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
-    let scratch = tempfile::Builder::new()
-        .prefix("dicomchain-verify-")
-        .tempdir()
-        .map_err(|e| VerifyError::Setup(format!("scratch directory: {e}")))?;
-    let ledger = Ledger::open_secondary(&cfg.ledger.path, scratch.path())?;
+    let ledger = Ledger::open_read_only(&cfg.ledger.path, "verify")?;
     let vkey = match &opts.verifier_key {
         Some(k) => k.clone(),
         None => crate::audit::verifier_key(cfg).map_err(|e| VerifyError::Setup(e.to_string()))?,

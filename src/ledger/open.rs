@@ -141,6 +141,7 @@ impl Ledger {
                 notes: Some(notes),
                 damage,
                 scrubber: Mutex::new(None),
+                scratch: None,
             }),
         };
         for record in alerts {
@@ -150,18 +151,19 @@ impl Ledger {
     }
 
     /// A read-only view ([`Ledger::open_secondary`]) whose scratch files go in a new temporary
-    /// directory named after `purpose` (`dicomchain-PURPOSE-…`); the directory is removed when
-    /// the returned guard is dropped.
-    pub fn open_read_only(
-        path: &Path,
-        purpose: &str,
-    ) -> Result<(Ledger, tempfile::TempDir), LedgerError> {
+    /// directory named after `purpose` (`dicomchain-PURPOSE-…`), removed once the view and its
+    /// clones are dropped.
+    pub fn open_read_only(path: &Path, purpose: &str) -> Result<Ledger, LedgerError> {
         let scratch = tempfile::Builder::new()
             .prefix(&format!("dicomchain-{purpose}-"))
             .tempdir()
             .map_err(LedgerError::Scratch)?;
         let ledger = Ledger::open_secondary(path, scratch.path())?;
-        Ok((ledger, scratch))
+        let mut inner = Arc::into_inner(ledger.inner).expect("a new ledger has no clones");
+        inner.scratch = Some(scratch);
+        Ok(Ledger {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Opens a read-only view that follows a ledger another process (the running node) may be
@@ -217,6 +219,7 @@ impl Ledger {
                 notes: None,
                 damage: Default::default(),
                 scrubber: Mutex::new(None),
+                scratch: None,
             }),
         })
     }
