@@ -10,6 +10,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::split::Splice;
+use crate::util::bytes::{Reader, Truncated};
 
 /// A SHA-256 digest.
 pub type Digest32 = [u8; 32];
@@ -73,18 +74,18 @@ impl MetadataRecord {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<MetadataRecord, RecordError> {
-        let mut r = Reader { bytes, pos: 0 };
+        let mut r = Reader::new(bytes);
         if r.take(8)? != RECORD_MAGIC {
             return Err(RecordError("unknown record version"));
         }
-        let layout = match r.take(1)?[0] {
+        let layout = match r.u8()? {
             1 => Layout::Split,
             2 => Layout::Whole,
             _ => return Err(RecordError("unknown layout")),
         };
-        let transfer_syntax = r.string()?;
-        let sop_class_uid = r.string()?;
-        let sop_instance_uid = r.string()?;
+        let transfer_syntax = string(&mut r)?;
+        let sop_class_uid = string(&mut r)?;
+        let sop_instance_uid = string(&mut r)?;
         let n = r.u32()? as usize;
         if n > bytes.len() / 24 {
             return Err(RecordError("splice count exceeds record"));
@@ -98,11 +99,11 @@ impl MetadataRecord {
             });
         }
         let pixel_length = r.u64()?;
-        let pixel_sha256 = r.digest()?;
+        let pixel_sha256 = r.array()?;
         let dataset_length = r.u64()?;
-        let dataset_sha256 = r.digest()?;
-        let meta = r.bytes()?.to_vec();
-        if r.pos != bytes.len() {
+        let dataset_sha256 = r.array()?;
+        let meta = r.bytes32()?.to_vec();
+        if !r.is_empty() {
             return Err(RecordError("trailing bytes"));
         }
         Ok(MetadataRecord {
@@ -151,49 +152,14 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
+/// A u32-length-prefixed UTF-8 field.
+fn string(r: &mut Reader) -> Result<String, RecordError> {
+    String::from_utf8(r.bytes32()?.to_vec()).map_err(|_| RecordError("non-UTF-8 string"))
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .ok_or(RecordError("length overflow"))?;
-        let s = self
-            .bytes
-            .get(self.pos..end)
-            .ok_or(RecordError("truncated"))?;
-        self.pos = end;
-        Ok(s)
-    }
-    fn u32(&mut self) -> Result<u32, RecordError> {
-        Ok(u32::from_be_bytes(
-            self.take(4)?
-                .try_into()
-                .map_err(|_| RecordError("truncated"))?,
-        ))
-    }
-    fn u64(&mut self) -> Result<u64, RecordError> {
-        Ok(u64::from_be_bytes(
-            self.take(8)?
-                .try_into()
-                .map_err(|_| RecordError("truncated"))?,
-        ))
-    }
-    fn digest(&mut self) -> Result<Digest32, RecordError> {
-        self.take(32)?
-            .try_into()
-            .map_err(|_| RecordError("truncated"))
-    }
-    fn bytes(&mut self) -> Result<&'a [u8], RecordError> {
-        let n = self.u32()? as usize;
-        self.take(n)
-    }
-    fn string(&mut self) -> Result<String, RecordError> {
-        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| RecordError("non-UTF-8 string"))
+impl From<Truncated> for RecordError {
+    fn from(_: Truncated) -> RecordError {
+        RecordError("truncated")
     }
 }
 

@@ -21,6 +21,7 @@ use super::error::LedgerError;
 use super::group::Group;
 use super::handle::Ledger;
 pub use super::request::{ForwardOutcome, ForwardUpdate};
+use crate::util::bytes::Reader;
 
 /// File extension of a retry request left in the event spool by `dicomchain forward retry`.
 pub const RETRY_EXTENSION: &str = "retry";
@@ -296,9 +297,9 @@ impl Ledger {
             if !k.starts_with(&prefix) {
                 break;
             }
-            if let (Some((_, _, seq)), Some(status)) = (split_item(&k), v.get(..2)) {
-                let status = u16::from_be_bytes([status[0], status[1]]);
-                out.push((seq, status, String::from_utf8_lossy(&v[2..]).into_owned()));
+            let mut r = Reader::new(&v);
+            if let (Some((_, _, seq)), Ok(status)) = (split_item(&k), r.u16()) {
+                out.push((seq, status, String::from_utf8_lossy(r.rest()).into_owned()));
             }
         }
         Ok(out)
@@ -312,10 +313,10 @@ impl Ledger {
             let (k, v) = item.map_err(read_error(&self.inner.db))?;
             if k.first() == Some(&b'e') {
                 let dest = String::from_utf8_lossy(&k[2..]).into_owned();
-                if let Some(t) = v.get(..8) {
-                    let t = i64::from_be_bytes(t.try_into().unwrap_or([0; 8]));
+                let mut r = Reader::new(&v);
+                if let Ok(t) = r.u64() {
                     out.entry(dest).or_default().last_error =
-                        Some((t, String::from_utf8_lossy(&v[8..]).into_owned()));
+                        Some((t as i64, String::from_utf8_lossy(r.rest()).into_owned()));
                 }
                 continue;
             }
