@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 
-use rocksdb::{ColumnFamilyDescriptor, DB};
+use rocksdb::DB;
 
 use super::checkpoint::Checkpointing;
 use super::committer::Committer;
 use super::damage;
-use super::db::{cf_descriptors, db_options, read_head, ALL_CFS};
+use super::db::{cf_descriptors, db_options, read_head};
 use super::error::LedgerError;
 use super::handle::{Inner, Ledger};
 use super::notes::NoteBook;
@@ -182,22 +182,11 @@ impl Ledger {
         let mut o = db_options();
         o.create_if_missing(false);
         o.set_max_open_files(-1);
-        // Only the column families the primary has: a ledger written by an older version may
-        // lack newer ones until the node opens it.
-        let present = DB::list_cf(&o, path).map_err(open_err)?;
-        let cfs: Vec<&str> = ALL_CFS
-            .into_iter()
-            .filter(|name| present.iter().any(|p| p == name))
-            .collect();
         // The primary deletes table files as it compacts; a secondary that read the manifest
         // just before may not find one. Such a race passes on the next attempt.
         let mut attempt = 0;
         let db = loop {
-            let descriptors: Vec<ColumnFamilyDescriptor> = cf_descriptors()
-                .into_iter()
-                .filter(|d| cfs.contains(&d.name()))
-                .collect();
-            let opened = DB::open_cf_descriptors_as_secondary(&o, path, scratch, descriptors)
+            let opened = DB::open_cf_descriptors_as_secondary(&o, path, scratch, cf_descriptors())
                 .and_then(|db| db.try_catch_up_with_primary().map(|()| db));
             match opened {
                 Ok(db) => break db,

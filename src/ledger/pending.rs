@@ -237,7 +237,7 @@ mod tests {
         ledger.clear_pending_object(&obj3[1]).unwrap();
         assert_eq!(pending(&ledger), [("obj2b".to_string(), false)]);
         // With nothing of this run holding it back, the committer's next idle moment takes it
-        // (no later C-STORE needed; it used to wait, and turn into a warning after 10 minutes).
+        // (no later C-STORE needed).
         let (g, ng) = noted(&ledger, "1.7", 7, "obj7").await;
         ledger.store(g).await.unwrap();
         ledger.object_durable(ng);

@@ -42,9 +42,7 @@ impl Ledger {
     /// The check value of the master key the objects are sealed with (see
     /// `MasterKey::check_value`), once a node has started with one.
     pub fn master_check(&self) -> Result<Option<Vec<u8>>, LedgerError> {
-        let Some(cf) = self.inner.db.cf_handle(CF_KEYS) else {
-            return Ok(None);
-        };
+        let cf = self.cf(CF_KEYS)?;
         self.inner
             .db
             .get_cf(cf, MASTER_CHECK)
@@ -65,9 +63,7 @@ impl Ledger {
 
     /// Whether any object key record exists (objects sealed under some master key).
     pub fn has_sealed_objects(&self) -> Result<bool, LedgerError> {
-        let Some(cf) = self.inner.db.cf_handle(CF_KEYS) else {
-            return Ok(false);
-        };
+        let cf = self.cf(CF_KEYS)?;
         for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, _) = item.map_err(read_error(&self.inner.db))?;
             if k[..] != *MASTER_CHECK {
@@ -79,10 +75,7 @@ impl Ledger {
 
     /// The key record of a sealed pixel object, if the ledger holds one under this name.
     pub fn object_key(&self, name: &str) -> Result<Option<ObjectKey>, LedgerError> {
-        let Some(cf) = self.inner.db.cf_handle(CF_KEYS) else {
-            // A secondary view of a ledger the node has not opened since sealing began.
-            return Ok(None);
-        };
+        let cf = self.cf(CF_KEYS)?;
         self.inner
             .db
             .get_cf(cf, name.as_bytes())
