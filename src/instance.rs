@@ -138,15 +138,6 @@ pub fn instance_key(encoded_record: &[u8]) -> Digest32 {
     Sha256::digest(encoded_record).into()
 }
 
-/// The opaque object-store name of an instance's pixel data: a domain-separated hash of the
-/// instance key, so the name reveals nothing and cannot be confused with other digests.
-pub fn object_name(key: &Digest32) -> String {
-    let mut h = Sha256::new();
-    h.update(b"dicomchain/pixel-object/v1\0");
-    h.update(key);
-    hex::encode(h.finalize())
-}
-
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_be_bytes());
     out.extend_from_slice(b);
@@ -501,16 +492,13 @@ mod tests {
     }
 
     #[test]
-    fn key_and_name_depend_on_every_field() {
+    fn key_depends_on_every_field() {
         let a = record();
         let mut b = record();
         b.pixel_sha256[0] ^= 1;
         let ka = instance_key(&a.encode());
         let kb = instance_key(&b.encode());
         assert_ne!(ka, kb);
-        assert_ne!(object_name(&ka), object_name(&kb));
-        assert_eq!(object_name(&ka).len(), 64);
-        assert_ne!(object_name(&ka), hex::encode(ka));
     }
 
     use crate::split::Encoding;

@@ -197,6 +197,11 @@ impl<'a> Group<'a> {
     /// Plans one request. Every fallible read happens before the first write to the batch, so a
     /// failed request leaves the batch untouched.
     pub(super) fn add(&mut self, req: &StoreRequest) -> Result<StoreOutcome, LedgerError> {
+        if req.object_name.is_some() != req.object_key.is_some() {
+            return Err(LedgerError::Invalid(
+                "a pixel object is recorded with its key record, and only with one".into(),
+            ));
+        }
         let uid = req.attrs.sop_instance_uid.as_str();
         let previous = self.previous(uid)?;
         if let Some((idx, key)) = &previous {
@@ -241,18 +246,9 @@ impl<'a> Group<'a> {
         // From here on nothing fails.
         self.batch
             .put_cf(self.cf_meta, seq.to_be_bytes(), &req.record);
-        match (&req.object_name, &req.object_key) {
-            (Some(name), Some(key)) => {
-                self.batch
-                    .put_cf(self.cf_keys, name.as_bytes(), key.encode());
-            }
-            // A plaintext object has no key record: the record under its instance key is what
-            // tells the startup reconciliation that an entry names it.
-            (Some(_), None) => {
-                self.batch
-                    .put_cf(self.cf_meta, req.instance_key, &req.record);
-            }
-            (None, _) => {}
+        if let (Some(name), Some(key)) = (&req.object_name, &req.object_key) {
+            self.batch
+                .put_cf(self.cf_keys, name.as_bytes(), key.encode());
         }
         let keys = hierarchy_keys(&req.attrs);
         let mut versions = Vec::new();

@@ -102,7 +102,7 @@ impl Ledger {
             // The object of an erased instance: no entry that is still live names it (a re-send
             // gets a new object), so it goes whatever the index says.
             let erased = rest.first() == Some(&ERASED_NOTE);
-            let recorded = !erased && self.names_object(&name, &instance_key)?;
+            let recorded = !erased && self.names_object(&name)?;
             out.push(PendingObject {
                 name,
                 instance_key,
