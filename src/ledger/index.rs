@@ -147,7 +147,7 @@ pub fn find_key(tag: u32, value: &str) -> Vec<u8> {
     k
 }
 
-/// A position in the index scanned by [`Ledger::scan`].
+/// A position in the index scanned by `Ledger::scan`.
 pub enum Step {
     Next,
     /// Seek forward to this full key.

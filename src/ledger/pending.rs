@@ -1,4 +1,4 @@
-//! Pending-object notes as the rest of the node sees them (see [`super::notes`] for their
+//! Pending-object notes as the rest of the node sees them (see `notes` for their
 //! layout and numbering): noting an object about to be committed, clearing notes, and listing
 //! what a crash left for the startup reconciliation.
 

@@ -212,7 +212,7 @@ pub const SPOOL_EXTENSION: &str = "audit";
 /// One audit record to append.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AuditRecord {
-    /// DICOM audit event ID ([`id`]).
+    /// DICOM audit event ID (`trail::id`).
     pub event_id: u32,
     pub calling_ae: String,
     /// The peer: its address for an association, the destination AE title of a C-MOVE.
