@@ -141,7 +141,7 @@ impl Ledger {
                 notes: Some(notes),
                 damage,
                 scrubber: Mutex::new(None),
-                scratch: None,
+                _scratch: None,
             }),
         };
         for record in alerts {
@@ -158,17 +158,22 @@ impl Ledger {
             .prefix(&format!("dicomchain-{purpose}-"))
             .tempdir()
             .map_err(LedgerError::Scratch)?;
-        let ledger = Ledger::open_secondary(path, scratch.path())?;
-        let mut inner = Arc::into_inner(ledger.inner).expect("a new ledger has no clones");
-        inner.scratch = Some(scratch);
-        Ok(Ledger {
-            inner: Arc::new(inner),
-        })
+        let at = scratch.path().to_path_buf();
+        Ledger::open_view(path, &at, Some(scratch))
     }
 
     /// Opens a read-only view that follows a ledger another process (the running node) may be
     /// writing: a RocksDB secondary instance whose own files live in `scratch`.
     pub fn open_secondary(path: &Path, scratch: &Path) -> Result<Ledger, LedgerError> {
+        Ledger::open_view(path, scratch, None)
+    }
+
+    /// [`Ledger::open_secondary`], keeping `guard` (the scratch directory) until the view closes.
+    fn open_view(
+        path: &Path,
+        scratch: &Path,
+        guard: Option<tempfile::TempDir>,
+    ) -> Result<Ledger, LedgerError> {
         let open_err = |source| LedgerError::Open {
             path: path.to_path_buf(),
             source,
@@ -208,7 +213,7 @@ impl Ledger {
                 notes: None,
                 damage: Default::default(),
                 scrubber: Mutex::new(None),
-                scratch: None,
+                _scratch: guard,
             }),
         })
     }
@@ -231,5 +236,26 @@ mod tests {
             ro.store(request("3.2", "6", 6)).await,
             Err(LedgerError::ReadOnly)
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_read_only_view_removes_its_scratch_directory_once_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger.store(request("3.1", "6", 5)).await.unwrap();
+        let ro = Ledger::open_read_only(dir.path(), "test").unwrap();
+        let scratch = ro.inner._scratch.as_ref().unwrap().path().to_path_buf();
+        assert!(scratch.is_dir());
+        assert!(scratch
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("dicomchain-test-"));
+        assert_eq!(ro.latest("3.1").unwrap().unwrap().seq, 1);
+        let clone = ro.clone();
+        drop(ro);
+        assert!(scratch.is_dir(), "kept while a clone is open");
+        drop(clone);
+        assert!(!scratch.exists());
     }
 }
