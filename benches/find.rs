@@ -315,7 +315,10 @@ fn main() {
     };
     let store = rt
         .block_on(dicomchain::store::Store::open(&store_cfg))
-        .unwrap();
+        .unwrap()
+        .with_master_key(Some(std::sync::Arc::new(
+            dicomchain::store::MasterKey::from_bytes([1; 32]),
+        )));
     let pipeline = Pipeline::new(ledger.clone(), store, Duration::from_secs(60), 64 << 20);
     let mut loaded = 0;
     let mut size = 10_000.min(n);

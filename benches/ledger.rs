@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use dicomchain::instance::{instance_key, object_name, IndexAttrs, Layout, MetadataRecord};
+use dicomchain::instance::{instance_key, IndexAttrs, Layout, MetadataRecord};
 use dicomchain::ledger::{merkle, Ledger, RecordSummary, StoreRequest};
 use sha2::{Digest, Sha256};
 
@@ -40,7 +40,7 @@ fn request(i: u64) -> StoreRequest {
         instance_key: key,
         summary: RecordSummary::of(&record),
         record: encoded,
-        object_name: Some(object_name(&key)),
+        object_name: Some(hex::encode(key)),
         // Every new object is sealed: its key record goes in the entry's batch.
         object_key: Some(dicomchain::instance::ObjectKey { salt: key }),
         attrs: IndexAttrs {

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::dicom::{self, Encoding};
 use crate::split::Splice;
+use crate::util::bytes::{Reader, Truncated};
 
 /// A SHA-256 digest.
 pub type Digest32 = [u8; 32];
@@ -74,18 +75,18 @@ impl MetadataRecord {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<MetadataRecord, RecordError> {
-        let mut r = Reader { bytes, pos: 0 };
+        let mut r = Reader::new(bytes);
         if r.take(8)? != RECORD_MAGIC {
             return Err(RecordError("unknown record version"));
         }
-        let layout = match r.take(1)?[0] {
+        let layout = match r.u8()? {
             1 => Layout::Split,
             2 => Layout::Whole,
             _ => return Err(RecordError("unknown layout")),
         };
-        let transfer_syntax = r.string()?;
-        let sop_class_uid = r.string()?;
-        let sop_instance_uid = r.string()?;
+        let transfer_syntax = string(&mut r)?;
+        let sop_class_uid = string(&mut r)?;
+        let sop_instance_uid = string(&mut r)?;
         let n = r.u32()? as usize;
         if n > bytes.len() / 24 {
             return Err(RecordError("splice count exceeds record"));
@@ -99,11 +100,11 @@ impl MetadataRecord {
             });
         }
         let pixel_length = r.u64()?;
-        let pixel_sha256 = r.digest()?;
+        let pixel_sha256 = r.array()?;
         let dataset_length = r.u64()?;
-        let dataset_sha256 = r.digest()?;
-        let meta = r.bytes()?.to_vec();
-        if r.pos != bytes.len() {
+        let dataset_sha256 = r.array()?;
+        let meta = r.bytes32()?.to_vec();
+        if !r.is_empty() {
             return Err(RecordError("trailing bytes"));
         }
         Ok(MetadataRecord {
@@ -138,63 +139,19 @@ pub fn instance_key(encoded_record: &[u8]) -> Digest32 {
     Sha256::digest(encoded_record).into()
 }
 
-/// The opaque object-store name of an instance's pixel data: a domain-separated hash of the
-/// instance key, so the name reveals nothing and cannot be confused with other digests.
-pub fn object_name(key: &Digest32) -> String {
-    let mut h = Sha256::new();
-    h.update(b"dicomchain/pixel-object/v1\0");
-    h.update(key);
-    hex::encode(h.finalize())
-}
-
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_be_bytes());
     out.extend_from_slice(b);
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
+/// A u32-length-prefixed UTF-8 field.
+fn string(r: &mut Reader) -> Result<String, RecordError> {
+    String::from_utf8(r.bytes32()?.to_vec()).map_err(|_| RecordError("non-UTF-8 string"))
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .ok_or(RecordError("length overflow"))?;
-        let s = self
-            .bytes
-            .get(self.pos..end)
-            .ok_or(RecordError("truncated"))?;
-        self.pos = end;
-        Ok(s)
-    }
-    fn u32(&mut self) -> Result<u32, RecordError> {
-        Ok(u32::from_be_bytes(
-            self.take(4)?
-                .try_into()
-                .map_err(|_| RecordError("truncated"))?,
-        ))
-    }
-    fn u64(&mut self) -> Result<u64, RecordError> {
-        Ok(u64::from_be_bytes(
-            self.take(8)?
-                .try_into()
-                .map_err(|_| RecordError("truncated"))?,
-        ))
-    }
-    fn digest(&mut self) -> Result<Digest32, RecordError> {
-        self.take(32)?
-            .try_into()
-            .map_err(|_| RecordError("truncated"))
-    }
-    fn bytes(&mut self) -> Result<&'a [u8], RecordError> {
-        let n = self.u32()? as usize;
-        self.take(n)
-    }
-    fn string(&mut self) -> Result<String, RecordError> {
-        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| RecordError("non-UTF-8 string"))
+impl From<Truncated> for RecordError {
+    fn from(_: Truncated) -> RecordError {
+        RecordError("truncated")
     }
 }
 
@@ -486,16 +443,13 @@ mod tests {
     }
 
     #[test]
-    fn key_and_name_depend_on_every_field() {
+    fn key_depends_on_every_field() {
         let a = record();
         let mut b = record();
         b.pixel_sha256[0] ^= 1;
         let ka = instance_key(&a.encode());
         let kb = instance_key(&b.encode());
         assert_ne!(ka, kb);
-        assert_ne!(object_name(&ka), object_name(&kb));
-        assert_eq!(object_name(&ka).len(), 64);
-        assert_ne!(object_name(&ka), hex::encode(ka));
     }
 
     /// An element in little or big endian, explicit or implicit VR.

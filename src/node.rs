@@ -202,7 +202,7 @@ async fn open_state(cfg: &Config) -> Result<(Ledger, Store), StartError> {
         &cfg.ledger.signing_key_file,
         &cfg.ledger.origin,
     )
-    .map_err(StartError::Key)?;
+    .map_err(|e| StartError::Key(e.to_string()))?;
     let ledger = Ledger::open_with(
         &cfg.ledger.path,
         Some(crate::ledger::Checkpointing {

@@ -45,7 +45,7 @@ fn integrity(reason: Reason, msg: impl Into<String>) -> RetrieveError {
 }
 
 /// What rebuilding an instance needs besides the object store: its checked metadata record
-/// and the key record of its pixel object (none for a plaintext object).
+/// and the key record of its pixel object (none when it has no pixel object).
 pub struct Instance {
     pub record: MetadataRecord,
     pub object_key: Option<ObjectKey>,
@@ -59,9 +59,8 @@ pub fn load_instance(ledger: &Ledger, entry: &Entry) -> Result<Instance, Retriev
     } else {
         ledger.object_key(&entry.object_name)?
     };
-    // Only an object written before sealing (named by the instance key alone) is read without
-    // a key record: never read a sealed object as plaintext.
-    if object_key.is_none() && needs_key_record(entry) {
+    // Without its key record an object cannot be opened: erased, or damage.
+    if object_key.is_none() && !entry.object_name.is_empty() {
         if let Some(by) = ledger.erased_by(entry.seq)? {
             return Err(RetrieveError::Erased { seq: entry.seq, by });
         }
@@ -74,12 +73,6 @@ pub fn load_instance(ledger: &Ledger, entry: &Entry) -> Result<Instance, Retriev
         ));
     }
     Ok(Instance { record, object_key })
-}
-
-/// Whether the entry's pixel object is sealed, so that it cannot be read without its key record:
-/// every object but one written before sealing (named by the instance key alone).
-pub fn needs_key_record(entry: &Entry) -> bool {
-    !entry.object_name.is_empty() && entry.object_name != instance::object_name(&entry.instance_key)
 }
 
 /// What looks like damage may be an erasure that happened while the instance was being read
@@ -248,16 +241,24 @@ pub async fn rebuild_into<S: Sink>(
                 "entry has pixel data but no object name",
             ))
         }
-        (_, name) => match store.open_read(name, key).await {
-            Ok(r) => Some(BulkReader::new(r)),
-            Err(StoreError::NotFound { name }) => {
-                return Err(integrity(
-                    Reason::MissingObject,
-                    format!("pixel object {name} is missing"),
-                ))
+        (_, name) => {
+            let key = key.ok_or_else(|| {
+                integrity(
+                    Reason::Pixel,
+                    format!("the key record of pixel object {name} is missing"),
+                )
+            })?;
+            match store.open_read(name, key).await {
+                Ok(r) => Some(BulkReader::new(r)),
+                Err(StoreError::NotFound { name }) => {
+                    return Err(integrity(
+                        Reason::MissingObject,
+                        format!("pixel object {name} is missing"),
+                    ))
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
-        },
+        }
     };
     for seg in segments {
         match seg {
@@ -308,10 +309,10 @@ pub async fn rebuild_into<S: Sink>(
 /// a failed data set check, to say which half is damaged).
 async fn pixel_object_matches(store: &Store, entry: &Entry, instance: &Instance) -> bool {
     let record = &instance.record;
-    let Ok(r) = store
-        .open_read(&entry.object_name, instance.object_key.as_ref())
-        .await
-    else {
+    let Some(key) = &instance.object_key else {
+        return false;
+    };
+    let Ok(r) = store.open_read(&entry.object_name, key).await else {
         return false;
     };
     let mut reader = BulkReader::new(r);

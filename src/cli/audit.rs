@@ -23,19 +23,13 @@ pub enum AuditError {
     Io(#[from] std::io::Error),
 }
 
-fn open(cfg: &Config) -> Result<(Ledger, tempfile::TempDir), AuditError> {
-    let scratch = tempfile::Builder::new()
-        .prefix("dicomchain-audit-")
-        .tempdir()?;
-    Ok((
-        Ledger::open_secondary(&cfg.ledger.path, scratch.path())?,
-        scratch,
-    ))
+fn open(cfg: &Config) -> Result<Ledger, AuditError> {
+    Ok(Ledger::open_read_only(&cfg.ledger.path, "audit")?)
 }
 
 /// The newest signed checkpoint note.
 pub fn latest_checkpoint(cfg: &Config) -> Result<String, AuditError> {
-    let (ledger, _scratch) = open(cfg)?;
+    let ledger = open(cfg)?;
     ledger
         .latest_checkpoint()?
         .ok_or_else(|| AuditError::NotFound("no checkpoint has been signed yet".into()))
@@ -59,7 +53,7 @@ pub fn instance_proof(
     cfg: &Config,
     sop_instance_uid: &str,
 ) -> Result<serde_json::Value, AuditError> {
-    let (ledger, _scratch) = open(cfg)?;
+    let ledger = open(cfg)?;
     let entry = ledger.latest(sop_instance_uid)?.ok_or_else(|| {
         AuditError::NotFound(format!("no instance {sop_instance_uid} on the ledger"))
     })?;
@@ -98,7 +92,7 @@ pub fn consistency_proof(
     old: u64,
     new: u64,
 ) -> Result<serde_json::Value, AuditError> {
-    let (ledger, _scratch) = open(cfg)?;
+    let ledger = open(cfg)?;
     let size = ledger.len()?;
     if old == 0 || old > new || new > size {
         return Err(AuditError::NotFound(format!(
@@ -120,6 +114,6 @@ pub fn consistency_proof(
 /// calling AE, peer, outcome, description), filtered, oldest first; one JSON object per line
 /// with `json`, else one text line per event.
 pub fn trail(cfg: &Config, filter: &TrailFilter, json: bool) -> Result<String, AuditError> {
-    let (ledger, _scratch) = open(cfg)?;
+    let ledger = open(cfg)?;
     Ok(crate::ops::trail::render(&ledger, filter, json)?)
 }

@@ -51,11 +51,7 @@ pub async fn run(cfg: &Config, selection: &Selection, out: &Path) -> Result<Repo
         let path = path.to_path_buf();
         move |source| ExportError::Io { path, source }
     };
-    let scratch = tempfile::Builder::new()
-        .prefix("dicomchain-export-")
-        .tempdir()
-        .map_err(io_err(&std::env::temp_dir()))?;
-    let ledger = Ledger::open_secondary(&cfg.ledger.path, scratch.path())?;
+    let ledger = Ledger::open_read_only(&cfg.ledger.path, "export")?;
     let store = Store::open_read_only(&cfg.store).await?.with_master_key(
         crate::archive::ingest::read_master_key(&ledger, &cfg.security.master_key_file)
             .map_err(|e| ExportError::Store(crate::store::StoreError::Config(e)))?,

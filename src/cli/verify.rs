@@ -23,7 +23,7 @@ use std::io::{IsTerminal, Write};
 
 use crate::config::Config;
 use crate::instance::{self, Digest32, MetadataRecord};
-use crate::ledger::{checkpoint, merkle, Ledger, LedgerError, RecordKey};
+use crate::ledger::{checkpoint, merkle, Ledger, LedgerError};
 use crate::store::{Store, StoreError};
 
 /// Why verify could not run at all.
@@ -162,11 +162,7 @@ impl Progress {
 }
 
 pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
-    let scratch = tempfile::Builder::new()
-        .prefix("dicomchain-verify-")
-        .tempdir()
-        .map_err(|e| VerifyError::Setup(format!("scratch directory: {e}")))?;
-    let ledger = Ledger::open_secondary(&cfg.ledger.path, scratch.path())?;
+    let ledger = Ledger::open_read_only(&cfg.ledger.path, "verify")?;
     let vkey = match &opts.verifier_key {
         Some(k) => k.clone(),
         None => crate::cli::audit::verifier_key(cfg).map_err(|e| VerifyError::Setup(e.to_string()))?,
@@ -391,10 +387,10 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         // Records the scan could not reach are read one by one.
         let salvaged = match (&records_damage, record_for(&records, seq, &entry.instance_key)) {
             (Some(_), None) => match ledger.record_of(&entry) {
-                Ok(Some(raw)) => Some(Cow::Owned(check_raw(
-                    &RecordKey::Instance(entry.instance_key),
-                    &raw,
-                ))),
+                Ok(Some(raw)) => Some(held_to(
+                    Cow::Owned(check_raw(&raw)),
+                    &entry.instance_key,
+                )),
                 Ok(None) => None,
                 Err(e) => Some(Cow::Owned(RecordCheck::Bad {
                     subject: None,
@@ -482,34 +478,11 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         }
     }
     for &seq in &erased {
-        if let Some(e) = ledger.entry(seq)? {
-            // The same content stored again after the erasure has the same record: fine while
-            // a version of its SOP Instance that is not erased commits to it.
-            let live = |sop: &str| -> Result<bool, LedgerError> {
-                for v in ledger.versions(sop)? {
-                    if !erased.contains(&v)
-                        && ledger
-                            .entry(v)?
-                            .is_some_and(|x| x.instance_key == e.instance_key)
-                    {
-                        return Ok(true);
-                    }
-                }
-                Ok(false)
-            };
-            // A record under the erased entry's own number is never shared.
-            let present = records.contains_key(&RecordKey::Seq(seq))
-                || match records.get(&RecordKey::Instance(e.instance_key)) {
-                    Some(RecordCheck::Good { sop, .. }) => !live(sop)?,
-                    Some(RecordCheck::Bad { .. }) => true,
-                    None => false,
-                };
-            if present {
-                problems.push(Problem {
-                    subject: format!("entry {seq}"),
-                    what: "erased, but its metadata record is still on the ledger".into(),
-                });
-            }
+        if records.contains_key(&seq) && ledger.entry(seq)?.is_some() {
+            problems.push(Problem {
+                subject: format!("entry {seq}"),
+                what: "erased, but its metadata record is still on the ledger".into(),
+            });
         }
     }
     with_objects.retain(|(_, e)| !erased.contains(&e.seq));
@@ -548,14 +521,14 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
                 }
                 Err(e) => return Err(e.into()),
             };
-            if key.is_none() && crate::archive::retrieve::needs_key_record(entry) {
+            let Some(key) = key else {
                 object_problems.push(problem(format!(
                     "the key record of pixel object {} is missing (it cannot be decrypted)",
                     entry.object_name
                 )));
                 continue;
-            }
-            match store.digest(&entry.object_name, key.as_ref()).await {
+            };
+            match store.digest(&entry.object_name, &key).await {
                 Ok((len, digest)) => {
                     report.objects_checked += 1;
                     report.bytes_checked += len;
@@ -629,19 +602,10 @@ enum RecordCheck {
 
 const MISMATCH: &str = "metadata record does not match its instance key";
 
-/// Hashes and decodes a record; one filed under an instance key must hash to it (one filed
-/// under a sequence number is held to its entry by [`record_for`]).
-fn check_raw(filed: &RecordKey, raw: &[u8]) -> RecordCheck {
-    let decoded = MetadataRecord::decode(raw);
-    let subject = decoded.as_ref().ok().map(|r| r.sop_instance_uid.clone());
+/// Hashes and decodes a record (it is held to its entry's instance key by [`held_to`]).
+fn check_raw(raw: &[u8]) -> RecordCheck {
     let key = instance::instance_key(raw);
-    if matches!(filed, RecordKey::Instance(k) if *k != key) {
-        return RecordCheck::Bad {
-            subject,
-            what: MISMATCH.into(),
-        };
-    }
-    match decoded {
+    match MetadataRecord::decode(raw) {
         Ok(r) => RecordCheck::Good {
             key,
             sop: r.sop_instance_uid,
@@ -655,26 +619,30 @@ fn check_raw(filed: &RecordKey, raw: &[u8]) -> RecordCheck {
     }
 }
 
-/// The check of the record entry `seq` commits to: the one under its sequence number, which
-/// must hash to the entry's instance key, or else (older ledgers) the one under that key.
-/// Borrowed, except for the rare mismatch it finds (this runs for every entry).
+/// The check of a record as that of an entry with `instance_key`: one that hashes to another
+/// key is a mismatch. Borrowed, except for the rare mismatch it finds (this runs for every
+/// entry).
+fn held_to<'r>(check: Cow<'r, RecordCheck>, instance_key: &Digest32) -> Cow<'r, RecordCheck> {
+    if let RecordCheck::Good { key, sop, .. } = &*check {
+        if key != instance_key {
+            return Cow::Owned(RecordCheck::Bad {
+                subject: Some(sop.clone()),
+                what: MISMATCH.into(),
+            });
+        }
+    }
+    check
+}
+
+/// The check of the record entry `seq` commits to (filed under its sequence number).
 fn record_for<'r>(
-    records: &'r std::collections::HashMap<RecordKey, RecordCheck>,
+    records: &'r std::collections::HashMap<u64, RecordCheck>,
     seq: u64,
     instance_key: &Digest32,
 ) -> Option<Cow<'r, RecordCheck>> {
-    match records.get(&RecordKey::Seq(seq)) {
-        Some(RecordCheck::Good { key, sop, .. }) if key != instance_key => {
-            Some(Cow::Owned(RecordCheck::Bad {
-                subject: Some(sop.clone()),
-                what: MISMATCH.into(),
-            }))
-        }
-        Some(check) => Some(Cow::Borrowed(check)),
-        None => records
-            .get(&RecordKey::Instance(*instance_key))
-            .map(Cow::Borrowed),
-    }
+    records
+        .get(&seq)
+        .map(|check| held_to(Cow::Borrowed(check), instance_key))
 }
 
 /// Whether a ledger error is damaged bytes (a bad checksum), which verify reports and reads
@@ -689,14 +657,14 @@ fn is_damage(e: &LedgerError) -> bool {
     }
 }
 
-/// Every record hashed (and checked against the key it is filed under), in parallel batches;
+/// Every record hashed and decoded, by the sequence number it is filed under, in parallel batches;
 /// with the damage that stopped the scan early, if any (the records read before it are kept).
 #[allow(clippy::type_complexity)]
 fn check_records(
     ledger: &Ledger,
 ) -> Result<
     (
-        std::collections::HashMap<RecordKey, RecordCheck>,
+        std::collections::HashMap<u64, RecordCheck>,
         Option<LedgerError>,
     ),
     LedgerError,
@@ -707,14 +675,14 @@ fn check_records(
     let mut out = std::collections::HashMap::new();
     let scanned = ledger.for_each_record_batch(16_384, |batch| {
         let per = batch.len().div_ceil(threads).max(1);
-        let results: Vec<Vec<(RecordKey, RecordCheck)>> = std::thread::scope(|s| {
+        let results: Vec<Vec<(u64, RecordCheck)>> = std::thread::scope(|s| {
             let handles: Vec<_> = batch
                 .chunks(per)
                 .map(|chunk| {
                     s.spawn(move || {
                         chunk
                             .iter()
-                            .map(|(k, v)| (*k, check_raw(k, v)))
+                            .map(|(k, v)| (*k, check_raw(v)))
                             .collect::<Vec<_>>()
                     })
                 })

@@ -110,18 +110,14 @@ pub struct DestinationStatus {
     pub failed_items: Vec<(u64, u16, String)>,
 }
 
-fn open_secondary(cfg: &Config) -> Result<(Ledger, tempfile::TempDir), ForwardCliError> {
-    let scratch = tempfile::Builder::new()
-        .prefix("dicomchain-forward-")
-        .tempdir()?;
-    let ledger = Ledger::open_secondary(&cfg.ledger.path, scratch.path())?;
-    Ok((ledger, scratch))
+fn open_secondary(cfg: &Config) -> Result<Ledger, ForwardCliError> {
+    Ok(Ledger::open_read_only(&cfg.ledger.path, "forward")?)
 }
 
 /// The queue of every destination (configured in a rule, or holding items). Works beside a
 /// running node.
 pub fn status(cfg: &Config) -> Result<Vec<DestinationStatus>, ForwardCliError> {
-    let (ledger, _scratch) = open_secondary(cfg)?;
+    let ledger = open_secondary(cfg)?;
     let mut queues: BTreeMap<String, ForwardSummary> = match ledger.forward_summary() {
         Ok(q) => q,
         // A ledger the node has not opened since forwarding existed has no queue yet.

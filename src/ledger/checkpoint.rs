@@ -8,6 +8,8 @@
 //! Keys are written in the textual forms Go's `sumdb/note` and its ports read:
 //! `PRIVATE+KEY+<name>+<hex id>+<base64(0x01 ‖ seed)>` and `<name>+<hex id>+<base64(0x01 ‖ key)>`.
 
+use std::path::{Path, PathBuf};
+
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ed25519_dalek::{Signer as _, SigningKey, Verifier as _, VerifyingKey};
@@ -197,29 +199,58 @@ impl NoteSigner {
 
 /// Loads the signing key from `path`, or creates it there (mode 0600, synced) when the file does
 /// not exist. The key's name must be `origin`.
-pub fn load_or_create_key(path: &std::path::Path, origin: &str) -> Result<NoteSigner, String> {
+pub fn load_or_create_key(path: &Path, origin: &str) -> Result<NoteSigner, KeyFileError> {
+    let at = || path.to_path_buf();
     match std::fs::read_to_string(path) {
         Ok(text) => {
-            let signer =
-                NoteSigner::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let signer = NoteSigner::parse(&text)
+                .map_err(|source| KeyFileError::Malformed { path: at(), source })?;
             if signer.name != origin {
-                return Err(format!(
-                    "{}: the key is named {:?} but ledger.origin is {origin:?}",
-                    path.display(),
-                    signer.name
-                ));
+                return Err(KeyFileError::WrongName {
+                    path: at(),
+                    name: signer.name,
+                    origin: origin.to_string(),
+                });
             }
             Ok(signer)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let signer = NoteSigner::generate(origin).map_err(|e| e.to_string())?;
+            let signer = NoteSigner::generate(origin).map_err(KeyFileError::Generate)?;
             crate::util::perms::create_secret_file(path, &signer.private_key_text())
-                .map_err(|e| e.to_string())?;
+                .map_err(KeyFileError::Create)?;
             tracing::info!(path = %path.display(), verifier_key = %signer.verifier_key(), "created the checkpoint signing key");
             Ok(signer)
         }
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(source) => Err(KeyFileError::Read { path: at(), source }),
     }
+}
+
+/// Why the signing key file could not be loaded or created.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Malformed {
+        path: PathBuf,
+        #[source]
+        source: NoteError,
+    },
+    #[error("{}: the key is named {name:?} but ledger.origin is {origin:?}", path.display())]
+    WrongName {
+        path: PathBuf,
+        name: String,
+        origin: String,
+    },
+    #[error("{0}")]
+    Generate(#[source] NoteError),
+    /// Creating the file (see `util::perms::create_secret_file`).
+    #[error(transparent)]
+    Create(#[from] crate::util::perms::FileError),
 }
 
 /// Verifies a note against a verifier key and returns its checkpoint.

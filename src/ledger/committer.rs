@@ -378,18 +378,7 @@ impl Committer {
             Ok(g) => g,
             Err(e) => {
                 let err = || LedgerError::Corrupt(e.to_string());
-                return jobs
-                    .iter()
-                    .map(|job| match job {
-                        Job::Store { .. } => Planned::Store(Err(err())),
-                        Job::Forward { .. } => Planned::Forward(Err(err())),
-                        Job::Acl { .. } => Planned::Acl(Err(err())),
-                        Job::Audit { .. } => Planned::Audit(Err(err())),
-                        Job::Note { .. } => Planned::Note(Err(err())),
-                        Job::Unacknowledged { .. } => Planned::Unacknowledged(Err(err())),
-                        Job::Erase { .. } => Planned::Erase(Err(err())),
-                    })
-                    .collect();
+                return jobs.iter().map(|job| job.failed(err())).collect();
             }
         };
         let planned: Vec<Planned> = jobs
@@ -479,36 +468,45 @@ impl Committer {
                 // RocksDB may have applied the batch without syncing it; follow the database
                 // rather than our guess, so the next sequence number never collides.
                 self.head = read_head(&self.db).unwrap_or(self.head);
-                planned
-                    .into_iter()
-                    .map(|r| match r {
-                        Planned::Store(Ok(StoreOutcome::Stored { .. })) => {
-                            Planned::Store(Err(LedgerError::Write(e.clone())))
-                        }
-                        Planned::Store(Ok(StoreOutcome::Duplicate { seq })) if seq >= first_new => {
-                            Planned::Store(Err(LedgerError::Write(e.clone())))
-                        }
-                        Planned::Forward(Ok(_)) => {
-                            Planned::Forward(Err(LedgerError::Write(e.clone())))
-                        }
-                        Planned::Acl(Ok(_)) => Planned::Acl(Err(LedgerError::Write(e.clone()))),
-                        Planned::Audit(Ok(_)) => Planned::Audit(Err(LedgerError::Write(e.clone()))),
-                        Planned::Unacknowledged(Ok(_)) => {
-                            Planned::Unacknowledged(Err(LedgerError::Write(e.clone())))
-                        }
-                        Planned::Note(Ok(n)) => {
-                            // Never written: nothing for a range deletion to wait for.
-                            if let Ok(mut b) = self.notes.lock() {
-                                b.settle(&[n.number()]);
-                            }
-                            Planned::Note(Err(LedgerError::Write(e.clone())))
-                        }
-                        Planned::Erase(Ok(_)) => Planned::Erase(Err(LedgerError::Write(e.clone()))),
-                        other => other,
-                    })
-                    .collect()
+                self.not_written(planned, &e, first_new)
             }
         }
+    }
+
+    /// The answers of a group whose write failed with `e`: every planned change fails with it
+    /// (a duplicate of an instance new in the group too: what it duplicates was not written).
+    fn not_written(
+        &mut self,
+        planned: Vec<Planned>,
+        e: &rocksdb::Error,
+        first_new: u64,
+    ) -> Vec<Planned> {
+        planned
+            .into_iter()
+            .map(|r| match r {
+                Planned::Store(Ok(StoreOutcome::Stored { .. })) => {
+                    Planned::Store(Err(LedgerError::Write(e.clone())))
+                }
+                Planned::Store(Ok(StoreOutcome::Duplicate { seq })) if seq >= first_new => {
+                    Planned::Store(Err(LedgerError::Write(e.clone())))
+                }
+                Planned::Forward(Ok(_)) => Planned::Forward(Err(LedgerError::Write(e.clone()))),
+                Planned::Acl(Ok(_)) => Planned::Acl(Err(LedgerError::Write(e.clone()))),
+                Planned::Audit(Ok(_)) => Planned::Audit(Err(LedgerError::Write(e.clone()))),
+                Planned::Unacknowledged(Ok(_)) => {
+                    Planned::Unacknowledged(Err(LedgerError::Write(e.clone())))
+                }
+                Planned::Note(Ok(n)) => {
+                    // Never written: nothing for a range deletion to wait for.
+                    if let Ok(mut b) = self.notes.lock() {
+                        b.settle(&[n.number()]);
+                    }
+                    Planned::Note(Err(LedgerError::Write(e.clone())))
+                }
+                Planned::Erase(Ok(_)) => Planned::Erase(Err(LedgerError::Write(e.clone()))),
+                other => other,
+            })
+            .collect()
     }
 
     /// Turns the numbered notes nobody settled within [`notes::ABANDON_AFTER`] into named ones, so they

@@ -26,6 +26,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::instance::Digest32;
+use crate::util::bytes::{Reader, Truncated};
 
 const MAGIC: &[u8; 8] = b"DCLEDGER";
 const VERSION: u8 = 1;
@@ -203,15 +204,15 @@ impl Entry {
     }
 
     pub fn decode(b: &[u8]) -> Result<Entry, EntryError> {
-        let mut r = Reader { b, pos: 0 };
+        let mut r = Reader::new(b);
         if r.take(8)? != MAGIC {
             return Err(EntryError("bad magic"));
         }
-        let version = r.take(1)?[0];
+        let version = r.u8()?;
         if version != VERSION && version != VERSION_OUTCOME {
             return Err(EntryError("unknown entry version"));
         }
-        let event = match r.take(1)?[0] {
+        let event = match r.u8()? {
             1 => Event::Store,
             2 => Event::IntegrityFailure,
             3 => Event::Forward,
@@ -224,37 +225,34 @@ impl Entry {
         let mut e = Entry {
             event,
             seq: r.u64()?,
-            prev_hash: r.digest()?,
+            prev_hash: r.array()?,
             time_micros: r.u64()? as i64,
-            calling_ae: r.str()?,
-            sop_class_uid: r.str()?,
-            transfer_syntax: r.str()?,
-            instance_key: r.digest()?,
-            pixel_sha256: r.digest()?,
+            calling_ae: text(&mut r)?,
+            sop_class_uid: text(&mut r)?,
+            transfer_syntax: text(&mut r)?,
+            instance_key: r.array()?,
+            pixel_sha256: r.array()?,
             pixel_length: r.u64()?,
-            dataset_sha256: r.digest()?,
+            dataset_sha256: r.array()?,
             dataset_length: r.u64()?,
-            object_name: r.str()?,
-            version: u32::from_be_bytes(
-                r.take(4)?.try_into().map_err(|_| EntryError("truncated"))?,
-            ),
+            object_name: text(&mut r)?,
+            version: r.u32()?,
             subject_seq: r.u64()?,
-            reason: Reason::from_u8(r.take(1)?[0]).ok_or(EntryError("unknown reason"))?,
+            reason: Reason::from_u8(r.u8()?).ok_or(EntryError("unknown reason"))?,
             status: 0,
             peer: String::new(),
             detail: String::new(),
         };
         if version == VERSION_OUTCOME {
-            e.status =
-                u16::from_be_bytes(r.take(2)?.try_into().map_err(|_| EntryError("truncated"))?);
-            e.peer = r.str()?;
-            e.detail = r.str()?;
+            e.status = r.u16()?;
+            e.peer = text(&mut r)?;
+            e.detail = text(&mut r)?;
             if !e.has_outcome() {
                 // The same entry has a v1 encoding: two encodings of one entry are not allowed.
                 return Err(EntryError("v2 entry without outcome fields"));
             }
         }
-        if r.pos != b.len() {
+        if !r.is_empty() {
             return Err(EntryError("trailing bytes"));
         }
         Ok(e)
@@ -267,39 +265,14 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(b);
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    pos: usize,
+/// A u16-length-prefixed UTF-8 field.
+fn text(r: &mut Reader) -> Result<String, EntryError> {
+    String::from_utf8(r.bytes16()?.to_vec()).map_err(|_| EntryError("non-UTF-8 text"))
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], EntryError> {
-        let s = self
-            .b
-            .get(self.pos..self.pos + n)
-            .ok_or(EntryError("truncated"))?;
-        self.pos += n;
-        Ok(s)
-    }
-    fn u64(&mut self) -> Result<u64, EntryError> {
-        Ok(u64::from_be_bytes(
-            self.take(8)?
-                .try_into()
-                .map_err(|_| EntryError("truncated"))?,
-        ))
-    }
-    fn digest(&mut self) -> Result<Digest32, EntryError> {
-        self.take(32)?
-            .try_into()
-            .map_err(|_| EntryError("truncated"))
-    }
-    fn str(&mut self) -> Result<String, EntryError> {
-        let n = u16::from_be_bytes(
-            self.take(2)?
-                .try_into()
-                .map_err(|_| EntryError("truncated"))?,
-        ) as usize;
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| EntryError("non-UTF-8 text"))
+impl From<Truncated> for EntryError {
+    fn from(_: Truncated) -> EntryError {
+        EntryError("truncated")
     }
 }
 

@@ -165,9 +165,14 @@ fn compact(db: &rocksdb::DB) {
             }
         }
     }
+    // The bottommost level is rewritten too: otherwise a file holding an erased value (or a
+    // reference to its blob) may be moved there as it is, tombstone and value side by side, and
+    // stay until some later compaction happened to read it.
+    let mut options = rocksdb::CompactOptions::default();
+    options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::ForceOptimized);
     for name in [CF_META, CF_KEYS, CF_INDEX, CF_FORWARD] {
         if let Some(cf) = db.cf_handle(name) {
-            db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+            db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &options);
         }
     }
     tracing::info!("erased values compacted out of the ledger files");
@@ -264,14 +269,8 @@ impl Group<'_> {
             self.batch
                 .put_cf(self.cf_index, erased_key(s), by_seq.to_be_bytes());
         }
-        let mut seen_keys = HashSet::new();
         for (seq, e) in &versions {
-            // Under its sequence number, and the copy under its instance key (older ledgers,
-            // plaintext objects).
             self.batch.delete_cf(self.cf_meta, seq.to_be_bytes());
-            if seen_keys.insert(e.instance_key) {
-                self.batch.delete_cf(self.cf_meta, e.instance_key);
-            }
             if !e.object_name.is_empty() {
                 self.batch.delete_cf(self.cf_keys, e.object_name.as_bytes());
                 // Deleted from the store after the commit; a deletion that fails or is cut
@@ -450,7 +449,6 @@ mod tests {
             assert_eq!(ledger.erased_by(seq).unwrap(), Some(5));
             let erased = ledger.entry(seq).unwrap().unwrap();
             assert!(ledger.record_of(&erased).unwrap().is_none());
-            assert!(ledger.legacy_record(&[key; 32]).unwrap().is_none());
             assert!(ledger.object_key(&format!("obj{key}")).unwrap().is_none());
         }
         assert!(ledger.instances_in_study("9").unwrap().is_empty());

@@ -21,6 +21,7 @@ use super::error::LedgerError;
 use super::group::Group;
 use super::handle::Ledger;
 pub use super::request::{ForwardOutcome, ForwardUpdate};
+use crate::util::bytes::Reader;
 
 /// File extension of a retry request left in the event spool by `dicomchain forward retry`.
 pub const RETRY_EXTENSION: &str = "retry";
@@ -132,87 +133,7 @@ impl Group<'_> {
                 peer_ae,
                 sender_ae,
                 outcomes,
-            } => {
-                // Read everything first: a failed read leaves the batch untouched.
-                let mut subjects = Vec::new();
-                let mut orphans = Vec::new();
-                let mut seen = std::collections::HashSet::new();
-                for o in outcomes {
-                    let qkey = queue_key(destination, o.seq);
-                    let exists = |k: &[u8]| -> Result<bool, LedgerError> {
-                        Ok(self
-                            .db
-                            .get_cf(self.cf_forward, k)
-                            .map_err(read_error(self.db))?
-                            .is_some())
-                    };
-                    // Settled already (by an earlier outcome, in this request, this group or
-                    // before): once only. A superseded item may also be a given-up one.
-                    let open = exists(&qkey)?
-                        || (o.superseded && exists(&failed_key(destination, o.seq))?);
-                    if !seen.insert(o.seq) || self.settled.contains(&qkey) || !open {
-                        continue;
-                    }
-                    match read_entry(self.db, o.seq) {
-                        Ok(Some(subject)) => subjects.push((o, subject)),
-                        // Nothing to copy commitments from: settled without an entry.
-                        Ok(None) | Err(LedgerError::Corrupt(_)) => orphans.push(o),
-                        Err(e) => return Err(e),
-                    }
-                }
-                let mut changed = 0;
-                for o in orphans {
-                    tracing::error!(destination = %destination, seq = o.seq, "forward queue names an entry that is missing or unreadable; given up");
-                    let qkey = queue_key(destination, o.seq);
-                    self.batch.delete_cf(self.cf_forward, &qkey);
-                    self.settled.insert(qkey);
-                    let mut v = o.status.to_be_bytes().to_vec();
-                    v.extend_from_slice(b"the queued ledger entry is missing or unreadable");
-                    self.batch
-                        .put_cf(self.cf_forward, failed_key(destination, o.seq), v);
-                    changed += 1;
-                }
-                for (o, subject) in subjects {
-                    let (seq, prev_hash) = self.next_position();
-                    let entry = Entry {
-                        seq,
-                        prev_hash,
-                        time_micros: self.time_micros,
-                        event: Event::Forward,
-                        calling_ae: sender_ae.chars().take(64).collect(),
-                        subject_seq: subject.seq,
-                        reason: Reason::None,
-                        version: 0,
-                        status: o.status,
-                        peer: peer_ae.chars().take(64).collect(),
-                        detail: o.detail.chars().take(512).collect(),
-                        ..subject
-                    };
-                    // Reading tree siblings can fail: the outcomes planned so far stay (each is
-                    // whole), the rest stay queued and are settled by the worker's next attempt.
-                    if let Err(e) = self.append(&entry) {
-                        if changed == 0 {
-                            return Err(e);
-                        }
-                        tracing::error!(error = %e, "cannot record every forward outcome of a batch");
-                        break;
-                    }
-                    let qkey = queue_key(destination, o.seq);
-                    self.batch.delete_cf(self.cf_forward, &qkey);
-                    self.settled.insert(qkey);
-                    if o.superseded {
-                        self.batch
-                            .delete_cf(self.cf_forward, failed_key(destination, o.seq));
-                    } else if !o.delivered {
-                        let mut v = o.status.to_be_bytes().to_vec();
-                        v.extend_from_slice(entry.detail.as_bytes());
-                        self.batch
-                            .put_cf(self.cf_forward, failed_key(destination, o.seq), v);
-                    }
-                    changed += 1;
-                }
-                Ok(changed)
-            }
+            } => self.outcomes(destination, peer_ae, sender_ae, outcomes),
             ForwardUpdate::DestinationError { destination, error } => {
                 let mut v = self.time_micros.to_be_bytes().to_vec();
                 v.extend_from_slice(error.chars().take(512).collect::<String>().as_bytes());
@@ -220,34 +141,126 @@ impl Group<'_> {
                     .put_cf(self.cf_forward, error_key(destination), v);
                 Ok(0)
             }
-            ForwardUpdate::Retry { destination } => {
-                let prefix = match destination {
-                    Some(d) => key(b'f', d, None),
-                    None => vec![b'f', 0],
-                };
-                let mut moved = Vec::new();
-                for item in self.db.iterator_cf(
-                    self.cf_forward,
-                    IteratorMode::From(&prefix, Direction::Forward),
-                ) {
-                    let (k, _) = item.map_err(read_error(self.db))?;
-                    if !k.starts_with(&prefix) {
-                        break;
-                    }
-                    if let Some((_, dest, seq)) = split_item(&k) {
-                        moved.push((k.to_vec(), queue_key(dest, seq)));
-                    }
-                }
-                for (failed, queued) in &moved {
-                    self.batch.delete_cf(self.cf_forward, failed);
-                    self.batch.put_cf(self.cf_forward, queued, []);
-                }
-                if !moved.is_empty() {
-                    self.enqueued = true;
-                }
-                Ok(moved.len() as u64)
+            ForwardUpdate::Retry { destination } => self.retry(destination.as_deref()),
+        }
+    }
+
+    /// Plans the final outcomes of forwarding to `destination`: a forward entry for each queue
+    /// item still open, which leaves the queue (for the failed list when not delivered).
+    fn outcomes(
+        &mut self,
+        destination: &str,
+        peer_ae: &str,
+        sender_ae: &str,
+        outcomes: &[ForwardOutcome],
+    ) -> Result<u64, LedgerError> {
+        // Read everything first: a failed read leaves the batch untouched.
+        let mut subjects = Vec::new();
+        let mut orphans = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for o in outcomes {
+            let qkey = queue_key(destination, o.seq);
+            let exists = |k: &[u8]| -> Result<bool, LedgerError> {
+                Ok(self
+                    .db
+                    .get_cf(self.cf_forward, k)
+                    .map_err(read_error(self.db))?
+                    .is_some())
+            };
+            // Settled already (by an earlier outcome, in this request, this group or
+            // before): once only. A superseded item may also be a given-up one.
+            let open = exists(&qkey)? || (o.superseded && exists(&failed_key(destination, o.seq))?);
+            if !seen.insert(o.seq) || self.settled.contains(&qkey) || !open {
+                continue;
+            }
+            match read_entry(self.db, o.seq) {
+                Ok(Some(subject)) => subjects.push((o, subject)),
+                // Nothing to copy commitments from: settled without an entry.
+                Ok(None) | Err(LedgerError::Corrupt(_)) => orphans.push(o),
+                Err(e) => return Err(e),
             }
         }
+        let mut changed = 0;
+        for o in orphans {
+            tracing::error!(destination = %destination, seq = o.seq, "forward queue names an entry that is missing or unreadable; given up");
+            let qkey = queue_key(destination, o.seq);
+            self.batch.delete_cf(self.cf_forward, &qkey);
+            self.settled.insert(qkey);
+            let mut v = o.status.to_be_bytes().to_vec();
+            v.extend_from_slice(b"the queued ledger entry is missing or unreadable");
+            self.batch
+                .put_cf(self.cf_forward, failed_key(destination, o.seq), v);
+            changed += 1;
+        }
+        for (o, subject) in subjects {
+            let (seq, prev_hash) = self.next_position();
+            let entry = Entry {
+                seq,
+                prev_hash,
+                time_micros: self.time_micros,
+                event: Event::Forward,
+                calling_ae: sender_ae.chars().take(64).collect(),
+                subject_seq: subject.seq,
+                reason: Reason::None,
+                version: 0,
+                status: o.status,
+                peer: peer_ae.chars().take(64).collect(),
+                detail: o.detail.chars().take(512).collect(),
+                ..subject
+            };
+            // Reading tree siblings can fail: the outcomes planned so far stay (each is
+            // whole), the rest stay queued and are settled by the worker's next attempt.
+            if let Err(e) = self.append(&entry) {
+                if changed == 0 {
+                    return Err(e);
+                }
+                tracing::error!(error = %e, "cannot record every forward outcome of a batch");
+                break;
+            }
+            let qkey = queue_key(destination, o.seq);
+            self.batch.delete_cf(self.cf_forward, &qkey);
+            self.settled.insert(qkey);
+            if o.superseded {
+                self.batch
+                    .delete_cf(self.cf_forward, failed_key(destination, o.seq));
+            } else if !o.delivered {
+                let mut v = o.status.to_be_bytes().to_vec();
+                v.extend_from_slice(entry.detail.as_bytes());
+                self.batch
+                    .put_cf(self.cf_forward, failed_key(destination, o.seq), v);
+            }
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
+    /// Moves the given-up items of `destination` (of all, with `None`) back to the queue.
+    fn retry(&mut self, destination: Option<&str>) -> Result<u64, LedgerError> {
+        let prefix = match destination {
+            Some(d) => key(b'f', d, None),
+            None => vec![b'f', 0],
+        };
+        let mut moved = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf_forward,
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, _) = item.map_err(read_error(self.db))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if let Some((_, dest, seq)) = split_item(&k) {
+                moved.push((k.to_vec(), queue_key(dest, seq)));
+            }
+        }
+        for (failed, queued) in &moved {
+            self.batch.delete_cf(self.cf_forward, failed);
+            self.batch.put_cf(self.cf_forward, queued, []);
+        }
+        if !moved.is_empty() {
+            self.enqueued = true;
+        }
+        Ok(moved.len() as u64)
     }
 }
 
@@ -296,9 +309,9 @@ impl Ledger {
             if !k.starts_with(&prefix) {
                 break;
             }
-            if let (Some((_, _, seq)), Some(status)) = (split_item(&k), v.get(..2)) {
-                let status = u16::from_be_bytes([status[0], status[1]]);
-                out.push((seq, status, String::from_utf8_lossy(&v[2..]).into_owned()));
+            let mut r = Reader::new(&v);
+            if let (Some((_, _, seq)), Ok(status)) = (split_item(&k), r.u16()) {
+                out.push((seq, status, String::from_utf8_lossy(r.rest()).into_owned()));
             }
         }
         Ok(out)
@@ -312,10 +325,10 @@ impl Ledger {
             let (k, v) = item.map_err(read_error(&self.inner.db))?;
             if k.first() == Some(&b'e') {
                 let dest = String::from_utf8_lossy(&k[2..]).into_owned();
-                if let Some(t) = v.get(..8) {
-                    let t = i64::from_be_bytes(t.try_into().unwrap_or([0; 8]));
+                let mut r = Reader::new(&v);
+                if let Ok(t) = r.u64() {
                     out.entry(dest).or_default().last_error =
-                        Some((t, String::from_utf8_lossy(&v[8..]).into_owned()));
+                        Some((t as i64, String::from_utf8_lossy(r.rest()).into_owned()));
                 }
                 continue;
             }

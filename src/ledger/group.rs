@@ -21,7 +21,7 @@ use super::index::{
 use super::merkle;
 use super::request::{StoreOutcome, StoreRequest};
 use super::tree::{plan_tree_nodes, put_tree_nodes};
-use crate::instance::Digest32;
+use crate::instance::{Digest32, IndexAttrs};
 
 /// Batch bytes reserved per request of a group: an entry, its tree nodes, a metadata record of
 /// a typical CT/MR header and its index keys.
@@ -57,8 +57,8 @@ pub(super) struct Group<'a> {
 
 impl<'a> Group<'a> {
     /// A group of about `requests` requests carrying `record_bytes` of metadata records (its
-    /// batch is sized for them up front: growing a megabyte batch by doubling showed up in
-    /// profiles, and would hold a large record's bytes twice).
+    /// batch is sized for them up front: growing a megabyte batch by doubling would copy it
+    /// again and again, and hold a large record's bytes twice).
     pub(super) fn new(
         db: &'a DB,
         head: Option<(u64, Digest32)>,
@@ -165,9 +165,43 @@ impl<'a> Group<'a> {
         Ok(())
     }
 
+    /// The every-version keys of `uid` (see `vloc_key`) with those a new version filed under
+    /// `attrs` adds, moving away from the hierarchy keys `old`; `None` when it does not move.
+    fn moved_keys(
+        &self,
+        uid: &str,
+        old: &[Vec<u8>],
+        attrs: &IndexAttrs,
+    ) -> Result<Option<Vec<Vec<u8>>>, LedgerError> {
+        let moved = moved_from(old, attrs);
+        if moved.is_empty() {
+            return Ok(None);
+        }
+        let mut v = match self.pending_vloc.get(uid) {
+            Some(v) => v.clone(),
+            None => self
+                .db
+                .get_cf(self.cf_index, vloc_key(uid))
+                .map_err(read_error(self.db))?
+                .map(|v| decode_keys(&v))
+                .unwrap_or_default(),
+        };
+        for k in moved {
+            if !v.contains(&k) {
+                v.push(k);
+            }
+        }
+        Ok(Some(v))
+    }
+
     /// Plans one request. Every fallible read happens before the first write to the batch, so a
     /// failed request leaves the batch untouched.
     pub(super) fn add(&mut self, req: &StoreRequest) -> Result<StoreOutcome, LedgerError> {
+        if req.object_name.is_some() != req.object_key.is_some() {
+            return Err(LedgerError::Invalid(
+                "a pixel object is recorded with its key record, and only with one".into(),
+            ));
+        }
         let uid = req.attrs.sop_instance_uid.as_str();
         let previous = self.previous(uid)?;
         if let Some((idx, key)) = &previous {
@@ -180,28 +214,9 @@ impl<'a> Group<'a> {
         // A version that moves to another study or patient leaves a trace of where the older
         // one was, so an erasure of that study or patient still finds it (the hierarchy keys
         // follow the latest version only). Nothing to write for the usual first version.
-        let moved = match &previous {
-            Some((idx, _)) => moved_from(&idx.keys, &req.attrs),
-            None => Vec::new(),
-        };
-        let vloc = if moved.is_empty() {
-            None
-        } else {
-            let mut v = match self.pending_vloc.get(uid) {
-                Some(v) => v.clone(),
-                None => self
-                    .db
-                    .get_cf(self.cf_index, vloc_key(uid))
-                    .map_err(read_error(self.db))?
-                    .map(|v| decode_keys(&v))
-                    .unwrap_or_default(),
-            };
-            for k in moved {
-                if !v.contains(&k) {
-                    v.push(k);
-                }
-            }
-            Some(v)
+        let vloc = match &previous {
+            Some((idx, _)) => self.moved_keys(uid, &idx.keys, &req.attrs)?,
+            None => None,
         };
         let (seq, prev_hash) = self.next_position();
         let version = previous.as_ref().map(|p| p.0.version + 1).unwrap_or(1);
@@ -231,18 +246,9 @@ impl<'a> Group<'a> {
         // From here on nothing fails.
         self.batch
             .put_cf(self.cf_meta, seq.to_be_bytes(), &req.record);
-        match (&req.object_name, &req.object_key) {
-            (Some(name), Some(key)) => {
-                self.batch
-                    .put_cf(self.cf_keys, name.as_bytes(), key.encode());
-            }
-            // A plaintext object has no key record: the record under its instance key is what
-            // tells the startup reconciliation that an entry names it.
-            (Some(_), None) => {
-                self.batch
-                    .put_cf(self.cf_meta, req.instance_key, &req.record);
-            }
-            (None, _) => {}
+        if let (Some(name), Some(key)) = (&req.object_name, &req.object_key) {
+            self.batch
+                .put_cf(self.cf_keys, name.as_bytes(), key.encode());
         }
         let keys = hierarchy_keys(&req.attrs);
         let mut versions = Vec::new();

@@ -38,6 +38,9 @@ pub(super) struct Inner {
     pub(super) damage: Arc<damage::DamageBook>,
     /// The background scrub: its stop flag and thread (stopped before the committer).
     pub(super) scrubber: Mutex<Option<Scrubber>>,
+    /// The scratch directory of a read-only view made by [`Ledger::open_read_only`], held to be
+    /// removed on drop, after the database (declared before it) is closed.
+    pub(super) _scratch: Option<tempfile::TempDir>,
 }
 
 /// The background scrub's stop flag and thread.

@@ -147,7 +147,7 @@ pub fn find_key(tag: u32, value: &str) -> Vec<u8> {
     k
 }
 
-/// A position in the index scanned by [`Ledger::scan`].
+/// A position in the index scanned by `Ledger::scan`.
 pub enum Step {
     Next,
     /// Seek forward to this full key.
@@ -193,13 +193,11 @@ pub(super) fn encode_keys(keys: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
-pub(super) fn decode_keys(mut b: &[u8]) -> Vec<Vec<u8>> {
+pub(super) fn decode_keys(b: &[u8]) -> Vec<Vec<u8>> {
+    let mut r = Reader::new(b);
     let mut out = Vec::new();
-    while b.len() >= 4 {
-        let n = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        let Some(k) = b.get(4..4 + n) else { break };
+    while let Ok(k) = r.bytes32() {
         out.push(k.to_vec());
-        b = &b[4 + n..];
     }
     out
 }

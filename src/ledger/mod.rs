@@ -54,7 +54,6 @@ pub use forward::{ForwardOutcome, ForwardSummary, ForwardUpdate};
 pub use handle::Ledger;
 pub use index::{find_key, Step};
 pub use pending::{NoteId, PendingObject};
-pub use read::RecordKey;
 pub use request::{RecordSummary, StoreOutcome, StoreRequest};
 pub use rollback::RollbackAccepted;
 pub use spool::SpooledEvent;

@@ -6,8 +6,8 @@
 //! - **numbered** (what ingest writes): `0x00 ‖ n` (u64 BE, one number per note, increasing) →
 //!   instance key (32 bytes) ‖ object name. A group commit settles the notes of the instances it
 //!   records with one range deletion `[first unsettled before, first unsettled now)` in the
-//!   entries' batch, instead of one deletion per instance: at tens of thousands of instances a
-//!   second, a deletion per note cost the committer a skip-list insert each, with random keys.
+//!   entries' batch, instead of one deletion per instance, which would cost the committer a memtable insert per
+//!   note, at random keys.
 //!   The numbers of this run that are not settled yet live in a [`NoteBook`]; a range deletion
 //!   never reaches below the first number of this run (older notes are for `reconcile`), nor
 //!   an unsettled note: it ends at the first note still in flight, and steps around a note

@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 
-use rocksdb::{ColumnFamilyDescriptor, DB};
+use rocksdb::DB;
 
 use super::checkpoint::Checkpointing;
 use super::committer::Committer;
 use super::damage;
-use super::db::{cf_descriptors, db_options, read_head, ALL_CFS};
+use super::db::{cf_descriptors, db_options, read_head};
 use super::error::LedgerError;
 use super::handle::{Inner, Ledger};
 use super::notes::NoteBook;
@@ -141,6 +141,7 @@ impl Ledger {
                 notes: Some(notes),
                 damage,
                 scrubber: Mutex::new(None),
+                _scratch: None,
             }),
         };
         for record in alerts {
@@ -150,23 +151,29 @@ impl Ledger {
     }
 
     /// A read-only view ([`Ledger::open_secondary`]) whose scratch files go in a new temporary
-    /// directory named after `purpose` (`dicomchain-PURPOSE-…`); the directory is removed when
-    /// the returned guard is dropped.
-    pub fn open_read_only(
-        path: &Path,
-        purpose: &str,
-    ) -> Result<(Ledger, tempfile::TempDir), LedgerError> {
+    /// directory named after `purpose` (`dicomchain-PURPOSE-…`), removed once the view and its
+    /// clones are dropped.
+    pub fn open_read_only(path: &Path, purpose: &str) -> Result<Ledger, LedgerError> {
         let scratch = tempfile::Builder::new()
             .prefix(&format!("dicomchain-{purpose}-"))
             .tempdir()
             .map_err(LedgerError::Scratch)?;
-        let ledger = Ledger::open_secondary(path, scratch.path())?;
-        Ok((ledger, scratch))
+        let at = scratch.path().to_path_buf();
+        Ledger::open_view(path, &at, Some(scratch))
     }
 
     /// Opens a read-only view that follows a ledger another process (the running node) may be
     /// writing: a RocksDB secondary instance whose own files live in `scratch`.
     pub fn open_secondary(path: &Path, scratch: &Path) -> Result<Ledger, LedgerError> {
+        Ledger::open_view(path, scratch, None)
+    }
+
+    /// [`Ledger::open_secondary`], keeping `guard` (the scratch directory) until the view closes.
+    fn open_view(
+        path: &Path,
+        scratch: &Path,
+        guard: Option<tempfile::TempDir>,
+    ) -> Result<Ledger, LedgerError> {
         let open_err = |source| LedgerError::Open {
             path: path.to_path_buf(),
             source,
@@ -180,22 +187,11 @@ impl Ledger {
         let mut o = db_options();
         o.create_if_missing(false);
         o.set_max_open_files(-1);
-        // Only the column families the primary has: a ledger written by an older version may
-        // lack newer ones until the node opens it.
-        let present = DB::list_cf(&o, path).map_err(open_err)?;
-        let cfs: Vec<&str> = ALL_CFS
-            .into_iter()
-            .filter(|name| present.iter().any(|p| p == name))
-            .collect();
         // The primary deletes table files as it compacts; a secondary that read the manifest
         // just before may not find one. Such a race passes on the next attempt.
         let mut attempt = 0;
         let db = loop {
-            let descriptors: Vec<ColumnFamilyDescriptor> = cf_descriptors()
-                .into_iter()
-                .filter(|d| cfs.contains(&d.name()))
-                .collect();
-            let opened = DB::open_cf_descriptors_as_secondary(&o, path, scratch, descriptors)
+            let opened = DB::open_cf_descriptors_as_secondary(&o, path, scratch, cf_descriptors())
                 .and_then(|db| db.try_catch_up_with_primary().map(|()| db));
             match opened {
                 Ok(db) => break db,
@@ -217,6 +213,7 @@ impl Ledger {
                 notes: None,
                 damage: Default::default(),
                 scrubber: Mutex::new(None),
+                _scratch: guard,
             }),
         })
     }
@@ -239,5 +236,26 @@ mod tests {
             ro.store(request("3.2", "6", 6)).await,
             Err(LedgerError::ReadOnly)
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_read_only_view_removes_its_scratch_directory_once_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger.store(request("3.1", "6", 5)).await.unwrap();
+        let ro = Ledger::open_read_only(dir.path(), "test").unwrap();
+        let scratch = ro.inner._scratch.as_ref().unwrap().path().to_path_buf();
+        assert!(scratch.is_dir());
+        assert!(scratch
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("dicomchain-test-"));
+        assert_eq!(ro.latest("3.1").unwrap().unwrap().seq, 1);
+        let clone = ro.clone();
+        drop(ro);
+        assert!(scratch.is_dir(), "kept while a clone is open");
+        drop(clone);
+        assert!(!scratch.exists());
     }
 }

@@ -1,4 +1,4 @@
-//! Pending-object notes as the rest of the node sees them (see [`super::notes`] for their
+//! Pending-object notes as the rest of the node sees them (see `notes` for their
 //! layout and numbering): noting an object about to be committed, clearing notes, and listing
 //! what a crash left for the startup reconciliation.
 
@@ -102,7 +102,7 @@ impl Ledger {
             // The object of an erased instance: no entry that is still live names it (a re-send
             // gets a new object), so it goes whatever the index says.
             let erased = rest.first() == Some(&ERASED_NOTE);
-            let recorded = !erased && self.names_object(&name, &instance_key)?;
+            let recorded = !erased && self.names_object(&name)?;
             out.push(PendingObject {
                 name,
                 instance_key,
@@ -237,7 +237,7 @@ mod tests {
         ledger.clear_pending_object(&obj3[1]).unwrap();
         assert_eq!(pending(&ledger), [("obj2b".to_string(), false)]);
         // With nothing of this run holding it back, the committer's next idle moment takes it
-        // (no later C-STORE needed; it used to wait, and turn into a warning after 10 minutes).
+        // (no later C-STORE needed).
         let (g, ng) = noted(&ledger, "1.7", 7, "obj7").await;
         ledger.store(g).await.unwrap();
         ledger.object_durable(ng);

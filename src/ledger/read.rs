@@ -18,33 +18,17 @@ use crate::instance::{Digest32, ObjectKey};
 /// Key of the master key's check value in the `keys` column family (object names are hex).
 const MASTER_CHECK: &[u8] = b"\0master-key-check";
 
-/// What a metadata record is filed under in the `meta` column family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RecordKey {
-    /// The sequence number of the entry that commits to it (records written since).
-    Seq(u64),
-    /// Its instance key (records of older ledgers, and plaintext objects' second copy).
-    Instance(Digest32),
-}
-
 impl Ledger {
-    /// Whether a ledger entry names object `name` of instance `key`: a sealed object has its
-    /// key record (written in the same batch as its entry); a plaintext one (written before
-    /// sealing, or by a store without a master key) is named by the instance key alone, and its
-    /// entry's batch also puts the record under that key.
-    pub(super) fn names_object(&self, name: &str, key: &Digest32) -> Result<bool, LedgerError> {
-        if self.object_key(name)?.is_some() {
-            return Ok(true);
-        }
-        Ok(crate::instance::object_name(key) == name && self.legacy_record(key)?.is_some())
+    /// Whether a ledger entry names object `name`: its key record is written in the same batch
+    /// as that entry.
+    pub(super) fn names_object(&self, name: &str) -> Result<bool, LedgerError> {
+        Ok(self.object_key(name)?.is_some())
     }
 
     /// The check value of the master key the objects are sealed with (see
     /// `MasterKey::check_value`), once a node has started with one.
     pub fn master_check(&self) -> Result<Option<Vec<u8>>, LedgerError> {
-        let Some(cf) = self.inner.db.cf_handle(CF_KEYS) else {
-            return Ok(None);
-        };
+        let cf = self.cf(CF_KEYS)?;
         self.inner
             .db
             .get_cf(cf, MASTER_CHECK)
@@ -65,9 +49,7 @@ impl Ledger {
 
     /// Whether any object key record exists (objects sealed under some master key).
     pub fn has_sealed_objects(&self) -> Result<bool, LedgerError> {
-        let Some(cf) = self.inner.db.cf_handle(CF_KEYS) else {
-            return Ok(false);
-        };
+        let cf = self.cf(CF_KEYS)?;
         for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, _) = item.map_err(read_error(&self.inner.db))?;
             if k[..] != *MASTER_CHECK {
@@ -79,10 +61,7 @@ impl Ledger {
 
     /// The key record of a sealed pixel object, if the ledger holds one under this name.
     pub fn object_key(&self, name: &str) -> Result<Option<ObjectKey>, LedgerError> {
-        let Some(cf) = self.inner.db.cf_handle(CF_KEYS) else {
-            // A secondary view of a ledger the node has not opened since sealing began.
-            return Ok(None);
-        };
+        let cf = self.cf(CF_KEYS)?;
         self.inner
             .db
             .get_cf(cf, name.as_bytes())
@@ -111,29 +90,12 @@ impl Ledger {
         .transpose()
     }
 
-    /// The metadata record a stored entry commits to: under its sequence number, or (ledgers
-    /// written before records were keyed so) under its instance key. The caller checks it
-    /// against the entry's instance key.
+    /// The metadata record a stored entry commits to (under its sequence number). The caller
+    /// checks it against the entry's instance key.
     pub fn record_of(&self, entry: &Entry) -> Result<Option<Vec<u8>>, LedgerError> {
-        let cf = self.cf(CF_META)?;
-        match self
-            .inner
-            .db
-            .get_cf(cf, entry.seq.to_be_bytes())
-            .map_err(read_error(&self.inner.db))?
-        {
-            Some(r) => Ok(Some(r)),
-            None => self.legacy_record(&entry.instance_key),
-        }
-    }
-
-    /// A record under its instance key: every record of a ledger written before records were
-    /// keyed by sequence number, and the second copy of a plaintext object's record (see
-    /// [`Ledger::names_object`]).
-    pub(super) fn legacy_record(&self, key: &Digest32) -> Result<Option<Vec<u8>>, LedgerError> {
         self.inner
             .db
-            .get_cf(self.cf(CF_META)?, key)
+            .get_cf(self.cf(CF_META)?, entry.seq.to_be_bytes())
             .map_err(read_error(&self.inner.db))
     }
 
@@ -280,21 +242,16 @@ impl Ledger {
     pub fn for_each_record_batch(
         &self,
         batch: usize,
-        mut f: impl FnMut(Vec<(RecordKey, Box<[u8]>)>),
+        mut f: impl FnMut(Vec<(u64, Box<[u8]>)>),
     ) -> Result<(), LedgerError> {
         let cf = self.cf(CF_META)?;
         let mut buf = Vec::with_capacity(batch);
         for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item.map_err(read_error(&self.inner.db))?;
-            let key = if let Ok(seq) = <[u8; 8]>::try_from(&k[..]) {
-                RecordKey::Seq(u64::from_be_bytes(seq))
-            } else {
-                RecordKey::Instance(
-                    <Digest32>::try_from(&k[..])
-                        .map_err(|_| LedgerError::Corrupt("record key".into()))?,
-                )
-            };
-            buf.push((key, v));
+            let seq = <[u8; 8]>::try_from(&k[..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| LedgerError::Corrupt("record key".into()))?;
+            buf.push((seq, v));
             if buf.len() == batch {
                 f(std::mem::replace(&mut buf, Vec::with_capacity(batch)));
             }
@@ -410,52 +367,33 @@ mod tests {
     use crate::ledger::test_support::*;
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn records_are_filed_by_sequence_number_and_older_ones_still_read() {
+    async fn records_are_filed_by_sequence_number_and_objects_by_their_key_records() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(dir.path()).unwrap();
         let mut sealed = request("1.1", "9", 1);
         sealed.object_name = Some("sealed".into());
         sealed.object_key = Some(ObjectKey { salt: [7; 32] });
         ledger.store(sealed).await.unwrap();
-        // A plaintext object (a store without a master key) is named by its instance key.
-        let mut plain = request("1.2", "9", 2);
-        plain.object_name = Some(crate::instance::object_name(&[2; 32]));
-        ledger.store(plain).await.unwrap();
-        ledger.store(request("1.3", "9", 3)).await.unwrap();
+        ledger.store(request("1.2", "9", 2)).await.unwrap();
+        // An object without its key record could never be read: refused, nothing written.
+        let mut keyless = request("1.3", "9", 3);
+        keyless.object_name = Some("keyless".into());
+        assert!(matches!(
+            ledger.store(keyless).await,
+            Err(LedgerError::Invalid(_))
+        ));
+        assert_eq!(ledger.len().unwrap(), 2);
         let mut filed = Vec::new();
         ledger
-            .for_each_record_batch(2, |b| filed.extend(b.into_iter().map(|(k, _)| k)))
+            .for_each_record_batch(1, |b| filed.extend(b.into_iter().map(|(k, _)| k)))
             .unwrap();
-        assert_eq!(
-            filed,
-            vec![
-                RecordKey::Seq(1),
-                RecordKey::Seq(2),
-                RecordKey::Seq(3),
-                RecordKey::Instance([2; 32]),
-            ]
-        );
-        assert!(ledger.names_object("sealed", &[1; 32]).unwrap());
-        assert!(ledger
-            .names_object(&crate::instance::object_name(&[2; 32]), &[2; 32])
-            .unwrap());
-        assert!(!ledger
-            .names_object(&crate::instance::object_name(&[4; 32]), &[4; 32])
-            .unwrap());
-
-        // A ledger written before: the record under the instance key only.
-        let e3 = ledger.entry(3).unwrap().unwrap();
+        assert_eq!(filed, vec![1, 2]);
+        assert!(ledger.names_object("sealed").unwrap());
+        assert!(!ledger.names_object("keyless").unwrap());
+        let e2 = ledger.entry(2).unwrap().unwrap();
+        assert_eq!(ledger.record_of(&e2).unwrap().unwrap(), vec![2; 10]);
         let cf = ledger.cf(CF_META).unwrap();
-        ledger.inner.db.delete_cf(cf, 3u64.to_be_bytes()).unwrap();
-        assert!(ledger.record_of(&e3).unwrap().is_none());
-        ledger.inner.db.put_cf(cf, [3u8; 32], [3u8; 10]).unwrap();
-        assert_eq!(ledger.record_of(&e3).unwrap().unwrap(), vec![3; 10]);
-        // The record under the entry's own number comes first.
-        ledger
-            .inner
-            .db
-            .put_cf(cf, 3u64.to_be_bytes(), b"newer")
-            .unwrap();
-        assert_eq!(ledger.record_of(&e3).unwrap().unwrap(), b"newer".to_vec());
+        ledger.inner.db.delete_cf(cf, 2u64.to_be_bytes()).unwrap();
+        assert!(ledger.record_of(&e2).unwrap().is_none());
     }
 }

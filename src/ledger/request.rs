@@ -96,6 +96,19 @@ pub(super) enum Job {
 }
 
 impl Job {
+    /// The answer to this job when its group could not be planned at all.
+    pub(super) fn failed(&self, e: LedgerError) -> Planned {
+        match self {
+            Job::Store { .. } => Planned::Store(Err(e)),
+            Job::Forward { .. } => Planned::Forward(Err(e)),
+            Job::Acl { .. } => Planned::Acl(Err(e)),
+            Job::Audit { .. } => Planned::Audit(Err(e)),
+            Job::Note { .. } => Planned::Note(Err(e)),
+            Job::Unacknowledged { .. } => Planned::Unacknowledged(Err(e)),
+            Job::Erase { .. } => Planned::Erase(Err(e)),
+        }
+    }
+
     /// The metadata record bytes this job writes.
     pub(super) fn record_bytes(&self) -> usize {
         match self {
@@ -199,7 +212,7 @@ pub const SPOOL_EXTENSION: &str = "audit";
 /// One audit record to append.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AuditRecord {
-    /// DICOM audit event ID ([`id`]).
+    /// DICOM audit event ID (`trail::id`).
     pub event_id: u32,
     pub calling_ae: String,
     /// The peer: its address for an association, the destination AE title of a C-MOVE.

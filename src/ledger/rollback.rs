@@ -99,6 +99,50 @@ pub(super) fn keep_objects_of_lost_entries(db: &DB) -> Result<(), LedgerError> {
     db.write_opt(batch, &wo).map_err(LedgerError::Write)
 }
 
+/// Carries out an accepted rollback (see `Ledger::accept_rollback`): sets the checkpoint file
+/// aside, keeps the objects of lost entries, writes a new file from the newest checkpoint `stored`
+/// and returns the alert that records what was given up.
+fn accept(
+    db: &DB,
+    file: &Path,
+    entries: u64,
+    stored: Option<(String, checkpoint::Checkpoint)>,
+) -> Result<(u64, Vec<AuditRecord>, Option<RollbackAccepted>), LedgerError> {
+    // A damaged file is set aside like a readable one: the operator chose the ledger.
+    let old = witness::read(file).ok().flatten();
+    let set_aside = witness::set_aside(file)?;
+    keep_objects_of_lost_entries(db)?;
+    if let Some((note, _)) = &stored {
+        witness::write(file, note)?;
+    }
+    let accepted = RollbackAccepted {
+        entries,
+        given_up: old.as_ref().map(|(_, cp)| cp.size),
+        set_aside,
+        newest: stored.as_ref().map(|(_, cp)| cp.size),
+    };
+    // The alert alone must identify what was given up (the file set aside can be lost):
+    // its size and root, and the signed note itself, escaped to stay on one line.
+    let given_up = match &old {
+        Some((note, cp)) => format!(
+            "size {} root {} (note: {})",
+            cp.size,
+            hex::encode(cp.root),
+            crate::util::escape::escape(note)
+        ),
+        None => "nothing readable".to_string(),
+    };
+    let alert = ledger_alert(format!(
+        "rollback accepted by the operator: the ledger holds {entries} entries; the \
+         checkpoint file recorded {given_up} (set aside as {})",
+        accepted.set_aside.as_ref().map_or("-".to_string(), |p| {
+            crate::util::escape::escape(&p.display().to_string()).into_owned()
+        }),
+    ));
+    tracing::warn!(entries, given_up = ?accepted.given_up, "rollback of the ledger accepted by the operator");
+    Ok((accepted.newest.unwrap_or(0), vec![alert], Some(accepted)))
+}
+
 /// Holds the ledger (of `entries` entries) to the checkpoint file at `file` (see [`witness`]):
 /// the size it records, the security alerts to append once the committer runs, and with
 /// `accept_rollback` what the operator gave up.
@@ -112,39 +156,7 @@ pub(super) fn check_witness(
 ) -> Result<(u64, Vec<AuditRecord>, Option<RollbackAccepted>), LedgerError> {
     let stored = newest_stored_checkpoint(db)?;
     if accept_rollback {
-        // A damaged file is set aside like a readable one: the operator chose the ledger.
-        let old = witness::read(file).ok().flatten();
-        let set_aside = witness::set_aside(file)?;
-        keep_objects_of_lost_entries(db)?;
-        if let Some((note, _)) = &stored {
-            witness::write(file, note)?;
-        }
-        let accepted = RollbackAccepted {
-            entries,
-            given_up: old.as_ref().map(|(_, cp)| cp.size),
-            set_aside,
-            newest: stored.as_ref().map(|(_, cp)| cp.size),
-        };
-        // The alert alone must identify what was given up (the file set aside can be lost):
-        // its size and root, and the signed note itself, escaped to stay on one line.
-        let given_up = match &old {
-            Some((note, cp)) => format!(
-                "size {} root {} (note: {})",
-                cp.size,
-                hex::encode(cp.root),
-                crate::util::escape::escape(note)
-            ),
-            None => "nothing readable".to_string(),
-        };
-        let alert = ledger_alert(format!(
-            "rollback accepted by the operator: the ledger holds {entries} entries; the \
-             checkpoint file recorded {given_up} (set aside as {})",
-            accepted.set_aside.as_ref().map_or("-".to_string(), |p| {
-                crate::util::escape::escape(&p.display().to_string()).into_owned()
-            }),
-        ));
-        tracing::warn!(entries, given_up = ?accepted.given_up, "rollback of the ledger accepted by the operator");
-        return Ok((accepted.newest.unwrap_or(0), vec![alert], Some(accepted)));
+        return accept(db, file, entries, stored);
     }
     match witness::read(file)? {
         None => {
@@ -154,8 +166,7 @@ pub(super) fn check_witness(
                 witness::check_writable(file)?;
                 return Ok((0, Vec::new(), None));
             };
-            // Either the ledger was last run by a version that kept no such file, or the file
-            // was deleted: nothing tells the two apart, so the file is recreated from the
+            // The file was deleted (or the ledger moved without it): it is recreated from the
             // ledger (which checked itself against its own newest checkpoint above), loudly.
             tracing::warn!(file = %file.display(), size = cp.size, "the checkpoint file is missing although the ledger has signed checkpoints: recreated from the ledger's newest one (a rollback before now cannot be detected)");
             witness::write(file, &note)?;
@@ -178,8 +189,8 @@ pub(super) fn check_witness(
             }
             let stored_size = stored.as_ref().map_or(0, |(_, s)| s.size);
             if let Some((note, newer)) = stored.filter(|(_, s)| s.size > cp.size) {
-                // Stored by an older version (which wrote the file second), and a crash came
-                // before the file was written.
+                // The ledger stores a newer checkpoint than the file records (the file is an
+                // older copy): both hold the same tree (checked above), so the file catches up.
                 witness::write(file, &note)?;
                 tracing::info!(
                     from = cp.size,

@@ -264,7 +264,7 @@ mod tests {
             ));
         }
         assert!(ledger.inclusion_proof(38, 37).is_err());
-        // A ledger whose tree lags the chain (written before the tree existed) is repaired at open.
+        // A ledger whose tree lags the chain (its newest leaves lost) is repaired at open.
         let root = ledger.tree_root(37).unwrap();
         {
             let cf = ledger.cf(CF_TREE).unwrap();

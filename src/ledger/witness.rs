@@ -26,7 +26,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, NoteError};
 use crate::instance::Digest32;
 
 /// Why the checkpoint file cannot be used.
@@ -39,7 +39,11 @@ pub enum WitnessError {
         source: std::io::Error,
     },
     #[error("the checkpoint file {path} is not a checkpoint: {reason}")]
-    Malformed { path: PathBuf, reason: String },
+    Malformed {
+        path: PathBuf,
+        #[source]
+        reason: NoteError,
+    },
     #[error("cannot write the checkpoint file {path}: {source}")]
     Write {
         path: PathBuf,
@@ -109,9 +113,9 @@ pub fn path_for(ledger: &Path) -> PathBuf {
 }
 
 /// The checkpoint in a signed note (its body; the signature is checked where a key is known).
-pub fn parse_note(note: &str) -> Result<Checkpoint, String> {
+pub fn parse_note(note: &str) -> Result<Checkpoint, NoteError> {
     let body_end = note.find("\n\n").map(|i| i + 1).unwrap_or(note.len());
-    Checkpoint::parse(&note[..body_end]).map_err(|e| e.to_string())
+    Checkpoint::parse(&note[..body_end])
 }
 
 /// The note in the checkpoint file and its checkpoint, or `None` if there is no file.

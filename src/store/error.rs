@@ -30,4 +30,7 @@ pub enum StoreError {
     },
     #[error("object {name} is encrypted and no master key is loaded ({hint})")]
     NoMasterKey { name: String, hint: String },
+    /// Every object is written sealed: a store without a master key can only list and delete.
+    #[error("no master key is loaded, and objects are only ever written sealed")]
+    NoMasterKeyToSeal,
 }

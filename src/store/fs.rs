@@ -24,10 +24,9 @@
 //!   group commit, which then carries the object's metadata in its journal commit too; the
 //!   C-STORE response waits for both. A crash before the syncs leaves a partial object under
 //!   its final name, which its pending-object note sends to `reconcile` (see
-//!   `ledger::unacked`). Only a name no other object can have may go first: a sealed object's
-//!   name is made with a random salt. A plaintext object's name is its instance key's, which a
-//!   durable object from an earlier identical C-STORE may already have; renaming over that
-//!   before the sync could leave a crash with neither, so such names keep the classic order.
+//!   `ledger::unacked`). Only a name no other object can have may go first (a sealed object's
+//!   name is made with a random salt): renaming over a durable object before the sync could
+//!   leave a crash with neither, so a name that may exist already keeps the classic order.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

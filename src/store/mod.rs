@@ -38,11 +38,13 @@ enum Backend {
     S3(s3::S3Store),
 }
 
-/// A staged write of one object.
+/// A staged write of one object, sealed as it is written.
 pub struct Upload {
     inner: UploadBackend,
-    /// Sealing state and the key record that goes on the ledger (none: a plaintext object).
-    sealing: Option<(sealed::Sealer, ObjectKey, Arc<MasterKey>)>,
+    sealer: sealed::Sealer,
+    /// The key record that goes on the ledger.
+    key: ObjectKey,
+    master: Arc<MasterKey>,
     out: Vec<u8>,
 }
 
@@ -68,12 +70,12 @@ impl Placed {
     }
 }
 
-/// A streaming read of one object (decrypted when it is sealed).
+/// A streaming read of one object, opened as it is read.
 pub struct ObjectReader {
     inner: ReaderBackend,
+    /// `None` once the object was read to its end.
     opener: Option<sealed::Opener>,
     name: String,
-    done: bool,
 }
 
 enum ReaderBackend {
@@ -111,50 +113,42 @@ impl Store {
         }
     }
 
-    /// Seals every new object under this master key and opens sealed ones with it. Without a
-    /// master key new objects are plaintext (format 1) and sealed ones cannot be read.
+    /// Seals every new object under this master key and opens objects with it. Without a master
+    /// key objects can be listed and deleted, but neither written nor read.
     pub fn with_master_key(mut self, master: Option<Arc<MasterKey>>) -> Store {
         self.master = master;
         self
     }
 
-    /// Starts a staged upload (sealed when a master key is set).
+    /// Starts a staged upload, sealed under the master key.
     pub async fn begin(&self) -> Result<Upload, StoreError> {
+        let master = self.master.clone().ok_or(StoreError::NoMasterKeyToSeal)?;
         let inner = match &self.backend {
             Backend::Fs(s) => UploadBackend::Fs(s.begin().await?),
             Backend::S3(s) => UploadBackend::S3(s.begin().await?),
         };
+        let (key, sealer) = master.sealer();
+        let header = sealer.header();
         let mut upload = Upload {
             inner,
-            sealing: None,
+            sealer,
+            key,
+            master,
             out: Vec::new(),
         };
-        if let Some(master) = &self.master {
-            let (key, sealer) = master.sealer();
-            let header = sealer.header();
-            upload.sealing = Some((sealer, key, master.clone()));
-            upload.inner_write(&header).await?;
-        }
+        upload.inner_write(&header).await?;
         Ok(upload)
     }
 
-    /// Opens an object for a streaming read; `key` is its key record from the ledger (none for
-    /// a plaintext object written before sealing).
-    pub async fn open_read(
-        &self,
-        name: &str,
-        key: Option<&ObjectKey>,
-    ) -> Result<ObjectReader, StoreError> {
-        let opener = match (key, &self.master) {
-            (None, _) => None,
-            (Some(k), Some(m)) => Some(m.opener(k)),
-            (Some(_), None) => {
-                return Err(StoreError::NoMasterKey {
-                    name: name.into(),
-                    hint: "set security.master_key_file to the node's key file".into(),
-                })
-            }
+    /// Opens an object for a streaming read; `key` is its key record from the ledger.
+    pub async fn open_read(&self, name: &str, key: &ObjectKey) -> Result<ObjectReader, StoreError> {
+        let Some(master) = &self.master else {
+            return Err(StoreError::NoMasterKey {
+                name: name.into(),
+                hint: "set security.master_key_file to the node's key file".into(),
+            });
         };
+        let opener = Some(master.opener(key));
         let inner = match &self.backend {
             Backend::Fs(s) => ReaderBackend::Fs(s.open_read(name).await?),
             Backend::S3(s) => ReaderBackend::S3(s.open_read(name).await?),
@@ -163,16 +157,11 @@ impl Store {
             inner,
             opener,
             name: name.into(),
-            done: false,
         })
     }
 
-    /// The length and SHA-256 of an object's content (decrypted when it is sealed).
-    pub async fn digest(
-        &self,
-        name: &str,
-        key: Option<&ObjectKey>,
-    ) -> Result<(u64, Digest32), StoreError> {
+    /// The length and SHA-256 of an object's content (decrypted).
+    pub async fn digest(&self, name: &str, key: &ObjectKey) -> Result<(u64, Digest32), StoreError> {
         use sha2::Digest as _;
         let mut r = self.open_read(name, key).await?;
         let mut h = sha2::Sha256::new();
@@ -212,12 +201,11 @@ impl Store {
 impl Upload {
     /// Bytes of the object this upload holds in memory (not yet handed to the backend).
     pub fn buffered(&self) -> usize {
-        let sealing = self.sealing.as_ref().map(|s| s.0.buffered()).unwrap_or(0);
         let backend = match &self.inner {
             UploadBackend::Fs(_) => 0,
             UploadBackend::S3(u) => u.buffered(),
         };
-        backend + sealing + self.out.capacity()
+        backend + self.sealer.buffered() + self.out.capacity()
     }
 
     async fn inner_write(&mut self, data: &[u8]) -> Result<(), StoreError> {
@@ -229,16 +217,15 @@ impl Upload {
 
     /// Appends bytes to the staged object.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
-        match (&mut self.sealing, &mut self.inner) {
-            (None, _) => self.inner_write(data).await,
+        match &mut self.inner {
             // Sealed straight into the file's staging buffer: no copy in between.
-            (Some((sealer, _, _)), UploadBackend::Fs(u)) => {
-                sealer.push(data, u.staged());
+            UploadBackend::Fs(u) => {
+                self.sealer.push(data, u.staged());
                 u.step().await
             }
-            (Some((sealer, _, _)), UploadBackend::S3(_)) => {
+            UploadBackend::S3(_) => {
                 let mut out = std::mem::take(&mut self.out);
-                sealer.push(data, &mut out);
+                self.sealer.push(data, &mut out);
                 let r = if out.is_empty() {
                     Ok(())
                 } else {
@@ -252,12 +239,12 @@ impl Upload {
     }
 
     /// The name this object will have as the pixel data of `instance_key`, and its key record
-    /// for the ledger (none for a plaintext object).
-    pub fn name_for(&self, instance_key: &Digest32) -> (String, Option<ObjectKey>) {
-        match &self.sealing {
-            Some((_, key, master)) => (master.object_name(instance_key, key), Some(key.clone())),
-            None => (crate::instance::object_name(instance_key), None),
-        }
+    /// for the ledger.
+    pub fn name_for(&self, instance_key: &Digest32) -> (String, ObjectKey) {
+        (
+            self.master.object_name(instance_key, &self.key),
+            self.key.clone(),
+        )
     }
 
     /// Makes the object durable and visible under `name`. Committing the same bytes under an
@@ -267,22 +254,24 @@ impl Upload {
     }
 
     /// Makes the object visible under `name`; it is durable once [`Placed::sync`] returns, which
-    /// the caller may overlap with other work. Only a name no other object can have (a sealed
-    /// object's, salted at random) is placed before it is synced: an earlier object under the
-    /// same plaintext name stays durable until the new one is.
-    pub async fn place(mut self, name: &str) -> Result<Placed, StoreError> {
-        let fresh = self.sealing.is_some();
-        if let Some((sealer, _, _)) = self.sealing.take() {
-            if let UploadBackend::Fs(u) = &mut self.inner {
-                sealer.finish(u.staged());
-            } else {
-                let mut out = std::mem::take(&mut self.out);
+    /// the caller may overlap with other work. The name, salted at random, is no other object's,
+    /// so it is placed before it is synced.
+    pub async fn place(self, name: &str) -> Result<Placed, StoreError> {
+        let Upload {
+            mut inner,
+            sealer,
+            mut out,
+            ..
+        } = self;
+        match &mut inner {
+            UploadBackend::Fs(u) => sealer.finish(u.staged()),
+            UploadBackend::S3(u) => {
                 sealer.finish(&mut out);
-                self.inner_write(&out).await?;
+                u.write(&out).await?;
             }
         }
-        match self.inner {
-            UploadBackend::Fs(u) => u.place(name, fresh).await.map(|p| Placed::Fs(Box::new(p))),
+        match inner {
+            UploadBackend::Fs(u) => u.place(name, true).await.map(|p| Placed::Fs(Box::new(p))),
             UploadBackend::S3(u) => u.commit(name).await.map(|()| Placed::Durable),
         }
     }
@@ -304,17 +293,12 @@ impl ObjectReader {
         }
     }
 
-    /// The next chunk of the object (plaintext), or `None` at the end. A sealed object that
-    /// fails authentication gives [`StoreError::Damaged`].
+    /// The next chunk of the object (decrypted), or `None` at the end. An object that fails
+    /// authentication gives [`StoreError::Damaged`].
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoreError> {
         loop {
             if self.opener.is_none() {
-                // Plaintext, or a sealed object already read to its end.
-                return if self.done {
-                    Ok(None)
-                } else {
-                    self.inner_next().await
-                };
+                return Ok(None);
             }
             let next = self.inner_next().await?;
             let damaged = |reason| StoreError::Damaged {
@@ -331,7 +315,6 @@ impl ObjectReader {
                 }
                 None => {
                     let opener = self.opener.take().expect("checked above");
-                    self.done = true;
                     let plain = opener.finish().map_err(damaged)?;
                     return Ok((!plain.is_empty()).then(|| plain.into()));
                 }
@@ -371,7 +354,7 @@ mod tests {
             }
             let (name, key) = up.name_for(&[round as u8; 32]);
             up.commit(&name).await.unwrap();
-            let (len, sha) = store.digest(&name, key.as_ref()).await.unwrap();
+            let (len, sha) = store.digest(&name, &key).await.unwrap();
             assert_eq!(len, plain.len() as u64);
             assert_eq!(sha, <[u8; 32]>::from(sha2::Sha256::digest(&plain)));
         }

@@ -1,6 +1,6 @@
 //! Encryption at rest of pixel objects (pure: no I/O besides the master key file).
 //!
-//! Every object written since format 2 is sealed with AES-256-GCM under its own data key, in
+//! Every object is sealed with AES-256-GCM under its own data key, in
 //! chunks, so it can be read as a stream (and a range maps to whole chunks):
 //!
 //! ```text
@@ -20,8 +20,6 @@
 //! HKDF(info = "dicomchain object name v2"). The object salt lives only in the ledger's `keys`
 //! column family, never in the bucket: without it (and the master key) an object can be neither
 //! decrypted nor linked to its instance, and deleting it shreds the object (erasure).
-//! Objects written before format 2 (plaintext, named by [`crate::instance::object_name`]) have no
-//! key record and are read as they are.
 
 use std::path::Path;
 
@@ -30,7 +28,7 @@ use ring::{aead, hkdf, hmac, rand::SecureRandom};
 use crate::instance::{Digest32, ObjectKey};
 
 const MAGIC: &[u8; 6] = b"DCPXL2";
-/// The object format this module writes (1 = the plaintext objects before it).
+/// The object format, in every object's header.
 pub const FORMAT: u8 = 2;
 const ALGORITHM_AES_256_GCM: u8 = 1;
 pub const HEADER_LEN: usize = 16;
@@ -446,7 +444,6 @@ mod tests {
         assert_eq!(n1, m.object_name(&key, &k1));
         assert_ne!(n1, m.object_name(&key, &k2));
         assert_ne!(n1, master(6).object_name(&key, &k1));
-        assert_ne!(n1, crate::instance::object_name(&key));
     }
 
     #[test]
