@@ -153,9 +153,9 @@ pub enum ConvertError {
     #[error("unknown target syntax")]
     UnknownTarget,
     #[error("{0}")]
-    Read(#[from] dicom_object::ReadError),
+    Read(Box<dicom_object::ReadError>),
     #[error("{0}")]
-    Write(#[from] dicom_object::WriteError),
+    Write(Box<dicom_object::WriteError>),
 }
 
 impl Outbound {
@@ -427,8 +427,10 @@ fn convert(bytes: &[u8], from: &str, to: &str) -> Result<Vec<u8>, ConvertError> 
     let to_ts = TransferSyntaxRegistry
         .get(to)
         .ok_or(ConvertError::UnknownTarget)?;
-    let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(bytes, from_ts)?;
+    let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(bytes, from_ts)
+        .map_err(|e| ConvertError::Read(Box::new(e)))?;
     let mut out = Vec::with_capacity(bytes.len());
-    obj.write_dataset_with_ts(&mut out, to_ts)?;
+    obj.write_dataset_with_ts(&mut out, to_ts)
+        .map_err(|e| ConvertError::Write(Box::new(e)))?;
     Ok(out)
 }

@@ -15,6 +15,8 @@
 //! a damaged table file is damage like any other, and the checks above go on with what can
 //! still be read (entries past a damaged block are read one by one).
 //!
+//! The record checks of step 3 are in [`records`], the object checks of step 4 in [`objects`].
+//!
 //! Exit status: 0 when everything is intact, 1 when damage was found, 2 when it could not run.
 
 use std::borrow::Cow;
@@ -23,10 +25,15 @@ use std::io::{IsTerminal, Write};
 use std::iter::Peekable;
 use std::slice;
 
+mod objects;
+mod records;
+
+use records::{check_raw, check_records, record_for, RecordCheck};
+
 use crate::config::Config;
-use crate::instance::{self, Digest32, MetadataRecord};
+use crate::instance::Digest32;
 use crate::ledger::{checkpoint, merkle, Ledger, LedgerError, RecordKey};
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 
 /// Why verify could not run at all.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +158,7 @@ fn saved_checkpoints(
     Ok(out)
 }
 
+/// A progress line on stderr, when it is a terminal.
 struct Progress {
     on: bool,
     total: u64,
@@ -158,12 +166,8 @@ struct Progress {
 
 impl Progress {
     fn tick(&self, what: &str, done: u64) {
-        if self.on && (done % 4096 == 0 || done == self.total) {
-            let pct = if self.total == 0 {
-                100
-            } else {
-                done * 100 / self.total
-            };
+        if self.on && (done.is_multiple_of(4096) || done == self.total) {
+            let pct = (done * 100).checked_div(self.total).unwrap_or(100);
             eprint!("\rverify: {what} {done}/{} ({pct}%)   ", self.total);
             let _ = std::io::stderr().flush();
         }
@@ -607,186 +611,6 @@ impl Walk<'_> {
         self.report.erased = self.erased.len() as u64;
         Ok(erased_names)
     }
-
-    /// Step 4: every pixel object streamed through SHA-256 against its entry, and the objects
-    /// no entry names.
-    async fn objects(
-        &mut self,
-        cfg: &Config,
-        erased_names: &HashSet<String>,
-        terminal: bool,
-    ) -> Result<(), VerifyError> {
-        let ledger = self.ledger;
-        let store = Store::open_read_only(&cfg.store).await?.with_master_key(
-            crate::archive::ingest::read_master_key(ledger, &cfg.security.master_key_file)
-                .map_err(VerifyError::MasterKey)?,
-        );
-        let object_problems = self.object_digests(&store, terminal).await?;
-        let listed = store.list().await?;
-        // Problems of objects are confirmed once the ledger has caught up with the node: an
-        // instance erased meanwhile has lost its object and key record, and that is no damage.
-        ledger.catch_up();
-        for (seq, p) in object_problems {
-            if ledger.erased_by(seq)?.is_some() {
-                self.report.erased += 1;
-            } else if self.unacked.contains(&seq) {
-                self.report.unacknowledged += 1;
-            } else {
-                self.problems.push(p);
-            }
-        }
-        for name in listed {
-            if erased_names.contains(&name) {
-                // Shredded (its key record is gone); deleted at the node's next start.
-                self.report.erased_objects_left += 1;
-            } else if !self.named.contains(&name) && !ledger.knows_object(&name)? {
-                self.problems.push(Problem {
-                    subject: format!("object {name}"),
-                    what: if name.starts_with("staging/") {
-                        "leftover of an interrupted S3 upload (garbage, never a stored instance)"
-                            .into()
-                    } else {
-                        "no ledger entry names this object (orphan)".into()
-                    },
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// The pixel object of every entry not erased, compared with the entry: the problems found,
-    /// by sequence number, to be confirmed once the ledger has caught up.
-    async fn object_digests(
-        &mut self,
-        store: &Store,
-        terminal: bool,
-    ) -> Result<Vec<(u64, Problem)>, VerifyError> {
-        let progress = Progress {
-            on: terminal,
-            total: self.with_objects.len() as u64,
-        };
-        let mut object_problems: Vec<(u64, Problem)> = Vec::new();
-        for (i, (subject, entry)) in self.with_objects.iter().enumerate() {
-            progress.tick("pixel objects", i as u64 + 1);
-            let problem = |what: String| {
-                (
-                    entry.seq,
-                    Problem {
-                        subject: subject.clone(),
-                        what,
-                    },
-                )
-            };
-            let key = match self.ledger.object_key(&entry.object_name) {
-                Ok(k) => k,
-                Err(e) if is_damage(&e) => {
-                    object_problems.push(problem(format!(
-                        "the key record of pixel object {} is unreadable: {e}",
-                        entry.object_name
-                    )));
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if key.is_none() && crate::archive::retrieve::needs_key_record(entry) {
-                object_problems.push(problem(format!(
-                    "the key record of pixel object {} is missing (it cannot be decrypted)",
-                    entry.object_name
-                )));
-                continue;
-            }
-            match store.digest(&entry.object_name, key.as_ref()).await {
-                Ok((len, digest)) => {
-                    self.report.objects_checked += 1;
-                    self.report.bytes_checked += len;
-                    if len != entry.pixel_length || digest != entry.pixel_sha256 {
-                        object_problems.push(problem(format!(
-                            "pixel object {} differs from the ledger (SHA-256 or length)",
-                            entry.object_name
-                        )));
-                    }
-                }
-                Err(StoreError::Damaged { reason, .. }) => object_problems.push(problem(format!(
-                    "pixel object {} differs from the ledger ({reason})",
-                    entry.object_name
-                ))),
-                Err(StoreError::NotFound { .. }) => object_problems.push(problem(format!(
-                    "pixel object {} is missing",
-                    entry.object_name
-                ))),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        progress.end();
-        Ok(object_problems)
-    }
-}
-
-/// What the audit found for one metadata record.
-#[derive(Clone)]
-enum RecordCheck {
-    Good {
-        /// What the record hashes to.
-        key: Digest32,
-        sop: String,
-        pixel: Digest32,
-        dataset: Digest32,
-    },
-    Bad {
-        /// The SOP Instance UID, when the damaged record still names it.
-        subject: Option<String>,
-        what: String,
-    },
-}
-
-const MISMATCH: &str = "metadata record does not match its instance key";
-
-/// Hashes and decodes a record; one filed under an instance key must hash to it (one filed
-/// under a sequence number is held to its entry by [`record_for`]).
-fn check_raw(filed: &RecordKey, raw: &[u8]) -> RecordCheck {
-    let decoded = MetadataRecord::decode(raw);
-    let subject = decoded.as_ref().ok().map(|r| r.sop_instance_uid.clone());
-    let key = instance::instance_key(raw);
-    if matches!(filed, RecordKey::Instance(k) if *k != key) {
-        return RecordCheck::Bad {
-            subject,
-            what: MISMATCH.into(),
-        };
-    }
-    match decoded {
-        Ok(r) => RecordCheck::Good {
-            key,
-            sop: r.sop_instance_uid,
-            pixel: r.pixel_sha256,
-            dataset: r.dataset_sha256,
-        },
-        Err(e) => RecordCheck::Bad {
-            subject: None,
-            what: e.to_string(),
-        },
-    }
-}
-
-/// The check of the record entry `seq` commits to: the one under its sequence number, which
-/// must hash to the entry's instance key, or else (older ledgers) the one under that key.
-/// Borrowed, except for the rare mismatch it finds (this runs for every entry).
-fn record_for<'r>(
-    records: &'r HashMap<RecordKey, RecordCheck>,
-    seq: u64,
-    instance_key: &Digest32,
-) -> Option<Cow<'r, RecordCheck>> {
-    match records.get(&RecordKey::Seq(seq)) {
-        Some(RecordCheck::Good { key, sop, .. }) if key != instance_key => {
-            Some(Cow::Owned(RecordCheck::Bad {
-                subject: Some(sop.clone()),
-                what: MISMATCH.into(),
-            }))
-        }
-        Some(check) => Some(Cow::Borrowed(check)),
-        None => records
-            .get(&RecordKey::Instance(*instance_key))
-            .map(Cow::Borrowed),
-    }
 }
 
 /// Whether a ledger error is damaged bytes (a bad checksum), which verify reports and reads
@@ -801,41 +625,30 @@ fn is_damage(e: &LedgerError) -> bool {
     }
 }
 
-/// Every record hashed (and checked against the key it is filed under), in parallel batches;
-/// with the damage that stopped the scan early, if any (the records read before it are kept).
-#[allow(clippy::type_complexity)]
-fn check_records(
-    ledger: &Ledger,
-) -> Result<(HashMap<RecordKey, RecordCheck>, Option<LedgerError>), LedgerError> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let mut out = HashMap::new();
-    let scanned = ledger.for_each_record_batch(16_384, |batch| {
-        let per = batch.len().div_ceil(threads).max(1);
-        let results: Vec<Vec<(RecordKey, RecordCheck)>> = std::thread::scope(|s| {
-            let handles: Vec<_> = batch
-                .chunks(per)
-                .map(|chunk| {
-                    s.spawn(move || {
-                        chunk
-                            .iter()
-                            .map(|(k, v)| (*k, check_raw(k, v)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_default())
-                .collect()
-        });
-        out.extend(results.into_iter().flatten());
-    });
-    match scanned {
-        Ok(()) => Ok((out, None)),
-        Err(e) if is_damage(&e) => Ok((out, Some(e))),
-        Err(e) => Err(e),
+/// The audit record of a verify run, for the ledger: 110101 Audit Log Used when everything was
+/// intact, 110113 Security Alert (outcome 1) when damage was found; the counts, never a UID.
+pub fn audit_record(report: &Report, ledger_only: bool) -> crate::ledger::trail::AuditRecord {
+    use crate::ledger::trail::{id, AuditRecord};
+    let damaged = !report.problems.is_empty();
+    AuditRecord {
+        event_id: if damaged { id::SECURITY_ALERT } else { 110101 },
+        calling_ae: "dicomchain verify".into(),
+        peer: "-".into(),
+        status: u16::from(damaged),
+        detail: format!(
+            "verify{}: {} entries, {} checkpoints, {} pixel objects checked: {}",
+            if ledger_only { " --ledger-only" } else { "" },
+            report.entries,
+            report.checkpoints,
+            report.objects_checked,
+            if damaged {
+                format!("{} problem(s)", report.problems.len())
+            } else {
+                "everything intact".to_string()
+            }
+        ),
+        count: report.problems.len() as u64,
+        ..Default::default()
     }
 }
 
@@ -871,32 +684,5 @@ mod tests {
                 i + 1
             );
         }
-    }
-}
-
-/// The audit record of a verify run, for the ledger: 110101 Audit Log Used when everything was
-/// intact, 110113 Security Alert (outcome 1) when damage was found; the counts, never a UID.
-pub fn audit_record(report: &Report, ledger_only: bool) -> crate::ledger::trail::AuditRecord {
-    use crate::ledger::trail::{id, AuditRecord};
-    let damaged = !report.problems.is_empty();
-    AuditRecord {
-        event_id: if damaged { id::SECURITY_ALERT } else { 110101 },
-        calling_ae: "dicomchain verify".into(),
-        peer: "-".into(),
-        status: u16::from(damaged),
-        detail: format!(
-            "verify{}: {} entries, {} checkpoints, {} pixel objects checked: {}",
-            if ledger_only { " --ledger-only" } else { "" },
-            report.entries,
-            report.checkpoints,
-            report.objects_checked,
-            if damaged {
-                format!("{} problem(s)", report.problems.len())
-            } else {
-                "everything intact".to_string()
-            }
-        ),
-        count: report.problems.len() as u64,
-        ..Default::default()
     }
 }
