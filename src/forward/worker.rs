@@ -66,7 +66,8 @@ fn lower_priority(nice: i32) {
 impl Forwarder {
     /// Starts a worker for every destination of a rule, and for every configured peer that
     /// still has queued or given-up items although no rule names it any more (so that
-    /// `forward retry` reaches them too).
+    /// `forward retry` reaches them too). `services`: what sending checked instances needs (the
+    /// node passes its Query/Retrieve services, which convert into it).
     pub fn start(
         services: impl Into<Outbound>,
         cfg: &Config,
