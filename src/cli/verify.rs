@@ -180,15 +180,19 @@ impl Progress {
 }
 
 pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
+    let vkey = match &opts.verifier_key {
+        Some(k) => k.clone(),
+        None => crate::cli::audit::verifier_key(cfg)?,
+    };
+    // Checkpoints kept outside the ledger are read before the ledger is opened: the node writes
+    // one only after the entries it signs, so the ledger as opened next holds at least those.
+    let mut saved_problems = Vec::new();
+    let saved = saved_checkpoints(cfg, &opts.checkpoint_files, &vkey, &mut saved_problems)?;
     let scratch = tempfile::Builder::new()
         .prefix("dicomchain-verify-")
         .tempdir()
         .map_err(VerifyError::Scratch)?;
     let ledger = Ledger::open_secondary(&cfg.ledger.path, scratch.path())?;
-    let vkey = match &opts.verifier_key {
-        Some(k) => k.clone(),
-        None => crate::cli::audit::verifier_key(cfg)?,
-    };
     let mut problems = Vec::new();
     let scan = ledger.scrub();
     for d in &scan.damage {
@@ -205,7 +209,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         Err(e) => return Err(e.into()),
     };
     let terminal = std::io::stderr().is_terminal();
-    let saved = saved_checkpoints(cfg, &opts.checkpoint_files, &vkey, &mut problems)?;
+    problems.extend(saved_problems);
     let checkpoints = match ledger.checkpoints() {
         Ok(c) => c,
         Err(e) if is_damage(&e) => {
