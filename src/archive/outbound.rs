@@ -153,9 +153,9 @@ pub enum ConvertError {
     #[error("unknown target syntax")]
     UnknownTarget,
     #[error("{0}")]
-    Read(#[from] dicom_object::ReadError),
+    Read(Box<dicom_object::ReadError>),
     #[error("{0}")]
-    Write(#[from] dicom_object::WriteError),
+    Write(Box<dicom_object::WriteError>),
 }
 
 impl Outbound {
@@ -427,8 +427,90 @@ fn convert(bytes: &[u8], from: &str, to: &str) -> Result<Vec<u8>, ConvertError> 
     let to_ts = TransferSyntaxRegistry
         .get(to)
         .ok_or(ConvertError::UnknownTarget)?;
-    let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(bytes, from_ts)?;
+    let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(bytes, from_ts)
+        .map_err(|e| ConvertError::Read(Box::new(e)))?;
     let mut out = Vec::with_capacity(bytes.len());
-    obj.write_dataset_with_ts(&mut out, to_ts)?;
+    obj.write_dataset_with_ts(&mut out, to_ts)
+        .map_err(|e| ConvertError::Write(Box::new(e)))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+    const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+    const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+    const JPEG_LOSSLESS: &str = "1.2.840.10008.1.2.4.70";
+
+    fn ready(syntax: &str, body: Body) -> Ready {
+        Ready {
+            uid: "1.2.3".into(),
+            sop_class_uid: CT.into(),
+            transfer_syntax: syntax.into(),
+            body,
+        }
+    }
+
+    fn accepted(list: &[(u8, &str)]) -> Vec<Accepted> {
+        list.iter()
+            .map(|(id, ts)| (*id, CT.to_string(), ts.to_string()))
+            .collect()
+    }
+
+    /// (0008,0018) SOP Instance UID "1.2.3" in Explicit VR Little Endian.
+    fn explicit_le() -> Vec<u8> {
+        let mut b = vec![0x08, 0x00, 0x18, 0x00, b'U', b'I', 6, 0];
+        b.extend_from_slice(b"1.2.3\0");
+        b
+    }
+
+    #[test]
+    fn uncompressed_data_gets_a_fallback_context_compressed_data_does_not() {
+        let pairs = vec![
+            (CT.to_string(), EXPLICIT_LE.to_string()),
+            (CT.to_string(), JPEG_LOSSLESS.to_string()),
+        ];
+        let p = proposals(&pairs);
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[0].1, vec![EXPLICIT_LE.to_string()]);
+        assert_eq!(p[1].1, vec![JPEG_LOSSLESS.to_string()]);
+        assert_eq!(p[2].1.len(), 2);
+        assert!(!p[2].1.contains(&EXPLICIT_LE.to_string()));
+    }
+
+    #[test]
+    fn the_stored_syntax_is_chosen_when_accepted() {
+        let contexts = accepted(&[(1, IMPLICIT_LE), (3, EXPLICIT_LE)]);
+        let placed = place(ready(EXPLICIT_LE, Body::Whole(explicit_le())), &contexts).unwrap();
+        assert_eq!(placed.context_id, 3);
+        assert!(matches!(placed.body, Body::Whole(b) if b == explicit_le()));
+    }
+
+    #[test]
+    fn uncompressed_data_is_converted_when_only_another_syntax_is_accepted() {
+        let contexts = accepted(&[(5, IMPLICIT_LE)]);
+        let placed = place(ready(EXPLICIT_LE, Body::Whole(explicit_le())), &contexts).unwrap();
+        assert_eq!(placed.context_id, 5);
+        let Body::Whole(b) = placed.body else {
+            panic!("converted whole")
+        };
+        // Implicit VR: tag, then a 4-byte length, no VR.
+        assert_eq!(&b[..8], &[0x08, 0x00, 0x18, 0x00, 6, 0, 0, 0]);
+    }
+
+    #[test]
+    fn compressed_or_streamed_data_is_never_converted() {
+        let contexts = accepted(&[(1, IMPLICIT_LE)]);
+        let r = place(ready(JPEG_LOSSLESS, Body::Whole(vec![])), &contexts);
+        assert!(matches!(r, Err(SendError::NoContext(_))));
+        let (_tx, chunks) = mpsc::channel(1);
+        let (_done, verified) = oneshot::channel();
+        let r = place(
+            ready(EXPLICIT_LE, Body::Stream { chunks, verified }),
+            &contexts,
+        );
+        assert!(matches!(r, Err(SendError::NoContext(_))));
+    }
 }

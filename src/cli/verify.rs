@@ -15,16 +15,25 @@
 //! a damaged table file is damage like any other, and the checks above go on with what can
 //! still be read (entries past a damaged block are read one by one).
 //!
+//! The record checks of step 3 are in [`records`], the object checks of step 4 in [`objects`].
+//!
 //! Exit status: 0 when everything is intact, 1 when damage was found, 2 when it could not run.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{IsTerminal, Write};
+use std::iter::Peekable;
+use std::slice;
+
+mod objects;
+mod records;
+
+use records::{check_raw, check_records, held_to, record_for, RecordCheck};
 
 use crate::config::Config;
-use crate::instance::{self, Digest32, MetadataRecord};
+use crate::instance::Digest32;
 use crate::ledger::{checkpoint, merkle, Ledger, LedgerError};
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 
 /// Why verify could not run at all.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +43,15 @@ pub enum VerifyError {
     #[error("object store: {0}")]
     Store(#[from] StoreError),
     #[error("{0}")]
-    Setup(String),
+    VerifierKey(#[from] crate::cli::audit::AuditError),
+    #[error("--checkpoint {}: {source}", path.display())]
+    CheckpointFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The master key cannot be read (to check encrypted pixel objects).
+    #[error("{0}")]
+    MasterKey(String),
 }
 
 /// One damaged, missing or orphaned thing.
@@ -119,8 +136,10 @@ fn saved_checkpoints(
         }),
     }
     for f in extra {
-        let note = std::fs::read_to_string(f)
-            .map_err(|e| VerifyError::Setup(format!("--checkpoint {}: {e}", f.display())))?;
+        let note = std::fs::read_to_string(f).map_err(|source| VerifyError::CheckpointFile {
+            path: f.clone(),
+            source,
+        })?;
         notes.push((f.clone(), note));
     }
     for (path, note) in notes {
@@ -137,6 +156,7 @@ fn saved_checkpoints(
     Ok(out)
 }
 
+/// A progress line on stderr, when it is a terminal.
 struct Progress {
     on: bool,
     total: u64,
@@ -144,12 +164,8 @@ struct Progress {
 
 impl Progress {
     fn tick(&self, what: &str, done: u64) {
-        if self.on && (done % 4096 == 0 || done == self.total) {
-            let pct = if self.total == 0 {
-                100
-            } else {
-                done * 100 / self.total
-            };
+        if self.on && (done.is_multiple_of(4096) || done == self.total) {
+            let pct = (done * 100).checked_div(self.total).unwrap_or(100);
             eprint!("\rverify: {what} {done}/{} ({pct}%)   ", self.total);
             let _ = std::io::stderr().flush();
         }
@@ -162,11 +178,15 @@ impl Progress {
 }
 
 pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
-    let ledger = Ledger::open_read_only(&cfg.ledger.path, "verify")?;
     let vkey = match &opts.verifier_key {
         Some(k) => k.clone(),
-        None => crate::cli::audit::verifier_key(cfg).map_err(|e| VerifyError::Setup(e.to_string()))?,
+        None => crate::cli::audit::verifier_key(cfg)?,
     };
+    // Checkpoints kept outside the ledger are read before the ledger is opened: the node writes
+    // one only after the entries it signs, so the ledger as opened next holds at least those.
+    let mut saved_problems = Vec::new();
+    let saved = saved_checkpoints(cfg, &opts.checkpoint_files, &vkey, &mut saved_problems)?;
+    let ledger = Ledger::open_read_only(&cfg.ledger.path, "verify")?;
     let mut problems = Vec::new();
     let scan = ledger.scrub();
     for d in &scan.damage {
@@ -182,16 +202,8 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         Err(e) if is_damage(&e) => ledger.entries_in_files()?,
         Err(e) => return Err(e.into()),
     };
-    let mut report = Report {
-        entries: n,
-        ..Report::default()
-    };
-    let progress = Progress {
-        on: std::io::stderr().is_terminal(),
-        total: n,
-    };
-    let saved = saved_checkpoints(cfg, &opts.checkpoint_files, &vkey, &mut problems)?;
-    let mut next_saved = saved.iter().peekable();
+    let terminal = std::io::stderr().is_terminal();
+    problems.extend(saved_problems);
     let checkpoints = match ledger.checkpoints() {
         Ok(c) => c,
         Err(e) if is_damage(&e) => {
@@ -203,190 +215,297 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
         }
         Err(e) => return Err(e.into()),
     };
-    report.checkpoints = checkpoints.len();
-    let mut next_cp = checkpoints.iter().peekable();
-    let mut range = merkle::CompactRange::default();
-    let mut prev = [0u8; 32];
-    let mut named: HashSet<String> = HashSet::new();
-    let mut with_objects: Vec<(String, crate::ledger::Entry)> = Vec::new();
-    // Stored entries, the ones erased since, and the problems of stored entries.
-    let mut stored: Vec<u64> = vec![0; (n / 64 + 1) as usize];
-    let mut erased: HashSet<u64> = HashSet::new();
-    // Stored entries recorded as unacknowledged by an integrity-failure entry after them.
-    let mut unacked: HashSet<u64> = HashSet::new();
-    let mut deferred: Vec<(u64, Problem)> = Vec::new();
-    let check_checkpoint = |size: u64, note: &str, root: Digest32, problems: &mut Vec<Problem>| {
-        match checkpoint::verify(note, &vkey) {
-            Err(e) => problems.push(Problem {
-                subject: format!("checkpoint {size}"),
-                what: format!("signature does not verify: {e}"),
-            }),
-            Ok(cp) if cp.size != size => problems.push(Problem {
-                subject: format!("checkpoint {size}"),
-                what: format!("stored under size {size} but signs size {}", cp.size),
-            }),
-            Ok(cp) if cp.root != root => problems.push(Problem {
-                subject: format!("checkpoint {size}"),
-                what: "the entries no longer hash to the signed root".into(),
-            }),
-            Ok(_) => {}
-        }
+    let report = Report {
+        entries: n,
+        checkpoints: checkpoints.len(),
+        ..Report::default()
     };
-    let check_saved = |s: &Saved, root: Digest32, problems: &mut Vec<Problem>| {
-        if s.cp.root != root {
-            problems.push(Problem {
+    let mut walk = Walk {
+        ledger: &ledger,
+        vkey: &vkey,
+        report,
+        problems,
+        checkpoints: checkpoints.iter().peekable(),
+        saved: saved.iter().peekable(),
+        range: merkle::CompactRange::default(),
+        prev: [0; 32],
+        expected: 1,
+        records: HashMap::new(),
+        records_damage: None,
+        named: HashSet::new(),
+        with_objects: Vec::new(),
+        stored: vec![0; (n / 64 + 1) as usize],
+        erased: HashSet::new(),
+        unacked: HashSet::new(),
+        deferred: Vec::new(),
+    };
+    walk.chain(n, terminal)?;
+    let erased_names = walk.erased_leftovers()?;
+    if !opts.ledger_only {
+        walk.objects(cfg, &erased_names, terminal).await?;
+    }
+    let mut report = walk.report;
+    report.problems = walk.problems;
+    Ok(report)
+}
+
+/// What the walk along the chain keeps, and what it found.
+struct Walk<'a> {
+    ledger: &'a Ledger,
+    /// The verifier key checkpoints are checked with.
+    vkey: &'a str,
+    report: Report,
+    problems: Vec<Problem>,
+    /// Stored and saved checkpoints the walk has not reached yet, by size.
+    checkpoints: Peekable<slice::Iter<'a, (u64, String)>>,
+    saved: Peekable<slice::Iter<'a, Saved>>,
+    /// The tree of the entries walked so far.
+    range: merkle::CompactRange,
+    /// The hash of the entry before, and the sequence number expected next.
+    prev: Digest32,
+    expected: u64,
+    /// Every metadata record checked, and the damage that cut their scan short (the rest are
+    /// read one by one).
+    records: HashMap<u64, RecordCheck>,
+    records_damage: Option<LedgerError>,
+    /// The pixel objects entries name, and the entries that name one (with their subject).
+    named: HashSet<String>,
+    with_objects: Vec<(String, crate::ledger::Entry)>,
+    /// Stored entries (a bit per sequence number) and the ones erased since.
+    stored: Vec<u64>,
+    erased: HashSet<u64>,
+    /// Stored entries recorded as unacknowledged by an integrity-failure entry after them.
+    unacked: HashSet<u64>,
+    /// Problems of stored entries: they count unless a later erasure entry erased the entry.
+    deferred: Vec<(u64, Problem)>,
+}
+
+impl Walk<'_> {
+    /// Steps 1, 2, 3 and 5: every entry in order, its link, its leaf in the tree, its record;
+    /// every checkpoint at its size.
+    fn chain(&mut self, n: u64, terminal: bool) -> Result<(), VerifyError> {
+        let progress = Progress {
+            on: terminal,
+            total: n,
+        };
+        self.at_size(0);
+        // Records first: one sequential scan, hashed against their keys on every core.
+        let (records, damage) = check_records(self.ledger)?;
+        if let Some(e) = &damage {
+            self.problems.push(Problem {
+                subject: "metadata records".into(),
+                what: format!("cannot all be read in one scan ({e}): the rest are read one by one"),
+            });
+        }
+        self.records = records;
+        self.records_damage = damage;
+        let ledger = self.ledger;
+        let entries_damage = ledger.for_each_entry_salvaging(n, |seq, entry| {
+            progress.tick("entries", seq);
+            self.entry(seq, entry);
+        })?;
+        if let Some(e) = entries_damage {
+            self.problems.push(Problem {
+                subject: "entries".into(),
+                what: format!(
+                    "cannot all be read in one scan ({e}): the rest were read one by one"
+                ),
+            });
+        }
+        for s in self.saved.by_ref() {
+            self.problems.push(Problem {
                 subject: s.subject.clone(),
                 what: format!(
-                    "the ledger's first {} entries no longer hash to the root signed for them",
+                    "signed for {} entries but the chain has only {n}: the ledger was rolled back",
                     s.cp.size
                 ),
             });
         }
-    };
-    while let Some((size, note)) = next_cp.next_if(|(s, _)| *s == 0) {
-        check_checkpoint(*size, note, merkle::empty_root(), &mut problems);
+        for (size, _) in self.checkpoints.by_ref() {
+            self.problems.push(Problem {
+                subject: format!("checkpoint {size}"),
+                what: format!(
+                    "signed for {size} entries but the chain has only {n}: entries were removed"
+                ),
+            });
+        }
+        progress.end();
+        let erased = &self.erased;
+        self.problems.extend(
+            std::mem::take(&mut self.deferred)
+                .into_iter()
+                .filter(|(seq, _)| !erased.contains(seq))
+                .map(|(_, p)| p),
+        );
+        Ok(())
     }
-    while let Some(s) = next_saved.next_if(|s| s.cp.size == 0) {
-        check_saved(s, merkle::empty_root(), &mut problems);
+
+    /// Holds the stored and saved checkpoints of `size` entries to the tree walked so far.
+    fn at_size(&mut self, size: u64) {
+        let mut root = None;
+        while let Some((at, note)) = self.checkpoints.next_if(|(s, _)| *s == size) {
+            let root = *root.get_or_insert_with(|| self.range.root());
+            let problem = |what: String| Problem {
+                subject: format!("checkpoint {at}"),
+                what,
+            };
+            match checkpoint::verify(note, self.vkey) {
+                Err(e) => self
+                    .problems
+                    .push(problem(format!("signature does not verify: {e}"))),
+                Ok(cp) if cp.size != *at => self.problems.push(problem(format!(
+                    "stored under size {at} but signs size {}",
+                    cp.size
+                ))),
+                Ok(cp) if cp.root != root => self.problems.push(problem(
+                    "the entries no longer hash to the signed root".into(),
+                )),
+                Ok(_) => {}
+            }
+        }
+        while let Some(s) = self.saved.next_if(|s| s.cp.size == size) {
+            if s.cp.root != *root.get_or_insert_with(|| self.range.root()) {
+                self.problems.push(Problem {
+                    subject: s.subject.clone(),
+                    what: format!(
+                        "the ledger's first {} entries no longer hash to the root signed for them",
+                        s.cp.size
+                    ),
+                });
+            }
+        }
     }
-    // Records first: one sequential scan, hashed against their keys on every core.
-    let (records, records_damage) = check_records(&ledger)?;
-    if let Some(e) = &records_damage {
-        problems.push(Problem {
-            subject: "metadata records".into(),
-            what: format!("cannot all be read in one scan ({e}): the rest are read one by one"),
-        });
-    }
-    let mut expected = 1u64;
-    let entries_damage = ledger.for_each_entry_salvaging(n, |seq, entry| {
-        progress.tick("entries", seq);
-        if seq != expected {
-            problems.push(Problem {
-                subject: format!("entries {expected}..{}", seq - 1),
+
+    /// One entry of the chain: linked to the one before, added to the tree, and checked for
+    /// what its event promises.
+    fn entry(&mut self, seq: u64, entry: Result<crate::ledger::Entry, LedgerError>) {
+        use crate::ledger::Event;
+        if seq != self.expected {
+            self.problems.push(Problem {
+                subject: format!("entries {}..{}", self.expected, seq - 1),
                 what: "missing from the chain".into(),
             });
             // The chain cannot be followed across a hole.
-            prev = [0; 32];
+            self.prev = [0; 32];
         }
-        expected = seq + 1;
+        self.expected = seq + 1;
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                problems.push(Problem {
+                self.problems.push(Problem {
                     subject: format!("entry {seq}"),
                     what: e.to_string(),
                 });
-                prev = [0; 32];
+                self.prev = [0; 32];
                 return;
             }
         };
         let encoded = entry.encode();
-        if entry.seq != seq || entry.prev_hash != prev {
-            problems.push(Problem {
+        if entry.seq != seq || entry.prev_hash != self.prev {
+            self.problems.push(Problem {
                 subject: format!("entry {seq}"),
                 what: "hash chain broken: does not link to the entry before".into(),
             });
         }
-        prev = entry.hash();
-        range.push(merkle::leaf_hash(&encoded));
-        while let Some((size, note)) = next_cp.next_if(|(s, _)| *s == seq) {
-            check_checkpoint(*size, note, range.root(), &mut problems);
+        self.prev = entry.hash();
+        self.range.push(merkle::leaf_hash(&encoded));
+        self.at_size(seq);
+        match entry.event {
+            Event::Forward => self.forward_outcome(seq, &entry),
+            Event::Audit => self.report.audit_records += 1,
+            Event::Grant | Event::Revoke => {
+                self.report.acl_changes += 1;
+                if crate::ledger::acl::change_of(&entry).is_none() {
+                    self.problems.push(Problem {
+                        subject: format!("entry {seq}"),
+                        what: "grant or revocation without an AE title or with unknown permissions"
+                            .into(),
+                    });
+                }
+            }
+            Event::Erase => self.erasure(seq, &entry),
+            Event::IntegrityFailure => {
+                if entry.reason == crate::ledger::Reason::Unacknowledged && entry.subject_seq < seq
+                {
+                    self.unacked.insert(entry.subject_seq);
+                }
+                self.report.events.push(format!(
+                    "entry {}: {} in entry {}, found by {}",
+                    entry.seq,
+                    entry.reason.describe(),
+                    entry.subject_seq,
+                    entry.calling_ae
+                ));
+            }
+            _ => self.stored_entry(seq, entry),
         }
-        while let Some(s) = next_saved.next_if(|s| s.cp.size == seq) {
-            check_saved(s, range.root(), &mut problems);
-        }
-        if entry.event == crate::ledger::Event::Forward {
-            // An audit record about an earlier stored entry, whose commitments it copies.
-            report.forward_outcomes += 1;
-            let subject = (entry.subject_seq < seq)
-                .then(|| ledger.entry(entry.subject_seq).ok().flatten())
-                .flatten();
-            let agrees = subject.is_some_and(|s| {
-                s.event == crate::ledger::Event::Store
-                    && s.instance_key == entry.instance_key
-                    && s.dataset_sha256 == entry.dataset_sha256
-                    && s.pixel_sha256 == entry.pixel_sha256
+    }
+
+    /// A forward outcome: an audit record about an earlier stored entry, whose commitments it
+    /// copies.
+    fn forward_outcome(&mut self, seq: u64, entry: &crate::ledger::Entry) {
+        self.report.forward_outcomes += 1;
+        let subject = (entry.subject_seq < seq)
+            .then(|| self.ledger.entry(entry.subject_seq).ok().flatten())
+            .flatten();
+        let agrees = subject.is_some_and(|s| {
+            s.event == crate::ledger::Event::Store
+                && s.instance_key == entry.instance_key
+                && s.dataset_sha256 == entry.dataset_sha256
+                && s.pixel_sha256 == entry.pixel_sha256
+        });
+        if !agrees {
+            self.problems.push(Problem {
+                subject: format!("entry {seq}"),
+                what: format!(
+                    "forward outcome names entry {}, which is not an earlier stored instance with the same commitments",
+                    entry.subject_seq
+                ),
             });
-            if !agrees {
-                problems.push(Problem {
+        }
+    }
+
+    /// An erasure entry: the stored entries it names are erased from here on.
+    fn erasure(&mut self, seq: u64, entry: &crate::ledger::Entry) {
+        self.report.erase_entries += 1;
+        let Some(seqs) = crate::ledger::erase::erased_of(entry) else {
+            self.problems.push(Problem {
+                subject: format!("entry {seq}"),
+                what: "erasure entry with malformed or inconsistent sequence ranges".into(),
+            });
+            return;
+        };
+        self.report.erasures.push(format!(
+            "entry {seq} erased a {} ({} stored entries: {}), asked by {}",
+            entry.peer, entry.subject_seq, entry.detail, entry.calling_ae
+        ));
+        for s in seqs {
+            if self
+                .stored
+                .get((s / 64) as usize)
+                .is_some_and(|w| w & (1 << (s % 64)) != 0)
+            {
+                self.erased.insert(s);
+            } else {
+                self.problems.push(Problem {
                     subject: format!("entry {seq}"),
                     what: format!(
-                        "forward outcome names entry {}, which is not an earlier stored instance with the same commitments",
-                        entry.subject_seq
+                        "erasure names entry {s}, which is not an earlier stored instance"
                     ),
                 });
             }
-            return;
         }
-        if entry.event == crate::ledger::Event::Audit {
-            report.audit_records += 1;
-            return;
-        }
-        if matches!(
-            entry.event,
-            crate::ledger::Event::Grant | crate::ledger::Event::Revoke
-        ) {
-            report.acl_changes += 1;
-            if crate::ledger::acl::change_of(&entry).is_none() {
-                problems.push(Problem {
-                    subject: format!("entry {seq}"),
-                    what: "grant or revocation without an AE title or with unknown permissions"
-                        .into(),
-                });
-            }
-            return;
-        }
-        if entry.event == crate::ledger::Event::Erase {
-            report.erase_entries += 1;
-            match crate::ledger::erase::erased_of(&entry) {
-                None => problems.push(Problem {
-                    subject: format!("entry {seq}"),
-                    what: "erasure entry with malformed or inconsistent sequence ranges".into(),
-                }),
-                Some(seqs) => {
-                    report.erasures.push(format!(
-                        "entry {seq} erased a {} ({} stored entries: {}), asked by {}",
-                        entry.peer, entry.subject_seq, entry.detail, entry.calling_ae
-                    ));
-                    for s in seqs {
-                        if stored
-                            .get((s / 64) as usize)
-                            .is_some_and(|w| w & (1 << (s % 64)) != 0)
-                        {
-                            erased.insert(s);
-                        } else {
-                            problems.push(Problem {
-                                subject: format!("entry {seq}"),
-                                what: format!(
-                                    "erasure names entry {s}, which is not an earlier stored instance"
-                                ),
-                            });
-                        }
-                    }
-                }
-            }
-            return;
-        }
-        if entry.event == crate::ledger::Event::IntegrityFailure {
-            if entry.reason == crate::ledger::Reason::Unacknowledged && entry.subject_seq < seq {
-                unacked.insert(entry.subject_seq);
-            }
-            report.events.push(format!(
-                "entry {}: {} in entry {}, found by {}",
-                entry.seq,
-                entry.reason.describe(),
-                entry.subject_seq,
-                entry.calling_ae
-            ));
-            return;
-        }
-        // Problems of a stored entry count unless a later erasure entry erased it.
-        if let Some(w) = stored.get_mut((seq / 64) as usize) {
+    }
+
+    /// A stored instance: its metadata record must commit to what its entry does.
+    fn stored_entry(&mut self, seq: u64, entry: crate::ledger::Entry) {
+        if let Some(w) = self.stored.get_mut((seq / 64) as usize) {
             *w |= 1 << (seq % 64);
         }
         // Records the scan could not reach are read one by one.
-        let salvaged = match (&records_damage, record_for(&records, seq, &entry.instance_key)) {
-            (Some(_), None) => match ledger.record_of(&entry) {
+        let found = record_for(&self.records, seq, &entry.instance_key);
+        let salvaged = match (&self.records_damage, found) {
+            (Some(_), None) => match self.ledger.record_of(&entry) {
                 Ok(Some(raw)) => Some(held_to(
                     Cow::Owned(check_raw(&raw)),
                     &entry.instance_key,
@@ -399,250 +518,74 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Report, VerifyError> {
             },
             (_, found) => found,
         };
-        let subject = match salvaged.as_deref() {
-            None => {
-                deferred.push((seq, Problem {
-                    subject: format!("entry {seq}"),
-                    what: "metadata record is missing".into(),
-                }));
-                format!("entry {seq}")
-            }
-            Some(RecordCheck::Bad { subject, what }) => {
-                let subject = subject.clone().unwrap_or_else(|| format!("entry {seq}"));
-                deferred.push((seq, Problem {
-                    subject: subject.clone(),
-                    what: what.clone(),
-                }));
-                subject
-            }
+        let (subject, problem) = match salvaged.as_deref() {
+            None => (
+                format!("entry {seq}"),
+                Some("metadata record is missing".into()),
+            ),
+            Some(RecordCheck::Bad { subject, what }) => (
+                subject.clone().unwrap_or_else(|| format!("entry {seq}")),
+                Some(what.clone()),
+            ),
             Some(RecordCheck::Good {
                 sop,
                 pixel,
                 dataset,
                 ..
             }) => {
-                if *pixel != entry.pixel_sha256 || *dataset != entry.dataset_sha256 {
-                    deferred.push((seq, Problem {
-                        subject: sop.clone(),
-                        what: "entry and metadata record disagree".into(),
-                    }));
-                }
-                sop.clone()
+                let disagree = *pixel != entry.pixel_sha256 || *dataset != entry.dataset_sha256;
+                let what = disagree.then(|| "entry and metadata record disagree".to_string());
+                (sop.clone(), what)
             }
         };
+        if let Some(what) = problem {
+            self.deferred.push((
+                seq,
+                Problem {
+                    subject: subject.clone(),
+                    what,
+                },
+            ));
+        }
         if !entry.object_name.is_empty() {
-            named.insert(entry.object_name.clone());
-            with_objects.push((subject, entry));
-        }
-    })?;
-    if let Some(e) = entries_damage {
-        problems.push(Problem {
-            subject: "entries".into(),
-            what: format!("cannot all be read in one scan ({e}): the rest were read one by one"),
-        });
-    }
-    for s in next_saved {
-        problems.push(Problem {
-            subject: s.subject.clone(),
-            what: format!(
-                "signed for {} entries but the chain has only {n}: the ledger was rolled back",
-                s.cp.size
-            ),
-        });
-    }
-    for (size, _) in next_cp {
-        problems.push(Problem {
-            subject: format!("checkpoint {size}"),
-            what: format!(
-                "signed for {size} entries but the chain has only {n}: entries were removed"
-            ),
-        });
-    }
-    progress.end();
-    problems.extend(
-        deferred
-            .into_iter()
-            .filter(|(seq, _)| !erased.contains(seq))
-            .map(|(_, p)| p),
-    );
-    // An erased instance keeps its entry; nothing else of it may remain on the ledger.
-    let mut erased_names = HashSet::new();
-    for (_, e) in with_objects.iter().filter(|(_, e)| erased.contains(&e.seq)) {
-        erased_names.insert(e.object_name.clone());
-        if ledger.object_key(&e.object_name)?.is_some() {
-            problems.push(Problem {
-                subject: format!("entry {}", e.seq),
-                what: "erased, but the key record of its pixel object is still on the ledger"
-                    .into(),
-            });
+            self.named.insert(entry.object_name.clone());
+            self.with_objects.push((subject, entry));
         }
     }
-    for &seq in &erased {
-        if records.contains_key(&seq) && ledger.entry(seq)?.is_some() {
-            problems.push(Problem {
-                subject: format!("entry {seq}"),
-                what: "erased, but its metadata record is still on the ledger".into(),
-            });
-        }
-    }
-    with_objects.retain(|(_, e)| !erased.contains(&e.seq));
-    report.erased = erased.len() as u64;
-    if !opts.ledger_only {
-        let store = Store::open_read_only(&cfg.store).await?.with_master_key(
-            crate::archive::ingest::read_master_key(&ledger, &cfg.security.master_key_file)
-                .map_err(VerifyError::Setup)?,
-        );
-        let progress = Progress {
-            on: progress.on,
-            total: with_objects.len() as u64,
-        };
-        // Problems of objects are confirmed once the ledger has caught up with the node: an
-        // instance erased meanwhile has lost its object and key record, and that is no damage.
-        let mut object_problems: Vec<(u64, Problem)> = Vec::new();
-        for (i, (subject, entry)) in with_objects.iter().enumerate() {
-            progress.tick("pixel objects", i as u64 + 1);
-            let problem = |what: String| {
-                (
-                    entry.seq,
-                    Problem {
-                        subject: subject.clone(),
-                        what,
-                    },
-                )
-            };
-            let key = match ledger.object_key(&entry.object_name) {
-                Ok(k) => k,
-                Err(e) if is_damage(&e) => {
-                    object_problems.push(problem(format!(
-                        "the key record of pixel object {} is unreadable: {e}",
-                        entry.object_name
-                    )));
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let Some(key) = key else {
-                object_problems.push(problem(format!(
-                    "the key record of pixel object {} is missing (it cannot be decrypted)",
-                    entry.object_name
-                )));
-                continue;
-            };
-            match store.digest(&entry.object_name, &key).await {
-                Ok((len, digest)) => {
-                    report.objects_checked += 1;
-                    report.bytes_checked += len;
-                    if len != entry.pixel_length || digest != entry.pixel_sha256 {
-                        object_problems.push(problem(format!(
-                            "pixel object {} differs from the ledger (SHA-256 or length)",
-                            entry.object_name
-                        )));
-                    }
-                }
-                Err(StoreError::Damaged { reason, .. }) => object_problems.push(problem(format!(
-                    "pixel object {} differs from the ledger ({reason})",
-                    entry.object_name
-                ))),
-                Err(StoreError::NotFound { .. }) => object_problems.push(problem(format!(
-                    "pixel object {} is missing",
-                    entry.object_name
-                ))),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        progress.end();
-        let listed = store.list().await?;
-        ledger.catch_up();
-        for (seq, p) in object_problems {
-            if ledger.erased_by(seq)?.is_some() {
-                report.erased += 1;
-            } else if unacked.contains(&seq) {
-                report.unacknowledged += 1;
-            } else {
-                problems.push(p);
-            }
-        }
-        for name in listed {
-            if erased_names.contains(&name) {
-                // Shredded (its key record is gone); deleted at the node's next start.
-                report.erased_objects_left += 1;
-            } else if !named.contains(&name) && !ledger.knows_object(&name)? {
-                problems.push(Problem {
-                    subject: format!("object {name}"),
-                    what: if name.starts_with("staging/") {
-                        "leftover of an interrupted S3 upload (garbage, never a stored instance)"
-                            .into()
-                    } else {
-                        "no ledger entry names this object (orphan)".into()
-                    },
+
+    /// An erased instance keeps its entry; nothing else of it may remain on the ledger. Returns
+    /// the names of the erased pixel objects (shredded, deleted at the node's next start), and
+    /// leaves only the entries not erased to have their objects checked.
+    fn erased_leftovers(&mut self) -> Result<HashSet<String>, VerifyError> {
+        let ledger = self.ledger;
+        let mut erased_names = HashSet::new();
+        for (_, e) in self
+            .with_objects
+            .iter()
+            .filter(|(_, e)| self.erased.contains(&e.seq))
+        {
+            erased_names.insert(e.object_name.clone());
+            if ledger.object_key(&e.object_name)?.is_some() {
+                self.problems.push(Problem {
+                    subject: format!("entry {}", e.seq),
+                    what: "erased, but the key record of its pixel object is still on the ledger"
+                        .into(),
                 });
             }
         }
-    }
-    report.problems = problems;
-    Ok(report)
-}
-
-/// What the audit found for one metadata record.
-#[derive(Clone)]
-enum RecordCheck {
-    Good {
-        /// What the record hashes to.
-        key: Digest32,
-        sop: String,
-        pixel: Digest32,
-        dataset: Digest32,
-    },
-    Bad {
-        /// The SOP Instance UID, when the damaged record still names it.
-        subject: Option<String>,
-        what: String,
-    },
-}
-
-const MISMATCH: &str = "metadata record does not match its instance key";
-
-/// Hashes and decodes a record (it is held to its entry's instance key by [`held_to`]).
-fn check_raw(raw: &[u8]) -> RecordCheck {
-    let key = instance::instance_key(raw);
-    match MetadataRecord::decode(raw) {
-        Ok(r) => RecordCheck::Good {
-            key,
-            sop: r.sop_instance_uid,
-            pixel: r.pixel_sha256,
-            dataset: r.dataset_sha256,
-        },
-        Err(e) => RecordCheck::Bad {
-            subject: None,
-            what: e.to_string(),
-        },
-    }
-}
-
-/// The check of a record as that of an entry with `instance_key`: one that hashes to another
-/// key is a mismatch. Borrowed, except for the rare mismatch it finds (this runs for every
-/// entry).
-fn held_to<'r>(check: Cow<'r, RecordCheck>, instance_key: &Digest32) -> Cow<'r, RecordCheck> {
-    if let RecordCheck::Good { key, sop, .. } = &*check {
-        if key != instance_key {
-            return Cow::Owned(RecordCheck::Bad {
-                subject: Some(sop.clone()),
-                what: MISMATCH.into(),
-            });
+        for &seq in &self.erased {
+            if self.records.contains_key(&seq) && ledger.entry(seq)?.is_some() {
+                self.problems.push(Problem {
+                    subject: format!("entry {seq}"),
+                    what: "erased, but its metadata record is still on the ledger".into(),
+                });
+            }
         }
+        let erased = &self.erased;
+        self.with_objects.retain(|(_, e)| !erased.contains(&e.seq));
+        self.report.erased = self.erased.len() as u64;
+        Ok(erased_names)
     }
-    check
-}
-
-/// The check of the record entry `seq` commits to (filed under its sequence number).
-fn record_for<'r>(
-    records: &'r std::collections::HashMap<u64, RecordCheck>,
-    seq: u64,
-    instance_key: &Digest32,
-) -> Option<Cow<'r, RecordCheck>> {
-    records
-        .get(&seq)
-        .map(|check| held_to(Cow::Borrowed(check), instance_key))
 }
 
 /// Whether a ledger error is damaged bytes (a bad checksum), which verify reports and reads
@@ -657,47 +600,30 @@ fn is_damage(e: &LedgerError) -> bool {
     }
 }
 
-/// Every record hashed and decoded, by the sequence number it is filed under, in parallel batches;
-/// with the damage that stopped the scan early, if any (the records read before it are kept).
-#[allow(clippy::type_complexity)]
-fn check_records(
-    ledger: &Ledger,
-) -> Result<
-    (
-        std::collections::HashMap<u64, RecordCheck>,
-        Option<LedgerError>,
-    ),
-    LedgerError,
-> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let mut out = std::collections::HashMap::new();
-    let scanned = ledger.for_each_record_batch(16_384, |batch| {
-        let per = batch.len().div_ceil(threads).max(1);
-        let results: Vec<Vec<(u64, RecordCheck)>> = std::thread::scope(|s| {
-            let handles: Vec<_> = batch
-                .chunks(per)
-                .map(|chunk| {
-                    s.spawn(move || {
-                        chunk
-                            .iter()
-                            .map(|(k, v)| (*k, check_raw(v)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_default())
-                .collect()
-        });
-        out.extend(results.into_iter().flatten());
-    });
-    match scanned {
-        Ok(()) => Ok((out, None)),
-        Err(e) if is_damage(&e) => Ok((out, Some(e))),
-        Err(e) => Err(e),
+/// The audit record of a verify run, for the ledger: 110101 Audit Log Used when everything was
+/// intact, 110113 Security Alert (outcome 1) when damage was found; the counts, never a UID.
+pub fn audit_record(report: &Report, ledger_only: bool) -> crate::ledger::trail::AuditRecord {
+    use crate::ledger::trail::{id, AuditRecord};
+    let damaged = !report.problems.is_empty();
+    AuditRecord {
+        event_id: if damaged { id::SECURITY_ALERT } else { 110101 },
+        calling_ae: "dicomchain verify".into(),
+        peer: "-".into(),
+        status: u16::from(damaged),
+        detail: format!(
+            "verify{}: {} entries, {} checkpoints, {} pixel objects checked: {}",
+            if ledger_only { " --ledger-only" } else { "" },
+            report.entries,
+            report.checkpoints,
+            report.objects_checked,
+            if damaged {
+                format!("{} problem(s)", report.problems.len())
+            } else {
+                "everything intact".to_string()
+            }
+        ),
+        count: report.problems.len() as u64,
+        ..Default::default()
     }
 }
 
@@ -733,32 +659,5 @@ mod tests {
                 i + 1
             );
         }
-    }
-}
-
-/// The audit record of a verify run, for the ledger: 110101 Audit Log Used when everything was
-/// intact, 110113 Security Alert (outcome 1) when damage was found; the counts, never a UID.
-pub fn audit_record(report: &Report, ledger_only: bool) -> crate::ledger::trail::AuditRecord {
-    use crate::ledger::trail::{id, AuditRecord};
-    let damaged = !report.problems.is_empty();
-    AuditRecord {
-        event_id: if damaged { id::SECURITY_ALERT } else { 110101 },
-        calling_ae: "dicomchain verify".into(),
-        peer: "-".into(),
-        status: u16::from(damaged),
-        detail: format!(
-            "verify{}: {} entries, {} checkpoints, {} pixel objects checked: {}",
-            if ledger_only { " --ledger-only" } else { "" },
-            report.entries,
-            report.checkpoints,
-            report.objects_checked,
-            if damaged {
-                format!("{} problem(s)", report.problems.len())
-            } else {
-                "everything intact".to_string()
-            }
-        ),
-        count: report.problems.len() as u64,
-        ..Default::default()
     }
 }

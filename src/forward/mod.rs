@@ -8,9 +8,10 @@
 //!   acknowledged instance is never forgotten, crashes included;
 //! - a [`worker`] per destination sends what is queued over one association, rebuilt and checked
 //!   against the ledger exactly as C-MOVE does, retries with backoff, and records each final
-//!   outcome as a ledger entry;
+//!   outcome as a ledger entry, pacing itself by [`pacing`] (retry backoff, giving way to ingest);
 //! - [`status`] and [`retry`] serve `dicomchain forward status|retry`.
 
+mod pacing;
 pub mod worker;
 
 use std::collections::BTreeMap;

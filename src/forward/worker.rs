@@ -15,12 +15,15 @@
 //! its ledger check is given up at once and never sent (a security event is recorded).
 
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::futures::Notified;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use super::pacing::{backoff, give_way, QUIET};
 use super::Router;
 use crate::archive::ingest::Activity;
 use crate::archive::outbound::{
@@ -63,7 +66,8 @@ fn lower_priority(nice: i32) {
 impl Forwarder {
     /// Starts a worker for every destination of a rule, and for every configured peer that
     /// still has queued or given-up items although no rule names it any more (so that
-    /// `forward retry` reaches them too).
+    /// `forward retry` reaches them too). `services`: what sending checked instances needs (the
+    /// node passes its Query/Retrieve services, which convert into it).
     pub fn start(
         services: impl Into<Outbound>,
         cfg: &Config,
@@ -156,16 +160,6 @@ impl Drop for Forwarder {
     }
 }
 
-/// The wait after the `failures`-th failure in a row: `retry_initial_ms`, doubled each time, at
-/// most `retry_max_secs`.
-fn backoff(cfg: &ForwardingConfig, failures: u32) -> Duration {
-    let initial = Duration::from_millis(cfg.retry_initial_ms);
-    let max = Duration::from_secs(cfg.retry_max_secs);
-    initial
-        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
-        .min(max)
-}
-
 /// Retry state of one queue item (in memory: a restart gives every item a fresh start).
 struct Attempts {
     /// Refusals by the destination.
@@ -173,6 +167,16 @@ struct Attempts {
     /// Times it could not be rebuilt (not counted against `max_attempts`).
     later: u32,
     not_before: Instant,
+}
+
+impl Attempts {
+    fn new(now: Instant) -> Attempts {
+        Attempts {
+            count: 0,
+            later: 0,
+            not_before: now,
+        }
+    }
 }
 
 /// What happened to one instance of a batch.
@@ -202,34 +206,6 @@ struct Worker {
     activity: Arc<Activity>,
 }
 
-/// Ingest counts as busy until this long after its last data set.
-const QUIET: Duration = Duration::from_millis(200);
-
-/// Whether forwarding gives way to ingest now. It does while instances arrive, for at most
-/// `limit` in a row (`since` is when it began); past that it is `overdue` and forwards alongside
-/// ingest until its queue is empty. A zero `limit` never gives way.
-fn give_way(
-    busy: bool,
-    limit: Duration,
-    since: &mut Option<Instant>,
-    overdue: &mut bool,
-    now: Instant,
-) -> bool {
-    if limit.is_zero() || *overdue {
-        return false;
-    }
-    if !busy {
-        *since = None;
-        return false;
-    }
-    let start = *since.get_or_insert(now);
-    if now.duration_since(start) >= limit {
-        *overdue = true;
-        return false;
-    }
-    true
-}
-
 /// An open association and the (SOP class, syntax) pairs it was opened for.
 struct Open {
     scu: Scu,
@@ -237,20 +213,48 @@ struct Open {
     last_used: Instant,
 }
 
+/// A worker's state from one turn of its loop to the next.
+struct State {
+    open: Option<Open>,
+    attempts: HashMap<u64, Attempts>,
+    /// Times in a row the destination could not be reached, and when it is tried again.
+    dest_failures: u32,
+    dest_not_before: Instant,
+    /// The destination error last recorded on the ledger, and when.
+    last_recorded: Option<(String, Instant)>,
+    /// Since when forwarding gives way to ingest, and whether it gave way long enough (see
+    /// [`give_way`]).
+    yielding_since: Option<Instant>,
+    overdue: bool,
+}
+
+/// Due entries to send over one association, and the outcomes of queue items already settled
+/// while reading them.
+struct Batch {
+    entries: Vec<Entry>,
+    pairs: Vec<(String, String)>,
+    outcomes: Vec<ForwardOutcome>,
+}
+
 impl Worker {
     fn backoff(&self, failures: u32) -> Duration {
         backoff(&self.cfg, failures)
     }
 
+    fn yield_limit(&self) -> Duration {
+        Duration::from_secs(self.cfg.yield_to_ingest_secs)
+    }
+
     async fn run(mut self) {
-        let mut open: Option<Open> = None;
-        let mut attempts: HashMap<u64, Attempts> = HashMap::new();
-        let mut dest_failures: u32 = 0;
-        let mut dest_not_before = Instant::now();
-        let mut last_recorded: Option<(String, Instant)> = None;
-        let yield_limit = Duration::from_secs(self.cfg.yield_to_ingest_secs);
-        let mut yielding_since: Option<Instant> = None;
-        let mut overdue = false;
+        let mut st = State {
+            open: None,
+            attempts: HashMap::new(),
+            dest_failures: 0,
+            dest_not_before: Instant::now(),
+            last_recorded: None,
+            yielding_since: None,
+            overdue: false,
+        };
         loop {
             if *self.stop.borrow() {
                 break;
@@ -261,269 +265,341 @@ impl Worker {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = Instant::now();
-            let (due, complete) = match self.due(&attempts, now) {
-                Ok(d) => d,
+            let due = match self.due(&st.attempts, now) {
+                Ok((due, complete)) => {
+                    if let Some(live) = complete {
+                        st.attempts.retain(|seq, _| live.contains(seq));
+                    }
+                    due
+                }
                 Err(e) => {
                     warn!(destination = %self.name, error = %e, "cannot read the forward queue");
                     self.sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
-            if let Some(live) = complete {
-                attempts.retain(|seq, _| live.contains(seq));
-            }
-            if due.is_empty() {
-                // Caught up: the next burst of ingest is given way to again.
-                overdue = false;
-            } else if give_way(
-                self.activity.busy(QUIET),
-                yield_limit,
-                &mut yielding_since,
-                &mut overdue,
-                now,
-            ) {
+            if self.yields(&mut st, due.is_empty(), now) {
                 self.sleep(Duration::from_millis(50)).await;
                 continue;
-            } else if overdue && yielding_since.take().is_some() {
-                info!(destination = %self.name, secs = yield_limit.as_secs(), "instances kept arriving; forwarding alongside ingest until the queue is empty");
             }
-            if due.is_empty() || dest_not_before > now {
-                let mut wait = Duration::from_secs(1);
-                if dest_not_before > now {
-                    wait = wait.min(dest_not_before - now);
-                }
-                // Only waits still ahead count: one already past is held back by the
-                // destination's backoff, and would otherwise make this loop spin.
-                if let Some(next) = attempts
-                    .values()
-                    .map(|a| a.not_before)
-                    .filter(|t| *t > now)
-                    .min()
-                {
-                    wait = wait.min(next - now);
-                }
-                if let Some(o) = &open {
-                    let idle = Duration::from_secs(self.cfg.idle_release_secs);
-                    let used = o.last_used.elapsed();
-                    if used >= idle {
-                        if let Some(o) = open.take() {
-                            o.scu.release(Duration::from_secs(10)).await;
-                        }
-                    } else {
-                        wait = wait.min(idle.saturating_sub(used));
-                    }
-                }
-                let mut stop = self.stop.clone();
-                tokio::select! {
-                    _ = &mut notified => {}
-                    _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
-                    _ = stop.changed() => {}
-                }
+            if due.is_empty() || st.dest_not_before > now {
+                self.idle(&mut st, notified, now).await;
                 continue;
             }
-            // A batch of due entries whose (class, syntax) pairs fit one association.
-            let mut entries: Vec<Entry> = Vec::new();
-            let mut pairs: Vec<(String, String)> = Vec::new();
-            let mut outcomes: Vec<ForwardOutcome> = Vec::new();
-            for seq in due {
-                if entries.len() >= BATCH {
-                    break;
-                }
-                let entry = match self.services.ledger.entry(seq) {
-                    Ok(Some(e)) => e,
-                    Ok(None) | Err(LedgerError::Corrupt(_)) => {
-                        warn!(destination = %self.name, seq, "a queued ledger entry is missing or unreadable; given up");
-                        outcomes.push(ForwardOutcome {
-                            seq,
-                            delivered: false,
-                            superseded: false,
-                            status: status::PROCESSING_FAILURE,
-                            detail: "the queued ledger entry is missing or unreadable".into(),
-                        });
-                        continue;
-                    }
-                    Err(e) => {
-                        warn!(destination = %self.name, seq, error = %e, "cannot read a queued entry");
-                        if entries.is_empty() && outcomes.is_empty() {
-                            self.sleep(Duration::from_secs(1)).await;
-                        }
-                        break;
-                    }
-                };
-                let pair = (entry.sop_class_uid.clone(), entry.transfer_syntax.clone());
-                if !pairs.contains(&pair) {
-                    if pairs.len() >= MAX_PAIRS {
-                        continue;
-                    }
-                    pairs.push(pair);
-                }
-                entries.push(entry);
-            }
-            let reused = open.is_some();
-            if !entries.is_empty() {
-                if open
-                    .as_ref()
-                    .is_some_and(|o| !pairs.iter().all(|p| o.pairs.contains(p)))
-                {
-                    if let Some(o) = open.take() {
-                        o.scu.release(Duration::from_secs(10)).await;
-                    }
-                }
-                if open.is_none() {
-                    match self.connect(&pairs).await {
-                        Ok(scu) => {
-                            dest_failures = 0;
-                            open = Some(Open {
-                                scu,
-                                pairs: pairs.clone(),
-                                last_used: Instant::now(),
-                            });
-                        }
-                        Err(e) => {
-                            dest_failures += 1;
-                            let wait = self.backoff(dest_failures);
-                            dest_not_before = Instant::now() + wait;
-                            warn!(destination = %self.name, error = %e, retry_in_ms = wait.as_millis() as u64, "forward destination unreachable; instances stay queued");
-                            self.record_error(e.to_string(), &mut last_recorded).await;
-                            entries.clear();
-                        }
-                    }
-                }
-            }
-            if let Some(o) = open.as_mut() {
-                let may_yield = !yield_limit.is_zero() && !overdue;
-                let results = self.send_batch(o, entries, may_yield).await;
-                o.last_used = Instant::now();
-                let mut broken = false;
-                for (i, (seq, sent)) in results.into_iter().enumerate() {
-                    // An association kept open between batches may have been closed by the
-                    // peer meanwhile: its first failure is not the instance's fault.
-                    let sent = match sent {
-                        Sent::Refused {
-                            detail,
-                            broken: true,
-                            ..
-                        } if i == 0 && reused => Sent::Later {
-                            detail: format!("the kept-open association failed: {detail}"),
-                            broken: true,
-                        },
-                        other => other,
-                    };
-                    match sent {
-                        Sent::Delivered { status, uid } => {
-                            outcomes.push(ForwardOutcome {
-                                seq,
-                                delivered: true,
-                                superseded: false,
-                                status,
-                                detail: String::new(),
-                            });
-                            // Older versions still queued or given up must not follow it: at
-                            // the destination they would replace this one.
-                            for older in self
-                                .services
-                                .ledger
-                                .versions(&uid)
-                                .unwrap_or_default()
-                                .into_iter()
-                                .filter(|s| *s < seq)
-                            {
-                                attempts.remove(&older);
-                                // Given up in this same batch: superseded says it better
-                                // (and leaves nothing for `forward retry` to send after it).
-                                outcomes.retain(|o| o.seq != older);
-                                outcomes.push(ForwardOutcome {
-                                    seq: older,
-                                    delivered: false,
-                                    superseded: true,
-                                    status: status::SUCCESS,
-                                    detail: format!(
-                                        "not sent: superseded by entry {seq}, a newer version that was delivered"
-                                    ),
-                                });
-                            }
-                        }
-                        Sent::GiveUp { detail, broken: b } => {
-                            broken |= b;
-                            warn!(destination = %self.name, seq, detail = %detail, "forward given up");
-                            outcomes.push(ForwardOutcome {
-                                seq,
-                                delivered: false,
-                                superseded: false,
-                                status: status::PROCESSING_FAILURE,
-                                detail,
-                            })
-                        }
-                        Sent::Later { detail, broken: b } => {
-                            broken |= b;
-                            let a = attempts.entry(seq).or_insert(Attempts {
-                                count: 0,
-                                later: 0,
-                                not_before: Instant::now(),
-                            });
-                            a.later += 1;
-                            a.not_before = Instant::now() + self.backoff(a.later);
-                            self.record_error(detail, &mut last_recorded).await;
-                        }
-                        Sent::Refused {
-                            status,
-                            detail,
-                            broken: b,
-                        } => {
-                            broken |= b;
-                            let a = attempts.entry(seq).or_insert(Attempts {
-                                count: 0,
-                                later: 0,
-                                not_before: Instant::now(),
-                            });
-                            a.count += 1;
-                            if a.count >= self.cfg.max_attempts {
-                                warn!(destination = %self.name, seq, status = format!("{status:04X}"), detail = %detail, "forward given up after {} attempts", a.count);
-                                attempts.remove(&seq);
-                                outcomes.push(ForwardOutcome {
-                                    seq,
-                                    delivered: false,
-                                    superseded: false,
-                                    status,
-                                    detail,
-                                });
-                            } else {
-                                a.not_before = Instant::now() + self.backoff(a.count);
-                                info!(destination = %self.name, seq, status = format!("{status:04X}"), detail = %detail, attempt = a.count, "forward refused; will retry");
-                            }
-                        }
-                    }
-                }
-                if broken {
-                    if let Some(o) = open.take() {
-                        o.scu.abort().await;
-                    }
-                }
-            }
-            if !outcomes.is_empty() {
-                let n = outcomes.len();
-                let update = ForwardUpdate::Outcomes {
-                    destination: self.name.clone(),
-                    peer_ae: self.peer.ae_title.clone(),
-                    sender_ae: self.services.ae_title.clone(),
-                    outcomes,
-                };
-                match self.services.ledger.forward(update).await {
-                    Ok(_) => {
-                        tracing::debug!(destination = %self.name, outcomes = n, "forward outcomes recorded")
-                    }
-                    Err(e) => {
-                        // The items stay queued and are sent again: at least once.
-                        warn!(destination = %self.name, error = %e, "cannot record forward outcomes");
-                        self.sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
+            let batch = self.batch(due).await;
+            let outcomes = self.send(&mut st, batch).await;
+            self.record_outcomes(outcomes).await;
         }
-        if let Some(o) = open.take() {
+        if let Some(o) = st.open.take() {
             o.scu.release(Duration::from_secs(5)).await;
         }
         info!(destination = %self.name, "forward worker stopped");
+    }
+
+    /// Whether this turn gives way to ingest (see [`give_way`]); `caught_up`: nothing is due.
+    fn yields(&self, st: &mut State, caught_up: bool, now: Instant) -> bool {
+        let limit = self.yield_limit();
+        if caught_up {
+            // Caught up: the next burst of ingest is given way to again.
+            st.overdue = false;
+            return false;
+        }
+        let busy = self.activity.busy(QUIET);
+        if give_way(busy, limit, &mut st.yielding_since, &mut st.overdue, now) {
+            return true;
+        }
+        if st.overdue && st.yielding_since.take().is_some() {
+            info!(destination = %self.name, secs = limit.as_secs(), "instances kept arriving; forwarding alongside ingest until the queue is empty");
+        }
+        false
+    }
+
+    /// Nothing to send now: waits for a commit to the queue, the next retry, the stop, or at
+    /// most a second; releases the association once it has been idle for `idle_release_secs`.
+    async fn idle(&self, st: &mut State, notified: Pin<&mut Notified<'_>>, now: Instant) {
+        let mut wait = Duration::from_secs(1);
+        if st.dest_not_before > now {
+            wait = wait.min(st.dest_not_before - now);
+        }
+        // Only waits still ahead count: one already past is held back by the destination's
+        // backoff, and would otherwise make this loop spin.
+        if let Some(next) = st
+            .attempts
+            .values()
+            .map(|a| a.not_before)
+            .filter(|t| *t > now)
+            .min()
+        {
+            wait = wait.min(next - now);
+        }
+        if let Some(o) = &st.open {
+            let idle = Duration::from_secs(self.cfg.idle_release_secs);
+            let used = o.last_used.elapsed();
+            if used >= idle {
+                if let Some(o) = st.open.take() {
+                    o.scu.release(Duration::from_secs(10)).await;
+                }
+            } else {
+                wait = wait.min(idle.saturating_sub(used));
+            }
+        }
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+            _ = stop.changed() => {}
+        }
+    }
+
+    /// The first of the `due` entries, at most [`BATCH`], whose (class, syntax) pairs fit one
+    /// association ([`MAX_PAIRS`]). A queued entry that is gone from the ledger is given up.
+    async fn batch(&mut self, due: Vec<u64>) -> Batch {
+        let mut batch = Batch {
+            entries: Vec::new(),
+            pairs: Vec::new(),
+            outcomes: Vec::new(),
+        };
+        for seq in due {
+            if batch.entries.len() >= BATCH {
+                break;
+            }
+            let entry = match self.services.ledger.entry(seq) {
+                Ok(Some(e)) => e,
+                Ok(None) | Err(LedgerError::Corrupt(_)) => {
+                    warn!(destination = %self.name, seq, "a queued ledger entry is missing or unreadable; given up");
+                    batch.outcomes.push(ForwardOutcome {
+                        seq,
+                        delivered: false,
+                        superseded: false,
+                        status: status::PROCESSING_FAILURE,
+                        detail: "the queued ledger entry is missing or unreadable".into(),
+                    });
+                    continue;
+                }
+                Err(e) => {
+                    warn!(destination = %self.name, seq, error = %e, "cannot read a queued entry");
+                    if batch.entries.is_empty() && batch.outcomes.is_empty() {
+                        self.sleep(Duration::from_secs(1)).await;
+                    }
+                    break;
+                }
+            };
+            let pair = (entry.sop_class_uid.clone(), entry.transfer_syntax.clone());
+            if !batch.pairs.contains(&pair) {
+                if batch.pairs.len() >= MAX_PAIRS {
+                    continue;
+                }
+                batch.pairs.push(pair);
+            }
+            batch.entries.push(entry);
+        }
+        batch
+    }
+
+    /// Sends a batch over an association that has contexts for it and settles what became of
+    /// each instance; returns the outcomes to record.
+    async fn send(&self, st: &mut State, batch: Batch) -> Vec<ForwardOutcome> {
+        let Batch {
+            mut entries,
+            pairs,
+            mut outcomes,
+        } = batch;
+        let reused = st.open.is_some();
+        if !entries.is_empty() && !self.open_for(st, &pairs).await {
+            entries.clear();
+        }
+        let may_yield = !self.yield_limit().is_zero() && !st.overdue;
+        let Some(o) = st.open.as_mut() else {
+            return outcomes;
+        };
+        let results = self.send_batch(o, entries, may_yield).await;
+        o.last_used = Instant::now();
+        let mut broken = false;
+        for (i, (seq, sent)) in results.into_iter().enumerate() {
+            // An association kept open between batches may have been closed by the peer
+            // meanwhile: its first failure is not the instance's fault.
+            let sent = match sent {
+                Sent::Refused {
+                    detail,
+                    broken: true,
+                    ..
+                } if i == 0 && reused => Sent::Later {
+                    detail: format!("the kept-open association failed: {detail}"),
+                    broken: true,
+                },
+                other => other,
+            };
+            broken |= self.settle(st, seq, sent, &mut outcomes).await;
+        }
+        if broken {
+            if let Some(o) = st.open.take() {
+                o.scu.abort().await;
+            }
+        }
+        outcomes
+    }
+
+    /// Makes `st.open` an association with contexts for `pairs`: the one open if it has them,
+    /// else a new one. `false` when the destination cannot be reached (it is then not tried
+    /// again before its backoff has passed).
+    async fn open_for(&self, st: &mut State, pairs: &[(String, String)]) -> bool {
+        if st
+            .open
+            .as_ref()
+            .is_some_and(|o| !pairs.iter().all(|p| o.pairs.contains(p)))
+        {
+            if let Some(o) = st.open.take() {
+                o.scu.release(Duration::from_secs(10)).await;
+            }
+        }
+        if st.open.is_some() {
+            return true;
+        }
+        match self.connect(pairs).await {
+            Ok(scu) => {
+                st.dest_failures = 0;
+                st.open = Some(Open {
+                    scu,
+                    pairs: pairs.to_vec(),
+                    last_used: Instant::now(),
+                });
+                true
+            }
+            Err(e) => {
+                st.dest_failures += 1;
+                let wait = self.backoff(st.dest_failures);
+                st.dest_not_before = Instant::now() + wait;
+                warn!(destination = %self.name, error = %e, retry_in_ms = wait.as_millis() as u64, "forward destination unreachable; instances stay queued");
+                self.record_error(e.to_string(), &mut st.last_recorded)
+                    .await;
+                false
+            }
+        }
+    }
+
+    /// Settles what became of queue item `seq`: an outcome to record, or a retry later.
+    /// Returns whether the association broke.
+    async fn settle(
+        &self,
+        st: &mut State,
+        seq: u64,
+        sent: Sent,
+        outcomes: &mut Vec<ForwardOutcome>,
+    ) -> bool {
+        let now = Instant::now();
+        match sent {
+            Sent::Delivered { status, uid } => {
+                self.delivered(st, seq, status, &uid, outcomes);
+                false
+            }
+            Sent::GiveUp { detail, broken } => {
+                warn!(destination = %self.name, seq, detail = %detail, "forward given up");
+                outcomes.push(ForwardOutcome {
+                    seq,
+                    delivered: false,
+                    superseded: false,
+                    status: status::PROCESSING_FAILURE,
+                    detail,
+                });
+                broken
+            }
+            Sent::Later { detail, broken } => {
+                let a = st.attempts.entry(seq).or_insert_with(|| Attempts::new(now));
+                a.later += 1;
+                a.not_before = Instant::now() + self.backoff(a.later);
+                self.record_error(detail, &mut st.last_recorded).await;
+                broken
+            }
+            Sent::Refused {
+                status,
+                detail,
+                broken,
+            } => {
+                let a = st.attempts.entry(seq).or_insert_with(|| Attempts::new(now));
+                a.count += 1;
+                if a.count >= self.cfg.max_attempts {
+                    warn!(destination = %self.name, seq, status = format!("{status:04X}"), detail = %detail, "forward given up after {} attempts", a.count);
+                    st.attempts.remove(&seq);
+                    outcomes.push(ForwardOutcome {
+                        seq,
+                        delivered: false,
+                        superseded: false,
+                        status,
+                        detail,
+                    });
+                } else {
+                    a.not_before = Instant::now() + self.backoff(a.count);
+                    info!(destination = %self.name, seq, status = format!("{status:04X}"), detail = %detail, attempt = a.count, "forward refused; will retry");
+                }
+                broken
+            }
+        }
+    }
+
+    /// Records the delivery of entry `seq` (SOP Instance `uid`), and settles its older versions
+    /// still queued or given up: they must not follow it, at the destination they would
+    /// replace it.
+    fn delivered(
+        &self,
+        st: &mut State,
+        seq: u64,
+        status: u16,
+        uid: &str,
+        outcomes: &mut Vec<ForwardOutcome>,
+    ) {
+        outcomes.push(ForwardOutcome {
+            seq,
+            delivered: true,
+            superseded: false,
+            status,
+            detail: String::new(),
+        });
+        for older in self
+            .services
+            .ledger
+            .versions(uid)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| *s < seq)
+        {
+            st.attempts.remove(&older);
+            // Given up in this same batch: superseded says it better (and leaves nothing for
+            // `forward retry` to send after it).
+            outcomes.retain(|o| o.seq != older);
+            outcomes.push(ForwardOutcome {
+                seq: older,
+                delivered: false,
+                superseded: true,
+                status: status::SUCCESS,
+                detail: format!(
+                    "not sent: superseded by entry {seq}, a newer version that was delivered"
+                ),
+            });
+        }
+    }
+
+    /// Records a batch's outcomes on the ledger; when that fails, the items stay queued and
+    /// are sent again (at least once).
+    async fn record_outcomes(&mut self, outcomes: Vec<ForwardOutcome>) {
+        if outcomes.is_empty() {
+            return;
+        }
+        let n = outcomes.len();
+        let update = ForwardUpdate::Outcomes {
+            destination: self.name.clone(),
+            peer_ae: self.peer.ae_title.clone(),
+            sender_ae: self.services.ae_title.clone(),
+            outcomes,
+        };
+        match self.services.ledger.forward(update).await {
+            Ok(_) => {
+                tracing::debug!(destination = %self.name, outcomes = n, "forward outcomes recorded")
+            }
+            Err(e) => {
+                warn!(destination = %self.name, error = %e, "cannot record forward outcomes");
+                self.sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 
     /// The queue items due now, oldest first (at most [`BATCH`] × 4), read window by window so
@@ -679,79 +755,5 @@ fn sent(result: Result<u16, SendError>, uid: String) -> Sent {
             format!("association failed while sending: {e}"),
             true,
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forwarding_gives_way_to_ingest_for_a_bounded_time() {
-        let t0 = Instant::now();
-        let limit = Duration::from_secs(30);
-        let (mut since, mut overdue) = (None, false);
-        assert!(!give_way(false, limit, &mut since, &mut overdue, t0));
-        assert!(give_way(true, limit, &mut since, &mut overdue, t0));
-        assert!(give_way(
-            true,
-            limit,
-            &mut since,
-            &mut overdue,
-            t0 + Duration::from_secs(29)
-        ));
-        // A quiet moment resets the clock.
-        assert!(!give_way(
-            false,
-            limit,
-            &mut since,
-            &mut overdue,
-            t0 + Duration::from_secs(29)
-        ));
-        assert!(give_way(
-            true,
-            limit,
-            &mut since,
-            &mut overdue,
-            t0 + Duration::from_secs(40)
-        ));
-        // Busy for the whole limit: overdue, forwards alongside ingest from then on.
-        assert!(!give_way(
-            true,
-            limit,
-            &mut since,
-            &mut overdue,
-            t0 + Duration::from_secs(71)
-        ));
-        assert!(overdue);
-        assert!(!give_way(
-            true,
-            limit,
-            &mut since,
-            &mut overdue,
-            t0 + Duration::from_secs(72)
-        ));
-        // Never gives way with a zero limit.
-        let (mut since, mut overdue) = (None, false);
-        assert!(!give_way(
-            true,
-            Duration::ZERO,
-            &mut since,
-            &mut overdue,
-            t0
-        ));
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_maximum() {
-        let cfg = ForwardingConfig {
-            retry_initial_ms: 250,
-            retry_max_secs: 3,
-            ..Default::default()
-        };
-        let waits: Vec<u128> = (1..=6).map(|n| backoff(&cfg, n).as_millis()).collect();
-        assert_eq!(waits, vec![250, 500, 1000, 2000, 3000, 3000]);
-        assert_eq!(backoff(&cfg, 0).as_millis(), 250);
-        assert_eq!(backoff(&cfg, u32::MAX).as_millis(), 3000);
     }
 }

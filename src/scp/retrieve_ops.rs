@@ -287,7 +287,7 @@ impl Requestor {
     /// A streamed instance: pieces go out as they are rebuilt, the last one only once the
     /// check passed; a failed check aborts the association.
     async fn stream(
-        &mut self,
+        &self,
         ctx: u8,
         command: Vec<u8>,
         chunks: &mut mpsc::Receiver<Vec<u8>>,

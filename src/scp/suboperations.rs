@@ -26,7 +26,7 @@ use crate::query::{self, dataset, matching};
 const PREFETCH: usize = 1;
 
 /// Sub-operation counts (PS3.4 C.4.2.1.6).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(super) struct Counts {
     pub remaining: u16,
     pub completed: u16,
@@ -232,27 +232,11 @@ impl Retrieval {
         cancelled: bool,
         refused: Option<Failure>,
     ) -> Outgoing {
+        let (code, comment) = final_status(counts, cancelled, refused);
         let mut b = self.req.response(self.op.command_field);
-        let code = match (&refused, cancelled) {
-            (Some(f), _) => {
-                b = b.text(tag::ERROR_COMMENT, &f.comment, status::ERROR_COMMENT_MAX);
-                f.status
-            }
-            (None, true) => status::CANCEL,
-            // Every sub-operation failed: a failure, not a warning (PS3.4 C.4.2.1.5).
-            (None, false) if counts.failed > 0 && counts.completed == 0 && counts.warning == 0 => {
-                b = b.text(
-                    tag::ERROR_COMMENT,
-                    "no sub-operation succeeded",
-                    status::ERROR_COMMENT_MAX,
-                );
-                status::UNABLE_TO_PERFORM_SUBOPERATIONS
-            }
-            (None, false) if counts.failed > 0 || counts.warning > 0 => {
-                status::SUBOPERATIONS_FAILED
-            }
-            (None, false) => status::SUCCESS,
-        };
+        if let Some(c) = comment {
+            b = b.text(tag::ERROR_COMMENT, &c, status::ERROR_COMMENT_MAX);
+        }
         b = counts.put(b.u16(tag::STATUS, code), cancelled);
         let data = (!counts.failed_uids.is_empty() && code != status::SUCCESS)
             .then(|| failed_uid_list(&counts.failed_uids, self.req.encoding));
@@ -263,6 +247,28 @@ impl Retrieval {
         };
         b = b.u16(tag::COMMAND_DATA_SET_TYPE, data_set_type);
         message(self.req.context_id, b.encode(), data, true)
+    }
+}
+
+/// The status of a final response, and its error comment: the refusal if there is one, else
+/// from how the sub-operations went.
+fn final_status(
+    counts: &Counts,
+    cancelled: bool,
+    refused: Option<Failure>,
+) -> (u16, Option<String>) {
+    match (refused, cancelled) {
+        (Some(f), _) => (f.status, Some(f.comment)),
+        (None, true) => (status::CANCEL, None),
+        // Every sub-operation failed: a failure, not a warning (PS3.4 C.4.2.1.5).
+        (None, false) if counts.failed > 0 && counts.completed == 0 && counts.warning == 0 => (
+            status::UNABLE_TO_PERFORM_SUBOPERATIONS,
+            Some("no sub-operation succeeded".into()),
+        ),
+        (None, false) if counts.failed > 0 || counts.warning > 0 => {
+            (status::SUBOPERATIONS_FAILED, None)
+        }
+        (None, false) => (status::SUCCESS, None),
     }
 }
 
@@ -326,5 +332,73 @@ pub(super) async fn resolve(
             status::UNABLE_TO_PROCESS,
             format!("query failed: {e}"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uids(n: usize) -> Vec<String> {
+        (1..=n).map(|i| format!("1.2.3.{i}")).collect()
+    }
+
+    #[test]
+    fn what_was_not_attempted_fails_unless_cancelled() {
+        let all = uids(4);
+        let mut counts = Counts {
+            remaining: 4,
+            ..Counts::default()
+        };
+        counts.tally(&all[0], status::SUCCESS);
+        counts.tally(&all[1], 0xB007);
+        counts.remaining = 2;
+        let mut cancelled = counts.clone();
+        cancelled.close(&all, true);
+        assert_eq!((cancelled.remaining, cancelled.failed), (2, 0));
+        counts.close(&all, false);
+        assert_eq!(
+            (
+                counts.remaining,
+                counts.completed,
+                counts.warning,
+                counts.failed
+            ),
+            (0, 1, 1, 2)
+        );
+        assert_eq!(counts.failed_uids, all[2..].to_vec());
+    }
+
+    #[test]
+    fn a_refused_status_is_a_failure() {
+        let mut counts = Counts::default();
+        counts.tally("1.2", 0xA700);
+        assert_eq!((counts.failed, counts.completed), (1, 0));
+        assert_eq!(counts.failed_uids, vec!["1.2".to_string()]);
+    }
+
+    #[test]
+    fn the_final_status_follows_the_sub_operations() {
+        let ok = Counts {
+            completed: 2,
+            ..Counts::default()
+        };
+        assert_eq!(final_status(&ok, false, None), (status::SUCCESS, None));
+        let all_failed = Counts::all_failed(&uids(2));
+        let (code, comment) = final_status(&all_failed, false, None);
+        assert_eq!(code, status::UNABLE_TO_PERFORM_SUBOPERATIONS);
+        assert!(comment.is_some());
+        let mut some_failed = Counts::all_failed(&uids(1));
+        some_failed.tally("1.9", status::SUCCESS);
+        assert_eq!(
+            final_status(&some_failed, false, None).0,
+            status::SUBOPERATIONS_FAILED
+        );
+        assert_eq!(final_status(&some_failed, true, None).0, status::CANCEL);
+        let refused = Failure::new(status::MOVE_DESTINATION_UNKNOWN, "unknown");
+        assert_eq!(
+            final_status(&ok, true, Some(refused)),
+            (status::MOVE_DESTINATION_UNKNOWN, Some("unknown".into()))
+        );
     }
 }
