@@ -17,8 +17,6 @@ use crate::query::matching;
 use crate::split::Encoding;
 use crate::store::Store;
 
-pub use super::find::run_find;
-pub use super::retrieve_ops::{run_get, run_move};
 
 /// Command Data Set Type for "a data set follows" (any value but 0x0101, PS3.7 §E.2).
 pub(super) const DATA_SET_PRESENT: u16 = 0x0001;

@@ -4,6 +4,7 @@
 //! sends.
 
 use super::state::*;
+use crate::dicom::uids;
 use super::*;
 
 /// 0124 for an operation the calling AE may not ask for.
@@ -141,12 +142,12 @@ impl Association {
                 "not a Query/Retrieve FIND SOP Class",
             ),
             Operation::Move { .. } => (
-                [qr::PATIENT_ROOT_MOVE, qr::STUDY_ROOT_MOVE]
+                [uids::PATIENT_ROOT_MOVE, uids::STUDY_ROOT_MOVE]
                     .contains(&sop_class_uid),
                 "not a Query/Retrieve SOP Class for this operation",
             ),
             Operation::Get => (
-                [qr::PATIENT_ROOT_GET, qr::STUDY_ROOT_GET]
+                [uids::PATIENT_ROOT_GET, uids::STUDY_ROOT_GET]
                     .contains(&sop_class_uid),
                 "not a Query/Retrieve SOP Class for this operation",
             ),
@@ -292,11 +293,11 @@ impl Association {
                 };
                 let stop = cancel.clone();
                 tokio::task::spawn_blocking(move || {
-                    qr::run_find(&services, &request, &q, &opts, &stop, &tx)
+                    crate::scp::find::run_find(&services, &request, &q, &opts, &stop, &tx)
                 });
             }
             Operation::Move { destination } => {
-                tokio::spawn(qr::run_move(
+                tokio::spawn(crate::scp::retrieve_ops::run_move(
                     services,
                     request,
                     destination,
@@ -315,7 +316,7 @@ impl Association {
                     .collect();
                 let (rtx, rrx) = mpsc::channel(4);
                 replies = Some(rtx);
-                tokio::spawn(qr::run_get(
+                tokio::spawn(crate::scp::retrieve_ops::run_get(
                     services,
                     request,
                     q,
