@@ -191,57 +191,7 @@ impl Association {
                 Ok(Received::Other(pdu)) => Ok(pdu),
                 Err(e) => Err(e),
             };
-            match pdu {
-                Ok(Pdu::ReleaseRQ) => {
-                    if !matches!(self.state, State::Idle) {
-                        break Some(Abort(
-                            AbortRQServiceProviderReason::UnexpectedPdu,
-                            "release during a message".into(),
-                        ));
-                    }
-                    let _ = self.conn.send(&Pdu::ReleaseRP).await;
-                    info!(
-                        stored = self.stored,
-                        failed = self.failed,
-                        "association released"
-                    );
-                    break None;
-                }
-                Ok(Pdu::AbortRQ { source }) => {
-                    info!(
-                        ?source,
-                        stored = self.stored,
-                        failed = self.failed,
-                        "association aborted by peer"
-                    );
-                    break None;
-                }
-                Ok(other) => {
-                    break Some(Abort(
-                        AbortRQServiceProviderReason::UnexpectedPdu,
-                        format!("unexpected {}", pdu_name(&other)),
-                    ));
-                }
-                Err(ConnError::TooLarge { length, max }) => {
-                    break Some(Abort(
-                        AbortRQServiceProviderReason::InvalidPduParameter,
-                        format!("PDU of {length} bytes exceeds the maximum of {max}"),
-                    ));
-                }
-                Err(ConnError::Malformed(m)) => {
-                    break Some(Abort(AbortRQServiceProviderReason::UnrecognizedPdu, m));
-                }
-                Err(ConnError::Timeout(t)) => {
-                    break Some(Abort(
-                        AbortRQServiceProviderReason::ReasonNotSpecified,
-                        format!("no data for {t:?}"),
-                    ));
-                }
-                Err(e) => {
-                    info!(error = %e, stored = self.stored, failed = self.failed, "association ended");
-                    break None;
-                }
-            }
+            break self.ended_by(pdu).await;
         };
         // A data set cut off mid-way is discarded: nothing was acknowledged for it.
         match std::mem::replace(&mut self.state, State::Idle) {
@@ -259,6 +209,62 @@ impl Association {
                 self.conn.abort(reason).await;
             }
             None => self.conn.close().await,
+        }
+    }
+
+    /// How the association ends on a PDU other than P-DATA-TF, or on a read error: a release
+    /// (answered when idle), a peer's abort, or an abort of ours with its reason.
+    async fn ended_by(&mut self, pdu: Result<Pdu, ConnError>) -> Option<Abort> {
+        match pdu {
+            Ok(Pdu::ReleaseRQ) => {
+                if !matches!(self.state, State::Idle) {
+                    return Some(Abort(
+                        AbortRQServiceProviderReason::UnexpectedPdu,
+                        "release during a message".into(),
+                    ));
+                }
+                let _ = self.conn.send(&Pdu::ReleaseRP).await;
+                info!(
+                    stored = self.stored,
+                    failed = self.failed,
+                    "association released"
+                );
+                None
+            }
+            Ok(Pdu::AbortRQ { source }) => {
+                info!(
+                    ?source,
+                    stored = self.stored,
+                    failed = self.failed,
+                    "association aborted by peer"
+                );
+                None
+            }
+            Ok(other) => {
+                Some(Abort(
+                    AbortRQServiceProviderReason::UnexpectedPdu,
+                    format!("unexpected {}", pdu_name(&other)),
+                ))
+            }
+            Err(ConnError::TooLarge { length, max }) => {
+                Some(Abort(
+                    AbortRQServiceProviderReason::InvalidPduParameter,
+                    format!("PDU of {length} bytes exceeds the maximum of {max}"),
+                ))
+            }
+            Err(ConnError::Malformed(m)) => {
+                Some(Abort(AbortRQServiceProviderReason::UnrecognizedPdu, m))
+            }
+            Err(ConnError::Timeout(t)) => {
+                Some(Abort(
+                    AbortRQServiceProviderReason::ReasonNotSpecified,
+                    format!("no data for {t:?}"),
+                ))
+            }
+            Err(e) => {
+                info!(error = %e, stored = self.stored, failed = self.failed, "association ended");
+                None
+            }
         }
     }
 
