@@ -42,14 +42,7 @@ pub async fn run_move(
         permission: Permission::Move,
         parties: vec![(req.calling_ae.clone(), "requester")],
     };
-    let mut retrieval = Retrieval {
-        services,
-        req,
-        op,
-        cancel,
-        out,
-        started: Instant::now(),
-    };
+    let mut retrieval = Retrieval::start(services, req, op, cancel, out);
     let Some(peer) = peer else {
         info!(destination = %destination, "C-MOVE to an unknown destination refused");
         let f = Failure::new(status::MOVE_DESTINATION_UNKNOWN, "move destination unknown");
@@ -189,14 +182,7 @@ pub async fn run_get(
         permission: Permission::Get,
         parties: vec![(req.calling_ae.clone(), "requester")],
     };
-    let retrieval = Retrieval {
-        services,
-        req,
-        op,
-        cancel,
-        out,
-        started: Instant::now(),
-    };
+    let retrieval = Retrieval::start(services, req, op, cancel, out);
     let uids = match resolve(&retrieval.services, q, &retrieval.cancel).await {
         Ok(u) => u,
         Err(f) => return retrieval.refuse(&Counts::default(), Some(f)).await,

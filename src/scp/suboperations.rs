@@ -138,6 +138,24 @@ pub(super) struct Retrieval {
 }
 
 impl Retrieval {
+    /// An operation starting now.
+    pub fn start(
+        services: Services,
+        req: Request,
+        op: Operation,
+        cancel: Arc<AtomicBool>,
+        out: mpsc::Sender<Outgoing>,
+    ) -> Retrieval {
+        Retrieval {
+            services,
+            req,
+            op,
+            cancel,
+            out,
+            started: Instant::now(),
+        }
+    }
+
     /// Ends the operation with a final response and no sub-operations.
     pub async fn refuse(&self, counts: &Counts, failure: Option<Failure>) {
         let rsp = self.final_response(counts, false, failure);
