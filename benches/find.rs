@@ -16,9 +16,9 @@
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use dicomchain::query::{self, dataset, matching, FindOptions};
 use dicomchain::archive::ingest::{Pipeline, StoreContext};
 use dicomchain::ledger::Ledger;
+use dicomchain::query::{self, dataset, matching, FindOptions};
 use dicomchain::split::Encoding;
 
 const PER_STUDY: u64 = 100;
@@ -195,7 +195,8 @@ fn identifier(level: &str, keys: &[(u32, &[u8; 2], String)]) -> Vec<u8> {
 fn time_query(ledger: &Ledger, bytes: &[u8], expect_at_least: usize) -> (Duration, usize) {
     let t = Instant::now();
     let elements = dataset::parse(bytes, Encoding::ExplicitLittle, false).unwrap();
-    let q = matching::Query::parse(&elements, matching::Model::StudyRoot, Default::default()).unwrap();
+    let q =
+        matching::Query::parse(&elements, matching::Model::StudyRoot, Default::default()).unwrap();
     let opts = FindOptions {
         matching: Default::default(),
         max_results: 100_000,

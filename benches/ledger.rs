@@ -174,7 +174,9 @@ fn main() {
         checkpoint_files: Vec::new(),
     };
     let t = Instant::now();
-    let report = rt.block_on(dicomchain::cli::verify::run(&cfg, &opts)).unwrap();
+    let report = rt
+        .block_on(dicomchain::cli::verify::run(&cfg, &opts))
+        .unwrap();
     let verify = t.elapsed();
     assert_eq!(report.entries, n);
     println!(

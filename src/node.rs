@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use tracing::info;
 
+use crate::archive::ingest::Pipeline;
 use crate::config::Config;
 use crate::dimse::negotiate::Policy;
-use crate::scp::context::NodeContext;
-use crate::archive::ingest::Pipeline;
 use crate::ledger::{Ledger, LedgerError};
+use crate::scp::context::NodeContext;
 use crate::store::{Store, StoreError};
 
 /// Why the node could not start.
@@ -133,7 +133,9 @@ pub async fn run(
         },
         node: cfg.node.clone(),
         acl: acl.clone(),
-        admission: crate::dimse::admission::Admission::new(crate::dimse::admission::Limits::from_config(&cfg.node)),
+        admission: crate::dimse::admission::Admission::new(
+            crate::dimse::admission::Limits::from_config(&cfg.node),
+        ),
         rejections: Default::default(),
         warnings: crate::ops::throttle::Warnings::new(std::time::Duration::from_secs(60)),
     });
@@ -283,7 +285,8 @@ async fn bind_admin(cfg: &Config) -> Result<Option<AdminListener>, StartError> {
                     addr: addr.to_string(),
                     source,
                 })?,
-            crate::ops::admin::load_or_create_token(&cfg.admin.token_file).map_err(StartError::Admin)?,
+            crate::ops::admin::load_or_create_token(&cfg.admin.token_file)
+                .map_err(StartError::Admin)?,
         )),
         None => None,
     })

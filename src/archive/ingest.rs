@@ -573,11 +573,7 @@ impl Pipeline {
         // a ledger slower than `SYNC_AFTER_LEDGER_WAIT` has the object synced meanwhile.
         let sync = async {
             match placed {
-                Some(p) => {
-                    self
-                        .timed_scaled("sync object", scale, p.sync())
-                        .await
-                }
+                Some(p) => self.timed_scaled("sync object", scale, p.sync()).await,
                 None => Ok(()),
             }
         };
@@ -592,9 +588,7 @@ impl Pipeline {
         if let (StoreOutcome::Duplicate { seq }, Some(name), Some(note)) =
             (outcome, object_name, note)
         {
-            self
-                .discard_duplicate_object(seq, name, note)
-                .await;
+            self.discard_duplicate_object(seq, name, note).await;
         }
         // An object that did not become durable fails the C-STORE. Its entry is recorded as
         // unacknowledged at once, so the sender's retry is stored as a new version rather than
@@ -797,7 +791,8 @@ pub fn index_record(
         Some(enc) => {
             let prefix = record.indexable_prefix();
             let mut attrs = instance::index_attrs(prefix, enc, fallback, false)?;
-            (attrs.modality, attrs.find_values) = crate::query::index::index_values(prefix, enc, false);
+            (attrs.modality, attrs.find_values) =
+                crate::query::index::index_values(prefix, enc, false);
             attrs
         }
         None => {

@@ -8,10 +8,10 @@
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+use crate::instance::ObjectKey;
 use crate::instance::{self, Digest32, MetadataRecord};
 use crate::ledger::{Entry, Ledger, LedgerError, Reason};
 use crate::split::{self, Segment};
-use crate::instance::ObjectKey;
 use crate::store::{ObjectReader, Store, StoreError};
 
 /// Why an instance could not be rebuilt. `Integrity` means the halves no longer match the ledger.

@@ -13,10 +13,10 @@ use dicom_object::mem::InMemElement;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
+use crate::cli::import::parse_header;
 use crate::config::Config;
 use crate::dimse::command::{field, tag};
 use crate::dimse::scu::Scu;
-use crate::cli::import::parse_header;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
@@ -489,8 +489,12 @@ pub async fn get(
                 0xA900
             } else {
                 let path = out.join(format!("{safe}.dcm"));
-                let mut bytes =
-                    crate::archive::retrieve::part10_header_for(&class, &uid, &syntax, &target.ae_title);
+                let mut bytes = crate::archive::retrieve::part10_header_for(
+                    &class,
+                    &uid,
+                    &syntax,
+                    &target.ae_title,
+                );
                 bytes.extend_from_slice(&data.unwrap_or_default());
                 match std::fs::write(&path, bytes) {
                     Ok(()) => {

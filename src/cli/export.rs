@@ -9,9 +9,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::archive::retrieve::{self, RetrieveError};
 use crate::config::Config;
 use crate::ledger::{Ledger, LedgerError};
-use crate::archive::retrieve::{self, RetrieveError};
 use crate::store::{Store, StoreError};
 
 /// What to export.

@@ -15,8 +15,8 @@ use std::time::Instant;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
-use crate::config::Config;
 use crate::archive::ingest::{Pipeline, StoreContext};
+use crate::config::Config;
 use crate::ledger::{Ledger, LedgerError, StoreOutcome};
 use crate::store::Store;
 

@@ -51,7 +51,12 @@ fn admin_call(
         .map_err(|e| e.to_string())
 }
 
-pub(crate) fn run_erase(cfg: Config, study: Option<String>, patient: Option<String>, json: bool) -> ExitCode {
+pub(crate) fn run_erase(
+    cfg: Config,
+    study: Option<String>,
+    patient: Option<String>,
+    json: bool,
+) -> ExitCode {
     let what = match (&study, &patient) {
         (Some(uid), _) => format!("study {uid}"),
         (_, Some(id)) => format!("patient {id}"),

@@ -23,9 +23,7 @@ pub(crate) fn serve(cfg: Config, ready_file: Option<std::path::PathBuf>) -> Exit
         // One JSON object per line, with the association span's fields, for log shippers.
         crate::config::LogFormat::Json => logs.json().with_current_span(true).init(),
         // Peer-supplied values escaped, so that none can add a line (JSON escapes them itself).
-        crate::config::LogFormat::Text => {
-            logs.fmt_fields(crate::util::escape::log_fields()).init()
-        }
+        crate::config::LogFormat::Text => logs.fmt_fields(crate::util::escape::log_fields()).init(),
     }
     // A panicking task must not leave a half-alive node behind (as Garage does): abort, and let
     // systemd restart us. Acknowledged data is already durable.

@@ -506,10 +506,7 @@ impl Walk<'_> {
         let found = record_for(&self.records, seq, &entry.instance_key);
         let salvaged = match (&self.records_damage, found) {
             (Some(_), None) => match self.ledger.record_of(&entry) {
-                Ok(Some(raw)) => Some(held_to(
-                    Cow::Owned(check_raw(&raw)),
-                    &entry.instance_key,
-                )),
+                Ok(Some(raw)) => Some(held_to(Cow::Owned(check_raw(&raw)), &entry.instance_key)),
                 Ok(None) => None,
                 Err(e) => Some(Cow::Owned(RecordCheck::Bad {
                     subject: None,

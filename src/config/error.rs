@@ -24,7 +24,11 @@ pub enum ConfigError {
 }
 
 /// An ADDRESS:PORT setting where empty means "off".
-pub(super) fn optional_addr(value: &str, key: &str, why: &str) -> Result<Option<SocketAddr>, ConfigError> {
+pub(super) fn optional_addr(
+    value: &str,
+    key: &str,
+    why: &str,
+) -> Result<Option<SocketAddr>, ConfigError> {
     if value.is_empty() {
         return Ok(None);
     }

@@ -45,8 +45,8 @@ mod sections;
 #[cfg(test)]
 mod tests;
 
-pub use error::ConfigError;
 use error::invalid;
+pub use error::ConfigError;
 pub use sections::*;
 
 impl Config {
@@ -101,8 +101,6 @@ impl Config {
         })
     }
 }
-
-
 
 /// Is this a valid AE title (PS3.5 §6.2: 1–16 characters of the default repertoire, no backslash or
 /// control characters, not all spaces)?

@@ -433,7 +433,6 @@ pub struct PeerConfig {
     pub tls_names: Vec<String>,
 }
 
-
 fn default_ae_title() -> String {
     "DICOMCHAIN".into()
 }

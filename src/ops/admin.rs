@@ -218,9 +218,10 @@ pub async fn handle(
                 Err(why) => return error(StatusCode::BAD_REQUEST, &why),
             };
             let ledger = api.ledger.clone();
-            let lines =
-                tokio::task::spawn_blocking(move || crate::ops::trail::render(&ledger, &filter, true))
-                    .await;
+            let lines = tokio::task::spawn_blocking(move || {
+                crate::ops::trail::render(&ledger, &filter, true)
+            })
+            .await;
             match lines {
                 Ok(Ok(text)) => {
                     let events: Vec<serde_json::Value> = text

@@ -132,7 +132,8 @@ pub async fn serve_admin(
 ) {
     let open = crate::ops::throttle::Pool::new(MAX_OPEN, MAX_OPEN_PER_ADDRESS);
     let authenticated = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_AUTHENTICATED));
-    let refusals = std::sync::Arc::new(crate::ops::throttle::Warnings::new(Duration::from_secs(60)));
+    let refusals =
+        std::sync::Arc::new(crate::ops::throttle::Warnings::new(Duration::from_secs(60)));
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(s) => s,

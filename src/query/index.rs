@@ -66,8 +66,8 @@ fn pn_index_form(v: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::super::dataset::Value;
+    use super::*;
     use std::borrow::Cow;
 
     #[test]

@@ -30,11 +30,11 @@ use matching::*;
 use plan::{plan, walk, Candidate};
 use respond::evaluate;
 
+use crate::dicom::Encoding;
+use crate::ledger::Ledger;
 pub use error::FindError;
 pub use plan::PROBE;
 pub use respond::FindOptions;
-use crate::dicom::Encoding;
-use crate::ledger::Ledger;
 
 /// Runs `query`, handing each response identifier (encoded in `enc`) to `emit`, which returns
 /// false when nobody listens any more. Returns the number of matches.

@@ -246,7 +246,12 @@ pub(super) fn empty(key: &Key) -> Element<'static> {
 
 /// A stored element as returned for `key`: a sequence keeps the items that match the key's
 /// sub-keys, each reduced to the requested sub-keys (whole items when none were named).
-pub(super) fn project(e: &Element<'_>, key: &Key, charset: &Charset, opts: &FindOptions) -> Element<'static> {
+pub(super) fn project(
+    e: &Element<'_>,
+    key: &Key,
+    charset: &Charset,
+    opts: &FindOptions,
+) -> Element<'static> {
     let Value::Items(items) = &e.value else {
         return e.clone().into_owned();
     };

@@ -9,14 +9,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AssociationRQ, Pdu};
 use tracing::{debug, info, warn};
 
+use super::context::NodeContext;
+use super::rejections;
+use crate::acl::Transport;
 use crate::dimse::admission::Slot;
+use crate::dimse::connection::pdu_name;
 use crate::dimse::connection::Connection;
 use crate::dimse::listener::Secured;
 use crate::dimse::negotiate::{self, Negotiated};
-use super::rejections;
-use super::context::NodeContext;
-use crate::dimse::connection::pdu_name;
-use crate::acl::Transport;
 use crate::ledger::trail::{self, AuditRecord};
 
 /// A connection that sent its A-ASSOCIATE-RQ, not yet answered.

@@ -24,10 +24,7 @@ pub enum StoreError {
     Config(String),
     /// The object's bytes are not what was sealed: altered, truncated, or another key.
     #[error("object {name} is damaged: {reason}")]
-    Damaged {
-        name: String,
-        reason: SealError,
-    },
+    Damaged { name: String, reason: SealError },
     #[error("object {name} is encrypted and no master key is loaded ({hint})")]
     NoMasterKey { name: String, hint: String },
     /// Every object is written sealed: a store without a master key can only list and delete.

@@ -14,7 +14,6 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-
 /// Group and other permission bits.
 const NOT_OWNER: u32 = 0o077;
 
@@ -134,7 +133,6 @@ pub fn create_secret_file(path: &Path, text: &str) -> Result<(), FileError> {
         .and_then(|_| f.sync_all())
         .map_err(io_error(path))
 }
-
 
 #[cfg(test)]
 mod tests {

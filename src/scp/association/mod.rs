@@ -16,19 +16,19 @@ use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValueType, Pdu};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
+use super::context::NodeContext;
+use super::establish::{self, Request};
+use super::qr::{self, Outgoing};
+use crate::acl::Permission;
+use crate::archive::ingest::StoreContext;
 use crate::dimse::admission::Pending;
 use crate::dimse::command::{field, tag, Command, CommandBuilder, NO_DATA_SET};
 use crate::dimse::connection::{pdu_name, ConnError, PData, Pdv, Received};
-use super::context::NodeContext;
-use super::establish::{self, Request};
 use crate::dimse::negotiate::{self, VERIFICATION};
-use super::qr::{self, Outgoing};
 use crate::dimse::status::{self, Failure};
-use crate::acl::Permission;
-use crate::query::{dataset, matching, FindOptions};
-use crate::archive::ingest::StoreContext;
 use crate::ledger::trail::{self, AuditRecord};
 use crate::ledger::StoreOutcome;
+use crate::query::{dataset, matching, FindOptions};
 use crate::split::Encoding;
 
 mod requests;
@@ -36,7 +36,6 @@ mod state;
 mod store;
 
 use state::*;
-
 
 impl crate::dimse::listener::Services for NodeContext {
     type Request = Request;
@@ -240,27 +239,21 @@ impl Association {
                 );
                 None
             }
-            Ok(other) => {
-                Some(Abort(
-                    AbortRQServiceProviderReason::UnexpectedPdu,
-                    format!("unexpected {}", pdu_name(&other)),
-                ))
-            }
-            Err(ConnError::TooLarge { length, max }) => {
-                Some(Abort(
-                    AbortRQServiceProviderReason::InvalidPduParameter,
-                    format!("PDU of {length} bytes exceeds the maximum of {max}"),
-                ))
-            }
+            Ok(other) => Some(Abort(
+                AbortRQServiceProviderReason::UnexpectedPdu,
+                format!("unexpected {}", pdu_name(&other)),
+            )),
+            Err(ConnError::TooLarge { length, max }) => Some(Abort(
+                AbortRQServiceProviderReason::InvalidPduParameter,
+                format!("PDU of {length} bytes exceeds the maximum of {max}"),
+            )),
             Err(ConnError::Malformed(m)) => {
                 Some(Abort(AbortRQServiceProviderReason::UnrecognizedPdu, m))
             }
-            Err(ConnError::Timeout(t)) => {
-                Some(Abort(
-                    AbortRQServiceProviderReason::ReasonNotSpecified,
-                    format!("no data for {t:?}"),
-                ))
-            }
+            Err(ConnError::Timeout(t)) => Some(Abort(
+                AbortRQServiceProviderReason::ReasonNotSpecified,
+                format!("no data for {t:?}"),
+            )),
             Err(e) => {
                 info!(error = %e, stored = self.stored, failed = self.failed, "association ended");
                 None

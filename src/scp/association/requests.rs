@@ -4,8 +4,8 @@
 //! sends.
 
 use super::state::*;
-use crate::dicom::uids;
 use super::*;
+use crate::dicom::uids;
 
 /// 0124 for an operation the calling AE may not ask for.
 fn not_authorized(operation: &str) -> Failure {
@@ -14,7 +14,6 @@ fn not_authorized(operation: &str) -> Failure {
         format!("{operation} is not permitted to this calling AE title"),
     )
 }
-
 
 impl Association {
     pub(super) async fn dispatch(&mut self, context_id: u8, cmd: Command) -> Result<(), Abort> {
@@ -75,7 +74,8 @@ impl Association {
                     },
                     _ => Operation::Get,
                 };
-                let failure = self.retrieval_refusal(&operation, &pc.abstract_syntax, &sop_class_uid);
+                let failure =
+                    self.retrieval_refusal(&operation, &pc.abstract_syntax, &sop_class_uid);
                 self.state = match failure {
                     Some(f) => State::Discard {
                         context_id,
@@ -92,7 +92,8 @@ impl Association {
                 Ok(())
             }
             field::C_STORE_RQ if has_data => {
-                let failure = self.store_refusal(&pc.abstract_syntax, &sop_class_uid, &sop_instance_uid);
+                let failure =
+                    self.store_refusal(&pc.abstract_syntax, &sop_class_uid, &sop_instance_uid);
                 debug!(message_id, "C-STORE request");
                 let incoming = failure
                     .is_none()
@@ -142,13 +143,11 @@ impl Association {
                 "not a Query/Retrieve FIND SOP Class",
             ),
             Operation::Move { .. } => (
-                [uids::PATIENT_ROOT_MOVE, uids::STUDY_ROOT_MOVE]
-                    .contains(&sop_class_uid),
+                [uids::PATIENT_ROOT_MOVE, uids::STUDY_ROOT_MOVE].contains(&sop_class_uid),
                 "not a Query/Retrieve SOP Class for this operation",
             ),
             Operation::Get => (
-                [uids::PATIENT_ROOT_GET, uids::STUDY_ROOT_GET]
-                    .contains(&sop_class_uid),
+                [uids::PATIENT_ROOT_GET, uids::STUDY_ROOT_GET].contains(&sop_class_uid),
                 "not a Query/Retrieve SOP Class for this operation",
             ),
         };
@@ -159,8 +158,7 @@ impl Association {
             ))
         } else if !class_ok {
             Some(Failure::new(status::SOP_CLASS_NOT_SUPPORTED, not_ours))
-        } else if matches!(operation, Operation::Move { destination } if destination.is_empty())
-        {
+        } else if matches!(operation, Operation::Move { destination } if destination.is_empty()) {
             Some(Failure::new(
                 status::MOVE_DESTINATION_UNKNOWN,
                 "command lacks Move Destination",
@@ -190,9 +188,7 @@ impl Association {
         sop_class_uid: &str,
         sop_instance_uid: &str,
     ) -> Option<Failure> {
-        if abstract_syntax != sop_class_uid
-            || !negotiate::is_storage_sop_class(abstract_syntax)
-        {
+        if abstract_syntax != sop_class_uid || !negotiate::is_storage_sop_class(abstract_syntax) {
             Some(Failure::new(
                 status::SOP_CLASS_NOT_SUPPORTED,
                 "SOP Class differs from the presentation context",

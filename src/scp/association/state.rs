@@ -8,8 +8,6 @@ use std::time::Duration;
 use dicom_ul::pdu::AbortRQServiceProviderReason;
 use tokio::sync::mpsc;
 
-use crate::scp::context::NodeContext;
-use crate::scp::qr::Outgoing;
 use crate::acl::Permission;
 use crate::archive::ingest::{Incoming, StoreContext};
 use crate::dimse::admission::Slot;
@@ -18,6 +16,8 @@ use crate::dimse::connection::{ConnError, Connection, Received};
 use crate::dimse::negotiate::Negotiated;
 use crate::dimse::status::{self, Failure};
 use crate::ledger::trail::AuditRecord;
+use crate::scp::context::NodeContext;
+use crate::scp::qr::Outgoing;
 
 /// Most bytes of command fragments we collect for one command set.
 pub(super) const MAX_COMMAND_BYTES: usize = 64 * 1024;

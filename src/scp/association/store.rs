@@ -5,7 +5,6 @@ use super::requests::request_field;
 use super::state::*;
 use super::*;
 
-
 impl Association {
     pub(super) async fn on_data_fragment(&mut self, pdv: Pdv<'_>) -> Result<(), Abort> {
         let out_of_sequence = || {

@@ -149,8 +149,6 @@ impl S3Store {
         Ok(store)
     }
 
-
-
     /// Whether an object exists under this name.
     pub async fn exists(&self, name: &str) -> Result<bool, StoreError> {
         let what = self.what("HeadObject", name);

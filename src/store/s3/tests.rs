@@ -2,8 +2,8 @@
 
 use std::time::Instant;
 
-use super::s3server::S3Server;
 use super::reader::S3Reader;
+use super::s3server::S3Server;
 use super::upload::S3Upload;
 use super::*;
 
@@ -261,8 +261,7 @@ fn clone_inner(store: &S3Store) -> Inner {
 
 #[test]
 fn only_failures_that_may_pass_are_transient() {
-    let http =
-        |status: u16| MinioError::S3Server(S3ServerError::HttpError(status, String::new()));
+    let http = |status: u16| MinioError::S3Server(S3ServerError::HttpError(status, String::new()));
     assert!(is_transient(&http(503)));
     assert!(is_transient(&http(500)));
     assert!(!is_transient(&http(404)));
@@ -431,7 +430,8 @@ fn handles_and_futures_are_send(store: S3Store, mut upload: S3Upload, mut reader
 
 #[tokio::test(flavor = "multi_thread")]
 async fn staging_keys_are_distinct() {
-    let keys: std::collections::HashSet<String> = (0..1000).map(|_| upload::staging_key()).collect();
+    let keys: std::collections::HashSet<String> =
+        (0..1000).map(|_| upload::staging_key()).collect();
     assert_eq!(keys.len(), 1000);
     let key = keys.iter().next().unwrap();
     assert!(key.starts_with(STAGING_PREFIX) && key.len() == STAGING_PREFIX.len() + 32);
