@@ -5,6 +5,8 @@
 #     the ledger on the way) to storescp, driven by DCMTK movescu;
 #   - C-MOVE of the same instances from Orthanc to storescp.
 # Each is run RUNS times (default 3); the table shows the median, and every run.
+# BENCH_BASE_BIN=PATH adds C-MOVE from another dicomchain binary (say, the build before a change),
+# holding the same corpus, measured in the same rotation.
 #
 # usage: benches/retrieve.sh [COUNT] [SIZE] [RUNS]     (default: 1000 CT 512x512x16-bit, 3 runs)
 set -euo pipefail
@@ -29,24 +31,42 @@ wait_port "$scp_port"
 clear_scp() { find "$work/scp" -type f -delete; }
 count_scp() { find "$work/scp" -type f | wc -l; }
 
-# dicomchain with the corpus stored, storescp as a known peer.
-dc_port=$(port)
-cat > "$work/dc.toml" <<TOML
+# dicomchain with the corpus stored, storescp as a known peer: NAME BINARY VAR (VAR gets its
+# port; not a $(...) so that the node stays a job of this shell, stopped on exit).
+start_dicomchain() {
+  local name=$1 binary=$2 p
+  p=$(port)
+  mkdir -p "$work/$name"
+  cat > "$work/$name.toml" <<TOML
 [node]
-listen = "127.0.0.1:$dc_port"
+listen = "127.0.0.1:$p"
 allow_unknown_peers = true
 [ledger]
-path = "$work/dc/ledger"
+path = "$work/$name/ledger"
+signing_key_file = "$work/$name/checkpoint.key"
+event_spool = "$work/$name/events"
+[security]
+master_key_file = "$work/$name/master.key"
+[admin]
+listen = ""
 [store.fs]
-root = "$work/dc/objects"
+root = "$work/$name/objects"
 [peers.bench]
 ae_title = "STORESCP"
 host = "127.0.0.1"
 port = $scp_port
 TOML
-RUST_LOG=warn "$bin" serve --config "$work/dc.toml" &
-wait_port "$dc_port"
-/usr/bin/storescu -aec DICOMCHAIN +sd +r 127.0.0.1 "$dc_port" "$work/corpus" >/dev/null
+  RUST_LOG=warn "$binary" serve --config "$work/$name.toml" >"$work/$name.log" 2>&1 &
+  wait_port "$p"
+  /usr/bin/storescu -aec DICOMCHAIN +sd +r 127.0.0.1 "$p" "$work/corpus" >/dev/null
+  printf -v "$3" '%s' "$p"
+}
+start_dicomchain dc "$bin" dc_port
+base_port=""
+if [ -n "${BENCH_BASE_BIN:-}" ]; then
+  [ -x "$BENCH_BASE_BIN" ] || { echo "BENCH_BASE_BIN: $BENCH_BASE_BIN is not an executable" >&2; exit 2; }
+  start_dicomchain base "$BENCH_BASE_BIN" base_port
+fi
 
 # Orthanc with the corpus stored, storescp as a modality.
 or_port=$(port); or_http=$(port)
@@ -83,10 +103,11 @@ push() {
   elapsed "$t0" "$t1"
 }
 
-t_push=""; t_dc=""; t_or=""
+t_push=""; t_dc=""; t_base=""; t_or=""
 for _ in $(seq "$RUNS"); do
   t_push="$t_push $(push)"
   t_dc="$t_dc $(move DICOMCHAIN "$dc_port")"
+  [ -n "$base_port" ] && t_base="$t_base $(move DICOMCHAIN "$base_port")"
   [ "$have_orthanc" = 1 ] && t_or="$t_or $(move ORTHANC "$or_port")"
 done
 m_push=$(echo "$t_push" | median)
@@ -97,5 +118,6 @@ echo "$COUNT CT ${SIZE}x${SIZE} instances ($mb MB) to DCMTK storescp, loopback, 
 printf '%-46s %9s %12s %12s %7s\n' sender wall rate throughput "vs push"
 row "storescu pushing the files (reference)" "$m_push" "$t_push"
 row "dicomchain C-MOVE (rebuilt + checked)" "$(echo "$t_dc" | median)" "$t_dc"
+[ -n "$base_port" ] && row "dicomchain-base C-MOVE" "$(echo "$t_base" | median)" "$t_base"
 [ "$have_orthanc" = 1 ] && row "Orthanc C-MOVE" "$(echo "$t_or" | median)" "$t_or"
 true
