@@ -1,4 +1,5 @@
-//! Ingest end to end over a real ledger and object store: split and stored, sealed, indexed, resent and versioned, reconciled after a crash, deflated data sets, the memory budget.
+//! Ingest over a real ledger and object store: objects sealed and checked, the master key held
+//! to the ledger, reconcile after an interrupted C-STORE, and the memory budget across data sets.
 
 use super::*;
 use crate::split::testutil::elem;

@@ -1,4 +1,5 @@
-//! The S3 backend against an in-process S3 server (s3s) over real HTTP: small and multipart writes, reads, timeouts, retries and staging cleanup.
+//! The S3 backend against an in-process S3 server (s3s) over real HTTP: single and multipart
+//! writes, reads, aborts, retries, timeouts, outages, credentials and staging keys.
 
 use std::time::Instant;
 
