@@ -1,34 +1,33 @@
 //! dicomchain: a DICOM node that splits every received instance between a tamper-evident ledger
-//! (RocksDB) and an object store (a local directory or S3/MinIO), and rebuilds it byte for byte.
+//! (RocksDB) and an object store (a local directory or S3), and rebuilds it byte for byte.
 //!
-//! Data flows one way, each step owned by one module:
+//! The crate's folders are layers; each imports only those below it (docs/ARCHITECTURE.md,
+//! checked by `.ci/layering.py`):
 //!
 //! ```text
-//! network ─▶ dimse (listener, association, negotiate, command, service)
-//!               │ data set bytes as they arrive
-//!               ▼
-//!           ingest ─▶ split (metadata | pixel bulk, pure)
-//!               │         ├─▶ store   (pixel object under an opaque name; fs or s3)
-//!               │         └─▶ ledger  (hash-chained entry + metadata record + index; RocksDB)
-//!               ▼
-//!           C-STORE-RSP only after both halves are durable
+//! cli ─▶ node ─▶ ops, forward ─▶ scp ─▶ query (planner) ─▶ archive ─▶ dimse (the wire)
+//!                                                              │
+//!                                                              ├─▶ query's pure half (what the
+//!                                                              │   index keeps, matching rules)
+//!                                                              ├─▶ ledger (entries, tree, index)
+//!                                                              └─▶ store  (fs or S3, sealed)
+//!            config, acl, instance, memory ─▶ split ─▶ dicom ─▶ util
 //! ```
 //!
-//! Queries read the same ledger: [`find`] answers C-FIND from the index written with each
-//! instance. Retrieval is the mirror image: [`retrieve`] rebuilds a data set from the ledger's metadata
-//! record and the store's pixel object, checking every digest. [`instance`] defines the metadata
-//! record and the instance key that ties the halves together; [`config`] the configuration;
-//! [`node`] starts and stops it all. [`forward`] passes stored instances on to other
-//! destinations (store-and-forward), from a queue kept on the ledger.
-//!
-//! Below them all, [`dicom`] is the one DICOM element header reader and writer (used by the
-//! splitter, the index scanner, C-FIND data sets, import and rebuilding), the Part 10 header and
-//! the UIDs the crate names; it imports nothing else of the crate.
+//! A C-STORE flows down: [`dimse`] reads the PDUs, [`scp`] dispatches the command,
+//! [`archive::ingest`] splits the data set as it arrives ([`split`], pure) and commits the pixel
+//! object to [`store`] and the entry, metadata record and index to [`ledger`]; the response goes
+//! only after both halves are durable. C-FIND is [`query`] over the ledger's index; C-MOVE,
+//! C-GET and forwarding rebuild each instance with [`archive::retrieve`], checking every digest,
+//! and send it with [`archive::outbound`]. [`instance`] defines the metadata record and the keys
+//! that tie the halves together, [`dicom`] the one element reader and writer, [`config`] the
+//! configuration, [`node`] starts and stops it all, [`ops`] runs beside it (admin API, metrics,
+//! syslog), and [`cli`] is every command.
 //!
 //! Guarding it: [`dimse::admission`] decides who gets an association slot and when (pending
-//! pool, per-source rates and caps), [`throttle`] does the same for the admin listener,
-//! [`perms`] keeps state files private (umask, key file modes), and [`escape`] makes every
-//! peer-supplied string safe to print in logs and audit lines.
+//! pool, per-source rates and caps), [`ops::throttle`] does the same for the admin listener,
+//! [`util::perms`] keeps state files private (umask, key file modes), and [`util::escape`] makes
+//! every peer-supplied string safe to print in logs and audit lines.
 
 pub mod acl;
 pub mod archive;
