@@ -119,12 +119,7 @@ fn open_secondary(cfg: &Config) -> Result<Ledger, ForwardCliError> {
 /// running node.
 pub fn status(cfg: &Config) -> Result<Vec<DestinationStatus>, ForwardCliError> {
     let ledger = open_secondary(cfg)?;
-    let mut queues: BTreeMap<String, ForwardSummary> = match ledger.forward_summary() {
-        Ok(q) => q,
-        // A ledger the node has not opened since forwarding existed has no queue yet.
-        Err(LedgerError::Corrupt(m)) if m.contains("missing column family") => BTreeMap::new(),
-        Err(e) => return Err(e.into()),
-    };
+    let mut queues: BTreeMap<String, ForwardSummary> = ledger.forward_summary()?;
     for d in Router::new(&cfg.forward).all_destinations() {
         queues.entry(d).or_default();
     }
