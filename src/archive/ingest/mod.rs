@@ -738,8 +738,8 @@ pub async fn reconcile(ledger: &Ledger, store: &Store) -> Result<usize, IngestEr
         }
         let lost = match (p.recorded, entries.get(name)) {
             (false, _) => true,
-            // Older than the entries looked at: from before objects and entries were made
-            // durable together, so the object was durable first.
+            // Further back than the entries looked at ([`RECONCILE_WITHIN`]): kept unchecked,
+            // never deleted on a guess.
             (true, None) => false,
             (true, Some(entry)) if ledger.is_unacknowledged(entry.seq)? => true,
             (true, Some(entry)) => {
