@@ -182,7 +182,7 @@ pub async fn run(
 
 /// Refuses key files others could read (before any is read: one may have been read already)
 /// and closes state directories open to group or others, saying which.
-fn check_permissions(cfg: &Config) -> Result<(), StartError> {
+fn check_permissions(cfg: &Config) -> Result<(), crate::util::perms::FileError> {
     crate::util::perms::check_key_files(&cfg.key_files())?;
     for (dir, done) in crate::util::perms::tighten_dirs(cfg.state_dirs()) {
         match done {

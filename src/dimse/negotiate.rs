@@ -283,7 +283,7 @@ fn extended_negotiation(
                 if combined {
                     combined_datetime.push(uid.to_string());
                 }
-                let granted = vec![0, u8::from(combined), 0, 0];
+                let granted = [0, u8::from(combined), 0, 0];
                 extended.push(UserVariableItem::SopClassExtendedNegotiationSubItem(
                     uid.to_string(),
                     granted[..info.len().clamp(1, 4)].to_vec(),

@@ -138,8 +138,10 @@ mod tests {
         DB::open_cf(&o, dir, ["a", "b"]).unwrap()
     }
 
+    type KeyValue = (Box<[u8]>, Box<[u8]>);
+
     /// Everything in both column families.
-    fn contents(db: &DB) -> Vec<Vec<(Box<[u8]>, Box<[u8]>)>> {
+    fn contents(db: &DB) -> Vec<Vec<KeyValue>> {
         ["a", "b"]
             .iter()
             .map(|n| {

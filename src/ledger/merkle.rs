@@ -50,7 +50,7 @@ fn split(n: u64) -> u64 {
 /// MTH of leaves [start, end): `start` is always aligned as the RFC's recursions produce it.
 fn range_hash<S: NodeSource>(src: &S, start: u64, end: u64) -> Result<Digest32, S::Error> {
     let n = end - start;
-    if n.is_power_of_two() && start % n == 0 {
+    if n.is_power_of_two() && start.is_multiple_of(n) {
         return src.node(n.trailing_zeros() as u8, start / n);
     }
     let k = split(n);

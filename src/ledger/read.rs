@@ -323,10 +323,7 @@ impl Ledger {
         let mut first = prefix.to_vec();
         first.extend_from_slice(start);
         it.seek(&first);
-        loop {
-            let (Some(k), Some(v)) = (it.key(), it.value()) else {
-                break;
-            };
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
             if !k.starts_with(prefix) {
                 break;
             }

@@ -59,6 +59,9 @@ pub enum StoreOutcome {
     Duplicate { seq: u64 },
 }
 
+// A store request is the common job and goes by value through the committer's channel; boxing
+// it would add an allocation per C-STORE only to make the rarer jobs smaller.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Job {
     Store {
         req: StoreRequest,

@@ -7,7 +7,7 @@
 //! - [`association`]: one association's message loop: C-ECHO and C-STORE (feeding
 //!   [`crate::archive::ingest`]), and the Query/Retrieve requests that run beside it:
 //! - [`qr`]: what those share (SOP classes, services, requests, messages to the loop);
-//! - [`find`]: C-FIND;
+//! - [`find`]: C-FIND, answered from the ledger's index;
 //! - [`suboperations`]: the one sub-operation driver of C-MOVE and C-GET;
 //! - [`retrieve_ops`]: C-MOVE (to the move destination) and C-GET (to the requestor) over it.
 
