@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::archive::retrieve;
 use crate::config::PeerConfig;
+use crate::dicom::uids;
 use crate::dimse::scu::{CheckFailure, Scu, ScuError, StreamError};
 use crate::ledger::{Entry, Ledger, SpooledEvent};
 use crate::store::Store;
@@ -33,9 +34,9 @@ const STREAM_CHUNK: usize = 1024 * 1024;
 /// The uncompressed transfer syntaxes, converted between when a peer accepts only another one:
 /// Explicit VR Little Endian, Implicit VR Little Endian, Explicit VR Big Endian.
 const NATIVE: [&str; 3] = [
-    "1.2.840.10008.1.2.1",
-    "1.2.840.10008.1.2",
-    "1.2.840.10008.1.2.2",
+    uids::EXPLICIT_VR_LITTLE_ENDIAN,
+    uids::IMPLICIT_VR_LITTLE_ENDIAN,
+    uids::EXPLICIT_VR_BIG_ENDIAN,
 ];
 
 /// An accepted presentation context: (context ID, abstract syntax, transfer syntax).

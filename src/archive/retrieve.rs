@@ -383,6 +383,3 @@ pub fn part10_header(record: &MetadataRecord, source_ae: &str) -> Vec<u8> {
         source_ae,
     )
 }
-
-/// [`part10_header`] from the three UIDs.
-pub use crate::dicom::part10::write as part10_header_for;

@@ -15,13 +15,11 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use crate::cli::import::parse_header;
 use crate::config::Config;
+use crate::dicom::uids;
 use crate::dimse::command::{field, tag};
 use crate::dimse::scu::Scu;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
-const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
-const VERIFICATION: &str = "1.2.840.10008.1.1";
 
 /// Why a client command failed.
 #[derive(Debug, thiserror::Error)]
@@ -106,14 +104,17 @@ pub async fn echo(cfg: &Config, target: &Target) -> Result<(u16, Duration), Clie
         .connect(
             cfg,
             &[(
-                VERIFICATION.into(),
-                vec![EXPLICIT_LE.into(), IMPLICIT_LE.into()],
+                uids::VERIFICATION.into(),
+                vec![
+                    uids::EXPLICIT_VR_LITTLE_ENDIAN.into(),
+                    uids::IMPLICIT_VR_LITTLE_ENDIAN.into(),
+                ],
             )],
         )
         .await?;
-    let (ctx, _) = context_for(&scu, VERIFICATION)?;
+    let (ctx, _) = context_for(&scu, uids::VERIFICATION)?;
     let message_id = scu
-        .request(ctx, field::C_ECHO_RQ, VERIFICATION, None, |b| b)
+        .request(ctx, field::C_ECHO_RQ, uids::VERIFICATION, None, |b| b)
         .await?;
     let (_, rsp, _) = scu.receive_message(TIMEOUT).await?;
     responds_to(&rsp, field::C_ECHO_RSP, message_id)?;
@@ -271,7 +272,13 @@ async fn open_query(
     let scu = target
         .connect(
             cfg,
-            &[(class.into(), vec![EXPLICIT_LE.into(), IMPLICIT_LE.into()])],
+            &[(
+                class.into(),
+                vec![
+                    uids::EXPLICIT_VR_LITTLE_ENDIAN.into(),
+                    uids::IMPLICIT_VR_LITTLE_ENDIAN.into(),
+                ],
+            )],
         )
         .await?;
     let (ctx, ts) = context_for(&scu, class)?;
@@ -344,10 +351,10 @@ pub fn render(bytes: &[u8], ts: &str) -> String {
 /// The Q/R SOP class of an operation in a model.
 fn qr_class(study_root: bool, op: u16) -> &'static str {
     match (study_root, op) {
-        (false, field::C_FIND_RQ) => "1.2.840.10008.5.1.4.1.2.1.1",
-        (false, field::C_MOVE_RQ) => "1.2.840.10008.5.1.4.1.2.1.2",
-        (true, field::C_FIND_RQ) => "1.2.840.10008.5.1.4.1.2.2.1",
-        _ => "1.2.840.10008.5.1.4.1.2.2.2",
+        (false, field::C_FIND_RQ) => uids::PATIENT_ROOT_FIND,
+        (false, field::C_MOVE_RQ) => uids::PATIENT_ROOT_MOVE,
+        (true, field::C_FIND_RQ) => uids::STUDY_ROOT_FIND,
+        _ => uids::STUDY_ROOT_MOVE,
     }
 }
 
@@ -409,7 +416,7 @@ const GET_CLASSES: [&str; 20] = [
 
 /// Each its own context, so that an instance comes back in the syntax it is stored in.
 const GET_SYNTAXES: [&str; 6] = [
-    EXPLICIT_LE,
+    uids::EXPLICIT_VR_LITTLE_ENDIAN,
     "1.2.840.10008.1.2.4.50", // JPEG Baseline
     "1.2.840.10008.1.2.4.70", // JPEG Lossless SV1
     "1.2.840.10008.1.2.4.90", // JPEG 2000 lossless
@@ -427,15 +434,26 @@ pub async fn get(
     out: &std::path::Path,
 ) -> Result<(u16, [u16; 4], Vec<PathBuf>), ClientError> {
     let class = if study_root {
-        "1.2.840.10008.5.1.4.1.2.2.3"
+        uids::STUDY_ROOT_GET
     } else {
-        "1.2.840.10008.5.1.4.1.2.1.3"
+        uids::PATIENT_ROOT_GET
     };
     std::fs::create_dir_all(out)?;
-    let mut proposals: Vec<(String, Vec<String>)> =
-        vec![(class.into(), vec![EXPLICIT_LE.into(), IMPLICIT_LE.into()])];
+    let mut proposals: Vec<(String, Vec<String>)> = vec![(
+        class.into(),
+        vec![
+            uids::EXPLICIT_VR_LITTLE_ENDIAN.into(),
+            uids::IMPLICIT_VR_LITTLE_ENDIAN.into(),
+        ],
+    )];
     for c in GET_CLASSES {
-        proposals.push((c.into(), vec![EXPLICIT_LE.into(), IMPLICIT_LE.into()]));
+        proposals.push((
+            c.into(),
+            vec![
+                uids::EXPLICIT_VR_LITTLE_ENDIAN.into(),
+                uids::IMPLICIT_VR_LITTLE_ENDIAN.into(),
+            ],
+        ));
         for ts in &GET_SYNTAXES[1..] {
             proposals.push((c.into(), vec![ts.to_string()]));
         }
@@ -489,12 +507,8 @@ pub async fn get(
                 0xA900
             } else {
                 let path = out.join(format!("{safe}.dcm"));
-                let mut bytes = crate::archive::retrieve::part10_header_for(
-                    &class,
-                    &uid,
-                    &syntax,
-                    &target.ae_title,
-                );
+                let mut bytes =
+                    crate::dicom::part10::write(&class, &uid, &syntax, &target.ae_title);
                 bytes.extend_from_slice(&data.unwrap_or_default());
                 match std::fs::write(&path, bytes) {
                     Ok(()) => {
@@ -603,8 +617,8 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         let obj = identifier(&keys).unwrap();
-        let bytes = encode(&obj, EXPLICIT_LE).unwrap();
-        let text = render(&bytes, EXPLICIT_LE);
+        let bytes = encode(&obj, uids::EXPLICIT_VR_LITTLE_ENDIAN).unwrap();
+        let text = render(&bytes, uids::EXPLICIT_VR_LITTLE_ENDIAN);
         assert!(
             text.contains("(0008,0052) QueryRetrieveLevel = STUDY"),
             "{text}"
@@ -614,7 +628,10 @@ mod tests {
         assert!(text.contains("StudyDate = 20240101-"), "{text}");
         assert!(identifier(&["NoSuchKeyword=1".to_string()]).is_err());
         let rows = identifier(&["Rows=512".to_string()]).unwrap();
-        let text = render(&encode(&rows, EXPLICIT_LE).unwrap(), EXPLICIT_LE);
+        let text = render(
+            &encode(&rows, uids::EXPLICIT_VR_LITTLE_ENDIAN).unwrap(),
+            uids::EXPLICIT_VR_LITTLE_ENDIAN,
+        );
         assert!(text.contains("(0028,0010) Rows = 512"), "{text}");
         assert!(identifier(&["Rows=many".to_string()]).is_err());
     }

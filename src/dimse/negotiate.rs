@@ -19,14 +19,13 @@ use dicom_ul::pdu::{
 };
 
 use crate::dicom::uids::{
-    EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
-    PATIENT_ROOT_FIND, PATIENT_ROOT_GET, PATIENT_ROOT_MOVE, STUDY_ROOT_FIND, STUDY_ROOT_GET,
-    STUDY_ROOT_MOVE,
+    EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME, IMPLICIT_VR_LITTLE_ENDIAN, PATIENT_ROOT_FIND, PATIENT_ROOT_GET,
+    PATIENT_ROOT_MOVE, STUDY_ROOT_FIND, STUDY_ROOT_GET, STUDY_ROOT_MOVE, VERIFICATION,
 };
 
 /// PS3.7 Annex A: the only application context name.
 pub const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
-pub use crate::dicom::uids::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, VERIFICATION};
 /// PS3.8 §9.3.1: a requestor that sends no maximum length (or 0) has no limit; we cap our writes.
 pub const PEER_UNLIMITED_CAP: u32 = 1024 * 1024;
 
@@ -217,7 +216,7 @@ fn presentation_contexts(
             results.push(PresentationContextResult {
                 id: pc.id,
                 reason: PresentationContextResultReason::NoReason,
-                transfer_syntax: "1.2.840.10008.1.2".to_string(),
+                transfer_syntax: IMPLICIT_VR_LITTLE_ENDIAN.to_string(),
             });
             continue;
         }
@@ -239,11 +238,11 @@ fn presentation_contexts(
         let (reason, ts) = match (known, chosen) {
             (false, _) => (
                 PresentationContextResultReason::AbstractSyntaxNotSupported,
-                "1.2.840.10008.1.2",
+                IMPLICIT_VR_LITTLE_ENDIAN,
             ),
             (true, None) => (
                 PresentationContextResultReason::TransferSyntaxesNotSupported,
-                "1.2.840.10008.1.2",
+                IMPLICIT_VR_LITTLE_ENDIAN,
             ),
             (true, Some(ts)) => {
                 contexts.push(AcceptedContext {

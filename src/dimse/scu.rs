@@ -11,9 +11,8 @@ use tokio::net::TcpStream;
 
 use super::command::{field, store_rq, tag, Command, CommandBuilder, NO_DATA_SET};
 use super::connection::{ConnError, Connection};
-use super::negotiate::{
-    APPLICATION_CONTEXT, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, PEER_UNLIMITED_CAP,
-};
+use super::negotiate::{APPLICATION_CONTEXT, PEER_UNLIMITED_CAP};
+use crate::dicom::uids::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScuError {

@@ -282,9 +282,6 @@ pub fn write(elements: &[Element<'_>], enc: Encoding, out: &mut Vec<u8>) {
     }
 }
 
-/// A text value padded to even length (UI with NUL, other VRs with a space).
-pub use crate::dicom::padded;
-
 #[cfg(test)]
 mod tests {
     use super::*;

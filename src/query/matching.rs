@@ -77,7 +77,7 @@ pub enum Model {
     StudyRoot,
 }
 
-pub use crate::dicom::uids::{PATIENT_ROOT_FIND, STUDY_ROOT_FIND};
+use crate::dicom::uids::{PATIENT_ROOT_FIND, STUDY_ROOT_FIND};
 
 impl Model {
     pub fn of_sop_class(uid: &str) -> Option<Model> {

@@ -157,7 +157,7 @@ fn response(
                 &mut out,
                 key.tag,
                 key_vr(key),
-                dataset::padded(&key_vr(key), v.as_bytes()),
+                crate::dicom::padded(&key_vr(key), v.as_bytes()),
             );
             continue;
         }
@@ -167,7 +167,7 @@ fn response(
                 &mut out,
                 key.tag,
                 *b"UI",
-                dataset::padded(b"UI", uid.as_bytes()),
+                crate::dicom::padded(b"UI", uid.as_bytes()),
             ),
             (None, None) => out.push(empty(key)),
         }
@@ -182,7 +182,7 @@ fn response(
                 &mut out,
                 unique,
                 *b"UI",
-                dataset::padded(b"UI", uid.as_bytes()),
+                crate::dicom::padded(b"UI", uid.as_bytes()),
             );
         }
     }
@@ -190,13 +190,13 @@ fn response(
         &mut out,
         QUERY_RETRIEVE_LEVEL,
         *b"CS",
-        dataset::padded(b"CS", q.level.name().as_bytes()),
+        crate::dicom::padded(b"CS", q.level.name().as_bytes()),
     );
     put(
         &mut out,
         RETRIEVE_AE_TITLE,
         *b"AE",
-        dataset::padded(b"AE", opts.retrieve_ae.as_bytes()),
+        crate::dicom::padded(b"AE", opts.retrieve_ae.as_bytes()),
     );
     if q.key(INSTANCE_AVAILABILITY).is_some() {
         put(&mut out, INSTANCE_AVAILABILITY, *b"CS", b"ONLINE".to_vec());

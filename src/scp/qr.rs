@@ -20,9 +20,7 @@ use crate::store::Store;
 /// Command Data Set Type for "a data set follows" (any value but 0x0101, PS3.7 §E.2).
 pub(super) const DATA_SET_PRESENT: u16 = 0x0001;
 
-pub use crate::dicom::uids::{
-    PATIENT_ROOT_GET, PATIENT_ROOT_MOVE, STUDY_ROOT_GET, STUDY_ROOT_MOVE,
-};
+use crate::dicom::uids::{PATIENT_ROOT_GET, PATIENT_ROOT_MOVE, STUDY_ROOT_GET, STUDY_ROOT_MOVE};
 
 /// The information model of a MOVE or GET SOP class.
 pub fn retrieve_model(sop_class: &str) -> Option<matching::Model> {

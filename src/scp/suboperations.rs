@@ -306,7 +306,7 @@ fn failed_uid_list(uids: &[String], encoding: crate::split::Encoding) -> Vec<u8>
     let el = dataset::Element {
         tag: 0x0008_0058,
         vr: *b"UI",
-        value: dataset::Value::Bytes(dataset::padded(b"UI", list.as_bytes()).into()),
+        value: dataset::Value::Bytes(crate::dicom::padded(b"UI", list.as_bytes()).into()),
     };
     let mut out = Vec::new();
     dataset::write(&[el], encoding, &mut out);

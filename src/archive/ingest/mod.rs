@@ -19,9 +19,6 @@ use crate::ledger::{Ledger, LedgerError, NoteId, RecordSummary, StoreOutcome, St
 use crate::split::{Encoding, Piece, SplitError, Splitter};
 use crate::store::{Store, StoreError, Upload};
 
-/// Deflated Explicit VR Little Endian (PS3.5 §A.5).
-pub const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
-
 /// How long an object's sync waits for the ledger's group commit before it starts anyway (the
 /// order only lets both share a journal commit; see `Incoming::finish_inner`).
 const SYNC_AFTER_LEDGER_WAIT: Duration = Duration::from_millis(500);

@@ -246,11 +246,11 @@ async fn the_budget_bounds_bytes_held_across_data_sets() {
     let p = pipeline(dir.path()).await.with_budget(budget);
     let held = || p.budget().unwrap().held();
     // Deflated data sets are kept whole in memory, charged for `COPIES` of their bytes.
-    let mut a = p.begin(DEFLATED_EXPLICIT_VR_LE);
+    let mut a = p.begin(crate::dicom::uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN);
     a.feed(&[0u8; 60_000]).await.unwrap();
     assert_eq!(held(), 3 * 60_000);
     // A data set that holds some and needs more than is free fails at once.
-    let mut b = p.begin(DEFLATED_EXPLICIT_VR_LE);
+    let mut b = p.begin(crate::dicom::uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN);
     b.feed(&[0u8; 30_000]).await.unwrap();
     let err = b.feed(&[0u8; 30_000]).await.unwrap_err();
     assert!(
@@ -260,7 +260,7 @@ async fn the_budget_bounds_bytes_held_across_data_sets() {
     b.abort().await;
     assert_eq!(held(), 3 * 60_000);
     // One that holds nothing waits up to the budget's wait, then fails.
-    let mut e = p.begin(DEFLATED_EXPLICIT_VR_LE);
+    let mut e = p.begin(crate::dicom::uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN);
     let started = std::time::Instant::now();
     let err = e.feed(&[0u8; 50_000]).await.unwrap_err();
     assert!(matches!(err, IngestError::MemoryBudget { .. }), "{err}");
@@ -268,7 +268,7 @@ async fn the_budget_bounds_bytes_held_across_data_sets() {
     e.abort().await;
     assert_eq!(held(), 3 * 60_000);
     // Bytes come back when a data set ends, and a waiting one gets them.
-    let mut c = p.begin(DEFLATED_EXPLICIT_VR_LE);
+    let mut c = p.begin(crate::dicom::uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN);
     let waiting = tokio::spawn(async move { c.feed(&[0u8; 50_000]).await.map(|_| c) });
     tokio::time::sleep(Duration::from_millis(50)).await;
     a.abort().await;
@@ -277,7 +277,7 @@ async fn the_budget_bounds_bytes_held_across_data_sets() {
     drop(c);
     assert_eq!(held(), 0);
     // One data set larger than the whole budget fails at once.
-    let mut d = p.begin(DEFLATED_EXPLICIT_VR_LE);
+    let mut d = p.begin(crate::dicom::uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN);
     let err = d.feed(&vec![0u8; 100_001]).await.unwrap_err();
     assert!(matches!(err, IngestError::MemoryBudget { .. }), "{err}");
 }
