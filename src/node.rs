@@ -247,10 +247,7 @@ async fn bind_dicom(
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?,
+                .map_err(bind_error(addr))?,
         ),
         None => None,
     };
@@ -260,16 +257,21 @@ async fn bind_dicom(
                 .map_err(|e| StartError::Tls(e.to_string()))?;
             let l = tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?;
+                .map_err(bind_error(addr))?;
             info!(listen = %addr, mutual = !cfg.node.tls.client_ca.as_os_str().is_empty(), "DICOM TLS listener");
             Some((l, acceptor))
         }
         None => None,
     };
     Ok((listener, tls))
+}
+
+/// The start error of a listener that could not bind `addr`.
+fn bind_error(addr: std::net::SocketAddr) -> impl FnOnce(std::io::Error) -> StartError {
+    move |source| StartError::Bind {
+        addr: addr.to_string(),
+        source,
+    }
 }
 
 type AdminListener = (std::net::SocketAddr, tokio::net::TcpListener, String);
@@ -281,10 +283,7 @@ async fn bind_admin(cfg: &Config) -> Result<Option<AdminListener>, StartError> {
             addr,
             crate::ops::http::bind_admin(addr)
                 .await
-                .map_err(|source| StartError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?,
+                .map_err(bind_error(addr))?,
             crate::ops::admin::load_or_create_token(&cfg.admin.token_file)
                 .map_err(StartError::Admin)?,
         )),
