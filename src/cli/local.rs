@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::export::{self, Selection};
-use super::serve::runtime;
+use super::serve::runtime_or;
 use crate::config::Config;
 
 pub(crate) fn run_accept_rollback(cfg: &Config) -> ExitCode {
@@ -43,12 +43,9 @@ pub(crate) fn run_verify(
     verifier_key: Option<String>,
     checkpoint_files: Vec<PathBuf>,
 ) -> ExitCode {
-    let rt = match runtime() {
+    let rt = match runtime_or(ExitCode::from(2)) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("dicomchain: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let opts = crate::cli::verify::Options {
         ledger_only,
@@ -135,12 +132,9 @@ pub(crate) fn run_client(cfg: Config, what: Client, target: &str) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match runtime() {
+    let rt = match runtime_or(ExitCode::from(2)) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("dicomchain: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let ok = |status: u16| status == 0 || (0xB000..=0xBFFF).contains(&status);
     let result: Result<bool, client::ClientError> = rt.block_on(async {
@@ -258,12 +252,9 @@ pub(crate) fn print_or_fail(r: Result<String, crate::cli::audit::AuditError>) ->
 }
 
 pub(crate) fn run_export(cfg: Config, selection: Selection, out: PathBuf) -> ExitCode {
-    let rt = match runtime() {
+    let rt = match runtime_or(ExitCode::FAILURE) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("dicomchain: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(export::run(&cfg, &selection, &out)) {
         Ok(report) => {

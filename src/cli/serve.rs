@@ -11,6 +11,14 @@ pub(crate) fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// A runtime, or (said on stderr) the exit `code` of a command that cannot start one.
+pub(crate) fn runtime_or(code: ExitCode) -> Result<tokio::runtime::Runtime, ExitCode> {
+    runtime().map_err(|e| {
+        eprintln!("dicomchain: cannot start the runtime: {e}");
+        code
+    })
+}
+
 pub(crate) fn serve(cfg: Config, ready_file: Option<std::path::PathBuf>) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -32,12 +40,9 @@ pub(crate) fn serve(cfg: Config, ready_file: Option<std::path::PathBuf>) -> Exit
         default_hook(info);
         std::process::abort();
     }));
-    let rt = match runtime() {
+    let rt = match runtime_or(ExitCode::FAILURE) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("dicomchain: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(crate::node::run(cfg, ready_file, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
